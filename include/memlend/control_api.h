@@ -1,0 +1,25 @@
+// The control API: how `memlend` commands talk to a running daemon.
+//
+// Transport: a unix stream socket (the daemon's --control path). The client sends one
+// request, a JSON object on one line ending in '\n'; the daemon answers with one JSON
+// object on one line and closes the connection. Requests are at most kMaxControlRequest
+// bytes. Every reply has "ok": true or "ok": false with "error": "<one line>".
+//
+// Commands ("command" field):
+//   "status": reply fields
+//     devices[]: {name, size_bytes, pages: {total, mapped, zero, local, disk, remote}}
+//                where mapped = zero + local + disk + remote
+//     local_store: {total_bytes, used_bytes, pages, compression ("none"|"lz4"),
+//                   compression_ratio (stored page bytes / used_bytes; 1 when empty)}
+//     disk_store: {path, pages, used_bytes, total_bytes (0: unbounded)} or null
+//   See docs/control.md.
+#pragma once
+
+#include <cstddef>
+
+namespace memlend {
+
+inline constexpr std::size_t kMaxControlRequest = 64 * 1024;
+inline constexpr char kControlStatus[] = "status";
+
+}  // namespace memlend

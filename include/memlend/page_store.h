@@ -1,0 +1,62 @@
+// The one interface every storage tier implements.
+//
+// A tier (local RAM, disk file, and later a peer's pool) keeps whole 4 KiB pages. The
+// caller writes a page and gets back a Slot that names where the tier put it; reading or
+// discarding the page later takes that Slot. Only the tier that issued a Slot interprets
+// it. The device's page table stores Slots next to a tier tag, which is why a Slot fits in
+// kSlotBits bits.
+//
+// Data-plane rules: every method is noexcept, allocates nothing on its error paths and
+// reports failure as a negative errno. Callers validate ranges before they get here; a
+// store only asserts.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+namespace memlend {
+
+inline constexpr std::size_t kPageSize = 4096;
+inline constexpr unsigned kPageShift = 12;
+static_assert(std::size_t{1} << kPageShift == kPageSize);
+
+using PageSpan = std::span<std::byte, kPageSize>;
+using ConstPageSpan = std::span<const std::byte, kPageSize>;
+
+// A Slot names one stored page inside the store that issued it.
+using Slot = std::uint64_t;
+inline constexpr unsigned kSlotBits = 56;
+inline constexpr Slot kMaxSlot = (Slot{1} << kSlotBits) - 1;
+
+// A snapshot of a store's occupancy. All figures are bytes unless the name says pages.
+struct StoreStats {
+  std::uint64_t pages = 0;        // pages currently stored
+  std::uint64_t used_bytes = 0;   // bytes of the store's capacity those pages occupy
+  std::uint64_t total_bytes = 0;  // capacity; 0 means "grows as needed" (a file)
+};
+
+class PageStore {
+ public:
+  virtual ~PageStore() = default;
+
+  // Stores a copy of `page` in a new slot. On success returns 0 and sets *slot. Returns
+  // -ENOSPC when the store has no room (nothing is changed), or another -errno (-EIO) when
+  // the medium failed. `hint` is any number that spreads concurrent callers over the
+  // store's internal shards (the device passes the page number). Thread-safe.
+  virtual int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept = 0;
+
+  // Copies the page held in `slot` into `out`. Returns 0, or -errno if the medium failed.
+  // REQUIRES: `slot` was returned by this store's Write and not discarded since.
+  // Thread-safe, including against writes and discards of other slots.
+  virtual int Read(Slot slot, PageSpan out) noexcept = 0;
+
+  // Releases `slot`; its room can be reused at once. Never fails.
+  // REQUIRES: `slot` is live, and no other thread reads or discards it concurrently.
+  virtual void Discard(Slot slot) noexcept = 0;
+
+  // Returns current occupancy. Thread-safe; figures may be slightly stale under load.
+  virtual StoreStats Stats() const noexcept = 0;
+};
+
+}  // namespace memlend

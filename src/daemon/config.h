@@ -1,0 +1,53 @@
+// DaemonConfig: everything `memlend daemon` is told on its command line, validated.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "store/local_store.h"
+#include "transport/socket.h"
+
+namespace memlend {
+
+struct DeviceSpec {
+  std::string name;
+  std::uint64_t size_bytes = 0;
+};
+
+struct DaemonConfig {
+  std::vector<DeviceSpec> devices;
+  Endpoint nbd;
+  std::uint64_t local_store_bytes = 0;
+  std::string backing_file;             // empty: no disk tier
+  std::uint64_t backing_size_bytes = 0; // 0: bounded only by the file system
+  Compression compression = Compression::kNone;
+  std::string control_path;
+};
+
+// The text forms of the options, as given on the command line.
+struct DaemonArgs {
+  std::vector<std::string> devices;
+  std::string nbd;
+  std::string local_store;
+  std::string backing_file;
+  std::string backing_size;
+  std::string compress = "none";
+  std::string control;
+};
+
+// Validates `args` into *config. On failure returns false and sets *error to one line
+// that names the option and the problem.
+bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string* error);
+
+// Parses NAME:SIZE. Names are 1-64 characters of [A-Za-z0-9._-]; SIZE is a positive
+// multiple of 4 KiB. On failure returns nullopt and sets *error.
+std::optional<DeviceSpec> ParseDeviceSpec(std::string_view text, std::string* error);
+
+// The control socket path used when --control is not given: $MEMLEND_CONTROL if set,
+// /run/memlend.sock for root, else ${XDG_RUNTIME_DIR:-/tmp}/memlend-UID.sock.
+std::string DefaultControlPath();
+
+}  // namespace memlend

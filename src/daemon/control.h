@@ -1,0 +1,52 @@
+// The control socket: a small JSON request/reply service on a unix socket (see
+// include/memlend/control_api.h), and the client half that the CLI uses.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "common/unique_fd.h"
+
+namespace memlend {
+
+class ControlServer {
+ public:
+  // Handles one request and returns the reply. Runs on the control thread; may throw
+  // (the exception becomes an {"ok": false} reply).
+  using Handler = std::function<nlohmann::json(const nlohmann::json& request)>;
+
+  // Listens on `path` (replacing a stale socket). Throws std::runtime_error naming the
+  // path and the reason. The socket is made accessible to its owner only.
+  ControlServer(const std::string& path, Handler handler);
+  ~ControlServer();
+  ControlServer(const ControlServer&) = delete;
+  ControlServer& operator=(const ControlServer&) = delete;
+
+  // Serves requests one at a time on a background thread until Stop().
+  void Start();
+  // Stops serving and removes the socket file. Idempotent.
+  void Stop();
+
+ private:
+  void Loop();
+  void ServeOne(int fd);
+
+  // Constant after construction.
+  const std::string path_;
+  const Handler handler_;
+  UniqueFd listener_;
+  UniqueFd wake_read_;
+  UniqueFd wake_write_;
+  std::thread thread_;
+  bool stopped_ = false;  // touched only by the thread that owns the server
+};
+
+// Sends `request` to the daemon at `path` and returns its reply. Throws
+// std::runtime_error with a one-line reason when the daemon cannot be reached or answers
+// with something that is not JSON.
+nlohmann::json CallControl(const std::string& path, const nlohmann::json& request);
+
+}  // namespace memlend

@@ -1,0 +1,168 @@
+#include "nbd/transmission.h"
+
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <span>
+
+#include "common/byte_buffer.h"
+#include "common/log.h"
+#include "nbd/codec.h"
+#include "transport/socket.h"
+
+namespace memlend::nbd {
+namespace {
+
+constexpr std::size_t kInputBytes = 1 << 20;     // holds many pipelined page writes
+constexpr std::size_t kSendThreshold = 1 << 18;  // send replies early past this much
+
+class Connection {
+ public:
+  Connection(int fd, Device& device) : fd_(fd), device_(device), input_(kInputBytes) {}
+
+  void Run() {
+    for (;;) {
+      if (!ServeBuffered()) return;
+      if (!SendReplies()) return;
+      if (!Receive()) return;
+    }
+  }
+
+ private:
+  // Serves every complete request in the input buffer. Returns false when the connection
+  // must close.
+  bool ServeBuffered() {
+    while (input_end_ - input_begin_ >= kRequestSize) {
+      const std::byte* at = input_.data() + input_begin_;
+      Request request;
+      if (!DecodeRequest(std::span<const std::byte, kRequestSize>(at, kRequestSize),
+                         &request)) {
+        LogDebug("nbd: bad request magic on %s, closing", device_.name().c_str());
+        return false;
+      }
+      std::span<const std::byte> payload;
+      if (HasPayload(request)) {
+        const std::size_t buffered = input_end_ - input_begin_ - kRequestSize;
+        if (buffered >= request.length) {
+          payload = std::span(at + kRequestSize, request.length);
+          input_begin_ += kRequestSize + request.length;
+        } else if (kRequestSize + request.length <= input_.capacity()) {
+          return true;  // the rest of this request is still on its way
+        } else {
+          if (!ReadLargePayload(request.length, buffered)) return false;
+          payload = std::span<const std::byte>(large_payload_.data(), request.length);
+        }
+      } else {
+        input_begin_ += kRequestSize;
+      }
+      if (!Serve(request, payload)) return false;
+      if (replies_.size() >= kSendThreshold && !SendReplies()) return false;
+    }
+    return true;
+  }
+
+  // Serves one validated-or-rejected request. Returns false when the connection must close.
+  bool Serve(const Request& request, std::span<const std::byte> payload) {
+    const Verdict verdict = CheckRequest(request, device_.size_bytes());
+    if (verdict.error != 0) {
+      Reply(verdict.error, request.handle);
+      if (!verdict.hang_up) return true;
+      SendReplies();
+      return false;
+    }
+    int rc = 0;
+    switch (request.type) {
+      case NBD_CMD_READ: {
+        const std::size_t mark = replies_.size();
+        replies_.Extend(kSimpleReplySize);
+        std::byte* data = replies_.Extend(request.length);
+        rc = device_.Read(request.offset, std::span(data, request.length));
+        if (rc == 0) {
+          EncodeSimpleReply(0, request.handle,
+                            std::span<std::byte, kSimpleReplySize>(replies_.data() + mark,
+                                                                   kSimpleReplySize));
+          return true;
+        }
+        replies_.Truncate(mark);
+        break;
+      }
+      case NBD_CMD_WRITE:
+        rc = device_.Write(request.offset, payload);
+        break;
+      case NBD_CMD_TRIM:
+        rc = device_.Trim(request.offset, request.length);
+        break;
+      case NBD_CMD_WRITE_ZEROES:
+        rc = device_.WriteZeroes(request.offset, request.length);
+        break;
+      case NBD_CMD_FLUSH:
+        rc = device_.Flush();
+        break;
+      case NBD_CMD_DISC:
+        SendReplies();
+        return false;
+    }
+    // FUA needs nothing more: a write is in its store before it is acknowledged.
+    Reply(ErrorFromErrno(rc), request.handle);
+    return true;
+  }
+
+  void Reply(std::uint32_t error, std::uint64_t handle) {
+    EncodeSimpleReply(error, handle,
+                      std::span<std::byte, kSimpleReplySize>(replies_.Extend(kSimpleReplySize),
+                                                             kSimpleReplySize));
+  }
+
+  // Moves the `buffered` payload bytes already in the input buffer, then the rest from the
+  // socket, into large_payload_. Consumes the request from the input buffer.
+  bool ReadLargePayload(std::uint32_t length, std::size_t buffered) {
+    large_payload_.Clear();
+    large_payload_.Append(input_.data() + input_begin_ + kRequestSize, buffered);
+    input_begin_ = input_end_ = 0;
+    std::byte* rest = large_payload_.Extend(length - buffered);
+    return ReadFull(fd_, rest, length - buffered) == 0;
+  }
+
+  bool SendReplies() {
+    if (replies_.empty()) return true;
+    const int rc = WriteFull(fd_, replies_.data(), replies_.size());
+    replies_.Clear();
+    return rc == 0;
+  }
+
+  // Compacts the input buffer and blocks until more bytes arrive.
+  bool Receive() {
+    if (input_begin_ > 0) {
+      const std::size_t pending = input_end_ - input_begin_;
+      std::memmove(input_.data(), input_.data() + input_begin_, pending);
+      input_begin_ = 0;
+      input_end_ = pending;
+    }
+    for (;;) {
+      const ssize_t n =
+          ::recv(fd_, input_.data() + input_end_, input_.capacity() - input_end_, 0);
+      if (n > 0) {
+        input_end_ += static_cast<std::size_t>(n);
+        return true;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      return false;  // hung up, shut down, or failed
+    }
+  }
+
+  const int fd_;
+  Device& device_;
+  ByteBuffer input_;  // bytes [input_begin_, input_end_) are received and not yet served
+  std::size_t input_begin_ = 0;
+  std::size_t input_end_ = 0;
+  ByteBuffer replies_;
+  ByteBuffer large_payload_;
+};
+
+}  // namespace
+
+void RunTransmission(int fd, Device& device) { Connection(fd, device).Run(); }
+
+}  // namespace memlend::nbd

@@ -1,0 +1,30 @@
+// The NBD transmission phase for one connection.
+//
+// Design: one thread per connection runs this loop, and the loop batches. Each recv takes
+// whatever the client has sent, possibly dozens of pipelined requests; every complete
+// request in the buffer is validated, served against the device and its reply appended
+// to one output buffer, and the replies go out in one send before the loop blocks in recv
+// again. With a client at queue depth 32 that is two system calls for many requests
+// instead of two or more per request, and at queue depth 1 it is the minimum of one recv
+// and one send. READ data is copied from the store straight into the output buffer.
+//
+// The alternative, a pool of worker threads per connection (nbdkit's model), spreads one
+// connection over cores but pays a hand-off and a lock per request; for page-sized
+// requests served from RAM that costs more than the copy itself. Several connections
+// (multi-conn) still run in parallel, one thread each. A WRITE whose payload does not fit
+// the input buffer is read straight into a separate payload buffer.
+#pragma once
+
+#include <memory>
+
+#include "store/device.h"
+
+namespace memlend::nbd {
+
+// Serves requests on the connected socket `fd` for `device` until the client sends DISC
+// or hangs up, the stream goes out of sync (bad request magic), a request makes the
+// connection unrecoverable (oversized WRITE), or the socket is shut down. Each request is
+// validated once here (CheckRequest); the device only asserts.
+void RunTransmission(int fd, Device& device);
+
+}  // namespace memlend::nbd

@@ -1,0 +1,206 @@
+#include "store/device.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cerrno>
+#include <cstring>
+#include <new>
+
+namespace memlend {
+namespace {
+
+bool IsAllZero(const std::byte* data, std::size_t length) noexcept {
+  // Word-at-a-time scan; memcpy keeps it free of alignment assumptions and compiles to
+  // plain loads.
+  std::size_t i = 0;
+  for (; i + 32 <= length; i += 32) {
+    std::uint64_t words[4];
+    std::memcpy(words, data + i, sizeof(words));
+    if ((words[0] | words[1] | words[2] | words[3]) != 0) return false;
+  }
+  for (; i < length; ++i) {
+    if (data[i] != std::byte{0}) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+Device::Device(std::string name, std::uint64_t size_bytes, Tiering& tiers)
+    : name_(std::move(name)),
+      size_bytes_(size_bytes),
+      page_count_(size_bytes / kPageSize),
+      tiers_(tiers) {
+  assert(size_bytes > 0 && size_bytes % kPageSize == 0);
+  const std::uint64_t chunk_count = (page_count_ + kChunkPages - 1) >> kChunkShift;
+  chunks_ = std::make_unique<std::atomic<std::atomic<std::uint64_t>*>[]>(chunk_count);
+  for (std::uint64_t i = 0; i < chunk_count; ++i) chunks_[i].store(nullptr);
+}
+
+Device::~Device() {
+  const std::uint64_t chunk_count = (page_count_ + kChunkPages - 1) >> kChunkShift;
+  for (std::uint64_t c = 0; c < chunk_count; ++c) {
+    std::atomic<std::uint64_t>* chunk = chunks_[c].load();
+    if (chunk == nullptr) continue;
+    for (std::uint64_t i = 0; i < kChunkPages; ++i) {
+      tiers_.Release(Location::FromBits(chunk[i].load(std::memory_order_relaxed)));
+    }
+    delete[] chunk;
+  }
+}
+
+std::atomic<std::uint64_t>* Device::Entry(std::uint64_t page, bool create) noexcept {
+  assert(page < page_count_);
+  std::atomic<std::atomic<std::uint64_t>*>& slot = chunks_[page >> kChunkShift];
+  std::atomic<std::uint64_t>* chunk = slot.load(std::memory_order_acquire);
+  if (chunk == nullptr) {
+    if (!create) return nullptr;
+    auto* fresh = new (std::nothrow) std::atomic<std::uint64_t>[kChunkPages];
+    if (fresh == nullptr) return nullptr;
+    for (std::uint64_t i = 0; i < kChunkPages; ++i) fresh[i].store(0, std::memory_order_relaxed);
+    if (slot.compare_exchange_strong(chunk, fresh, std::memory_order_acq_rel)) {
+      chunk = fresh;
+    } else {
+      delete[] fresh;  // another thread installed one first; `chunk` now holds it
+    }
+  }
+  return &chunk[page & (kChunkPages - 1)];
+}
+
+void Device::SetLocation(std::atomic<std::uint64_t>* entry, Location from,
+                         Location to) noexcept {
+  entry->store(to.bits(), std::memory_order_relaxed);
+  if (from.tier() == to.tier()) return;
+  tier_pages_[static_cast<int>(from.tier())].fetch_sub(1, std::memory_order_relaxed);
+  tier_pages_[static_cast<int>(to.tier())].fetch_add(1, std::memory_order_relaxed);
+}
+
+int Device::StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept {
+  std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/true);
+  if (entry == nullptr) return -ENOMEM;
+  const Location old = Location::FromBits(entry->load(std::memory_order_relaxed));
+  if (IsAllZero(contents.data(), kPageSize)) {
+    tiers_.Release(old);
+    SetLocation(entry, old, Location(Tier::kZero, 0));
+    return 0;
+  }
+  Location placed;
+  const int rc = tiers_.Store(contents, page, old, &placed);
+  SetLocation(entry, old, placed);
+  return rc;
+}
+
+int Device::Read(std::uint64_t offset, std::span<std::byte> out) noexcept {
+  assert(offset + out.size() <= size_bytes_);
+  std::size_t done = 0;
+  while (done < out.size()) {
+    const std::uint64_t position = offset + done;
+    const std::uint64_t page = position >> kPageShift;
+    const std::size_t in_page = position & (kPageSize - 1);
+    const std::size_t count = std::min(kPageSize - in_page, out.size() - done);
+    std::byte* dest = out.data() + done;
+
+    std::lock_guard lock(LockFor(page));
+    std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
+    const Location where =
+        entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
+    if (where.reads_as_zero()) {
+      std::memset(dest, 0, count);
+    } else if (count == kPageSize) {
+      const int rc = tiers_.Load(where, PageSpan(dest, kPageSize));
+      if (rc != 0) return rc;
+    } else {
+      alignas(64) std::byte buffer[kPageSize];
+      const int rc = tiers_.Load(where, PageSpan(buffer));
+      if (rc != 0) return rc;
+      std::memcpy(dest, buffer + in_page, count);
+    }
+    done += count;
+  }
+  return 0;
+}
+
+int Device::Write(std::uint64_t offset, std::span<const std::byte> data) noexcept {
+  assert(offset + data.size() <= size_bytes_);
+  std::size_t done = 0;
+  while (done < data.size()) {
+    const std::uint64_t position = offset + done;
+    const std::uint64_t page = position >> kPageShift;
+    const std::size_t in_page = position & (kPageSize - 1);
+    const std::size_t count = std::min(kPageSize - in_page, data.size() - done);
+    const std::byte* source = data.data() + done;
+
+    std::lock_guard lock(LockFor(page));
+    int rc;
+    if (count == kPageSize) {
+      rc = StorePageLocked(page, ConstPageSpan(source, kPageSize));
+    } else {
+      alignas(64) std::byte buffer[kPageSize];
+      std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
+      const Location where =
+          entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
+      rc = tiers_.Load(where, PageSpan(buffer));
+      if (rc == 0) {
+        std::memcpy(buffer + in_page, source, count);
+        rc = StorePageLocked(page, ConstPageSpan(buffer));
+      }
+    }
+    if (rc != 0) return rc;
+    done += count;
+  }
+  return 0;
+}
+
+int Device::ZeroPage(std::uint64_t page, Tier zero_state) noexcept {
+  std::lock_guard lock(LockFor(page));
+  std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/zero_state != Tier::kUnmapped);
+  if (entry == nullptr) return zero_state == Tier::kUnmapped ? 0 : -ENOMEM;
+  const Location old = Location::FromBits(entry->load(std::memory_order_relaxed));
+  tiers_.Release(old);
+  SetLocation(entry, old, Location(zero_state, 0));
+  return 0;
+}
+
+int Device::ZeroRange(std::uint64_t offset, std::uint64_t length, Tier zero_state) noexcept {
+  assert(offset + length <= size_bytes_);
+  static constexpr std::byte kZeros[kPageSize] = {};
+  std::uint64_t done = 0;
+  while (done < length) {
+    const std::uint64_t position = offset + done;
+    const std::uint64_t page = position >> kPageShift;
+    const std::size_t in_page = position & (kPageSize - 1);
+    const std::uint64_t count = std::min<std::uint64_t>(kPageSize - in_page, length - done);
+    // A partial page keeps its other bytes: write zeros over just the range. A page that
+    // ends up all zero is stored as a zero page by the write path.
+    const int rc = count == kPageSize
+                       ? ZeroPage(page, zero_state)
+                       : Write(position, std::span<const std::byte>(kZeros, count));
+    if (rc != 0) return rc;
+    done += count;
+  }
+  return 0;
+}
+
+int Device::Trim(std::uint64_t offset, std::uint64_t length) noexcept {
+  return ZeroRange(offset, length, Tier::kUnmapped);
+}
+
+int Device::WriteZeroes(std::uint64_t offset, std::uint64_t length) noexcept {
+  return ZeroRange(offset, length, Tier::kZero);
+}
+
+DevicePageCounts Device::Counts() const noexcept {
+  auto count = [this](Tier tier) {
+    const std::int64_t n = tier_pages_[static_cast<int>(tier)].load(std::memory_order_relaxed);
+    return static_cast<std::uint64_t>(std::max<std::int64_t>(n, 0));
+  };
+  DevicePageCounts counts;
+  counts.total = page_count_;
+  counts.zero = count(Tier::kZero);
+  counts.local = count(Tier::kLocal);
+  counts.disk = count(Tier::kDisk);
+  counts.remote = count(Tier::kRemote);
+  return counts;
+}
+
+}  // namespace memlend

@@ -1,0 +1,107 @@
+// Device: one memlend block device — a size, a page table and byte-range operations that
+// frontends (NBD today, ublk next) translate their requests into.
+//
+// The page table has one 64-bit Location per 4 KiB page. It is two-level so that a large,
+// mostly empty device costs little: the top level has one pointer per kChunkPages pages
+// (8 bytes per 2 MiB of device) and a chunk of entries is allocated on the first write
+// into its range. Unmapped and all-zero pages take no room in any store.
+//
+// Concurrency: any number of threads may call any method at once. Each page is guarded by
+// one of kLockStripes mutexes chosen by page number, held while that page's entry and its
+// stored copy change, so concurrent requests on different pages run in parallel and a
+// read never sees a half-replaced page. Multi-page requests are not atomic as a whole
+// (neither are a disk's). The per-tier page counts are atomics kept in step with the
+// table under the same stripe locks.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "store/tiering.h"
+
+namespace memlend {
+
+struct DevicePageCounts {
+  std::uint64_t total = 0;  // size_bytes / kPageSize
+  std::uint64_t zero = 0;
+  std::uint64_t local = 0;
+  std::uint64_t disk = 0;
+  std::uint64_t remote = 0;
+  std::uint64_t mapped() const { return zero + local + disk + remote; }
+};
+
+class Device {
+ public:
+  // REQUIRES: size_bytes is a positive multiple of kPageSize; `tiers` outlives the device.
+  Device(std::string name, std::uint64_t size_bytes, Tiering& tiers);
+  ~Device();
+  Device(const Device&) = delete;
+  Device& operator=(const Device&) = delete;
+
+  const std::string& name() const { return name_; }
+  std::uint64_t size_bytes() const { return size_bytes_; }
+
+  // Every range operation below REQUIRES offset + length <= size_bytes(); the frontend
+  // validates requests before calling. Each returns 0 or a negative errno: -ENOSPC when a
+  // write finds every tier full, -EIO when a store's medium failed, -ENOMEM when a page
+  // table chunk cannot be allocated. On failure the range's earlier pages may already hold
+  // the new data (as with a disk); pages outside the range are never touched.
+
+  // Copies [offset, offset + out.size()) into `out`.
+  int Read(std::uint64_t offset, std::span<std::byte> out) noexcept;
+  // Writes `data` at `offset`; partial pages are read-modify-written.
+  int Write(std::uint64_t offset, std::span<const std::byte> data) noexcept;
+  // Makes [offset, offset + length) read as zeros. Whole pages become unmapped (TRIM) or
+  // zero pages (WRITE_ZEROES); partial pages are read-modify-written.
+  int Trim(std::uint64_t offset, std::uint64_t length) noexcept;
+  int WriteZeroes(std::uint64_t offset, std::uint64_t length) noexcept;
+  // Makes earlier writes durable. Pages are in their store once a write returns and the
+  // device is volatile by design, so there is nothing further to wait for.
+  int Flush() noexcept { return 0; }
+
+  DevicePageCounts Counts() const noexcept;
+
+ private:
+  static constexpr unsigned kChunkShift = 9;  // 512 entries = one 4 KiB chunk
+  static constexpr std::uint64_t kChunkPages = std::uint64_t{1} << kChunkShift;
+  static constexpr std::size_t kLockStripes = 1024;
+
+  struct alignas(64) Stripe {
+    std::mutex mu;
+  };
+
+  // Returns the entry for `page`, allocating its chunk if `create`; nullptr if the chunk
+  // does not exist (and !create) or cannot be allocated.
+  std::atomic<std::uint64_t>* Entry(std::uint64_t page, bool create) noexcept;
+  std::mutex& LockFor(std::uint64_t page) noexcept {
+    return stripes_[page & (kLockStripes - 1)].mu;
+  }
+  // Replaces the page's location under its lock, keeping the counts in step.
+  void SetLocation(std::atomic<std::uint64_t>* entry, Location from, Location to) noexcept;
+  // Writes one page whose full new contents are in `page`.
+  // REQUIRES: the page's stripe lock is held.
+  int StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept;
+  // Makes one whole page read as zeros, as `zero_state` (kUnmapped or kZero).
+  int ZeroPage(std::uint64_t page, Tier zero_state) noexcept;
+  int ZeroRange(std::uint64_t offset, std::uint64_t length, Tier zero_state) noexcept;
+
+  // Constant after construction.
+  const std::string name_;
+  const std::uint64_t size_bytes_;
+  const std::uint64_t page_count_;
+  Tiering& tiers_;
+  // Top level; a null pointer is a chunk whose pages are all unmapped. Chunks are created
+  // with a compare-and-swap and live until the device is destroyed.
+  std::unique_ptr<std::atomic<std::atomic<std::uint64_t>*>[]> chunks_;
+
+  std::array<Stripe, kLockStripes> stripes_;
+  std::array<std::atomic<std::int64_t>, kTierCount> tier_pages_{};
+};
+
+}  // namespace memlend

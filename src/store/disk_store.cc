@@ -1,0 +1,132 @@
+// DiskStore implementation. See disk_store.h for the design.
+//
+// Allocation without allocating: free_slots_ never holds more entries than next_slot_, so
+// Write reserves room for every slot it appends before it appends it (growing the vector
+// geometrically, the only allocation here). Discard and Write's error path then push onto
+// the heap without reallocating.
+#include "store/disk_store.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cassert>
+#include <cerrno>
+#include <functional>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <system_error>
+
+namespace memlend {
+namespace {
+
+// The most slots a file can hold before a slot's byte offset overflows off_t.
+constexpr std::uint64_t kMaxFileSlots =
+    static_cast<std::uint64_t>(std::numeric_limits<off_t>::max()) / kPageSize;
+
+// Returns the byte offset of `slot` in the backing file.
+off_t SlotOffset(Slot slot) { return static_cast<off_t>(slot * kPageSize); }
+
+}  // namespace
+
+DiskStore::DiskStore(const std::string& path, std::uint64_t max_bytes)
+    : path_(path), max_slots_(max_bytes / kPageSize) {
+  if (max_bytes != 0 && max_slots_ == 0) {
+    throw std::invalid_argument("disk store bound for " + path + " is smaller than one page");
+  }
+  fd_ = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd_ < 0) {
+    throw std::system_error(errno, std::generic_category(), "backing file " + path);
+  }
+}
+
+DiskStore::~DiskStore() {
+  if (fd_ >= 0) close(fd_);
+}
+
+int DiskStore::Write(ConstPageSpan page, std::uint64_t /*hint*/, Slot* slot) noexcept {
+  assert(slot != nullptr);
+  Slot s;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!free_slots_.empty()) {
+      std::pop_heap(free_slots_.begin(), free_slots_.end(), std::greater<Slot>());
+      s = free_slots_.back();
+      free_slots_.pop_back();
+    } else {
+      const std::uint64_t limit =
+          max_slots_ != 0 ? std::min(max_slots_, kMaxFileSlots) : kMaxFileSlots;
+      if (next_slot_ >= limit) return -ENOSPC;
+      if (free_slots_.capacity() <= next_slot_) {
+        try {
+          free_slots_.reserve(std::max<std::size_t>(64, 2 * free_slots_.capacity()));
+        } catch (const std::bad_alloc&) {
+          return -ENOMEM;
+        }
+      }
+      s = next_slot_++;
+    }
+    ++live_pages_;
+  }
+
+  const char* src = reinterpret_cast<const char*>(page.data());
+  std::size_t done = 0;
+  while (done < kPageSize) {
+    const ssize_t n = pwrite(fd_, src + done, kPageSize - done, SlotOffset(s) + done);
+    if (n > 0) {
+      done += static_cast<std::size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    // n == 0 cannot make progress; report it as a full medium.
+    const int err = n < 0 ? errno : ENOSPC;
+    std::lock_guard<std::mutex> lock(mu_);
+    free_slots_.push_back(s);  // within capacity: see the comment at the top of the file
+    std::push_heap(free_slots_.begin(), free_slots_.end(), std::greater<Slot>());
+    --live_pages_;
+    return -err;
+  }
+  *slot = s;
+  return 0;
+}
+
+int DiskStore::Read(Slot slot, PageSpan out) noexcept {
+  char* dst = reinterpret_cast<char*>(out.data());
+  std::size_t done = 0;
+  while (done < kPageSize) {
+    const ssize_t n = pread(fd_, dst + done, kPageSize - done, SlotOffset(slot) + done);
+    if (n > 0) {
+      done += static_cast<std::size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    return n < 0 ? -errno : -EIO;  // EOF inside a live slot means the file was cut short
+  }
+  return 0;
+}
+
+void DiskStore::Discard(Slot slot) noexcept {
+  // Release the blocks before the slot can be handed out again, or the punch could land
+  // on a newer page. Failure only costs space (EOPNOTSUPP on file systems without holes).
+  (void)fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, SlotOffset(slot),
+                  static_cast<off_t>(kPageSize));
+  std::lock_guard<std::mutex> lock(mu_);
+  assert(slot < next_slot_);
+  assert(live_pages_ > 0);
+  free_slots_.push_back(slot);  // within capacity: see the comment at the top of the file
+  std::push_heap(free_slots_.begin(), free_slots_.end(), std::greater<Slot>());
+  --live_pages_;
+}
+
+StoreStats DiskStore::Stats() const noexcept {
+  std::lock_guard<std::mutex> lock(mu_);
+  StoreStats stats;
+  stats.pages = live_pages_;
+  stats.used_bytes = live_pages_ * kPageSize;
+  stats.total_bytes = max_slots_ * kPageSize;
+  return stats;
+}
+
+}  // namespace memlend

@@ -1,0 +1,52 @@
+// DiskStore: the disk tier. Pages live in 4 KiB slots of a backing file.
+//
+// Slot n is the file range [n * kPageSize, (n + 1) * kPageSize). Free slots are reused
+// lowest-first from a free list; the file grows by appending when none is free, and a
+// discarded slot's blocks are released with FALLOC_FL_PUNCH_HOLE so the file's real size
+// tracks what it holds. The file is truncated when the store opens it: a memlend device
+// is volatile, so nothing from an earlier run is meaningful.
+//
+// I/O is pread/pwrite (thread-safe without a lock); only the slot allocator takes a
+// mutex, for a few instructions.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "memlend/page_store.h"
+
+namespace memlend {
+
+class DiskStore final : public PageStore {
+ public:
+  // Opens (creating or truncating) `path`. `max_bytes` bounds the file (0: no bound beyond
+  // the file system's); a write past it returns -ENOSPC. Throws std::system_error with the
+  // path in the message if the file cannot be opened for reading and writing.
+  DiskStore(const std::string& path, std::uint64_t max_bytes);
+  ~DiskStore() override;
+  DiskStore(const DiskStore&) = delete;
+  DiskStore& operator=(const DiskStore&) = delete;
+
+  int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override;
+  int Read(Slot slot, PageSpan out) noexcept override;
+  void Discard(Slot slot) noexcept override;
+  // pages: live slots; used_bytes: pages * kPageSize; total_bytes: max_bytes (0 = unbounded).
+  StoreStats Stats() const noexcept override;
+
+  const std::string& path() const { return path_; }
+
+ private:
+  // Constant after construction.
+  const std::string path_;
+  const std::uint64_t max_slots_;  // 0 = unbounded
+  int fd_ = -1;
+
+  mutable std::mutex mu_;
+  std::vector<Slot> free_slots_;   // guarded by mu_; kept as a min-heap
+  std::uint64_t next_slot_ = 0;    // guarded by mu_; first never-used slot
+  std::uint64_t live_pages_ = 0;   // guarded by mu_
+};
+
+}  // namespace memlend

@@ -1,0 +1,300 @@
+// LocalStore implementation. See local_store.h for the design.
+//
+// Size classes. Class c (0..15) splits a frame into k = c + 1 equal chunks of
+// ClassBytes(c) = floor(kPageSize / k) rounded down to a multiple of 8 bytes. Class 0 is
+// the whole frame and holds a page stored raw: every page when compression is off, and
+// with lz4 every page whose compressed form (plus its 2-byte length) does not fit a class 1
+// chunk of 2048 bytes. A chunk of class 1..15 starts with the compressed length as a
+// 2-byte little-endian number followed by the lz4 block.
+//
+// Slot encoding: bits 8.. frame index, bits 4..7 size class, bits 0..3 chunk index.
+//
+// Locking. A shard's mutex guards its free-frame stack, its partial lists and the FrameMeta
+// of its frames. Chunk contents are not guarded: Write copies the page into its chunk
+// after it drops the lock (the chunk is the caller's alone by then), and Read needs no
+// metadata at all because the slot names the chunk. The caller orders a Write before the
+// Reads of the slot it returns, and a Discard after them, as PageStore requires.
+#include "store/local_store.h"
+
+#include <lz4.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <bit>
+#include <cassert>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <system_error>
+
+namespace memlend {
+namespace {
+
+// The most shards an arena is split into; a small arena gets one shard per frame.
+constexpr std::uint32_t kMaxShards = 16;
+
+// Number of size classes, and the class that stores a page raw in a whole frame.
+constexpr unsigned kClassCount = 16;
+constexpr unsigned kRawClass = 0;
+
+// Marks the end of a free-frame stack or partial list.
+constexpr std::uint32_t kNoFrame = std::numeric_limits<std::uint32_t>::max();
+
+// The most frames an arena may have: frame indices are 32 bits and kNoFrame is reserved.
+constexpr std::uint64_t kMaxFrames = kNoFrame - 1;
+
+// Bytes in front of each compressed chunk holding the compressed length.
+constexpr std::size_t kLengthBytes = 2;
+
+// Slot field layout.
+constexpr unsigned kFrameShift = 8;
+constexpr unsigned kClassShift = 4;
+constexpr Slot kFieldMask = 0xf;
+
+// Returns the chunk size of size class `size_class`.
+constexpr std::size_t ClassBytes(unsigned size_class) {
+  return (kPageSize / (size_class + 1)) & ~std::size_t{7};
+}
+
+// Returns the mask with one bit set per chunk of size class `size_class`.
+constexpr std::uint32_t FullMask(unsigned size_class) {
+  return (std::uint32_t{1} << (size_class + 1)) - 1;
+}
+
+static_assert(ClassBytes(0) == kPageSize);
+static_assert(ClassBytes(1) == 2048);
+static_assert(ClassBytes(kClassCount - 1) == 256);
+static_assert(FullMask(kClassCount - 1) == 0xffff);
+
+// The largest lz4 block a compressed chunk can hold; a page that does not compress to
+// this size is stored raw.
+constexpr std::size_t kMaxCompressedBytes = ClassBytes(1) - kLengthBytes;
+
+// Returns the smallest size class (the one with the most chunks) whose chunk holds
+// `bytes` bytes. REQUIRES: bytes <= ClassBytes(1).
+unsigned ClassFor(std::size_t bytes) {
+  for (unsigned c = kClassCount - 1; c > 1; --c) {
+    if (ClassBytes(c) >= bytes) return c;
+  }
+  return 1;
+}
+
+Slot MakeSlot(std::uint32_t frame, unsigned size_class, unsigned chunk) {
+  return Slot{frame} << kFrameShift | Slot{size_class} << kClassShift | Slot{chunk};
+}
+
+}  // namespace
+
+// Per-frame metadata; guarded by the owning shard's mutex.
+struct LocalStore::FrameMeta {
+  std::uint32_t prev = kNoFrame;  // previous frame in its class's partial list
+  std::uint32_t next = kNoFrame;  // next frame in its partial list or the free stack
+  std::uint16_t used_mask = 0;    // one bit per live chunk; 0 means the frame is free
+  std::uint8_t size_class = 0;    // valid while used_mask != 0
+  std::uint8_t unused = 0;
+};
+
+// One contiguous range of frames with its own allocator. Aligned so that shards' mutexes
+// do not share cache lines.
+struct alignas(64) LocalStore::Shard {
+  // Constant after construction.
+  std::uint32_t begin = 0;  // first frame of the shard
+  std::uint32_t end = 0;    // one past the last frame of the shard
+
+  std::mutex mu;
+  // Guarded by mu: frames [next_fresh, end) have never been used and are not on the stack.
+  std::uint32_t next_fresh = 0;
+  // Guarded by mu: top of the stack of freed frames, linked through FrameMeta::next.
+  std::uint32_t free_head = kNoFrame;
+  // Guarded by mu: per size class, frames with at least one live and one free chunk.
+  // Class 0 frames are never partly used, so partial_head[0] stays empty.
+  std::array<std::uint32_t, kClassCount> partial_head;
+
+  Shard() { partial_head.fill(kNoFrame); }
+};
+
+LocalStore::LocalStore(std::uint64_t capacity_bytes, Compression compression)
+    : compression_(compression) {
+  static_assert(sizeof(FrameMeta) == 12, "the header promises 12 bytes of metadata per frame");
+  if (capacity_bytes < kPageSize) {
+    throw std::invalid_argument("local store capacity is smaller than one page");
+  }
+  const std::uint64_t frames = capacity_bytes / kPageSize;
+  if (frames > kMaxFrames) {
+    throw std::invalid_argument("local store capacity exceeds the supported maximum");
+  }
+  frame_count_ = static_cast<std::uint32_t>(frames);
+  arena_bytes_ = frames * kPageSize;
+
+  // Everything that can throw bad_alloc comes before the mapping, so nothing leaks.
+  frames_.resize(frame_count_);
+  const std::uint32_t shard_count = std::min(kMaxShards, frame_count_);
+  const std::uint32_t per_shard = frame_count_ / shard_count;
+  shards_.reserve(shard_count);
+  for (std::uint32_t i = 0; i < shard_count; ++i) {
+    auto shard = std::make_unique<Shard>();
+    shard->begin = i * per_shard;
+    shard->end = i + 1 == shard_count ? frame_count_ : (i + 1) * per_shard;
+    shard->next_fresh = shard->begin;
+    shards_.push_back(std::move(shard));
+  }
+
+  void* arena = mmap(nullptr, arena_bytes_, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (arena == MAP_FAILED) {
+    throw std::system_error(errno, std::generic_category(), "mmap of local store arena");
+  }
+  arena_ = static_cast<std::byte*>(arena);
+}
+
+LocalStore::~LocalStore() { munmap(arena_, arena_bytes_); }
+
+int LocalStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept {
+  assert(slot != nullptr);
+
+  // Compress before taking any lock. `packed` holds the 2-byte length and the lz4 block.
+  alignas(8) std::byte packed[kLengthBytes + kMaxCompressedBytes];
+  const std::byte* src = page.data();
+  std::size_t src_bytes = kPageSize;
+  unsigned size_class = kRawClass;
+  if (compression_ == Compression::kLz4) {
+    const int n = LZ4_compress_default(
+        reinterpret_cast<const char*>(page.data()), reinterpret_cast<char*>(packed + kLengthBytes),
+        static_cast<int>(kPageSize), static_cast<int>(kMaxCompressedBytes));
+    if (n > 0) {  // 0: it does not fit a class 1 chunk, so store the page raw
+      packed[0] = static_cast<std::byte>(n & 0xff);
+      packed[1] = static_cast<std::byte>(n >> 8);
+      src = packed;
+      src_bytes = kLengthBytes + static_cast<std::size_t>(n);
+      size_class = ClassFor(src_bytes);
+    }
+  }
+
+  const std::uint32_t full = FullMask(size_class);
+  const std::size_t shard_count = shards_.size();
+  const std::size_t first = hint % shard_count;
+  for (std::size_t i = 0; i < shard_count; ++i) {
+    Shard& shard = *shards_[(first + i) % shard_count];
+    std::uint32_t frame;
+    unsigned chunk;
+    {
+      std::lock_guard<std::mutex> lock(shard.mu);
+      frame = shard.partial_head[size_class];
+      if (frame != kNoFrame) {
+        // Take the lowest free chunk of a partly used frame of this class.
+        FrameMeta& meta = frames_[frame];
+        assert(meta.size_class == size_class && meta.used_mask != 0);
+        chunk = static_cast<unsigned>(std::countr_zero(~std::uint32_t{meta.used_mask} & full));
+        meta.used_mask = static_cast<std::uint16_t>(meta.used_mask | (1u << chunk));
+        if (meta.used_mask == full) {  // now full: leave the partial list
+          shard.partial_head[size_class] = meta.next;
+          if (meta.next != kNoFrame) frames_[meta.next].prev = kNoFrame;
+          meta.next = kNoFrame;
+        }
+      } else {
+        // Start a fresh frame: a freed one first, else one never used.
+        if (shard.free_head != kNoFrame) {
+          frame = shard.free_head;
+          shard.free_head = frames_[frame].next;
+        } else if (shard.next_fresh < shard.end) {
+          frame = shard.next_fresh++;
+        } else {
+          continue;  // this shard is full; try the next one
+        }
+        FrameMeta& meta = frames_[frame];
+        meta.size_class = static_cast<std::uint8_t>(size_class);
+        meta.used_mask = 1;
+        meta.prev = kNoFrame;
+        meta.next = kNoFrame;
+        chunk = 0;
+        if (full != 1) {  // room left: join the partial list
+          meta.next = shard.partial_head[size_class];
+          if (meta.next != kNoFrame) frames_[meta.next].prev = frame;
+          shard.partial_head[size_class] = frame;
+        }
+        used_frames_.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+    live_pages_.fetch_add(1, std::memory_order_relaxed);
+    std::byte* dst = arena_ + std::size_t{frame} * kPageSize + chunk * ClassBytes(size_class);
+    std::memcpy(dst, src, src_bytes);
+    *slot = MakeSlot(frame, size_class, chunk);
+    return 0;
+  }
+  return -ENOSPC;
+}
+
+int LocalStore::Read(Slot slot, PageSpan out) noexcept {
+  const Slot frame = slot >> kFrameShift;
+  const unsigned size_class = static_cast<unsigned>((slot >> kClassShift) & kFieldMask);
+  const unsigned chunk = static_cast<unsigned>(slot & kFieldMask);
+  assert(frame < frame_count_);
+  assert(chunk <= size_class);
+  const std::byte* src = arena_ + frame * kPageSize + chunk * ClassBytes(size_class);
+  if (size_class == kRawClass) {
+    std::memcpy(out.data(), src, kPageSize);
+    return 0;
+  }
+  const std::size_t n = std::to_integer<std::size_t>(src[0]) | std::to_integer<std::size_t>(src[1])
+                                                                   << 8;
+  if (n == 0 || n > ClassBytes(size_class) - kLengthBytes) return -EIO;
+  const int got = LZ4_decompress_safe(reinterpret_cast<const char*>(src + kLengthBytes),
+                                      reinterpret_cast<char*>(out.data()), static_cast<int>(n),
+                                      static_cast<int>(kPageSize));
+  return got == static_cast<int>(kPageSize) ? 0 : -EIO;
+}
+
+void LocalStore::Discard(Slot slot) noexcept {
+  const Slot frame_index = slot >> kFrameShift;
+  const unsigned size_class = static_cast<unsigned>((slot >> kClassShift) & kFieldMask);
+  const unsigned chunk = static_cast<unsigned>(slot & kFieldMask);
+  assert(frame_index < frame_count_);
+  assert(chunk <= size_class);
+  const auto frame = static_cast<std::uint32_t>(frame_index);
+  const std::uint32_t full = FullMask(size_class);
+
+  // Shards hold frame_count_ / shard_count frames each; the last one also the remainder.
+  const std::uint32_t shard_count = static_cast<std::uint32_t>(shards_.size());
+  const std::uint32_t shard_index = std::min(frame / (frame_count_ / shard_count), shard_count - 1);
+  Shard& shard = *shards_[shard_index];
+  assert(frame >= shard.begin && frame < shard.end);
+  {
+    std::lock_guard<std::mutex> lock(shard.mu);
+    FrameMeta& meta = frames_[frame];
+    assert(meta.size_class == size_class);
+    assert(meta.used_mask & (1u << chunk));
+    const bool was_full = meta.used_mask == full;
+    meta.used_mask = static_cast<std::uint16_t>(meta.used_mask & ~(1u << chunk));
+    if (meta.used_mask == 0) {
+      if (!was_full) {  // a multi-chunk frame with room is on its partial list: unlink it
+        if (meta.prev != kNoFrame) {
+          frames_[meta.prev].next = meta.next;
+        } else {
+          shard.partial_head[size_class] = meta.next;
+        }
+        if (meta.next != kNoFrame) frames_[meta.next].prev = meta.prev;
+      }
+      meta.prev = kNoFrame;
+      meta.next = shard.free_head;
+      shard.free_head = frame;
+      used_frames_.fetch_sub(1, std::memory_order_relaxed);
+    } else if (was_full) {  // it has room again: join the partial list
+      meta.prev = kNoFrame;
+      meta.next = shard.partial_head[size_class];
+      if (meta.next != kNoFrame) frames_[meta.next].prev = frame;
+      shard.partial_head[size_class] = frame;
+    }
+  }
+  live_pages_.fetch_sub(1, std::memory_order_relaxed);
+}
+
+StoreStats LocalStore::Stats() const noexcept {
+  StoreStats stats;
+  stats.pages = live_pages_.load(std::memory_order_relaxed);
+  stats.used_bytes = used_frames_.load(std::memory_order_relaxed) * kPageSize;
+  stats.total_bytes = arena_bytes_;
+  return stats;
+}
+
+}  // namespace memlend

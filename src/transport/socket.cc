@@ -1,0 +1,213 @@
+#include "transport/socket.h"
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <stdexcept>
+
+namespace memlend {
+namespace {
+
+bool FillUnixAddress(const std::string& path, sockaddr_un* address) {
+  std::memset(address, 0, sizeof(*address));
+  address->sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(address->sun_path)) return false;
+  std::memcpy(address->sun_path, path.data(), path.size());
+  return true;
+}
+
+std::string ErrnoText(int error) { return std::strerror(error); }
+
+}  // namespace
+
+std::string Endpoint::ToString() const {
+  if (kind == Kind::kUnix) return "unix:" + path;
+  const bool v6 = host.find(':') != std::string::npos;
+  return (v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
+}
+
+std::optional<Endpoint> ParseEndpoint(std::string_view text, std::string* error) {
+  Endpoint endpoint;
+  if (text.starts_with("unix:")) {
+    endpoint.kind = Endpoint::Kind::kUnix;
+    endpoint.path = std::string(text.substr(5));
+    sockaddr_un unused;
+    if (!FillUnixAddress(endpoint.path, &unused)) {
+      *error = "unix socket path must be 1 to " + std::to_string(sizeof(unused.sun_path) - 1) +
+               " bytes";
+      return std::nullopt;
+    }
+    return endpoint;
+  }
+  std::string_view host;
+  std::string_view port;
+  if (text.starts_with("[")) {
+    const std::size_t close = text.find(']');
+    if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':') {
+      *error = "expected [ADDRESS]:PORT";
+      return std::nullopt;
+    }
+    host = text.substr(1, close - 1);
+    port = text.substr(close + 2);
+  } else {
+    const std::size_t colon = text.rfind(':');
+    if (colon == std::string_view::npos || text.find(':') != colon) {
+      *error = "expected HOST:PORT, [ADDRESS]:PORT or unix:PATH";
+      return std::nullopt;
+    }
+    host = text.substr(0, colon);
+    port = text.substr(colon + 1);
+  }
+  unsigned value = 0;
+  const auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+  if (host.empty() || port.empty() || ec != std::errc() || end != port.data() + port.size() ||
+      value == 0 || value > 65535) {
+    *error = "expected HOST:PORT with a port from 1 to 65535";
+    return std::nullopt;
+  }
+  endpoint.host = std::string(host);
+  endpoint.port = static_cast<std::uint16_t>(value);
+  return endpoint;
+}
+
+UniqueFd ListenOn(const Endpoint& endpoint) {
+  const std::string name = endpoint.ToString();
+  if (endpoint.kind == Endpoint::Kind::kUnix) {
+    sockaddr_un address;
+    if (!FillUnixAddress(endpoint.path, &address)) {
+      throw std::runtime_error("cannot listen on " + name + ": path too long");
+    }
+    struct stat st;
+    if (::lstat(endpoint.path.c_str(), &st) == 0) {
+      if (!S_ISSOCK(st.st_mode)) {
+        throw std::runtime_error("cannot listen on " + name + ": file exists and is not a socket");
+      }
+      std::string ignored;
+      if (ConnectTo(endpoint, &ignored).valid()) {
+        throw std::runtime_error("cannot listen on " + name + ": address already in use");
+      }
+      ::unlink(endpoint.path.c_str());  // stale socket from a process that is gone
+    }
+    UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd.valid() ||
+        ::bind(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
+        ::listen(fd.get(), 128) != 0) {
+      throw std::runtime_error("cannot listen on " + name + ": " + ErrnoText(errno));
+    }
+    return fd;
+  }
+
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* results = nullptr;
+  const std::string port = std::to_string(endpoint.port);
+  const int gai = ::getaddrinfo(endpoint.host.c_str(), port.c_str(), &hints, &results);
+  if (gai != 0) {
+    throw std::runtime_error("cannot listen on " + name + ": " + ::gai_strerror(gai));
+  }
+  int last_error = EADDRNOTAVAIL;
+  UniqueFd fd;
+  for (addrinfo* ai = results; ai != nullptr; ai = ai->ai_next) {
+    UniqueFd candidate(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
+    if (!candidate.valid()) {
+      last_error = errno;
+      continue;
+    }
+    const int one = 1;
+    ::setsockopt(candidate.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(candidate.get(), ai->ai_addr, ai->ai_addrlen) == 0 &&
+        ::listen(candidate.get(), 128) == 0) {
+      fd = std::move(candidate);
+      break;
+    }
+    last_error = errno;
+  }
+  ::freeaddrinfo(results);
+  if (!fd.valid()) {
+    throw std::runtime_error("cannot listen on " + name + ": " + ErrnoText(last_error));
+  }
+  return fd;
+}
+
+UniqueFd ConnectTo(const Endpoint& endpoint, std::string* error) {
+  if (endpoint.kind == Endpoint::Kind::kUnix) {
+    sockaddr_un address;
+    if (!FillUnixAddress(endpoint.path, &address)) {
+      *error = "path too long";
+      return UniqueFd();
+    }
+    UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd.valid() ||
+        ::connect(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+      *error = ErrnoText(errno);
+      return UniqueFd();
+    }
+    return fd;
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* results = nullptr;
+  const std::string port = std::to_string(endpoint.port);
+  const int gai = ::getaddrinfo(endpoint.host.c_str(), port.c_str(), &hints, &results);
+  if (gai != 0) {
+    *error = ::gai_strerror(gai);
+    return UniqueFd();
+  }
+  UniqueFd fd;
+  *error = "no address";
+  for (addrinfo* ai = results; ai != nullptr; ai = ai->ai_next) {
+    UniqueFd candidate(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
+    if (candidate.valid() && ::connect(candidate.get(), ai->ai_addr, ai->ai_addrlen) == 0) {
+      const int one = 1;
+      ::setsockopt(candidate.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      fd = std::move(candidate);
+      break;
+    }
+    *error = ErrnoText(errno);
+  }
+  ::freeaddrinfo(results);
+  return fd;
+}
+
+int WriteFull(int fd, const void* data, std::size_t length) noexcept {
+  const auto* bytes = static_cast<const std::byte*>(data);
+  while (length > 0) {
+    const ssize_t n = ::send(fd, bytes, length, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    bytes += n;
+    length -= static_cast<std::size_t>(n);
+  }
+  return 0;
+}
+
+int ReadFull(int fd, void* data, std::size_t length) noexcept {
+  auto* bytes = static_cast<std::byte*>(data);
+  while (length > 0) {
+    const ssize_t n = ::recv(fd, bytes, length, MSG_WAITALL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    if (n == 0) return -ECONNRESET;
+    bytes += n;
+    length -= static_cast<std::size_t>(n);
+  }
+  return 0;
+}
+
+}  // namespace memlend
