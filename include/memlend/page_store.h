@@ -46,6 +46,18 @@ class PageStore {
   // store's internal shards (the device passes the page number). Thread-safe.
   virtual int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept = 0;
 
+  // Replaces the contents of live `slot` with `page`. On success returns 0 and sets
+  // *placed to the slot that now holds the page: `slot` itself when the store could
+  // rewrite it in place, else a new slot (and `slot` has been released). On failure
+  // (-ENOSPC, -EIO) `slot` keeps its old contents. The default writes a new slot and then
+  // discards the old one; stores that can overwrite in place do better.
+  // REQUIRES: as for Discard.
+  virtual int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept {
+    const int rc = Write(page, hint, placed);
+    if (rc == 0) Discard(slot);
+    return rc;
+  }
+
   // Copies the page held in `slot` into `out`. Returns 0, or -errno if the medium failed.
   // REQUIRES: `slot` was returned by this store's Write and not discarded since.
   // Thread-safe, including against writes and discards of other slots.

@@ -43,6 +43,9 @@ class LocalStore final : public PageStore {
   LocalStore& operator=(const LocalStore&) = delete;
 
   int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override;
+  // Rewrites in place when the new contents need the same chunk size as the old (always
+  // so without compression), which takes no lock.
+  int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept override;
   int Read(Slot slot, PageSpan out) noexcept override;
   void Discard(Slot slot) noexcept override;
   // pages: live pages; used_bytes: frames in use * kPageSize; total_bytes: arena size.
@@ -53,6 +56,19 @@ class LocalStore final : public PageStore {
  private:
   struct Shard;
   struct FrameMeta;
+  // A page ready to copy into a chunk: raw, or a length prefix and an lz4 block.
+  struct Packed {
+    const std::byte* bytes;
+    std::size_t length;
+    unsigned size_class;
+  };
+
+  // Compresses `page` into `buffer` when compression is on and it pays; otherwise the
+  // result points at `page` itself. `buffer` holds at least kPageSize / 2 bytes.
+  Packed Pack(ConstPageSpan page, std::byte* buffer) const noexcept;
+  // Reserves a chunk of `size_class`, trying the hinted shard first. 0 or -ENOSPC.
+  int Allocate(unsigned size_class, std::uint64_t hint, Slot* slot) noexcept;
+  std::byte* ChunkAddress(Slot slot) const noexcept;
 
   // Constant after construction.
   const Compression compression_;

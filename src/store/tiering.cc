@@ -23,16 +23,19 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
                    Location* placed) noexcept {
   *placed = old;
   Slot slot = 0;
-  int rc = local_->Write(page, hint, &slot);
+  const bool was_local = old.tier() == Tier::kLocal;
+  int rc = was_local ? local_->Rewrite(old.slot(), page, hint, &slot)
+                     : local_->Write(page, hint, &slot);
   if (rc == 0) {
-    Release(old);
+    if (!was_local) Release(old);
     *placed = Location(Tier::kLocal, slot);
     return 0;
   }
   if (rc != -ENOSPC) return rc;
 
-  if (old.tier() == Tier::kLocal) {
-    // The store is full but this page already holds room in it. Keep a copy of the old
+  if (was_local) {
+    // The store is full and the new contents need a chunk of another size, but this page
+    // already holds room in it. Keep a copy of the old
     // contents so that, if another thread takes the freed room first and no tier has
     // room, the page can be put back as it was.
     alignas(64) std::byte saved[kPageSize];
