@@ -104,6 +104,13 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
     return false;
   }
 
+  if (args.busy_poll_us > 1000000) {
+    *error = "--busy-poll " + std::to_string(args.busy_poll_us) +
+             ": at most 1000000 microseconds";
+    return false;
+  }
+  config->busy_poll_us = args.busy_poll_us;
+
   config->control_path = args.control.empty() ? DefaultControlPath() : args.control;
   if (!ParseEndpoint("unix:" + config->control_path, &reason)) {
     *error = "--control '" + config->control_path + "': " + reason;

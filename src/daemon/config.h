@@ -25,6 +25,7 @@ struct DaemonConfig {
   std::uint64_t backing_size_bytes = 0; // 0: bounded only by the file system
   Compression compression = Compression::kNone;
   std::string control_path;
+  std::uint32_t busy_poll_us = 50;
 };
 
 // The text forms of the options, as given on the command line.
@@ -36,6 +37,7 @@ struct DaemonArgs {
   std::string backing_size;
   std::string compress = "none";
   std::string control;
+  std::uint32_t busy_poll_us = 50;
 };
 
 // Validates `args` into *config. On failure returns false and sets *error to one line

@@ -20,7 +20,8 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config) {
   for (const DeviceSpec& spec : config.devices) {
     devices_.Add(std::make_shared<Device>(spec.name, spec.size_bytes, *tiers_));
   }
-  nbd_ = std::make_unique<nbd::NbdServer>(config.nbd, devices_);
+  nbd_ = std::make_unique<nbd::NbdServer>(config.nbd, devices_,
+                                          std::chrono::microseconds(config.busy_poll_us));
   control_ = std::make_unique<ControlServer>(
       config.control_path, [this](const nlohmann::json& request) { return HandleControl(request); });
 }

@@ -18,8 +18,12 @@
 
 namespace memlend::nbd {
 
-NbdServer::NbdServer(const Endpoint& endpoint, const DeviceTable& devices)
-    : endpoint_(endpoint), devices_(devices), listener_(ListenOn(endpoint)) {
+NbdServer::NbdServer(const Endpoint& endpoint, const DeviceTable& devices,
+                     std::chrono::microseconds busy_poll)
+    : endpoint_(endpoint),
+      devices_(devices),
+      busy_poll_(busy_poll),
+      listener_(ListenOn(endpoint)) {
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) {
     throw std::runtime_error(std::string("cannot create a pipe: ") + std::strerror(errno));
@@ -91,7 +95,7 @@ void NbdServer::AcceptLoop() {
 void NbdServer::ServeClient(Client* client) {
   if (std::shared_ptr<Device> device = RunHandshake(client->fd.get(), devices_)) {
     LogDebug("nbd: client attached to %s", device->name().c_str());
-    RunTransmission(client->fd.get(), *device);
+    RunTransmission(client->fd.get(), *device, busy_poll_);
   }
   // Hang up now; the descriptor itself is closed when the thread is reaped, so Stop()
   // never shuts down a number that was reused meanwhile.

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <list>
 #include <mutex>
 #include <thread>
@@ -17,7 +18,9 @@ class NbdServer {
  public:
   // Binds and listens on `endpoint`. Throws std::runtime_error naming the endpoint and
   // the reason (address in use, permission, bad host). `devices` must outlive the server.
-  NbdServer(const Endpoint& endpoint, const DeviceTable& devices);
+  // `busy_poll`: see RunTransmission.
+  NbdServer(const Endpoint& endpoint, const DeviceTable& devices,
+            std::chrono::microseconds busy_poll);
   // Stops the server if it still runs.
   ~NbdServer();
   NbdServer(const NbdServer&) = delete;
@@ -46,6 +49,7 @@ class NbdServer {
   // Constant after construction.
   const Endpoint endpoint_;
   const DeviceTable& devices_;
+  const std::chrono::microseconds busy_poll_;
   UniqueFd listener_;
   UniqueFd wake_read_;   // a pipe that wakes the accept loop on Stop()
   UniqueFd wake_write_;

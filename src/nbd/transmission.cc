@@ -18,11 +18,11 @@ namespace {
 
 constexpr std::size_t kInputBytes = 1 << 20;     // holds many pipelined page writes
 constexpr std::size_t kSendThreshold = 1 << 18;  // send replies early past this much
-constexpr std::chrono::microseconds kBusyPoll{50};
 
 class Connection {
  public:
-  Connection(int fd, Device& device) : fd_(fd), device_(device), input_(kInputBytes) {}
+  Connection(int fd, Device& device, std::chrono::microseconds busy_poll)
+      : fd_(fd), device_(device), busy_poll_(busy_poll), input_(kInputBytes) {}
 
   void Run() {
     for (;;) {
@@ -145,8 +145,8 @@ class Connection {
     // Busy-poll briefly before sleeping: a client at low queue depth usually sends its
     // next request within microseconds of our reply, and catching it awake saves the
     // tens of microseconds a sleeping thread takes to be woken and scheduled.
-    const auto spin_until = std::chrono::steady_clock::now() + kBusyPoll;
-    int flags = MSG_DONTWAIT;
+    const auto spin_until = std::chrono::steady_clock::now() + busy_poll_;
+    int flags = busy_poll_.count() > 0 ? MSG_DONTWAIT : 0;
     for (;;) {
       const ssize_t n =
           ::recv(fd_, input_.data() + input_end_, input_.capacity() - input_end_, flags);
@@ -165,6 +165,7 @@ class Connection {
 
   const int fd_;
   Device& device_;
+  const std::chrono::microseconds busy_poll_;
   ByteBuffer input_;  // bytes [input_begin_, input_end_) are received and not yet served
   std::size_t input_begin_ = 0;
   std::size_t input_end_ = 0;
@@ -174,6 +175,8 @@ class Connection {
 
 }  // namespace
 
-void RunTransmission(int fd, Device& device) { Connection(fd, device).Run(); }
+void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll) {
+  Connection(fd, device, busy_poll).Run();
+}
 
 }  // namespace memlend::nbd

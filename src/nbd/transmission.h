@@ -15,6 +15,7 @@
 // the input buffer is read straight into a separate payload buffer.
 #pragma once
 
+#include <chrono>
 #include <memory>
 
 #include "store/device.h"
@@ -25,6 +26,7 @@ namespace memlend::nbd {
 // or hangs up, the stream goes out of sync (bad request magic), a request makes the
 // connection unrecoverable (oversized WRITE), or the socket is shut down. Each request is
 // validated once here (CheckRequest); the device only asserts.
-void RunTransmission(int fd, Device& device);
+// `busy_poll` is how long the loop spins for the next request before it sleeps.
+void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll);
 
 }  // namespace memlend::nbd
