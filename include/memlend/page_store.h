@@ -48,9 +48,10 @@ class PageStore {
 
   // Replaces the contents of live `slot` with `page`. On success returns 0 and sets
   // *placed to the slot that now holds the page: `slot` itself when the store could
-  // rewrite it in place, else a new slot (and `slot` has been released). On failure
-  // (-ENOSPC, -EIO) `slot` keeps its old contents. The default writes a new slot and then
-  // discards the old one; stores that can overwrite in place do better.
+  // rewrite it in place, else a new slot (and `slot` has been released). On -ENOSPC
+  // `slot` keeps its old contents; after a medium error (-EIO) an in-place rewrite may
+  // have left them damaged. The default writes a new slot and then discards the old one;
+  // stores that can overwrite in place do better.
   // REQUIRES: as for Discard.
   virtual int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept {
     const int rc = Write(page, hint, placed);

@@ -10,6 +10,24 @@
 namespace memlend {
 namespace {
 
+// Quotes a command-line argument for an error message, escaping control characters so
+// the message stays on one line.
+std::string Quote(std::string_view text) {
+  std::string quoted = "'";
+  for (const char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (byte < 0x20 || byte == 0x7f) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      quoted += "\\x";
+      quoted += kHex[byte >> 4];
+      quoted += kHex[byte & 0xf];
+    } else {
+      quoted += c;
+    }
+  }
+  return quoted + "'";
+}
+
 bool ValidName(std::string_view name) {
   if (name.empty() || name.size() > 64) return false;
   for (const char c : name) {
@@ -25,25 +43,25 @@ bool ValidName(std::string_view name) {
 std::optional<DeviceSpec> ParseDeviceSpec(std::string_view text, std::string* error) {
   const std::size_t colon = text.rfind(':');
   if (colon == std::string_view::npos) {
-    *error = "--device '" + std::string(text) + "': expected NAME:SIZE, e.g. swap0:4G";
+    *error = "--device " + Quote(text) + ": expected NAME:SIZE, e.g. swap0:4G";
     return std::nullopt;
   }
   DeviceSpec spec;
   spec.name = std::string(text.substr(0, colon));
   if (!ValidName(spec.name)) {
-    *error = "--device '" + std::string(text) +
-             "': the name must be 1 to 64 characters of letters, digits, '.', '_' or '-'";
+    *error = "--device " + Quote(text) +
+             ": the name must be 1 to 64 characters of letters, digits, '.', '_' or '-'";
     return std::nullopt;
   }
   const std::string_view size_text = text.substr(colon + 1);
   const std::optional<std::uint64_t> size = ParseSize(size_text);
   if (!size) {
-    *error = "--device '" + std::string(text) + "': '" + std::string(size_text) +
-             "' is not a size (use a number with an optional K, M, G or T suffix)";
+    *error = "--device " + Quote(text) + ": " + Quote(size_text) +
+             " is not a size (use a number with an optional K, M, G or T suffix)";
     return std::nullopt;
   }
   if (*size == 0 || *size % kPageSize != 0) {
-    *error = "--device '" + std::string(text) + "': the size must be a positive multiple of 4 KiB";
+    *error = "--device " + Quote(text) + ": the size must be a positive multiple of 4 KiB";
     return std::nullopt;
   }
   spec.size_bytes = *size;
@@ -60,7 +78,7 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
     std::optional<DeviceSpec> spec = ParseDeviceSpec(text, error);
     if (!spec) return false;
     if (!names.insert(spec->name).second) {
-      *error = "--device: the name '" + spec->name + "' is used twice";
+      *error = "--device: the name " + Quote(spec->name) + " is used twice";
       return false;
     }
     config->devices.push_back(std::move(*spec));
@@ -69,14 +87,14 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
   std::string reason;
   std::optional<Endpoint> nbd = ParseEndpoint(args.nbd, &reason);
   if (!nbd) {
-    *error = "--nbd '" + args.nbd + "': " + reason;
+    *error = "--nbd " + Quote(args.nbd) + ": " + reason;
     return false;
   }
   config->nbd = std::move(*nbd);
 
   const std::optional<std::uint64_t> local = ParseSize(args.local_store);
   if (!local || *local < kPageSize) {
-    *error = "--local-store '" + args.local_store + "': expected a size of at least 4K";
+    *error = "--local-store " + Quote(args.local_store) + ": expected a size of at least 4K";
     return false;
   }
   config->local_store_bytes = *local;
@@ -85,7 +103,7 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
   if (!args.backing_size.empty()) {
     const std::optional<std::uint64_t> bound = ParseSize(args.backing_size);
     if (!bound || *bound < kPageSize) {
-      *error = "--backing-size '" + args.backing_size + "': expected a size of at least 4K";
+      *error = "--backing-size " + Quote(args.backing_size) + ": expected a size of at least 4K";
       return false;
     }
     if (args.backing_file.empty()) {
@@ -100,7 +118,7 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
   } else if (args.compress == "lz4") {
     config->compression = Compression::kLz4;
   } else {
-    *error = "--compress '" + args.compress + "': expected none or lz4";
+    *error = "--compress " + Quote(args.compress) + ": expected none or lz4";
     return false;
   }
 
@@ -113,7 +131,7 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
 
   config->control_path = args.control.empty() ? DefaultControlPath() : args.control;
   if (!ParseEndpoint("unix:" + config->control_path, &reason)) {
-    *error = "--control '" + config->control_path + "': " + reason;
+    *error = "--control " + Quote(config->control_path) + ": " + reason;
     return false;
   }
   return true;

@@ -63,20 +63,21 @@ void EncodeSimpleReply(std::uint32_t error, std::uint64_t handle,
 }
 
 Verdict CheckRequest(const Request& request, std::uint64_t export_size) {
-  std::uint16_t allowed_flags = 0;
+  // FUA is allowed on every command: the protocol says a server that advertises
+  // SEND_FUA must accept it anywhere, if only by ignoring it.
+  std::uint16_t allowed_flags = NBD_CMD_FLAG_FUA;
   bool writes = false;
   switch (request.type) {
     case NBD_CMD_READ:
     case NBD_CMD_FLUSH:
     case NBD_CMD_DISC:
+    case NBD_CMD_TRIM:
       break;
     case NBD_CMD_WRITE:
-    case NBD_CMD_TRIM:
-      allowed_flags = NBD_CMD_FLAG_FUA;
-      writes = request.type == NBD_CMD_WRITE;
+      writes = true;
       break;
     case NBD_CMD_WRITE_ZEROES:
-      allowed_flags = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE;
+      allowed_flags |= NBD_CMD_FLAG_NO_HOLE;
       writes = true;
       break;
     default:

@@ -35,7 +35,7 @@ struct Verdict {
 };
 
 // Checks type, flags, length and range against an export of `export_size` bytes:
-// unknown command or flag -> EINVAL; READ/WRITE longer than kMaxPayload -> EOVERFLOW
+// unknown command or flag (FUA is known to every command) -> EINVAL; READ/WRITE longer than kMaxPayload -> EOVERFLOW
 // (a WRITE also hangs up: its payload is too large to skip); READ or TRIM past the end ->
 // EINVAL; WRITE or WRITE_ZEROES past the end -> ENOSPC.
 Verdict CheckRequest(const Request& request, std::uint64_t export_size);

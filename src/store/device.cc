@@ -161,20 +161,35 @@ int Device::ZeroPage(std::uint64_t page, Tier zero_state) noexcept {
   return 0;
 }
 
+int Device::ZeroPartialPage(std::uint64_t page, std::size_t in_page, std::size_t count,
+                            Tier zero_state) noexcept {
+  std::lock_guard lock(LockFor(page));
+  std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
+  const Location where =
+      entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
+  if (where.reads_as_zero()) return 0;  // already reads as zeros; leave it as it is
+  alignas(64) std::byte buffer[kPageSize];
+  const int rc = tiers_.Load(where, PageSpan(buffer));
+  if (rc != 0) return rc;
+  std::memset(buffer + in_page, 0, count);
+  if (IsAllZero(buffer, kPageSize)) {
+    tiers_.Release(where);
+    SetLocation(entry, where, Location(zero_state, 0));
+    return 0;
+  }
+  return StorePageLocked(page, ConstPageSpan(buffer));
+}
+
 int Device::ZeroRange(std::uint64_t offset, std::uint64_t length, Tier zero_state) noexcept {
   assert(offset + length <= size_bytes_);
-  static constexpr std::byte kZeros[kPageSize] = {};
   std::uint64_t done = 0;
   while (done < length) {
     const std::uint64_t position = offset + done;
     const std::uint64_t page = position >> kPageShift;
     const std::size_t in_page = position & (kPageSize - 1);
     const std::uint64_t count = std::min<std::uint64_t>(kPageSize - in_page, length - done);
-    // A partial page keeps its other bytes: write zeros over just the range. A page that
-    // ends up all zero is stored as a zero page by the write path.
-    const int rc = count == kPageSize
-                       ? ZeroPage(page, zero_state)
-                       : Write(position, std::span<const std::byte>(kZeros, count));
+    const int rc = count == kPageSize ? ZeroPage(page, zero_state)
+                                      : ZeroPartialPage(page, in_page, count, zero_state);
     if (rc != 0) return rc;
     done += count;
   }

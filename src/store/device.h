@@ -57,8 +57,9 @@ class Device {
   int Read(std::uint64_t offset, std::span<std::byte> out) noexcept;
   // Writes `data` at `offset`; partial pages are read-modify-written.
   int Write(std::uint64_t offset, std::span<const std::byte> data) noexcept;
-  // Makes [offset, offset + length) read as zeros. Whole pages become unmapped (TRIM) or
-  // zero pages (WRITE_ZEROES); partial pages are read-modify-written.
+  // Make [offset, offset + length) read as zeros. Whole pages become unmapped (Trim) or
+  // zero pages (WriteZeroes); partial pages are read-modify-written, and one that ends up
+  // all zero is treated as a whole page. Neither ever maps a page that was unmapped.
   int Trim(std::uint64_t offset, std::uint64_t length) noexcept;
   int WriteZeroes(std::uint64_t offset, std::uint64_t length) noexcept;
   // Makes earlier writes durable. Pages are in their store once a write returns and the
@@ -89,6 +90,11 @@ class Device {
   int StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept;
   // Makes one whole page read as zeros, as `zero_state` (kUnmapped or kZero).
   int ZeroPage(std::uint64_t page, Tier zero_state) noexcept;
+  // Zeroes [in_page, in_page + count) of one page, keeping its other bytes. A page that
+  // already reads as zeros is left as it is; one that becomes all zeros takes
+  // `zero_state`.
+  int ZeroPartialPage(std::uint64_t page, std::size_t in_page, std::size_t count,
+                      Tier zero_state) noexcept;
   int ZeroRange(std::uint64_t offset, std::uint64_t length, Tier zero_state) noexcept;
 
   // Constant after construction.

@@ -71,24 +71,36 @@ int DiskStore::Write(ConstPageSpan page, std::uint64_t /*hint*/, Slot* slot) noe
     ++live_pages_;
   }
 
+  const int rc = WriteAt(s, page);
+  if (rc != 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_slots_.push_back(s);  // within capacity: see the comment at the top of the file
+    std::push_heap(free_slots_.begin(), free_slots_.end(), std::greater<Slot>());
+    --live_pages_;
+    return rc;
+  }
+  *slot = s;
+  return 0;
+}
+
+int DiskStore::Rewrite(Slot slot, ConstPageSpan page, std::uint64_t /*hint*/,
+                       Slot* placed) noexcept {
+  *placed = slot;
+  return WriteAt(slot, page);
+}
+
+int DiskStore::WriteAt(Slot slot, ConstPageSpan page) noexcept {
   const char* src = reinterpret_cast<const char*>(page.data());
   std::size_t done = 0;
   while (done < kPageSize) {
-    const ssize_t n = pwrite(fd_, src + done, kPageSize - done, SlotOffset(s) + done);
+    const ssize_t n = pwrite(fd_, src + done, kPageSize - done, SlotOffset(slot) + done);
     if (n > 0) {
       done += static_cast<std::size_t>(n);
       continue;
     }
     if (n < 0 && errno == EINTR) continue;
-    // n == 0 cannot make progress; report it as a full medium.
-    const int err = n < 0 ? errno : ENOSPC;
-    std::lock_guard<std::mutex> lock(mu_);
-    free_slots_.push_back(s);  // within capacity: see the comment at the top of the file
-    std::push_heap(free_slots_.begin(), free_slots_.end(), std::greater<Slot>());
-    --live_pages_;
-    return -err;
+    return n < 0 ? -errno : -ENOSPC;  // no progress at all: report a full medium
   }
-  *slot = s;
   return 0;
 }
 

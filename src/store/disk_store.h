@@ -30,6 +30,8 @@ class DiskStore final : public PageStore {
   DiskStore& operator=(const DiskStore&) = delete;
 
   int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override;
+  // Rewrites the slot in place (a file block needs no new room).
+  int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept override;
   int Read(Slot slot, PageSpan out) noexcept override;
   void Discard(Slot slot) noexcept override;
   // pages: live slots; used_bytes: pages * kPageSize; total_bytes: max_bytes (0 = unbounded).
@@ -38,6 +40,9 @@ class DiskStore final : public PageStore {
   const std::string& path() const { return path_; }
 
  private:
+  // Writes one page into `slot`'s file range. Returns 0 or -errno.
+  int WriteAt(Slot slot, ConstPageSpan page) noexcept;
+
   // Constant after construction.
   const std::string path_;
   const std::uint64_t max_slots_;  // 0 = unbounded

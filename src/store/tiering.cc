@@ -63,9 +63,12 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
   }
 
   if (!disk_) return -ENOSPC;
-  rc = disk_->Write(page, hint, &slot);
+  // A page already on disk is rewritten in its own slot, so a full device can still
+  // rewrite the blocks it holds.
+  const bool was_disk = old.tier() == Tier::kDisk;
+  rc = was_disk ? disk_->Rewrite(old.slot(), page, hint, &slot) : disk_->Write(page, hint, &slot);
   if (rc != 0) return rc;
-  Release(old);
+  if (!was_disk) Release(old);
   *placed = Location(Tier::kDisk, slot);
   return 0;
 }

@@ -73,6 +73,14 @@ std::optional<Endpoint> ParseEndpoint(std::string_view text, std::string* error)
     *error = "expected HOST:PORT with a port from 1 to 65535";
     return std::nullopt;
   }
+  for (const char c : host) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '-' || c == '_' || c == ':' || c == '%';
+    if (!ok) {
+      *error = "the host may hold only letters, digits and . - _ : %";
+      return std::nullopt;
+    }
+  }
   endpoint.host = std::string(host);
   endpoint.port = static_cast<std::uint16_t>(value);
   return endpoint;
