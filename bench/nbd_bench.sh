@@ -1,8 +1,9 @@
 #!/bin/bash
 # nbd_bench.sh — memlend's NBD server against nbdkit's memory plugin, in the same run.
 #
-# Usage: bench/nbd_bench.sh [--runtime SECONDS] [--size SIZE] [--memlend PATH] [--tcp]
-#   --runtime SECONDS  time of each fio measurement (default 10)
+# Usage: bench/nbd_bench.sh [--runtime SECONDS] [--repeat N] [--size SIZE] [--memlend PATH] [--tcp]
+#   --runtime SECONDS  time of each fio measurement (default 5)
+#   --repeat N         measurements per server and workload, interleaved; medians are shown (default 3)
 #   --size SIZE        device size, with an optional K/M/G/T suffix (binary; default 1G)
 #   --memlend PATH     memlend binary (default build/src/memlend next to this script)
 #   --tcp              serve over 127.0.0.1 on free ports instead of unix sockets
@@ -13,7 +14,8 @@
 # data. Then fio's nbd ioengine (libnbd, no kernel involved) measures 4 KiB random reads and
 # random writes at queue depth 1 and 32, one job each, time based, alternating between the two
 # servers (and swapping who goes first from one workload to the next, so neither always runs on
-# a warmer machine). The table compares IOPS and mean completion latency; a ratio above 1 means
+# a warmer machine). Each cell is measured --repeat times, the two servers taking turns, and the
+# table shows the median of each: on a shared machine single runs swing by tens of percent. It compares IOPS and mean completion latency; a ratio above 1 means
 # memlend has more IOPS, or a higher latency.
 #
 # Requires fio with the nbd engine, nbdkit and python3; exits 77 (skipped) with a message if one
@@ -21,7 +23,8 @@
 
 set -euo pipefail
 
-runtime=10
+runtime=5
+repeat=3
 size=1G
 script_dir=${BASH_SOURCE[0]%/*}
 [[ $script_dir != "${BASH_SOURCE[0]}" ]] || script_dir=.
@@ -29,13 +32,14 @@ memlend=$script_dir/../build/src/memlend
 transport=unix
 
 usage() {
-  sed -n '4,8p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '4,9p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
 }
 
 while [[ $# -gt 0 ]]; do
   case $1 in
     --runtime) runtime=${2:?--runtime needs a value}; shift 2 ;;
+    --repeat) repeat=${2:?--repeat needs a value}; shift 2 ;;
     --size) size=${2:?--size needs a value}; shift 2 ;;
     --memlend) memlend=${2:?--memlend needs a value}; shift 2 ;;
     --tcp) transport=tcp; shift ;;
@@ -59,6 +63,7 @@ command -v nbdkit >/dev/null || skip "nbdkit is not installed"
 command -v python3 >/dev/null || skip "python3 is needed to read fio's JSON output"
 [[ -x $memlend ]] || die "memlend binary '$memlend' is not executable (build it, or pass --memlend)"
 [[ $runtime =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive number of seconds"
+[[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat must be a positive number"
 
 # SIZE with an optional binary suffix -> bytes.
 to_bytes() {
@@ -185,14 +190,16 @@ order=(memlend nbdkit)
 measurements=()
 for workload in randread randwrite; do
   for qd in 1 32; do
-    for server in "${order[@]}"; do
-      echo "  $workload qd=$qd $server (${runtime}s)..."
-      run_fio "$server" "$workload-qd$qd-$server" --rw="$workload" --bs=4k --iodepth="$qd" \
-        --numjobs=1 --size="$size_bytes" --time_based --runtime="$runtime" --ramp_time="$ramp" \
-        --norandommap --randrepeat=0
+    for ((rep = 1; rep <= repeat; rep++)); do
+      for server in "${order[@]}"; do
+        echo "  $workload qd=$qd $server run $rep/$repeat (${runtime}s)..."
+        run_fio "$server" "$workload-qd$qd-$server-$rep" --rw="$workload" --bs=4k \
+          --iodepth="$qd" --numjobs=1 --size="$size_bytes" --time_based --runtime="$runtime" \
+          --ramp_time="$ramp" --norandommap --randrepeat=0
+      done
+      order=("${order[1]}" "${order[0]}")  # the other server goes first next time
     done
     measurements+=("$workload:$qd")
-    order=("${order[1]}" "${order[0]}")  # the other server goes first next time
   done
 done
 
@@ -202,22 +209,29 @@ echo
 echo "Machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')," \
   "kernel $(uname -r)"
 echo "Versions: $(fio --version), $(nbdkit --version | head -n1), memlend $memlend"
-echo "Setup: device $size ($size_bytes bytes) over $transport, ${runtime}s per measurement," \
-  "4 KiB blocks, fio ioengine=nbd, numjobs=1"
+echo "Setup: device $size ($size_bytes bytes) over $transport, median of $repeat runs of" \
+  "${runtime}s each, 4 KiB blocks, fio ioengine=nbd, numjobs=1"
 echo
 
-python3 - "$workdir" "${measurements[@]}" <<'EOF'
+python3 - "$workdir" "$repeat" "${measurements[@]}" <<'EOF'
 import json
+import statistics
 import sys
 
-workdir, measurements = sys.argv[1], sys.argv[2:]
+workdir, repeat, measurements = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 
-def result(workload, qd, server):
+def one_run(workload, qd, server, rep):
     """Returns (IOPS, mean total latency in microseconds: submission + completion) of one fio run."""
-    with open(f"{workdir}/{workload}-qd{qd}-{server}.json") as f:
-        job = json.load(f)["jobs"][0]
+    with open(f"{workdir}/{workload}-qd{qd}-{server}-{rep}.json") as f:
+        text = f.read()
+    job = json.loads(text[text.index("{"):])["jobs"][0]  # fio may print notes before the JSON
     side = job["read" if workload.endswith("read") else "write"]
     return side["iops"], side["lat_ns"]["mean"] / 1000.0
+
+def result(workload, qd, server):
+    """Returns the median IOPS and median mean latency over the repeated runs."""
+    runs = [one_run(workload, qd, server, rep) for rep in range(1, repeat + 1)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 def ratio(a, b):
     return f"{a / b:.2f}" if b else "n/a"
