@@ -24,7 +24,36 @@ bool IsAllZero(const std::byte* data, std::size_t length) noexcept {
   return true;
 }
 
+// The stripe lock this thread holds, if any (a thread holds at most one at a time).
+thread_local const std::mutex* t_held_stripe = nullptr;
+
+// Marks a page as recently used for the CLOCK scan, without dirtying the cache line
+// when it already is.
+void Touch(std::atomic<std::uint64_t>* entry) noexcept {
+  const std::uint64_t bits = entry->load(std::memory_order_relaxed);
+  if ((bits & Location::kReferencedBit) == 0) {
+    entry->store(bits | Location::kReferencedBit, std::memory_order_relaxed);
+  }
+}
+
 }  // namespace
+
+class Device::PageLock {
+ public:
+  explicit PageLock(std::mutex& mu) : mu_(mu) {
+    mu_.lock();
+    t_held_stripe = &mu_;
+  }
+  ~PageLock() {
+    t_held_stripe = nullptr;
+    mu_.unlock();
+  }
+  PageLock(const PageLock&) = delete;
+  PageLock& operator=(const PageLock&) = delete;
+
+ private:
+  std::mutex& mu_;
+};
 
 Device::Device(std::string name, std::uint64_t size_bytes, Tiering& tiers)
     : name_(std::move(name)),
@@ -35,9 +64,11 @@ Device::Device(std::string name, std::uint64_t size_bytes, Tiering& tiers)
   const std::uint64_t chunk_count = (page_count_ + kChunkPages - 1) >> kChunkShift;
   chunks_ = std::make_unique<std::atomic<std::atomic<std::uint64_t>*>[]>(chunk_count);
   for (std::uint64_t i = 0; i < chunk_count; ++i) chunks_[i].store(nullptr);
+  tiers_.AddOwner(this);
 }
 
 Device::~Device() {
+  tiers_.RemoveOwner(this);  // waits for any eviction scan of this device to end
   const std::uint64_t chunk_count = (page_count_ + kChunkPages - 1) >> kChunkShift;
   for (std::uint64_t c = 0; c < chunk_count; ++c) {
     std::atomic<std::uint64_t>* chunk = chunks_[c].load();
@@ -86,7 +117,7 @@ int Device::StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept
   }
   Location placed;
   const int rc = tiers_.Store(contents, page, old, &placed);
-  SetLocation(entry, old, placed);
+  SetLocation(entry, old, rc == 0 ? placed.WithReferenced(true) : placed);
   return rc;
 }
 
@@ -100,21 +131,28 @@ int Device::Read(std::uint64_t offset, std::span<std::byte> out) noexcept {
     const std::size_t count = std::min(kPageSize - in_page, out.size() - done);
     std::byte* dest = out.data() + done;
 
-    std::lock_guard lock(LockFor(page));
+    PageLock lock(LockFor(page));
     std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
     const Location where =
         entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
     if (where.reads_as_zero()) {
       std::memset(dest, 0, count);
-    } else if (count == kPageSize) {
-      const int rc = tiers_.Load(where, PageSpan(dest, kPageSize));
-      if (rc != 0) return rc;
-    } else {
-      alignas(64) std::byte buffer[kPageSize];
-      const int rc = tiers_.Load(where, PageSpan(buffer));
-      if (rc != 0) return rc;
-      std::memcpy(dest, buffer + in_page, count);
+      done += count;
+      continue;
     }
+    // A whole page is read straight into the caller's buffer, a partial one via a copy.
+    alignas(64) std::byte buffer[kPageSize];
+    std::byte* contents = count == kPageSize ? dest : buffer;
+    const int rc = tiers_.Load(where, PageSpan(contents, kPageSize));
+    if (rc != 0) return rc;
+    if (where.tier() == Tier::kRemote || where.tier() == Tier::kDisk) {
+      Location promoted;
+      if (tiers_.MaybePromote(ConstPageSpan(contents, kPageSize), page, where, &promoted)) {
+        SetLocation(entry, where, promoted);
+      }
+    }
+    Touch(entry);
+    if (contents == buffer) std::memcpy(dest, buffer + in_page, count);
     done += count;
   }
   return 0;
@@ -130,7 +168,7 @@ int Device::Write(std::uint64_t offset, std::span<const std::byte> data) noexcep
     const std::size_t count = std::min(kPageSize - in_page, data.size() - done);
     const std::byte* source = data.data() + done;
 
-    std::lock_guard lock(LockFor(page));
+    PageLock lock(LockFor(page));
     int rc;
     if (count == kPageSize) {
       rc = StorePageLocked(page, ConstPageSpan(source, kPageSize));
@@ -152,7 +190,7 @@ int Device::Write(std::uint64_t offset, std::span<const std::byte> data) noexcep
 }
 
 int Device::ZeroPage(std::uint64_t page, Tier zero_state) noexcept {
-  std::lock_guard lock(LockFor(page));
+  PageLock lock(LockFor(page));
   std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/zero_state != Tier::kUnmapped);
   if (entry == nullptr) return zero_state == Tier::kUnmapped ? 0 : -ENOMEM;
   const Location old = Location::FromBits(entry->load(std::memory_order_relaxed));
@@ -163,7 +201,7 @@ int Device::ZeroPage(std::uint64_t page, Tier zero_state) noexcept {
 
 int Device::ZeroPartialPage(std::uint64_t page, std::size_t in_page, std::size_t count,
                             Tier zero_state) noexcept {
-  std::lock_guard lock(LockFor(page));
+  PageLock lock(LockFor(page));
   std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
   const Location where =
       entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
@@ -202,6 +240,51 @@ int Device::Trim(std::uint64_t offset, std::uint64_t length) noexcept {
 
 int Device::WriteZeroes(std::uint64_t offset, std::uint64_t length) noexcept {
   return ZeroRange(offset, length, Tier::kZero);
+}
+
+Tier Device::TierOf(std::uint64_t page) noexcept {
+  PageLock lock(LockFor(page));
+  std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
+  return entry ? Location::FromBits(entry->load(std::memory_order_relaxed)).tier()
+               : Tier::kUnmapped;
+}
+
+std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
+  std::size_t demoted = 0;
+  alignas(64) std::byte buffer[kPageSize];
+  // At most two sweeps: the first may only clear referenced bits. The scan is linear in
+  // the device's mapped chunks; chunks never written are skipped whole.
+  const std::uint64_t limit = 2 * page_count_;
+  for (std::uint64_t scanned = 0; scanned < limit && demoted < want; ++scanned) {
+    const std::uint64_t page = clock_hand_.fetch_add(1, std::memory_order_relaxed) % page_count_;
+    std::atomic<std::uint64_t>* chunk = chunks_[page >> kChunkShift].load(std::memory_order_acquire);
+    if (chunk == nullptr) {
+      const std::uint64_t rest = kChunkPages - 1 - (page & (kChunkPages - 1));
+      clock_hand_.fetch_add(rest, std::memory_order_relaxed);
+      scanned += rest;
+      continue;
+    }
+    std::atomic<std::uint64_t>* entry = &chunk[page & (kChunkPages - 1)];
+    if (Location::FromBits(entry->load(std::memory_order_relaxed)).tier() != Tier::kLocal) {
+      continue;  // a cheap look before the lock
+    }
+    std::mutex& mu = LockFor(page);
+    if (&mu == t_held_stripe || !mu.try_lock()) continue;
+    std::lock_guard lock(mu, std::adopt_lock);
+    const Location where = Location::FromBits(entry->load(std::memory_order_relaxed));
+    if (where.tier() != Tier::kLocal) continue;
+    if (where.referenced()) {
+      entry->store(where.WithReferenced(false).bits(), std::memory_order_relaxed);
+      continue;
+    }
+    if (tiers_.Load(where, PageSpan(buffer)) != 0) continue;
+    Location lower;
+    if (tiers_.Demote(ConstPageSpan(buffer), page, &lower) != 0) break;  // nowhere to go
+    tiers_.Release(where);
+    SetLocation(entry, where, lower);
+    ++demoted;
+  }
+  return demoted;
 }
 
 DevicePageCounts Device::Counts() const noexcept {

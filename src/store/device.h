@@ -36,11 +36,12 @@ struct DevicePageCounts {
   std::uint64_t mapped() const { return zero + local + disk + remote; }
 };
 
-class Device {
+class Device final : public PageOwner {
  public:
   // REQUIRES: size_bytes is a positive multiple of kPageSize; `tiers` outlives the device.
+  // The device registers itself with `tiers` for eviction scans until it is destroyed.
   Device(std::string name, std::uint64_t size_bytes, Tiering& tiers);
-  ~Device();
+  ~Device() override;
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
 
@@ -67,6 +68,13 @@ class Device {
   int Flush() noexcept { return 0; }
 
   DevicePageCounts Counts() const noexcept;
+  // The tier holding `page` now. REQUIRES: page < size_bytes() / kPageSize.
+  Tier TierOf(std::uint64_t page) noexcept;
+
+  // PageOwner: a CLOCK scan from this device's hand over its local pages; a page whose
+  // referenced bit is set gets it cleared, one found clear is demoted. Skips pages whose
+  // lock is busy (including the one the calling thread holds).
+  std::size_t DemoteColdPages(std::size_t want) noexcept override;
 
  private:
   static constexpr unsigned kChunkShift = 9;  // 512 entries = one 4 KiB chunk
@@ -83,6 +91,9 @@ class Device {
   std::mutex& LockFor(std::uint64_t page) noexcept {
     return stripes_[page & (kLockStripes - 1)].mu;
   }
+  // Locks a page's stripe and records it as held by this thread, so that an eviction
+  // scan this thread runs (direct reclaim) never try-locks it again.
+  class PageLock;
   // Replaces the page's location under its lock, keeping the counts in step.
   void SetLocation(std::atomic<std::uint64_t>* entry, Location from, Location to) noexcept;
   // Writes one page whose full new contents are in `page`.
@@ -107,6 +118,7 @@ class Device {
   std::unique_ptr<std::atomic<std::atomic<std::uint64_t>*>[]> chunks_;
 
   std::array<Stripe, kLockStripes> stripes_;
+  std::atomic<std::uint64_t> clock_hand_{0};
   std::array<std::atomic<std::int64_t>, kTierCount> tier_pages_{};
 };
 

@@ -1,22 +1,115 @@
 #include "store/tiering.h"
 
+#include <algorithm>
 #include <cassert>
 #include <cerrno>
 #include <cstring>
 
 namespace memlend {
 
-Tiering::Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<DiskStore> disk)
-    : local_(std::move(local)), disk_(std::move(disk)) {
+Tiering::Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<PageStore> remote,
+                 std::unique_ptr<DiskStore> disk, TieringOptions options)
+    : local_(std::move(local)),
+      remote_(std::move(remote)),
+      disk_(std::move(disk)),
+      options_(options) {
   assert(local_ != nullptr);
+  assert(options_.low_watermark > 0 && options_.low_watermark <= options_.high_watermark &&
+         options_.high_watermark <= 1);
+}
+
+Tiering::~Tiering() {
+  {
+    std::lock_guard lock(evictor_mu_);
+    evictor_stop_ = true;
+  }
+  evictor_cv_.notify_all();
+  if (evictor_.joinable()) evictor_.join();
+}
+
+void Tiering::StartEvictor() {
+  if (!HasLowerTier() || evictor_.joinable()) return;
+  evictor_ = std::thread([this] { EvictorLoop(); });
+}
+
+void Tiering::AddOwner(PageOwner* owner) {
+  std::lock_guard lock(owners_mu_);
+  owners_.push_back(owner);
+}
+
+void Tiering::RemoveOwner(PageOwner* owner) {
+  std::lock_guard lock(owners_mu_);
+  owners_.erase(std::remove(owners_.begin(), owners_.end(), owner), owners_.end());
 }
 
 PageStore* Tiering::StoreFor(Tier tier) noexcept {
   switch (tier) {
     case Tier::kLocal: return local_.get();
     case Tier::kDisk: return disk_.get();
+    case Tier::kRemote: return remote_.get();
     default: return nullptr;
   }
+}
+
+double Tiering::LocalUse() const noexcept {
+  const StoreStats stats = local_->Stats();
+  return stats.total_bytes == 0
+             ? 1.0
+             : static_cast<double>(stats.used_bytes) / static_cast<double>(stats.total_bytes);
+}
+
+void Tiering::WakeEvictorIfHigh() noexcept {
+  if (!evictor_.joinable() || !evictor_idle_.load(std::memory_order_relaxed)) return;
+  if (LocalUse() < options_.high_watermark) return;
+  evictor_idle_.store(false, std::memory_order_relaxed);
+  evictor_cv_.notify_one();
+}
+
+void Tiering::EvictorLoop() {
+  std::unique_lock lock(evictor_mu_);
+  for (;;) {
+    evictor_idle_.store(true, std::memory_order_relaxed);
+    // Wake on demand, and every 100 ms in case a wake-up raced with going idle.
+    evictor_cv_.wait_for(lock, std::chrono::milliseconds(100), [this] {
+      return evictor_stop_ || !evictor_idle_.load(std::memory_order_relaxed);
+    });
+    if (evictor_stop_) return;
+    if (LocalUse() < options_.high_watermark) continue;
+    lock.unlock();
+    while (LocalUse() >= options_.low_watermark) {
+      if (EvictSome(options_.eviction_batch) == 0) break;  // nothing cold, or nowhere to go
+      std::lock_guard stop_check(evictor_mu_);
+      if (evictor_stop_) return;
+    }
+    lock.lock();
+  }
+}
+
+std::size_t Tiering::EvictSome(std::size_t want) noexcept {
+  std::lock_guard lock(owners_mu_);
+  if (owners_.empty()) return 0;
+  std::size_t done = 0;
+  // Two rounds over the owners: the first may only clear referenced bits.
+  for (std::size_t visited = 0; visited < 2 * owners_.size() && done < want; ++visited) {
+    next_owner_ = (next_owner_ + 1) % owners_.size();
+    done += owners_[next_owner_]->DemoteColdPages(want - done);
+  }
+  evicted_.fetch_add(done, std::memory_order_relaxed);
+  return done;
+}
+
+int Tiering::Demote(ConstPageSpan page, std::uint64_t hint, Location* placed) noexcept {
+  Slot slot = 0;
+  if (remote_ && remote_->Write(page, hint, &slot) == 0) {
+    *placed = Location(Tier::kRemote, slot);
+    return 0;
+  }
+  if (disk_) {
+    const int rc = disk_->Write(page, hint, &slot);
+    if (rc == 0) *placed = Location(Tier::kDisk, slot);
+    return rc;
+  }
+  return -ENOSPC;
 }
 
 int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
@@ -26,35 +119,38 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
   const bool was_local = old.tier() == Tier::kLocal;
   int rc = was_local ? local_->Rewrite(old.slot(), page, hint, &slot)
                      : local_->Write(page, hint, &slot);
+  if (rc == -ENOSPC && !was_local && HasLowerTier() && EvictSome(options_.reclaim_batch) > 0) {
+    rc = local_->Write(page, hint, &slot);  // direct reclaim made room: try again
+  }
   if (rc == 0) {
     if (!was_local) Release(old);
     *placed = Location(Tier::kLocal, slot);
+    WakeEvictorIfHigh();
     return 0;
   }
   if (rc != -ENOSPC) return rc;
 
   if (was_local) {
     // The store is full and the new contents need a chunk of another size, but this page
-    // already holds room in it. Keep a copy of the old
-    // contents so that, if another thread takes the freed room first and no tier has
-    // room, the page can be put back as it was.
+    // already holds room in it. Keep a copy of the old contents so that, if another
+    // thread takes the freed room first and no tier has room, the page can be put back.
     alignas(64) std::byte saved[kPageSize];
     rc = local_->Read(old.slot(), PageSpan(saved));
     if (rc != 0) return rc;
     local_->Discard(old.slot());
-    rc = local_->Write(page, hint, &slot);
-    if (rc == 0) {
+    if (local_->Write(page, hint, &slot) == 0) {
       *placed = Location(Tier::kLocal, slot);
       return 0;
     }
-    if (disk_ && disk_->Write(page, hint, &slot) == 0) {
-      *placed = Location(Tier::kDisk, slot);
+    Location lower;
+    if (Demote(page, hint, &lower) == 0) {
+      *placed = lower;
       return 0;
     }
     // Every tier is full: restore the old copy where it came from.
     if (local_->Write(ConstPageSpan(saved), hint, &slot) != 0) {
-      // The freed room went to a concurrent writer and the disk is full too; the page
-      // cannot be kept. Callers treat the page as unwritten (reads return zeros).
+      // The freed room went to a concurrent writer and no tier has room; the page cannot
+      // be kept. Callers treat the page as unwritten (reads return zeros).
       *placed = Location();
       return -ENOSPC;
     }
@@ -62,15 +158,32 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
     return -ENOSPC;
   }
 
+  // Nothing could be demoted to make room locally: place the page below directly. A page
+  // already on disk is rewritten in its own slot when it has to stay there, so a full
+  // device can still rewrite the blocks it holds.
+  if (remote_ && remote_->Write(page, hint, &slot) == 0) {
+    Release(old);
+    *placed = Location(Tier::kRemote, slot);
+    return 0;
+  }
   if (!disk_) return -ENOSPC;
-  // A page already on disk is rewritten in its own slot, so a full device can still
-  // rewrite the blocks it holds.
   const bool was_disk = old.tier() == Tier::kDisk;
   rc = was_disk ? disk_->Rewrite(old.slot(), page, hint, &slot) : disk_->Write(page, hint, &slot);
   if (rc != 0) return rc;
   if (!was_disk) Release(old);
   *placed = Location(Tier::kDisk, slot);
   return 0;
+}
+
+bool Tiering::MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old,
+                           Location* placed) noexcept {
+  assert(old.tier() == Tier::kRemote || old.tier() == Tier::kDisk);
+  if (LocalUse() >= options_.high_watermark) return false;
+  Slot slot = 0;
+  if (local_->Write(page, hint, &slot) != 0) return false;
+  Release(old);
+  *placed = Location(Tier::kLocal, slot);
+  return true;
 }
 
 int Tiering::Load(Location location, PageSpan out) noexcept {

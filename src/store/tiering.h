@@ -1,17 +1,32 @@
 // Tiering: the placement policy, and the only code that knows more than one tier.
 //
-// Today it owns two tiers: the local RAM store (always) and the disk store (when the
-// daemon has a backing file). A page goes to the local store while it has room and to the
-// disk store when it does not; without a disk store a page that finds no room is refused
-// with -ENOSPC. Peers (remote pools) and the watermark-driven evictor slot in here later
-// without the devices or frontends changing.
+// Tiers, fastest first: the local RAM store (always), the remote store (peers' pools,
+// when the daemon borrows) and the disk store (when it has a backing file).
 //
-// A Location is what a device's page table keeps for one page: a tier tag and the Slot
-// that tier issued, packed into 64 bits.
+// Writes land in the local store. When its use crosses the high watermark (default 90%)
+// a background evictor demotes the coldest local pages, in batches, to the remote store —
+// or to the disk store when no peer has room — until use is back under the low watermark
+// (default 80%). A write that finds the local store full does not fail: it evicts a batch
+// itself ("direct reclaim", the backpressure) and retries; only when nothing can be
+// demoted does it place its page in the remote or disk tier directly, and only when every
+// tier is full does it fail with -ENOSPC. A read of a remote or disk page may promote it
+// back to the local store while use is under the high watermark.
+//
+// Coldness is CLOCK: each page-table entry has a referenced bit that accesses set; the
+// eviction scan clears it and demotes pages it finds clear. The scan runs over the
+// devices registered as PageOwners, each keeping its own clock hand.
+//
+// A Location is what a device's page table keeps for one page: a tier tag, the Slot that
+// tier issued and the referenced bit, packed into 64 bits.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #include "memlend/page_store.h"
 #include "store/disk_store.h"
@@ -24,13 +39,16 @@ enum class Tier : std::uint8_t {
   kZero = 1,      // written as all zeros: reads as zeros, takes no room anywhere
   kLocal = 2,
   kDisk = 3,
-  kRemote = 4,    // reserved for peer pools
+  kRemote = 4,
 };
 inline constexpr int kTierCount = 5;
 
-// One page-table entry. Bits 0..55 hold the Slot, bits 56..59 the Tier.
+// One page-table entry. Bits 0..55 hold the Slot, bits 56..59 the Tier, bit 60 the
+// CLOCK referenced bit.
 class Location {
  public:
+  static constexpr std::uint64_t kReferencedBit = std::uint64_t{1} << 60;
+
   constexpr Location() = default;
   constexpr Location(Tier tier, Slot slot)
       : bits_(static_cast<std::uint64_t>(tier) << kSlotBits | (slot & kMaxSlot)) {}
@@ -43,6 +61,10 @@ class Location {
   constexpr Tier tier() const { return static_cast<Tier>((bits_ >> kSlotBits) & 0xf); }
   constexpr Slot slot() const { return bits_ & kMaxSlot; }
   constexpr std::uint64_t bits() const { return bits_; }
+  constexpr bool referenced() const { return (bits_ & kReferencedBit) != 0; }
+  constexpr Location WithReferenced(bool on) const {
+    return FromBits(on ? bits_ | kReferencedBit : bits_ & ~kReferencedBit);
+  }
   // True when the page has no stored bytes (unmapped or all-zero).
   constexpr bool reads_as_zero() const {
     return tier() == Tier::kUnmapped || tier() == Tier::kZero;
@@ -52,21 +74,61 @@ class Location {
   std::uint64_t bits_ = 0;
 };
 
+// What the evictor scans: something that holds pages in the local store (a Device).
+class PageOwner {
+ public:
+  virtual ~PageOwner() = default;
+  // Demotes up to `want` cold local pages through Tiering::Demote and returns how many
+  // it moved. Must skip pages whose lock it cannot take at once (try_lock), so that a
+  // writer doing direct reclaim never waits on itself or on another writer.
+  virtual std::size_t DemoteColdPages(std::size_t want) noexcept = 0;
+};
+
+struct TieringOptions {
+  double high_watermark = 0.90;  // fraction of the local store that wakes the evictor
+  double low_watermark = 0.80;   // the evictor stops below this
+  std::size_t eviction_batch = 64;   // pages per background eviction round
+  std::size_t reclaim_batch = 8;     // pages a writer evicts itself when the store is full
+};
+
 class Tiering {
  public:
-  // `disk` may be null (no backing file).
-  Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<DiskStore> disk);
+  // `remote` and `disk` may be null (no peers, no backing file).
+  // REQUIRES: 0 < low_watermark <= high_watermark <= 1.
+  Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<PageStore> remote,
+          std::unique_ptr<DiskStore> disk, TieringOptions options = {});
+  // Without a remote tier.
+  Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<DiskStore> disk)
+      : Tiering(std::move(local), nullptr, std::move(disk)) {}
+  // Stops the evictor. REQUIRES: every owner has been removed.
+  ~Tiering();
 
-  // Stores `page` for a page currently at `old` (any tier, unmapped included), in the
-  // fastest tier with room. When the local store is full and `old` lives there, the old
-  // copy's room is reused rather than sending a hot page to disk. On success returns 0,
-  // sets *placed and has released `old`. On failure (-ENOSPC when every tier is full,
-  // -EIO) *placed tells where the old contents are now: normally `old` itself, but a
-  // full store may have had to move them (or, in a race for the last room, drop them and
-  // leave the page unmapped). Either way the caller records *placed in its page table.
-  // `hint` spreads load over store shards.
+  // Starts the background evictor thread (only useful with a remote or disk tier).
+  void StartEvictor();
+
+  // Registers or removes a PageOwner for eviction scans. Thread-safe; RemoveOwner waits
+  // until no scan is using the owner.
+  void AddOwner(PageOwner* owner);
+  void RemoveOwner(PageOwner* owner);
+
+  // Stores `page` for a page currently at `old` (any tier, unmapped included): in the
+  // local store, reclaiming room there if it is full; else in the remote or disk tier.
+  // On success returns 0, sets *placed and has released `old`. On failure (-ENOSPC when
+  // every tier is full, -EIO) *placed tells where the old contents are now: normally
+  // `old` itself, but a full store may have had to move them (or, in a race for the last
+  // room, drop them and leave the page unmapped). Either way the caller records *placed.
   // REQUIRES: the caller holds the page's lock (no concurrent use of `old`).
   int Store(ConstPageSpan page, std::uint64_t hint, Location old, Location* placed) noexcept;
+
+  // Places a page being evicted from the local store in the remote tier, else the disk
+  // tier. Returns 0 with *placed set, or -ENOSPC when neither has room.
+  int Demote(ConstPageSpan page, std::uint64_t hint, Location* placed) noexcept;
+
+  // Moves a page that was read from `old` (remote or disk) into the local store when the
+  // store is under its high watermark. Returns true and sets *placed if it moved (and
+  // `old` was released); false leaves the page where it is.
+  bool MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old,
+                    Location* placed) noexcept;
 
   // Copies the page at `location` into `out`; zero tiers fill zeros. Returns 0 or -errno.
   int Load(Location location, PageSpan out) noexcept;
@@ -77,13 +139,37 @@ class Tiering {
   LocalStore& local() { return *local_; }
   const LocalStore& local() const { return *local_; }
   const DiskStore* disk() const { return disk_.get(); }
+  const PageStore* remote() const { return remote_.get(); }
+  const TieringOptions& options() const { return options_; }
+
+  // Pages demoted by the evictor and by direct reclaim since start.
+  std::uint64_t evicted_pages() const { return evicted_.load(std::memory_order_relaxed); }
 
  private:
   PageStore* StoreFor(Tier tier) noexcept;
+  double LocalUse() const noexcept;
+  bool HasLowerTier() const noexcept { return remote_ != nullptr || disk_ != nullptr; }
+  // Asks the owners for up to `want` cold pages, round robin. Returns pages demoted.
+  std::size_t EvictSome(std::size_t want) noexcept;
+  void EvictorLoop();
+  void WakeEvictorIfHigh() noexcept;
 
   // Constant after construction.
   const std::unique_ptr<LocalStore> local_;
+  const std::unique_ptr<PageStore> remote_;
   const std::unique_ptr<DiskStore> disk_;
+  const TieringOptions options_;
+
+  std::mutex owners_mu_;  // held during scans, so RemoveOwner waits for them
+  std::vector<PageOwner*> owners_;  // guarded by owners_mu_
+  std::size_t next_owner_ = 0;      // guarded by owners_mu_
+
+  std::mutex evictor_mu_;
+  std::condition_variable evictor_cv_;
+  bool evictor_stop_ = false;       // guarded by evictor_mu_
+  std::atomic<bool> evictor_idle_{true};
+  std::thread evictor_;
+  std::atomic<std::uint64_t> evicted_{0};
 };
 
 }  // namespace memlend

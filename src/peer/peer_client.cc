@@ -1,0 +1,253 @@
+#include "peer/peer_client.h"
+
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/uio.h>
+
+#include <cerrno>
+#include <stdexcept>
+#include <vector>
+
+#include "common/log.h"
+
+namespace memlend::peer {
+namespace {
+
+void SetReceiveTimeout(int fd, std::chrono::milliseconds timeout) {
+  timeval tv{static_cast<time_t>(timeout.count() / 1000),
+             static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+}
+
+// Reads and drops `length` payload bytes. Returns false if the stream failed.
+bool SkipPayload(int fd, std::uint32_t length) {
+  std::byte scratch[4096];
+  while (length > 0) {
+    const std::uint32_t chunk = std::min<std::uint32_t>(length, sizeof(scratch));
+    if (ReadFull(fd, scratch, chunk) != 0) return false;
+    length -= chunk;
+  }
+  return true;
+}
+
+// Sends all of `parts` as one message, retrying short writes. Returns 0 or -errno.
+int SendParts(int fd, iovec* parts, int count) noexcept {
+  while (count > 0) {
+    msghdr message{};
+    message.msg_iov = parts;
+    message.msg_iovlen = static_cast<std::size_t>(count);
+    ssize_t sent = ::sendmsg(fd, &message, MSG_NOSIGNAL);
+    if (sent < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    while (count > 0 && static_cast<std::size_t>(sent) >= parts->iov_len) {
+      sent -= static_cast<ssize_t>(parts->iov_len);
+      ++parts;
+      --count;
+    }
+    if (count > 0) {
+      parts->iov_base = static_cast<char*>(parts->iov_base) + sent;
+      parts->iov_len -= static_cast<std::size_t>(sent);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHandler on_notice,
+                       std::chrono::milliseconds timeout)
+    : endpoint_(endpoint), on_notice_(std::move(on_notice)) {
+  const std::string name = "peer " + endpoint.ToString();
+  std::string reason;
+  fd_ = ConnectTo(endpoint, &reason);
+  if (!fd_.valid()) throw std::runtime_error(name + " is unreachable: " + reason);
+
+  // HELLO, synchronously, before the reader thread exists.
+  SetReceiveTimeout(fd_.get(), timeout);
+  std::byte request[sizeof(Header) + sizeof(HelloBody)];
+  const HelloBody hello{node_id, 0, kSuperpageBytes, kCapPassive};
+  EncodeHeader(MessageType::kHello, false, 0, Status::kOk, 0, sizeof(HelloBody),
+               std::span<std::byte, sizeof(Header)>(request, sizeof(Header)));
+  EncodeBody(hello, request + sizeof(Header));
+  if (WriteFull(fd_.get(), request, sizeof(request)) != 0) {
+    throw std::runtime_error(name + " hung up during HELLO");
+  }
+  std::byte wire[sizeof(Header)];
+  if (ReadFull(fd_.get(), wire, sizeof(wire)) != 0) {
+    throw std::runtime_error(name + " did not answer HELLO (is it a memlend lender?)");
+  }
+  Message reply;
+  switch (DecodeHeader(wire, &reply)) {
+    case HeaderCheck::kOk:
+      break;
+    case HeaderCheck::kBadVersion:
+      throw std::runtime_error(name + " speaks peer protocol version " +
+                               std::to_string(reply.version) + ", this daemon speaks " +
+                               std::to_string(kVersion));
+    default:
+      throw std::runtime_error(name + " is not a memlend lender (bad reply header)");
+  }
+  std::vector<std::byte> payload(reply.payload_bytes);
+  if (!payload.empty() && ReadFull(fd_.get(), payload.data(), payload.size()) != 0) {
+    throw std::runtime_error(name + " hung up during HELLO");
+  }
+  if (reply.status != Status::kOk) {
+    const std::string text(reinterpret_cast<const char*>(payload.data()),
+                           std::min<std::size_t>(payload.size(), kMaxErrorText));
+    throw std::runtime_error(name + " refused HELLO: " + StatusText(reply.status) +
+                             (text.empty() ? "" : " (" + text + ")"));
+  }
+  if (!reply.reply || reply.type != MessageType::kHello ||
+      !DecodeBody(std::span<const std::byte>(payload), &lender_)) {
+    throw std::runtime_error(name + " sent a malformed HELLO reply");
+  }
+  if (lender_.superpage_bytes != kSuperpageBytes) {
+    throw std::runtime_error(name + " uses superpages of " +
+                             std::to_string(lender_.superpage_bytes) + " bytes, expected " +
+                             std::to_string(kSuperpageBytes));
+  }
+  SetReceiveTimeout(fd_.get(), std::chrono::milliseconds(0));
+  connected_.store(true, std::memory_order_release);
+  reader_ = std::thread([this] { ReaderLoop(); });
+}
+
+PeerClient::~PeerClient() {
+  ::shutdown(fd_.get(), SHUT_RDWR);
+  if (reader_.joinable()) reader_.join();
+}
+
+int PeerClient::Call(MessageType type, std::uint32_t flags, std::span<const std::byte> body,
+                     std::span<const std::byte> data, std::span<std::byte> out) noexcept {
+  Pending pending;
+  pending.out = out;
+  const std::uint64_t tag = next_tag_.fetch_add(1, std::memory_order_relaxed);
+  {
+    std::lock_guard lock(pending_mu_);
+    if (!connected()) return -ENOTCONN;
+    try {
+      pending_.emplace(tag, &pending);
+    } catch (const std::bad_alloc&) {
+      return -ENOMEM;
+    }
+  }
+
+  std::byte header[sizeof(Header)];
+  EncodeHeader(type, false, flags, Status::kOk, tag,
+               static_cast<std::uint32_t>(body.size() + data.size()), header);
+  iovec parts[3] = {{header, sizeof(header)},
+                    {const_cast<std::byte*>(body.data()), body.size()},
+                    {const_cast<std::byte*>(data.data()), data.size()}};
+  int rc;
+  {
+    std::lock_guard lock(send_mu_);
+    rc = SendParts(fd_.get(), parts, data.empty() ? (body.empty() ? 1 : 2) : 3);
+  }
+  if (rc != 0) {
+    // The stream may hold half a message now: hang up; the reader fails everyone.
+    ::shutdown(fd_.get(), SHUT_RDWR);
+  }
+  pending.done.wait(false, std::memory_order_acquire);
+  return pending.result;
+}
+
+void PeerClient::ReaderLoop() {
+  std::vector<std::byte> notice;
+  for (;;) {
+    std::byte wire[sizeof(Header)];
+    if (ReadFull(fd_.get(), wire, sizeof(wire)) != 0) break;
+    Message message;
+    if (DecodeHeader(wire, &message) != HeaderCheck::kOk) {
+      LogError("peer %s: malformed message, disconnecting", endpoint_.ToString().c_str());
+      break;
+    }
+    if (!message.reply) {
+      notice.resize(message.payload_bytes);
+      if (!notice.empty() && ReadFull(fd_.get(), notice.data(), notice.size()) != 0) break;
+      if (on_notice_) on_notice_(message, notice);
+      continue;
+    }
+    Pending* pending = nullptr;
+    {
+      std::lock_guard lock(pending_mu_);
+      const auto it = pending_.find(message.tag);
+      if (it != pending_.end()) {
+        pending = it->second;
+        pending_.erase(it);
+      }
+    }
+    if (pending == nullptr) {  // a reply nobody waits for: drop it
+      if (!SkipPayload(fd_.get(), message.payload_bytes)) break;
+      continue;
+    }
+    int result = StatusToErrno(message.status);
+    bool stream_ok = true;
+    if (result == 0 && message.payload_bytes == pending->out.size()) {
+      stream_ok = pending->out.empty() ||
+                  ReadFull(fd_.get(), pending->out.data(), pending->out.size()) == 0;
+      if (!stream_ok) result = -ENOTCONN;
+    } else {
+      if (result == 0) result = -EPROTO;  // the reply has the wrong size
+      stream_ok = SkipPayload(fd_.get(), message.payload_bytes);
+    }
+    pending->result = result;
+    pending->done.store(true, std::memory_order_release);
+    pending->done.notify_one();
+    if (!stream_ok) break;
+  }
+  std::lock_guard lock(pending_mu_);
+  connected_.store(false, std::memory_order_release);
+  FailAllLocked(-ENOTCONN);
+}
+
+void PeerClient::FailAllLocked(int error) {
+  for (auto& [tag, pending] : pending_) {
+    pending->result = error;
+    pending->done.store(true, std::memory_order_release);
+    pending->done.notify_one();
+  }
+  pending_.clear();
+}
+
+int PeerClient::Query(QueryReply* reply) noexcept {
+  const auto start = std::chrono::steady_clock::now();
+  const int rc = Call(MessageType::kQuery, 0, {}, {},
+                      std::as_writable_bytes(std::span<QueryReply, 1>(reply, 1)));
+  if (rc == 0) {
+    const auto elapsed = std::chrono::steady_clock::now() - start;
+    last_rtt_us_.store(static_cast<std::uint64_t>(
+                           std::chrono::duration_cast<std::chrono::microseconds>(elapsed).count()),
+                       std::memory_order_relaxed);
+  }
+  return rc;
+}
+
+int PeerClient::AllocSuperpage(std::uint32_t* sid) noexcept {
+  SuperpageBody body{};
+  const int rc = Call(MessageType::kAllocSuperpage, 0, {}, {},
+                      std::as_writable_bytes(std::span<SuperpageBody, 1>(&body, 1)));
+  if (rc == 0) *sid = body.sid;
+  return rc;
+}
+
+int PeerClient::FreeSuperpage(std::uint32_t sid) noexcept {
+  const SuperpageBody body{sid};
+  return Call(MessageType::kFreeSuperpage, 0, std::as_bytes(std::span<const SuperpageBody, 1>(&body, 1)),
+              {}, {});
+}
+
+int PeerClient::Write(std::uint32_t sid, std::uint32_t offset,
+                      std::span<const std::byte> data) noexcept {
+  const RangeBody body{sid, offset, static_cast<std::uint32_t>(data.size()), 0};
+  return Call(MessageType::kWrite, 0, std::as_bytes(std::span<const RangeBody, 1>(&body, 1)),
+              data, {});
+}
+
+int PeerClient::Read(std::uint32_t sid, std::uint32_t offset, std::span<std::byte> out) noexcept {
+  const RangeBody body{sid, offset, static_cast<std::uint32_t>(out.size()), 0};
+  return Call(MessageType::kRead, 0, std::as_bytes(std::span<const RangeBody, 1>(&body, 1)), {},
+              out);
+}
+
+}  // namespace memlend::peer

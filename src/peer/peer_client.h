@@ -1,0 +1,87 @@
+// PeerClient: the borrower's connection to one lender.
+//
+// Requests are pipelined: any number of threads may call at once; each call sends its
+// request (tag, header, body, data) under a send lock and sleeps until the reader thread
+// finds the reply with its tag and copies the reply's payload straight into the caller's
+// buffer. Notices (EVICTED, RECLAIM, SHUTDOWN) go to a callback on the reader thread.
+// When the connection drops, every pending and later call fails with -ENOTCONN and
+// connected() turns false; reconnecting is the owner's decision (a new PeerClient).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <span>
+#include <string>
+#include <thread>
+#include <unordered_map>
+
+#include "common/unique_fd.h"
+#include "peer/codec.h"
+#include "transport/socket.h"
+
+namespace memlend::peer {
+
+class PeerClient {
+ public:
+  // Runs on the reader thread for each notice; must not call back into this client.
+  using NoticeHandler = std::function<void(const Message& notice, std::span<const std::byte>)>;
+
+  // Connects to `endpoint` and exchanges HELLO, waiting at most `timeout`. Throws
+  // std::runtime_error with a one-line reason on failure: unreachable, a lender of another
+  // protocol version (the message names both versions), or no answer in time.
+  PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHandler on_notice,
+             std::chrono::milliseconds timeout = std::chrono::milliseconds(3000));
+  // Hangs up and joins the reader thread; pending calls fail with -ENOTCONN.
+  ~PeerClient();
+  PeerClient(const PeerClient&) = delete;
+  PeerClient& operator=(const PeerClient&) = delete;
+
+  // Each call returns 0 or a negative errno: the lender's refusal (StatusToErrno, e.g.
+  // -ENOSPC, -EPERM) or -ENOTCONN when the connection is gone. Thread-safe.
+  int Query(QueryReply* reply) noexcept;
+  int AllocSuperpage(std::uint32_t* sid) noexcept;
+  int FreeSuperpage(std::uint32_t sid) noexcept;
+  int Write(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data) noexcept;
+  int Read(std::uint32_t sid, std::uint32_t offset, std::span<std::byte> out) noexcept;
+
+  bool connected() const { return connected_.load(std::memory_order_acquire); }
+  const Endpoint& endpoint() const { return endpoint_; }
+  // The lender's HELLO reply. Constant after construction.
+  const HelloBody& lender() const { return lender_; }
+  // The round-trip time of the most recent QUERY, in microseconds.
+  std::uint64_t last_rtt_us() const { return last_rtt_us_.load(std::memory_order_relaxed); }
+
+ private:
+  struct Pending {
+    std::span<std::byte> out;        // where the reply payload goes (exact size expected)
+    std::atomic<bool> done{false};
+    int result = 0;
+  };
+
+  // Sends one request and waits for its reply. `out` receives the reply payload, which
+  // must be exactly out.size() bytes on success.
+  int Call(MessageType type, std::uint32_t flags, std::span<const std::byte> body,
+           std::span<const std::byte> data, std::span<std::byte> out) noexcept;
+  void ReaderLoop();
+  // Fails every pending call. REQUIRES: pending_mu_ held.
+  void FailAllLocked(int error);
+
+  // Constant after construction.
+  const Endpoint endpoint_;
+  const NoticeHandler on_notice_;
+  UniqueFd fd_;
+  HelloBody lender_{};
+
+  std::atomic<bool> connected_{false};
+  std::atomic<std::uint64_t> next_tag_{1};
+  std::atomic<std::uint64_t> last_rtt_us_{0};
+  std::mutex send_mu_;  // serialises whole requests on the socket
+  std::mutex pending_mu_;
+  std::unordered_map<std::uint64_t, Pending*> pending_;  // guarded by pending_mu_
+  std::thread reader_;
+};
+
+}  // namespace memlend::peer

@@ -1,0 +1,293 @@
+#include "peer/peer_store.h"
+
+#include <bit>
+#include <cassert>
+#include <cerrno>
+
+#include "common/log.h"
+
+namespace memlend::peer {
+namespace {
+
+constexpr unsigned kIndexBits = 9;  // 512 pages per superpage
+constexpr unsigned kSidBits = 32;
+static_assert(1u << kIndexBits == kPagesPerSuperpage);
+static_assert(kIndexBits + kSidBits + 8 <= kSlotBits);
+
+Slot MakeSlot(std::size_t peer, std::uint32_t sid, std::uint32_t index) {
+  return Slot{peer} << (kIndexBits + kSidBits) | Slot{sid} << kIndexBits | index;
+}
+void SplitSlot(Slot slot, std::size_t* peer, std::uint32_t* sid, std::uint32_t* index) {
+  *index = static_cast<std::uint32_t>(slot & (kPagesPerSuperpage - 1));
+  *sid = static_cast<std::uint32_t>(slot >> kIndexBits);
+  *peer = static_cast<std::size_t>(slot >> (kIndexBits + kSidBits));
+}
+
+std::uint64_t Mix(std::uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  return x;
+}
+
+}  // namespace
+
+const char* PeerStateName(PeerState state) {
+  switch (state) {
+    case PeerState::kUp: return "up";
+    case PeerState::kDown: return "down";
+    case PeerState::kRefusing: return "refusing";
+  }
+  return "unknown";
+}
+
+PeerStore::PeerStore(std::uint64_t node_id) : node_id_(node_id) {}
+
+PeerStore::~PeerStore() = default;
+
+bool PeerStore::AddPeer(const Endpoint& endpoint) {
+  if (peers_.size() >= kMaxPeers) return false;
+  auto peer = std::make_unique<Peer>();
+  peer->endpoint = endpoint;
+  peers_.push_back(std::move(peer));
+  return true;
+}
+
+void PeerStore::ConnectLocked(Peer& peer) {
+  if (peer.client && peer.client->connected()) return;
+  if (peer.client) MarkDown(peer, "connection lost");
+  try {
+    peer.client = std::make_shared<PeerClient>(peer.endpoint, node_id_, nullptr);
+    peer.pool_total_bytes = peer.client->lender().pool_bytes;
+    if (!peer.last_error.empty()) LogError("peer %s is up", peer.endpoint.ToString().c_str());
+    peer.last_error.clear();
+    peer.refusing = false;
+  } catch (const std::exception& e) {
+    if (peer.last_error != e.what()) LogError("%s", e.what());
+    peer.last_error = e.what();
+  }
+}
+
+void PeerStore::MarkDown(Peer& peer, const std::string& why) {
+  // The lender frees a session's superpages when it ends, so they are gone either way.
+  peer.client.reset();
+  peer.superpages.clear();
+  peer.partial.clear();
+  peer.pages.store(0, std::memory_order_relaxed);
+  peer.free_pages.store(0, std::memory_order_relaxed);
+  if (peer.last_error != why) {
+    LogError("peer %s is down: %s", peer.endpoint.ToString().c_str(), why.c_str());
+  }
+  peer.last_error = why;
+}
+
+void PeerStore::Refresh() {
+  for (auto& peer_ptr : peers_) {
+    Peer& peer = *peer_ptr;
+    std::shared_ptr<PeerClient> client;
+    {
+      std::lock_guard lock(peer.mu);
+      ConnectLocked(peer);
+      client = peer.client;
+    }
+    if (!client) continue;
+    QueryReply reply{};
+    if (client->Query(&reply) != 0) continue;  // the reader thread notices a dead link
+    std::lock_guard lock(peer.mu);
+    peer.free_pages.store(reply.free_pages, std::memory_order_relaxed);
+    peer.pool_total_bytes = reply.total_pages * kPageBytes;
+    if (reply.free_pages > 0) peer.refusing = false;
+  }
+}
+
+std::shared_ptr<PeerClient> PeerStore::ClientOf(Peer& peer) const {
+  std::lock_guard lock(peer.mu);
+  return peer.client;
+}
+
+int PeerStore::PickPeer(std::uint64_t hint) const noexcept {
+  // Room = the lender's free pages plus the free slots in superpages we already hold.
+  auto room = [this](std::size_t i) -> std::uint64_t {
+    const Peer& peer = *peers_[i];
+    std::lock_guard lock(peer.mu);
+    if (!peer.client || !peer.client->connected()) return 0;
+    std::uint64_t free_slots = 0;
+    for (const std::uint32_t sid : peer.partial) {
+      const auto it = peer.superpages.find(sid);
+      if (it != peer.superpages.end()) free_slots += kPagesPerSuperpage - it->second.used;
+    }
+    const std::uint64_t lender = peer.refusing ? 0 : peer.free_pages.load(std::memory_order_relaxed);
+    return lender + free_slots;
+  };
+  const std::size_t count = peers_.size();
+  if (count == 0) return -1;
+  const std::uint64_t mixed = Mix(hint);
+  const std::size_t a = mixed % count;
+  const std::size_t b = (a + 1 + (mixed >> 32) % std::max<std::size_t>(count - 1, 1)) % count;
+  const std::uint64_t room_a = room(a);
+  const std::uint64_t room_b = count > 1 ? room(b) : 0;
+  if (room_a == 0 && room_b == 0) {
+    // Neither sample has room; fall back to any peer that has.
+    for (std::size_t i = 0; i < count; ++i) {
+      if (room(i) > 0) return static_cast<int>(i);
+    }
+    return -1;
+  }
+  return static_cast<int>(room_a >= room_b ? a : b);
+}
+
+int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index) noexcept {
+  std::unique_lock lock(peer.mu);
+  while (!peer.partial.empty()) {
+    const std::uint32_t candidate = peer.partial.back();
+    const auto it = peer.superpages.find(candidate);
+    if (it == peer.superpages.end() || it->second.used == kPagesPerSuperpage) {
+      peer.partial.pop_back();  // stale entry
+      continue;
+    }
+    Superpage& superpage = it->second;
+    for (std::uint32_t word = 0; word < kPagesPerSuperpage / 64; ++word) {
+      if (superpage.used_mask[word] == ~std::uint64_t{0}) continue;
+      const auto bit = static_cast<std::uint32_t>(std::countr_one(superpage.used_mask[word]));
+      superpage.used_mask[word] |= std::uint64_t{1} << bit;
+      ++superpage.used;
+      if (superpage.used == kPagesPerSuperpage) peer.partial.pop_back();
+      *sid = candidate;
+      *index = word * 64 + bit;
+      return 0;
+    }
+  }
+  if (!peer.client || peer.refusing) return -ENOSPC;
+  // Ask for another superpage. This holds the peer's lock for one round trip, once per
+  // 512 pages.
+  std::uint32_t granted = 0;
+  const int rc = peer.client->AllocSuperpage(&granted);
+  if (rc == -ENOSPC || rc == -ESHUTDOWN) {
+    peer.refusing = true;
+    peer.free_pages.store(0, std::memory_order_relaxed);
+    return -ENOSPC;
+  }
+  if (rc != 0) {
+    MarkDown(peer, "superpage allocation failed");
+    return -ENOTCONN;
+  }
+  try {
+    Superpage& superpage = peer.superpages[granted];
+    superpage.used_mask[0] = 1;
+    superpage.used = 1;
+    peer.partial.push_back(granted);
+  } catch (const std::bad_alloc&) {
+    return -ENOMEM;  // the superpage stays granted and unused until the session ends
+  }
+  const std::uint64_t free = peer.free_pages.load(std::memory_order_relaxed);
+  peer.free_pages.store(free > kPagesPerSuperpage ? free - kPagesPerSuperpage : 0,
+                        std::memory_order_relaxed);
+  *sid = granted;
+  *index = 0;
+  return 0;
+}
+
+void PeerStore::ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) noexcept {
+  std::shared_ptr<PeerClient> client;
+  {
+    std::lock_guard lock(peer.mu);
+    const auto it = peer.superpages.find(sid);
+    if (it == peer.superpages.end()) return;  // lost with a connection that went down
+    Superpage& superpage = it->second;
+    const std::uint64_t bit = std::uint64_t{1} << (index % 64);
+    assert(superpage.used_mask[index / 64] & bit);
+    superpage.used_mask[index / 64] &= ~bit;
+    if (--superpage.used > 0) {
+      if (superpage.used == kPagesPerSuperpage - 1) peer.partial.push_back(sid);
+      return;
+    }
+    peer.superpages.erase(it);
+    client = peer.client;
+  }
+  // The superpage is empty: give it back so the lender's count drops.
+  if (client) client->FreeSuperpage(sid);
+}
+
+int PeerStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept {
+  for (std::size_t attempt = 0; attempt <= peers_.size(); ++attempt) {
+    const int chosen = PickPeer(hint + attempt);
+    if (chosen < 0) return -ENOSPC;
+    Peer& peer = *peers_[static_cast<std::size_t>(chosen)];
+    std::uint32_t sid = 0;
+    std::uint32_t index = 0;
+    if (ReserveSlot(peer, &sid, &index) != 0) continue;
+    std::shared_ptr<PeerClient> client = ClientOf(peer);
+    const int rc = client ? client->Write(sid, index * kPageBytes, page) : -ENOTCONN;
+    if (rc != 0) {
+      ReleaseSlot(peer, sid, index);
+      if (rc == -ENOTCONN) {
+        std::lock_guard lock(peer.mu);
+        MarkDown(peer, "connection lost");
+      }
+      continue;
+    }
+    peer.pages.fetch_add(1, std::memory_order_relaxed);
+    *slot = MakeSlot(static_cast<std::size_t>(chosen), sid, index);
+    return 0;
+  }
+  return -ENOSPC;
+}
+
+int PeerStore::Read(Slot slot, PageSpan out) noexcept {
+  std::size_t peer_index;
+  std::uint32_t sid;
+  std::uint32_t index;
+  SplitSlot(slot, &peer_index, &sid, &index);
+  assert(peer_index < peers_.size());
+  std::shared_ptr<PeerClient> client = ClientOf(*peers_[peer_index]);
+  if (!client) return -EIO;  // the peer went away with the page
+  const int rc = client->Read(sid, index * kPageBytes, out);
+  return rc == 0 ? 0 : -EIO;
+}
+
+void PeerStore::Discard(Slot slot) noexcept {
+  std::size_t peer_index;
+  std::uint32_t sid;
+  std::uint32_t index;
+  SplitSlot(slot, &peer_index, &sid, &index);
+  assert(peer_index < peers_.size());
+  Peer& peer = *peers_[peer_index];
+  const std::uint64_t pages = peer.pages.load(std::memory_order_relaxed);
+  if (pages > 0) peer.pages.fetch_sub(1, std::memory_order_relaxed);
+  ReleaseSlot(peer, sid, index);
+}
+
+StoreStats PeerStore::Stats() const noexcept {
+  StoreStats stats;
+  for (const auto& peer : peers_) {
+    std::lock_guard lock(peer->mu);
+    stats.pages += peer->pages.load(std::memory_order_relaxed);
+    stats.used_bytes += peer->superpages.size() * std::uint64_t{kSuperpageBytes};
+    if (peer->client) stats.total_bytes += peer->pool_total_bytes;
+  }
+  return stats;
+}
+
+std::vector<PeerInfo> PeerStore::Peers() const {
+  std::vector<PeerInfo> all;
+  for (const auto& peer : peers_) {
+    std::lock_guard lock(peer->mu);
+    PeerInfo info;
+    info.address = peer->endpoint.ToString();
+    const bool up = peer->client && peer->client->connected();
+    info.state = !up ? PeerState::kDown : peer->refusing ? PeerState::kRefusing : PeerState::kUp;
+    if (up) {
+      info.node_id = peer->client->lender().node_id;
+      info.rtt_us = peer->client->last_rtt_us();
+      info.pool_total_bytes = peer->pool_total_bytes;
+      info.pool_free_bytes = peer->free_pages.load(std::memory_order_relaxed) * kPageBytes;
+    }
+    info.pages_stored = peer->pages.load(std::memory_order_relaxed);
+    info.superpages_held = peer->superpages.size();
+    info.last_error = peer->last_error;
+    all.push_back(std::move(info));
+  }
+  return all;
+}
+
+}  // namespace memlend::peer

@@ -1,0 +1,108 @@
+// PeerStore: the remote tier. Pages live in superpages that lenders granted to this host,
+// reached through the remote passive protocol (docs/peer-protocol.md).
+//
+// The borrower decides where each page goes: per peer it keeps the superpages it was
+// granted and a bitmap of their free 4 KiB slots; a write takes a free slot (asking the
+// peer for another superpage when none is left) and sends the page there. A superpage
+// whose last page is discarded goes back to its lender at once, so TRIM and overwrites
+// show up in the lender's used count.
+//
+// Placement: power of two choices on the free space the peers last reported (QUERY at
+// start and on every Refresh), skipping peers that are down or refused an allocation
+// since the last Refresh. A peer that hangs up is marked down; pages it held read as
+// -EIO (keeping copies elsewhere is a later capability), and Refresh tries to reconnect.
+//
+// Slot encoding: peer index << 41 | SID << 9 | page index within the superpage.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "memlend/page_store.h"
+#include "peer/peer_client.h"
+
+namespace memlend::peer {
+
+enum class PeerState { kUp, kDown, kRefusing };
+const char* PeerStateName(PeerState state);
+
+struct PeerInfo {
+  std::string address;
+  PeerState state = PeerState::kDown;
+  std::uint64_t node_id = 0;
+  std::uint64_t pool_total_bytes = 0;
+  std::uint64_t pool_free_bytes = 0;
+  std::uint64_t pages_stored = 0;      // pages this host keeps there
+  std::uint64_t superpages_held = 0;   // superpages granted to this host
+  std::uint64_t rtt_us = 0;
+  std::string last_error;              // why it is down or refusing, if it is
+};
+
+class PeerStore final : public PageStore {
+ public:
+  static constexpr std::size_t kMaxPeers = 255;
+
+  // `node_id` is this daemon's identity in HELLO.
+  explicit PeerStore(std::uint64_t node_id);
+  ~PeerStore() override;
+
+  // Adds a lender and tries to connect (a failure leaves it down, to retry on Refresh;
+  // the reason is logged once). Not thread-safe against other AddPeer calls; call before
+  // serving. Returns false when kMaxPeers are already configured.
+  bool AddPeer(const Endpoint& endpoint);
+
+  // Reconnects peers that are down and asks every peer for its free space. Thread-safe;
+  // the daemon calls it periodically.
+  void Refresh();
+
+  int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override;
+  int Read(Slot slot, PageSpan out) noexcept override;
+  void Discard(Slot slot) noexcept override;
+  // pages: pages stored on all peers; used_bytes: superpages held * 2 MiB; total_bytes:
+  // the sum of the peers' pools.
+  StoreStats Stats() const noexcept override;
+
+  std::vector<PeerInfo> Peers() const;
+  std::size_t peer_count() const { return peers_.size(); }
+
+ private:
+  struct Superpage {
+    std::uint64_t used_mask[kPagesPerSuperpage / 64] = {};
+    std::uint32_t used = 0;
+  };
+  struct Peer {
+    Endpoint endpoint;
+    mutable std::mutex mu;
+    std::shared_ptr<PeerClient> client;                      // guarded by mu; null: down
+    std::unordered_map<std::uint32_t, Superpage> superpages;  // guarded by mu
+    std::vector<std::uint32_t> partial;  // guarded by mu: SIDs with a free slot (may be stale)
+    std::string last_error;              // guarded by mu
+    bool refusing = false;               // guarded by mu
+    std::uint64_t pool_total_bytes = 0;  // guarded by mu
+    std::atomic<std::uint64_t> free_pages{0};  // last reported by the lender
+    std::atomic<std::uint64_t> pages{0};
+  };
+
+  // Connects `peer` if it is down. REQUIRES: peer.mu held.
+  void ConnectLocked(Peer& peer);
+  // Reserves a free slot on `peer`, allocating a superpage if needed. Returns 0 and sets
+  // *sid and *index, or -ENOSPC / -ENOTCONN.
+  int ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index) noexcept;
+  // Returns a reserved or stored slot to the free bitmap; frees an emptied superpage.
+  void ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) noexcept;
+  // Picks a peer for a new page (power of two choices), or -1 when none can take one.
+  int PickPeer(std::uint64_t hint) const noexcept;
+  std::shared_ptr<PeerClient> ClientOf(Peer& peer) const;
+  void MarkDown(Peer& peer, const std::string& why);
+
+  // Constant after the AddPeer calls.
+  const std::uint64_t node_id_;
+  std::vector<std::unique_ptr<Peer>> peers_;
+};
+
+}  // namespace memlend::peer
