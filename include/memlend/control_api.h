@@ -12,6 +12,12 @@
 //     local_store: {total_bytes, used_bytes, pages, compression ("none"|"lz4"),
 //                   compression_ratio (stored page bytes / used_bytes; 1 when empty)}
 //     disk_store: {path, pages, used_bytes, total_bytes (0: unbounded)} or null
+//     node_id: this daemon's id (16 hex digits)
+//     remote_store: {pages, used_bytes, total_bytes} or null without --peer
+//     lending: {total_bytes, used_bytes, borrowers} (zeros when not lending)
+//     peers[]: as for "peers"
+//   "peers": reply field peers[]: {node_id, address, state ("up"|"down"|"refusing"),
+//     pool_total_bytes, pool_free_bytes, pages_stored, superpages_held, rtt_us, error}
 //   See docs/control.md.
 #pragma once
 
@@ -21,5 +27,6 @@ namespace memlend {
 
 inline constexpr std::size_t kMaxControlRequest = 64 * 1024;
 inline constexpr char kControlStatus[] = "status";
+inline constexpr char kControlPeers[] = "peers";
 
 }  // namespace memlend

@@ -35,11 +35,12 @@ int RunDaemon(const memlend::DaemonArgs& args) {
   return 0;
 }
 
-int RunStatus(const std::string& control, bool json) {
+// Sends `command` to the daemon and prints its reply, as JSON or through `format`.
+int RunQuery(const std::string& control, const char* command, bool json,
+             std::string (*format)(const nlohmann::json&)) {
   try {
     const nlohmann::json reply = memlend::CallControl(
-        control.empty() ? memlend::DefaultControlPath() : control,
-        {{"command", memlend::kControlStatus}});
+        control.empty() ? memlend::DefaultControlPath() : control, {{"command", command}});
     if (!reply.value("ok", false)) {
       memlend::LogError("daemon refused: %s", reply.value("error", "no reason given").c_str());
       return 1;
@@ -47,7 +48,7 @@ int RunStatus(const std::string& control, bool json) {
     if (json) {
       std::cout << reply.dump(2) << "\n";
     } else {
-      std::cout << memlend::FormatStatus(reply);
+      std::cout << format(reply);
     }
   } catch (const std::exception& e) {
     memlend::LogError("%s", e.what());
@@ -72,15 +73,12 @@ int main(int argc, char** argv) {
   daemon->add_option("--device", daemon_args.devices,
                      "A device to serve, as NAME:SIZE (e.g. swap0:4G); the NBD export name is "
                      "NAME; SIZE is a multiple of 4K. Repeatable")
-      ->required()
       ->type_name("NAME:SIZE");
   daemon->add_option("--nbd", daemon_args.nbd,
                      "Where to serve NBD: HOST:PORT, [ADDRESS]:PORT or unix:PATH")
-      ->required()
       ->type_name("ADDR");
   daemon->add_option("--local-store", daemon_args.local_store,
                      "RAM reserved for pages on this host, e.g. 512M; shared by all devices")
-      ->required()
       ->type_name("SIZE");
   daemon->add_option("--backing-file", daemon_args.backing_file,
                      "File that takes pages when the local store is full (created or "
@@ -103,6 +101,33 @@ int main(int argc, char** argv) {
       ->type_name("USEC")
       ->default_val(50);
 
+  daemon->add_option("--peer", daemon_args.peers,
+                     "A lender to borrow RAM from (HOST:PORT of its --listen). Cold pages move "
+                     "there past the high watermark. Repeatable")
+      ->type_name("ADDR");
+  daemon->add_option("--high-watermark", daemon_args.high_watermark,
+                     "Local-store use (percent) at which cold pages start moving to peers, or "
+                     "to the backing file when no peer has room")
+      ->type_name("PCT")
+      ->default_str("90");
+  daemon->add_option("--low-watermark", daemon_args.low_watermark,
+                     "Local-store use (percent) at which that eviction stops")
+      ->type_name("PCT")
+      ->default_str("80");
+  daemon->add_option("--lend", daemon_args.lend,
+                     "RAM to lend to peers, e.g. 4G: reserved as 2 MiB superpages and reachable "
+                     "only through the peer protocol")
+      ->type_name("SIZE");
+  daemon->add_option("--listen", daemon_args.listen,
+                     "Where borrowers connect to lent memory: HOST:PORT or [ADDRESS]:PORT")
+      ->type_name("ADDR");
+  daemon->add_option("--node-id", daemon_args.node_id,
+                     "This daemon's identity among peers, 1-16 hex digits (default: random)")
+      ->type_name("HEX");
+  daemon->footer(
+      "A daemon can serve devices (--device, --nbd, --local-store), lend memory (--lend, "
+      "--listen), or both.");
+
   std::string status_control;
   bool status_json = false;
   CLI::App* status = app.add_subcommand("status", "Show devices and where their pages are");
@@ -111,6 +136,16 @@ int main(int argc, char** argv) {
                          ")")
       ->type_name("PATH");
   status->add_flag("--json", status_json, "Print the daemon's JSON reply");
+
+  std::string peers_control;
+  bool peers_json = false;
+  CLI::App* peers = app.add_subcommand(
+      "peers", "Show the lenders this daemon borrows from and the pages it keeps on each");
+  peers->add_option("--control", peers_control,
+                    "The daemon's control socket (default: " + memlend::DefaultControlPath() +
+                        ")")
+      ->type_name("PATH");
+  peers->add_flag("--json", peers_json, "Print the daemon's JSON reply");
 
   try {
     app.parse(argc, argv);
@@ -127,5 +162,8 @@ int main(int argc, char** argv) {
   memlend::g_verbose = verbose;
 
   if (daemon->parsed()) return RunDaemon(daemon_args);
-  return RunStatus(status_control, status_json);
+  if (peers->parsed()) {
+    return RunQuery(peers_control, memlend::kControlPeers, peers_json, memlend::FormatPeers);
+  }
+  return RunQuery(status_control, memlend::kControlStatus, status_json, memlend::FormatStatus);
 }

@@ -6,14 +6,35 @@
 
 namespace memlend {
 
+namespace {
+
+std::uint64_t U64(const nlohmann::json& object, const char* key) {
+  return object.at(key).get<std::uint64_t>();
+}
+
+}  // namespace
+
 std::string FormatStatus(const nlohmann::json& status) {
   std::string text;
   char line[512];
+  std::snprintf(line, sizeof(line), "node %s\n", status.value("node_id", "?").c_str());
+  text += line;
+
+  const nlohmann::json& lending = status.at("lending");
+  if (U64(lending, "total_bytes") > 0) {
+    std::snprintf(line, sizeof(line), "lending:     %s of %s lent to %llu borrower(s)\n",
+                  FormatSize(U64(lending, "used_bytes")).c_str(),
+                  FormatSize(U64(lending, "total_bytes")).c_str(),
+                  static_cast<unsigned long long>(U64(lending, "borrowers")));
+    text += line;
+  }
+
   const nlohmann::json& local = status.at("local_store");
+  if (local.is_null()) return text + "no devices (this daemon only lends)\n";
   std::snprintf(line, sizeof(line), "local store: %s of %s used, %llu pages, compression %s",
-                FormatSize(local.at("used_bytes").get<std::uint64_t>()).c_str(),
-                FormatSize(local.at("total_bytes").get<std::uint64_t>()).c_str(),
-                static_cast<unsigned long long>(local.at("pages").get<std::uint64_t>()),
+                FormatSize(U64(local, "used_bytes")).c_str(),
+                FormatSize(U64(local, "total_bytes")).c_str(),
+                static_cast<unsigned long long>(U64(local, "pages")),
                 local.at("compression").get<std::string>().c_str());
   text += line;
   if (local.at("compression").get<std::string>() != "none") {
@@ -22,34 +43,70 @@ std::string FormatStatus(const nlohmann::json& status) {
   }
   text += "\n";
 
+  const nlohmann::json& remote = status.at("remote_store");
+  if (!remote.is_null()) {
+    std::snprintf(line, sizeof(line),
+                  "peers:       %llu pages in %s of superpages on %zu peer(s) (see memlend peers)\n",
+                  static_cast<unsigned long long>(U64(remote, "pages")),
+                  FormatSize(U64(remote, "used_bytes")).c_str(), status.at("peers").size());
+    text += line;
+  }
+
   const nlohmann::json& disk = status.at("disk_store");
   if (disk.is_null()) {
-    text += "disk store:  none (writes fail with ENOSPC when the local store is full)\n";
+    text += "disk store:  none (writes fail with ENOSPC when every other tier is full)\n";
   } else {
-    const std::uint64_t total = disk.at("total_bytes").get<std::uint64_t>();
+    const std::uint64_t total = U64(disk, "total_bytes");
     std::snprintf(line, sizeof(line), "disk store:  %s, %llu pages (%s of %s)\n",
                   disk.at("path").get<std::string>().c_str(),
-                  static_cast<unsigned long long>(disk.at("pages").get<std::uint64_t>()),
-                  FormatSize(disk.at("used_bytes").get<std::uint64_t>()).c_str(),
+                  static_cast<unsigned long long>(U64(disk, "pages")),
+                  FormatSize(U64(disk, "used_bytes")).c_str(),
                   total == 0 ? "unbounded" : FormatSize(total).c_str());
     text += line;
   }
 
   std::snprintf(line, sizeof(line), "\n%-20s %10s %10s %10s %10s %10s %10s\n", "DEVICE", "SIZE",
-                "MAPPED", "ZERO", "LOCAL", "DISK", "REMOTE");
+                "MAPPED", "ZERO", "LOCAL", "REMOTE", "DISK");
   text += line;
   for (const nlohmann::json& device : status.at("devices")) {
     const nlohmann::json& pages = device.at("pages");
-    auto count = [&](const char* key) {
-      return static_cast<unsigned long long>(pages.at(key).get<std::uint64_t>());
-    };
+    auto count = [&](const char* key) { return static_cast<unsigned long long>(U64(pages, key)); };
     std::snprintf(line, sizeof(line), "%-20s %10s %10llu %10llu %10llu %10llu %10llu\n",
                   device.at("name").get<std::string>().c_str(),
-                  FormatSize(device.at("size_bytes").get<std::uint64_t>()).c_str(),
-                  count("mapped"), count("zero"), count("local"), count("disk"), count("remote"));
+                  FormatSize(U64(device, "size_bytes")).c_str(), count("mapped"), count("zero"),
+                  count("local"), count("remote"), count("disk"));
     text += line;
   }
   text += "(page counts are 4 KiB pages)\n";
+  return text;
+}
+
+std::string FormatPeers(const nlohmann::json& reply) {
+  const nlohmann::json& peers = reply.at("peers");
+  if (peers.empty()) return "no peers (start the daemon with --peer HOST:PORT to borrow)\n";
+  std::string text;
+  char line[512];
+  std::snprintf(line, sizeof(line), "%-16s %-24s %-9s %10s %10s %10s %8s\n", "NODE", "ADDRESS",
+                "STATE", "POOL", "FREE", "PAGES", "RTT");
+  text += line;
+  for (const nlohmann::json& peer : peers) {
+    const std::string state = peer.at("state").get<std::string>();
+    char rtt[32] = "-";
+    if (state != "down") {
+      std::snprintf(rtt, sizeof(rtt), "%llu us",
+                    static_cast<unsigned long long>(U64(peer, "rtt_us")));
+    }
+    std::snprintf(line, sizeof(line), "%-16s %-24s %-9s %10s %10s %10llu %8s\n",
+                  peer.at("node_id").get<std::string>().c_str(),
+                  peer.at("address").get<std::string>().c_str(), state.c_str(),
+                  FormatSize(U64(peer, "pool_total_bytes")).c_str(),
+                  FormatSize(U64(peer, "pool_free_bytes")).c_str(),
+                  static_cast<unsigned long long>(U64(peer, "pages_stored")), rtt);
+    text += line;
+    const std::string error = peer.value("error", "");
+    if (!error.empty() && state != "up") text += "    " + error + "\n";
+  }
+  text += "(PAGES: 4 KiB pages this host keeps on the peer)\n";
   return text;
 }
 

@@ -11,4 +11,7 @@ namespace memlend {
 // one table row per device. Throws nlohmann::json::exception if a field is missing.
 std::string FormatStatus(const nlohmann::json& status);
 
+// Formats a "peers" reply as one table row per peer.
+std::string FormatPeers(const nlohmann::json& reply);
+
 }  // namespace memlend

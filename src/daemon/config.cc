@@ -2,7 +2,10 @@
 
 #include <unistd.h>
 
+#include <charconv>
 #include <cstdlib>
+#include <random>
+#include <utility>
 #include <set>
 
 #include "common/size.h"
@@ -68,9 +71,88 @@ std::optional<DeviceSpec> ParseDeviceSpec(std::string_view text, std::string* er
   return spec;
 }
 
+std::optional<double> ParsePercent(std::string_view text) {
+  if (!text.empty() && text.back() == '%') text.remove_suffix(1);
+  if (text.empty() || text.size() > 3) return std::nullopt;
+  unsigned value = 0;
+  for (const char c : text) {
+    if (c < '0' || c > '9') return std::nullopt;
+    value = value * 10 + static_cast<unsigned>(c - '0');
+  }
+  if (value < 1 || value > 100) return std::nullopt;
+  return value / 100.0;
+}
+
+namespace {
+
+// The lending half: --lend SIZE and --listen ADDR.
+bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* error) {
+  if (args.lend.empty()) {
+    if (!args.listen.empty()) {
+      *error = "--listen serves lent memory: give --lend SIZE too";
+      return false;
+    }
+    return true;
+  }
+  const std::optional<std::uint64_t> lend = ParseSize(args.lend);
+  if (!lend || *lend < (2u << 20)) {
+    *error = "--lend " + Quote(args.lend) + ": expected a size of at least 2M (one superpage)";
+    return false;
+  }
+  config->lend_bytes = *lend;
+  if (args.listen.empty()) {
+    *error = "--lend needs --listen HOST:PORT for borrowers to connect to";
+    return false;
+  }
+  std::string reason;
+  std::optional<Endpoint> listen = ParseEndpoint(args.listen, &reason);
+  if (!listen) {
+    *error = "--listen " + Quote(args.listen) + ": " + reason;
+    return false;
+  }
+  config->listen = std::move(*listen);
+  return true;
+}
+
+}  // namespace
+
 bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string* error) {
+  if (!args.node_id.empty()) {
+    std::uint64_t id = 0;
+    const auto [end, ec] =
+        std::from_chars(args.node_id.data(), args.node_id.data() + args.node_id.size(), id, 16);
+    if (ec != std::errc() || end != args.node_id.data() + args.node_id.size() || id == 0 ||
+        args.node_id.size() > 16) {
+      *error = "--node-id " + Quote(args.node_id) + ": expected 1 to 16 hex digits, not all zero";
+      return false;
+    }
+    config->node_id = id;
+  } else {
+    std::random_device random;
+    config->node_id = (std::uint64_t{random()} << 32 | random()) | 1;
+  }
+  if (!BuildLending(args, config, error)) return false;
+
   if (args.devices.empty()) {
-    *error = "at least one --device NAME:SIZE is required";
+    if (config->lend_bytes == 0) {
+      *error = "nothing to do: give --device NAME:SIZE to serve a device, or --lend SIZE to "
+               "lend memory";
+      return false;
+    }
+    for (const auto& [given, name] :
+         {std::pair{!args.nbd.empty(), "--nbd"}, {!args.local_store.empty(), "--local-store"},
+          {!args.peers.empty(), "--peer"}, {!args.backing_file.empty(), "--backing-file"}}) {
+      if (given) {
+        *error = std::string(name) + " applies to devices: give at least one --device NAME:SIZE";
+        return false;
+      }
+    }
+    config->control_path = args.control.empty() ? DefaultControlPath() : args.control;
+    return true;
+  }
+  if (args.nbd.empty() || args.local_store.empty()) {
+    *error = std::string(args.nbd.empty() ? "--nbd ADDR" : "--local-store SIZE") +
+             " is required with --device";
     return false;
   }
   std::set<std::string> names;
@@ -128,6 +210,30 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
     return false;
   }
   config->busy_poll_us = args.busy_poll_us;
+
+  for (const std::string& text : args.peers) {
+    std::optional<Endpoint> peer = ParseEndpoint(text, &reason);
+    if (!peer) {
+      *error = "--peer " + Quote(text) + ": " + reason;
+      return false;
+    }
+    config->peers.push_back(std::move(*peer));
+  }
+  const std::optional<double> high = ParsePercent(args.high_watermark);
+  const std::optional<double> low = ParsePercent(args.low_watermark);
+  if (!high || !low) {
+    *error = std::string(high ? "--low-watermark " + Quote(args.low_watermark)
+                              : "--high-watermark " + Quote(args.high_watermark)) +
+             ": expected a percentage from 1 to 100";
+    return false;
+  }
+  if (*low > *high) {
+    *error = "--low-watermark " + Quote(args.low_watermark) +
+             " must not exceed --high-watermark " + Quote(args.high_watermark);
+    return false;
+  }
+  config->high_watermark = *high;
+  config->low_watermark = *low;
 
   config->control_path = args.control.empty() ? DefaultControlPath() : args.control;
   if (!ParseEndpoint("unix:" + config->control_path, &reason)) {

@@ -18,6 +18,8 @@ struct DeviceSpec {
 };
 
 struct DaemonConfig {
+  std::uint64_t node_id = 0;            // this daemon's identity among peers
+  // Borrowing side: devices, served over NBD, backed by the tiers below.
   std::vector<DeviceSpec> devices;
   Endpoint nbd;
   std::uint64_t local_store_bytes = 0;
@@ -26,6 +28,12 @@ struct DaemonConfig {
   Compression compression = Compression::kNone;
   std::string control_path;
   std::uint32_t busy_poll_us = 50;
+  std::vector<Endpoint> peers;          // lenders to borrow from
+  double high_watermark = 0.90;         // local-store use that starts eviction
+  double low_watermark = 0.80;          // eviction stops below this
+  // Lending side: 0 lends nothing.
+  std::uint64_t lend_bytes = 0;
+  Endpoint listen;                      // where lenders serve the peer protocol
 };
 
 // The text forms of the options, as given on the command line.
@@ -38,7 +46,16 @@ struct DaemonArgs {
   std::string compress = "none";
   std::string control;
   std::uint32_t busy_poll_us = 50;
+  std::vector<std::string> peers;
+  std::string high_watermark = "90";
+  std::string low_watermark = "80";
+  std::string lend;
+  std::string listen;
+  std::string node_id;  // 16 hex digits; empty: random
 };
+
+// Parses a percentage "1".."100" with an optional '%'; returns it as a fraction.
+std::optional<double> ParsePercent(std::string_view text);
 
 // Validates `args` into *config. On failure returns false and sets *error to one line
 // that names the option and the problem.

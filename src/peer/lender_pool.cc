@@ -1,0 +1,398 @@
+#include "peer/lender_pool.h"
+
+#include <sys/mman.h>
+
+#include <bit>
+#include <cassert>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <system_error>
+
+namespace memlend::peer {
+
+LenderPool::LenderPool(std::uint64_t pool_bytes) {
+  const std::uint64_t count = pool_bytes / kSuperpageBytes;
+  if (count == 0) {
+    throw std::invalid_argument("the lending pool must hold at least one 2 MiB superpage");
+  }
+  // Slots are numbered with 32 bits: superpage * 512 + slot.
+  if (count > std::numeric_limits<std::uint32_t>::max() / kPagesPerSuperpage) {
+    throw std::invalid_argument("the lending pool exceeds the supported maximum of 8 TiB");
+  }
+  superpage_count_ = static_cast<std::uint32_t>(count);
+
+  // Everything that can throw bad_alloc comes before the mapping, so nothing leaks.
+  superpages_.resize(superpage_count_);
+  free_superpages_.reserve(superpage_count_);
+  for (std::uint32_t i = superpage_count_; i > 0; --i) free_superpages_.push_back(i - 1);
+  partial_.reserve(superpage_count_);
+
+  // Map one superpage more than needed and trim, so the arena starts on a 2 MiB boundary
+  // and each superpage can be one transparent huge page.
+  const std::size_t arena_bytes = static_cast<std::size_t>(count) * kSuperpageBytes;
+  const std::size_t mapped = arena_bytes + kSuperpageBytes;
+  void* raw = ::mmap(nullptr, mapped, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (raw == MAP_FAILED) {
+    throw std::system_error(errno, std::generic_category(), "mmap of the lending pool");
+  }
+  const auto base = reinterpret_cast<std::uintptr_t>(raw);
+  const std::uintptr_t aligned = (base + kSuperpageBytes - 1) & ~std::uintptr_t{kSuperpageBytes - 1};
+  const std::size_t head = aligned - base;
+  const std::size_t tail = mapped - head - arena_bytes;
+  if (head > 0) ::munmap(raw, head);
+  if (tail > 0) ::munmap(reinterpret_cast<void*>(aligned + arena_bytes), tail);
+  arena_ = reinterpret_cast<std::byte*>(aligned);
+  mapping_bytes_ = arena_bytes;
+  // Harmless where THP is off.
+  ::madvise(arena_, mapping_bytes_, MADV_HUGEPAGE);
+}
+
+LenderPool::~LenderPool() { ::munmap(arena_, mapping_bytes_); }
+
+void LenderPool::SetEvictionHandler(EvictionHandler handler) { on_evicted_ = std::move(handler); }
+
+// ---- Passive protocol ----
+
+Status LenderPool::AllocSuperpage(SessionId session, std::uint32_t* sid) noexcept {
+  std::uint32_t superpage;
+  std::uint32_t granted;
+  {
+    std::lock_guard lock(mu_);
+    if (free_superpages_.empty() || next_sid_ > std::numeric_limits<std::uint32_t>::max()) {
+      return Status::kNoSpace;
+    }
+    granted = static_cast<std::uint32_t>(next_sid_);
+    superpage = free_superpages_.back();
+    try {
+      Session& state = sessions_[session];
+      try {
+        state.sids.insert(granted);
+        grants_.emplace(granted, superpage);
+      } catch (const std::bad_alloc&) {
+        state.sids.erase(granted);
+        throw;
+      }
+    } catch (const std::bad_alloc&) {
+      return Status::kNoSpace;
+    }
+    free_superpages_.pop_back();
+    ++next_sid_;
+    SuperpageMeta& meta = superpages_[superpage];
+    assert(meta.state == State::kFree);
+    meta.state = State::kGranted;
+    meta.owner = session;
+    meta.sid = granted;
+  }
+  // Outside the lock: the superpage is the caller's now, and the caller does not know its
+  // SID yet, so nothing else can touch it. Dropping the pages makes it read as zeros.
+  ::madvise(SuperpageAddress(superpage), kSuperpageBytes, MADV_DONTNEED);
+  *sid = granted;
+  return Status::kOk;
+}
+
+Status LenderPool::FreeSuperpage(SessionId session, std::uint32_t sid) noexcept {
+  std::lock_guard lock(mu_);
+  const auto grant = grants_.find(sid);
+  if (grant == grants_.end() || superpages_[grant->second].owner != session) {
+    return Status::kNotPermitted;
+  }
+  const std::uint32_t superpage = grant->second;
+  grants_.erase(grant);
+  const auto state = sessions_.find(session);
+  assert(state != sessions_.end());
+  state->second.sids.erase(sid);
+  ReleaseSuperpageLocked(superpage);
+  return Status::kOk;
+}
+
+Status LenderPool::ResolveRange(SessionId session, const RangeBody& range,
+                                std::byte** at) noexcept {
+  std::uint32_t superpage;
+  {
+    std::lock_guard lock(mu_);
+    const auto grant = grants_.find(range.sid);
+    if (grant == grants_.end() || superpages_[grant->second].owner != session) {
+      return Status::kNotPermitted;
+    }
+    superpage = grant->second;
+  }
+  if (range.offset % kPageBytes != 0 || range.length % kPageBytes != 0 || range.length == 0 ||
+      std::uint64_t{range.offset} + range.length > kSuperpageBytes) {
+    return Status::kInvalid;
+  }
+  *at = SuperpageAddress(superpage) + range.offset;
+  return Status::kOk;
+}
+
+Status LenderPool::Write(SessionId session, const RangeBody& range,
+                         std::span<const std::byte> data) noexcept {
+  std::byte* at = nullptr;
+  const Status status = ResolveRange(session, range, &at);
+  if (status != Status::kOk) return status;
+  assert(data.size() == range.length);
+  // No lock: only this session can free the superpage, and it is busy with this request.
+  std::memcpy(at, data.data(), range.length);
+  return Status::kOk;
+}
+
+Status LenderPool::Read(SessionId session, const RangeBody& range,
+                        std::span<std::byte> out) noexcept {
+  std::byte* at = nullptr;
+  const Status status = ResolveRange(session, range, &at);
+  if (status != Status::kOk) return status;
+  assert(out.size() == range.length);
+  std::memcpy(out.data(), at, range.length);
+  return Status::kOk;
+}
+
+// ---- Active protocol ----
+
+Status LenderPool::Put(SessionId session, const HandleBody& handle, bool ephemeral,
+                       std::span<const std::byte, kPageBytes> page) noexcept {
+  const PageKey key{handle.object, handle.index};
+  FifoEntry evicted{};
+  bool did_evict = false;
+  std::byte* at = nullptr;
+  {
+    std::lock_guard lock(mu_);
+    Pool* pool;
+    Session* state;
+    try {
+      state = &sessions_[session];
+      const auto [it, created] = state->pools.try_emplace(handle.pool);
+      if (created) it->second.ephemeral = ephemeral;  // the first PUT fixes the kind
+      pool = &it->second;
+    } catch (const std::bad_alloc&) {
+      return Status::kNoSpace;
+    }
+    auto found = pool->pages.find(key);
+    if (pool->ephemeral != ephemeral) {
+      // The put fails; it must not leave the old contents readable.
+      if (found != pool->pages.end()) RemovePageLocked(*state, *pool, found);
+      return Status::kInvalid;
+    }
+    if (found != pool->pages.end()) {
+      // Rewrite in place; an ephemeral page becomes the newest.
+      if (ephemeral) fifo_.splice(fifo_.end(), fifo_, found->second.fifo);
+      at = SlotAddress(found->second.slot);
+    } else {
+      std::uint32_t slot = TakeSlotLocked();
+      if (slot == kNone) {
+        did_evict = EvictOldestLocked(&evicted);
+        if (did_evict) slot = TakeSlotLocked();
+        assert(!did_evict || slot != kNone);
+      }
+      if (slot == kNone) return Status::kNoSpace;
+      try {
+        FifoIterator fifo = fifo_.end();
+        if (ephemeral) fifo = fifo_.insert(fifo_.end(), FifoEntry{session, handle});
+        try {
+          pool->pages.emplace(key, ActivePage{slot, fifo});
+        } catch (const std::bad_alloc&) {
+          if (ephemeral) fifo_.erase(fifo);
+          throw;
+        }
+      } catch (const std::bad_alloc&) {
+        ReleaseSlotLocked(slot);
+        slot = kNone;
+      }
+      if (slot != kNone) {
+        ++state->active_pages;
+        at = SlotAddress(slot);
+      }
+    }
+    // Any session's PUT may evict an ephemeral page, so its copy stays under the lock.
+    if (at != nullptr && ephemeral) std::memcpy(at, page.data(), kPageBytes);
+  }
+  // A persistent page can only be removed by its own session, which is busy here.
+  if (at != nullptr && !ephemeral) std::memcpy(at, page.data(), kPageBytes);
+  if (did_evict && on_evicted_) on_evicted_(evicted.owner, evicted.handle);
+  return at != nullptr ? Status::kOk : Status::kNoSpace;
+}
+
+Status LenderPool::Get(SessionId session, const HandleBody& handle,
+                       std::span<std::byte, kPageBytes> out) noexcept {
+  const std::byte* at;
+  {
+    std::lock_guard lock(mu_);
+    const auto state = sessions_.find(session);
+    if (state == sessions_.end()) return Status::kNotFound;
+    const auto pool = state->second.pools.find(handle.pool);
+    if (pool == state->second.pools.end()) return Status::kNotFound;
+    const auto found = pool->second.pages.find(PageKey{handle.object, handle.index});
+    if (found == pool->second.pages.end()) return Status::kNotFound;
+    at = SlotAddress(found->second.slot);
+    if (pool->second.ephemeral) {
+      std::memcpy(out.data(), at, kPageBytes);
+      return Status::kOk;
+    }
+  }
+  std::memcpy(out.data(), at, kPageBytes);
+  return Status::kOk;
+}
+
+Status LenderPool::Flush(SessionId session, const HandleBody& handle) noexcept {
+  std::lock_guard lock(mu_);
+  const auto state = sessions_.find(session);
+  if (state == sessions_.end()) return Status::kOk;
+  const auto pool = state->second.pools.find(handle.pool);
+  if (pool == state->second.pools.end()) return Status::kOk;
+  const auto found = pool->second.pages.find(PageKey{handle.object, handle.index});
+  if (found != pool->second.pages.end()) RemovePageLocked(state->second, pool->second, found);
+  return Status::kOk;
+}
+
+Status LenderPool::DestroyPool(SessionId session, std::uint32_t pool) noexcept {
+  std::lock_guard lock(mu_);
+  const auto state = sessions_.find(session);
+  if (state == sessions_.end()) return Status::kOk;
+  const auto found = state->second.pools.find(pool);
+  if (found == state->second.pools.end()) return Status::kOk;
+  Pool& doomed = found->second;
+  while (!doomed.pages.empty()) RemovePageLocked(state->second, doomed, doomed.pages.begin());
+  state->second.pools.erase(found);
+  return Status::kOk;
+}
+
+// ---- Sessions and accounting ----
+
+void LenderPool::ReleaseSession(SessionId session) noexcept {
+  std::lock_guard lock(mu_);
+  const auto state = sessions_.find(session);
+  if (state == sessions_.end()) return;
+  Session& doomed = state->second;
+  for (const std::uint32_t sid : doomed.sids) {
+    const auto grant = grants_.find(sid);
+    assert(grant != grants_.end());
+    const std::uint32_t superpage = grant->second;
+    grants_.erase(grant);
+    ReleaseSuperpageLocked(superpage);
+  }
+  for (auto& [id, pool] : doomed.pools) {
+    while (!pool.pages.empty()) RemovePageLocked(doomed, pool, pool.pages.begin());
+  }
+  assert(doomed.active_pages == 0);
+  sessions_.erase(state);
+}
+
+LenderPoolStats LenderPool::Stats(SessionId caller) const noexcept {
+  std::lock_guard lock(mu_);
+  LenderPoolStats stats;
+  stats.total_pages = total_pages();
+  stats.free_pages =
+      std::uint64_t{free_superpages_.size()} * kPagesPerSuperpage + active_free_slots_;
+  stats.used_bytes = (stats.total_pages - stats.free_pages) * kPageBytes;
+  for (const auto& [id, state] : sessions_) {
+    if (state.holds_memory()) ++stats.borrowers;
+    if (id == caller && caller != kNoSession) {
+      stats.caller_pages =
+          std::uint64_t{state.sids.size()} * kPagesPerSuperpage + state.active_pages;
+    }
+  }
+  return stats;
+}
+
+// ---- Slots ----
+
+std::uint32_t LenderPool::TakeSlotLocked() noexcept {
+  if (partial_.empty()) {
+    if (free_superpages_.empty()) return kNone;
+    const std::uint32_t superpage = free_superpages_.back();
+    free_superpages_.pop_back();
+    SuperpageMeta& meta = superpages_[superpage];
+    assert(meta.state == State::kFree);
+    meta.state = State::kActive;
+    meta.free_mask.fill(~std::uint64_t{0});
+    meta.used_slots = 0;
+    meta.partial_pos = static_cast<std::uint32_t>(partial_.size());
+    partial_.push_back(superpage);  // capacity reserved for every superpage
+    active_free_slots_ += kPagesPerSuperpage;
+  }
+  // Fill the most recently opened superpage first, so older ones can empty out.
+  const std::uint32_t superpage = partial_.back();
+  SuperpageMeta& meta = superpages_[superpage];
+  std::uint32_t slot = kNone;
+  for (std::size_t word = 0; word < kMaskWords; ++word) {
+    if (meta.free_mask[word] != 0) {
+      const unsigned bit = static_cast<unsigned>(std::countr_zero(meta.free_mask[word]));
+      meta.free_mask[word] &= ~(std::uint64_t{1} << bit);
+      slot = static_cast<std::uint32_t>(word * 64 + bit);
+      break;
+    }
+  }
+  assert(slot != kNone);
+  ++meta.used_slots;
+  --active_free_slots_;
+  if (meta.used_slots == kPagesPerSuperpage) RemovePartialLocked(superpage);
+  return superpage * kPagesPerSuperpage + slot;
+}
+
+void LenderPool::ReleaseSlotLocked(std::uint32_t slot) noexcept {
+  const std::uint32_t superpage = slot / kPagesPerSuperpage;
+  const std::uint32_t index = slot % kPagesPerSuperpage;
+  SuperpageMeta& meta = superpages_[superpage];
+  assert(meta.state == State::kActive);
+  assert((meta.free_mask[index / 64] & (std::uint64_t{1} << (index % 64))) == 0);
+  meta.free_mask[index / 64] |= std::uint64_t{1} << (index % 64);
+  ++active_free_slots_;
+  if (meta.used_slots-- == kPagesPerSuperpage) {
+    meta.partial_pos = static_cast<std::uint32_t>(partial_.size());
+    partial_.push_back(superpage);
+  }
+  if (meta.used_slots == 0) {
+    // Empty: hand the whole superpage back, so passive allocations can have it.
+    RemovePartialLocked(superpage);
+    active_free_slots_ -= kPagesPerSuperpage;
+    ReleaseSuperpageLocked(superpage);
+  }
+}
+
+void LenderPool::RemovePartialLocked(std::uint32_t superpage) noexcept {
+  SuperpageMeta& meta = superpages_[superpage];
+  assert(meta.partial_pos != kNone && partial_[meta.partial_pos] == superpage);
+  const std::uint32_t last = partial_.back();
+  partial_[meta.partial_pos] = last;
+  superpages_[last].partial_pos = meta.partial_pos;
+  partial_.pop_back();
+  meta.partial_pos = kNone;
+}
+
+void LenderPool::ReleaseSuperpageLocked(std::uint32_t superpage) noexcept {
+  SuperpageMeta& meta = superpages_[superpage];
+  meta.state = State::kFree;
+  meta.owner = kNoSession;
+  meta.sid = 0;
+  meta.used_slots = 0;
+  meta.partial_pos = kNone;
+  free_superpages_.push_back(superpage);  // capacity reserved for every superpage
+}
+
+void LenderPool::RemovePageLocked(
+    Session& session, Pool& pool,
+    std::unordered_map<PageKey, ActivePage, PageKeyHash>::iterator page) noexcept {
+  if (pool.ephemeral) fifo_.erase(page->second.fifo);
+  ReleaseSlotLocked(page->second.slot);
+  pool.pages.erase(page);
+  --session.active_pages;
+}
+
+bool LenderPool::EvictOldestLocked(FifoEntry* evicted) noexcept {
+  if (fifo_.empty()) return false;
+  *evicted = fifo_.front();
+  // Every FIFO entry names a live page; a page leaves the FIFO when it is removed.
+  const auto owner = sessions_.find(evicted->owner);
+  assert(owner != sessions_.end());
+  const auto pool = owner->second.pools.find(evicted->handle.pool);
+  assert(pool != owner->second.pools.end());
+  const auto page =
+      pool->second.pages.find(PageKey{evicted->handle.object, evicted->handle.index});
+  assert(page != pool->second.pages.end());
+  RemovePageLocked(owner->second, pool->second, page);
+  return true;
+}
+
+}  // namespace memlend::peer

@@ -1,0 +1,496 @@
+#include "peer/lender_service.h"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/log.h"
+
+namespace memlend::peer {
+namespace {
+
+constexpr std::size_t kHeaderBytes = sizeof(Header);
+
+std::span<std::byte, kHeaderBytes> HeaderSpan(std::byte* at) {
+  return std::span<std::byte, kHeaderBytes>(at, kHeaderBytes);
+}
+
+// A fixed-size request body: kOk if the payload is exactly `expected` bytes, else the
+// status to refuse it with.
+Status CheckPayload(const Message& request, std::size_t expected) {
+  if (request.payload_bytes < expected) return Status::kInvalid;
+  if (request.payload_bytes > expected) return Status::kTooBig;
+  return Status::kOk;
+}
+
+const char* RequestName(MessageType type) {
+  switch (type) {
+    case MessageType::kHello: return "HELLO";
+    case MessageType::kQuery: return "QUERY";
+    case MessageType::kAllocSuperpage: return "ALLOC_SUPERPAGE";
+    case MessageType::kFreeSuperpage: return "FREE_SUPERPAGE";
+    case MessageType::kWrite: return "WRITE";
+    case MessageType::kRead: return "READ";
+    case MessageType::kPut: return "PUT";
+    case MessageType::kGet: return "GET";
+    case MessageType::kFlush: return "FLUSH";
+    case MessageType::kDestroyPool: return "DESTROY_POOL";
+    case MessageType::kEvicted: return "EVICTED";
+    case MessageType::kReclaim: return "RECLAIM";
+    case MessageType::kShutdown: return "SHUTDOWN";
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+// One session's request loop. Lives on the session's thread; owns the buffers a request
+// and its reply are assembled in.
+class LenderService::Connection {
+ public:
+  Connection(LenderService* service, Session* session)
+      : service_(*service),
+        session_(*session),
+        fd_(session->fd.get()),
+        payload_(std::make_unique_for_overwrite<std::byte[]>(kMaxPayload)),
+        reply_(std::make_unique_for_overwrite<std::byte[]>(kHeaderBytes + kSuperpageBytes)) {}
+
+  // Serves requests until the borrower leaves, the stream breaks or the service stops.
+  void Run() noexcept {
+    for (;;) {
+      std::byte wire[kHeaderBytes];
+      if (ReadFull(fd_, wire, sizeof(wire)) != 0) return;
+      Message request;
+      switch (DecodeHeader(wire, &request)) {
+        case HeaderCheck::kOk:
+          break;
+        case HeaderCheck::kBadVersion:
+          Refuse(request, Status::kProtocol,
+                 "this lender speaks peer protocol version %u, the request was version %u",
+                 unsigned{kVersion}, unsigned{request.version});
+          return;
+        case HeaderCheck::kBadMagic:
+          LogDebug("peer session %llu: bad magic, hanging up", Id());
+          return;
+        case HeaderCheck::kTooLong:
+          LogDebug("peer session %llu: payload of %u bytes is over the limit, hanging up", Id(),
+                   request.payload_bytes);
+          return;
+      }
+      if (request.reply) {
+        LogDebug("peer session %llu: the borrower sent a reply, hanging up", Id());
+        return;
+      }
+      if (request.payload_bytes > 0 &&
+          ReadFull(fd_, payload_.get(), request.payload_bytes) != 0) {
+        return;
+      }
+      if (!Serve(request)) return;
+    }
+  }
+
+ private:
+  unsigned long long Id() const { return session_.id; }
+  std::span<const std::byte> Payload(const Message& request) const {
+    return {payload_.get(), request.payload_bytes};
+  }
+  std::byte* Body() { return reply_.get() + kHeaderBytes; }
+
+  // Sends the reply to `request` whose body (of `body_bytes`) is already at Body().
+  // Returns false if the stream broke.
+  bool Send(const Message& request, Status status, std::size_t body_bytes) noexcept {
+    EncodeHeader(request.type, true, 0, status, request.tag,
+                 static_cast<std::uint32_t>(body_bytes), HeaderSpan(reply_.get()));
+    std::lock_guard lock(session_.send_mu);
+    return WriteFull(fd_, reply_.get(), kHeaderBytes + body_bytes) == 0;
+  }
+
+  // Sends a failed reply whose payload is the formatted error text.
+  [[gnu::format(printf, 4, 5)]] bool Refuse(const Message& request, Status status,
+                                            const char* format, ...) noexcept {
+    char* text = reinterpret_cast<char*>(Body());
+    va_list args;
+    va_start(args, format);
+    const int n = std::vsnprintf(text, kMaxErrorText + 1, format, args);
+    va_end(args);
+    const std::size_t length = n < 0 ? 0 : std::min<std::size_t>(n, kMaxErrorText);
+    return Send(request, status, length);
+  }
+
+  // Refuses a request whose payload has the wrong size (see CheckPayload).
+  bool RefuseLength(const Message& request, Status status, std::size_t expected) noexcept {
+    return Refuse(request, status, "%s carries %u payload bytes, expected %zu",
+                  RequestName(request.type), request.payload_bytes, expected);
+  }
+
+  // Handles one complete request. Returns false to hang up.
+  bool Serve(const Message& request) noexcept {
+    const MessageType type = request.type;
+    if (!hello_ && type != MessageType::kHello) {
+      return Refuse(request, Status::kProtocol, "send HELLO before %s", RequestName(type));
+    }
+    const std::uint32_t allowed_flags = type == MessageType::kPut ? kPutEphemeral : 0;
+    switch (type) {
+      case MessageType::kHello:
+      case MessageType::kQuery:
+      case MessageType::kAllocSuperpage:
+      case MessageType::kFreeSuperpage:
+      case MessageType::kWrite:
+      case MessageType::kRead:
+      case MessageType::kPut:
+      case MessageType::kGet:
+      case MessageType::kFlush:
+      case MessageType::kDestroyPool:
+        if ((request.flags & ~allowed_flags) != 0) {
+          return Refuse(request, Status::kInvalid, "%s with unknown flags 0x%x",
+                        RequestName(type), request.flags & ~allowed_flags);
+        }
+        break;
+      default:
+        return Refuse(request, Status::kUnsupported, "unknown request type %u",
+                      static_cast<unsigned>(type));
+    }
+    switch (type) {
+      case MessageType::kHello: return Hello(request);
+      case MessageType::kQuery: return Query(request);
+      case MessageType::kAllocSuperpage: return AllocSuperpage(request);
+      case MessageType::kFreeSuperpage: return FreeSuperpage(request);
+      case MessageType::kWrite: return Write(request);
+      case MessageType::kRead: return Read(request);
+      case MessageType::kPut: return Put(request);
+      case MessageType::kGet: return Get(request);
+      case MessageType::kFlush: return Flush(request);
+      case MessageType::kDestroyPool: return DestroyPool(request);
+      default: return true;  // handled above
+    }
+  }
+
+  bool Hello(const Message& request) noexcept {
+    if (const Status s = CheckPayload(request, sizeof(HelloBody)); s != Status::kOk) {
+      return RefuseLength(request, s, sizeof(HelloBody));
+    }
+    HelloBody borrower;
+    DecodeBody(Payload(request), &borrower);
+    if (!hello_) {
+      LogDebug("peer session %llu: borrower node %016llx", Id(),
+               static_cast<unsigned long long>(borrower.node_id));
+    }
+    hello_ = true;
+    const HelloBody reply{service_.node_id_, service_.pool_.pool_bytes(), kSuperpageBytes,
+                          kCapPassive | kCapActive};
+    EncodeBody(reply, Body());
+    return Send(request, Status::kOk, sizeof(reply));
+  }
+
+  bool Query(const Message& request) noexcept {
+    if (const Status s = CheckPayload(request, 0); s != Status::kOk) {
+      return RefuseLength(request, s, 0);
+    }
+    const LenderPoolStats stats = service_.pool_.Stats(session_.id);
+    const QueryReply reply{stats.total_pages, stats.free_pages, stats.caller_pages,
+                           stats.borrowers, kPagesPerSuperpage};
+    EncodeBody(reply, Body());
+    return Send(request, Status::kOk, sizeof(reply));
+  }
+
+  bool AllocSuperpage(const Message& request) noexcept {
+    if (const Status s = CheckPayload(request, 0); s != Status::kOk) {
+      return RefuseLength(request, s, 0);
+    }
+    if (service_.shutting_down_.load(std::memory_order_acquire)) {
+      return Refuse(request, Status::kShuttingDown, "the lender is shutting down");
+    }
+    SuperpageBody reply{};
+    const Status status = service_.pool_.AllocSuperpage(session_.id, &reply.sid);
+    if (status != Status::kOk) return Refuse(request, status, "no free superpage");
+    EncodeBody(reply, Body());
+    return Send(request, Status::kOk, sizeof(reply));
+  }
+
+  bool FreeSuperpage(const Message& request) noexcept {
+    if (const Status s = CheckPayload(request, sizeof(SuperpageBody)); s != Status::kOk) {
+      return RefuseLength(request, s, sizeof(SuperpageBody));
+    }
+    SuperpageBody body;
+    DecodeBody(Payload(request), &body);
+    const Status status = service_.pool_.FreeSuperpage(session_.id, body.sid);
+    if (status != Status::kOk) {
+      return Refuse(request, status, "superpage %u is not this session's", body.sid);
+    }
+    return Send(request, Status::kOk, 0);
+  }
+
+  // The refusal text for a failed WRITE or READ.
+  bool RefuseRange(const Message& request, Status status, const RangeBody& range) noexcept {
+    if (status == Status::kNotPermitted) {
+      return Refuse(request, status, "superpage %u is not this session's", range.sid);
+    }
+    return Refuse(request, status,
+                  "%s of %u bytes at offset %u: not whole 4 KiB pages inside the superpage",
+                  RequestName(request.type), range.length, range.offset);
+  }
+
+  bool Write(const Message& request) noexcept {
+    RangeBody range;
+    if (!DecodeBody(Payload(request), &range) ||
+        std::uint64_t{request.payload_bytes} != sizeof(RangeBody) + std::uint64_t{range.length}) {
+      return Refuse(request, Status::kInvalid,
+                    "WRITE carries %u payload bytes, expected 16 plus the range's length",
+                    request.payload_bytes);
+    }
+    const Status status = service_.pool_.Write(
+        session_.id, range, Payload(request).subspan(sizeof(RangeBody)));
+    if (status != Status::kOk) return RefuseRange(request, status, range);
+    return Send(request, Status::kOk, 0);
+  }
+
+  bool Read(const Message& request) noexcept {
+    if (request.payload_bytes != sizeof(RangeBody)) {
+      return RefuseLength(request, Status::kInvalid, sizeof(RangeBody));
+    }
+    RangeBody range;
+    DecodeBody(Payload(request), &range);
+    // Checked before the length is trusted as a size: the reply buffer holds a superpage.
+    const Status status = range.length <= kSuperpageBytes
+                              ? service_.pool_.Read(session_.id, range,
+                                                    std::span<std::byte>(Body(), range.length))
+                              : service_.pool_.Read(session_.id, range, {});
+    if (status != Status::kOk) return RefuseRange(request, status, range);
+    return Send(request, Status::kOk, range.length);
+  }
+
+  bool Put(const Message& request) noexcept {
+    constexpr std::size_t kExpected = sizeof(HandleBody) + kPageBytes;
+    if (const Status s = CheckPayload(request, kExpected); s != Status::kOk) {
+      return RefuseLength(request, s, kExpected);
+    }
+    HandleBody handle;
+    DecodeBody(Payload(request), &handle);
+    const bool ephemeral = (request.flags & kPutEphemeral) != 0;
+    const Status status = service_.pool_.Put(
+        session_.id, handle, ephemeral,
+        std::span<const std::byte, kPageBytes>(payload_.get() + sizeof(HandleBody), kPageBytes));
+    if (status == Status::kInvalid) {
+      return Refuse(request, status, "pool %u is not %s", handle.pool,
+                    ephemeral ? "ephemeral" : "persistent");
+    }
+    if (status != Status::kOk) return Refuse(request, status, "no room for the page");
+    return Send(request, Status::kOk, 0);
+  }
+
+  bool Get(const Message& request) noexcept {
+    if (const Status s = CheckPayload(request, sizeof(HandleBody)); s != Status::kOk) {
+      return RefuseLength(request, s, sizeof(HandleBody));
+    }
+    HandleBody handle;
+    DecodeBody(Payload(request), &handle);
+    const Status status = service_.pool_.Get(
+        session_.id, handle, std::span<std::byte, kPageBytes>(Body(), kPageBytes));
+    // A miss is routine for ephemeral pools: no text.
+    if (status != Status::kOk) return Send(request, status, 0);
+    return Send(request, Status::kOk, kPageBytes);
+  }
+
+  bool Flush(const Message& request) noexcept {
+    if (const Status s = CheckPayload(request, sizeof(HandleBody)); s != Status::kOk) {
+      return RefuseLength(request, s, sizeof(HandleBody));
+    }
+    HandleBody handle;
+    DecodeBody(Payload(request), &handle);
+    return Send(request, service_.pool_.Flush(session_.id, handle), 0);
+  }
+
+  bool DestroyPool(const Message& request) noexcept {
+    if (const Status s = CheckPayload(request, sizeof(HandleBody)); s != Status::kOk) {
+      return RefuseLength(request, s, sizeof(HandleBody));
+    }
+    HandleBody handle;
+    DecodeBody(Payload(request), &handle);
+    return Send(request, service_.pool_.DestroyPool(session_.id, handle.pool), 0);
+  }
+
+  LenderService& service_;
+  Session& session_;
+  const int fd_;
+  std::unique_ptr<std::byte[]> payload_;  // the current request's payload
+  std::unique_ptr<std::byte[]> reply_;    // header + body of the reply being built
+  bool hello_ = false;
+};
+
+LenderService::LenderService(const Endpoint& listen, std::uint64_t pool_bytes,
+                             std::uint64_t node_id)
+    : endpoint_(listen), node_id_(node_id), pool_(pool_bytes), listener_(ListenOn(listen)) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) {
+    throw std::runtime_error(std::string("cannot create a pipe: ") + std::strerror(errno));
+  }
+  wake_read_.Reset(fds[0]);
+  wake_write_.Reset(fds[1]);
+  pool_.SetEvictionHandler(
+      [this](SessionId owner, const HandleBody& handle) { NotifyEvicted(owner, handle); });
+}
+
+LenderService::~LenderService() { Stop(); }
+
+void LenderService::Start() { acceptor_ = std::thread([this] { AcceptLoop(); }); }
+
+void LenderService::Stop() {
+  std::vector<std::shared_ptr<Session>> open;
+  {
+    std::lock_guard lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    shutting_down_.store(true, std::memory_order_release);
+    open.reserve(sessions_.size());
+    for (const auto& [id, session] : sessions_) open.push_back(session);
+  }
+  // Tell every borrower, without waiting long for anyone: skip a session whose socket is
+  // being written for too long, and never block on a full one. Then hang up; the threads
+  // see end of stream.
+  std::byte notice[kHeaderBytes + sizeof(ShutdownBody)];
+  EncodeHeader(MessageType::kShutdown, false, 0, Status::kOk, 0, sizeof(ShutdownBody),
+               HeaderSpan(notice));
+  EncodeBody(ShutdownBody{0, 0}, notice + kHeaderBytes);
+  for (const std::shared_ptr<Session>& session : open) {
+    if (session->finished.load(std::memory_order_acquire)) continue;
+    // Polls rather than std::timed_mutex: its timed lock (pthread_mutex_clocklock) is
+    // invisible to ThreadSanitizer in GCC 12, which then reports every unlock.
+    std::unique_lock lock(session->send_mu, std::try_to_lock);
+    const auto give_up = std::chrono::steady_clock::now() + kShutdownNoticeWait;
+    while (!lock.owns_lock() && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      lock.try_lock();
+    }
+    if (lock.owns_lock()) {
+      [[maybe_unused]] const ssize_t sent =
+          ::send(session->fd.get(), notice, sizeof(notice), MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+  }
+  for (const std::shared_ptr<Session>& session : open) {
+    ::shutdown(session->fd.get(), SHUT_RDWR);
+  }
+  const char byte = 1;
+  [[maybe_unused]] const ssize_t ignored = ::write(wake_write_.get(), &byte, 1);
+  if (acceptor_.joinable()) acceptor_.join();
+  // Nobody accepts any more: close the listener so borrowers are refused, not left
+  // waiting in the backlog.
+  listener_.Reset();
+  // No new sessions can appear now; wait for the ones winding down.
+  std::unordered_map<SessionId, std::shared_ptr<Session>> remaining;
+  {
+    std::lock_guard lock(mu_);
+    remaining.swap(sessions_);
+  }
+  for (auto& [id, session] : remaining) {
+    if (session->thread.joinable()) session->thread.join();
+  }
+  if (endpoint_.kind == Endpoint::Kind::kUnix) ::unlink(endpoint_.path.c_str());
+}
+
+LendingStats LenderService::Stats() const {
+  const LenderPoolStats stats = pool_.Stats();
+  return LendingStats{pool_.pool_bytes(), stats.used_bytes, stats.borrowers};
+}
+
+void LenderService::AcceptLoop() {
+  for (;;) {
+    pollfd polls[2] = {{listener_.get(), POLLIN, 0}, {wake_read_.get(), POLLIN, 0}};
+    if (::poll(polls, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      LogError("lender: poll failed on %s: %s", endpoint_.ToString().c_str(),
+               std::strerror(errno));
+      return;
+    }
+    if (polls[1].revents != 0) return;
+    if (polls[0].revents == 0) continue;
+
+    UniqueFd fd(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!fd.valid()) {
+      if (errno != EINTR && errno != ECONNABORTED && errno != EAGAIN) {
+        LogError("lender: accept failed on %s: %s", endpoint_.ToString().c_str(),
+                 std::strerror(errno));
+        if (errno == EMFILE || errno == ENFILE) ::usleep(100 * 1000);  // let fds free up
+      }
+      continue;
+    }
+    if (endpoint_.kind == Endpoint::Kind::kTcp) {
+      const int one = 1;
+      ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    }
+    const timeval send_timeout{static_cast<time_t>(kSendTimeout.count()), 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof(send_timeout));
+
+    std::lock_guard lock(mu_);
+    ReapFinishedLocked();
+    if (stopping_) return;
+    auto session = std::make_shared<Session>();
+    session->id = next_session_++;
+    session->fd = std::move(fd);
+    Session* raw = session.get();
+    sessions_.emplace(session->id, std::move(session));
+    raw->thread = std::thread([this, raw] { ServeSession(raw); });
+  }
+}
+
+void LenderService::ServeSession(Session* session) {
+  LogDebug("lender: session %llu opened", static_cast<unsigned long long>(session->id));
+  try {
+    Connection connection(this, session);
+    connection.Run();
+  } catch (const std::bad_alloc&) {
+    LogError("lender: out of memory for session %llu's buffers, hanging up",
+             static_cast<unsigned long long>(session->id));
+  }
+  // Hang up now and free what the session held; the descriptor itself is closed when the
+  // last reference goes, so neither Stop() nor a notice touches a reused number.
+  ::shutdown(session->fd.get(), SHUT_RDWR);
+  pool_.ReleaseSession(session->id);
+  LogDebug("lender: session %llu closed", static_cast<unsigned long long>(session->id));
+  session->finished.store(true, std::memory_order_release);
+}
+
+void LenderService::NotifyEvicted(SessionId owner, const HandleBody& handle) noexcept {
+  std::shared_ptr<Session> session;
+  {
+    std::lock_guard lock(mu_);
+    const auto it = sessions_.find(owner);
+    if (it == sessions_.end()) return;
+    session = it->second;
+  }
+  if (session->finished.load(std::memory_order_acquire)) return;
+  std::byte notice[kHeaderBytes + sizeof(HandleBody)];
+  EncodeHeader(MessageType::kEvicted, false, 0, Status::kOk, 0, sizeof(HandleBody),
+               HeaderSpan(notice));
+  EncodeBody(handle, notice + kHeaderBytes);
+  std::lock_guard lock(session->send_mu);
+  if (WriteFull(session->fd.get(), notice, sizeof(notice)) != 0) {
+    // Maybe half a message went out: the stream is out of step, so end the session.
+    ::shutdown(session->fd.get(), SHUT_RDWR);
+  }
+}
+
+void LenderService::ReapFinishedLocked() {
+  for (auto it = sessions_.begin(); it != sessions_.end();) {
+    if (it->second->finished.load(std::memory_order_acquire)) {
+      it->second->thread.join();
+      it = sessions_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+}  // namespace memlend::peer

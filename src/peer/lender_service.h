@@ -1,0 +1,110 @@
+// LenderService: the lender's end of the peer protocol (docs/peer-protocol.md). Listens on
+// one endpoint and serves each borrower connection — a session — on its own thread, over
+// one LenderPool that holds the lent memory and its rules.
+//
+// Design. One blocking thread per session, as NbdServer does: a lender has a handful of
+// borrowers, each request costs a network round trip, and a borrower pipelines on one
+// connection, so a session's thread spends its time in recv. Requests of one session are
+// therefore served in order, one at a time, which LenderPool relies on to copy data
+// outside its lock. The thread reads a header and its whole payload into a per-session
+// buffer (at most kMaxPayload), validates the request once here — framing, HELLO first,
+// payload length, flags — and hands it to the pool, then sends the reply with one write
+// of header and body. A PUT on one session can evict another session's page; the EVICTED
+// notice is then written to the owner's socket by the evicting thread, so every write to
+// a session's socket holds that session's send mutex. Sessions are shared_ptrs so a
+// notice can be sent to a session that is ending without racing its destruction.
+// Sockets have a send timeout (kSendTimeout): a borrower that stops reading its socket is
+// dropped rather than stalling the sessions whose PUTs evict its pages. Known weakness:
+// those notices are written synchronously, so a slow borrower delays the PUT replies of
+// the sessions evicting its pages, by up to the send timeout.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "common/unique_fd.h"
+#include "peer/codec.h"
+#include "peer/lender_pool.h"
+#include "transport/socket.h"
+
+namespace memlend::peer {
+
+// What `memlend status` shows under "lending".
+struct LendingStats {
+  std::uint64_t total_bytes = 0;  // the pool's size
+  std::uint64_t used_bytes = 0;   // bytes granted or holding active pages
+  std::uint64_t borrowers = 0;    // sessions holding memory now
+};
+
+class LenderService {
+ public:
+  // How long a write to a borrower may block before the borrower is dropped.
+  static constexpr std::chrono::seconds kSendTimeout{30};
+  // How long Stop() waits for a session's socket to be free to send it SHUTDOWN.
+  static constexpr std::chrono::milliseconds kShutdownNoticeWait{100};
+
+  // Reserves a pool of `pool_bytes` (rounded down to whole 2 MiB superpages) and binds and
+  // listens on `listen`. `node_id` is sent in HELLO replies. Throws std::runtime_error
+  // naming the endpoint and the reason when it cannot listen, std::invalid_argument when
+  // the pool is smaller than one superpage, std::system_error when it cannot be mapped.
+  LenderService(const Endpoint& listen, std::uint64_t pool_bytes, std::uint64_t node_id);
+  // Stops the service if it still runs.
+  ~LenderService();
+  LenderService(const LenderService&) = delete;
+  LenderService& operator=(const LenderService&) = delete;
+
+  // Starts accepting borrowers on a background thread. Call once.
+  void Start();
+  // Stops accepting and closes the listening socket, sends every session a SHUTDOWN
+  // notice with deadline 0 (best effort: skipped for a session whose socket is full or
+  // busy with another message for more than kShutdownNoticeWait), hangs up every session,
+  // waits for their threads and frees what they held. Idempotent; call from any thread
+  // but a session's own.
+  void Stop();
+
+  // A snapshot of the pool's use. Thread-safe.
+  LendingStats Stats() const;
+
+  const Endpoint& endpoint() const { return endpoint_; }
+  // The pool, for tests and status. Thread-safe as documented there.
+  const LenderPool& pool() const { return pool_; }
+
+ private:
+  struct Session {
+    SessionId id = kNoSession;
+    UniqueFd fd;  // closed when the last reference goes, after the thread ended
+    std::thread thread;
+    std::atomic<bool> finished{false};
+    std::mutex send_mu;  // held for each whole message written to fd
+  };
+  class Connection;  // one session's request loop (lender_service.cc)
+
+  void AcceptLoop();
+  void ServeSession(Session* session);
+  // Sends an EVICTED notice for `handle` to session `owner`, if it is still connected.
+  void NotifyEvicted(SessionId owner, const HandleBody& handle) noexcept;
+  // Joins and forgets sessions whose threads have ended. REQUIRES: mu_ held.
+  void ReapFinishedLocked();
+
+  // Constant after construction.
+  const Endpoint endpoint_;
+  const std::uint64_t node_id_;
+  LenderPool pool_;
+  UniqueFd listener_;    // closed by Stop() once the acceptor has ended
+  UniqueFd wake_read_;  // a pipe that wakes the accept loop on Stop()
+  UniqueFd wake_write_;
+
+  std::atomic<bool> shutting_down_{false};  // set by Stop(): refuse new allocations
+  std::thread acceptor_;
+  mutable std::mutex mu_;
+  std::unordered_map<SessionId, std::shared_ptr<Session>> sessions_;  // guarded by mu_
+  SessionId next_session_ = 1;                                          // guarded by mu_
+  bool stopping_ = false;                                               // guarded by mu_
+};
+
+}  // namespace memlend::peer
