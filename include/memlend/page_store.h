@@ -64,6 +64,23 @@ class PageStore {
   // Thread-safe, including against writes and discards of other slots.
   virtual int Read(Slot slot, PageSpan out) noexcept = 0;
 
+  // Reads several pages: results[i] gets 0 or -errno for slots[i], whose page goes to
+  // outs[i] (kPageSize bytes). The default reads one at a time; a remote store overlaps
+  // the round trips. Thread-safe as Read.
+  virtual void ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
+                         std::span<int> results) noexcept {
+    for (std::size_t i = 0; i < slots.size(); ++i) {
+      results[i] = Read(slots[i], PageSpan(outs[i], kPageSize));
+    }
+  }
+
+  // Pin keeps `slot` readable until the matching Unpin even if it is discarded meanwhile
+  // (the discard then takes effect at Unpin). It lets a caller look a page up under the
+  // page's lock, drop the lock, and read it later in a batch. Stores that are only read
+  // under the page lock need not implement it.
+  virtual void Pin(Slot /*slot*/) noexcept {}
+  virtual void Unpin(Slot /*slot*/) noexcept {}
+
   // Releases `slot`; its room can be reused at once. Never fails.
   // REQUIRES: `slot` is live, and no other thread reads or discards it concurrently.
   virtual void Discard(Slot slot) noexcept = 0;

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 #include <span>
+#include <vector>
 
 #include "common/byte_buffer.h"
 #include "common/log.h"
@@ -18,6 +19,8 @@ namespace {
 
 constexpr std::size_t kInputBytes = 1 << 20;     // holds many pipelined page writes
 constexpr std::size_t kSendThreshold = 1 << 18;  // send replies early past this much
+constexpr std::size_t kMaxReadRun = 64;          // READs served by one Device::ReadMany
+constexpr std::size_t kMaxReadRunBytes = 4 << 20;
 
 class Connection {
  public:
@@ -44,6 +47,12 @@ class Connection {
         LogDebug("nbd: bad request magic on %s, closing", device_.name().c_str());
         return false;
       }
+      if (request.type == NBD_CMD_READ &&
+          CheckRequest(request, device_.size_bytes()).error == 0) {
+        ServeReadRun();
+        if (replies_.size() >= kSendThreshold && !SendReplies()) return false;
+        continue;
+      }
       std::span<const std::byte> payload;
       if (HasPayload(request)) {
         const std::size_t buffered = input_end_ - input_begin_ - kRequestSize;
@@ -63,6 +72,56 @@ class Connection {
       if (replies_.size() >= kSendThreshold && !SendReplies()) return false;
     }
     return true;
+  }
+
+  // Serves the run of valid READ requests at the head of the input buffer with one
+  // Device::ReadMany, so that pages on peers are fetched in one round trip. Replies keep
+  // the requests' order; a failed read's reply carries no data.
+  void ServeReadRun() {
+    batch_.clear();
+    std::size_t reply_bytes = 0;
+    std::size_t at = input_begin_;
+    while (batch_.size() < kMaxReadRun && input_end_ - at >= kRequestSize &&
+           (batch_.empty() || reply_bytes < kMaxReadRunBytes)) {
+      Request request;
+      if (!DecodeRequest(std::span<const std::byte, kRequestSize>(input_.data() + at,
+                                                                  kRequestSize),
+                         &request) ||
+          request.type != NBD_CMD_READ ||
+          CheckRequest(request, device_.size_bytes()).error != 0) {
+        break;  // the ordinary path deals with it
+      }
+      batch_.push_back(request);
+      reply_bytes += kSimpleReplySize + request.length;
+      at += kRequestSize;
+    }
+    input_begin_ = at;
+
+    // Reserve every reply first: the buffer must not move once data pointers are handed out.
+    replies_.Reserve(replies_.size() + reply_bytes);
+    const std::size_t first = replies_.size();
+    reads_.resize(batch_.size());
+    for (std::size_t i = 0; i < batch_.size(); ++i) {
+      replies_.Extend(kSimpleReplySize);
+      reads_[i].offset = batch_[i].offset;
+      reads_[i].out = std::span(replies_.Extend(batch_[i].length), batch_[i].length);
+    }
+    device_.ReadMany(reads_);
+
+    // Write the headers; close the gaps that failed reads leave.
+    std::size_t from = first;
+    std::size_t to = first;
+    for (std::size_t i = 0; i < batch_.size(); ++i) {
+      const std::size_t length = kSimpleReplySize + batch_[i].length;
+      const int rc = reads_[i].result;
+      if (rc == 0 && to != from) std::memmove(replies_.data() + to, replies_.data() + from, length);
+      EncodeSimpleReply(ErrorFromErrno(rc), batch_[i].handle,
+                        std::span<std::byte, kSimpleReplySize>(replies_.data() + to,
+                                                               kSimpleReplySize));
+      to += rc == 0 ? length : kSimpleReplySize;
+      from += length;
+    }
+    replies_.Truncate(to);
   }
 
   // Serves one validated-or-rejected request. Returns false when the connection must close.
@@ -171,6 +230,8 @@ class Connection {
   std::size_t input_end_ = 0;
   ByteBuffer replies_;
   ByteBuffer large_payload_;
+  std::vector<Request> batch_;               // ServeReadRun's requests
+  std::vector<Device::ReadRequest> reads_;   // and their device reads
 };
 
 }  // namespace

@@ -71,8 +71,6 @@ class LenderService {
   LendingStats Stats() const;
 
   const Endpoint& endpoint() const { return endpoint_; }
-  // The pool, for tests and status. Thread-safe as documented there.
-  const LenderPool& pool() const { return pool_; }
 
  private:
   struct Session {

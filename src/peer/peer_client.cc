@@ -122,14 +122,32 @@ int PeerClient::Call(MessageType type, std::uint32_t flags, std::span<const std:
                      std::span<const std::byte> data, std::span<std::byte> out) noexcept {
   Pending pending;
   pending.out = out;
+  const int rc = Submit(type, flags, body, data, &pending);
+  if (rc != 0) return rc;
+  return Wait(&pending);
+}
+
+int PeerClient::SubmitRead(std::uint32_t sid, std::uint32_t offset, Pending* pending) noexcept {
+  const RangeBody body{sid, offset, static_cast<std::uint32_t>(pending->out.size()), 0};
+  return Submit(MessageType::kRead, 0, std::as_bytes(std::span<const RangeBody, 1>(&body, 1)),
+                {}, pending);
+}
+
+int PeerClient::Submit(MessageType type, std::uint32_t flags, std::span<const std::byte> body,
+                       std::span<const std::byte> data, Pending* pending) noexcept {
+  auto fail = [pending](int error) {
+    pending->result = error;
+    pending->done.store(true, std::memory_order_release);
+    return error;
+  };
   const std::uint64_t tag = next_tag_.fetch_add(1, std::memory_order_relaxed);
   {
     std::lock_guard lock(pending_mu_);
-    if (!connected()) return -ENOTCONN;
+    if (!connected()) return fail(-ENOTCONN);
     try {
-      pending_.emplace(tag, &pending);
+      pending_.emplace(tag, pending);
     } catch (const std::bad_alloc&) {
-      return -ENOMEM;
+      return fail(-ENOMEM);
     }
   }
 
@@ -145,11 +163,11 @@ int PeerClient::Call(MessageType type, std::uint32_t flags, std::span<const std:
     rc = SendParts(fd_.get(), parts, data.empty() ? (body.empty() ? 1 : 2) : 3);
   }
   if (rc != 0) {
-    // The stream may hold half a message now: hang up; the reader fails everyone.
+    // The stream may hold half a message now: hang up; the reader fails everyone,
+    // this request included, so the caller's Wait still returns.
     ::shutdown(fd_.get(), SHUT_RDWR);
   }
-  pending.done.wait(false, std::memory_order_acquire);
-  return pending.result;
+  return 0;
 }
 
 void PeerClient::ReaderLoop() {

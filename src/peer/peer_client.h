@@ -47,6 +47,21 @@ class PeerClient {
   int Write(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data) noexcept;
   int Read(std::uint32_t sid, std::uint32_t offset, std::span<std::byte> out) noexcept;
 
+  // Pipelined reads: Submit sends a READ and returns at once; Wait blocks until its reply
+  // is in `out` and returns 0 or -errno. Every successful Submit must be Waited for
+  // before the Pending (and `out`) goes away. A caller submits a batch, then waits for
+  // each, so the whole batch costs about one round trip.
+  struct Pending {
+    std::span<std::byte> out;  // where the reply payload goes (exact size expected)
+    std::atomic<bool> done{false};
+    int result = 0;
+  };
+  int SubmitRead(std::uint32_t sid, std::uint32_t offset, Pending* pending) noexcept;
+  static int Wait(Pending* pending) noexcept {
+    pending->done.wait(false, std::memory_order_acquire);
+    return pending->result;
+  }
+
   bool connected() const { return connected_.load(std::memory_order_acquire); }
   const Endpoint& endpoint() const { return endpoint_; }
   // The lender's HELLO reply. Constant after construction.
@@ -55,12 +70,10 @@ class PeerClient {
   std::uint64_t last_rtt_us() const { return last_rtt_us_.load(std::memory_order_relaxed); }
 
  private:
-  struct Pending {
-    std::span<std::byte> out;        // where the reply payload goes (exact size expected)
-    std::atomic<bool> done{false};
-    int result = 0;
-  };
-
+  // Registers `pending` under a new tag and sends the request. On failure returns
+  // -errno and `pending` is already completed with that error.
+  int Submit(MessageType type, std::uint32_t flags, std::span<const std::byte> body,
+             std::span<const std::byte> data, Pending* pending) noexcept;
   // Sends one request and waits for its reply. `out` receives the reply payload, which
   // must be exactly out.size() bytes on success.
   int Call(MessageType type, std::uint32_t flags, std::span<const std::byte> body,

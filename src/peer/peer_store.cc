@@ -1,5 +1,6 @@
 #include "peer/peer_store.h"
 
+#include <algorithm>
 #include <bit>
 #include <cassert>
 #include <cerrno>
@@ -245,6 +246,67 @@ int PeerStore::Read(Slot slot, PageSpan out) noexcept {
   return rc == 0 ? 0 : -EIO;
 }
 
+void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
+                          std::span<int> results) noexcept {
+  constexpr std::size_t kWindow = 64;  // requests in flight per call
+  for (std::size_t base = 0; base < slots.size(); base += kWindow) {
+    const std::size_t count = std::min(kWindow, slots.size() - base);
+    PeerClient::Pending pending[kWindow];
+    std::shared_ptr<PeerClient> clients[kWindow];
+    for (std::size_t i = 0; i < count; ++i) {
+      std::size_t peer_index;
+      std::uint32_t sid;
+      std::uint32_t index;
+      SplitSlot(slots[base + i], &peer_index, &sid, &index);
+      assert(peer_index < peers_.size());
+      clients[i] = ClientOf(*peers_[peer_index]);
+      pending[i].out = std::span<std::byte>(outs[base + i], kPageSize);
+      if (!clients[i] || clients[i]->SubmitRead(sid, index * kPageBytes, &pending[i]) != 0) {
+        pending[i].result = -EIO;
+        pending[i].done.store(true, std::memory_order_release);
+      }
+    }
+    for (std::size_t i = 0; i < count; ++i) {
+      results[base + i] = PeerClient::Wait(&pending[i]) == 0 ? 0 : -EIO;
+    }
+  }
+}
+
+void PeerStore::Pin(Slot slot) noexcept {
+  std::size_t peer_index;
+  std::uint32_t sid;
+  std::uint32_t index;
+  SplitSlot(slot, &peer_index, &sid, &index);
+  Peer& peer = *peers_[peer_index];
+  std::lock_guard lock(peer.mu);
+  try {
+    ++peer.pins[slot].count;
+  } catch (const std::bad_alloc&) {
+    // Pin cannot fail. Without the pin a racing discard could recycle the slot before
+    // the batched read, which would then return another page's bytes; say so loudly.
+    LogError("peer store: out of memory pinning a page");
+  }
+}
+
+void PeerStore::Unpin(Slot slot) noexcept {
+  std::size_t peer_index;
+  std::uint32_t sid;
+  std::uint32_t index;
+  SplitSlot(slot, &peer_index, &sid, &index);
+  Peer& peer = *peers_[peer_index];
+  bool release = false;
+  {
+    std::lock_guard lock(peer.mu);
+    const auto it = peer.pins.find(slot);
+    if (it == peer.pins.end()) return;
+    if (--it->second.count == 0) {
+      release = it->second.discarded;
+      peer.pins.erase(it);
+    }
+  }
+  if (release) ReleaseSlot(peer, sid, index);
+}
+
 void PeerStore::Discard(Slot slot) noexcept {
   std::size_t peer_index;
   std::uint32_t sid;
@@ -254,6 +316,14 @@ void PeerStore::Discard(Slot slot) noexcept {
   Peer& peer = *peers_[peer_index];
   const std::uint64_t pages = peer.pages.load(std::memory_order_relaxed);
   if (pages > 0) peer.pages.fetch_sub(1, std::memory_order_relaxed);
+  {
+    std::lock_guard lock(peer.mu);
+    const auto it = peer.pins.find(slot);
+    if (it != peer.pins.end()) {
+      it->second.discarded = true;  // a batched read still needs it: release at Unpin
+      return;
+    }
+  }
   ReleaseSlot(peer, sid, index);
 }
 

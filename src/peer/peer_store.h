@@ -62,6 +62,11 @@ class PeerStore final : public PageStore {
 
   int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override;
   int Read(Slot slot, PageSpan out) noexcept override;
+  // Submits every read before waiting for any, so a batch costs about one round trip.
+  void ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
+                 std::span<int> results) noexcept override;
+  void Pin(Slot slot) noexcept override;
+  void Unpin(Slot slot) noexcept override;
   void Discard(Slot slot) noexcept override;
   // pages: pages stored on all peers; used_bytes: superpages held * 2 MiB; total_bytes:
   // the sum of the peers' pools.
@@ -84,6 +89,11 @@ class PeerStore final : public PageStore {
     std::string last_error;              // guarded by mu
     bool refusing = false;               // guarded by mu
     std::uint64_t pool_total_bytes = 0;  // guarded by mu
+    struct PinState {
+      std::uint32_t count = 0;
+      bool discarded = false;  // Discard came while pinned: release at the last Unpin
+    };
+    std::unordered_map<Slot, PinState> pins;  // guarded by mu
     std::atomic<std::uint64_t> free_pages{0};  // last reported by the lender
     std::atomic<std::uint64_t> pages{0};
   };

@@ -133,29 +133,131 @@ int Device::Read(std::uint64_t offset, std::span<std::byte> out) noexcept {
 
     PageLock lock(LockFor(page));
     std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
-    const Location where =
-        entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
-    if (where.reads_as_zero()) {
-      std::memset(dest, 0, count);
-      done += count;
-      continue;
-    }
-    // A whole page is read straight into the caller's buffer, a partial one via a copy.
-    alignas(64) std::byte buffer[kPageSize];
-    std::byte* contents = count == kPageSize ? dest : buffer;
-    const int rc = tiers_.Load(where, PageSpan(contents, kPageSize));
+    const int rc = ReadPageLocked(page, entry, in_page, count, dest);
     if (rc != 0) return rc;
-    if (where.tier() == Tier::kRemote || where.tier() == Tier::kDisk) {
-      Location promoted;
-      if (tiers_.MaybePromote(ConstPageSpan(contents, kPageSize), page, where, &promoted)) {
-        SetLocation(entry, where, promoted);
-      }
-    }
-    Touch(entry);
-    if (contents == buffer) std::memcpy(dest, buffer + in_page, count);
     done += count;
   }
   return 0;
+}
+
+int Device::ReadPageLocked(std::uint64_t page, std::atomic<std::uint64_t>* entry,
+                           std::size_t in_page, std::size_t count, std::byte* dest) noexcept {
+  const Location where =
+      entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
+  if (where.reads_as_zero()) {
+    std::memset(dest, 0, count);
+    return 0;
+  }
+  // A whole page is read straight into the caller's buffer, a partial one via a copy.
+  alignas(64) std::byte buffer[kPageSize];
+  std::byte* contents = count == kPageSize ? dest : buffer;
+  const int rc = tiers_.Load(where, PageSpan(contents, kPageSize));
+  if (rc != 0) return rc;
+  FinishRead(page, entry, where, contents);
+  if (contents == buffer) std::memcpy(dest, buffer + in_page, count);
+  return 0;
+}
+
+void Device::FinishRead(std::uint64_t page, std::atomic<std::uint64_t>* entry, Location where,
+                        const std::byte* contents) noexcept {
+  if (where.tier() == Tier::kRemote || where.tier() == Tier::kDisk) {
+    Location promoted;
+    if (tiers_.MaybePromote(ConstPageSpan(contents, kPageSize), page, where, &promoted)) {
+      SetLocation(entry, where, promoted);
+    }
+  }
+  Touch(entry);
+}
+
+void Device::ReadMany(std::span<ReadRequest> requests) noexcept {
+  // A page of a request whose remote read was put off until the whole batch is known.
+  struct Deferred {
+    std::size_t request;
+    std::uint64_t page;
+    Location where;
+    std::byte* dest;
+    std::size_t in_page;
+    std::size_t count;
+  };
+  // Per-thread scratch that keeps its capacity between calls.
+  thread_local std::vector<Deferred> deferred;
+  thread_local std::vector<Slot> slots;
+  thread_local std::vector<std::byte*> outs;
+  thread_local std::vector<int> results;
+  thread_local std::vector<std::byte> partial_pages;
+  deferred.clear();
+
+  // Phase 1: under each page's lock, serve what is at hand and pin the remote pages.
+  std::size_t partial_count = 0;
+  for (std::size_t r = 0; r < requests.size(); ++r) {
+    ReadRequest& request = requests[r];
+    assert(request.offset + request.out.size() <= size_bytes_);
+    request.result = 0;
+    for (std::size_t done = 0; done < request.out.size() && request.result == 0;) {
+      const std::uint64_t position = request.offset + done;
+      const std::uint64_t page = position >> kPageShift;
+      const std::size_t in_page = position & (kPageSize - 1);
+      const std::size_t count = std::min(kPageSize - in_page, request.out.size() - done);
+      std::byte* dest = request.out.data() + done;
+      PageLock lock(LockFor(page));
+      std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
+      const Location where =
+          entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
+      if (where.tier() == Tier::kRemote) {
+        try {
+          deferred.push_back({r, page, where, dest, in_page, count});
+        } catch (const std::bad_alloc&) {
+          request.result = -ENOMEM;
+          break;
+        }
+        tiers_.PinRemote(where);
+        if (count != kPageSize) ++partial_count;
+      } else {
+        request.result = ReadPageLocked(page, entry, in_page, count, dest);
+      }
+      done += count;
+    }
+  }
+  if (deferred.empty()) return;
+
+  // Phase 2: fetch every pinned page in one batch; partial pages land in scratch pages.
+  try {
+    slots.resize(deferred.size());
+    outs.resize(deferred.size());
+    results.resize(deferred.size());
+    partial_pages.resize(partial_count * kPageSize);
+  } catch (const std::bad_alloc&) {
+    for (const Deferred& d : deferred) {
+      tiers_.UnpinRemote(d.where);
+      requests[d.request].result = -ENOMEM;
+    }
+    return;
+  }
+  std::size_t next_partial = 0;
+  for (std::size_t i = 0; i < deferred.size(); ++i) {
+    slots[i] = deferred[i].where.slot();
+    outs[i] = deferred[i].count == kPageSize ? deferred[i].dest
+                                             : partial_pages.data() + kPageSize * next_partial++;
+  }
+  tiers_.LoadRemoteBatch(slots, outs, results);
+
+  // Phase 3: copy partial pages out, unpin, and mark (or promote) pages still in place.
+  for (std::size_t i = 0; i < deferred.size(); ++i) {
+    const Deferred& d = deferred[i];
+    ReadRequest& request = requests[d.request];
+    tiers_.UnpinRemote(d.where);
+    if (results[i] != 0) {
+      if (request.result == 0) request.result = results[i];
+      continue;
+    }
+    if (d.count != kPageSize) std::memcpy(d.dest, outs[i] + d.in_page, d.count);
+    PageLock lock(LockFor(d.page));
+    std::atomic<std::uint64_t>* entry = Entry(d.page, /*create=*/false);
+    const Location now = Location::FromBits(entry->load(std::memory_order_relaxed));
+    if (now.WithReferenced(false).bits() == d.where.WithReferenced(false).bits()) {
+      FinishRead(d.page, entry, now, outs[i]);
+    }
+  }
 }
 
 int Device::Write(std::uint64_t offset, std::span<const std::byte> data) noexcept {

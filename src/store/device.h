@@ -56,6 +56,16 @@ class Device final : public PageOwner {
 
   // Copies [offset, offset + out.size()) into `out`.
   int Read(std::uint64_t offset, std::span<std::byte> out) noexcept;
+
+  // Several reads at once: each request's `result` gets what Read would return. Pages in
+  // the remote tier are pinned under their locks and then fetched together, so a batch
+  // of remote reads costs about one round trip instead of one each.
+  struct ReadRequest {
+    std::uint64_t offset = 0;
+    std::span<std::byte> out;
+    int result = 0;
+  };
+  void ReadMany(std::span<ReadRequest> requests) noexcept;
   // Writes `data` at `offset`; partial pages are read-modify-written.
   int Write(std::uint64_t offset, std::span<const std::byte> data) noexcept;
   // Make [offset, offset + length) read as zeros. Whole pages become unmapped (Trim) or
@@ -96,6 +106,15 @@ class Device final : public PageOwner {
   class PageLock;
   // Replaces the page's location under its lock, keeping the counts in step.
   void SetLocation(std::atomic<std::uint64_t>* entry, Location from, Location to) noexcept;
+  // Reads [in_page, in_page + count) of one page into `dest`, from whatever tier holds
+  // it, then marks it used (and may promote it). REQUIRES: the page's lock is held.
+  int ReadPageLocked(std::uint64_t page, std::atomic<std::uint64_t>* entry,
+                     std::size_t in_page, std::size_t count, std::byte* dest) noexcept;
+  // After a read of the whole page `contents` from `where`: promotes a lower-tier page
+  // when the local store has room, and sets the referenced bit.
+  // REQUIRES: the page's lock is held and its entry still holds `where`.
+  void FinishRead(std::uint64_t page, std::atomic<std::uint64_t>* entry, Location where,
+                  const std::byte* contents) noexcept;
   // Writes one page whose full new contents are in `page`.
   // REQUIRES: the page's stripe lock is held.
   int StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept;

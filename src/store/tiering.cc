@@ -178,7 +178,10 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
 bool Tiering::MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old,
                            Location* placed) noexcept {
   assert(old.tier() == Tier::kRemote || old.tier() == Tier::kDisk);
-  if (LocalUse() >= options_.high_watermark) return false;
+  // Only under the low watermark: between the watermarks neither promotion nor eviction
+  // runs, so random reads over a working set larger than the store do not churn pages
+  // up and back down.
+  if (LocalUse() >= options_.low_watermark) return false;
   Slot slot = 0;
   if (local_->Write(page, hint, &slot) != 0) return false;
   Release(old);

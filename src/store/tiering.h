@@ -9,8 +9,8 @@
 // (default 80%). A write that finds the local store full does not fail: it evicts a batch
 // itself ("direct reclaim", the backpressure) and retries; only when nothing can be
 // demoted does it place its page in the remote or disk tier directly, and only when every
-// tier is full does it fail with -ENOSPC. A read of a remote or disk page may promote it
-// back to the local store while use is under the high watermark.
+// tier is full does it fail with -ENOSPC. A read of a remote or disk page promotes it back
+// to the local store while use is under the low watermark.
 //
 // Coldness is CLOCK: each page-table entry has a referenced bit that accesses set; the
 // eviction scan clears it and demotes pages it finds clear. The scan runs over the
@@ -24,6 +24,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -125,13 +126,23 @@ class Tiering {
   int Demote(ConstPageSpan page, std::uint64_t hint, Location* placed) noexcept;
 
   // Moves a page that was read from `old` (remote or disk) into the local store when the
-  // store is under its high watermark. Returns true and sets *placed if it moved (and
+  // store is under its low watermark. Returns true and sets *placed if it moved (and
   // `old` was released); false leaves the page where it is.
   bool MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old,
                     Location* placed) noexcept;
 
   // Copies the page at `location` into `out`; zero tiers fill zeros. Returns 0 or -errno.
   int Load(Location location, PageSpan out) noexcept;
+
+  // Batched reads of remote pages, for a caller that looked them up under their locks,
+  // pinned them, dropped the locks and now reads them together (see PageStore::Pin).
+  // REQUIRES: every location is kRemote.
+  void PinRemote(Location location) noexcept { remote_->Pin(location.slot()); }
+  void UnpinRemote(Location location) noexcept { remote_->Unpin(location.slot()); }
+  void LoadRemoteBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
+                       std::span<int> results) noexcept {
+    remote_->ReadBatch(slots, outs, results);
+  }
 
   // Frees whatever room `location` holds (nothing for zero tiers).
   void Release(Location location) noexcept;
