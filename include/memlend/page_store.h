@@ -74,6 +74,17 @@ class PageStore {
     }
   }
 
+  // Writes several pages, each to a new slot: results[i] gets 0 (and slots[i] is set) or
+  // -errno for pages[i] (kPageSize bytes each); hints[i] as for Write. The default writes
+  // one at a time; a remote store overlaps the round trips. Thread-safe as Write.
+  virtual void WriteBatch(std::span<const std::byte* const> pages,
+                          std::span<const std::uint64_t> hints, std::span<Slot> slots,
+                          std::span<int> results) noexcept {
+    for (std::size_t i = 0; i < pages.size(); ++i) {
+      results[i] = Write(ConstPageSpan(pages[i], kPageSize), hints[i], &slots[i]);
+    }
+  }
+
   // Pin keeps `slot` readable until the matching Unpin even if it is discarded meanwhile
   // (the discard then takes effect at Unpin). It lets a caller look a page up under the
   // page's lock, drop the lock, and read it later in a batch. Stores that are only read

@@ -4,6 +4,7 @@
 #include <sys/time.h>
 #include <sys/uio.h>
 
+#include <cassert>
 #include <cerrno>
 #include <stdexcept>
 #include <vector>
@@ -133,23 +134,81 @@ int PeerClient::SubmitRead(std::uint32_t sid, std::uint32_t offset, Pending* pen
                 {}, pending);
 }
 
-int PeerClient::Submit(MessageType type, std::uint32_t flags, std::span<const std::byte> body,
-                       std::span<const std::byte> data, Pending* pending) noexcept {
+int PeerClient::SubmitWrite(std::uint32_t sid, std::uint32_t offset,
+                            std::span<const std::byte> data, Pending* pending) noexcept {
+  const RangeBody body{sid, offset, static_cast<std::uint32_t>(data.size()), 0};
+  return Submit(MessageType::kWrite, 0, std::as_bytes(std::span<const RangeBody, 1>(&body, 1)),
+                data, pending);
+}
+
+std::uint64_t PeerClient::Register(Pending* pending) noexcept {
   auto fail = [pending](int error) {
     pending->result = error;
     pending->done.store(true, std::memory_order_release);
-    return error;
+    return std::uint64_t{0};
   };
   const std::uint64_t tag = next_tag_.fetch_add(1, std::memory_order_relaxed);
-  {
-    std::lock_guard lock(pending_mu_);
-    if (!connected()) return fail(-ENOTCONN);
-    try {
-      pending_.emplace(tag, pending);
-    } catch (const std::bad_alloc&) {
-      return fail(-ENOMEM);
+  std::lock_guard lock(pending_mu_);
+  if (!connected()) return fail(-ENOTCONN);
+  try {
+    pending_.emplace(tag, pending);
+  } catch (const std::bad_alloc&) {
+    return fail(-ENOMEM);
+  }
+  return tag;
+}
+
+void PeerClient::Batch::AddRead(std::uint32_t sid, std::uint32_t offset,
+                                Pending* pending) noexcept {
+  Add(MessageType::kRead, RangeBody{sid, offset, static_cast<std::uint32_t>(pending->out.size()), 0},
+      {}, pending);
+}
+
+void PeerClient::Batch::AddWrite(std::uint32_t sid, std::uint32_t offset,
+                                 std::span<const std::byte> data, Pending* pending) noexcept {
+  Add(MessageType::kWrite, RangeBody{sid, offset, static_cast<std::uint32_t>(data.size()), 0},
+      data, pending);
+}
+
+void PeerClient::Batch::Add(MessageType type, const RangeBody& body,
+                            std::span<const std::byte> data, Pending* pending) noexcept {
+  assert(count_ < kMaxRequests);
+  const std::uint64_t tag = client_.Register(pending);
+  if (tag == 0) return;
+  Wire& wire = wire_[count_];
+  EncodeHeader(type, false, 0, Status::kOk, tag,
+               static_cast<std::uint32_t>(sizeof(RangeBody) + data.size()), wire.header);
+  wire.body = body;
+  data_[count_] = data;
+  ++count_;
+}
+
+void PeerClient::Batch::Send() noexcept {
+  if (count_ == 0) return;
+  iovec parts[2 * kMaxRequests];
+  int used = 0;
+  for (std::size_t i = 0; i < count_; ++i) {
+    static_assert(sizeof(Wire) == sizeof(Header) + sizeof(RangeBody));
+    parts[used++] = {&wire_[i], sizeof(Wire)};
+    if (!data_[i].empty()) {
+      parts[used++] = {const_cast<std::byte*>(data_[i].data()), data_[i].size()};
     }
   }
+  int rc;
+  {
+    std::lock_guard lock(client_.send_mu_);
+    rc = SendParts(client_.fd_.get(), parts, used);
+  }
+  // On failure the stream may hold half a message: hang up; the reader thread fails
+  // every registered request, so each Wait still returns.
+  if (rc != 0) ::shutdown(client_.fd_.get(), SHUT_RDWR);
+  count_ = 0;
+}
+
+int PeerClient::Submit(MessageType type, std::uint32_t flags, std::span<const std::byte> body,
+                       std::span<const std::byte> data, Pending* pending) noexcept {
+  const std::uint64_t tag = Register(pending);
+  if (tag == 0) return pending->result;
 
   std::byte header[sizeof(Header)];
   EncodeHeader(type, false, flags, Status::kOk, tag,

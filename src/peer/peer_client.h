@@ -57,10 +57,46 @@ class PeerClient {
     int result = 0;
   };
   int SubmitRead(std::uint32_t sid, std::uint32_t offset, Pending* pending) noexcept;
+  // As SubmitRead, for a WRITE of `data`, which must stay valid until Wait returns.
+  int SubmitWrite(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data,
+                  Pending* pending) noexcept;
   static int Wait(Pending* pending) noexcept {
     pending->done.wait(false, std::memory_order_acquire);
     return pending->result;
   }
+
+  // Collects up to kMaxRequests READs and WRITEs and sends them with one system call.
+  // One caller's object, not shared between threads. Requests added are registered at
+  // once; nothing goes out until Send (or the destructor). Wait for each Pending after
+  // Send, as for SubmitRead.
+  class Batch {
+   public:
+    static constexpr std::size_t kMaxRequests = 64;
+    explicit Batch(PeerClient& client) : client_(client) {}
+    ~Batch() { Send(); }
+    Batch(const Batch&) = delete;
+    Batch& operator=(const Batch&) = delete;
+
+    bool full() const { return count_ == kMaxRequests; }
+    // REQUIRES: !full(). On failure `pending` is completed with the error.
+    void AddRead(std::uint32_t sid, std::uint32_t offset, Pending* pending) noexcept;
+    void AddWrite(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data,
+                  Pending* pending) noexcept;
+    // Sends everything added so far.
+    void Send() noexcept;
+
+   private:
+    void Add(MessageType type, const RangeBody& body, std::span<const std::byte> data,
+             Pending* pending) noexcept;
+
+    PeerClient& client_;
+    std::size_t count_ = 0;
+    struct Wire {
+      std::byte header[sizeof(Header)];
+      RangeBody body;
+    } wire_[kMaxRequests];
+    std::span<const std::byte> data_[kMaxRequests];
+  };
 
   bool connected() const { return connected_.load(std::memory_order_acquire); }
   const Endpoint& endpoint() const { return endpoint_; }
@@ -70,6 +106,9 @@ class PeerClient {
   std::uint64_t last_rtt_us() const { return last_rtt_us_.load(std::memory_order_relaxed); }
 
  private:
+  // Registers `pending` under a new tag; returns the tag, or 0 (with `pending` completed
+  // with the error) when the connection is gone.
+  std::uint64_t Register(Pending* pending) noexcept;
   // Registers `pending` under a new tag and sends the request. On failure returns
   // -errno and `pending` is already completed with that error.
   int Submit(MessageType type, std::uint32_t flags, std::span<const std::byte> body,

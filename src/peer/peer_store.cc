@@ -4,6 +4,7 @@
 #include <bit>
 #include <cassert>
 #include <cerrno>
+#include <optional>
 
 #include "common/log.h"
 
@@ -29,6 +30,22 @@ std::uint64_t Mix(std::uint64_t x) {
   x *= 0xff51afd7ed558ccdull;
   x ^= x >> 33;
   return x;
+}
+
+// Calls fn(peer, indexes) once per distinct peer in peer_of[0..count), with the indexes
+// of the requests that go to it, in order.
+template <typename Fn>
+void ForEachPeerGroup(const std::size_t* peer_of, std::size_t count, Fn fn) {
+  std::size_t order[64];
+  for (std::size_t i = 0; i < count; ++i) order[i] = i;
+  std::stable_sort(order, order + count,
+                   [peer_of](std::size_t a, std::size_t b) { return peer_of[a] < peer_of[b]; });
+  for (std::size_t start = 0; start < count;) {
+    std::size_t end = start + 1;
+    while (end < count && peer_of[order[end]] == peer_of[order[start]]) ++end;
+    fn(peer_of[order[start]], std::span<const std::size_t>(order + start, end - start));
+    start = end;
+  }
 }
 
 }  // namespace
@@ -252,22 +269,88 @@ void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* cons
   for (std::size_t base = 0; base < slots.size(); base += kWindow) {
     const std::size_t count = std::min(kWindow, slots.size() - base);
     PeerClient::Pending pending[kWindow];
-    std::shared_ptr<PeerClient> clients[kWindow];
+    std::size_t peer_of[kWindow];
+    std::uint32_t sids[kWindow];
+    std::uint32_t indexes[kWindow];
     for (std::size_t i = 0; i < count; ++i) {
-      std::size_t peer_index;
-      std::uint32_t sid;
-      std::uint32_t index;
-      SplitSlot(slots[base + i], &peer_index, &sid, &index);
-      assert(peer_index < peers_.size());
-      clients[i] = ClientOf(*peers_[peer_index]);
+      SplitSlot(slots[base + i], &peer_of[i], &sids[i], &indexes[i]);
+      assert(peer_of[i] < peers_.size());
       pending[i].out = std::span<std::byte>(outs[base + i], kPageSize);
-      if (!clients[i] || clients[i]->SubmitRead(sid, index * kPageBytes, &pending[i]) != 0) {
-        pending[i].result = -EIO;
-        pending[i].done.store(true, std::memory_order_release);
-      }
     }
+    ForEachPeerGroup(peer_of, count, [&](std::size_t peer, std::span<const std::size_t> group) {
+      std::shared_ptr<PeerClient> client = ClientOf(*peers_[peer]);
+      std::optional<PeerClient::Batch> batch;
+      if (client) batch.emplace(*client);
+      for (const std::size_t i : group) {
+        if (batch) {
+          batch->AddRead(sids[i], indexes[i] * kPageBytes, &pending[i]);
+        } else {
+          pending[i].result = -EIO;
+          pending[i].done.store(true, std::memory_order_release);
+        }
+      }
+    });  // each batch is sent as it goes out of scope
     for (std::size_t i = 0; i < count; ++i) {
       results[base + i] = PeerClient::Wait(&pending[i]) == 0 ? 0 : -EIO;
+    }
+  }
+}
+
+void PeerStore::WriteBatch(std::span<const std::byte* const> pages,
+                           std::span<const std::uint64_t> hints, std::span<Slot> slots,
+                           std::span<int> results) noexcept {
+  constexpr std::size_t kWindow = 64;  // requests in flight per call
+  for (std::size_t base = 0; base < pages.size(); base += kWindow) {
+    const std::size_t count = std::min(kWindow, pages.size() - base);
+    PeerClient::Pending pending[kWindow];
+    int chosen[kWindow];
+    std::uint32_t sids[kWindow];
+    std::uint32_t indexes[kWindow];
+    std::size_t peer_of[kWindow];
+    for (std::size_t i = 0; i < count; ++i) {
+      chosen[i] = PickPeer(hints[base + i]);
+      const int rc = chosen[i] < 0 ? -ENOSPC
+                                   : ReserveSlot(*peers_[static_cast<std::size_t>(chosen[i])],
+                                                 &sids[i], &indexes[i]);
+      if (rc != 0) {
+        chosen[i] = -1;
+        pending[i].result = -ENOSPC;
+        pending[i].done.store(true, std::memory_order_release);
+      }
+      // Pages with no peer form a group of their own (index kMaxPeers) that sends nothing.
+      peer_of[i] = chosen[i] < 0 ? kMaxPeers : static_cast<std::size_t>(chosen[i]);
+    }
+    ForEachPeerGroup(peer_of, count, [&](std::size_t peer, std::span<const std::size_t> group) {
+      if (peer == kMaxPeers) return;
+      std::shared_ptr<PeerClient> client = ClientOf(*peers_[peer]);
+      std::optional<PeerClient::Batch> batch;
+      if (client) batch.emplace(*client);
+      for (const std::size_t i : group) {
+        if (batch) {
+          batch->AddWrite(sids[i], indexes[i] * kPageBytes,
+                          std::span<const std::byte>(pages[base + i], kPageSize), &pending[i]);
+        } else {
+          pending[i].result = -ENOTCONN;
+          pending[i].done.store(true, std::memory_order_release);
+        }
+      }
+    });
+    for (std::size_t i = 0; i < count; ++i) {
+      int rc = PeerClient::Wait(&pending[i]);
+      if (chosen[i] >= 0) {
+        Peer& peer = *peers_[static_cast<std::size_t>(chosen[i])];
+        if (rc == 0) {
+          peer.pages.fetch_add(1, std::memory_order_relaxed);
+          slots[base + i] = MakeSlot(static_cast<std::size_t>(chosen[i]), sids[i], indexes[i]);
+        } else {
+          ReleaseSlot(peer, sids[i], indexes[i]);
+          if (rc == -ENOTCONN) {
+            std::lock_guard lock(peer.mu);
+            MarkDown(peer, "connection lost");
+          }
+        }
+      }
+      results[base + i] = rc == 0 ? 0 : -ENOSPC;  // the caller places it elsewhere
     }
   }
 }

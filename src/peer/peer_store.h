@@ -65,6 +65,9 @@ class PeerStore final : public PageStore {
   // Submits every read before waiting for any, so a batch costs about one round trip.
   void ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
                  std::span<int> results) noexcept override;
+  // Places every page (power of two choices each), submits all the writes, then waits.
+  void WriteBatch(std::span<const std::byte* const> pages, std::span<const std::uint64_t> hints,
+                  std::span<Slot> slots, std::span<int> results) noexcept override;
   void Pin(Slot slot) noexcept override;
   void Unpin(Slot slot) noexcept override;
   void Discard(Slot slot) noexcept override;

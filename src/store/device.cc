@@ -352,39 +352,78 @@ Tier Device::TierOf(std::uint64_t page) noexcept {
 }
 
 std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
+  // Pages are collected still locked (try_lock only, so this never waits on a writer),
+  // copied out, sent down in one batch, and then re-pointed and unlocked.
+  constexpr std::size_t kBatch = 64;
+  struct Candidate {
+    std::atomic<std::uint64_t>* entry;
+    Location where;
+    std::mutex* mu;
+  };
+  thread_local std::vector<std::byte> buffer(kBatch * kPageSize);
+  Candidate candidates[kBatch];
+  const std::byte* pages[kBatch];
+  std::uint64_t hints[kBatch];
+  Location placed[kBatch];
+  int results[kBatch];
+
   std::size_t demoted = 0;
-  alignas(64) std::byte buffer[kPageSize];
   // At most two sweeps: the first may only clear referenced bits. The scan is linear in
   // the device's mapped chunks; chunks never written are skipped whole.
   const std::uint64_t limit = 2 * page_count_;
-  for (std::uint64_t scanned = 0; scanned < limit && demoted < want; ++scanned) {
-    const std::uint64_t page = clock_hand_.fetch_add(1, std::memory_order_relaxed) % page_count_;
-    std::atomic<std::uint64_t>* chunk = chunks_[page >> kChunkShift].load(std::memory_order_acquire);
-    if (chunk == nullptr) {
-      const std::uint64_t rest = kChunkPages - 1 - (page & (kChunkPages - 1));
-      clock_hand_.fetch_add(rest, std::memory_order_relaxed);
-      scanned += rest;
-      continue;
+  std::uint64_t scanned = 0;
+  while (demoted < want && scanned < limit) {
+    const std::size_t batch_want = std::min(kBatch, want - demoted);
+    std::size_t count = 0;
+    for (; scanned < limit && count < batch_want; ++scanned) {
+      const std::uint64_t page = clock_hand_.fetch_add(1, std::memory_order_relaxed) % page_count_;
+      std::atomic<std::uint64_t>* chunk =
+          chunks_[page >> kChunkShift].load(std::memory_order_acquire);
+      if (chunk == nullptr) {
+        const std::uint64_t rest = kChunkPages - 1 - (page & (kChunkPages - 1));
+        clock_hand_.fetch_add(rest, std::memory_order_relaxed);
+        scanned += rest;
+        continue;
+      }
+      std::atomic<std::uint64_t>* entry = &chunk[page & (kChunkPages - 1)];
+      if (Location::FromBits(entry->load(std::memory_order_relaxed)).tier() != Tier::kLocal) {
+        continue;  // a cheap look before the lock
+      }
+      std::mutex* mu = &LockFor(page);
+      bool held = mu == t_held_stripe;
+      for (std::size_t i = 0; i < count && !held; ++i) held = candidates[i].mu == mu;
+      if (held || !mu->try_lock()) continue;
+      const Location where = Location::FromBits(entry->load(std::memory_order_relaxed));
+      std::byte* copy = buffer.data() + count * kPageSize;
+      if (where.tier() != Tier::kLocal || where.referenced() ||
+          tiers_.Load(where, PageSpan(copy, kPageSize)) != 0) {
+        if (where.tier() == Tier::kLocal && where.referenced()) {
+          entry->store(where.WithReferenced(false).bits(), std::memory_order_relaxed);
+        }
+        mu->unlock();
+        continue;
+      }
+      candidates[count] = {entry, where, mu};
+      pages[count] = copy;
+      hints[count] = page;
+      ++count;
     }
-    std::atomic<std::uint64_t>* entry = &chunk[page & (kChunkPages - 1)];
-    if (Location::FromBits(entry->load(std::memory_order_relaxed)).tier() != Tier::kLocal) {
-      continue;  // a cheap look before the lock
+    if (count == 0) break;
+
+    tiers_.DemoteBatch(std::span(pages, count), std::span(hints, count),
+                       std::span(placed, count), std::span(results, count));
+    bool out_of_room = false;
+    for (std::size_t i = 0; i < count; ++i) {
+      if (results[i] == 0) {
+        tiers_.Release(candidates[i].where);
+        SetLocation(candidates[i].entry, candidates[i].where, placed[i]);
+        ++demoted;
+      } else {
+        out_of_room = true;
+      }
+      candidates[i].mu->unlock();
     }
-    std::mutex& mu = LockFor(page);
-    if (&mu == t_held_stripe || !mu.try_lock()) continue;
-    std::lock_guard lock(mu, std::adopt_lock);
-    const Location where = Location::FromBits(entry->load(std::memory_order_relaxed));
-    if (where.tier() != Tier::kLocal) continue;
-    if (where.referenced()) {
-      entry->store(where.WithReferenced(false).bits(), std::memory_order_relaxed);
-      continue;
-    }
-    if (tiers_.Load(where, PageSpan(buffer)) != 0) continue;
-    Location lower;
-    if (tiers_.Demote(ConstPageSpan(buffer), page, &lower) != 0) break;  // nowhere to go
-    tiers_.Release(where);
-    SetLocation(entry, where, lower);
-    ++demoted;
+    if (out_of_room) break;  // no tier below has room
   }
   return demoted;
 }

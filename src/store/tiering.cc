@@ -112,6 +112,26 @@ int Tiering::Demote(ConstPageSpan page, std::uint64_t hint, Location* placed) no
   return -ENOSPC;
 }
 
+void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
+                          std::span<const std::uint64_t> hints, std::span<Location> placed,
+                          std::span<int> results) noexcept {
+  constexpr std::size_t kMaxBatch = 64;
+  assert(pages.size() <= kMaxBatch);
+  Slot slots[kMaxBatch];
+  for (std::size_t i = 0; i < pages.size(); ++i) results[i] = -ENOSPC;
+  if (remote_) {
+    remote_->WriteBatch(pages, hints, std::span<Slot>(slots, pages.size()), results);
+    for (std::size_t i = 0; i < pages.size(); ++i) {
+      if (results[i] == 0) placed[i] = Location(Tier::kRemote, slots[i]);
+    }
+  }
+  for (std::size_t i = 0; i < pages.size(); ++i) {
+    if (results[i] == 0 || !disk_) continue;
+    results[i] = disk_->Write(ConstPageSpan(pages[i], kPageSize), hints[i], &slots[i]);
+    if (results[i] == 0) placed[i] = Location(Tier::kDisk, slots[i]);
+  }
+}
+
 int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
                    Location* placed) noexcept {
   *placed = old;

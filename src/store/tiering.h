@@ -125,6 +125,11 @@ class Tiering {
   // tier. Returns 0 with *placed set, or -ENOSPC when neither has room.
   int Demote(ConstPageSpan page, std::uint64_t hint, Location* placed) noexcept;
 
+  // Demote for a batch: the remote tier takes as many as it can in one overlapped round
+  // trip, the disk tier the rest. results[i] is 0 with placed[i] set, or -ENOSPC.
+  void DemoteBatch(std::span<const std::byte* const> pages, std::span<const std::uint64_t> hints,
+                   std::span<Location> placed, std::span<int> results) noexcept;
+
   // Moves a page that was read from `old` (remote or disk) into the local store when the
   // store is under its low watermark. Returns true and sets *placed if it moved (and
   // `old` was released); false leaves the page where it is.
