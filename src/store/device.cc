@@ -369,20 +369,26 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
 
   std::size_t demoted = 0;
   // At most two sweeps: the first may only clear referenced bits. The scan is linear in
-  // the device's mapped chunks; chunks never written are skipped whole.
+  // the device's mapped chunks; chunks never written are skipped whole. Scans run one at
+  // a time (Tiering holds its owners lock), so the hand is advanced locally and
+  // published when the scan ends.
   const std::uint64_t limit = 2 * page_count_;
   std::uint64_t scanned = 0;
+  std::uint64_t hand = clock_hand_.load(std::memory_order_relaxed) % page_count_;
   while (demoted < want && scanned < limit) {
     const std::size_t batch_want = std::min(kBatch, want - demoted);
     std::size_t count = 0;
     for (; scanned < limit && count < batch_want; ++scanned) {
-      const std::uint64_t page = clock_hand_.fetch_add(1, std::memory_order_relaxed) % page_count_;
+      const std::uint64_t page = hand;
+      if (++hand == page_count_) hand = 0;
       std::atomic<std::uint64_t>* chunk =
           chunks_[page >> kChunkShift].load(std::memory_order_acquire);
       if (chunk == nullptr) {
-        const std::uint64_t rest = kChunkPages - 1 - (page & (kChunkPages - 1));
-        clock_hand_.fetch_add(rest, std::memory_order_relaxed);
-        scanned += rest;
+        // Skip the rest of an unwritten chunk (the last chunk may be shorter).
+        const std::uint64_t chunk_end = std::min(((page >> kChunkShift) + 1) << kChunkShift,
+                                                 page_count_);
+        scanned += chunk_end - page - 1;
+        hand = chunk_end == page_count_ ? 0 : chunk_end;
         continue;
       }
       std::atomic<std::uint64_t>* entry = &chunk[page & (kChunkPages - 1)];
@@ -425,6 +431,7 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
     }
     if (out_of_room) break;  // no tier below has room
   }
+  clock_hand_.store(hand, std::memory_order_relaxed);
   return demoted;
 }
 
