@@ -14,15 +14,24 @@ namespace {
 constexpr unsigned kIndexBits = 9;  // 512 pages per superpage
 constexpr unsigned kSidBits = 32;
 static_assert(1u << kIndexBits == kPagesPerSuperpage);
-static_assert(kIndexBits + kSidBits + 8 <= kSlotBits);
 
-Slot MakeSlot(std::size_t peer, std::uint32_t sid, std::uint32_t index) {
-  return Slot{peer} << (kIndexBits + kSidBits) | Slot{sid} << kIndexBits | index;
+
+constexpr unsigned kPeerBits = 8;
+constexpr unsigned kGenerationShift = kIndexBits + kSidBits + kPeerBits;
+constexpr unsigned kGenerationMask = 0x7f;  // the 7 slot bits left
+static_assert(kGenerationShift + 7 == kSlotBits);
+
+Slot MakeSlot(std::size_t peer, unsigned generation, std::uint32_t sid, std::uint32_t index) {
+  return Slot{generation & kGenerationMask} << kGenerationShift |
+         Slot{peer} << (kIndexBits + kSidBits) | Slot{sid} << kIndexBits | index;
 }
 void SplitSlot(Slot slot, std::size_t* peer, std::uint32_t* sid, std::uint32_t* index) {
   *index = static_cast<std::uint32_t>(slot & (kPagesPerSuperpage - 1));
   *sid = static_cast<std::uint32_t>(slot >> kIndexBits);
-  *peer = static_cast<std::size_t>(slot >> (kIndexBits + kSidBits));
+  *peer = static_cast<std::size_t>((slot >> (kIndexBits + kSidBits)) & 0xff);
+}
+unsigned GenerationOf(Slot slot) {
+  return static_cast<unsigned>(slot >> kGenerationShift) & kGenerationMask;
 }
 
 std::uint64_t Mix(std::uint64_t x) {
@@ -76,6 +85,10 @@ void PeerStore::ConnectLocked(Peer& peer) {
   if (peer.client) MarkDown(peer, "connection lost");
   try {
     peer.client = std::make_shared<PeerClient>(peer.endpoint, node_id_, nullptr);
+    // A new session: slots of an earlier one must never name this session's superpages
+    // (a restarted lender reuses SIDs), so they carry the session's generation.
+    peer.generation.store((peer.generation.load(std::memory_order_relaxed) + 1) & kGenerationMask,
+                          std::memory_order_release);
     peer.pool_total_bytes = peer.client->lender().pool_bytes;
     if (!peer.last_error.empty()) LogError("peer %s is up", peer.endpoint.ToString().c_str());
     peer.last_error.clear();
@@ -91,6 +104,11 @@ void PeerStore::MarkDown(Peer& peer, const std::string& why) {
   peer.client.reset();
   peer.superpages.clear();
   peer.partial.clear();
+  peer.pins.clear();
+  // Slots of the ended session read as lost from now on, and a later session's slots
+  // (a restarted lender reuses SIDs) can never be mistaken for them.
+  peer.generation.store((peer.generation.load(std::memory_order_relaxed) + 1) & kGenerationMask,
+                        std::memory_order_release);
   peer.pages.store(0, std::memory_order_relaxed);
   peer.free_pages.store(0, std::memory_order_relaxed);
   if (peer.last_error != why) {
@@ -154,8 +172,10 @@ int PeerStore::PickPeer(std::uint64_t hint) const noexcept {
   return static_cast<int>(room_a >= room_b ? a : b);
 }
 
-int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index) noexcept {
+int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
+                           unsigned* generation) noexcept {
   std::unique_lock lock(peer.mu);
+  *generation = peer.generation.load(std::memory_order_relaxed);
   while (!peer.partial.empty()) {
     const std::uint32_t candidate = peer.partial.back();
     const auto it = peer.superpages.find(candidate);
@@ -233,7 +253,8 @@ int PeerStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcep
     Peer& peer = *peers_[static_cast<std::size_t>(chosen)];
     std::uint32_t sid = 0;
     std::uint32_t index = 0;
-    if (ReserveSlot(peer, &sid, &index) != 0) continue;
+    unsigned generation = 0;
+    if (ReserveSlot(peer, &sid, &index, &generation) != 0) continue;
     std::shared_ptr<PeerClient> client = ClientOf(peer);
     const int rc = client ? client->Write(sid, index * kPageBytes, page) : -ENOTCONN;
     if (rc != 0) {
@@ -245,22 +266,29 @@ int PeerStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcep
       continue;
     }
     peer.pages.fetch_add(1, std::memory_order_relaxed);
-    *slot = MakeSlot(static_cast<std::size_t>(chosen), sid, index);
+    *slot = MakeSlot(static_cast<std::size_t>(chosen), generation, sid, index);
     return 0;
   }
   return -ENOSPC;
 }
 
-int PeerStore::Read(Slot slot, PageSpan out) noexcept {
+std::shared_ptr<PeerClient> PeerStore::ClientFor(Slot slot, std::uint32_t* sid,
+                                                 std::uint32_t* index) const noexcept {
   std::size_t peer_index;
+  SplitSlot(slot, &peer_index, sid, index);
+  assert(peer_index < peers_.size());
+  const Peer& peer = *peers_[peer_index];
+  std::lock_guard lock(peer.mu);
+  if (GenerationOf(slot) != peer.generation.load(std::memory_order_relaxed)) return nullptr;
+  return peer.client;
+}
+
+int PeerStore::Read(Slot slot, PageSpan out) noexcept {
   std::uint32_t sid;
   std::uint32_t index;
-  SplitSlot(slot, &peer_index, &sid, &index);
-  assert(peer_index < peers_.size());
-  std::shared_ptr<PeerClient> client = ClientOf(*peers_[peer_index]);
-  if (!client) return -EIO;  // the peer went away with the page
-  const int rc = client->Read(sid, index * kPageBytes, out);
-  return rc == 0 ? 0 : -EIO;
+  std::shared_ptr<PeerClient> client = ClientFor(slot, &sid, &index);
+  if (!client) return -EIO;  // the peer, or the session holding the page, is gone
+  return client->Read(sid, index * kPageBytes, out) == 0 ? 0 : -EIO;
 }
 
 void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
@@ -272,17 +300,25 @@ void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* cons
     std::size_t peer_of[kWindow];
     std::uint32_t sids[kWindow];
     std::uint32_t indexes[kWindow];
+    bool current[kWindow];
     for (std::size_t i = 0; i < count; ++i) {
       SplitSlot(slots[base + i], &peer_of[i], &sids[i], &indexes[i]);
       assert(peer_of[i] < peers_.size());
       pending[i].out = std::span<std::byte>(outs[base + i], kPageSize);
     }
     ForEachPeerGroup(peer_of, count, [&](std::size_t peer, std::span<const std::size_t> group) {
-      std::shared_ptr<PeerClient> client = ClientOf(*peers_[peer]);
+      std::shared_ptr<PeerClient> client;
+      unsigned generation;
+      {
+        std::lock_guard lock(peers_[peer]->mu);
+        client = peers_[peer]->client;
+        generation = peers_[peer]->generation.load(std::memory_order_relaxed);
+      }
+      for (const std::size_t i : group) current[i] = GenerationOf(slots[base + i]) == generation;
       std::optional<PeerClient::Batch> batch;
       if (client) batch.emplace(*client);
       for (const std::size_t i : group) {
-        if (batch) {
+        if (batch && current[i]) {
           batch->AddRead(sids[i], indexes[i] * kPageBytes, &pending[i]);
         } else {
           pending[i].result = -EIO;
@@ -306,12 +342,13 @@ void PeerStore::WriteBatch(std::span<const std::byte* const> pages,
     int chosen[kWindow];
     std::uint32_t sids[kWindow];
     std::uint32_t indexes[kWindow];
+    unsigned generations[kWindow];
     std::size_t peer_of[kWindow];
     for (std::size_t i = 0; i < count; ++i) {
       chosen[i] = PickPeer(hints[base + i]);
       const int rc = chosen[i] < 0 ? -ENOSPC
                                    : ReserveSlot(*peers_[static_cast<std::size_t>(chosen[i])],
-                                                 &sids[i], &indexes[i]);
+                                                 &sids[i], &indexes[i], &generations[i]);
       if (rc != 0) {
         chosen[i] = -1;
         pending[i].result = -ENOSPC;
@@ -341,7 +378,8 @@ void PeerStore::WriteBatch(std::span<const std::byte* const> pages,
         Peer& peer = *peers_[static_cast<std::size_t>(chosen[i])];
         if (rc == 0) {
           peer.pages.fetch_add(1, std::memory_order_relaxed);
-          slots[base + i] = MakeSlot(static_cast<std::size_t>(chosen[i]), sids[i], indexes[i]);
+          slots[base + i] =
+              MakeSlot(static_cast<std::size_t>(chosen[i]), generations[i], sids[i], indexes[i]);
         } else {
           ReleaseSlot(peer, sids[i], indexes[i]);
           if (rc == -ENOTCONN) {
@@ -362,6 +400,7 @@ void PeerStore::Pin(Slot slot) noexcept {
   SplitSlot(slot, &peer_index, &sid, &index);
   Peer& peer = *peers_[peer_index];
   std::lock_guard lock(peer.mu);
+  if (GenerationOf(slot) != peer.generation.load(std::memory_order_relaxed)) return;
   try {
     ++peer.pins[slot].count;
   } catch (const std::bad_alloc&) {
@@ -397,10 +436,12 @@ void PeerStore::Discard(Slot slot) noexcept {
   SplitSlot(slot, &peer_index, &sid, &index);
   assert(peer_index < peers_.size());
   Peer& peer = *peers_[peer_index];
-  const std::uint64_t pages = peer.pages.load(std::memory_order_relaxed);
-  if (pages > 0) peer.pages.fetch_sub(1, std::memory_order_relaxed);
   {
     std::lock_guard lock(peer.mu);
+    // A slot of an ended session is gone already; its lender freed it with the session.
+    if (GenerationOf(slot) != peer.generation.load(std::memory_order_relaxed)) return;
+    const std::uint64_t pages = peer.pages.load(std::memory_order_relaxed);
+    if (pages > 0) peer.pages.fetch_sub(1, std::memory_order_relaxed);
     const auto it = peer.pins.find(slot);
     if (it != peer.pins.end()) {
       it->second.discarded = true;  // a batched read still needs it: release at Unpin

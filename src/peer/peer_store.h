@@ -12,7 +12,10 @@
 // since the last Refresh. A peer that hangs up is marked down; pages it held read as
 // -EIO (keeping copies elsewhere is a later capability), and Refresh tries to reconnect.
 //
-// Slot encoding: peer index << 41 | SID << 9 | page index within the superpage.
+// Slot encoding: session generation << 49 | peer index << 41 | SID << 9 | page index
+// within the superpage. The generation makes a slot from a session that ended (say, a
+// lender that restarted and hands out the same SIDs again) read as lost, not as another
+// page's bytes.
 #pragma once
 
 #include <atomic>
@@ -99,13 +102,19 @@ class PeerStore final : public PageStore {
     std::unordered_map<Slot, PinState> pins;  // guarded by mu
     std::atomic<std::uint64_t> free_pages{0};  // last reported by the lender
     std::atomic<std::uint64_t> pages{0};
+    std::atomic<unsigned> generation{0};  // bumped for each new session (7 bits used)
   };
 
   // Connects `peer` if it is down. REQUIRES: peer.mu held.
   void ConnectLocked(Peer& peer);
   // Reserves a free slot on `peer`, allocating a superpage if needed. Returns 0 and sets
   // *sid and *index, or -ENOSPC / -ENOTCONN.
-  int ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index) noexcept;
+  int ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
+                  unsigned* generation) noexcept;
+  // The client to reach `slot` through, or null when its peer is down or the session
+  // that held the slot has ended. Sets *sid and *index.
+  std::shared_ptr<PeerClient> ClientFor(Slot slot, std::uint32_t* sid,
+                                        std::uint32_t* index) const noexcept;
   // Returns a reserved or stored slot to the free bitmap; frees an emptied superpage.
   void ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) noexcept;
   // Picks a peer for a new page (power of two choices), or -1 when none can take one.

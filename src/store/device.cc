@@ -354,7 +354,9 @@ Tier Device::TierOf(std::uint64_t page) noexcept {
 std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
   // Pages are collected still locked (try_lock only, so this never waits on a writer),
   // copied out, sent down in one batch, and then re-pointed and unlocked.
-  constexpr std::size_t kBatch = 64;
+  // At most 32 pages (and so 32 page locks) at a time: enough to fill the pipe, and
+  // within what lock checkers such as ThreadSanitizer track per thread.
+  constexpr std::size_t kBatch = 32;
   struct Candidate {
     std::atomic<std::uint64_t>* entry;
     Location where;
