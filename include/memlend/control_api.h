@@ -13,11 +13,13 @@
 //                   compression_ratio (stored page bytes / used_bytes; 1 when empty)}
 //     disk_store: {path, pages, used_bytes, total_bytes (0: unbounded)} or null
 //     node_id: this daemon's id (16 hex digits)
-//     remote_store: {pages, used_bytes, total_bytes} or null without --peer
+//     remote_store: {pages, lost_pages, used_bytes, total_bytes} or null without --peer;
+//                   devices[].pages.remote sums to pages + lost_pages
 //     lending: {total_bytes, used_bytes, borrowers} (zeros when not lending)
 //     peers[]: as for "peers"
 //   "peers": reply field peers[]: {node_id, address, state ("up"|"down"|"refusing"),
-//     pool_total_bytes, pool_free_bytes, pages_stored, superpages_held, rtt_us, error}
+//     pool_total_bytes, pool_free_bytes, pages_stored, superpages_held, pages_lost, rtt_us,
+//     error}
 //   See docs/control.md.
 #pragma once
 

@@ -105,6 +105,10 @@ std::string FormatPeers(const nlohmann::json& reply) {
     text += line;
     const std::string error = peer.value("error", "");
     if (!error.empty() && state != "up") text += "    " + error + "\n";
+    if (const std::uint64_t lost = peer.value("pages_lost", std::uint64_t{0}); lost > 0) {
+      text += "    " + std::to_string(lost) +
+              " pages were lost when it went down (reads of them fail with EIO until rewritten)\n";
+    }
   }
   text += "(PAGES: 4 KiB pages this host keeps on the peer)\n";
   return text;

@@ -137,6 +137,7 @@ nlohmann::json Daemon::PeersJson() const {
                        {"pool_free_bytes", info.pool_free_bytes},
                        {"pages_stored", info.pages_stored},
                        {"superpages_held", info.superpages_held},
+                       {"pages_lost", info.pages_lost},
                        {"rtt_us", info.rtt_us},
                        {"error", info.last_error}});
     }
@@ -185,6 +186,7 @@ nlohmann::json Daemon::Status() const {
   if (const PageStore* remote = tiers_->remote()) {
     const StoreStats stats = remote->Stats();
     status["remote_store"] = {{"pages", stats.pages},
+                              {"lost_pages", peers_ ? peers_->lost_pages() : 0},
                               {"used_bytes", stats.used_bytes},
                               {"total_bytes", stats.total_bytes}};
   }

@@ -105,6 +105,7 @@ void PeerStore::MarkDown(Peer& peer, const std::string& why) {
   peer.superpages.clear();
   peer.partial.clear();
   peer.pins.clear();
+  peer.lost.fetch_add(peer.pages.load(std::memory_order_relaxed), std::memory_order_relaxed);
   // Slots of the ended session read as lost from now on, and a later session's slots
   // (a restarted lender reuses SIDs) can never be mistaken for them.
   peer.generation.store((peer.generation.load(std::memory_order_relaxed) + 1) & kGenerationMask,
@@ -439,7 +440,12 @@ void PeerStore::Discard(Slot slot) noexcept {
   {
     std::lock_guard lock(peer.mu);
     // A slot of an ended session is gone already; its lender freed it with the session.
-    if (GenerationOf(slot) != peer.generation.load(std::memory_order_relaxed)) return;
+    if (GenerationOf(slot) != peer.generation.load(std::memory_order_relaxed)) {
+      if (peer.lost.load(std::memory_order_relaxed) > 0) {
+        peer.lost.fetch_sub(1, std::memory_order_relaxed);
+      }
+      return;
+    }
     const std::uint64_t pages = peer.pages.load(std::memory_order_relaxed);
     if (pages > 0) peer.pages.fetch_sub(1, std::memory_order_relaxed);
     const auto it = peer.pins.find(slot);
@@ -462,6 +468,12 @@ StoreStats PeerStore::Stats() const noexcept {
   return stats;
 }
 
+std::uint64_t PeerStore::lost_pages() const {
+  std::uint64_t lost = 0;
+  for (const auto& peer : peers_) lost += peer->lost.load(std::memory_order_relaxed);
+  return lost;
+}
+
 std::vector<PeerInfo> PeerStore::Peers() const {
   std::vector<PeerInfo> all;
   for (const auto& peer : peers_) {
@@ -478,6 +490,7 @@ std::vector<PeerInfo> PeerStore::Peers() const {
     }
     info.pages_stored = peer->pages.load(std::memory_order_relaxed);
     info.superpages_held = peer->superpages.size();
+    info.pages_lost = peer->lost.load(std::memory_order_relaxed);
     info.last_error = peer->last_error;
     all.push_back(std::move(info));
   }

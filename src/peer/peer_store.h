@@ -42,6 +42,7 @@ struct PeerInfo {
   std::uint64_t pool_free_bytes = 0;
   std::uint64_t pages_stored = 0;      // pages this host keeps there
   std::uint64_t superpages_held = 0;   // superpages granted to this host
+  std::uint64_t pages_lost = 0;        // pages that were there when it went down
   std::uint64_t rtt_us = 0;
   std::string last_error;              // why it is down or refusing, if it is
 };
@@ -79,6 +80,9 @@ class PeerStore final : public PageStore {
   StoreStats Stats() const noexcept override;
 
   std::vector<PeerInfo> Peers() const;
+  // Pages lost with peers that went down and not yet overwritten or trimmed: a device
+  // still counts them as remote, and reading them fails with EIO.
+  std::uint64_t lost_pages() const;
   std::size_t peer_count() const { return peers_.size(); }
 
  private:
@@ -102,6 +106,7 @@ class PeerStore final : public PageStore {
     std::unordered_map<Slot, PinState> pins;  // guarded by mu
     std::atomic<std::uint64_t> free_pages{0};  // last reported by the lender
     std::atomic<std::uint64_t> pages{0};
+    std::atomic<std::uint64_t> lost{0};   // pages of ended sessions still named by devices
     std::atomic<unsigned> generation{0};  // bumped for each new session (7 bits used)
   };
 
