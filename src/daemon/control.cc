@@ -48,46 +48,34 @@ bool ReadLine(int fd, std::size_t max_bytes, std::string* line) {
 
 }  // namespace
 
-ControlServer::ControlServer(const std::string& path, Handler handler)
-    : path_(path), handler_(std::move(handler)) {
+namespace {
+
+UniqueFd ListenOnPath(const std::string& path) {
   Endpoint endpoint;
   endpoint.kind = Endpoint::Kind::kUnix;
   endpoint.path = path;
-  listener_ = ListenOn(endpoint);
+  UniqueFd listener = ListenOn(endpoint);
   ::chmod(path.c_str(), 0600);
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) {
-    throw std::runtime_error(std::string("cannot create a pipe: ") + std::strerror(errno));
-  }
-  wake_read_.Reset(fds[0]);
-  wake_write_.Reset(fds[1]);
+  return listener;
 }
+
+}  // namespace
+
+ControlServer::ControlServer(const std::string& path, Handler handler)
+    : path_(path),
+      handler_(std::move(handler)),
+      acceptor_(ListenOnPath(path), "control " + path, /*tcp_nodelay=*/false,
+                [this](UniqueFd fd) { ServeOne(fd.get()); }) {}
 
 ControlServer::~ControlServer() { Stop(); }
 
-void ControlServer::Start() { thread_ = std::thread([this] { Loop(); }); }
+void ControlServer::Start() { acceptor_.Start(); }
 
 void ControlServer::Stop() {
   if (stopped_) return;
   stopped_ = true;
-  const char byte = 1;
-  [[maybe_unused]] const ssize_t ignored = ::write(wake_write_.get(), &byte, 1);
-  if (thread_.joinable()) thread_.join();
+  acceptor_.Stop();
   ::unlink(path_.c_str());
-}
-
-void ControlServer::Loop() {
-  for (;;) {
-    pollfd polls[2] = {{listener_.get(), POLLIN, 0}, {wake_read_.get(), POLLIN, 0}};
-    if (::poll(polls, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      return;
-    }
-    if (polls[1].revents != 0) return;
-    if (polls[0].revents == 0) continue;
-    UniqueFd fd(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    if (fd.valid()) ServeOne(fd.get());
-  }
 }
 
 void ControlServer::ServeOne(int fd) {

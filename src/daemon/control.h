@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/unique_fd.h"
+#include "transport/acceptor.h"
 
 namespace memlend {
 
@@ -31,17 +32,14 @@ class ControlServer {
   void Stop();
 
  private:
-  void Loop();
+  // Serves one client, on the acceptor thread (requests are small and answered at once).
   void ServeOne(int fd);
 
   // Constant after construction.
   const std::string path_;
   const Handler handler_;
-  UniqueFd listener_;
-  UniqueFd wake_read_;
-  UniqueFd wake_write_;
-  std::thread thread_;
   bool stopped_ = false;  // touched only by the thread that owns the server
+  Acceptor acceptor_;     // last: it calls ServeOne
 };
 
 // Sends `request` to the daemon at `path` and returns its reply. Throws

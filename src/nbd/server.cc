@@ -23,18 +23,13 @@ NbdServer::NbdServer(const Endpoint& endpoint, const DeviceTable& devices,
     : endpoint_(endpoint),
       devices_(devices),
       busy_poll_(busy_poll),
-      listener_(ListenOn(endpoint)) {
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) {
-    throw std::runtime_error(std::string("cannot create a pipe: ") + std::strerror(errno));
-  }
-  wake_read_.Reset(fds[0]);
-  wake_write_.Reset(fds[1]);
-}
+      acceptor_(ListenOn(endpoint), "nbd " + endpoint.ToString(),
+                endpoint.kind == Endpoint::Kind::kTcp,
+                [this](UniqueFd fd) { Accept(std::move(fd)); }) {}
 
 NbdServer::~NbdServer() { Stop(); }
 
-void NbdServer::Start() { acceptor_ = std::thread([this] { AcceptLoop(); }); }
+void NbdServer::Start() { acceptor_.Start(); }
 
 void NbdServer::Stop() {
   {
@@ -43,9 +38,7 @@ void NbdServer::Stop() {
     stopping_ = true;
     for (Client& client : clients_) ::shutdown(client.fd.get(), SHUT_RDWR);
   }
-  const char byte = 1;
-  [[maybe_unused]] const ssize_t ignored = ::write(wake_write_.get(), &byte, 1);
-  if (acceptor_.joinable()) acceptor_.join();
+  acceptor_.Stop();
   // No new clients can appear now; wait for the ones that are winding down.
   std::list<Client> remaining;
   {
@@ -58,38 +51,13 @@ void NbdServer::Stop() {
   if (endpoint_.kind == Endpoint::Kind::kUnix) ::unlink(endpoint_.path.c_str());
 }
 
-void NbdServer::AcceptLoop() {
-  for (;;) {
-    pollfd polls[2] = {{listener_.get(), POLLIN, 0}, {wake_read_.get(), POLLIN, 0}};
-    if (::poll(polls, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      LogError("nbd: poll failed on %s: %s", endpoint_.ToString().c_str(), std::strerror(errno));
-      return;
-    }
-    if (polls[1].revents != 0) return;
-    if (polls[0].revents == 0) continue;
-
-    UniqueFd fd(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    if (!fd.valid()) {
-      if (errno != EINTR && errno != ECONNABORTED && errno != EAGAIN) {
-        LogError("nbd: accept failed on %s: %s", endpoint_.ToString().c_str(),
-                 std::strerror(errno));
-        if (errno == EMFILE || errno == ENFILE) ::usleep(100 * 1000);  // let fds free up
-      }
-      continue;
-    }
-    if (endpoint_.kind == Endpoint::Kind::kTcp) {
-      const int one = 1;
-      ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    }
-
-    std::lock_guard lock(mu_);
-    ReapFinishedLocked();
-    if (stopping_) return;
-    Client& client = clients_.emplace_back();
-    client.fd = std::move(fd);
-    client.thread = std::thread([this, &client] { ServeClient(&client); });
-  }
+void NbdServer::Accept(UniqueFd fd) {
+  std::lock_guard lock(mu_);
+  ReapFinishedLocked();
+  if (stopping_) return;
+  Client& client = clients_.emplace_back();
+  client.fd = std::move(fd);
+  client.thread = std::thread([this, &client] { ServeClient(&client); });
 }
 
 void NbdServer::ServeClient(Client* client) {

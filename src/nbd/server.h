@@ -10,6 +10,7 @@
 
 #include "common/unique_fd.h"
 #include "store/device_table.h"
+#include "transport/acceptor.h"
 #include "transport/socket.h"
 
 namespace memlend::nbd {
@@ -41,7 +42,8 @@ class NbdServer {
     std::atomic<bool> finished{false};
   };
 
-  void AcceptLoop();
+  // Runs on the acceptor thread: starts a thread for the connection.
+  void Accept(UniqueFd fd);
   void ServeClient(Client* client);
   // Joins and forgets clients whose threads have ended. REQUIRES: mu_ held.
   void ReapFinishedLocked();
@@ -50,14 +52,11 @@ class NbdServer {
   const Endpoint endpoint_;
   const DeviceTable& devices_;
   const std::chrono::microseconds busy_poll_;
-  UniqueFd listener_;
-  UniqueFd wake_read_;   // a pipe that wakes the accept loop on Stop()
-  UniqueFd wake_write_;
 
-  std::thread acceptor_;
   std::mutex mu_;
   std::list<Client> clients_;  // guarded by mu_
   bool stopping_ = false;      // guarded by mu_
+  Acceptor acceptor_;          // last: it calls Accept, which uses the members above
 };
 
 }  // namespace memlend::nbd

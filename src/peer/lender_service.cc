@@ -391,20 +391,19 @@ class LenderService::Connection {
 
 LenderService::LenderService(const Endpoint& listen, std::uint64_t pool_bytes,
                              std::uint64_t node_id)
-    : endpoint_(listen), node_id_(node_id), pool_(pool_bytes), listener_(ListenOn(listen)) {
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) {
-    throw std::runtime_error(std::string("cannot create a pipe: ") + std::strerror(errno));
-  }
-  wake_read_.Reset(fds[0]);
-  wake_write_.Reset(fds[1]);
+    : endpoint_(listen),
+      node_id_(node_id),
+      pool_(pool_bytes),
+      acceptor_(ListenOn(listen), "lender " + listen.ToString(),
+                listen.kind == Endpoint::Kind::kTcp,
+                [this](UniqueFd fd) { Accept(std::move(fd)); }) {
   pool_.SetEvictionHandler(
       [this](SessionId owner, const HandleBody& handle) { NotifyEvicted(owner, handle); });
 }
 
 LenderService::~LenderService() { Stop(); }
 
-void LenderService::Start() { acceptor_ = std::thread([this] { AcceptLoop(); }); }
+void LenderService::Start() { acceptor_.Start(); }
 
 void LenderService::Stop() {
   std::vector<std::shared_ptr<Session>> open;
@@ -441,12 +440,8 @@ void LenderService::Stop() {
   for (const std::shared_ptr<Session>& session : open) {
     ::shutdown(session->fd.get(), SHUT_RDWR);
   }
-  const char byte = 1;
-  [[maybe_unused]] const ssize_t ignored = ::write(wake_write_.get(), &byte, 1);
-  if (acceptor_.joinable()) acceptor_.join();
-  // Nobody accepts any more: close the listener so borrowers are refused, not left
-  // waiting in the backlog.
-  listener_.Reset();
+  // Stop accepting; the listener closes, so new borrowers are refused, not left waiting.
+  acceptor_.Stop();
   // No new sessions can appear now; wait for the ones winding down.
   std::unordered_map<SessionId, std::shared_ptr<Session>> remaining;
   {
@@ -464,34 +459,10 @@ LendingStats LenderService::Stats() const {
   return LendingStats{pool_.pool_bytes(), stats.used_bytes, stats.borrowers};
 }
 
-void LenderService::AcceptLoop() {
-  for (;;) {
-    pollfd polls[2] = {{listener_.get(), POLLIN, 0}, {wake_read_.get(), POLLIN, 0}};
-    if (::poll(polls, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      LogError("lender: poll failed on %s: %s", endpoint_.ToString().c_str(),
-               std::strerror(errno));
-      return;
-    }
-    if (polls[1].revents != 0) return;
-    if (polls[0].revents == 0) continue;
-
-    UniqueFd fd(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    if (!fd.valid()) {
-      if (errno != EINTR && errno != ECONNABORTED && errno != EAGAIN) {
-        LogError("lender: accept failed on %s: %s", endpoint_.ToString().c_str(),
-                 std::strerror(errno));
-        if (errno == EMFILE || errno == ENFILE) ::usleep(100 * 1000);  // let fds free up
-      }
-      continue;
-    }
-    if (endpoint_.kind == Endpoint::Kind::kTcp) {
-      const int one = 1;
-      ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    }
-    const timeval send_timeout{static_cast<time_t>(kSendTimeout.count()), 0};
-    ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof(send_timeout));
-
+void LenderService::Accept(UniqueFd fd) {
+  const timeval send_timeout{static_cast<time_t>(kSendTimeout.count()), 0};
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof(send_timeout));
+  {
     std::lock_guard lock(mu_);
     ReapFinishedLocked();
     if (stopping_) return;

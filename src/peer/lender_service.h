@@ -30,6 +30,7 @@
 #include "common/unique_fd.h"
 #include "peer/codec.h"
 #include "peer/lender_pool.h"
+#include "transport/acceptor.h"
 #include "transport/socket.h"
 
 namespace memlend::peer {
@@ -82,7 +83,8 @@ class LenderService {
   };
   class Connection;  // one session's request loop (lender_service.cc)
 
-  void AcceptLoop();
+  // Runs on the acceptor thread: starts a session thread for the connection.
+  void Accept(UniqueFd fd);
   void ServeSession(Session* session);
   // Sends an EVICTED notice for `handle` to session `owner`, if it is still connected.
   void NotifyEvicted(SessionId owner, const HandleBody& handle) noexcept;
@@ -93,16 +95,13 @@ class LenderService {
   const Endpoint endpoint_;
   const std::uint64_t node_id_;
   LenderPool pool_;
-  UniqueFd listener_;    // closed by Stop() once the acceptor has ended
-  UniqueFd wake_read_;  // a pipe that wakes the accept loop on Stop()
-  UniqueFd wake_write_;
 
   std::atomic<bool> shutting_down_{false};  // set by Stop(): refuse new allocations
-  std::thread acceptor_;
   mutable std::mutex mu_;
   std::unordered_map<SessionId, std::shared_ptr<Session>> sessions_;  // guarded by mu_
   SessionId next_session_ = 1;                                          // guarded by mu_
   bool stopping_ = false;                                               // guarded by mu_
+  Acceptor acceptor_;  // last: it calls Accept, which uses the members above
 };
 
 }  // namespace memlend::peer

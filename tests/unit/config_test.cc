@@ -1,6 +1,7 @@
 // Unit tests for the daemon's command-line configuration (device specs, option validation)
 // and for socket endpoints: parsing, formatting, and listening on unix sockets and on the
 // loopback address.
+#include "temp_dir.h"
 #include "daemon/config.h"
 
 #include <doctest/doctest.h>
@@ -26,27 +27,7 @@
 namespace memlend {
 namespace {
 
-// A directory made with mkdtemp and removed with everything in it when the test ends.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "memlend_cfg.XXXXXX").string();
-    REQUIRE(mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  // Returns the path of `name` inside the directory.
-  std::string File(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  std::filesystem::path path_;
-};
+using memlend::testing::TempDir;
 
 // Arguments that BuildDaemonConfig accepts; each failure test breaks one of them.
 DaemonArgs GoodArgs() {

@@ -1,6 +1,7 @@
 // Unit tests for Device over a Tiering of a LocalStore and an optional DiskStore: byte-range
 // reads and writes against a shadow copy, per-tier page counts, zero and unmapped pages,
 // running out of room, spilling to disk, releasing room and concurrent use.
+#include "temp_dir.h"
 #include "store/device.h"
 
 #include <doctest/doctest.h>
@@ -31,28 +32,7 @@ using Bytes = std::vector<std::byte>;
 
 constexpr Compression kBothModes[] = {Compression::kNone, Compression::kLz4};
 
-// A directory made with mkdtemp and removed with everything in it when the test ends.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern =
-        (std::filesystem::temp_directory_path() / "memlend_device.XXXXXX").string();
-    REQUIRE(mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  // Returns the path of `name` inside the directory.
-  std::string File(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  std::filesystem::path path_;
-};
+using memlend::testing::TempDir;
 
 // Returns a Tiering over a local store of `local_pages` frames and, unless `disk_path` is
 // empty, a disk store at `disk_path` holding at most `disk_pages` pages (0: unbounded).

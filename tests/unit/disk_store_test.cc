@@ -1,4 +1,5 @@
 // Unit tests for DiskStore: round trips, slot reuse, the size bound and open failures.
+#include "temp_dir.h"
 #include "store/disk_store.h"
 
 #include <doctest/doctest.h>
@@ -25,28 +26,7 @@ namespace {
 
 using Page = std::array<std::byte, kPageSize>;
 
-// A directory made with mkdtemp and removed with everything in it when the test ends.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern =
-        (std::filesystem::temp_directory_path() / "memlend_disk_store.XXXXXX").string();
-    REQUIRE(mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  // Returns the path of `name` inside the directory.
-  std::string File(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  std::filesystem::path path_;
-};
+using memlend::testing::TempDir;
 
 // Fills `page` with random bytes derived from `seed`; different seeds give different pages.
 void FillRandom(Page& page, std::uint64_t seed) {

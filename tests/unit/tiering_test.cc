@@ -13,19 +13,16 @@
 #include <vector>
 
 #include "store/device.h"
+#include "temp_dir.h"
 
 using namespace memlend;
 
 namespace {
 
+// A temporary directory holding the backing file.
 struct TempFile {
-  TempFile() {
-    char pattern[] = "/tmp/memlend-tiering-XXXXXX";
-    dir = mkdtemp(pattern);
-  }
-  ~TempFile() { std::filesystem::remove_all(dir); }
-  std::string Path() const { return dir + "/backing"; }
-  std::string dir;
+  std::string Path() const { return dir.File("backing"); }
+  memlend::testing::TempDir dir;
 };
 
 std::vector<std::byte> PageOf(std::uint64_t seed) {
