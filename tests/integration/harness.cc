@@ -163,6 +163,12 @@ Endpoint PickFreeEndpoint(Transport transport, const TempDir& dir) {
 
 bool Ipv6LoopbackAvailable() { return BindEphemeralPort(Transport::kTcp6) > 0; }
 
+int PickFreeTcpPort() {
+  int port = BindEphemeralPort(Transport::kTcp);
+  if (port < 0) throw SystemError("bind to port 0 on 127.0.0.1");
+  return port;
+}
+
 int ConnectSocket(const Endpoint& endpoint) {
   sockaddr_storage address{};
   socklen_t length;
@@ -310,23 +316,43 @@ const char* TransportName(Transport transport) {
 // ---------------------------------------------------------------------------------------------
 // MemlendDaemon
 
-MemlendDaemon::MemlendDaemon(const TempDir& dir, DaemonOptions options)
-    : stderr_path_(dir.File("memlend.stderr")), control_path_(dir.File("control.sock")) {
-  endpoint_ = PickFreeEndpoint(options.transport, dir);
-
+MemlendDaemon::MemlendDaemon(const TempDir& dir, DaemonOptions options, const std::string& name)
+    // The first daemon of a directory keeps the historical file names.
+    : stderr_path_(dir.File(name + ".stderr")),
+      control_path_(dir.File(name == "memlend" ? "control.sock" : name + ".control.sock")) {
+  const bool serves_devices = !options.devices.empty();
+  const bool lends = !options.lend.empty();
   std::vector<std::string> argv = {MemlendBinary(), "daemon"};
-  for (const std::string& device : options.devices) {
-    argv.push_back("--device");
-    argv.push_back(device);
+  if (serves_devices) {
+    endpoint_ = PickFreeEndpoint(options.transport, dir);
+    if (endpoint_.transport == Transport::kUnix && name != "memlend") {
+      endpoint_.socket_path = dir.File(name + ".nbd.sock");
+    }
+    for (const std::string& device : options.devices) {
+      argv.push_back("--device");
+      argv.push_back(device);
+    }
+    argv.insert(argv.end(),
+                {"--nbd", endpoint_.NbdArgument(), "--local-store", options.local_store});
+    if (!options.compress.empty()) argv.insert(argv.end(), {"--compress", options.compress});
+    if (!options.backing_file.empty()) {
+      argv.insert(argv.end(), {"--backing-file", options.backing_file});
+    }
+    if (!options.backing_size.empty()) {
+      argv.insert(argv.end(), {"--backing-size", options.backing_size});
+    }
   }
-  argv.insert(argv.end(), {"--nbd", endpoint_.NbdArgument(), "--local-store", options.local_store,
-                           "--control", control_path_});
-  if (!options.compress.empty()) argv.insert(argv.end(), {"--compress", options.compress});
-  if (!options.backing_file.empty()) {
-    argv.insert(argv.end(), {"--backing-file", options.backing_file});
+  argv.insert(argv.end(), {"--control", control_path_});
+  if (lends) {
+    listen_port_ = options.listen_port != 0 ? options.listen_port : PickFreeTcpPort();
+    argv.insert(argv.end(), {"--lend", options.lend, "--listen", ListenAddress()});
   }
-  if (!options.backing_size.empty()) {
-    argv.insert(argv.end(), {"--backing-size", options.backing_size});
+  for (const std::string& peer : options.peers) argv.insert(argv.end(), {"--peer", peer});
+  if (!options.high_watermark.empty()) {
+    argv.insert(argv.end(), {"--high-watermark", options.high_watermark});
+  }
+  if (!options.low_watermark.empty()) {
+    argv.insert(argv.end(), {"--low-watermark", options.low_watermark});
   }
   MESSAGE("starting: " << JoinArgv(argv));
 
@@ -357,14 +383,21 @@ MemlendDaemon::MemlendDaemon(const TempDir& dir, DaemonOptions options)
       throw std::runtime_error("memlend daemon exited with status " + std::to_string(exit_status_) +
                                " before it was ready; stderr:\n" + StderrText());
     }
-    if (AcceptsConnections(endpoint_) && UnixSocketAcceptsConnections(control_path_)) return;
+    // A lender is not probed on its --listen port (that would open a session there); the ready
+    // line is printed once every socket of the daemon listens.
+    if ((!serves_devices || AcceptsConnections(endpoint_)) &&
+        UnixSocketAcceptsConnections(control_path_) &&
+        (!lends || StderrText().find("memlend: ready:") != std::string::npos)) {
+      return;
+    }
     if (Clock::now() >= deadline) {
       kill(pid_, SIGKILL);
       WaitForExit(pid_, kHangGuardMs, &status);
       pid_ = -1;
-      throw std::runtime_error("memlend daemon did not accept connections on " +
-                               endpoint_.Describe() + " and " + control_path_ +
-                               " within the hang guard; stderr:\n" + StderrText());
+      throw std::runtime_error("memlend daemon did not become ready (" +
+                               (serves_devices ? endpoint_.Describe() + ", " : std::string()) +
+                               control_path_ + (lends ? ", ready line" : "") +
+                               ") within the hang guard; stderr:\n" + StderrText());
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
@@ -435,6 +468,7 @@ void CheckStatusInvariants(const nlohmann::json& status) {
   INFO("status: " << status.dump());
   uint64_t local_sum = 0;
   uint64_t disk_sum = 0;
+  uint64_t remote_sum = 0;
   for (const nlohmann::json& device : status.at("devices")) {
     DevicePages pages = GetDevicePages(status, device.at("name").get<std::string>());
     CHECK(pages.mapped == pages.zero + pages.local + pages.disk + pages.remote);
@@ -442,8 +476,27 @@ void CheckStatusInvariants(const nlohmann::json& status) {
     CHECK(pages.mapped <= pages.total);
     local_sum += pages.local;
     disk_sum += pages.disk;
+    remote_sum += pages.remote;
+  }
+  const nlohmann::json& remote_store = status.at("remote_store");
+  if (remote_store.is_null()) {
+    CHECK(remote_sum == 0);
+  } else {
+    // Pages lost with a peer that went down still count as remote until rewritten or trimmed.
+    const uint64_t lost = remote_store.value("lost_pages", uint64_t{0});
+    CHECK(remote_store.at("pages").get<uint64_t>() + lost == remote_sum);
+    uint64_t peers_lost = 0;
+    for (const nlohmann::json& peer : status.at("peers")) {
+      peers_lost += peer.value("pages_lost", uint64_t{0});
+    }
+    CHECK(peers_lost == lost);
   }
   const nlohmann::json& local_store = status.at("local_store");
+  if (local_store.is_null()) {
+    // A daemon that only lends.
+    CHECK(status.at("devices").empty());
+    return;
+  }
   CHECK(local_store.at("pages").get<uint64_t>() == local_sum);
   CHECK(local_store.at("used_bytes").get<uint64_t>() <=
         local_store.at("total_bytes").get<uint64_t>());
@@ -452,6 +505,17 @@ void CheckStatusInvariants(const nlohmann::json& status) {
     CHECK(disk_sum == 0);
   } else {
     CHECK(disk_store.at("pages").get<uint64_t>() == disk_sum);
+  }
+}
+
+nlohmann::json WaitForStatus(const MemlendDaemon& daemon,
+                             const std::function<bool(const nlohmann::json&)>& done,
+                             int timeout_ms) {
+  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    nlohmann::json status = daemon.Status();
+    if (done(status) || Clock::now() >= deadline) return status;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
 }
 
@@ -528,6 +592,11 @@ void NbdClient::Trim(uint64_t length, uint64_t offset, uint32_t flags) {
 
 void NbdClient::Flush() {
   if (nbd_flush(handle_, 0) != 0) throw NbdError("flush");
+}
+
+int NbdClient::TryRead(std::span<uint8_t> buffer, uint64_t offset) {
+  if (nbd_pread(handle_, buffer.data(), buffer.size(), offset, 0) == 0) return 0;
+  return nbd_get_errno();
 }
 
 int NbdClient::TryWrite(std::span<const uint8_t> data, uint64_t offset, uint32_t flags) {

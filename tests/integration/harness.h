@@ -16,6 +16,7 @@
 #include <csignal>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <span>
@@ -106,34 +107,55 @@ bool AcceptsConnections(const Endpoint& endpoint);
 // Returns true if something accepts connections on the unix socket at path.
 bool UnixSocketAcceptsConnections(const std::string& path);
 
+// Returns a TCP port on 127.0.0.1 that was free when this was called (see PickFreeEndpoint for
+// the race this implies). For a lender's --listen that must be known before the daemon starts
+// (daemons that borrow from each other) or a port nobody listens on.
+int PickFreeTcpPort();
+
 // The command line of one daemon. Empty strings leave the option out.
 struct DaemonOptions {
-  std::vector<std::string> devices = {"d0:16M"};  // NAME:SIZE, one --device each
+  // NAME:SIZE, one --device each. Empty: the daemon serves no devices, so it gets no --nbd,
+  // --local-store, --compress or backing file either (a lender only; set `lend`).
+  std::vector<std::string> devices = {"d0:16M"};
   Transport transport = Transport::kUnix;
   std::string local_store = "64M";
   std::string compress;      // "none", "lz4" or empty for the daemon's default
   std::string backing_file;  // path, or empty for no disk fallback
   std::string backing_size;
+  // --lend SIZE, or empty to lend nothing. With it the daemon gets --listen 127.0.0.1:PORT,
+  // where PORT is listen_port, or a free port picked at start when listen_port is 0.
+  std::string lend;
+  int listen_port = 0;
+  std::vector<std::string> peers;  // HOST:PORT, one --peer each
+  std::string high_watermark;      // --high-watermark PCT, empty for the default
+  std::string low_watermark;       // --low-watermark PCT, empty for the default
 };
 
 // A `memlend daemon` child process. The constructor starts it in the given directory (NBD
-// socket, control socket and stderr log all live there) and returns once both the NBD endpoint
-// and the control socket accept connections; it throws, with the daemon's stderr in the message,
-// if the daemon exits first or does not become ready within the hang guard.
+// socket, control socket and stderr log all live there) and returns once the NBD endpoint (if it
+// serves devices) and the control socket accept connections and, if it lends, it has printed its
+// "memlend: ready:" line (which comes after its --listen socket is up); it throws, with the
+// daemon's stderr in the message, if the daemon exits first or does not become ready within the
+// hang guard. Several daemons may share one directory if each has its own `name`.
 //
 // Call Stop() at the end of a test and check that it returns 0. If a test fails before that, the
 // destructor SIGKILLs the daemon so nothing outlives the test. The child also gets
 // PR_SET_PDEATHSIG so it dies if the test binary itself is killed (e.g. by CTest's TIMEOUT).
 class MemlendDaemon {
  public:
-  MemlendDaemon(const TempDir& dir, DaemonOptions options);
+  MemlendDaemon(const TempDir& dir, DaemonOptions options, const std::string& name = "memlend");
   ~MemlendDaemon();
   MemlendDaemon(const MemlendDaemon&) = delete;
   MemlendDaemon& operator=(const MemlendDaemon&) = delete;
 
+  // The NBD endpoint; meaningless for a daemon without devices.
   const Endpoint& endpoint() const { return endpoint_; }
   const std::string& control_path() const { return control_path_; }
   pid_t pid() const { return pid_; }
+  // The --listen port of a lending daemon, 0 if it lends nothing.
+  int listen_port() const { return listen_port_; }
+  // "127.0.0.1:PORT" of a lending daemon: what borrowers pass to --peer.
+  std::string ListenAddress() const { return "127.0.0.1:" + std::to_string(listen_port_); }
 
   // Runs `memlend status --control PATH --json` and returns the parsed output. Throws with the
   // command's stderr if it fails or prints something that is not JSON.
@@ -151,6 +173,7 @@ class MemlendDaemon {
   std::string stderr_path_;
   std::string control_path_;
   Endpoint endpoint_;
+  int listen_port_ = 0;
   pid_t pid_ = -1;
   int exit_status_ = -1;
 };
@@ -171,8 +194,19 @@ DevicePages GetDevicePages(const nlohmann::json& status, const std::string& name
 
 // Checks (with doctest CHECKs) the invariants every status document must satisfy: per device
 // mapped = zero + local + disk + remote and total = size_bytes / 4096; local_store.pages = sum of
-// local pages; local_store.used_bytes <= total_bytes; disk_store.pages = sum of disk pages.
+// local pages; local_store.used_bytes <= total_bytes; disk_store.pages = sum of disk pages;
+// remote_store.pages + remote_store.lost_pages = sum of remote pages (0 without a remote store)
+// and lost_pages = sum of peers[].pages_lost. A daemon that only lends has no devices and
+// local_store null.
 void CheckStatusInvariants(const nlohmann::json& status);
+
+// Polls daemon.Status() about every 100 ms until done(status) returns true or timeout_ms has
+// passed, and returns the last status either way (the caller CHECKs what it expected on it, so a
+// timeout shows as a failed check with the status in the message). For effects that happen in
+// the background: eviction, peer reconnection, superpages going back to a lender.
+nlohmann::json WaitForStatus(const MemlendDaemon& daemon,
+                             const std::function<bool(const nlohmann::json&)>& done,
+                             int timeout_ms = 10'000);
 
 // A connected libnbd handle. Every method throws std::runtime_error with libnbd's message on
 // failure, except the Try* forms, which return 0 or the errno libnbd reports.
@@ -192,6 +226,7 @@ class NbdClient {
   void Trim(uint64_t length, uint64_t offset, uint32_t flags = 0);
   void Flush();
 
+  int TryRead(std::span<uint8_t> buffer, uint64_t offset);
   int TryWrite(std::span<const uint8_t> data, uint64_t offset, uint32_t flags = 0);
   int TryZero(uint64_t length, uint64_t offset, uint32_t flags = 0);
 

@@ -1,0 +1,1120 @@
+// Integration tests of lending and borrowing RAM between daemons: real `memlend daemon`
+// lenders (--lend/--listen) and borrowers (--peer) on 127.0.0.1, driven through libnbd, with the
+// placement of pages checked in `memlend status --json` of every daemon involved.
+//
+// Eviction to peers runs in a background thread and borrowers query their peers every 2 s, so
+// placement is checked only after polling (WaitEvictionSettled, Eventually) with a bounded wait;
+// data is checked at once, since a read must return the right bytes wherever the page is.
+//
+// The peer protocol's header is restated here from docs/peer-protocol.md (not included from
+// src/peer/wire.h) so that the tests that speak it raw check the documented layout.
+
+#include <arpa/inet.h>
+#include <doctest/doctest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "harness.h"
+
+namespace memlend::integration {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+constexpr uint64_t kSuperpageBytes = 2 * kMiB;
+
+// ---------------------------------------------------------------------------------------------
+// Status helpers
+
+uint64_t U64(const json& object, const char* key) { return object.at(key).get<uint64_t>(); }
+
+// The peers[] entry with the given address; throws if there is none.
+const json& PeerEntry(const json& status, const std::string& address) {
+  for (const json& peer : status.at("peers")) {
+    if (peer.at("address") == address) return peer;
+  }
+  throw std::runtime_error("status has no peer " + address + ": " + status.at("peers").dump());
+}
+
+uint64_t SumOverPeers(const json& status, const char* key) {
+  uint64_t sum = 0;
+  for (const json& peer : status.at("peers")) sum += U64(peer, key);
+  return sum;
+}
+
+uint64_t LendingUsed(const MemlendDaemon& lender) {
+  return U64(lender.Status().at("lending"), "used_bytes");
+}
+
+// Returns true as soon as condition() does, polling every 100 ms, or false after timeout_ms.
+bool Eventually(const std::function<bool()>& condition, int timeout_ms = 10'000) {
+  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    if (condition()) return true;
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+// Waits (at most 10 s) until a borrower's evictor is done: its local store is at or under the
+// high watermark and no page moved between two status snapshots 300 ms apart. CHECKs that it
+// settled and returns the last status.
+json WaitEvictionSettled(const MemlendDaemon& daemon, uint64_t high_watermark_pct = 90) {
+  auto placement = [](const json& status) {
+    json summary = json::array();
+    for (const json& device : status.at("devices")) summary.push_back(device.at("pages"));
+    summary.push_back(status.at("local_store").at("evicted_pages"));
+    summary.push_back(status.at("remote_store"));
+    return summary;
+  };
+  const auto deadline = Clock::now() + std::chrono::seconds(10);
+  json before = daemon.Status();
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    json after = daemon.Status();
+    const json& local = after.at("local_store");
+    const bool under_high =
+        U64(local, "used_bytes") * 100 <= U64(local, "total_bytes") * high_watermark_pct;
+    if (under_high && placement(before) == placement(after)) return after;
+    if (Clock::now() >= deadline) {
+      FAIL_CHECK("eviction did not settle within 10 s; status: " << after.dump());
+      return after;
+    }
+    before = std::move(after);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data helpers
+
+// Writes random data over [offset, offset + length) in chunks of chunk_size, then `unaligned`
+// writes of 1 byte to 3 pages at random unaligned offsets inside the same range.
+void WriteRandomRange(NbdClient& client, ShadowDevice& shadow, std::mt19937_64& rng,
+                      uint64_t offset, uint64_t length, uint64_t chunk_size, int unaligned) {
+  std::vector<uint8_t> data;
+  for (uint64_t done = 0; done < length; done += data.size()) {
+    data.resize(std::min(chunk_size, length - done));
+    FillRandom(rng, data);
+    client.Write(data, offset + done);
+    shadow.Write(offset + done, data);
+  }
+  for (int i = 0; i < unaligned; ++i) {
+    data.resize(RandomIn(rng, 1, 3 * kPageSize));
+    FillRandom(rng, data);
+    uint64_t at = offset + RandomIn(rng, 0, length - data.size());
+    if (at % kPageSize == 0 && at + 1 + data.size() <= offset + length) ++at;
+    client.Write(data, at);
+    shadow.Write(at, data);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The peer protocol, raw (docs/peer-protocol.md; all integers little-endian)
+
+static_assert(std::endian::native == std::endian::little,
+              "the raw peer-protocol helpers memcpy little-endian wire images");
+
+constexpr uint32_t kPeerMagic = 0x4c504c4d;
+constexpr uint16_t kPeerVersion = 1;
+constexpr uint16_t kReplyBit = 0x8000;
+constexpr uint16_t kHello = 1;
+constexpr uint16_t kQuery = 2;
+constexpr uint16_t kAllocSuperpage = 3;
+constexpr uint16_t kWrite = 5;
+constexpr uint16_t kRead = 6;
+constexpr int32_t kStatusProtocol = 71;
+
+#pragma pack(push, 1)
+struct PeerHeader {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t type;
+  uint32_t flags;
+  int32_t status;
+  uint64_t tag;
+  uint32_t payload_bytes;
+  uint32_t reserved;
+};
+struct HelloBody {
+  uint64_t node_id;
+  uint64_t pool_bytes;
+  uint32_t superpage_bytes;
+  uint32_t capabilities;
+};
+struct QueryReply {
+  uint64_t total_pages;
+  uint64_t free_pages;
+  uint64_t caller_pages;
+  uint32_t borrowers;
+  uint32_t superpage_pages;
+};
+struct RangeBody {
+  uint32_t sid;
+  uint32_t offset;
+  uint32_t length;
+  uint32_t reserved;
+};
+#pragma pack(pop)
+static_assert(sizeof(PeerHeader) == 32);
+static_assert(sizeof(HelloBody) == 24);
+static_assert(sizeof(QueryReply) == 32);
+static_assert(sizeof(RangeBody) == 16);
+
+struct PeerMessage {
+  PeerHeader header{};
+  std::vector<uint8_t> payload;
+
+  std::string Text() const { return std::string(payload.begin(), payload.end()); }
+  template <typename Body>
+  std::optional<Body> As() const {
+    if (payload.size() < sizeof(Body)) return std::nullopt;
+    Body body;
+    std::memcpy(&body, payload.data(), sizeof body);
+    return body;
+  }
+};
+
+bool WriteAll(int fd, const void* data, size_t length) {
+  const auto* bytes = static_cast<const uint8_t*>(data);
+  while (length > 0) {
+    ssize_t n = send(fd, bytes, length, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    bytes += n;
+    length -= static_cast<size_t>(n);
+  }
+  return true;
+}
+
+bool ReadAll(int fd, void* data, size_t length) {
+  auto* bytes = static_cast<uint8_t*>(data);
+  while (length > 0) {
+    ssize_t n = recv(fd, bytes, length, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    bytes += n;
+    length -= static_cast<size_t>(n);
+  }
+  return true;
+}
+
+void SetReceiveTimeout(int fd, int timeout_ms) {
+  timeval tv{timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+}
+
+// Sends one message: a header with the given fields and payload = body + data.
+bool SendPeerMessage(int fd, uint16_t type, uint64_t tag, std::span<const uint8_t> body,
+                     std::span<const uint8_t> data = {}, uint16_t version = kPeerVersion,
+                     int32_t status = 0) {
+  PeerHeader header{
+      kPeerMagic, version, type, 0, status, tag, static_cast<uint32_t>(body.size() + data.size()),
+      0};
+  std::vector<uint8_t> wire(sizeof header);
+  std::memcpy(wire.data(), &header, sizeof header);
+  wire.insert(wire.end(), body.begin(), body.end());
+  wire.insert(wire.end(), data.begin(), data.end());
+  return WriteAll(fd, wire.data(), wire.size());
+}
+
+// Reads one message; nullopt on end of stream, error, timeout or an absurd payload length.
+std::optional<PeerMessage> ReadPeerMessage(int fd) {
+  PeerMessage message;
+  if (!ReadAll(fd, &message.header, sizeof message.header)) return std::nullopt;
+  if (message.header.payload_bytes > kSuperpageBytes + 64) return std::nullopt;
+  message.payload.resize(message.header.payload_bytes);
+  if (!message.payload.empty() && !ReadAll(fd, message.payload.data(), message.payload.size())) {
+    return std::nullopt;
+  }
+  return message;
+}
+
+template <typename Body>
+std::span<const uint8_t> BytesOf(const Body& body) {
+  return {reinterpret_cast<const uint8_t*>(&body), sizeof body};
+}
+
+// A blocking raw client of a lender, for one thread. Reads time out after 5 s.
+class RawPeerClient {
+ public:
+  explicit RawPeerClient(int port) {
+    Endpoint endpoint;
+    endpoint.transport = Transport::kTcp;
+    endpoint.port = port;
+    fd_ = ConnectSocket(endpoint);
+    if (fd_ < 0) {
+      throw std::runtime_error("cannot connect to lender port " + std::to_string(port) + ": " +
+                               std::strerror(errno));
+    }
+    SetReceiveTimeout(fd_, 5000);
+  }
+  ~RawPeerClient() { close(fd_); }
+  RawPeerClient(const RawPeerClient&) = delete;
+  RawPeerClient& operator=(const RawPeerClient&) = delete;
+
+  int fd() const { return fd_; }
+
+  // Sends a request and returns the next message (the tests send one request at a time).
+  std::optional<PeerMessage> Call(uint16_t type, std::span<const uint8_t> body = {},
+                                  std::span<const uint8_t> data = {},
+                                  uint16_t version = kPeerVersion) {
+    const uint64_t tag = next_tag_++;
+    if (!SendPeerMessage(fd_, type, tag, body, data, version)) return std::nullopt;
+    std::optional<PeerMessage> reply = ReadPeerMessage(fd_);
+    if (reply && reply->header.tag != tag) {
+      throw std::runtime_error("reply with tag " + std::to_string(reply->header.tag) +
+                               ", expected " + std::to_string(tag));
+    }
+    return reply;
+  }
+
+  // True if the other end closes the connection within the read timeout.
+  bool WaitClosed() {
+    uint8_t scratch[4096];
+    for (;;) {
+      ssize_t n = recv(fd_, scratch, sizeof scratch, 0);
+      if (n == 0) return true;
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return errno == ECONNRESET;
+    }
+  }
+
+ private:
+  int fd_ = -1;
+  uint64_t next_tag_ = 1;
+};
+
+// A fake lender that answers every HELLO with a reply header of another protocol version and
+// hangs up. It listens on a free port of 127.0.0.1 and serves connections one after another on
+// its own thread until destroyed.
+class FakeLender {
+ public:
+  explicit FakeLender(uint16_t reply_version) : reply_version_(reply_version) {
+    listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (listen_fd_ < 0) throw std::runtime_error("socket: " + std::string(std::strerror(errno)));
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t length = sizeof address;
+    if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+        listen(listen_fd_, 16) != 0 ||
+        getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+      std::string error = std::strerror(errno);
+      close(listen_fd_);
+      throw std::runtime_error("fake lender: bind/listen: " + error);
+    }
+    port_ = ntohs(address.sin_port);
+    thread_ = std::thread([this] { Serve(); });
+  }
+  ~FakeLender() {
+    stop_ = true;
+    thread_.join();
+    close(listen_fd_);
+  }
+  FakeLender(const FakeLender&) = delete;
+  FakeLender& operator=(const FakeLender&) = delete;
+
+  std::string Address() const { return "127.0.0.1:" + std::to_string(port_); }
+  // HELLO requests answered so far.
+  int hellos() const { return hellos_.load(); }
+  // Set if any request was not a version-1 HELLO with a 24-byte body.
+  bool saw_unexpected_request() const { return unexpected_.load(); }
+
+ private:
+  void Serve() {
+    while (!stop_) {
+      pollfd listening{listen_fd_, POLLIN, 0};
+      if (poll(&listening, 1, 100) <= 0) continue;
+      int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) continue;
+      SetReceiveTimeout(fd, 2000);
+      std::optional<PeerMessage> request = ReadPeerMessage(fd);
+      if (request) {
+        const PeerHeader& h = request->header;
+        if (h.magic != kPeerMagic || h.version != kPeerVersion || h.type != kHello ||
+            h.payload_bytes != sizeof(HelloBody)) {
+          unexpected_ = true;
+        }
+        SendPeerMessage(fd, kHello | kReplyBit, h.tag, {}, {}, reply_version_);
+        ++hellos_;
+      }
+      close(fd);
+    }
+  }
+
+  const uint16_t reply_version_;
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_ = false;
+  std::atomic<int> hellos_ = 0;
+  std::atomic<bool> unexpected_ = false;
+  std::thread thread_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Daemon setups
+
+DaemonOptions Lender(const std::string& size, int listen_port = 0) {
+  DaemonOptions options;
+  options.devices = {};
+  options.lend = size;
+  options.listen_port = listen_port;
+  return options;
+}
+
+DaemonOptions Borrower(const std::string& device, const std::string& local_store,
+                       std::vector<std::string> peers) {
+  DaemonOptions options;
+  options.devices = {device};
+  options.local_store = local_store;
+  options.compress = "none";
+  options.peers = std::move(peers);
+  return options;
+}
+
+// Checks that the remote accounting of a settled borrower agrees with itself and with its
+// lenders: remote pages = remote_store.pages = sum of peers[].pages_stored, and sum over lenders
+// of lending.used_bytes = remote_store.used_bytes = sum of peers[].superpages_held * 2 MiB. The
+// lenders' figures and the borrower's are separate snapshots, so this polls (at most 5 s) until
+// they agree and CHECKs the last snapshots.
+void CheckRemoteAccounting(const MemlendDaemon& borrower,
+                           const std::vector<const MemlendDaemon*>& lenders) {
+  json status;
+  uint64_t lent = 0;
+  auto agrees = [&] {
+    status = borrower.Status();
+    lent = 0;
+    for (const MemlendDaemon* lender : lenders) lent += LendingUsed(*lender);
+    const json& remote = status.at("remote_store");
+    return U64(remote, "pages") == SumOverPeers(status, "pages_stored") &&
+           U64(remote, "used_bytes") == lent &&
+           U64(remote, "used_bytes") == SumOverPeers(status, "superpages_held") * kSuperpageBytes;
+  };
+  Eventually(agrees, 5000);
+  INFO("borrower status: " << status.dump());
+  CheckStatusInvariants(status);
+  const json& remote = status.at("remote_store");
+  uint64_t remote_pages = 0;
+  for (const json& device : status.at("devices")) remote_pages += U64(device.at("pages"), "remote");
+  // No peer went down while holding pages, so none are lost and every remote page is stored.
+  CHECK(remote.value("lost_pages", uint64_t{0}) == 0);
+  CHECK(U64(remote, "pages") == remote_pages);
+  CHECK(U64(remote, "pages") == SumOverPeers(status, "pages_stored"));
+  CHECK(U64(remote, "used_bytes") == lent);
+  CHECK(U64(remote, "used_bytes") == SumOverPeers(status, "superpages_held") * kSuperpageBytes);
+  // Pages fit in the superpages held.
+  CHECK(U64(remote, "pages") * kPageSize <= U64(remote, "used_bytes"));
+}
+
+}  // namespace
+
+TEST_SUITE("peers") {
+  // a. Two lenders and a borrower whose local store is a sixteenth of what is written: the data
+  // reads back intact, most of it lives on the lenders, spread over both, and the borrower's and
+  // lenders' books agree.
+  TEST_CASE("borrower spreads cold pages over two lenders") {
+    constexpr uint64_t kDeviceSize = 64 * kMiB;
+    constexpr uint64_t kWritten = 40 * kMiB;  // ten times the local store
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    MemlendDaemon lender1(dir, Lender("32M"), "lender1");
+    MemlendDaemon lender2(dir, Lender("32M"), "lender2");
+    MemlendDaemon borrower(
+        dir, Borrower("d0:64M", "4M", {lender1.ListenAddress(), lender2.ListenAddress()}),
+        "borrower");
+    {
+      json status = borrower.Status();
+      INFO("status at start: " << status.dump());
+      REQUIRE(status.at("peers").size() == 2);
+      for (const json& peer : status.at("peers")) {
+        CHECK(peer.at("state") == "up");
+        CHECK(U64(peer, "pool_total_bytes") == 32 * kMiB);
+      }
+      CHECK(U64(status.at("remote_store"), "total_bytes") == 64 * kMiB);
+      CHECK(status.at("local_store").at("total_bytes") == 4 * kMiB);
+    }
+    {
+      NbdClient client(borrower.endpoint(), "d0");
+      ShadowDevice shadow(kDeviceSize);
+      std::mt19937_64 rng(seed);
+      WriteRandomRange(client, shadow, rng, 0, kWritten, 256 * kKiB, 200);
+      CHECK(CompareWithShadow(client, shadow) == "");
+
+      json status = WaitEvictionSettled(borrower);
+      INFO("settled status: " << status.dump());
+      DevicePages pages = GetDevicePages(status, "d0");
+      CHECK(pages.mapped == kWritten / kPageSize);
+      CHECK(pages.local + pages.remote + pages.disk + pages.zero == pages.mapped);
+      CHECK(pages.disk == 0);
+      CHECK(pages.remote > pages.local);
+      CHECK(U64(status.at("local_store"), "evicted_pages") >= pages.remote);
+      const json& local = status.at("local_store");
+      CHECK(U64(local, "used_bytes") * 100 <= U64(local, "total_bytes") * 90);
+      // Both lenders got pages.
+      for (const MemlendDaemon* lender : {&lender1, &lender2}) {
+        const json& peer = PeerEntry(status, lender->ListenAddress());
+        INFO("peer " << peer.dump());
+        CHECK(U64(peer, "pages_stored") > 0);
+        CHECK(U64(peer, "superpages_held") > 0);
+        json lender_status = lender->Status();
+        CheckStatusInvariants(lender_status);
+        CHECK(lender_status.at("local_store").is_null());
+        CHECK(U64(lender_status.at("lending"), "total_bytes") == 32 * kMiB);
+        CHECK(U64(lender_status.at("lending"), "used_bytes") > 0);
+        CHECK(U64(lender_status.at("lending"), "borrowers") == 1);
+        CHECK(lender_status.at("node_id") == peer.at("node_id"));
+      }
+      CheckRemoteAccounting(borrower, {&lender1, &lender2});
+
+      // Within a query interval or two, the borrower's view of each pool matches the lender's.
+      json view;
+      bool pools_match = Eventually(
+          [&] {
+            view = borrower.Status();
+            for (const MemlendDaemon* lender : {&lender1, &lender2}) {
+              const json& peer = PeerEntry(view, lender->ListenAddress());
+              if (U64(peer, "pool_free_bytes") != 32 * kMiB - LendingUsed(*lender)) return false;
+            }
+            return true;
+          },
+          6000);
+      CHECK_MESSAGE(pools_match, "peers' pool_free_bytes never matched the lenders: "
+                                     << view.at("peers").dump() << "; lenders used "
+                                     << LendingUsed(lender1) << ", " << LendingUsed(lender2));
+
+      // A fresh connection reads the same data.
+      NbdClient second(borrower.endpoint(), "d0");
+      CHECK(CompareWithShadow(second, shadow) == "");
+    }
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+    // The lenders free the borrower's superpages when its connections close.
+    for (MemlendDaemon* lender : {&lender1, &lender2}) {
+      CHECK(Eventually([&] { return LendingUsed(*lender) == 0; }, 5000));
+      CHECK_MESSAGE(lender->Stop() == 0, lender->StderrText());
+    }
+  }
+
+  // b. Lenders far too small: with a backing file the overflow goes to disk and every write
+  // succeeds; without one, writes succeed until local store and lenders are full and then fail
+  // with ENOSPC, and what was written before reads back intact.
+  TEST_CASE("full lenders: overflow to the backing file, else ENOSPC") {
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    MemlendDaemon lender1(dir, Lender("4M"), "lender1");
+    MemlendDaemon lender2(dir, Lender("4M"), "lender2");
+    const std::vector<std::string> peers = {lender1.ListenAddress(), lender2.ListenAddress()};
+
+    SUBCASE("with a backing file") {
+      constexpr uint64_t kDeviceSize = 64 * kMiB;
+      constexpr uint64_t kWritten = 40 * kMiB;  // local 4M + lenders 8M is far less
+      DaemonOptions options = Borrower("d0:64M", "4M", peers);
+      options.backing_file = dir.File("backing.img");
+      MemlendDaemon borrower(dir, options, "borrower");
+      {
+        NbdClient client(borrower.endpoint(), "d0");
+        ShadowDevice shadow(kDeviceSize);
+        std::mt19937_64 rng(seed);
+        WriteRandomRange(client, shadow, rng, 0, kWritten, 256 * kKiB, 100);
+
+        json status = WaitEvictionSettled(borrower);
+        {
+          INFO("settled status: " << status.dump());
+          DevicePages pages = GetDevicePages(status, "d0");
+          CHECK(pages.mapped == kWritten / kPageSize);
+          CHECK(pages.disk > 0);
+          CHECK(pages.remote > 0);
+          CHECK(pages.local + pages.remote + pages.disk == pages.mapped);
+          CHECK(pages.remote <= 8 * kMiB / kPageSize);
+        }
+        // Both pools are full, and the borrower sees that: each peer is refusing, or up with no
+        // free pool (its view lags by up to one 2 s query).
+        for (MemlendDaemon* lender : {&lender1, &lender2}) {
+          CHECK(LendingUsed(*lender) == 4 * kMiB);
+        }
+        json view;
+        bool seen_full = Eventually(
+            [&] {
+              view = borrower.Status();
+              for (const json& peer : view.at("peers")) {
+                const bool refusing = peer.at("state") == "refusing";
+                const bool up_and_full =
+                    peer.at("state") == "up" && U64(peer, "pool_free_bytes") == 0;
+                if (!refusing && !up_and_full) return false;
+              }
+              return true;
+            },
+            6000);
+        CHECK_MESSAGE(seen_full, "peers not seen as full: " << view.at("peers").dump());
+        CheckRemoteAccounting(borrower, {&lender1, &lender2});
+
+        CHECK(CompareWithShadow(client, shadow) == "");
+        CheckStatusInvariants(borrower.Status());
+      }
+      CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+    }
+
+    SUBCASE("without a backing file") {
+      constexpr uint64_t kDeviceSize = 64 * kMiB;
+      // Local store 4 MiB (1024 frames) + two pools of 4 MiB (2048 slots).
+      constexpr uint64_t kCapacityPages = (4 * kMiB + 8 * kMiB) / kPageSize;
+      MemlendDaemon borrower(dir, Borrower("d0:64M", "4M", peers), "borrower");
+      {
+        NbdClient client(borrower.endpoint(), "d0");
+        ShadowDevice shadow(kDeviceSize);
+        std::mt19937_64 rng(seed);
+        std::vector<uint8_t> page(kPageSize);
+        int error = 0;
+        uint64_t stored = 0;
+        for (; stored < kDeviceSize / kPageSize; ++stored) {
+          FillRandom(rng, page);
+          error = client.TryWrite(page, stored * kPageSize);
+          if (error != 0) break;
+          shadow.Write(stored * kPageSize, page);
+        }
+        json status = borrower.Status();
+        INFO("pages stored before the first failure: " << stored << "; status: " << status.dump());
+        MESSAGE("without a backing file: " << stored << " pages written before errno " << error
+                                           << " (capacity " << kCapacityPages << " pages)");
+        CHECK(error == ENOSPC);
+        // ENOSPC only once every tier is full: all of the local store and both pools.
+        CHECK(stored == kCapacityPages);
+        CHECK(U64(status.at("local_store"), "used_bytes") == 4 * kMiB);
+        CHECK(GetDevicePages(status, "d0").remote == 8 * kMiB / kPageSize);
+        CHECK(LendingUsed(lender1) == 4 * kMiB);
+        CHECK(LendingUsed(lender2) == 4 * kMiB);
+        CheckStatusInvariants(status);
+
+        // Another write still fails the same way, and what was written reads back intact.
+        FillRandom(rng, page);
+        CHECK(client.TryWrite(page, (stored + 1) * kPageSize) == ENOSPC);
+        CHECK(CompareWithShadow(client, shadow, 0, stored * kPageSize) == "");
+
+        // TRIM frees room (wherever those pages were) and new writes succeed again, until that
+        // room is used up. Four rounds: TRIM 1 MiB (256 pages) of the oldest data, then write
+        // 192 new pages, which must all succeed.
+        uint64_t next_page = stored;
+        for (int round = 0; round < 4; ++round) {
+          const uint64_t trim_offset = static_cast<uint64_t>(round) * kMiB;
+          client.Trim(1 * kMiB, trim_offset);
+          shadow.Zero(trim_offset, 1 * kMiB);
+          const json after_trim = borrower.Status();
+          INFO("round " << round << ", status after TRIM of [" << trim_offset
+                        << ", +1 MiB): " << after_trim.dump());
+          CHECK(GetDevicePages(after_trim, "d0").mapped == next_page - 256 * (round + 1));
+          bool failed = false;
+          for (uint64_t i = 0; i < 192 && !failed; ++i, ++next_page) {
+            FillRandom(rng, page);
+            const uint64_t offset = next_page * kPageSize;
+            const int rc = client.TryWrite(page, offset);
+            if (rc == 0) {
+              shadow.Write(offset, page);
+              continue;
+            }
+            // Tell a transient refusal from a lasting one in the failure message.
+            const json at_failure = borrower.Status();
+            std::this_thread::sleep_for(std::chrono::milliseconds(500));
+            const int retry = client.TryWrite(page, offset);
+            if (retry == 0) shadow.Write(offset, page);
+            FAIL_CHECK("write of page " << next_page << " (write " << i + 1 << " after TRIM round "
+                                        << round << ") failed with errno " << rc
+                                        << "; the same write 0.5 s later returned " << retry
+                                        << "; status at the failure: " << at_failure.dump());
+            failed = true;
+          }
+          if (failed) break;
+        }
+        CHECK(CompareWithShadow(client, shadow) == "");
+        CheckStatusInvariants(borrower.Status());
+      }
+      CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+    }
+    CHECK_MESSAGE(lender1.Stop() == 0, lender1.StderrText());
+    CHECK_MESSAGE(lender2.Stop() == 0, lender2.StderrText());
+  }
+
+  // c. Overwriting remote pages frees their old slots (superpages in use do not grow with each
+  // rewrite), and TRIM of everything gives every superpage back to its lender.
+  TEST_CASE("overwrite and TRIM free remote slots and superpages") {
+    constexpr uint64_t kDeviceSize = 64 * kMiB;
+    constexpr uint64_t kWritten = 32 * kMiB;
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    MemlendDaemon lender1(dir, Lender("32M"), "lender1");
+    MemlendDaemon lender2(dir, Lender("32M"), "lender2");
+    MemlendDaemon borrower(
+        dir, Borrower("d0:64M", "4M", {lender1.ListenAddress(), lender2.ListenAddress()}),
+        "borrower");
+    {
+      NbdClient client(borrower.endpoint(), "d0");
+      ShadowDevice shadow(kDeviceSize);
+      std::mt19937_64 rng(seed);
+      WriteRandomRange(client, shadow, rng, 0, kWritten, 256 * kKiB, 0);
+      json status = WaitEvictionSettled(borrower);
+      CHECK(GetDevicePages(status, "d0").remote > 0);
+      CheckRemoteAccounting(borrower, {&lender1, &lender2});
+      const uint64_t used_after_first = LendingUsed(lender1) + LendingUsed(lender2);
+      MESSAGE("lent after the first write: " << used_after_first / kMiB << " MiB");
+      CHECK(used_after_first > 0);
+
+      for (int round = 1; round <= 5; ++round) {
+        INFO("overwrite round " << round);
+        WriteRandomRange(client, shadow, rng, 0, kWritten, 256 * kKiB, 20);
+        status = WaitEvictionSettled(borrower);
+        INFO("settled status: " << status.dump());
+        CHECK(GetDevicePages(status, "d0").mapped == kWritten / kPageSize);
+        CHECK(GetDevicePages(status, "d0").remote > 0);
+        const uint64_t used1 = LendingUsed(lender1);
+        const uint64_t used2 = LendingUsed(lender2);
+        MESSAGE("round " << round << ": lent " << used1 / kMiB << " + " << used2 / kMiB << " MiB");
+        // At most one more superpage per lender than after the first write.
+        CHECK(used1 + used2 <= used_after_first + 2 * kSuperpageBytes);
+      }
+      CHECK(CompareWithShadow(client, shadow) == "");
+      CheckRemoteAccounting(borrower, {&lender1, &lender2});
+
+      // TRIM of the whole device: nothing is mapped, no page is remote, every superpage is back.
+      client.Trim(kDeviceSize, 0);
+      shadow.Zero(0, kDeviceSize);
+      status = WaitForStatus(borrower, [](const json& s) {
+        return U64(s.at("remote_store"), "pages") == 0 &&
+               U64(s.at("remote_store"), "used_bytes") == 0;
+      });
+      {
+        INFO("status after TRIM: " << status.dump());
+        CheckStatusInvariants(status);
+        DevicePages pages = GetDevicePages(status, "d0");
+        CHECK(pages.mapped == 0);
+        CHECK(pages.remote == 0);
+        CHECK(U64(status.at("remote_store"), "pages") == 0);
+        CHECK(U64(status.at("remote_store"), "used_bytes") == 0);
+        CHECK(U64(status.at("local_store"), "used_bytes") == 0);
+        CHECK(SumOverPeers(status, "pages_stored") == 0);
+        CHECK(SumOverPeers(status, "superpages_held") == 0);
+      }
+      for (MemlendDaemon* lender : {&lender1, &lender2}) {
+        json lender_status = WaitForStatus(
+            *lender, [](const json& s) { return U64(s.at("lending"), "used_bytes") == 0; });
+        INFO("lender status after TRIM: " << lender_status.dump());
+        CHECK(U64(lender_status.at("lending"), "used_bytes") == 0);
+        CHECK(U64(lender_status.at("lending"), "borrowers") == 0);
+      }
+      CHECK(CompareWithShadow(client, shadow) == "");
+    }
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+    CHECK_MESSAGE(lender1.Stop() == 0, lender1.StderrText());
+    CHECK_MESSAGE(lender2.Stop() == 0, lender2.StderrText());
+  }
+
+  // d1. A lender that is not there at start is skipped and retried: the borrower uses the live
+  // one, and picks the late one up within a few query intervals once it listens.
+  TEST_CASE("an unreachable lender is skipped at start and used once it comes up") {
+    constexpr uint64_t kDeviceSize = 32 * kMiB;
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    const int late_port = PickFreeTcpPort();  // nobody listens here yet
+    const std::string late_address = "127.0.0.1:" + std::to_string(late_port);
+    MemlendDaemon live(dir, Lender("32M"), "live");
+    MemlendDaemon borrower(dir, Borrower("d0:32M", "4M", {live.ListenAddress(), late_address}),
+                           "borrower");
+    {
+      json status = borrower.Status();
+      INFO("status at start: " << status.dump());
+      CHECK(PeerEntry(status, live.ListenAddress()).at("state") == "up");
+      const json& late = PeerEntry(status, late_address);
+      CHECK(late.at("state") == "down");
+      CHECK(late.at("error").get<std::string>() != "");
+      CHECK(late.at("node_id") == "-");
+    }
+    auto client_owner = std::make_unique<NbdClient>(borrower.endpoint(), "d0");
+    NbdClient& client = *client_owner;
+    ShadowDevice shadow(kDeviceSize);
+    std::mt19937_64 rng(seed);
+    WriteRandomRange(client, shadow, rng, 0, 16 * kMiB, 256 * kKiB, 50);
+    CHECK(CompareWithShadow(client, shadow) == "");
+    {
+      json status = WaitEvictionSettled(borrower);
+      INFO("settled status: " << status.dump());
+      DevicePages pages = GetDevicePages(status, "d0");
+      CHECK(pages.remote > 0);
+      CHECK(U64(PeerEntry(status, live.ListenAddress()), "pages_stored") == pages.remote);
+      CHECK(U64(PeerEntry(status, late_address), "pages_stored") == 0);
+      CHECK(PeerEntry(status, late_address).at("state") == "down");
+      CheckRemoteAccounting(borrower, {&live});
+    }
+
+    // The late lender starts on the port the borrower keeps trying.
+    MemlendDaemon late_lender(dir, Lender("32M", late_port), "late");
+    const auto started = Clock::now();
+    json status = WaitForStatus(
+        borrower, [&](const json& s) { return PeerEntry(s, late_address).at("state") == "up"; },
+        6000);
+    const auto took_ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started).count();
+    {
+      INFO("status: " << status.dump());
+      CHECK_MESSAGE(PeerEntry(status, late_address).at("state") == "up",
+                    "the late lender was not up within 6 s");
+      CHECK(PeerEntry(status, late_address).at("error") == "");
+      CHECK(PeerEntry(status, late_address).at("node_id") == late_lender.Status().at("node_id"));
+      MESSAGE("late lender seen up after " << took_ms << " ms");
+    }
+
+    // New cold pages now go to the late lender too (it is the emptier of the two).
+    WriteRandomRange(client, shadow, rng, 16 * kMiB, 12 * kMiB, 256 * kKiB, 20);
+    CHECK(CompareWithShadow(client, shadow) == "");
+    status = WaitEvictionSettled(borrower);
+    {
+      INFO("settled status: " << status.dump());
+      CHECK(U64(PeerEntry(status, late_address), "pages_stored") > 0);
+      CHECK(LendingUsed(late_lender) > 0);
+    }
+    CheckRemoteAccounting(borrower, {&live, &late_lender});
+    CHECK(CompareWithShadow(client, shadow) == "");
+    client_owner.reset();  // the client disconnects before the daemons stop
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+    CHECK_MESSAGE(live.Stop() == 0, live.StderrText());
+    CHECK_MESSAGE(late_lender.Stop() == 0, late_lender.StderrText());
+  }
+
+  // d2. A lender that answers HELLO with protocol version 2 is refused with a message naming the
+  // version, stays down, and the borrower serves its device from its other tiers.
+  TEST_CASE("a lender speaking another protocol version is refused, the device still works") {
+    constexpr uint64_t kDeviceSize = 16 * kMiB;
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    FakeLender fake(2);
+    MemlendDaemon real(dir, Lender("16M"), "real");
+    MemlendDaemon borrower(dir, Borrower("d0:16M", "2M", {fake.Address(), real.ListenAddress()}),
+                           "borrower");
+    {
+      json status = borrower.Status();
+      INFO("status at start: " << status.dump());
+      const json& peer = PeerEntry(status, fake.Address());
+      CHECK(peer.at("state") == "down");
+      CHECK(peer.at("error").get<std::string>().find("version 2") != std::string::npos);
+      CHECK(PeerEntry(status, real.ListenAddress()).at("state") == "up");
+    }
+    CHECK(fake.hellos() >= 1);
+    CHECK_FALSE(fake.saw_unexpected_request());
+    const std::string log = borrower.StderrText();
+    INFO("borrower stderr: " << log);
+    CHECK(log.find("speaks peer protocol version 2") != std::string::npos);
+
+    {
+      NbdClient client(borrower.endpoint(), "d0");
+      ShadowDevice shadow(kDeviceSize);
+      std::mt19937_64 rng(seed);
+      WriteRandomRange(client, shadow, rng, 0, 12 * kMiB, 128 * kKiB, 50);
+      CHECK(CompareWithShadow(client, shadow) == "");
+      json status = WaitEvictionSettled(borrower);
+      INFO("settled status: " << status.dump());
+      DevicePages pages = GetDevicePages(status, "d0");
+      CHECK(pages.mapped == 12 * kMiB / kPageSize);
+      CHECK(pages.remote > 0);
+      CHECK(U64(PeerEntry(status, real.ListenAddress()), "pages_stored") == pages.remote);
+      CHECK(U64(PeerEntry(status, fake.Address()), "pages_stored") == 0);
+      CheckRemoteAccounting(borrower, {&real});
+      CHECK(CompareWithShadow(client, shadow) == "");
+    }
+    // It is retried and refused again; it never comes up.
+    CHECK(Eventually([&] { return fake.hellos() >= 2; }, 6000));
+    json status = borrower.Status();
+    INFO("status: " << status.dump());
+    CHECK(PeerEntry(status, fake.Address()).at("state") == "down");
+    CHECK(PeerEntry(status, fake.Address()).at("error").get<std::string>().find("version 2") !=
+          std::string::npos);
+    CHECK_FALSE(fake.saw_unexpected_request());
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+    CHECK_MESSAGE(real.Stop() == 0, real.StderrText());
+  }
+
+  // d3. The other direction: a version-2 HELLO to a real lender gets status PROTOCOL with a text
+  // naming both versions and the connection closes; the lender then serves a correct client.
+  TEST_CASE("a lender refuses a HELLO of another version and still serves correct clients") {
+    TempDir dir;
+    MemlendDaemon lender(dir, Lender("16M"), "lender");
+    const HelloBody hello{0x1234, 0, static_cast<uint32_t>(kSuperpageBytes), 1};
+    {
+      RawPeerClient client(lender.listen_port());
+      std::optional<PeerMessage> reply = client.Call(kHello, BytesOf(hello), {}, 2);
+      REQUIRE_MESSAGE(reply.has_value(), "no reply to a version-2 HELLO");
+      INFO("reply text: " << reply->Text());
+      CHECK(reply->header.magic == kPeerMagic);
+      CHECK(reply->header.type == (kHello | kReplyBit));
+      CHECK(reply->header.status == kStatusProtocol);
+      CHECK(reply->Text().find("version 1") != std::string::npos);
+      CHECK(reply->Text().find("version 2") != std::string::npos);
+      CHECK(reply->payload.size() <= 256);
+      CHECK(client.WaitClosed());
+    }
+    {
+      RawPeerClient client(lender.listen_port());
+      std::optional<PeerMessage> reply = client.Call(kHello, BytesOf(hello));
+      REQUIRE(reply.has_value());
+      CHECK(reply->header.version == kPeerVersion);
+      CHECK(reply->header.type == (kHello | kReplyBit));
+      REQUIRE(reply->header.status == 0);
+      std::optional<HelloBody> body = reply->As<HelloBody>();
+      REQUIRE(body.has_value());
+      CHECK(body->pool_bytes == 16 * kMiB);
+      CHECK(body->superpage_bytes == kSuperpageBytes);
+      char node_id[17];
+      std::snprintf(node_id, sizeof node_id, "%016llx",
+                    static_cast<unsigned long long>(body->node_id));
+      CHECK(lender.Status().at("node_id") == std::string(node_id));
+
+      reply = client.Call(kQuery);
+      REQUIRE(reply.has_value());
+      REQUIRE(reply->header.status == 0);
+      std::optional<QueryReply> query = reply->As<QueryReply>();
+      REQUIRE(query.has_value());
+      CHECK(query->total_pages == 16 * kMiB / kPageSize);
+      CHECK(query->free_pages == 16 * kMiB / kPageSize);
+      CHECK(query->caller_pages == 0);
+
+      // A superpage, one page written and read back.
+      reply = client.Call(kAllocSuperpage);
+      REQUIRE(reply.has_value());
+      REQUIRE(reply->header.status == 0);
+      std::optional<uint32_t> sid = reply->As<uint32_t>();
+      REQUIRE(sid.has_value());
+      std::vector<uint8_t> page(kPageSize);
+      std::mt19937_64 rng(TestSeed());
+      FillRandom(rng, page);
+      const RangeBody range{*sid, 8 * kPageSize, kPageSize, 0};
+      reply = client.Call(kWrite, BytesOf(range), page);
+      REQUIRE(reply.has_value());
+      CHECK(reply->header.status == 0);
+      reply = client.Call(kRead, BytesOf(range));
+      REQUIRE(reply.has_value());
+      CHECK(reply->header.status == 0);
+      CHECK(reply->payload == page);
+      json status = lender.Status();
+      CHECK(U64(status.at("lending"), "used_bytes") == kSuperpageBytes);
+      CHECK(U64(status.at("lending"), "borrowers") == 1);
+    }
+    // The session closed, so its superpage is free again.
+    CHECK(Eventually([&] { return LendingUsed(lender) == 0; }, 5000));
+    CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
+  }
+
+  // e. Two daemons each lend to and borrow from the other, with I/O on both devices at once.
+  TEST_CASE("two daemons lend to each other while both devices are busy") {
+    constexpr uint64_t kDeviceSize = 32 * kMiB;
+    constexpr uint64_t kWritten = 12 * kMiB;
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    const int port_x = PickFreeTcpPort();
+    const int port_y = PickFreeTcpPort();
+    auto options = [](int listen_port, int peer_port) {
+      DaemonOptions o = Borrower("d0:32M", "2M", {"127.0.0.1:" + std::to_string(peer_port)});
+      o.lend = "16M";
+      o.listen_port = listen_port;
+      return o;
+    };
+    MemlendDaemon x(dir, options(port_x, port_y), "x");  // y is not up yet: retried
+    MemlendDaemon y(dir, options(port_y, port_x), "y");
+    for (MemlendDaemon* d : {&x, &y}) {
+      json status = WaitForStatus(
+          *d, [](const json& s) { return s.at("peers").at(0).at("state") == "up"; }, 6000);
+      INFO("status: " << status.dump());
+      CHECK(status.at("peers").at(0).at("state") == "up");
+    }
+
+    ShadowDevice shadow_x(kDeviceSize);
+    ShadowDevice shadow_y(kDeviceSize);
+    std::string failures[2];
+    {
+      std::vector<std::thread> threads;
+      MemlendDaemon* daemons[2] = {&x, &y};
+      ShadowDevice* shadows[2] = {&shadow_x, &shadow_y};
+      for (int i = 0; i < 2; ++i) {
+        threads.emplace_back([&, i] {
+          try {
+            NbdClient client(daemons[i]->endpoint(), "d0");
+            std::mt19937_64 rng(seed + static_cast<uint64_t>(i));
+            WriteRandomRange(client, *shadows[i], rng, 0, kWritten, 128 * kKiB, 100);
+            failures[i] = CompareWithShadow(client, *shadows[i]);
+          } catch (const std::exception& error) {
+            failures[i] = error.what();
+          }
+        });
+      }
+      for (std::thread& thread : threads) thread.join();
+    }
+    CHECK(failures[0] == "");
+    CHECK(failures[1] == "");
+
+    for (auto [borrower, lender] : {std::pair{&x, &y}, std::pair{&y, &x}}) {
+      json status = WaitEvictionSettled(*borrower);
+      INFO("settled status: " << status.dump());
+      DevicePages pages = GetDevicePages(status, "d0");
+      CHECK(pages.mapped == kWritten / kPageSize);
+      CHECK(pages.remote > 0);
+      CHECK(U64(lender->Status().at("lending"), "borrowers") == 1);
+      CheckRemoteAccounting(*borrower, {lender});
+    }
+    {
+      NbdClient client_x(x.endpoint(), "d0");
+      NbdClient client_y(y.endpoint(), "d0");
+      CHECK(CompareWithShadow(client_x, shadow_x) == "");
+      CHECK(CompareWithShadow(client_y, shadow_y) == "");
+    }
+    CHECK_MESSAGE(x.Stop() == 0, x.StderrText());
+    CHECK_MESSAGE(y.Stop() == 0, y.StderrText());
+  }
+
+  // f. The lender goes away under a borrower: the borrower keeps serving. Pages that were local
+  // read back; pages that were on the lender fail with EIO (never wrong data); new writes go to
+  // the local store and the backing file; the peer shows down.
+  TEST_CASE("a borrower keeps serving after its lender goes away") {
+    constexpr uint64_t kDeviceSize = 32 * kMiB;
+    constexpr uint64_t kFirst = 16 * kMiB;      // [0, 16M): mostly evicted to the lender
+    constexpr uint64_t kHotOffset = 20 * kMiB;  // 64 pages written last: local
+    constexpr uint64_t kHotLength = 256 * kKiB;
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    MemlendDaemon lender(dir, Lender("32M"), "lender");
+    DaemonOptions options = Borrower("d0:32M", "4M", {lender.ListenAddress()});
+    options.backing_file = dir.File("backing.img");
+    MemlendDaemon borrower(dir, options, "borrower");
+    {
+      NbdClient client(borrower.endpoint(), "d0");
+      ShadowDevice shadow(kDeviceSize);
+      std::mt19937_64 rng(seed);
+      WriteRandomRange(client, shadow, rng, 0, kFirst, 256 * kKiB, 0);
+      json before = WaitEvictionSettled(borrower);
+      {
+        INFO("settled status: " << before.dump());
+        const DevicePages settled = GetDevicePages(before, "d0");
+        CHECK(settled.remote > 0);
+        CHECK(settled.disk == 0);
+      }
+      // Write the hot pages; if that took the store over the high watermark, the evictor ran
+      // and may have moved some of them, but then left the store under the low watermark, so a
+      // rewrite fits. Once a write of them evicts nothing, all of them are local.
+      json with_hot;
+      bool hot_are_local = false;
+      for (int attempt = 0; attempt < 3 && !hot_are_local; ++attempt) {
+        WriteRandomRange(client, shadow, rng, kHotOffset, kHotLength, kHotLength, 0);
+        with_hot = WaitEvictionSettled(borrower);
+        hot_are_local = with_hot.at("local_store").at("evicted_pages") ==
+                        before.at("local_store").at("evicted_pages");
+        before = with_hot;
+      }
+      INFO("status with the hot pages: " << with_hot.dump());
+      REQUIRE_MESSAGE(hot_are_local, "every write of the hot pages caused evictions");
+      const DevicePages hot = GetDevicePages(with_hot, "d0");
+      REQUIRE(hot.remote > 0);
+      REQUIRE(hot.local >= kHotLength / kPageSize);
+
+      CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
+      // Down at once (the connection broke); the reason is filled in by the next query round.
+      const json after_loss = WaitForStatus(
+          borrower,
+          [](const json& s) {
+            const json& peer = s.at("peers").at(0);
+            return peer.at("state") == "down" && peer.at("error") != "";
+          },
+          6000);
+      INFO("status after the lender left: " << after_loss.dump());
+      CHECK(after_loss.at("peers").at(0).at("state") == "down");
+      CHECK(after_loss.at("peers").at(0).at("error").get<std::string>() != "");
+      // The peer's superpages are gone with it. The pages it held are lost: the device still
+      // counts them as remote (until rewritten or trimmed), and the remote store and the peer
+      // count them as lost (docs/control.md).
+      CHECK(U64(after_loss.at("remote_store"), "pages") == 0);
+      CHECK(U64(after_loss.at("remote_store"), "used_bytes") == 0);
+      CHECK(U64(after_loss.at("peers").at(0), "pages_stored") == 0);
+      CHECK(U64(after_loss.at("peers").at(0), "superpages_held") == 0);
+      CHECK(GetDevicePages(after_loss, "d0").remote == hot.remote);
+      CHECK_MESSAGE(after_loss.at("remote_store").value("lost_pages", uint64_t{0}) == hot.remote,
+                    "remote_store.lost_pages should count the pages lost with the lender");
+      CHECK_MESSAGE(after_loss.at("peers").at(0).value("pages_lost", uint64_t{0}) == hot.remote,
+                    "peers[].pages_lost should count the pages lost with the lender");
+      CheckStatusInvariants(after_loss);
+
+      // Local pages read back.
+      CHECK(CompareWithShadow(client, shadow, kHotOffset, kHotLength) == "");
+
+      // Every page of the first range reads back intact or fails with EIO: as many EIOs as pages
+      // were on the lender, and never wrong data.
+      uint64_t intact = 0, eio = 0, other_errors = 0, wrong = 0;
+      std::string first_wrong;
+      std::vector<uint8_t> page(kPageSize);
+      std::vector<bool> lost(kFirst / kPageSize);
+      for (uint64_t offset = 0; offset < kFirst; offset += kPageSize) {
+        const int rc = client.TryRead(page, offset);
+        if (rc == EIO) {
+          lost[offset / kPageSize] = true;
+          ++eio;
+        } else if (rc != 0) {
+          ++other_errors;
+        } else if (std::string m = DescribeMismatch(shadow.Range(offset, kPageSize), page, offset);
+                   !m.empty()) {
+          if (first_wrong.empty()) first_wrong = m;
+          ++wrong;
+        } else {
+          ++intact;
+        }
+      }
+      INFO("reads: " << intact << " intact, " << eio << " EIO, " << other_errors
+                     << " other errors, " << wrong << " wrong (" << first_wrong << ")");
+      CHECK(wrong == 0);
+      CHECK(other_errors == 0);
+      CHECK(eio == hot.remote);
+      CHECK(intact == kFirst / kPageSize - hot.remote);
+
+      // New writes succeed: far more than the local store, so they also spill to disk now.
+      WriteRandomRange(client, shadow, rng, 22 * kMiB, 10 * kMiB, 256 * kKiB, 20);
+      CHECK(CompareWithShadow(client, shadow, 22 * kMiB, 10 * kMiB) == "");
+      CHECK(CompareWithShadow(client, shadow, kHotOffset, kHotLength) == "");
+      // Rewriting whole lost pages makes them readable again, and so does trimming them (they
+      // read zeros); either way they are no longer lost.
+      WriteRandomRange(client, shadow, rng, 0, 1 * kMiB, 64 * kKiB, 0);
+      client.Trim(1 * kMiB, 1 * kMiB);
+      shadow.Zero(1 * kMiB, 1 * kMiB);
+      CHECK(CompareWithShadow(client, shadow, 0, 2 * kMiB) == "");
+      const uint64_t still_lost =
+          static_cast<uint64_t>(std::count(lost.begin() + 2 * kMiB / kPageSize, lost.end(), true));
+
+      const json final_status = WaitEvictionSettled(borrower);
+      INFO("settled status after new writes: " << final_status.dump());
+      CheckStatusInvariants(final_status);
+      CHECK(GetDevicePages(final_status, "d0").disk > 0);
+      CHECK(GetDevicePages(final_status, "d0").remote == still_lost);
+      CHECK(final_status.at("remote_store").value("lost_pages", uint64_t{0}) == still_lost);
+      CHECK(final_status.at("peers").at(0).at("state") == "down");
+    }
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+  }
+}
+
+}  // namespace memlend::integration
