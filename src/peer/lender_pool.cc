@@ -28,7 +28,8 @@ LenderPool::LenderPool(std::uint64_t pool_bytes) {
   superpages_.resize(superpage_count_);
   free_superpages_.reserve(superpage_count_);
   for (std::uint32_t i = superpage_count_; i > 0; --i) free_superpages_.push_back(i - 1);
-  partial_.reserve(superpage_count_);
+  for (std::vector<std::uint32_t>& partial : partial_) partial.reserve(superpage_count_);
+  ephemeral_.reserve(superpage_count_);
 
   // Map one superpage more than needed and trim, so the arena starts on a 2 MiB boundary
   // and each superpage can be one transparent huge page.
@@ -58,35 +59,48 @@ void LenderPool::SetEvictionHandler(EvictionHandler handler) { on_evicted_ = std
 // ---- Passive protocol ----
 
 Status LenderPool::AllocSuperpage(SessionId session, std::uint32_t* sid) noexcept {
-  std::uint32_t superpage;
-  std::uint32_t granted;
+  std::array<Eviction, kPagesPerSuperpage> evicted;
+  std::size_t evicted_count = 0;
+  Status status = Status::kOk;
+  std::uint32_t superpage = kNone;
+  std::uint32_t granted = 0;
   {
     std::lock_guard lock(mu_);
-    if (free_superpages_.empty() || next_sid_ > std::numeric_limits<std::uint32_t>::max()) {
-      return Status::kNoSpace;
+    if (next_sid_ > std::numeric_limits<std::uint32_t>::max()) {
+      status = Status::kNoSpace;
+    } else {
+      // Cached (ephemeral) pages yield to passive superpages.
+      if (free_superpages_.empty()) evicted_count = ReclaimEphemeralLocked(evicted);
+      if (free_superpages_.empty()) status = Status::kNoSpace;
     }
-    granted = static_cast<std::uint32_t>(next_sid_);
-    superpage = free_superpages_.back();
-    try {
-      Session& state = sessions_[session];
+    if (status == Status::kOk) {
+      granted = static_cast<std::uint32_t>(next_sid_);
+      superpage = free_superpages_.back();
       try {
-        state.sids.insert(granted);
-        grants_.emplace(granted, superpage);
+        Session& state = sessions_[session];
+        try {
+          state.sids.insert(granted);
+          grants_.emplace(granted, superpage);
+        } catch (const std::bad_alloc&) {
+          state.sids.erase(granted);
+          throw;
+        }
       } catch (const std::bad_alloc&) {
-        state.sids.erase(granted);
-        throw;
+        status = Status::kNoSpace;  // a reclaimed superpage stays free for the next try
       }
-    } catch (const std::bad_alloc&) {
-      return Status::kNoSpace;
     }
-    free_superpages_.pop_back();
-    ++next_sid_;
-    SuperpageMeta& meta = superpages_[superpage];
-    assert(meta.state == State::kFree);
-    meta.state = State::kGranted;
-    meta.owner = session;
-    meta.sid = granted;
+    if (status == Status::kOk) {
+      free_superpages_.pop_back();
+      ++next_sid_;
+      SuperpageMeta& meta = superpages_[superpage];
+      assert(meta.state == State::kFree);
+      meta.state = State::kGranted;
+      meta.owner = session;
+      meta.sid = granted;
+    }
   }
+  Report(std::span<const Eviction>(evicted.data(), evicted_count));
+  if (status != Status::kOk) return status;
   // Outside the lock: the superpage is the caller's now, and the caller does not know its
   // SID yet, so nothing else can touch it. Dropping the pages makes it read as zeros.
   ::madvise(SuperpageAddress(superpage), kSuperpageBytes, MADV_DONTNEED);
@@ -154,8 +168,9 @@ Status LenderPool::Read(SessionId session, const RangeBody& range,
 Status LenderPool::Put(SessionId session, const HandleBody& handle, bool ephemeral,
                        std::span<const std::byte, kPageBytes> page) noexcept {
   const PageKey key{handle.object, handle.index};
-  FifoEntry evicted{};
-  bool did_evict = false;
+  // Up to a superpage's worth, when a persistent page reclaims an ephemeral superpage.
+  std::array<Eviction, kPagesPerSuperpage> evicted;
+  std::size_t evicted_count = 0;
   std::byte* at = nullptr;
   {
     std::lock_guard lock(mu_);
@@ -177,40 +192,49 @@ Status LenderPool::Put(SessionId session, const HandleBody& handle, bool ephemer
     }
     if (found != pool->pages.end()) {
       // Rewrite in place; an ephemeral page becomes the newest.
-      if (ephemeral) fifo_.splice(fifo_.end(), fifo_, found->second.fifo);
-      at = SlotAddress(found->second.slot);
+      if (ephemeral) fifo_.splice(fifo_.end(), fifo_, FifoOfSlotLocked(found->second));
+      at = SlotAddress(found->second);
     } else {
-      std::uint32_t slot = TakeSlotLocked();
-      if (slot == kNone) {
-        did_evict = EvictOldestLocked(&evicted);
-        if (did_evict) slot = TakeSlotLocked();
-        assert(!did_evict || slot != kNone);
-      }
-      if (slot == kNone) return Status::kNoSpace;
-      try {
-        FifoIterator fifo = fifo_.end();
-        if (ephemeral) fifo = fifo_.insert(fifo_.end(), FifoEntry{session, handle});
-        try {
-          pool->pages.emplace(key, ActivePage{slot, fifo});
-        } catch (const std::bad_alloc&) {
-          if (ephemeral) fifo_.erase(fifo);
-          throw;
+      SlotNumber slot = TakeSlotLocked(ephemeral);
+      if (slot == kNone && ephemeral) {
+        // Make room among the ephemeral pages only: one slot is all this needs.
+        if (EvictOldestLocked(&evicted[0])) {
+          evicted_count = 1;
+          slot = TakeSlotLocked(true);
         }
-      } catch (const std::bad_alloc&) {
-        ReleaseSlotLocked(slot);
-        slot = kNone;
+      } else if (slot == kNone) {
+        // Persistent pages never share a superpage with ephemeral ones: empty one.
+        evicted_count = ReclaimEphemeralLocked(evicted);
+        if (evicted_count > 0) slot = TakeSlotLocked(false);
       }
+      assert(evicted_count == 0 || slot != kNone);
+      // Evictions (RemovePageLocked) never erase a session or pool: `state` and `pool`
+      // still stand.
       if (slot != kNone) {
-        ++state->active_pages;
-        at = SlotAddress(slot);
+        try {
+          FifoIterator fifo{};
+          if (ephemeral) fifo = fifo_.insert(fifo_.end(), Eviction{session, handle});
+          try {
+            pool->pages.emplace(key, slot);
+          } catch (const std::bad_alloc&) {
+            if (ephemeral) fifo_.erase(fifo);
+            throw;
+          }
+          if (ephemeral) FifoOfSlotLocked(slot) = fifo;
+          ++state->active_pages;
+          at = SlotAddress(slot);
+        } catch (const std::bad_alloc&) {
+          ReleaseSlotLocked(slot);
+        }
       }
     }
-    // Any session's PUT may evict an ephemeral page, so its copy stays under the lock.
+    // Any session's request may evict an ephemeral page, so its copy stays under the lock.
     if (at != nullptr && ephemeral) std::memcpy(at, page.data(), kPageBytes);
   }
-  // A persistent page can only be removed by its own session, which is busy here.
+  // A persistent page can only be removed by its own session, which is busy here, and its
+  // superpage is never reclaimed.
   if (at != nullptr && !ephemeral) std::memcpy(at, page.data(), kPageBytes);
-  if (did_evict && on_evicted_) on_evicted_(evicted.owner, evicted.handle);
+  Report(std::span<const Eviction>(evicted.data(), evicted_count));
   return at != nullptr ? Status::kOk : Status::kNoSpace;
 }
 
@@ -225,7 +249,7 @@ Status LenderPool::Get(SessionId session, const HandleBody& handle,
     if (pool == state->second.pools.end()) return Status::kNotFound;
     const auto found = pool->second.pages.find(PageKey{handle.object, handle.index});
     if (found == pool->second.pages.end()) return Status::kNotFound;
-    at = SlotAddress(found->second.slot);
+    at = SlotAddress(found->second);
     if (pool->second.ephemeral) {
       std::memcpy(out.data(), at, kPageBytes);
       return Status::kOk;
@@ -283,9 +307,12 @@ LenderPoolStats LenderPool::Stats(SessionId caller) const noexcept {
   std::lock_guard lock(mu_);
   LenderPoolStats stats;
   stats.total_pages = total_pages();
-  stats.free_pages =
+  // Slots holding nothing at all; ephemeral pages count as free for QUERY only.
+  const std::uint64_t empty_pages =
       std::uint64_t{free_superpages_.size()} * kPagesPerSuperpage + active_free_slots_;
-  stats.used_bytes = (stats.total_pages - stats.free_pages) * kPageBytes;
+  stats.free_pages = empty_pages + ephemeral_pages_;
+  stats.ephemeral_pages = ephemeral_pages_;
+  stats.used_bytes = (stats.total_pages - empty_pages) * kPageBytes;
   for (const auto& [id, state] : sessions_) {
     if (state.holds_memory()) ++stats.borrowers;
     if (id == caller && caller != kNoSession) {
@@ -298,23 +325,34 @@ LenderPoolStats LenderPool::Stats(SessionId caller) const noexcept {
 
 // ---- Slots ----
 
-std::uint32_t LenderPool::TakeSlotLocked() noexcept {
-  if (partial_.empty()) {
+LenderPool::SlotNumber LenderPool::TakeSlotLocked(bool ephemeral) noexcept {
+  std::vector<std::uint32_t>& partial = partial_[ephemeral];
+  if (partial.empty()) {
     if (free_superpages_.empty()) return kNone;
     const std::uint32_t superpage = free_superpages_.back();
-    free_superpages_.pop_back();
     SuperpageMeta& meta = superpages_[superpage];
     assert(meta.state == State::kFree);
+    if (ephemeral && !meta.fifo_of_slot) {
+      meta.fifo_of_slot.reset(new (std::nothrow) FifoIterator[kPagesPerSuperpage]);
+      if (!meta.fifo_of_slot) return kNone;
+    }
+    free_superpages_.pop_back();
     meta.state = State::kActive;
+    meta.ephemeral = ephemeral;
     meta.free_mask.fill(~std::uint64_t{0});
     meta.used_slots = 0;
-    meta.partial_pos = static_cast<std::uint32_t>(partial_.size());
-    partial_.push_back(superpage);  // capacity reserved for every superpage
+    meta.partial_pos = static_cast<std::uint32_t>(partial.size());
+    partial.push_back(superpage);  // capacity reserved for every superpage
     active_free_slots_ += kPagesPerSuperpage;
+    if (ephemeral) {
+      meta.ephemeral_pos = static_cast<std::uint32_t>(ephemeral_.size());
+      ephemeral_.push_back(superpage);  // capacity reserved for every superpage
+    }
   }
   // Fill the most recently opened superpage first, so older ones can empty out.
-  const std::uint32_t superpage = partial_.back();
+  const std::uint32_t superpage = partial.back();
   SuperpageMeta& meta = superpages_[superpage];
+  assert(meta.state == State::kActive && meta.ephemeral == ephemeral);
   std::uint32_t slot = kNone;
   for (std::size_t word = 0; word < kMaskWords; ++word) {
     if (meta.free_mask[word] != 0) {
@@ -327,11 +365,12 @@ std::uint32_t LenderPool::TakeSlotLocked() noexcept {
   assert(slot != kNone);
   ++meta.used_slots;
   --active_free_slots_;
+  if (ephemeral) ++ephemeral_pages_;
   if (meta.used_slots == kPagesPerSuperpage) RemovePartialLocked(superpage);
   return superpage * kPagesPerSuperpage + slot;
 }
 
-void LenderPool::ReleaseSlotLocked(std::uint32_t slot) noexcept {
+void LenderPool::ReleaseSlotLocked(SlotNumber slot) noexcept {
   const std::uint32_t superpage = slot / kPagesPerSuperpage;
   const std::uint32_t index = slot % kPagesPerSuperpage;
   SuperpageMeta& meta = superpages_[superpage];
@@ -339,13 +378,17 @@ void LenderPool::ReleaseSlotLocked(std::uint32_t slot) noexcept {
   assert((meta.free_mask[index / 64] & (std::uint64_t{1} << (index % 64))) == 0);
   meta.free_mask[index / 64] |= std::uint64_t{1} << (index % 64);
   ++active_free_slots_;
+  if (meta.ephemeral) --ephemeral_pages_;
   if (meta.used_slots-- == kPagesPerSuperpage) {
-    meta.partial_pos = static_cast<std::uint32_t>(partial_.size());
-    partial_.push_back(superpage);
+    std::vector<std::uint32_t>& partial = partial_[meta.ephemeral];
+    meta.partial_pos = static_cast<std::uint32_t>(partial.size());
+    partial.push_back(superpage);
   }
   if (meta.used_slots == 0) {
-    // Empty: hand the whole superpage back, so passive allocations can have it.
+    // Empty: hand the whole superpage back, so passive allocations or the other kind can
+    // have it.
     RemovePartialLocked(superpage);
+    if (meta.ephemeral) RemoveEphemeralLocked(superpage);
     active_free_slots_ -= kPagesPerSuperpage;
     ReleaseSuperpageLocked(superpage);
   }
@@ -353,46 +396,93 @@ void LenderPool::ReleaseSlotLocked(std::uint32_t slot) noexcept {
 
 void LenderPool::RemovePartialLocked(std::uint32_t superpage) noexcept {
   SuperpageMeta& meta = superpages_[superpage];
-  assert(meta.partial_pos != kNone && partial_[meta.partial_pos] == superpage);
-  const std::uint32_t last = partial_.back();
-  partial_[meta.partial_pos] = last;
+  std::vector<std::uint32_t>& partial = partial_[meta.ephemeral];
+  assert(meta.partial_pos != kNone && partial[meta.partial_pos] == superpage);
+  const std::uint32_t last = partial.back();
+  partial[meta.partial_pos] = last;
   superpages_[last].partial_pos = meta.partial_pos;
-  partial_.pop_back();
+  partial.pop_back();
   meta.partial_pos = kNone;
+}
+
+void LenderPool::RemoveEphemeralLocked(std::uint32_t superpage) noexcept {
+  SuperpageMeta& meta = superpages_[superpage];
+  assert(meta.ephemeral_pos != kNone && ephemeral_[meta.ephemeral_pos] == superpage);
+  const std::uint32_t last = ephemeral_.back();
+  ephemeral_[meta.ephemeral_pos] = last;
+  superpages_[last].ephemeral_pos = meta.ephemeral_pos;
+  ephemeral_.pop_back();
+  meta.ephemeral_pos = kNone;
 }
 
 void LenderPool::ReleaseSuperpageLocked(std::uint32_t superpage) noexcept {
   SuperpageMeta& meta = superpages_[superpage];
   meta.state = State::kFree;
+  meta.ephemeral = false;
   meta.owner = kNoSession;
   meta.sid = 0;
   meta.used_slots = 0;
   meta.partial_pos = kNone;
+  meta.ephemeral_pos = kNone;
   free_superpages_.push_back(superpage);  // capacity reserved for every superpage
 }
 
-void LenderPool::RemovePageLocked(
-    Session& session, Pool& pool,
-    std::unordered_map<PageKey, ActivePage, PageKeyHash>::iterator page) noexcept {
-  if (pool.ephemeral) fifo_.erase(page->second.fifo);
-  ReleaseSlotLocked(page->second.slot);
+void LenderPool::RemovePageLocked(Session& session, Pool& pool, PageMap::iterator page) noexcept {
+  const SlotNumber slot = page->second;
+  assert(superpages_[slot / kPagesPerSuperpage].ephemeral == pool.ephemeral);
+  if (pool.ephemeral) fifo_.erase(FifoOfSlotLocked(slot));
+  ReleaseSlotLocked(slot);
   pool.pages.erase(page);
   --session.active_pages;
 }
 
-bool LenderPool::EvictOldestLocked(FifoEntry* evicted) noexcept {
-  if (fifo_.empty()) return false;
-  *evicted = fifo_.front();
+Eviction LenderPool::EvictLocked(FifoIterator fifo) noexcept {
+  const Eviction evicted = *fifo;
   // Every FIFO entry names a live page; a page leaves the FIFO when it is removed.
-  const auto owner = sessions_.find(evicted->owner);
+  const auto owner = sessions_.find(evicted.owner);
   assert(owner != sessions_.end());
-  const auto pool = owner->second.pools.find(evicted->handle.pool);
+  const auto pool = owner->second.pools.find(evicted.handle.pool);
   assert(pool != owner->second.pools.end());
-  const auto page =
-      pool->second.pages.find(PageKey{evicted->handle.object, evicted->handle.index});
+  const auto page = pool->second.pages.find(PageKey{evicted.handle.object, evicted.handle.index});
   assert(page != pool->second.pages.end());
+  assert(FifoOfSlotLocked(page->second) == fifo);
   RemovePageLocked(owner->second, pool->second, page);
+  return evicted;
+}
+
+bool LenderPool::EvictOldestLocked(Eviction* evicted) noexcept {
+  if (fifo_.empty()) return false;
+  *evicted = EvictLocked(fifo_.begin());
   return true;
+}
+
+std::size_t LenderPool::ReclaimEphemeralLocked(
+    std::span<Eviction, kPagesPerSuperpage> evicted) noexcept {
+  if (ephemeral_.empty()) return 0;
+  // The fewest pages: the least cached data lost and the fewest notices to send.
+  std::uint32_t victim = ephemeral_.front();
+  for (const std::uint32_t superpage : ephemeral_) {
+    if (superpages_[superpage].used_slots < superpages_[victim].used_slots) victim = superpage;
+  }
+  SuperpageMeta& meta = superpages_[victim];
+  std::size_t count = 0;
+  for (std::size_t word = 0; word < kMaskWords; ++word) {
+    // A copy: each eviction sets its bit in meta.free_mask.
+    std::uint64_t used = ~meta.free_mask[word];
+    while (used != 0) {
+      const std::size_t index = word * 64 + static_cast<std::size_t>(std::countr_zero(used));
+      used &= used - 1;
+      evicted[count++] = EvictLocked(meta.fifo_of_slot[index]);
+    }
+  }
+  // Its last page gone, the superpage went back to the free stack, on top.
+  assert(count > 0);
+  assert(meta.state == State::kFree && free_superpages_.back() == victim);
+  return count;
+}
+
+void LenderPool::Report(std::span<const Eviction> evictions) const noexcept {
+  if (!evictions.empty() && on_evicted_) on_evicted_(evictions);
 }
 
 }  // namespace memlend::peer

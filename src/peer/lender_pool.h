@@ -6,38 +6,63 @@
 // (madvised for transparent huge pages). Each superpage is in one of three states:
 //   free     on the free stack;
 //   granted  to one session for the passive protocol (ALLOC_SUPERPAGE), named by a SID;
-//   active   carved into 512 slots of 4 KiB for the active protocol (PUT/GET), shared by
-//            every session's pools; it goes back to free when its last slot empties.
+//   active   carved into 512 slots of 4 KiB for the active protocol (PUT/GET). An active
+//            superpage holds either only ephemeral or only persistent pages (of any
+//            session), and goes back to free when its last slot empties.
 // SIDs are a counter: increasing, never reused while the pool lives, so a stale SID can
 // never name someone else's superpage. A superpage is zeroed (MADV_DONTNEED) when it is
 // granted, so a borrower never reads what an earlier borrower left there; active slots
 // need no zeroing because a PUT overwrites the whole slot before anyone can GET it.
 //
+// Ephemeral pages are a cache: borrowers keep clean pages there (pages with a copy on
+// their disk), and the memory must always yield to what cannot be dropped — granted
+// superpages (dirty pages, passive protocol) and persistent pages. Hence the split by
+// kind: emptying an ephemeral superpage never touches persistent data. An ALLOC_SUPERPAGE,
+// or a persistent PUT that finds no free persistent slot, takes a free superpage, else
+// *reclaims* an ephemeral one: the ephemeral superpage with the fewest used slots (the
+// least cached data lost, the fewest notices to send), each of its pages evicted and
+// reported, the superpage made free and then taken. An ephemeral PUT takes a free
+// ephemeral slot, else a free superpage (ALLOC can take it back), else evicts the oldest
+// ephemeral page of any session (at most one page: one freed slot is all a PUT needs); it
+// never uses a persistent superpage's slot, so it may be refused while persistent
+// superpages have free slots. Every eviction is reported through the eviction handler so
+// each owner can be told. QUERY counts the pages of ephemeral superpages (used
+// or not) as free: any allocation may evict them. Stats keeps the honest figure apart:
+// used_bytes still includes ephemeral pages, and ephemeral_pages says how many of them
+// there are.
+//
 // Active pages are kept per (session, pool) in hash maps. Ephemeral pages also sit on one
-// FIFO across all sessions, ordered by their last PUT; a PUT that finds no free slot and
-// no free superpage evicts the front of that FIFO (at most one page: one freed slot is
-// all a PUT needs) and reports it through the eviction handler so the owner can be told.
-// A PUT to a handle that already holds a page rewrites its slot in place, so it never
-// needs room; the protocol's "a failed PUT removes the old page" therefore applies to the
-// refusals a rewrite can still meet (a PUT whose kind disagrees with the pool's).
+// FIFO across all sessions, ordered by their last PUT; each slot of an ephemeral
+// superpage keeps its page's FIFO position (8 bytes), which names the owner and handle,
+// so a reclaim can find every page of a superpage without a search. A PUT to a handle
+// that already holds a page rewrites its slot in place, so it never needs room; the
+// protocol's "a failed PUT removes the old page" therefore applies to the refusals a
+// rewrite can still meet (a PUT whose kind disagrees with the pool's).
 //
 // Locking. One mutex guards all metadata. Copies of page data happen outside it where
 // that is safe: a passive WRITE or READ looks up the superpage's address under the lock
 // and copies after releasing it, and so does a GET or PUT of a persistent page. That is
-// safe because only the owning session can free a superpage or a persistent page, and a
-// session's requests are served one at a time by its own thread (REQUIRES below), so
-// nothing can free the memory while its own copy is in flight. Ephemeral pages can be
-// evicted by any session's PUT at any moment, so their copies stay under the lock
-// (4 KiB, well under a microsecond). Alternatives: sharding the metadata by superpage
-// (the local store's approach) would let sessions allocate in parallel, but a lender
-// serves a handful of borrowers and its per-request cost is dominated by the network, so
-// one lock is kept until a benchmark shows contention. Known weaknesses: ALLOC_SUPERPAGE
-// does not evict ephemeral pages to empty a superpage, so a lender whose pool is full of
-// ephemeral pages refuses passive allocations until those superpages empty; a freed
-// superpage keeps its old contents resident until it is granted again.
+// safe because only the owning session can free a superpage or a persistent page (a
+// reclaim empties only ephemeral superpages), and a session's requests are served one at
+// a time by its own thread (REQUIRES below), so nothing can free the memory while its own
+// copy is in flight. Ephemeral pages can be evicted by any session's request at any
+// moment, so their copies stay under the lock (4 KiB, well under a microsecond). The
+// eviction handler runs after the lock is released. Alternatives: sharding the metadata
+// by superpage (the local store's approach) would let sessions allocate in parallel, but
+// a lender serves a handful of borrowers and its per-request cost is dominated by the
+// network, so one lock is kept until a benchmark shows contention. Choosing what to
+// reclaim scans the ephemeral superpages (a bucket per used-slot count would make it
+// O(1)); the scan is cheaper than the up to 512 evictions that follow it. Known
+// weaknesses: a reclaim for one persistent page evicts a whole ephemeral superpage (up to
+// 511 more pages than the put needs), which is the price of never mixing the kinds; free
+// slots of persistent superpages serve only persistent PUTs, yet QUERY counts them as free
+// (ALLOC_SUPERPAGE needs a whole superpage), so QUERY's free_pages is an upper bound for
+// the passive protocol; a freed superpage keeps its old contents resident until it is
+// granted again.
 //
-// Metadata: about 100 bytes per superpage, and per active page about 60 bytes (persistent)
-// or 100 bytes (ephemeral: it is also on the FIFO).
+// Metadata: about 100 bytes per superpage, plus 4 KiB (8 bytes a slot) for each
+// superpage that has ever been ephemeral, kept for reuse; per active page about 55 bytes
+// (persistent: a hash map node) or 110 bytes (ephemeral: also a FIFO node).
 #pragma once
 
 #include <array>
@@ -45,6 +70,7 @@
 #include <cstdint>
 #include <functional>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <span>
 #include <unordered_map>
@@ -61,18 +87,32 @@ inline constexpr SessionId kNoSession = 0;
 
 struct LenderPoolStats {
   std::uint64_t total_pages = 0;
-  std::uint64_t free_pages = 0;    // pages in free superpages and free active slots
-  std::uint64_t caller_pages = 0;  // pages the session passed to Stats() holds
-  std::uint32_t borrowers = 0;     // sessions holding any memory
-  std::uint64_t used_bytes = 0;    // (total_pages - free_pages) * kPageBytes
+  // What QUERY reports as free: pages in free superpages, free slots of active superpages
+  // and every page of ephemeral superpages (any allocation may evict those). That is,
+  // total_pages minus granted superpages' pages minus persistent pages.
+  std::uint64_t free_pages = 0;
+  std::uint64_t caller_pages = 0;     // pages the session passed to Stats() holds
+  std::uint32_t borrowers = 0;        // sessions holding any memory
+  std::uint64_t ephemeral_pages = 0;  // ephemeral pages stored, of every session
+  // Bytes holding data now: granted superpages, persistent and ephemeral pages. Equals
+  // (total_pages - free_pages + ephemeral_pages) * kPageBytes.
+  std::uint64_t used_bytes = 0;
+};
+
+// One page the pool dropped: `owner` lost the ephemeral page `handle`.
+struct Eviction {
+  SessionId owner;
+  HandleBody handle;
 };
 
 class LenderPool {
  public:
-  // Called after a PUT evicted an ephemeral page: `owner` lost the page `handle`. Runs on
-  // the thread of the PUT that evicted it, with no pool lock held; it may call the pool,
-  // must not throw, and may run after `owner` was released (then it should do nothing).
-  using EvictionHandler = std::function<void(SessionId owner, const HandleBody& handle)>;
+  // Called after a request (PUT or ALLOC_SUPERPAGE) evicted ephemeral pages, once per
+  // request with all of them (one page, or the up to 512 of a reclaimed superpage, of one
+  // or more owners). Runs on the thread of that request, with no pool lock held, before
+  // the request returns; it may call the pool, must not throw, and may name owners that
+  // were released meanwhile (it should skip those). `evictions` is valid for the call only.
+  using EvictionHandler = std::function<void(std::span<const Eviction> evictions)>;
 
   // Maps `pool_bytes` rounded down to whole superpages. Throws std::invalid_argument if
   // that is less than one superpage, std::system_error if the mapping fails.
@@ -89,8 +129,10 @@ class LenderPool {
   // other (the service serves each session on one thread); calls for different sessions
   // may run in parallel.
 
-  // Grants a free superpage to `session` and sets *sid. Its contents read as zeros.
-  // kNoSpace when no whole superpage is free (or SIDs ran out).
+  // Grants a superpage to `session` and sets *sid. Its contents read as zeros. Takes a
+  // free superpage, else reclaims the ephemeral superpage with the fewest pages (evicting
+  // and reporting them). kNoSpace when every superpage is granted or holds persistent
+  // pages (or SIDs ran out).
   Status AllocSuperpage(SessionId session, std::uint32_t* sid) noexcept;
   // Returns superpage `sid` to the pool. kNotPermitted if it is unknown or not the
   // caller's.
@@ -108,8 +150,10 @@ class LenderPool {
   // Stores `page` under `handle` in the caller's pool handle.pool. The first PUT into a
   // pool fixes its kind (`ephemeral` or persistent); a PUT of the other kind gets kInvalid
   // and removes any page the handle held. A handle that holds a page is rewritten in
-  // place. A new page takes a free slot, else a free superpage, else the oldest ephemeral
-  // page of any session is evicted (and reported); if none can be, kNoSpace.
+  // place. A new page takes a free slot of a superpage of its own kind, else a free
+  // superpage; else an ephemeral page evicts the oldest ephemeral page of any session,
+  // and a persistent page reclaims a whole ephemeral superpage as AllocSuperpage does
+  // (evictions are reported); if there is nothing ephemeral to evict, kNoSpace.
   Status Put(SessionId session, const HandleBody& handle, bool ephemeral,
              std::span<const std::byte, kPageBytes> page) noexcept;
   // Copies the page under `handle` into `out`; kNotFound if there is none.
@@ -134,23 +178,26 @@ class LenderPool {
   static constexpr std::uint32_t kNone = ~std::uint32_t{0};
   static constexpr std::size_t kMaskWords = kPagesPerSuperpage / 64;
 
+  // An ephemeral page's place on the eviction FIFO names its owner and handle.
+  using FifoIterator = std::list<Eviction>::iterator;
+
   enum class State : std::uint8_t { kFree, kGranted, kActive };
   struct SuperpageMeta {
     SessionId owner = kNoSession;  // kGranted
-    // kActive: bit i set when slot i is free; its place in partial_ while any bit is set.
+    // kActive: bit i set when slot i is free; its place in partial_[ephemeral] while any
+    // bit is set.
     std::array<std::uint64_t, kMaskWords> free_mask{};
+    // kActive and ephemeral: entry i is the FIFO position of the page in slot i (valid
+    // while slot i is used). Allocated the first time the superpage turns ephemeral and
+    // kept for reuse.
+    std::unique_ptr<FifoIterator[]> fifo_of_slot;
     std::uint32_t sid = 0;  // kGranted
     std::uint32_t used_slots = 0;
     std::uint32_t partial_pos = kNone;
+    std::uint32_t ephemeral_pos = kNone;  // kActive and ephemeral: its place in ephemeral_
     State state = State::kFree;
+    bool ephemeral = false;  // kActive: holds only ephemeral pages, else only persistent
   };
-
-  // An ephemeral page's place on the eviction FIFO.
-  struct FifoEntry {
-    SessionId owner;
-    HandleBody handle;
-  };
-  using FifoIterator = std::list<FifoEntry>::iterator;
 
   struct PageKey {
     std::uint64_t object;
@@ -162,13 +209,13 @@ class LenderPool {
       return std::hash<std::uint64_t>()(key.object * 0x9e3779b97f4a7c15ULL ^ key.index);
     }
   };
-  struct ActivePage {
-    std::uint32_t slot;
-    FifoIterator fifo;  // ephemeral pools only
-  };
+  // A page's slot: superpage * kPagesPerSuperpage + slot within it. An ephemeral page's
+  // FIFO position is in its superpage's fifo_of_slot.
+  using SlotNumber = std::uint32_t;
+  using PageMap = std::unordered_map<PageKey, SlotNumber, PageKeyHash>;
   struct Pool {
     bool ephemeral = false;
-    std::unordered_map<PageKey, ActivePage, PageKeyHash> pages;
+    PageMap pages;
   };
   struct Session {
     std::unordered_set<std::uint32_t> sids;
@@ -188,16 +235,29 @@ class LenderPool {
   Status ResolveRange(SessionId session, const RangeBody& range, std::byte** at) noexcept;
 
   // The rest REQUIRE: mu_ held.
-  // Takes a free slot, turning a free superpage active if needed; kNone if there is none.
-  std::uint32_t TakeSlotLocked() noexcept;
-  void ReleaseSlotLocked(std::uint32_t slot) noexcept;
+  // Takes a free slot of an active superpage of the kind `ephemeral`, turning a free
+  // superpage active if needed; kNone if there is none (or, for the first ephemeral use of
+  // a superpage, no memory for its fifo_of_slot).
+  SlotNumber TakeSlotLocked(bool ephemeral) noexcept;
+  void ReleaseSlotLocked(SlotNumber slot) noexcept;
+  FifoIterator& FifoOfSlotLocked(SlotNumber slot) noexcept {
+    return superpages_[slot / kPagesPerSuperpage].fifo_of_slot[slot % kPagesPerSuperpage];
+  }
   void RemovePartialLocked(std::uint32_t superpage) noexcept;
+  void RemoveEphemeralLocked(std::uint32_t superpage) noexcept;
   void ReleaseSuperpageLocked(std::uint32_t superpage) noexcept;
   // Removes one page of `pool`, freeing its slot.
-  void RemovePageLocked(Session& session, Pool& pool,
-                        std::unordered_map<PageKey, ActivePage, PageKeyHash>::iterator page) noexcept;
+  void RemovePageLocked(Session& session, Pool& pool, PageMap::iterator page) noexcept;
+  // Evicts the ephemeral page at `fifo` and returns whom it belonged to.
+  Eviction EvictLocked(FifoIterator fifo) noexcept;
   // Evicts the oldest ephemeral page. Returns false if there is none; else sets *evicted.
-  bool EvictOldestLocked(FifoEntry* evicted) noexcept;
+  bool EvictOldestLocked(Eviction* evicted) noexcept;
+  // Empties the ephemeral superpage with the fewest used slots, evicting its pages into
+  // evicted[0..n), and returns n; the superpage is then on the free stack (on top). 0 if
+  // there is no ephemeral superpage.
+  std::size_t ReclaimEphemeralLocked(std::span<Eviction, kPagesPerSuperpage> evicted) noexcept;
+  // Reports evictions to the handler. REQUIRES: mu_ not held.
+  void Report(std::span<const Eviction> evictions) const noexcept;
 
   // Constant after construction.
   std::byte* arena_ = nullptr;
@@ -209,12 +269,15 @@ class LenderPool {
   // Everything below is guarded by mu_.
   std::vector<SuperpageMeta> superpages_;
   std::vector<std::uint32_t> free_superpages_;  // a stack; lowest index on top at first
-  std::vector<std::uint32_t> partial_;          // active superpages with a free slot
-  std::uint64_t active_free_slots_ = 0;         // free slots in active superpages
+  // Active superpages with a free slot: [0] persistent, [1] ephemeral.
+  std::array<std::vector<std::uint32_t>, 2> partial_;
+  std::vector<std::uint32_t> ephemeral_;  // every ephemeral active superpage
+  std::uint64_t active_free_slots_ = 0;   // free slots in active superpages
+  std::uint64_t ephemeral_pages_ = 0;     // used slots of ephemeral superpages
   std::unordered_map<std::uint32_t, std::uint32_t> grants_;  // SID -> superpage
   std::uint64_t next_sid_ = 1;
   std::unordered_map<SessionId, Session> sessions_;
-  std::list<FifoEntry> fifo_;  // ephemeral pages, oldest PUT first
+  std::list<Eviction> fifo_;  // ephemeral pages, oldest PUT first
 };
 
 }  // namespace memlend::peer

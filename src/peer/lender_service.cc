@@ -8,6 +8,8 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <array>
+#include <cassert>
 #include <cerrno>
 #include <cstdarg>
 #include <cstdio>
@@ -398,7 +400,7 @@ LenderService::LenderService(const Endpoint& listen, std::uint64_t pool_bytes,
                 listen.kind == Endpoint::Kind::kTcp,
                 [this](UniqueFd fd) { Accept(std::move(fd)); }) {
   pool_.SetEvictionHandler(
-      [this](SessionId owner, const HandleBody& handle) { NotifyEvicted(owner, handle); });
+      [this](std::span<const Eviction> evictions) { NotifyEvicted(evictions); });
 }
 
 LenderService::~LenderService() { Stop(); }
@@ -456,7 +458,10 @@ void LenderService::Stop() {
 
 LendingStats LenderService::Stats() const {
   const LenderPoolStats stats = pool_.Stats();
-  return LendingStats{pool_.pool_bytes(), stats.used_bytes, stats.borrowers};
+  return LendingStats{.total_bytes = pool_.pool_bytes(),
+                      .used_bytes = stats.used_bytes,
+                      .ephemeral_bytes = stats.ephemeral_pages * kPageBytes,
+                      .borrowers = stats.borrowers};
 }
 
 void LenderService::Accept(UniqueFd fd) {
@@ -492,23 +497,46 @@ void LenderService::ServeSession(Session* session) {
   session->finished.store(true, std::memory_order_release);
 }
 
-void LenderService::NotifyEvicted(SessionId owner, const HandleBody& handle) noexcept {
-  std::shared_ptr<Session> session;
-  {
-    std::lock_guard lock(mu_);
-    const auto it = sessions_.find(owner);
-    if (it == sessions_.end()) return;
-    session = it->second;
-  }
-  if (session->finished.load(std::memory_order_acquire)) return;
-  std::byte notice[kHeaderBytes + sizeof(HandleBody)];
-  EncodeHeader(MessageType::kEvicted, false, 0, Status::kOk, 0, sizeof(HandleBody),
-               HeaderSpan(notice));
-  EncodeBody(handle, notice + kHeaderBytes);
-  std::lock_guard lock(session->send_mu);
-  if (WriteFull(session->fd.get(), notice, sizeof(notice)) != 0) {
-    // Maybe half a message went out: the stream is out of step, so end the session.
-    ::shutdown(session->fd.get(), SHUT_RDWR);
+void LenderService::NotifyEvicted(std::span<const Eviction> evictions) noexcept {
+  constexpr std::size_t kNoticeBytes = kHeaderBytes + sizeof(HandleBody);
+  constexpr std::size_t kBatch = 64;  // notices per write
+  assert(evictions.size() <= kPagesPerSuperpage);
+  std::array<bool, kPagesPerSuperpage> done{};
+  std::byte batch[kBatch * kNoticeBytes];
+  // One owner at a time, in the order they first appear: a reclaimed superpage holds the
+  // pages of a few sessions, interleaved.
+  for (std::size_t first = 0; first < evictions.size(); ++first) {
+    if (done[first]) continue;
+    const SessionId owner = evictions[first].owner;
+    std::shared_ptr<Session> session;
+    {
+      std::lock_guard lock(mu_);
+      const auto it = sessions_.find(owner);
+      if (it != sessions_.end()) session = it->second;
+    }
+    bool live = session && !session->finished.load(std::memory_order_acquire);
+    std::unique_lock<std::mutex> send_lock;
+    std::size_t queued = 0;
+    const auto send_queued = [&] {
+      if (!send_lock.owns_lock()) send_lock = std::unique_lock(session->send_mu);
+      if (WriteFull(session->fd.get(), batch, queued * kNoticeBytes) != 0) {
+        // Maybe half a message went out: the stream is out of step, so end the session.
+        ::shutdown(session->fd.get(), SHUT_RDWR);
+        live = false;
+      }
+      queued = 0;
+    };
+    for (std::size_t i = first; i < evictions.size(); ++i) {
+      if (done[i] || evictions[i].owner != owner) continue;
+      done[i] = true;
+      if (!live) continue;
+      std::byte* notice = batch + queued * kNoticeBytes;
+      EncodeHeader(MessageType::kEvicted, false, 0, Status::kOk, 0, sizeof(HandleBody),
+                   HeaderSpan(notice));
+      EncodeBody(evictions[i].handle, notice + kHeaderBytes);
+      if (++queued == kBatch) send_queued();
+    }
+    if (live && queued > 0) send_queued();
   }
 }
 

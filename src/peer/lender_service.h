@@ -9,14 +9,15 @@
 // outside its lock. The thread reads a header and its whole payload into a per-session
 // buffer (at most kMaxPayload), validates the request once here — framing, HELLO first,
 // payload length, flags — and hands it to the pool, then sends the reply with one write
-// of header and body. A PUT on one session can evict another session's page; the EVICTED
-// notice is then written to the owner's socket by the evicting thread, so every write to
-// a session's socket holds that session's send mutex. Sessions are shared_ptrs so a
+// of header and body. A PUT or ALLOC_SUPERPAGE on one session can evict other sessions'
+// ephemeral pages (a whole superpage's worth at once); the EVICTED notices are then
+// written to each owner's socket by the evicting thread, batched per owner, so every
+// write to a session's socket holds that session's send mutex. Sessions are shared_ptrs so a
 // notice can be sent to a session that is ending without racing its destruction.
 // Sockets have a send timeout (kSendTimeout): a borrower that stops reading its socket is
 // dropped rather than stalling the sessions whose PUTs evict its pages. Known weakness:
-// those notices are written synchronously, so a slow borrower delays the PUT replies of
-// the sessions evicting its pages, by up to the send timeout.
+// those notices are written synchronously, so a slow borrower delays the PUT and
+// ALLOC_SUPERPAGE replies of the sessions evicting its pages, by up to the send timeout.
 #pragma once
 
 #include <atomic>
@@ -24,6 +25,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <thread>
 #include <unordered_map>
 
@@ -38,7 +40,10 @@ namespace memlend::peer {
 // What `memlend status` shows under "lending".
 struct LendingStats {
   std::uint64_t total_bytes = 0;  // the pool's size
-  std::uint64_t used_bytes = 0;   // bytes granted or holding active pages
+  std::uint64_t used_bytes = 0;   // bytes granted or holding active pages (both kinds)
+  // The part of used_bytes that holds ephemeral pages: cached data the lender drops for
+  // any allocation, so QUERY reports it as free.
+  std::uint64_t ephemeral_bytes = 0;
   std::uint64_t borrowers = 0;    // sessions holding memory now
 };
 
@@ -86,8 +91,9 @@ class LenderService {
   // Runs on the acceptor thread: starts a session thread for the connection.
   void Accept(UniqueFd fd);
   void ServeSession(Session* session);
-  // Sends an EVICTED notice for `handle` to session `owner`, if it is still connected.
-  void NotifyEvicted(SessionId owner, const HandleBody& handle) noexcept;
+  // Sends an EVICTED notice for each eviction to its owner, if it is still connected;
+  // one owner's notices go out together. REQUIRES: evictions.size() <= kPagesPerSuperpage.
+  void NotifyEvicted(std::span<const Eviction> evictions) noexcept;
   // Joins and forgets sessions whose threads have ended. REQUIRES: mu_ held.
   void ReapFinishedLocked();
 

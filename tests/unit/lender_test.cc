@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <map>
 #include <optional>
 #include <random>
 #include <set>
@@ -23,6 +24,7 @@
 #include "peer/lender_pool.h"
 #include "peer/lender_service.h"
 #include "peer/peer_test_client.h"
+#include "running_lender.h"
 
 namespace memlend::peer {
 namespace {
@@ -88,19 +90,33 @@ Status ReadRange(LenderPool& pool, SessionId session, std::uint32_t sid, std::ui
                    out);
 }
 
-// Records every eviction the pool reports.
+// Records every eviction the pool reports, and how many came in each handler call.
 struct EvictionLog {
-  struct Entry {
-    SessionId owner;
-    HandleBody handle;
-  };
-  std::vector<Entry> entries;
+  std::vector<Eviction> entries;
+  std::vector<std::size_t> calls;
   void Attach(LenderPool& pool) {
-    pool.SetEvictionHandler([this](SessionId owner, const HandleBody& handle) {
-      entries.push_back({owner, handle});
+    pool.SetEvictionHandler([this](std::span<const Eviction> evictions) {
+      calls.push_back(evictions.size());
+      entries.insert(entries.end(), evictions.begin(), evictions.end());
     });
   }
+  void Clear() {
+    entries.clear();
+    calls.clear();
+  }
 };
+
+// What the pool must report about itself, given what the test knows it holds: QUERY's
+// free pages leave out only granted superpages and persistent pages; used bytes count
+// every page that holds data, ephemeral ones too.
+void CheckAccounting(const LenderPool& pool, std::uint64_t granted_superpages,
+                     std::uint64_t persistent_pages, std::uint64_t ephemeral_pages) {
+  const LenderPoolStats stats = pool.Stats();
+  const std::uint64_t granted_pages = granted_superpages * kPagesPerSuperpage;
+  CHECK(stats.free_pages == stats.total_pages - granted_pages - persistent_pages);
+  CHECK(stats.ephemeral_pages == ephemeral_pages);
+  CHECK(stats.used_bytes == (granted_pages + persistent_pages + ephemeral_pages) * kPageBytes);
+}
 
 }  // namespace
 
@@ -254,7 +270,8 @@ TEST_CASE("ranges that are unaligned, empty or past the superpage are invalid") 
 }
 
 TEST_CASE("ReleaseSession frees superpages and pages of that session only") {
-  LenderPool pool(4 * kSuperpageBytes);
+  // Two granted, one of persistent and one of ephemeral pages, one for session 2.
+  LenderPool pool(5 * kSuperpageBytes);
   std::uint32_t sid = 0;
   REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
   REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
@@ -308,7 +325,7 @@ TEST_CASE("persistent pages round-trip, rewrite in place, and miss when absent")
 }
 
 TEST_CASE("pools are per session: the same handle in two sessions is two pages") {
-  LenderPool pool(kSuperpageBytes);
+  LenderPool pool(2 * kSuperpageBytes);  // a superpage holds pages of one kind
   REQUIRE(PutPage(pool, 1, Handle(1, 1, 1), false, MakePage(1)) == Status::kOk);
   REQUIRE(PutPage(pool, 2, Handle(1, 1, 1), true, MakePage(2)) == Status::kOk);  // own kind
   CHECK(GetPage(pool, 1, Handle(1, 1, 1)) == MakePage(1));
@@ -319,20 +336,20 @@ TEST_CASE("pools are per session: the same handle in two sessions is two pages")
   CHECK(GetPage(pool, 1, Handle(1, 1, 1)) == MakePage(1));
 }
 
-TEST_CASE("a full pool evicts the oldest ephemeral page for a persistent put") {
+TEST_CASE("an ephemeral put into a full pool evicts the oldest ephemeral page, only one") {
   LenderPool pool(kSuperpageBytes);  // 512 slots
   EvictionLog log;
   log.Attach(pool);
   for (std::uint32_t i = 0; i < kPagesPerSuperpage; ++i) {
     REQUIRE(PutPage(pool, 1, Handle(3, i, 0), true, MakePage(i)) == Status::kOk);
   }
-  CHECK(pool.Stats().free_pages == 0);
   CHECK(log.entries.empty());
+  CheckAccounting(pool, 0, 0, kPagesPerSuperpage);
   // Re-putting page 0 makes it the newest, so page 1 is now the oldest.
   REQUIRE(PutPage(pool, 1, Handle(3, 0, 0), true, MakePage(1000)) == Status::kOk);
   CHECK(log.entries.empty());
 
-  REQUIRE(PutPage(pool, 2, Handle(9, 42, 4), false, MakePage(4242)) == Status::kOk);
+  REQUIRE(PutPage(pool, 2, Handle(10, 1, 0), true, MakePage(5)) == Status::kOk);
   REQUIRE(log.entries.size() == 1);
   CHECK(log.entries[0].owner == 1);
   CHECK(log.entries[0].handle.pool == 3);
@@ -341,17 +358,289 @@ TEST_CASE("a full pool evicts the oldest ephemeral page for a persistent put") {
   CHECK_FALSE(GetPage(pool, 1, Handle(3, 1, 0)));
   CHECK(GetPage(pool, 1, Handle(3, 0, 0)) == MakePage(1000));
   CHECK(GetPage(pool, 1, Handle(3, 2, 0)) == MakePage(2));
-  CHECK(GetPage(pool, 2, Handle(9, 42, 4)) == MakePage(4242));
-
-  // An ephemeral put evicts too, the next oldest.
-  REQUIRE(PutPage(pool, 2, Handle(10, 1, 0), true, MakePage(5)) == Status::kOk);
+  CHECK(GetPage(pool, 2, Handle(10, 1, 0)) == MakePage(5));
+  // The next one evicts the next oldest.
+  REQUIRE(PutPage(pool, 2, Handle(10, 2, 0), true, MakePage(6)) == Status::kOk);
   REQUIRE(log.entries.size() == 2);
   CHECK(log.entries[1].owner == 1);
   CHECK(log.entries[1].handle.object == 2);
-  LenderPoolStats stats = pool.Stats(1);
-  CHECK(stats.caller_pages == kPagesPerSuperpage - 2);
+  CHECK(log.calls == std::vector<std::size_t>{1, 1});
+  CHECK(pool.Stats(1).caller_pages == kPagesPerSuperpage - 2);
   CHECK(pool.Stats(2).caller_pages == 2);
-  CHECK(stats.free_pages == 0);
+  CheckAccounting(pool, 0, 0, kPagesPerSuperpage);
+}
+
+TEST_CASE("ALLOC_SUPERPAGE reclaims the ephemeral superpage with the fewest pages") {
+  constexpr std::uint32_t kSuperpages = 4;
+  LenderPool pool(kSuperpages * kSuperpageBytes);
+  EvictionLog log;
+  log.Attach(pool);
+  // Session 1 caches 2048 clean pages: every superpage is ephemeral and full. Pages fill
+  // one superpage before the next, so handles [512k, 512k + 512) share superpage k.
+  constexpr std::uint32_t kPages = kSuperpages * kPagesPerSuperpage;
+  for (std::uint32_t i = 0; i < kPages; ++i) {
+    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), true, MakePage(i)) == Status::kOk);
+  }
+  CHECK(log.entries.empty());
+  CheckAccounting(pool, 0, 0, kPages);
+  // Superpage 2 is the emptiest: 412 pages.
+  std::set<std::uint64_t> flushed;
+  for (std::uint32_t i = 2 * kPagesPerSuperpage; i < 2 * kPagesPerSuperpage + 100; ++i) {
+    REQUIRE(pool.Flush(1, Handle(1, i, 0)) == Status::kOk);
+    flushed.insert(i);
+  }
+  CheckAccounting(pool, 0, 0, kPages - 100);
+
+  // Session 2 needs a superpage for dirty pages: it gets one, at the cache's expense.
+  std::uint32_t dirty_sid = 0;
+  REQUIRE(pool.AllocSuperpage(2, &dirty_sid) == Status::kOk);
+  REQUIRE(log.calls == std::vector<std::size_t>{kPagesPerSuperpage - 100});  // one call
+  std::set<std::uint64_t> evicted;
+  for (const Eviction& e : log.entries) {
+    CHECK(e.owner == 1);
+    CHECK(e.handle.pool == 1);
+    CHECK(e.handle.index == 0);
+    CHECK(e.handle.object / kPagesPerSuperpage == 2);
+    CHECK(flushed.count(e.handle.object) == 0);
+    evicted.insert(e.handle.object);
+  }
+  CHECK(evicted.size() == kPagesPerSuperpage - 100);  // each page reported once
+  for (std::uint32_t i = 0; i < kPages; ++i) {
+    CAPTURE(i);
+    const std::optional<Page> got = GetPage(pool, 1, Handle(1, i, 0));
+    if (evicted.count(i) != 0 || flushed.count(i) != 0) {
+      CHECK_FALSE(got);
+    } else {
+      CHECK(got == MakePage(i));
+    }
+  }
+  CheckAccounting(pool, 1, 0, kPages - kPagesPerSuperpage);
+  CHECK(pool.Stats(1).caller_pages == kPages - kPagesPerSuperpage);
+  CHECK(pool.Stats(2).caller_pages == kPagesPerSuperpage);
+
+  // The superpage held the cache's data a moment ago; it must read as zeros now.
+  std::vector<std::byte> whole(kSuperpageBytes, std::byte{0x5a});
+  REQUIRE(ReadRange(pool, 2, dirty_sid, 0, whole) == Status::kOk);
+  CHECK(AllZero(whole));
+  const std::vector<std::byte> dirty = MakeBytes(kSuperpageBytes, 77);
+  REQUIRE(WriteRange(pool, 2, dirty_sid, 0, dirty) == Status::kOk);
+
+  // Every further allocation takes another cached superpage, until none is left.
+  std::uint32_t sid = 0;
+  for (std::uint32_t n = 1; n < kSuperpages; ++n) {
+    log.Clear();
+    REQUIRE(pool.AllocSuperpage(2 + n, &sid) == Status::kOk);
+    CHECK(log.calls == std::vector<std::size_t>{kPagesPerSuperpage});
+    CheckAccounting(pool, 1 + n, 0, kPages - (1 + n) * kPagesPerSuperpage);
+  }
+  log.Clear();
+  CHECK(pool.AllocSuperpage(9, &sid) == Status::kNoSpace);
+  CHECK(log.entries.empty());
+  CHECK(pool.Stats(1).caller_pages == 0);
+  CHECK(PutPage(pool, 1, Handle(1, 0, 0), true, MakePage(0)) == Status::kNoSpace);
+  // The dirty pages were never touched by any of that.
+  REQUIRE(ReadRange(pool, 2, dirty_sid, 0, whole) == Status::kOk);
+  CHECK(whole == dirty);
+}
+
+TEST_CASE("a persistent put reclaims an ephemeral superpage when nothing else is free") {
+  LenderPool pool(2 * kSuperpageBytes);
+  EvictionLog log;
+  log.Attach(pool);
+  for (std::uint32_t i = 0; i < 2 * kPagesPerSuperpage; ++i) {
+    REQUIRE(PutPage(pool, 1, Handle(3, i, 0), true, MakePage(i)) == Status::kOk);
+  }
+  // Superpage 1 (handles 512..1023) is the emptier: 500 pages.
+  for (std::uint32_t i = kPagesPerSuperpage; i < kPagesPerSuperpage + 12; ++i) {
+    REQUIRE(pool.Flush(1, Handle(3, i, 0)) == Status::kOk);
+  }
+  REQUIRE(PutPage(pool, 2, Handle(9, 42, 4), false, MakePage(4242)) == Status::kOk);
+  REQUIRE(log.calls == std::vector<std::size_t>{500});
+  for (const Eviction& e : log.entries) {
+    CHECK(e.owner == 1);
+    CHECK(e.handle.object >= kPagesPerSuperpage + 12);
+    CHECK(e.handle.object < 2 * kPagesPerSuperpage);
+  }
+  CHECK(GetPage(pool, 2, Handle(9, 42, 4)) == MakePage(4242));
+  CheckAccounting(pool, 0, 1, kPagesPerSuperpage);
+
+  // The reclaimed superpage is persistent now: 511 more persistent pages fit without
+  // evicting anything, and the cache keeps its other superpage whole.
+  log.Clear();
+  for (std::uint32_t i = 0; i < kPagesPerSuperpage - 1; ++i) {
+    REQUIRE(PutPage(pool, 2, Handle(9, i, 0), false, MakePage(10000 + i)) == Status::kOk);
+  }
+  CHECK(log.entries.empty());
+  for (std::uint32_t i = 0; i < kPagesPerSuperpage; ++i) {
+    CHECK(GetPage(pool, 1, Handle(3, i, 0)) == MakePage(i));
+  }
+  CheckAccounting(pool, 0, kPagesPerSuperpage, kPagesPerSuperpage);
+
+  // The next persistent page takes the last cached superpage.
+  REQUIRE(PutPage(pool, 2, Handle(9, 7777, 0), false, MakePage(7777)) == Status::kOk);
+  CHECK(log.calls == std::vector<std::size_t>{kPagesPerSuperpage});
+  CHECK(pool.Stats(1).caller_pages == 0);
+  CheckAccounting(pool, 0, kPagesPerSuperpage + 1, 0);
+  // Nothing is ephemeral now, so nothing more can be had: not for pages of either kind,
+  // though the persistent superpage has free slots, and not for superpages.
+  log.Clear();
+  CHECK(PutPage(pool, 1, Handle(3, 0, 0), true, MakePage(0)) == Status::kNoSpace);
+  std::uint32_t sid = 0;
+  CHECK(pool.AllocSuperpage(3, &sid) == Status::kNoSpace);
+  CHECK(log.entries.empty());
+  CHECK(GetPage(pool, 2, Handle(9, 42, 4)) == MakePage(4242));
+  for (std::uint32_t i = 0; i < kPagesPerSuperpage - 1; ++i) {
+    CHECK(GetPage(pool, 2, Handle(9, i, 0)) == MakePage(10000 + i));
+  }
+  CHECK(GetPage(pool, 2, Handle(9, 7777, 0)) == MakePage(7777));
+}
+
+TEST_CASE("a pool of persistent pages and granted superpages refuses ALLOC with NO_SPACE") {
+  LenderPool pool(3 * kSuperpageBytes);
+  EvictionLog log;
+  log.Attach(pool);
+  std::uint32_t sid = 0;
+  REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
+  // 513 persistent pages: one full superpage and one with a single page.
+  for (std::uint32_t i = 0; i <= kPagesPerSuperpage; ++i) {
+    REQUIRE(PutPage(pool, 2, Handle(1, i, 0), false, MakePage(i)) == Status::kOk);
+  }
+  CHECK(pool.AllocSuperpage(1, &sid) == Status::kNoSpace);
+  CHECK(pool.AllocSuperpage(3, &sid) == Status::kNoSpace);
+  // Free slots of a persistent superpage serve persistent pages only.
+  CHECK(PutPage(pool, 3, Handle(1, 1, 0), true, MakePage(1)) == Status::kNoSpace);
+  REQUIRE(PutPage(pool, 3, Handle(2, 1, 0), false, MakePage(1)) == Status::kOk);
+  CHECK(log.entries.empty());
+  CheckAccounting(pool, 1, kPagesPerSuperpage + 2, 0);
+  CHECK(pool.Stats().free_pages == kPagesPerSuperpage - 2);
+  for (std::uint32_t i = 0; i <= kPagesPerSuperpage; ++i) {
+    CHECK(GetPage(pool, 2, Handle(1, i, 0)) == MakePage(i));
+  }
+}
+
+TEST_CASE("ephemeral and persistent pages never share a superpage") {
+  LenderPool pool(4 * kSuperpageBytes);
+  EvictionLog log;
+  log.Attach(pool);
+  // Interleaved puts of both kinds, from two sessions.
+  for (std::uint32_t i = 0; i < 100; ++i) {
+    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), true, MakePage(i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 2, Handle(2, i, 0), false, MakePage(1000 + i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 2, Handle(3, i, 0), true, MakePage(2000 + i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 1, Handle(4, i, 0), false, MakePage(3000 + i)) == Status::kOk);
+  }
+  CheckAccounting(pool, 0, 200, 200);
+  // One superpage of each kind is active; the other two are still free.
+  std::uint32_t sid = 0;
+  REQUIRE(pool.AllocSuperpage(3, &sid) == Status::kOk);
+  REQUIRE(pool.AllocSuperpage(3, &sid) == Status::kOk);
+  CHECK(log.entries.empty());
+  // Reclaiming the ephemeral one evicts exactly the 200 ephemeral pages and nothing else.
+  REQUIRE(pool.AllocSuperpage(3, &sid) == Status::kOk);
+  REQUIRE(log.calls == std::vector<std::size_t>{200});
+  std::set<std::pair<SessionId, std::uint32_t>> pools;
+  for (const Eviction& e : log.entries) pools.insert({e.owner, e.handle.pool});
+  CHECK(pools == std::set<std::pair<SessionId, std::uint32_t>>{{1, 1}, {2, 3}});
+  for (std::uint32_t i = 0; i < 100; ++i) {
+    CHECK_FALSE(GetPage(pool, 1, Handle(1, i, 0)));
+    CHECK_FALSE(GetPage(pool, 2, Handle(3, i, 0)));
+    CHECK(GetPage(pool, 2, Handle(2, i, 0)) == MakePage(1000 + i));
+    CHECK(GetPage(pool, 1, Handle(4, i, 0)) == MakePage(3000 + i));
+  }
+  // What is left holds persistent pages only: no more superpages.
+  log.Clear();
+  CHECK(pool.AllocSuperpage(3, &sid) == Status::kNoSpace);
+  CHECK(log.entries.empty());
+  CheckAccounting(pool, 3, 200, 0);
+}
+
+TEST_CASE("persistent pages survive heavy churn of cached pages and superpages") {
+  LenderPool pool(6 * kSuperpageBytes);
+  std::vector<Eviction> evictions;
+  std::uint64_t evicted_total = 0;
+  pool.SetEvictionHandler([&](std::span<const Eviction> batch) {
+    evictions.insert(evictions.end(), batch.begin(), batch.end());
+    evicted_total += batch.size();
+  });
+  // Session 1 keeps 1000 persistent pages (two superpages, 24 slots to spare), rewriting
+  // some as it goes.
+  constexpr std::uint32_t kPersistent = 1000;
+  std::vector<std::uint64_t> persistent_seed(kPersistent);
+  for (std::uint32_t i = 0; i < kPersistent; ++i) {
+    persistent_seed[i] = i;
+    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), false, MakePage(i)) == Status::kOk);
+  }
+  // Sessions 2 and 3 cache pages and take and give back superpages at random; session 2
+  // also keeps a few persistent pages of its own, which may reclaim cached superpages.
+  std::mt19937_64 rng(12345);
+  std::map<std::pair<SessionId, std::uint64_t>, std::uint64_t> cached;  // -> seed
+  std::vector<std::pair<SessionId, std::uint32_t>> grants;
+  std::uint64_t persistent2 = 0;
+  std::uint64_t seed = 100000;
+  for (int step = 0; step < 20000; ++step) {
+    const SessionId session = 2 + rng() % 2;
+    const unsigned what = rng() % 100;
+    if (what < 70) {
+      const std::uint64_t object = rng() % 3000;
+      ++seed;
+      if (PutPage(pool, session, Handle(7, object, 0), true, MakePage(seed)) == Status::kOk) {
+        cached[{session, object}] = seed;
+      }
+    } else if (what < 80) {
+      const std::uint64_t object = rng() % 3000;
+      const std::optional<Page> got = GetPage(pool, session, Handle(7, object, 0));
+      const auto it = cached.find({session, object});
+      if (got) {
+        REQUIRE(it != cached.end());
+        CHECK(*got == MakePage(it->second));
+      }
+    } else if (what < 88) {
+      std::uint32_t sid = 0;
+      if (pool.AllocSuperpage(session, &sid) == Status::kOk) grants.push_back({session, sid});
+    } else if (what < 96) {
+      if (!grants.empty()) {
+        const std::size_t k = rng() % grants.size();
+        REQUIRE(pool.FreeSuperpage(grants[k].first, grants[k].second) == Status::kOk);
+        grants.erase(grants.begin() + static_cast<std::ptrdiff_t>(k));
+      }
+    } else if (what < 98) {
+      if (persistent2 < 300 &&
+          PutPage(pool, 2, Handle(8, persistent2, 0), false, MakePage(500000 + persistent2)) ==
+              Status::kOk) {
+        ++persistent2;
+      }
+    } else {
+      const std::uint32_t i = static_cast<std::uint32_t>(rng() % kPersistent);
+      persistent_seed[i] = ++seed;
+      REQUIRE(PutPage(pool, 1, Handle(1, i, 0), false, MakePage(seed)) == Status::kOk);
+    }
+    // Whatever was evicted is gone for good; no persistent page is ever named.
+    for (const Eviction& e : evictions) {
+      REQUIRE(e.handle.pool == 7);
+      REQUIRE(cached.erase({e.owner, e.handle.object}) == 1);
+    }
+    evictions.clear();
+    if (step % 1000 == 0) {
+      for (std::uint32_t i = 0; i < kPersistent; ++i) {
+        REQUIRE(GetPage(pool, 1, Handle(1, i, 0)) == MakePage(persistent_seed[i]));
+      }
+      CheckAccounting(pool, grants.size(), kPersistent + persistent2, cached.size());
+    }
+  }
+  for (std::uint32_t i = 0; i < kPersistent; ++i) {
+    CHECK(GetPage(pool, 1, Handle(1, i, 0)) == MakePage(persistent_seed[i]));
+  }
+  for (std::uint64_t i = 0; i < persistent2; ++i) {
+    CHECK(GetPage(pool, 2, Handle(8, i, 0)) == MakePage(500000 + i));
+  }
+  for (const auto& [key, page_seed] : cached) {
+    CHECK(GetPage(pool, key.first, Handle(7, key.second, 0)) == MakePage(page_seed));
+  }
+  // The churn really did push cached pages out, and session 2's persistent pages needed a
+  // third persistent superpage.
+  CHECK(evicted_total > 0);
+  CHECK(persistent2 > 24);
+  CheckAccounting(pool, grants.size(), kPersistent + persistent2, cached.size());
 }
 
 TEST_CASE("a persistent put into a pool full of persistent pages fails with no space") {
@@ -410,7 +699,7 @@ TEST_CASE("flush removes a page and frees its slot; flushing nothing is fine") {
 }
 
 TEST_CASE("destroying a pool frees its pages and forgets its kind") {
-  LenderPool pool(kSuperpageBytes);
+  LenderPool pool(2 * kSuperpageBytes);  // a superpage holds pages of one kind
   for (std::uint32_t i = 0; i < 20; ++i) {
     REQUIRE(PutPage(pool, 1, Handle(1, i, 0), true, MakePage(i)) == Status::kOk);
     REQUIRE(PutPage(pool, 1, Handle(2, i, 0), false, MakePage(100 + i)) == Status::kOk);
@@ -428,7 +717,7 @@ TEST_CASE("destroying a pool frees its pages and forgets its kind") {
 }
 
 TEST_CASE("the first put fixes a pool's kind; the other kind is invalid") {
-  LenderPool pool(kSuperpageBytes);
+  LenderPool pool(2 * kSuperpageBytes);  // a superpage holds pages of one kind
   REQUIRE(PutPage(pool, 1, Handle(1, 0, 0), false, MakePage(1)) == Status::kOk);
   CHECK(PutPage(pool, 1, Handle(1, 1, 0), true, MakePage(2)) == Status::kInvalid);
   CHECK_FALSE(GetPage(pool, 1, Handle(1, 1, 0)));
@@ -440,7 +729,7 @@ TEST_CASE("the first put fixes a pool's kind; the other kind is invalid") {
   CHECK(PutPage(pool, 1, Handle(2, 0, 0), false, MakePage(5)) == Status::kInvalid);
 }
 
-TEST_CASE("stats add up: free plus every session's pages is the total") {
+TEST_CASE("stats add up: free plus every session's pages, less cached ones, is the total") {
   LenderPool pool(4 * kSuperpageBytes);
   std::uint32_t sid = 0;
   REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
@@ -458,7 +747,9 @@ TEST_CASE("stats add up: free plus every session's pages is the total") {
   CHECK(pool.Stats(1).caller_pages == kPagesPerSuperpage + 30);
   CHECK(pool.Stats(2).caller_pages == kPagesPerSuperpage);
   CHECK(pool.Stats(3).caller_pages == 600);
-  CHECK(stats.free_pages + held == stats.total_pages);
+  // QUERY counts the 300 ephemeral pages as free; used_bytes counts them as used.
+  CHECK(stats.ephemeral_pages == 300);
+  CHECK(stats.free_pages + held - stats.ephemeral_pages == stats.total_pages);
   CHECK(stats.used_bytes == held * kPageBytes);
   CHECK(stats.borrowers == 3);
   CHECK(pool.Stats(9).caller_pages == 0);
@@ -467,7 +758,9 @@ TEST_CASE("stats add up: free plus every session's pages is the total") {
 TEST_CASE("sessions working in parallel keep their data apart") {
   LenderPool pool(16 * kSuperpageBytes);
   std::atomic<int> evictions{0};
-  pool.SetEvictionHandler([&](SessionId, const HandleBody&) { evictions.fetch_add(1); });
+  pool.SetEvictionHandler([&](std::span<const Eviction> batch) {
+    evictions.fetch_add(static_cast<int>(batch.size()));
+  });
   constexpr int kSessions = 4;
   std::atomic<int> failures{0};
   std::vector<std::thread> threads;
@@ -512,55 +805,126 @@ TEST_CASE("sessions working in parallel keep their data apart") {
   CHECK(stats.borrowers == 0);
 }
 
+TEST_CASE("reclaims racing with cached, persistent and passive traffic lose nothing else") {
+  // 8 superpages: two dirty sessions hold up to three grants each and one persistent
+  // superpage is shared, so an allocation always finds a free or an ephemeral superpage.
+  // The dirty sessions start once the caches fill at least four superpages, and the
+  // caches keep refilling what is reclaimed until the dirty sessions are done.
+  LenderPool pool(8 * kSuperpageBytes);
+  std::atomic<std::uint64_t> evicted{0};
+  std::atomic<int> reclaims{0};  // a FIFO eviction reports one page, a reclaim usually more
+  pool.SetEvictionHandler([&](std::span<const Eviction> batch) {
+    if (batch.size() > 1) reclaims.fetch_add(1);
+    for (const Eviction& e : batch) {
+      if (e.handle.pool != 7) evicted.fetch_add(1ULL << 32);  // never a persistent page
+    }
+    evicted.fetch_add(batch.size());
+  });
+  std::atomic<int> failures{0};
+  std::atomic<bool> dirty_done{false};
+  std::vector<std::thread> caches;
+  std::vector<std::thread> dirties;
+  for (SessionId cache = 1; cache <= 2; ++cache) {
+    caches.emplace_back([&pool, &failures, &dirty_done, cache] {
+      std::mt19937_64 rng(cache);
+      std::vector<std::uint64_t> last(2000, 0);  // seed of the last PUT, 0 if none
+      for (std::uint64_t round = 1;
+           round <= 2000 || !dirty_done.load(std::memory_order_relaxed); ++round) {
+        const std::uint64_t object = rng() % last.size();
+        if (rng() % 3 != 0) {
+          const std::uint64_t seed = cache * 1000000000 + round;
+          if (PutPage(pool, cache, Handle(7, object, 0), true, MakePage(seed)) == Status::kOk) {
+            last[object] = seed;
+          }
+        } else {
+          const std::optional<Page> got = GetPage(pool, cache, Handle(7, object, 0));
+          if (got && (last[object] == 0 || *got != MakePage(last[object]))) {
+            failures.fetch_add(1);
+          }
+        }
+      }
+      pool.ReleaseSession(cache);
+    });
+  }
+  for (SessionId dirty = 3; dirty <= 4; ++dirty) {
+    dirties.emplace_back([&pool, &failures, dirty] {
+      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (pool.Stats().ephemeral_pages < 4 * kPagesPerSuperpage &&
+             std::chrono::steady_clock::now() < give_up) {
+        std::this_thread::yield();
+      }
+      std::vector<std::pair<std::uint32_t, std::uint64_t>> held;  // sid, seed
+      std::vector<bool> stored(200, false);  // persistent pages put
+      std::vector<std::byte> out(kSuperpageBytes);
+      const std::vector<std::byte> zeros(kSuperpageBytes);
+      for (std::uint64_t round = 1; round <= 60; ++round) {
+        std::uint32_t sid = 0;
+        if (pool.AllocSuperpage(dirty, &sid) != Status::kOk) {
+          failures.fetch_add(1);
+          continue;
+        }
+        const std::uint64_t seed = dirty * 1000 + 2 * round;
+        // The first and the last page; the rest must read as zeros though the superpage
+        // may have held cached pages a moment ago.
+        if (WriteRange(pool, dirty, sid, 0, MakePage(seed)) != Status::kOk ||
+            WriteRange(pool, dirty, sid, kSuperpageBytes - kPageBytes, MakePage(seed + 1)) !=
+                Status::kOk) {
+          failures.fetch_add(1);
+        }
+        held.push_back({sid, seed});
+        for (std::uint32_t i = 0; i < 2; ++i) {
+          const std::uint64_t object = (round * 2 + i) % 200;
+          const Page page = MakePage(dirty * 1000000 + object);
+          if (PutPage(pool, dirty, Handle(1, object, 0), false, page) != Status::kOk ||
+              GetPage(pool, dirty, Handle(1, object, 0)) != page) {
+            failures.fetch_add(1);
+          }
+          stored[object] = true;
+        }
+        if (held.size() > 2) {
+          const auto [old_sid, old_seed] = held.front();
+          if (ReadRange(pool, dirty, old_sid, 0, out) != Status::kOk ||
+              std::memcmp(out.data(), MakePage(old_seed).data(), kPageBytes) != 0 ||
+              std::memcmp(out.data() + kPageBytes, zeros.data(),
+                          kSuperpageBytes - 2 * kPageBytes) != 0 ||
+              std::memcmp(out.data() + kSuperpageBytes - kPageBytes,
+                          MakePage(old_seed + 1).data(), kPageBytes) != 0 ||
+              pool.FreeSuperpage(dirty, old_sid) != Status::kOk) {
+            failures.fetch_add(1);
+          }
+          held.erase(held.begin());
+        }
+      }
+      for (std::uint64_t object = 0; object < 200; ++object) {
+        if (stored[object] &&
+            GetPage(pool, dirty, Handle(1, object, 0)) != MakePage(dirty * 1000000 + object)) {
+          failures.fetch_add(1);
+        }
+      }
+      pool.ReleaseSession(dirty);
+    });
+  }
+  for (std::thread& t : dirties) t.join();
+  dirty_done.store(true);
+  for (std::thread& t : caches) t.join();
+  CHECK(failures.load() == 0);
+  const std::uint64_t persistent_evicted = evicted.load() >> 32;
+  const std::uint64_t pages_evicted = evicted.load() & 0xffffffffULL;
+  CHECK(persistent_evicted == 0);
+  CHECK(pages_evicted > 0);
+  CHECK(reclaims.load() > 0);
+  const LenderPoolStats stats = pool.Stats();
+  CHECK(stats.free_pages == stats.total_pages);
+  CHECK(stats.used_bytes == 0);
+  CHECK(stats.borrowers == 0);
+}
+
 }  // TEST_SUITE("lender_pool")
 
 namespace {
 
-// A port that was free a moment ago: bind port 0, read what the kernel chose, close.
-std::uint16_t PickFreePort() {
-  UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  REQUIRE(fd.valid());
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  address.sin_port = 0;
-  REQUIRE(::bind(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0);
-  socklen_t length = sizeof(address);
-  REQUIRE(::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&address), &length) == 0);
-  return ntohs(address.sin_port);
-}
-
-// A started LenderService on a free loopback port.
-struct RunningLender {
-  explicit RunningLender(std::uint64_t pool_bytes, std::uint64_t node_id = 0xfeedULL) {
-    for (int attempt = 0;; ++attempt) {
-      endpoint.host = "127.0.0.1";
-      endpoint.port = PickFreePort();
-      try {
-        service = std::make_unique<LenderService>(endpoint, pool_bytes, node_id);
-        break;
-      } catch (const std::runtime_error&) {
-        if (attempt == 20) throw;  // someone keeps taking the port
-      }
-    }
-    service->Start();
-  }
-  PeerTestClient Connect() { return PeerTestClient(endpoint); }
-
-  Endpoint endpoint;
-  std::unique_ptr<LenderService> service;
-};
-
-// Polls `condition` for up to two seconds: session teardown runs on the lender's thread.
-template <typename Condition>
-bool Eventually(Condition condition) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (condition()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return condition();
-}
+using testing::Eventually;
+using testing::RunningLender;
 
 std::uint32_t AllocOverWire(PeerTestClient& client) {
   std::optional<TestMessage> reply = client.Call(MessageType::kAllocSuperpage);
@@ -862,6 +1226,27 @@ TEST_CASE("a session's memory is freed when its connection closes") {
   CHECK(lender.service->Stats().used_bytes == 0);
 }
 
+// Reads `count` EVICTED notices from `client` (nothing else may come) and returns their
+// handles' objects; every notice must name `pool` and `index`.
+std::set<std::uint64_t> ReadEvictedNotices(PeerTestClient& client, std::size_t count,
+                                           std::uint32_t pool, std::uint32_t index) {
+  std::set<std::uint64_t> objects;
+  for (std::size_t i = 0; i < count; ++i) {
+    std::optional<TestMessage> notice = client.ReadMessage();
+    REQUIRE(notice);
+    REQUIRE(notice->header.type == MessageType::kEvicted);
+    CHECK_FALSE(notice->header.reply);
+    CHECK(notice->header.tag == 0);
+    HandleBody evicted{};
+    REQUIRE(notice->As(&evicted));
+    CHECK(notice->payload.size() == sizeof(HandleBody));
+    CHECK(evicted.pool == pool);
+    CHECK(evicted.index == index);
+    objects.insert(evicted.object);
+  }
+  return objects;
+}
+
 TEST_CASE("an evicted page's owner gets an EVICTED notice") {
   RunningLender lender(kSuperpageBytes);
   PeerTestClient cache = lender.Connect();
@@ -874,25 +1259,112 @@ TEST_CASE("an evicted page's owner gets an EVICTED notice") {
     REQUIRE(reply);
     REQUIRE(reply->status() == Status::kOk);
   }
+  // Another cached page evicts the oldest one.
   std::optional<TestMessage> reply =
-      store.Call(MessageType::kPut, 0, Handle(1, 1, 1), MakePage(100));
+      store.Call(MessageType::kPut, kPutEphemeral, Handle(1, 1, 1), MakePage(100));
   REQUIRE(reply);
   REQUIRE(reply->status() == Status::kOk);
   CHECK(store.notices().empty());
-
-  std::optional<TestMessage> notice = cache.ReadMessage();
-  REQUIRE(notice);
-  CHECK_FALSE(notice->header.reply);
-  CHECK(notice->header.type == MessageType::kEvicted);
-  CHECK(notice->header.tag == 0);
-  HandleBody evicted{};
-  REQUIRE(notice->As(&evicted));
-  CHECK(evicted.pool == 6);
-  CHECK(evicted.object == 0);
-  CHECK(evicted.index == 2);
+  CHECK(ReadEvictedNotices(cache, 1, 6, 2) == std::set<std::uint64_t>{0});
   reply = cache.Call(MessageType::kGet, 0, Handle(6, 0, 2));
   REQUIRE(reply);
   CHECK(reply->status() == Status::kNotFound);
+
+  // A persistent page takes the whole superpage: the 511 cached pages left go, and so
+  // does the store's own cached page, each owner told about its own.
+  reply = store.Call(MessageType::kPut, 0, Handle(2, 1, 1), MakePage(200));
+  REQUIRE(reply);
+  REQUIRE(reply->status() == Status::kOk);
+  REQUIRE(store.notices().size() == 1);
+  HandleBody own{};
+  REQUIRE(store.notices()[0].As(&own));
+  CHECK(own.pool == 1);
+  CHECK(own.object == 1);
+  const std::set<std::uint64_t> evicted =
+      ReadEvictedNotices(cache, kPagesPerSuperpage - 1, 6, 2);
+  CHECK(evicted.size() == kPagesPerSuperpage - 1);
+  CHECK(evicted.count(0) == 0);
+  reply = cache.Call(MessageType::kGet, 0, Handle(6, 7, 2));
+  REQUIRE(reply);
+  CHECK(reply->status() == Status::kNotFound);
+  CHECK(cache.notices().empty());
+  reply = store.Call(MessageType::kGet, 0, Handle(2, 1, 1));
+  REQUIRE(reply);
+  REQUIRE(reply->status() == Status::kOk);
+  const Page expected = MakePage(200);
+  CHECK(std::equal(reply->payload.begin(), reply->payload.end(), expected.begin(),
+                   expected.end()));
+}
+
+TEST_CASE("another borrower's ALLOC_SUPERPAGE evicts cached pages; their owner is told") {
+  RunningLender lender(2 * kSuperpageBytes);
+  PeerTestClient cache = lender.Connect();
+  PeerTestClient dirty = lender.Connect();
+  REQUIRE(cache.Hello());
+  REQUIRE(dirty.Hello());
+  // The cache fills the whole pool with clean pages.
+  constexpr std::uint32_t kPages = 2 * kPagesPerSuperpage;
+  for (std::uint32_t i = 0; i < kPages; ++i) {
+    const std::optional<TestMessage> reply =
+        cache.Call(MessageType::kPut, kPutEphemeral, Handle(4, i, 0), MakePage(i));
+    REQUIRE(reply);
+    REQUIRE(reply->status() == Status::kOk);
+  }
+  // QUERY shows that room as free to anyone placing dirty pages; the lender's status
+  // still counts it as used.
+  std::optional<QueryReply> q = dirty.Query();
+  REQUIRE(q);
+  CHECK(q->free_pages == kPages);
+  q = cache.Query();
+  REQUIRE(q);
+  CHECK(q->free_pages == kPages);
+  CHECK(q->caller_pages == kPages);
+  LendingStats stats = lender.service->Stats();
+  CHECK(stats.used_bytes == 2 * kSuperpageBytes);
+  CHECK(stats.ephemeral_bytes == 2 * kSuperpageBytes);
+
+  // Superpage 1 (objects 512..1023) has fewer pages: 500.
+  for (std::uint32_t i = kPagesPerSuperpage; i < kPagesPerSuperpage + 12; ++i) {
+    const std::optional<TestMessage> reply = cache.Call(MessageType::kFlush, 0, Handle(4, i, 0));
+    REQUIRE(reply);
+    REQUIRE(reply->status() == Status::kOk);
+  }
+  const std::uint32_t sid = AllocOverWire(dirty);
+  CHECK(dirty.notices().empty());
+  // The notices were written before the ALLOC reply, so they are all there to read.
+  const std::set<std::uint64_t> evicted = ReadEvictedNotices(cache, 500, 4, 0);
+  REQUIRE(evicted.size() == 500);
+  CHECK(*evicted.begin() == kPagesPerSuperpage + 12);
+  CHECK(*evicted.rbegin() == kPages - 1);
+  for (const std::uint32_t i : {0u, 1u, 300u, kPagesPerSuperpage - 1}) {
+    const std::optional<TestMessage> reply = cache.Call(MessageType::kGet, 0, Handle(4, i, 0));
+    REQUIRE(reply);
+    REQUIRE(reply->status() == Status::kOk);
+    const Page expected = MakePage(i);
+    CHECK(std::equal(reply->payload.begin(), reply->payload.end(), expected.begin(),
+                     expected.end()));
+  }
+  for (const std::uint64_t i : {kPagesPerSuperpage + 12, kPagesPerSuperpage + 100, kPages - 1}) {
+    const std::optional<TestMessage> reply =
+        cache.Call(MessageType::kGet, 0, Handle(4, i, 0));
+    REQUIRE(reply);
+    CHECK(reply->status() == Status::kNotFound);
+  }
+  CHECK(cache.notices().empty());  // no notice beyond the 500
+  q = dirty.Query();
+  REQUIRE(q);
+  CHECK(q->caller_pages == kPagesPerSuperpage);
+  CHECK(q->free_pages == kPagesPerSuperpage);
+  stats = lender.service->Stats();
+  CHECK(stats.used_bytes == 2 * kSuperpageBytes);
+  CHECK(stats.ephemeral_bytes == kSuperpageBytes);
+
+  // The granted superpage holds the dirty pages and none of the cache's.
+  std::optional<TestMessage> reply =
+      dirty.Call(MessageType::kRead, 0, RangeBody{sid, 0, kSuperpageBytes, 0});
+  REQUIRE(reply);
+  REQUIRE(reply->status() == Status::kOk);
+  CHECK(AllZero(reply->payload));
 }
 
 TEST_CASE("Stop sends SHUTDOWN, hangs up every session and is idempotent") {
