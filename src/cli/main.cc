@@ -71,9 +71,12 @@ int main(int argc, char** argv) {
   memlend::DaemonArgs daemon_args;
   CLI::App* daemon = app.add_subcommand("daemon", "Run the daemon in the foreground");
   daemon->add_option("--device", daemon_args.devices,
-                     "A device to serve, as NAME:SIZE (e.g. swap0:4G); the NBD export name is "
-                     "NAME; SIZE is a multiple of 4K. Repeatable")
-      ->type_name("NAME:SIZE");
+                     "A device to serve, as NAME:SIZE[:PROTOCOL] (e.g. swap0:4G); the NBD export "
+                     "name is NAME; SIZE is a multiple of 4K. PROTOCOL picks how pages reach "
+                     "peers: auto (default: dirty pages by the passive protocol, clean pages "
+                     "that also have a disk copy cached in peers' ephemeral pools) or passive "
+                     "(clean pages are dropped back to their disk copy). Repeatable")
+      ->type_name("NAME:SIZE[:PROTOCOL]");
   daemon->add_option("--nbd", daemon_args.nbd,
                      "Where to serve NBD: HOST:PORT, [ADDRESS]:PORT or unix:PATH")
       ->type_name("ADDR");

@@ -46,9 +46,12 @@ std::string FormatStatus(const nlohmann::json& status) {
   const nlohmann::json& remote = status.at("remote_store");
   if (!remote.is_null()) {
     std::snprintf(line, sizeof(line),
-                  "peers:       %llu pages in %s of superpages on %zu peer(s) (see memlend peers)\n",
+                  "peers:       %llu pages in %s of superpages, %llu clean pages cached, on %zu "
+                  "peer(s) (see memlend peers)\n",
                   static_cast<unsigned long long>(U64(remote, "pages")),
-                  FormatSize(U64(remote, "used_bytes")).c_str(), status.at("peers").size());
+                  FormatSize(U64(remote, "used_bytes")).c_str(),
+                  static_cast<unsigned long long>(remote.value("cached_pages", std::uint64_t{0})),
+                  status.at("peers").size());
     text += line;
   }
 
@@ -65,19 +68,20 @@ std::string FormatStatus(const nlohmann::json& status) {
     text += line;
   }
 
-  std::snprintf(line, sizeof(line), "\n%-20s %10s %10s %10s %10s %10s %10s\n", "DEVICE", "SIZE",
-                "MAPPED", "ZERO", "LOCAL", "REMOTE", "DISK");
+  std::snprintf(line, sizeof(line), "\n%-20s %10s %10s %10s %10s %10s %10s %10s %-8s\n", "DEVICE",
+                "SIZE", "MAPPED", "ZERO", "LOCAL", "REMOTE", "DISK", "CACHED", "PROTOCOL");
   text += line;
   for (const nlohmann::json& device : status.at("devices")) {
     const nlohmann::json& pages = device.at("pages");
     auto count = [&](const char* key) { return static_cast<unsigned long long>(U64(pages, key)); };
-    std::snprintf(line, sizeof(line), "%-20s %10s %10llu %10llu %10llu %10llu %10llu\n",
+    std::snprintf(line, sizeof(line), "%-20s %10s %10llu %10llu %10llu %10llu %10llu %10llu %-8s\n",
                   device.at("name").get<std::string>().c_str(),
                   FormatSize(U64(device, "size_bytes")).c_str(), count("mapped"), count("zero"),
-                  count("local"), count("remote"), count("disk"));
+                  count("local"), count("remote"), count("disk"), count("cached"),
+                  device.value("protocol", "auto").c_str());
     text += line;
   }
-  text += "(page counts are 4 KiB pages)\n";
+  text += "(page counts are 4 KiB pages; CACHED: disk pages also cached on a peer)\n";
   return text;
 }
 
@@ -86,8 +90,8 @@ std::string FormatPeers(const nlohmann::json& reply) {
   if (peers.empty()) return "no peers (start the daemon with --peer HOST:PORT to borrow)\n";
   std::string text;
   char line[512];
-  std::snprintf(line, sizeof(line), "%-16s %-24s %-9s %10s %10s %10s %8s\n", "NODE", "ADDRESS",
-                "STATE", "POOL", "FREE", "PAGES", "RTT");
+  std::snprintf(line, sizeof(line), "%-16s %-24s %-9s %10s %10s %10s %10s %8s\n", "NODE",
+                "ADDRESS", "STATE", "POOL", "FREE", "PAGES", "CACHED", "RTT");
   text += line;
   for (const nlohmann::json& peer : peers) {
     const std::string state = peer.at("state").get<std::string>();
@@ -96,12 +100,14 @@ std::string FormatPeers(const nlohmann::json& reply) {
       std::snprintf(rtt, sizeof(rtt), "%llu us",
                     static_cast<unsigned long long>(U64(peer, "rtt_us")));
     }
-    std::snprintf(line, sizeof(line), "%-16s %-24s %-9s %10s %10s %10llu %8s\n",
+    std::snprintf(line, sizeof(line), "%-16s %-24s %-9s %10s %10s %10llu %10llu %8s\n",
                   peer.at("node_id").get<std::string>().c_str(),
                   peer.at("address").get<std::string>().c_str(), state.c_str(),
                   FormatSize(U64(peer, "pool_total_bytes")).c_str(),
                   FormatSize(U64(peer, "pool_free_bytes")).c_str(),
-                  static_cast<unsigned long long>(U64(peer, "pages_stored")), rtt);
+                  static_cast<unsigned long long>(U64(peer, "pages_stored")),
+                  static_cast<unsigned long long>(peer.value("pages_cached", std::uint64_t{0})),
+                  rtt);
     text += line;
     const std::string error = peer.value("error", "");
     if (!error.empty() && state != "up") text += "    " + error + "\n";
@@ -110,7 +116,7 @@ std::string FormatPeers(const nlohmann::json& reply) {
               " pages were lost when it went down (reads of them fail with EIO until rewritten)\n";
     }
   }
-  text += "(PAGES: 4 KiB pages this host keeps on the peer)\n";
+  text += "(PAGES: 4 KiB pages this host keeps on the peer; CACHED: clean pages it caches there)\n";
   return text;
 }
 

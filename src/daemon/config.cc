@@ -44,19 +44,30 @@ bool ValidName(std::string_view name) {
 }  // namespace
 
 std::optional<DeviceSpec> ParseDeviceSpec(std::string_view text, std::string* error) {
-  const std::size_t colon = text.rfind(':');
+  const std::size_t colon = text.find(':');
   if (colon == std::string_view::npos) {
     *error = "--device " + Quote(text) + ": expected NAME:SIZE, e.g. swap0:4G";
     return std::nullopt;
   }
   DeviceSpec spec;
   spec.name = std::string(text.substr(0, colon));
+  std::string_view size_text = text.substr(colon + 1);
+  if (const std::size_t second = size_text.find(':'); second != std::string_view::npos) {
+    const std::string_view protocol = size_text.substr(second + 1);
+    size_text = size_text.substr(0, second);
+    if (protocol == "passive") {
+      spec.cache_clean_pages = false;
+    } else if (protocol != "auto") {
+      *error = "--device " + Quote(text) + ": unknown protocol " + Quote(protocol) +
+               " (expected auto or passive)";
+      return std::nullopt;
+    }
+  }
   if (!ValidName(spec.name)) {
     *error = "--device " + Quote(text) +
              ": the name must be 1 to 64 characters of letters, digits, '.', '_' or '-'";
     return std::nullopt;
   }
-  const std::string_view size_text = text.substr(colon + 1);
   const std::optional<std::uint64_t> size = ParseSize(size_text);
   if (!size) {
     *error = "--device " + Quote(text) + ": " + Quote(size_text) +

@@ -15,6 +15,11 @@ namespace memlend {
 struct DeviceSpec {
   std::string name;
   std::uint64_t size_bytes = 0;
+  // Which remote protocol carries the device's pages (docs/placement.md): "auto" sends
+  // dirty pages through the passive protocol and caches clean pages (those with a valid
+  // disk copy) in the lenders' ephemeral pools through the active protocol; "passive"
+  // uses only the passive protocol, so clean pages are dropped back to their disk copy.
+  bool cache_clean_pages = true;
 };
 
 struct DaemonConfig {
@@ -61,8 +66,9 @@ std::optional<double> ParsePercent(std::string_view text);
 // that names the option and the problem.
 bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string* error);
 
-// Parses NAME:SIZE. Names are 1-64 characters of [A-Za-z0-9._-]; SIZE is a positive
-// multiple of 4 KiB. On failure returns nullopt and sets *error.
+// Parses NAME:SIZE[:PROTOCOL]. Names are 1-64 characters of [A-Za-z0-9._-]; SIZE is a
+// positive multiple of 4 KiB; PROTOCOL is auto (the default) or passive. On failure
+// returns nullopt and sets *error.
 std::optional<DeviceSpec> ParseDeviceSpec(std::string_view text, std::string* error);
 
 // The control socket path used when --control is not given: $MEMLEND_CONTROL if set,

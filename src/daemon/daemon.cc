@@ -27,11 +27,13 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config) {
   if (!config.devices.empty()) {
     auto local = std::make_unique<LocalStore>(config.local_store_bytes, config.compression);
     std::unique_ptr<peer::PeerStore> remote;
+    PageStore* cache = nullptr;
     if (!config.peers.empty()) {
       remote = std::make_unique<peer::PeerStore>(config.node_id);
       for (const Endpoint& endpoint : config.peers) remote->AddPeer(endpoint);
       remote->Refresh();  // connect and learn free space now; unreachable peers retry later
       peers_ = remote.get();
+      cache = &remote->cache();
     }
     std::unique_ptr<DiskStore> disk;
     if (!config.backing_file.empty()) {
@@ -41,9 +43,10 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config) {
     options.high_watermark = config.high_watermark;
     options.low_watermark = config.low_watermark;
     tiers_ = std::make_unique<Tiering>(std::move(local), std::move(remote), std::move(disk),
-                                       options);
+                                       options, cache);
     for (const DeviceSpec& spec : config.devices) {
-      devices_.Add(std::make_shared<Device>(spec.name, spec.size_bytes, *tiers_));
+      devices_.Add(std::make_shared<Device>(spec.name, spec.size_bytes, *tiers_,
+                                            spec.cache_clean_pages));
     }
     nbd_ = std::make_unique<nbd::NbdServer>(config.nbd, devices_,
                                             std::chrono::microseconds(config.busy_poll_us));
@@ -136,6 +139,7 @@ nlohmann::json Daemon::PeersJson() const {
                        {"pool_total_bytes", info.pool_total_bytes},
                        {"pool_free_bytes", info.pool_free_bytes},
                        {"pages_stored", info.pages_stored},
+                       {"pages_cached", info.pages_cached},
                        {"superpages_held", info.superpages_held},
                        {"pages_lost", info.pages_lost},
                        {"rtt_us", info.rtt_us},
@@ -156,6 +160,7 @@ nlohmann::json Daemon::Status() const {
   const peer::LendingStats lending = lender_ ? lender_->Stats() : peer::LendingStats{};
   status["lending"] = {{"total_bytes", lending.total_bytes},
                        {"used_bytes", lending.used_bytes},
+                       {"ephemeral_bytes", lending.ephemeral_bytes},
                        {"borrowers", lending.borrowers}};
   if (!tiers_) return status;
 
@@ -163,13 +168,16 @@ nlohmann::json Daemon::Status() const {
     const DevicePageCounts counts = device->Counts();
     status["devices"].push_back({{"name", device->name()},
                                  {"size_bytes", device->size_bytes()},
+                                 {"protocol", device->cache_clean_pages() ? "auto" : "passive"},
                                  {"pages",
                                   {{"total", counts.total},
                                    {"mapped", counts.mapped()},
                                    {"zero", counts.zero},
                                    {"local", counts.local},
                                    {"disk", counts.disk},
-                                   {"remote", counts.remote}}}});
+                                   {"remote", counts.remote},
+                                   {"cached", counts.cached},
+                                   {"clean", counts.clean}}}});
   }
   const StoreStats local = tiers_->local().Stats();
   const double ratio = local.used_bytes == 0
@@ -185,8 +193,10 @@ nlohmann::json Daemon::Status() const {
       {"evicted_pages", tiers_->evicted_pages()}};
   if (const PageStore* remote = tiers_->remote()) {
     const StoreStats stats = remote->Stats();
+    const StoreStats cached = tiers_->cache() ? tiers_->cache()->Stats() : StoreStats{};
     status["remote_store"] = {{"pages", stats.pages},
                               {"lost_pages", peers_ ? peers_->lost_pages() : 0},
+                              {"cached_pages", cached.pages},
                               {"used_bytes", stats.used_bytes},
                               {"total_bytes", stats.total_bytes}};
   }

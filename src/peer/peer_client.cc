@@ -6,6 +6,7 @@
 
 #include <cassert>
 #include <cerrno>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -20,16 +21,50 @@ void SetReceiveTimeout(int fd, std::chrono::milliseconds timeout) {
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 }
 
-// Reads and drops `length` payload bytes. Returns false if the stream failed.
-bool SkipPayload(int fd, std::uint32_t length) {
-  std::byte scratch[4096];
-  while (length > 0) {
-    const std::uint32_t chunk = std::min<std::uint32_t>(length, sizeof(scratch));
-    if (ReadFull(fd, scratch, chunk) != 0) return false;
-    length -= chunk;
+// Reads a stream socket through a buffer, so that a burst of small replies costs one
+// system call rather than two per reply. Large payloads bypass the buffer.
+class StreamReader {
+ public:
+  explicit StreamReader(int fd) : fd_(fd), buffer_(kCapacity) {}
+
+  // Fills `out` with the next out.size() bytes. Returns false at end of stream or on error.
+  bool Read(std::span<std::byte> out) {
+    std::size_t have = std::min(out.size(), end_ - begin_);
+    std::memcpy(out.data(), buffer_.data() + begin_, have);
+    begin_ += have;
+    if (have == out.size()) return true;
+    begin_ = end_ = 0;  // the buffer is empty
+    const std::span<std::byte> rest = out.subspan(have);
+    if (rest.size() >= kCapacity / 4) return ReadFull(fd_, rest.data(), rest.size()) == 0;
+    while (end_ < rest.size()) {
+      const ssize_t got = ::recv(fd_, buffer_.data() + end_, kCapacity - end_, 0);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) return false;
+      end_ += static_cast<std::size_t>(got);
+    }
+    std::memcpy(rest.data(), buffer_.data(), rest.size());
+    begin_ = rest.size();
+    return true;
   }
-  return true;
-}
+
+  // Reads and drops `length` bytes.
+  bool Skip(std::uint32_t length) {
+    std::byte scratch[4096];
+    while (length > 0) {
+      const std::uint32_t chunk = std::min<std::uint32_t>(length, sizeof(scratch));
+      if (!Read(std::span(scratch, chunk))) return false;
+      length -= chunk;
+    }
+    return true;
+  }
+
+ private:
+  static constexpr std::size_t kCapacity = 256 * 1024;
+  const int fd_;
+  std::vector<std::byte> buffer_;
+  std::size_t begin_ = 0;  // unread bytes are [begin_, end_)
+  std::size_t end_ = 0;
+};
 
 // Sends all of `parts` as one message, retrying short writes. Returns 0 or -errno.
 int SendParts(int fd, iovec* parts, int count) noexcept {
@@ -68,7 +103,7 @@ PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHa
   // HELLO, synchronously, before the reader thread exists.
   SetReceiveTimeout(fd_.get(), timeout);
   std::byte request[sizeof(Header) + sizeof(HelloBody)];
-  const HelloBody hello{node_id, 0, kSuperpageBytes, kCapPassive};
+  const HelloBody hello{node_id, 0, kSuperpageBytes, kCapPassive | kCapActive};
   EncodeHeader(MessageType::kHello, false, 0, Status::kOk, 0, sizeof(HelloBody),
                std::span<std::byte, sizeof(Header)>(request, sizeof(Header)));
   EncodeBody(hello, request + sizeof(Header));
@@ -160,25 +195,34 @@ std::uint64_t PeerClient::Register(Pending* pending) noexcept {
 
 void PeerClient::Batch::AddRead(std::uint32_t sid, std::uint32_t offset,
                                 Pending* pending) noexcept {
-  Add(MessageType::kRead, RangeBody{sid, offset, static_cast<std::uint32_t>(pending->out.size()), 0},
-      {}, pending);
+  const RangeBody body{sid, offset, static_cast<std::uint32_t>(pending->out.size()), 0};
+  Add(MessageType::kRead, 0, &body, {}, pending);
 }
 
 void PeerClient::Batch::AddWrite(std::uint32_t sid, std::uint32_t offset,
                                  std::span<const std::byte> data, Pending* pending) noexcept {
-  Add(MessageType::kWrite, RangeBody{sid, offset, static_cast<std::uint32_t>(data.size()), 0},
-      data, pending);
+  const RangeBody body{sid, offset, static_cast<std::uint32_t>(data.size()), 0};
+  Add(MessageType::kWrite, 0, &body, data, pending);
 }
 
-void PeerClient::Batch::Add(MessageType type, const RangeBody& body,
+void PeerClient::Batch::AddPut(const HandleBody& handle, std::uint32_t flags,
+                               std::span<const std::byte> page, Pending* pending) noexcept {
+  Add(MessageType::kPut, flags, &handle, page, pending);
+}
+
+void PeerClient::Batch::AddGet(const HandleBody& handle, Pending* pending) noexcept {
+  Add(MessageType::kGet, 0, &handle, {}, pending);
+}
+
+void PeerClient::Batch::Add(MessageType type, std::uint32_t flags, const void* body,
                             std::span<const std::byte> data, Pending* pending) noexcept {
   assert(count_ < kMaxRequests);
   const std::uint64_t tag = client_.Register(pending);
   if (tag == 0) return;
   Wire& wire = wire_[count_];
-  EncodeHeader(type, false, 0, Status::kOk, tag,
-               static_cast<std::uint32_t>(sizeof(RangeBody) + data.size()), wire.header);
-  wire.body = body;
+  EncodeHeader(type, false, flags, Status::kOk, tag,
+               static_cast<std::uint32_t>(kBodyBytes + data.size()), wire.header);
+  std::memcpy(wire.body, body, kBodyBytes);
   data_[count_] = data;
   ++count_;
 }
@@ -188,7 +232,7 @@ void PeerClient::Batch::Send() noexcept {
   iovec parts[2 * kMaxRequests];
   int used = 0;
   for (std::size_t i = 0; i < count_; ++i) {
-    static_assert(sizeof(Wire) == sizeof(Header) + sizeof(RangeBody));
+    static_assert(sizeof(Wire) == sizeof(Header) + kBodyBytes);
     parts[used++] = {&wire_[i], sizeof(Wire)};
     if (!data_[i].empty()) {
       parts[used++] = {const_cast<std::byte*>(data_[i].data()), data_[i].size()};
@@ -231,9 +275,10 @@ int PeerClient::Submit(MessageType type, std::uint32_t flags, std::span<const st
 
 void PeerClient::ReaderLoop() {
   std::vector<std::byte> notice;
+  StreamReader stream(fd_.get());
   for (;;) {
     std::byte wire[sizeof(Header)];
-    if (ReadFull(fd_.get(), wire, sizeof(wire)) != 0) break;
+    if (!stream.Read(wire)) break;
     Message message;
     if (DecodeHeader(wire, &message) != HeaderCheck::kOk) {
       LogError("peer %s: malformed message, disconnecting", endpoint_.ToString().c_str());
@@ -241,7 +286,7 @@ void PeerClient::ReaderLoop() {
     }
     if (!message.reply) {
       notice.resize(message.payload_bytes);
-      if (!notice.empty() && ReadFull(fd_.get(), notice.data(), notice.size()) != 0) break;
+      if (!stream.Read(notice)) break;
       if (on_notice_) on_notice_(message, notice);
       continue;
     }
@@ -255,18 +300,17 @@ void PeerClient::ReaderLoop() {
       }
     }
     if (pending == nullptr) {  // a reply nobody waits for: drop it
-      if (!SkipPayload(fd_.get(), message.payload_bytes)) break;
+      if (!stream.Skip(message.payload_bytes)) break;
       continue;
     }
     int result = StatusToErrno(message.status);
     bool stream_ok = true;
     if (result == 0 && message.payload_bytes == pending->out.size()) {
-      stream_ok = pending->out.empty() ||
-                  ReadFull(fd_.get(), pending->out.data(), pending->out.size()) == 0;
+      stream_ok = stream.Read(pending->out);
       if (!stream_ok) result = -ENOTCONN;
     } else {
       if (result == 0) result = -EPROTO;  // the reply has the wrong size
-      stream_ok = SkipPayload(fd_.get(), message.payload_bytes);
+      stream_ok = stream.Skip(message.payload_bytes);
     }
     pending->result = result;
     pending->done.store(true, std::memory_order_release);
@@ -325,6 +369,34 @@ int PeerClient::Read(std::uint32_t sid, std::uint32_t offset, std::span<std::byt
   const RangeBody body{sid, offset, static_cast<std::uint32_t>(out.size()), 0};
   return Call(MessageType::kRead, 0, std::as_bytes(std::span<const RangeBody, 1>(&body, 1)), {},
               out);
+}
+
+int PeerClient::Put(const HandleBody& handle, std::uint32_t flags,
+                    std::span<const std::byte> page) noexcept {
+  return Call(MessageType::kPut, flags, std::as_bytes(std::span<const HandleBody, 1>(&handle, 1)),
+              page, {});
+}
+
+int PeerClient::Get(const HandleBody& handle, std::span<std::byte> out) noexcept {
+  return Call(MessageType::kGet, 0, std::as_bytes(std::span<const HandleBody, 1>(&handle, 1)), {},
+              out);
+}
+
+int PeerClient::FlushNoReply(const HandleBody& handle) noexcept {
+  if (!connected()) return -ENOTCONN;
+  // Tag 0 is never registered, so the reader thread drops the reply.
+  std::byte wire[sizeof(Header) + sizeof(HandleBody)];
+  EncodeHeader(MessageType::kFlush, false, 0, Status::kOk, 0, sizeof(HandleBody),
+               std::span<std::byte, sizeof(Header)>(wire, sizeof(Header)));
+  EncodeBody(handle, wire + sizeof(Header));
+  iovec part{wire, sizeof(wire)};
+  int rc;
+  {
+    std::lock_guard lock(send_mu_);
+    rc = SendParts(fd_.get(), &part, 1);
+  }
+  if (rc != 0) ::shutdown(fd_.get(), SHUT_RDWR);
+  return rc == 0 ? 0 : -ENOTCONN;
 }
 
 }  // namespace memlend::peer

@@ -46,6 +46,14 @@ class PeerClient {
   int FreeSuperpage(std::uint32_t sid) noexcept;
   int Write(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data) noexcept;
   int Read(std::uint32_t sid, std::uint32_t offset, std::span<std::byte> out) noexcept;
+  // Active protocol: PUT stores one page under `handle` (kPutEphemeral in `flags` for an
+  // ephemeral pool); GET returns -ENOENT on a miss.
+  int Put(const HandleBody& handle, std::uint32_t flags, std::span<const std::byte> page) noexcept;
+  int Get(const HandleBody& handle, std::span<std::byte> out) noexcept;
+  // Sends FLUSH without waiting for (or wanting) its reply: the lender answers every FLUSH
+  // with ok, and this connection's later requests are served after it. Returns 0, or
+  // -ENOTCONN when the connection is gone (and so is the page).
+  int FlushNoReply(const HandleBody& handle) noexcept;
 
   // Pipelined reads: Submit sends a READ and returns at once; Wait blocks until its reply
   // is in `out` and returns 0 or -errno. Every successful Submit must be Waited for
@@ -82,18 +90,24 @@ class PeerClient {
     void AddRead(std::uint32_t sid, std::uint32_t offset, Pending* pending) noexcept;
     void AddWrite(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data,
                   Pending* pending) noexcept;
+    void AddPut(const HandleBody& handle, std::uint32_t flags, std::span<const std::byte> page,
+                Pending* pending) noexcept;
+    void AddGet(const HandleBody& handle, Pending* pending) noexcept;
     // Sends everything added so far.
     void Send() noexcept;
 
    private:
-    void Add(MessageType type, const RangeBody& body, std::span<const std::byte> data,
-             Pending* pending) noexcept;
+    // Every request a batch carries has a 16-byte body (RangeBody or HandleBody).
+    static constexpr std::size_t kBodyBytes = 16;
+    static_assert(sizeof(RangeBody) == kBodyBytes && sizeof(HandleBody) == kBodyBytes);
+    void Add(MessageType type, std::uint32_t flags, const void* body,
+             std::span<const std::byte> data, Pending* pending) noexcept;
 
     PeerClient& client_;
     std::size_t count_ = 0;
     struct Wire {
       std::byte header[sizeof(Header)];
-      RangeBody body;
+      std::byte body[kBodyBytes];
     } wire_[kMaxRequests];
     std::span<const std::byte> data_[kMaxRequests];
   };

@@ -34,6 +34,28 @@ unsigned GenerationOf(Slot slot) {
   return static_cast<unsigned>(slot >> kGenerationShift) & kGenerationMask;
 }
 
+// Cache slots: generation | peer | key, the key taking the bits a passive slot gives to
+// SID and page index.
+constexpr unsigned kKeyBits = kIndexBits + kSidBits;
+constexpr std::uint64_t kKeyMask = (std::uint64_t{1} << kKeyBits) - 1;
+constexpr std::uint32_t kCachePool = 1;  // the one ephemeral pool of each session
+
+Slot MakeCacheSlot(std::size_t peer, unsigned generation, std::uint64_t key) {
+  return Slot{generation & kGenerationMask} << kGenerationShift | Slot{peer} << kKeyBits |
+         (key & kKeyMask);
+}
+std::size_t PeerOf(Slot slot) { return static_cast<std::size_t>((slot >> kKeyBits) & 0xff); }
+HandleBody CacheHandle(std::uint64_t key) { return HandleBody{kCachePool, 0, key}; }
+
+// Completes a request that was never sent, so that waiting for it returns `error` at once.
+void CompleteNow(PeerClient::Pending& pending, int error) {
+  pending.result = error;
+  pending.done.store(true, std::memory_order_release);
+}
+
+// Batched calls keep at most this many requests in flight.
+constexpr std::size_t kWindow = 64;
+
 std::uint64_t Mix(std::uint64_t x) {
   x ^= x >> 33;
   x *= 0xff51afd7ed558ccdull;
@@ -84,7 +106,11 @@ void PeerStore::ConnectLocked(Peer& peer) {
   if (peer.client && peer.client->connected()) return;
   if (peer.client) MarkDown(peer, "connection lost");
   try {
-    peer.client = std::make_shared<PeerClient>(peer.endpoint, node_id_, nullptr);
+    peer.client = std::make_shared<PeerClient>(
+        peer.endpoint, node_id_,
+        [this, &peer](const Message& notice, std::span<const std::byte> payload) {
+          OnNotice(peer, notice, payload);
+        });
     // A new session: slots of an earlier one must never name this session's superpages
     // (a restarted lender reuses SIDs), so they carry the session's generation.
     peer.generation.store((peer.generation.load(std::memory_order_relaxed) + 1) & kGenerationMask,
@@ -112,6 +138,11 @@ void PeerStore::MarkDown(Peer& peer, const std::string& why) {
                         std::memory_order_release);
   peer.pages.store(0, std::memory_order_relaxed);
   peer.free_pages.store(0, std::memory_order_relaxed);
+  {
+    // Cached pages went with the session too; they have copies elsewhere, so none is lost.
+    std::lock_guard cache_lock(peer.cache_mu);
+    peer.cached.clear();
+  }
   if (peer.last_error != why) {
     LogError("peer %s is down: %s", peer.endpoint.ToString().c_str(), why.c_str());
   }
@@ -243,8 +274,15 @@ void PeerStore::ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) 
     peer.superpages.erase(it);
     client = peer.client;
   }
-  // The superpage is empty: give it back so the lender's count drops.
-  if (client) client->FreeSuperpage(sid);
+  // The superpage is empty: give it back so the lender's count drops. The lender has room
+  // for a superpage now, whatever it said before; don't wait for the next QUERY to use it.
+  if (client && client->FreeSuperpage(sid) == 0) {
+    std::lock_guard lock(peer.mu);
+    if (peer.client == client) {
+      peer.refusing = false;
+      peer.free_pages.fetch_add(kPagesPerSuperpage, std::memory_order_relaxed);
+    }
+  }
 }
 
 int PeerStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept {
@@ -294,7 +332,6 @@ int PeerStore::Read(Slot slot, PageSpan out) noexcept {
 
 void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
                           std::span<int> results) noexcept {
-  constexpr std::size_t kWindow = 64;  // requests in flight per call
   for (std::size_t base = 0; base < slots.size(); base += kWindow) {
     const std::size_t count = std::min(kWindow, slots.size() - base);
     PeerClient::Pending pending[kWindow];
@@ -322,8 +359,7 @@ void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* cons
         if (batch && current[i]) {
           batch->AddRead(sids[i], indexes[i] * kPageBytes, &pending[i]);
         } else {
-          pending[i].result = -EIO;
-          pending[i].done.store(true, std::memory_order_release);
+          CompleteNow(pending[i], -EIO);
         }
       }
     });  // each batch is sent as it goes out of scope
@@ -336,7 +372,6 @@ void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* cons
 void PeerStore::WriteBatch(std::span<const std::byte* const> pages,
                            std::span<const std::uint64_t> hints, std::span<Slot> slots,
                            std::span<int> results) noexcept {
-  constexpr std::size_t kWindow = 64;  // requests in flight per call
   for (std::size_t base = 0; base < pages.size(); base += kWindow) {
     const std::size_t count = std::min(kWindow, pages.size() - base);
     PeerClient::Pending pending[kWindow];
@@ -352,8 +387,7 @@ void PeerStore::WriteBatch(std::span<const std::byte* const> pages,
                                                  &sids[i], &indexes[i], &generations[i]);
       if (rc != 0) {
         chosen[i] = -1;
-        pending[i].result = -ENOSPC;
-        pending[i].done.store(true, std::memory_order_release);
+        CompleteNow(pending[i], -ENOSPC);
       }
       // Pages with no peer form a group of their own (index kMaxPeers) that sends nothing.
       peer_of[i] = chosen[i] < 0 ? kMaxPeers : static_cast<std::size_t>(chosen[i]);
@@ -368,8 +402,7 @@ void PeerStore::WriteBatch(std::span<const std::byte* const> pages,
           batch->AddWrite(sids[i], indexes[i] * kPageBytes,
                           std::span<const std::byte>(pages[base + i], kPageSize), &pending[i]);
         } else {
-          pending[i].result = -ENOTCONN;
-          pending[i].done.store(true, std::memory_order_release);
+          CompleteNow(pending[i], -ENOTCONN);
         }
       }
     });
@@ -489,12 +522,142 @@ std::vector<PeerInfo> PeerStore::Peers() const {
       info.pool_free_bytes = peer->free_pages.load(std::memory_order_relaxed) * kPageBytes;
     }
     info.pages_stored = peer->pages.load(std::memory_order_relaxed);
+    {
+      std::lock_guard cache_lock(peer->cache_mu);
+      info.pages_cached = peer->cached.size();
+    }
     info.superpages_held = peer->superpages.size();
     info.pages_lost = peer->lost.load(std::memory_order_relaxed);
     info.last_error = peer->last_error;
     all.push_back(std::move(info));
   }
   return all;
+}
+
+void PeerStore::OnNotice(Peer& peer, const Message& notice,
+                         std::span<const std::byte> payload) noexcept {
+  HandleBody handle{};
+  if (notice.type == MessageType::kEvicted && DecodeBody(payload, &handle) &&
+      handle.pool == kCachePool) {
+    // The lender dropped a cached page. The device still names its slot; reading it will
+    // miss and fall back to the page's other copy.
+    std::lock_guard lock(peer.cache_mu);
+    peer.cached.erase(handle.object);
+  }
+  // RECLAIM and SHUTDOWN: moving pages off a leaving lender is a later capability; a
+  // lender that leaves is handled as one that went down.
+}
+
+void PeerStore::CacheWriteBatch(std::span<const std::byte* const> pages,
+                                std::span<const std::uint64_t> hints, std::span<Slot> slots,
+                                std::span<int> results) noexcept {
+  for (std::size_t base = 0; base < pages.size(); base += kWindow) {
+    const std::size_t count = std::min(kWindow, pages.size() - base);
+    PeerClient::Pending pending[kWindow];
+    std::size_t peer_of[kWindow];
+    std::uint64_t keys[kWindow];
+    unsigned generations[kWindow];
+    for (std::size_t i = 0; i < count; ++i) {
+      const int chosen = PickPeer(hints[base + i]);
+      peer_of[i] = chosen < 0 ? kMaxPeers : static_cast<std::size_t>(chosen);
+      if (chosen < 0) {
+        CompleteNow(pending[i], -ENOSPC);
+        continue;
+      }
+      Peer& peer = *peers_[peer_of[i]];
+      generations[i] = peer.generation.load(std::memory_order_acquire);
+      // The key is recorded before the PUT goes out, so an EVICTED notice that overtakes
+      // the reply still finds it.
+      std::lock_guard lock(peer.cache_mu);
+      keys[i] = peer.next_key++ & kKeyMask;
+      try {
+        peer.cached.insert(keys[i]);
+      } catch (const std::bad_alloc&) {
+        peer_of[i] = kMaxPeers;
+        CompleteNow(pending[i], -ENOSPC);
+      }
+    }
+    HandleBody handles[kWindow];
+    ForEachPeerGroup(peer_of, count, [&](std::size_t peer, std::span<const std::size_t> group) {
+      if (peer == kMaxPeers) return;
+      std::shared_ptr<PeerClient> client = ClientOf(*peers_[peer]);
+      std::optional<PeerClient::Batch> batch;
+      if (client) batch.emplace(*client);
+      for (const std::size_t i : group) {
+        handles[i] = CacheHandle(keys[i]);
+        if (batch) {
+          batch->AddPut(handles[i], kPutEphemeral,
+                        std::span<const std::byte>(pages[base + i], kPageSize), &pending[i]);
+        } else {
+          CompleteNow(pending[i], -ENOTCONN);
+        }
+      }
+    });
+    for (std::size_t i = 0; i < count; ++i) {
+      const int rc = PeerClient::Wait(&pending[i]);
+      if (rc == 0) {
+        slots[base + i] = MakeCacheSlot(peer_of[i], generations[i], keys[i]);
+      } else if (peer_of[i] != kMaxPeers) {
+        Peer& peer = *peers_[peer_of[i]];
+        std::lock_guard lock(peer.cache_mu);
+        peer.cached.erase(keys[i]);
+      }
+      results[base + i] = rc == 0 ? 0 : -ENOSPC;
+    }
+  }
+}
+
+int PeerStore::Cache::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept {
+  const std::byte* pages[1] = {page.data()};
+  int result = 0;
+  store_.CacheWriteBatch(pages, std::span(&hint, 1), std::span(slot, 1), std::span(&result, 1));
+  return result;
+}
+
+PeerStore::CacheEntry PeerStore::FindCached(Slot slot) const noexcept {
+  const std::size_t peer_index = PeerOf(slot);
+  assert(peer_index < peers_.size());
+  Peer& peer = *peers_[peer_index];
+  CacheEntry entry{&peer, slot & kKeyMask, nullptr, false};
+  std::lock_guard lock(peer.mu);
+  entry.current = GenerationOf(slot) == peer.generation.load(std::memory_order_relaxed);
+  if (entry.current) entry.client = peer.client;
+  return entry;
+}
+
+int PeerStore::CacheRead(Slot slot, PageSpan out) noexcept {
+  const CacheEntry entry = FindCached(slot);
+  if (!entry.current) return -ENOENT;  // the session that held it has ended
+  {
+    std::lock_guard lock(entry.peer->cache_mu);
+    if (!entry.peer->cached.contains(entry.key)) return -ENOENT;  // evicted: no need to ask
+  }
+  if (!entry.client || entry.client->Get(CacheHandle(entry.key), out) != 0) {
+    std::lock_guard lock(entry.peer->cache_mu);
+    entry.peer->cached.erase(entry.key);
+    return -ENOENT;
+  }
+  return 0;
+}
+
+void PeerStore::CacheDiscard(Slot slot) noexcept {
+  const CacheEntry entry = FindCached(slot);
+  if (!entry.current) return;
+  {
+    std::lock_guard lock(entry.peer->cache_mu);
+    if (entry.peer->cached.erase(entry.key) == 0) return;  // the lender dropped it already
+  }
+  if (entry.client) entry.client->FlushNoReply(CacheHandle(entry.key));
+}
+
+StoreStats PeerStore::Cache::Stats() const noexcept {
+  StoreStats stats;
+  for (const auto& peer : store_.peers_) {
+    std::lock_guard lock(peer->cache_mu);
+    stats.pages += peer->cached.size();
+  }
+  stats.used_bytes = stats.pages * kPageSize;
+  return stats;
 }
 
 }  // namespace memlend::peer

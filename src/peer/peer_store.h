@@ -16,6 +16,13 @@
 // within the superpage. The generation makes a slot from a session that ended (say, a
 // lender that restarted and hands out the same SIDs again) read as lost, not as another
 // page's bytes.
+//
+// The PeerStore also offers a cache (cache()) in the lenders' ephemeral pools, reached
+// through the remote active protocol: a page goes in with PUT (flag EPHEMERAL) under
+// handle (pool 1, object = a key unique per peer, index 0), comes back with GET, and
+// leaves with FLUSH. A lender may refuse the PUT or drop the page later (it then sends
+// EVICTED), so a cache read may miss: only pages that have another valid copy (on disk)
+// belong there. Cache slots: generation << 49 | peer index << 41 | key.
 #pragma once
 
 #include <atomic>
@@ -24,6 +31,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "memlend/page_store.h"
@@ -36,6 +44,7 @@ const char* PeerStateName(PeerState state);
 
 struct PeerInfo {
   std::string address;
+  std::uint64_t pages_cached = 0;      // clean pages this host caches there (ephemeral)
   PeerState state = PeerState::kDown;
   std::uint64_t node_id = 0;
   std::uint64_t pool_total_bytes = 0;
@@ -79,6 +88,11 @@ class PeerStore final : public PageStore {
   // the sum of the peers' pools.
   StoreStats Stats() const noexcept override;
 
+  // The ephemeral cache on the same peers, as a PageStore whose Read returns -ENOENT when
+  // the page is gone (the lender dropped it, or the peer is down) and whose Write returns
+  // -ENOSPC when no lender takes it. Lives as long as this PeerStore.
+  PageStore& cache() { return cache_; }
+
   std::vector<PeerInfo> Peers() const;
   // Pages lost with peers that went down and not yet overwritten or trimmed: a device
   // still counts them as remote, and reading them fails with EIO.
@@ -90,6 +104,24 @@ class PeerStore final : public PageStore {
     std::uint64_t used_mask[kPagesPerSuperpage / 64] = {};
     std::uint32_t used = 0;
   };
+  // The cache() view: forwards to the Cache* methods below.
+  class Cache final : public PageStore {
+   public:
+    explicit Cache(PeerStore& store) : store_(store) {}
+    int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override;
+    int Read(Slot slot, PageSpan out) noexcept override { return store_.CacheRead(slot, out); }
+    void WriteBatch(std::span<const std::byte* const> pages, std::span<const std::uint64_t> hints,
+                    std::span<Slot> slots, std::span<int> results) noexcept override {
+      store_.CacheWriteBatch(pages, hints, slots, results);
+    }
+    void Discard(Slot slot) noexcept override { store_.CacheDiscard(slot); }
+    // pages: pages cached on all peers; used_bytes: pages * 4 KiB; total_bytes: 0.
+    StoreStats Stats() const noexcept override;
+
+   private:
+    PeerStore& store_;
+  };
+
   struct Peer {
     Endpoint endpoint;
     mutable std::mutex mu;
@@ -108,7 +140,32 @@ class PeerStore final : public PageStore {
     std::atomic<std::uint64_t> pages{0};
     std::atomic<std::uint64_t> lost{0};   // pages of ended sessions still named by devices
     std::atomic<unsigned> generation{0};  // bumped for each new session (7 bits used)
+
+    // The ephemeral cache. cache_mu is a leaf lock (the client's reader thread takes it
+    // for EVICTED notices, and `mu` may be held while that thread is joined), so nothing
+    // else is locked, or waited for, while it is held.
+    mutable std::mutex cache_mu;
+    std::unordered_set<std::uint64_t> cached;  // guarded by cache_mu: keys stored now
+    std::uint64_t next_key = 1;                // guarded by cache_mu
   };
+
+  // The cache, see cache().
+  void CacheWriteBatch(std::span<const std::byte* const> pages,
+                       std::span<const std::uint64_t> hints, std::span<Slot> slots,
+                       std::span<int> results) noexcept;
+  int CacheRead(Slot slot, PageSpan out) noexcept;
+  // What a cache slot names: its peer, its key, and the client to reach it through (null
+  // when the peer is down); `current` is false when the session that stored it has ended.
+  struct CacheEntry {
+    Peer* peer;
+    std::uint64_t key;
+    std::shared_ptr<PeerClient> client;
+    bool current;
+  };
+  CacheEntry FindCached(Slot slot) const noexcept;
+  void CacheDiscard(Slot slot) noexcept;
+  // Runs on a client's reader thread for each notice it receives from `peer`.
+  void OnNotice(Peer& peer, const Message& notice, std::span<const std::byte> payload) noexcept;
 
   // Connects `peer` if it is down. REQUIRES: peer.mu held.
   void ConnectLocked(Peer& peer);
@@ -130,6 +187,7 @@ class PeerStore final : public PageStore {
   // Constant after the AddPeer calls.
   const std::uint64_t node_id_;
   std::vector<std::unique_ptr<Peer>> peers_;
+  Cache cache_{*this};
 };
 
 }  // namespace memlend::peer

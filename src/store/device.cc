@@ -29,7 +29,7 @@ thread_local const std::mutex* t_held_stripe = nullptr;
 
 // Marks a page as recently used for the CLOCK scan, without dirtying the cache line
 // when it already is.
-void Touch(std::atomic<std::uint64_t>* entry) noexcept {
+void Touch(std::atomic<std::uint64_t>* entry) noexcept {  // the entry's `where`
   const std::uint64_t bits = entry->load(std::memory_order_relaxed);
   if ((bits & Location::kReferencedBit) == 0) {
     entry->store(bits | Location::kReferencedBit, std::memory_order_relaxed);
@@ -55,14 +55,16 @@ class Device::PageLock {
   std::mutex& mu_;
 };
 
-Device::Device(std::string name, std::uint64_t size_bytes, Tiering& tiers)
+Device::Device(std::string name, std::uint64_t size_bytes, Tiering& tiers,
+               bool cache_clean_pages)
     : name_(std::move(name)),
       size_bytes_(size_bytes),
       page_count_(size_bytes / kPageSize),
-      tiers_(tiers) {
+      tiers_(tiers),
+      cache_clean_pages_(cache_clean_pages) {
   assert(size_bytes > 0 && size_bytes % kPageSize == 0);
   const std::uint64_t chunk_count = (page_count_ + kChunkPages - 1) >> kChunkShift;
-  chunks_ = std::make_unique<std::atomic<std::atomic<std::uint64_t>*>[]>(chunk_count);
+  chunks_ = std::make_unique<std::atomic<PageEntry*>[]>(chunk_count);
   for (std::uint64_t i = 0; i < chunk_count; ++i) chunks_[i].store(nullptr);
   tiers_.AddOwner(this);
 }
@@ -71,24 +73,24 @@ Device::~Device() {
   tiers_.RemoveOwner(this);  // waits for any eviction scan of this device to end
   const std::uint64_t chunk_count = (page_count_ + kChunkPages - 1) >> kChunkShift;
   for (std::uint64_t c = 0; c < chunk_count; ++c) {
-    std::atomic<std::uint64_t>* chunk = chunks_[c].load();
+    PageEntry* chunk = chunks_[c].load();
     if (chunk == nullptr) continue;
     for (std::uint64_t i = 0; i < kChunkPages; ++i) {
-      tiers_.Release(Location::FromBits(chunk[i].load(std::memory_order_relaxed)));
+      tiers_.Release(Location::FromBits(chunk[i].where.load(std::memory_order_relaxed)));
+      tiers_.ReleaseCopy(chunk[i].disk_copy);
     }
     delete[] chunk;
   }
 }
 
-std::atomic<std::uint64_t>* Device::Entry(std::uint64_t page, bool create) noexcept {
+Device::PageEntry* Device::Entry(std::uint64_t page, bool create) noexcept {
   assert(page < page_count_);
-  std::atomic<std::atomic<std::uint64_t>*>& slot = chunks_[page >> kChunkShift];
-  std::atomic<std::uint64_t>* chunk = slot.load(std::memory_order_acquire);
+  std::atomic<PageEntry*>& slot = chunks_[page >> kChunkShift];
+  PageEntry* chunk = slot.load(std::memory_order_acquire);
   if (chunk == nullptr) {
     if (!create) return nullptr;
-    auto* fresh = new (std::nothrow) std::atomic<std::uint64_t>[kChunkPages];
+    auto* fresh = new (std::nothrow) PageEntry[kChunkPages];  // all unmapped, no copies
     if (fresh == nullptr) return nullptr;
-    for (std::uint64_t i = 0; i < kChunkPages; ++i) fresh[i].store(0, std::memory_order_relaxed);
     if (slot.compare_exchange_strong(chunk, fresh, std::memory_order_acq_rel)) {
       chunk = fresh;
     } else {
@@ -98,21 +100,54 @@ std::atomic<std::uint64_t>* Device::Entry(std::uint64_t page, bool create) noexc
   return &chunk[page & (kChunkPages - 1)];
 }
 
-void Device::SetLocation(std::atomic<std::uint64_t>* entry, Location from,
-                         Location to) noexcept {
-  entry->store(to.bits(), std::memory_order_relaxed);
+void Device::SetLocation(PageEntry* entry, Location from, Location to,
+                         Slot disk_copy) noexcept {
+  entry->where.store(to.bits(), std::memory_order_relaxed);
+  const bool was_clean = from.tier() == Tier::kLocal && entry->disk_copy != kNoCopy;
+  const bool is_clean = to.tier() == Tier::kLocal && disk_copy != kNoCopy;
+  entry->disk_copy = disk_copy;
+  if (was_clean != is_clean) clean_pages_.fetch_add(is_clean ? 1 : -1, std::memory_order_relaxed);
   if (from.tier() == to.tier()) return;
   tier_pages_[static_cast<int>(from.tier())].fetch_sub(1, std::memory_order_relaxed);
   tier_pages_[static_cast<int>(to.tier())].fetch_add(1, std::memory_order_relaxed);
 }
 
+void Device::ReleaseAndSet(PageEntry* entry, Location to) noexcept {
+  const Location old = Location::FromBits(entry->where.load(std::memory_order_relaxed));
+  tiers_.Release(old);
+  tiers_.ReleaseCopy(entry->disk_copy);
+  SetLocation(entry, old, to);
+}
+
+void Device::MakeDirty(PageEntry* entry) noexcept {
+  if (entry == nullptr || entry->disk_copy == kNoCopy) return;
+  const Location where = Location::FromBits(entry->where.load(std::memory_order_relaxed));
+  if (where.tier() == Tier::kCached) {
+    tiers_.Release(where);  // the cache entry; the disk copy is now the page
+    SetLocation(entry, where, Location(Tier::kDisk, entry->disk_copy));
+  } else {
+    tiers_.ReleaseCopy(entry->disk_copy);
+    SetLocation(entry, where, where);
+  }
+}
+
+int Device::LoadLocked(PageEntry* entry, PageSpan out, Location* where) noexcept {
+  *where = entry ? Location::FromBits(entry->where.load(std::memory_order_relaxed)) : Location();
+  const int rc = tiers_.Load(*where, out);
+  if (rc == 0 || where->tier() != Tier::kCached) return rc;
+  // The lender dropped the cached copy (or is gone): the disk copy is the page.
+  MakeDirty(entry);
+  *where = Location::FromBits(entry->where.load(std::memory_order_relaxed));
+  return tiers_.Load(*where, out);
+}
+
 int Device::StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept {
-  std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/true);
+  PageEntry* entry = Entry(page, /*create=*/true);
   if (entry == nullptr) return -ENOMEM;
-  const Location old = Location::FromBits(entry->load(std::memory_order_relaxed));
+  MakeDirty(entry);
+  const Location old = Location::FromBits(entry->where.load(std::memory_order_relaxed));
   if (IsAllZero(contents.data(), kPageSize)) {
-    tiers_.Release(old);
-    SetLocation(entry, old, Location(Tier::kZero, 0));
+    ReleaseAndSet(entry, Location(Tier::kZero, 0));
     return 0;
   }
   Location placed;
@@ -132,7 +167,7 @@ int Device::Read(std::uint64_t offset, std::span<std::byte> out) noexcept {
     std::byte* dest = out.data() + done;
 
     PageLock lock(LockFor(page));
-    std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
+    PageEntry* entry = Entry(page, /*create=*/false);
     const int rc = ReadPageLocked(page, entry, in_page, count, dest);
     if (rc != 0) return rc;
     done += count;
@@ -140,33 +175,36 @@ int Device::Read(std::uint64_t offset, std::span<std::byte> out) noexcept {
   return 0;
 }
 
-int Device::ReadPageLocked(std::uint64_t page, std::atomic<std::uint64_t>* entry,
-                           std::size_t in_page, std::size_t count, std::byte* dest) noexcept {
-  const Location where =
-      entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
-  if (where.reads_as_zero()) {
+int Device::ReadPageLocked(std::uint64_t page, PageEntry* entry, std::size_t in_page,
+                           std::size_t count, std::byte* dest) noexcept {
+  if (entry == nullptr ||
+      Location::FromBits(entry->where.load(std::memory_order_relaxed)).reads_as_zero()) {
     std::memset(dest, 0, count);
     return 0;
   }
   // A whole page is read straight into the caller's buffer, a partial one via a copy.
   alignas(64) std::byte buffer[kPageSize];
   std::byte* contents = count == kPageSize ? dest : buffer;
-  const int rc = tiers_.Load(where, PageSpan(contents, kPageSize));
+  Location where;
+  const int rc = LoadLocked(entry, PageSpan(contents, kPageSize), &where);
   if (rc != 0) return rc;
   FinishRead(page, entry, where, contents);
   if (contents == buffer) std::memcpy(dest, buffer + in_page, count);
   return 0;
 }
 
-void Device::FinishRead(std::uint64_t page, std::atomic<std::uint64_t>* entry, Location where,
+void Device::FinishRead(std::uint64_t page, PageEntry* entry, Location where,
                         const std::byte* contents) noexcept {
-  if (where.tier() == Tier::kRemote || where.tier() == Tier::kDisk) {
+  if (where.tier() == Tier::kRemote || where.tier() == Tier::kDisk ||
+      where.tier() == Tier::kCached) {
     Location promoted;
-    if (tiers_.MaybePromote(ConstPageSpan(contents, kPageSize), page, where, &promoted)) {
-      SetLocation(entry, where, promoted);
+    Slot disk_copy = kNoCopy;
+    if (tiers_.MaybePromote(ConstPageSpan(contents, kPageSize), page, where, entry->disk_copy,
+                            &promoted, &disk_copy)) {
+      SetLocation(entry, where, promoted, disk_copy);
     }
   }
-  Touch(entry);
+  Touch(&entry->where);
 }
 
 void Device::ReadMany(std::span<ReadRequest> requests) noexcept {
@@ -200,9 +238,9 @@ void Device::ReadMany(std::span<ReadRequest> requests) noexcept {
       const std::size_t count = std::min(kPageSize - in_page, request.out.size() - done);
       std::byte* dest = request.out.data() + done;
       PageLock lock(LockFor(page));
-      std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
+      PageEntry* entry = Entry(page, /*create=*/false);
       const Location where =
-          entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
+          entry ? Location::FromBits(entry->where.load(std::memory_order_relaxed)) : Location();
       if (where.tier() == Tier::kRemote) {
         try {
           deferred.push_back({r, page, where, dest, in_page, count});
@@ -252,8 +290,8 @@ void Device::ReadMany(std::span<ReadRequest> requests) noexcept {
     }
     if (d.count != kPageSize) std::memcpy(d.dest, outs[i] + d.in_page, d.count);
     PageLock lock(LockFor(d.page));
-    std::atomic<std::uint64_t>* entry = Entry(d.page, /*create=*/false);
-    const Location now = Location::FromBits(entry->load(std::memory_order_relaxed));
+    PageEntry* entry = Entry(d.page, /*create=*/false);
+    const Location now = Location::FromBits(entry->where.load(std::memory_order_relaxed));
     if (now.WithReferenced(false).bits() == d.where.WithReferenced(false).bits()) {
       FinishRead(d.page, entry, now, outs[i]);
     }
@@ -276,10 +314,8 @@ int Device::Write(std::uint64_t offset, std::span<const std::byte> data) noexcep
       rc = StorePageLocked(page, ConstPageSpan(source, kPageSize));
     } else {
       alignas(64) std::byte buffer[kPageSize];
-      std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
-      const Location where =
-          entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
-      rc = tiers_.Load(where, PageSpan(buffer));
+      Location where;
+      rc = LoadLocked(Entry(page, /*create=*/false), PageSpan(buffer), &where);
       if (rc == 0) {
         std::memcpy(buffer + in_page, source, count);
         rc = StorePageLocked(page, ConstPageSpan(buffer));
@@ -293,28 +329,27 @@ int Device::Write(std::uint64_t offset, std::span<const std::byte> data) noexcep
 
 int Device::ZeroPage(std::uint64_t page, Tier zero_state) noexcept {
   PageLock lock(LockFor(page));
-  std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/zero_state != Tier::kUnmapped);
+  PageEntry* entry = Entry(page, /*create=*/zero_state != Tier::kUnmapped);
   if (entry == nullptr) return zero_state == Tier::kUnmapped ? 0 : -ENOMEM;
-  const Location old = Location::FromBits(entry->load(std::memory_order_relaxed));
-  tiers_.Release(old);
-  SetLocation(entry, old, Location(zero_state, 0));
+  ReleaseAndSet(entry, Location(zero_state, 0));
   return 0;
 }
 
 int Device::ZeroPartialPage(std::uint64_t page, std::size_t in_page, std::size_t count,
                             Tier zero_state) noexcept {
   PageLock lock(LockFor(page));
-  std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
-  const Location where =
-      entry ? Location::FromBits(entry->load(std::memory_order_relaxed)) : Location();
-  if (where.reads_as_zero()) return 0;  // already reads as zeros; leave it as it is
+  PageEntry* entry = Entry(page, /*create=*/false);
+  if (entry == nullptr ||
+      Location::FromBits(entry->where.load(std::memory_order_relaxed)).reads_as_zero()) {
+    return 0;  // already reads as zeros; leave it as it is
+  }
   alignas(64) std::byte buffer[kPageSize];
-  const int rc = tiers_.Load(where, PageSpan(buffer));
+  Location where;
+  const int rc = LoadLocked(entry, PageSpan(buffer), &where);
   if (rc != 0) return rc;
   std::memset(buffer + in_page, 0, count);
   if (IsAllZero(buffer, kPageSize)) {
-    tiers_.Release(where);
-    SetLocation(entry, where, Location(zero_state, 0));
+    ReleaseAndSet(entry, Location(zero_state, 0));
     return 0;
   }
   return StorePageLocked(page, ConstPageSpan(buffer));
@@ -346,8 +381,8 @@ int Device::WriteZeroes(std::uint64_t offset, std::uint64_t length) noexcept {
 
 Tier Device::TierOf(std::uint64_t page) noexcept {
   PageLock lock(LockFor(page));
-  std::atomic<std::uint64_t>* entry = Entry(page, /*create=*/false);
-  return entry ? Location::FromBits(entry->load(std::memory_order_relaxed)).tier()
+  PageEntry* entry = Entry(page, /*create=*/false);
+  return entry ? Location::FromBits(entry->where.load(std::memory_order_relaxed)).tier()
                : Tier::kUnmapped;
 }
 
@@ -358,7 +393,7 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
   // within what lock checkers such as ThreadSanitizer track per thread.
   constexpr std::size_t kBatch = 32;
   struct Candidate {
-    std::atomic<std::uint64_t>* entry;
+    PageEntry* entry;
     Location where;
     std::mutex* mu;
   };
@@ -366,6 +401,7 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
   Candidate candidates[kBatch];
   const std::byte* pages[kBatch];
   std::uint64_t hints[kBatch];
+  Slot disk_copies[kBatch];
   Location placed[kBatch];
   int results[kBatch];
 
@@ -383,8 +419,7 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
     for (; scanned < limit && count < batch_want; ++scanned) {
       const std::uint64_t page = hand;
       if (++hand == page_count_) hand = 0;
-      std::atomic<std::uint64_t>* chunk =
-          chunks_[page >> kChunkShift].load(std::memory_order_acquire);
+      PageEntry* chunk = chunks_[page >> kChunkShift].load(std::memory_order_acquire);
       if (chunk == nullptr) {
         // Skip the rest of an unwritten chunk (the last chunk may be shorter).
         const std::uint64_t chunk_end = std::min(((page >> kChunkShift) + 1) << kChunkShift,
@@ -393,20 +428,21 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
         hand = chunk_end == page_count_ ? 0 : chunk_end;
         continue;
       }
-      std::atomic<std::uint64_t>* entry = &chunk[page & (kChunkPages - 1)];
-      if (Location::FromBits(entry->load(std::memory_order_relaxed)).tier() != Tier::kLocal) {
+      PageEntry* entry = &chunk[page & (kChunkPages - 1)];
+      if (Location::FromBits(entry->where.load(std::memory_order_relaxed)).tier() !=
+          Tier::kLocal) {
         continue;  // a cheap look before the lock
       }
       std::mutex* mu = &LockFor(page);
       bool held = mu == t_held_stripe;
       for (std::size_t i = 0; i < count && !held; ++i) held = candidates[i].mu == mu;
       if (held || !mu->try_lock()) continue;
-      const Location where = Location::FromBits(entry->load(std::memory_order_relaxed));
+      const Location where = Location::FromBits(entry->where.load(std::memory_order_relaxed));
       std::byte* copy = buffer.data() + count * kPageSize;
       if (where.tier() != Tier::kLocal || where.referenced() ||
           tiers_.Load(where, PageSpan(copy, kPageSize)) != 0) {
         if (where.tier() == Tier::kLocal && where.referenced()) {
-          entry->store(where.WithReferenced(false).bits(), std::memory_order_relaxed);
+          entry->where.store(where.WithReferenced(false).bits(), std::memory_order_relaxed);
         }
         mu->unlock();
         continue;
@@ -414,17 +450,21 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
       candidates[count] = {entry, where, mu};
       pages[count] = copy;
       hints[count] = page;
+      disk_copies[count] = entry->disk_copy;
       ++count;
     }
     if (count == 0) break;
 
     tiers_.DemoteBatch(std::span(pages, count), std::span(hints, count),
+                       std::span(disk_copies, count), cache_clean_pages_,
                        std::span(placed, count), std::span(results, count));
     bool out_of_room = false;
     for (std::size_t i = 0; i < count; ++i) {
       if (results[i] == 0) {
         tiers_.Release(candidates[i].where);
-        SetLocation(candidates[i].entry, candidates[i].where, placed[i]);
+        // A clean page's disk copy goes with it (kDisk names it, kCached keeps it beside).
+        SetLocation(candidates[i].entry, candidates[i].where, placed[i],
+                    placed[i].tier() == Tier::kCached ? disk_copies[i] : kNoCopy);
         ++demoted;
       } else {
         out_of_room = true;
@@ -448,6 +488,10 @@ DevicePageCounts Device::Counts() const noexcept {
   counts.local = count(Tier::kLocal);
   counts.disk = count(Tier::kDisk);
   counts.remote = count(Tier::kRemote);
+  counts.cached = count(Tier::kCached);
+  counts.disk += counts.cached;  // a cached page's one sure copy is on disk
+  counts.clean = static_cast<std::uint64_t>(
+      std::max<std::int64_t>(clean_pages_.load(std::memory_order_relaxed), 0));
   return counts;
 }
 

@@ -1,10 +1,16 @@
 // Device: one memlend block device — a size, a page table and byte-range operations that
 // frontends (NBD today, ublk next) translate their requests into.
 //
-// The page table has one 64-bit Location per 4 KiB page. It is two-level so that a large,
-// mostly empty device costs little: the top level has one pointer per kChunkPages pages
-// (8 bytes per 2 MiB of device) and a chunk of entries is allocated on the first write
-// into its range. Unmapped and all-zero pages take no room in any store.
+// The page table has one 16-byte entry per 4 KiB page: its 64-bit Location and, for a
+// clean page (see "Clean pages" in tiering.h), the slot of its disk copy. It is two-level
+// so that a large, mostly empty device costs little: the top level has one pointer per
+// kChunkPages pages (8 bytes per 2 MiB of device) and a chunk of entries is allocated on
+// the first write into its range. Unmapped and all-zero pages take no room in any store.
+//
+// Per device, `cache_clean_pages` chooses what carries a clean page that is evicted: the
+// peers' ephemeral pools (remote active protocol) when true, nothing (it is dropped back
+// to its disk copy) when false. Dirty pages always go through the remote passive
+// protocol. docs/placement.md explains the choice.
 //
 // Concurrency: any number of threads may call any method at once. Each page is guarded by
 // one of kLockStripes mutexes chosen by page number, held while that page's entry and its
@@ -33,6 +39,8 @@ struct DevicePageCounts {
   std::uint64_t local = 0;
   std::uint64_t disk = 0;
   std::uint64_t remote = 0;
+  std::uint64_t cached = 0;  // of the disk pages, those with a copy in a peer's cache
+  std::uint64_t clean = 0;   // of the local pages, those with a valid disk copy
   std::uint64_t mapped() const { return zero + local + disk + remote; }
 };
 
@@ -40,12 +48,14 @@ class Device final : public PageOwner {
  public:
   // REQUIRES: size_bytes is a positive multiple of kPageSize; `tiers` outlives the device.
   // The device registers itself with `tiers` for eviction scans until it is destroyed.
-  Device(std::string name, std::uint64_t size_bytes, Tiering& tiers);
+  Device(std::string name, std::uint64_t size_bytes, Tiering& tiers,
+         bool cache_clean_pages = true);
   ~Device() override;
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
 
   const std::string& name() const { return name_; }
+  bool cache_clean_pages() const { return cache_clean_pages_; }
   std::uint64_t size_bytes() const { return size_bytes_; }
 
   // Every range operation below REQUIRES offset + length <= size_bytes(); the frontend
@@ -95,25 +105,43 @@ class Device final : public PageOwner {
     std::mutex mu;
   };
 
+  // One page-table entry. `where` is atomic so that the eviction scan may look at it
+  // before taking the page's lock; both fields change only under that lock.
+  struct PageEntry {
+    std::atomic<std::uint64_t> where{0};
+    Slot disk_copy = kNoCopy;  // a clean kLocal page's, or a kCached page's, disk slot
+  };
+
   // Returns the entry for `page`, allocating its chunk if `create`; nullptr if the chunk
   // does not exist (and !create) or cannot be allocated.
-  std::atomic<std::uint64_t>* Entry(std::uint64_t page, bool create) noexcept;
+  PageEntry* Entry(std::uint64_t page, bool create) noexcept;
   std::mutex& LockFor(std::uint64_t page) noexcept {
     return stripes_[page & (kLockStripes - 1)].mu;
   }
   // Locks a page's stripe and records it as held by this thread, so that an eviction
   // scan this thread runs (direct reclaim) never try-locks it again.
   class PageLock;
-  // Replaces the page's location under its lock, keeping the counts in step.
-  void SetLocation(std::atomic<std::uint64_t>* entry, Location from, Location to) noexcept;
+  // Replaces the page's location and disk copy under its lock, keeping the counts in step.
+  void SetLocation(PageEntry* entry, Location from, Location to,
+                   Slot disk_copy = kNoCopy) noexcept;
+  // Releases everything the page holds (its location's room and its disk copy) and makes
+  // it `to`. REQUIRES: the page's lock is held.
+  void ReleaseAndSet(PageEntry* entry, Location to) noexcept;
+  // Copies the whole page into `out` from whatever tier holds it. A kCached page whose
+  // cache entry is gone is read from its disk copy, and becomes kDisk. Sets *where to
+  // where the page was read from. REQUIRES: the page's lock is held; entry may be null.
+  int LoadLocked(PageEntry* entry, PageSpan out, Location* where) noexcept;
+  // Before a page's contents change: a clean page becomes dirty (its disk copy goes), and
+  // a kCached page becomes plain kDisk (its cache entry goes). REQUIRES: the lock is held.
+  void MakeDirty(PageEntry* entry) noexcept;
   // Reads [in_page, in_page + count) of one page into `dest`, from whatever tier holds
   // it, then marks it used (and may promote it). REQUIRES: the page's lock is held.
-  int ReadPageLocked(std::uint64_t page, std::atomic<std::uint64_t>* entry,
-                     std::size_t in_page, std::size_t count, std::byte* dest) noexcept;
+  int ReadPageLocked(std::uint64_t page, PageEntry* entry, std::size_t in_page,
+                     std::size_t count, std::byte* dest) noexcept;
   // After a read of the whole page `contents` from `where`: promotes a lower-tier page
   // when the local store has room, and sets the referenced bit.
   // REQUIRES: the page's lock is held and its entry still holds `where`.
-  void FinishRead(std::uint64_t page, std::atomic<std::uint64_t>* entry, Location where,
+  void FinishRead(std::uint64_t page, PageEntry* entry, Location where,
                   const std::byte* contents) noexcept;
   // Writes one page whose full new contents are in `page`.
   // REQUIRES: the page's stripe lock is held.
@@ -132,13 +160,15 @@ class Device final : public PageOwner {
   const std::uint64_t size_bytes_;
   const std::uint64_t page_count_;
   Tiering& tiers_;
+  const bool cache_clean_pages_;
   // Top level; a null pointer is a chunk whose pages are all unmapped. Chunks are created
   // with a compare-and-swap and live until the device is destroyed.
-  std::unique_ptr<std::atomic<std::atomic<std::uint64_t>*>[]> chunks_;
+  std::unique_ptr<std::atomic<PageEntry*>[]> chunks_;
 
   std::array<Stripe, kLockStripes> stripes_;
   std::atomic<std::uint64_t> clock_hand_{0};
   std::array<std::atomic<std::int64_t>, kTierCount> tier_pages_{};
+  std::atomic<std::int64_t> clean_pages_{0};  // kLocal pages with a disk copy
 };
 
 }  // namespace memlend

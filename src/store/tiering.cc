@@ -8,11 +8,12 @@
 namespace memlend {
 
 Tiering::Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<PageStore> remote,
-                 std::unique_ptr<DiskStore> disk, TieringOptions options)
+                 std::unique_ptr<DiskStore> disk, TieringOptions options, PageStore* cache)
     : local_(std::move(local)),
       remote_(std::move(remote)),
       disk_(std::move(disk)),
-      options_(options) {
+      options_(options),
+      cache_(cache) {
   assert(local_ != nullptr);
   assert(options_.low_watermark > 0 && options_.low_watermark <= options_.high_watermark &&
          options_.high_watermark <= 1);
@@ -47,6 +48,7 @@ PageStore* Tiering::StoreFor(Tier tier) noexcept {
     case Tier::kLocal: return local_.get();
     case Tier::kDisk: return disk_.get();
     case Tier::kRemote: return remote_.get();
+    case Tier::kCached: return cache_;
     default: return nullptr;
   }
 }
@@ -98,6 +100,13 @@ std::size_t Tiering::EvictSome(std::size_t want) noexcept {
   return done;
 }
 
+bool Tiering::CanKeepDiskCopy() const noexcept {
+  const StoreStats disk = disk_->Stats();
+  if (disk.total_bytes == 0) return true;  // a file without a bound
+  const std::uint64_t free = disk.total_bytes > disk.used_bytes ? disk.total_bytes - disk.used_bytes : 0;
+  return free >= local_->Stats().total_bytes;
+}
+
 int Tiering::Demote(ConstPageSpan page, std::uint64_t hint, Location* placed) noexcept {
   Slot slot = 0;
   if (remote_ && remote_->Write(page, hint, &slot) == 0) {
@@ -113,22 +122,61 @@ int Tiering::Demote(ConstPageSpan page, std::uint64_t hint, Location* placed) no
 }
 
 void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
-                          std::span<const std::uint64_t> hints, std::span<Location> placed,
+                          std::span<const std::uint64_t> hints, std::span<const Slot> disk_copies,
+                          bool use_cache, std::span<Location> placed,
                           std::span<int> results) noexcept {
   constexpr std::size_t kMaxBatch = 64;
   assert(pages.size() <= kMaxBatch);
-  Slot slots[kMaxBatch];
-  for (std::size_t i = 0; i < pages.size(); ++i) results[i] = -ENOSPC;
-  if (remote_) {
-    remote_->WriteBatch(pages, hints, std::span<Slot>(slots, pages.size()), results);
-    for (std::size_t i = 0; i < pages.size(); ++i) {
-      if (results[i] == 0) placed[i] = Location(Tier::kRemote, slots[i]);
+  // Split the batch: dirty pages need a new home, clean ones at most a cache entry.
+  const std::byte* dirty_pages[kMaxBatch];
+  std::uint64_t dirty_hints[kMaxBatch];
+  std::size_t dirty_index[kMaxBatch];
+  std::size_t dirty = 0;
+  const std::byte* clean_pages[kMaxBatch];
+  std::uint64_t clean_hints[kMaxBatch];
+  std::size_t clean_index[kMaxBatch];
+  std::size_t clean = 0;
+  for (std::size_t i = 0; i < pages.size(); ++i) {
+    if (disk_copies[i] == kNoCopy) {
+      dirty_pages[dirty] = pages[i];
+      dirty_hints[dirty] = hints[i];
+      dirty_index[dirty++] = i;
+    } else {
+      // Back to its disk copy unless the cache takes it below.
+      placed[i] = Location(Tier::kDisk, disk_copies[i]);
+      results[i] = 0;
+      clean_pages[clean] = pages[i];
+      clean_hints[clean] = hints[i];
+      clean_index[clean++] = i;
     }
   }
-  for (std::size_t i = 0; i < pages.size(); ++i) {
-    if (results[i] == 0 || !disk_) continue;
-    results[i] = disk_->Write(ConstPageSpan(pages[i], kPageSize), hints[i], &slots[i]);
-    if (results[i] == 0) placed[i] = Location(Tier::kDisk, slots[i]);
+
+  Slot slots[kMaxBatch];
+  int dirty_results[kMaxBatch];
+  for (std::size_t d = 0; d < dirty; ++d) dirty_results[d] = -ENOSPC;
+  if (remote_ && dirty > 0) {
+    remote_->WriteBatch(std::span(dirty_pages, dirty), std::span(dirty_hints, dirty),
+                        std::span(slots, dirty), std::span(dirty_results, dirty));
+    for (std::size_t d = 0; d < dirty; ++d) {
+      if (dirty_results[d] == 0) placed[dirty_index[d]] = Location(Tier::kRemote, slots[d]);
+    }
+  }
+  for (std::size_t d = 0; d < dirty; ++d) {
+    if (dirty_results[d] != 0 && disk_) {
+      dirty_results[d] =
+          disk_->Write(ConstPageSpan(dirty_pages[d], kPageSize), dirty_hints[d], &slots[d]);
+      if (dirty_results[d] == 0) placed[dirty_index[d]] = Location(Tier::kDisk, slots[d]);
+    }
+    results[dirty_index[d]] = dirty_results[d];
+  }
+
+  if (use_cache && has_cache() && clean > 0) {
+    int cache_results[kMaxBatch];
+    cache_->WriteBatch(std::span(clean_pages, clean), std::span(clean_hints, clean),
+                       std::span(slots, clean), std::span(cache_results, clean));
+    for (std::size_t c = 0; c < clean; ++c) {
+      if (cache_results[c] == 0) placed[clean_index[c]] = Location(Tier::kCached, slots[c]);
+    }
   }
 }
 
@@ -139,8 +187,11 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
   const bool was_local = old.tier() == Tier::kLocal;
   int rc = was_local ? local_->Rewrite(old.slot(), page, hint, &slot)
                      : local_->Write(page, hint, &slot);
-  if (rc == -ENOSPC && !was_local && HasLowerTier() && EvictSome(options_.reclaim_batch) > 0) {
-    rc = local_->Write(page, hint, &slot);  // direct reclaim made room: try again
+  if (rc == -ENOSPC && !was_local && HasLowerTier()) {
+    // Direct reclaim, then try again even if it moved nothing: it waited for any scan in
+    // progress, and the background evictor may have made the room meanwhile.
+    EvictSome(options_.reclaim_batch);
+    rc = local_->Write(page, hint, &slot);
   }
   if (rc == 0) {
     if (!was_local) Release(old);
@@ -195,17 +246,38 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
   return 0;
 }
 
-bool Tiering::MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old,
-                           Location* placed) noexcept {
-  assert(old.tier() == Tier::kRemote || old.tier() == Tier::kDisk);
+bool Tiering::MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old, Slot old_copy,
+                           Location* placed, Slot* disk_copy) noexcept {
+  assert(old.tier() == Tier::kRemote || old.tier() == Tier::kDisk ||
+         old.tier() == Tier::kCached);
   // Only under the low watermark: between the watermarks neither promotion nor eviction
   // runs, so random reads over a working set larger than the store do not churn pages
   // up and back down.
   if (LocalUse() >= options_.low_watermark) return false;
   Slot slot = 0;
   if (local_->Write(page, hint, &slot) != 0) return false;
-  Release(old);
   *placed = Location(Tier::kLocal, slot);
+  *disk_copy = kNoCopy;
+  switch (old.tier()) {
+    case Tier::kDisk:
+      if (CanKeepDiskCopy()) {
+        *disk_copy = old.slot();
+      } else {
+        Release(old);
+      }
+      break;
+    case Tier::kCached:
+      Release(old);  // the cache entry; the disk copy stays, or goes
+      if (CanKeepDiskCopy()) {
+        *disk_copy = old_copy;
+      } else {
+        ReleaseCopy(old_copy);
+      }
+      break;
+    default:
+      Release(old);
+      break;
+  }
   return true;
 }
 

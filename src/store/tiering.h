@@ -16,8 +16,18 @@
 // eviction scan clears it and demotes pages it finds clear. The scan runs over the
 // devices registered as PageOwners, each keeping its own clock hand.
 //
+// Clean pages. A page read back from the disk store into the local store keeps its disk
+// slot as a *disk copy* while it stays unmodified (a write drops the copy), as long as the
+// disk has room for every page the local store can hold besides (so keeping copies can
+// never make a later spill fail). Evicting such a clean page writes nothing to disk: with
+// a cache (peers' ephemeral pools, remote active protocol) and a device that allows it,
+// the page is put there and becomes kCached; otherwise, or when no lender takes it, it is
+// simply dropped from RAM and becomes kDisk again. A kCached page is read from the cache
+// and, when the lender has dropped it meanwhile, from its disk copy.
+//
 // A Location is what a device's page table keeps for one page: a tier tag, the Slot that
-// tier issued and the referenced bit, packed into 64 bits.
+// tier issued and the referenced bit, packed into 64 bits. A kCached page's disk slot,
+// and a clean local page's, are kept beside it by the device.
 #pragma once
 
 #include <atomic>
@@ -41,8 +51,12 @@ enum class Tier : std::uint8_t {
   kLocal = 2,
   kDisk = 3,
   kRemote = 4,
+  kCached = 5,    // on disk, with a copy in a peer's ephemeral pool that may be gone
 };
-inline constexpr int kTierCount = 5;
+inline constexpr int kTierCount = 6;
+
+// "No disk copy", for the disk-copy slot a device keeps beside a page's Location.
+inline constexpr Slot kNoCopy = ~Slot{0};
 
 // One page-table entry. Bits 0..55 hold the Slot, bits 56..59 the Tier, bit 60 the
 // CLOCK referenced bit.
@@ -94,10 +108,12 @@ struct TieringOptions {
 
 class Tiering {
  public:
-  // `remote` and `disk` may be null (no peers, no backing file).
+  // `remote` and `disk` may be null (no peers, no backing file). `cache`, if not null,
+  // holds clean pages and is owned by `remote` (it is used only with a disk store).
   // REQUIRES: 0 < low_watermark <= high_watermark <= 1.
   Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<PageStore> remote,
-          std::unique_ptr<DiskStore> disk, TieringOptions options = {});
+          std::unique_ptr<DiskStore> disk, TieringOptions options = {},
+          PageStore* cache = nullptr);
   // Without a remote tier.
   Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<DiskStore> disk)
       : Tiering(std::move(local), nullptr, std::move(disk)) {}
@@ -125,16 +141,29 @@ class Tiering {
   // tier. Returns 0 with *placed set, or -ENOSPC when neither has room.
   int Demote(ConstPageSpan page, std::uint64_t hint, Location* placed) noexcept;
 
-  // Demote for a batch: the remote tier takes as many as it can in one overlapped round
-  // trip, the disk tier the rest. results[i] is 0 with placed[i] set, or -ENOSPC.
+  // Demote for a batch. Dirty pages (disk_copies[i] == kNoCopy): the remote tier takes as
+  // many as it can in one overlapped round trip, the disk tier the rest. Clean pages: into
+  // the cache when `use_cache` and it takes them (kCached), else back to their disk copy
+  // (kDisk); they never fail. results[i] is 0 with placed[i] set, or -ENOSPC. The caller
+  // releases the local slots; a clean page's disk copy now belongs to placed[i].
   void DemoteBatch(std::span<const std::byte* const> pages, std::span<const std::uint64_t> hints,
-                   std::span<Location> placed, std::span<int> results) noexcept;
+                   std::span<const Slot> disk_copies, bool use_cache, std::span<Location> placed,
+                   std::span<int> results) noexcept;
 
-  // Moves a page that was read from `old` (remote or disk) into the local store when the
-  // store is under its low watermark. Returns true and sets *placed if it moved (and
-  // `old` was released); false leaves the page where it is.
-  bool MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old,
-                    Location* placed) noexcept;
+  // Moves a page that was read from `old` (remote, disk or cached) into the local store
+  // when the store is under its low watermark. Returns true and sets *placed if it moved;
+  // then *disk_copy is the page's disk slot when it keeps one (see "Clean pages"), else
+  // kNoCopy, and everything else `old` held is released. `old_copy` is the disk slot
+  // beside `old` (kCached only, else kNoCopy). False leaves the page where it is.
+  bool MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old, Slot old_copy,
+                    Location* placed, Slot* disk_copy) noexcept;
+
+  // Releases a disk copy (the page was modified or discarded). kNoCopy does nothing.
+  void ReleaseCopy(Slot disk_copy) noexcept {
+    if (disk_copy != kNoCopy) disk_->Discard(disk_copy);
+  }
+  // Whether devices may put clean pages into the cache (there is one, and a disk store).
+  bool has_cache() const { return cache_ != nullptr && disk_ != nullptr; }
 
   // Copies the page at `location` into `out`; zero tiers fill zeros. Returns 0 or -errno.
   int Load(Location location, PageSpan out) noexcept;
@@ -156,6 +185,7 @@ class Tiering {
   const LocalStore& local() const { return *local_; }
   const DiskStore* disk() const { return disk_.get(); }
   const PageStore* remote() const { return remote_.get(); }
+  const PageStore* cache() const { return cache_; }
   const TieringOptions& options() const { return options_; }
 
   // Pages demoted by the evictor and by direct reclaim since start.
@@ -165,6 +195,8 @@ class Tiering {
   PageStore* StoreFor(Tier tier) noexcept;
   double LocalUse() const noexcept;
   bool HasLowerTier() const noexcept { return remote_ != nullptr || disk_ != nullptr; }
+  // Whether a page promoted from disk may keep its disk slot (see "Clean pages").
+  bool CanKeepDiskCopy() const noexcept;
   // Asks the owners for up to `want` cold pages, round robin. Returns pages demoted.
   std::size_t EvictSome(std::size_t want) noexcept;
   void EvictorLoop();
@@ -175,6 +207,7 @@ class Tiering {
   const std::unique_ptr<PageStore> remote_;
   const std::unique_ptr<DiskStore> disk_;
   const TieringOptions options_;
+  PageStore* const cache_;  // owned by remote_, or null
 
   std::mutex owners_mu_;  // held during scans, so RemoveOwner waits for them
   std::vector<PageOwner*> owners_;  // guarded by owners_mu_

@@ -459,6 +459,8 @@ DevicePages GetDevicePages(const nlohmann::json& status, const std::string& name
     result.local = pages.at("local").get<uint64_t>();
     result.disk = pages.at("disk").get<uint64_t>();
     result.remote = pages.at("remote").get<uint64_t>();
+    result.cached = pages.at("cached").get<uint64_t>();
+    result.clean = pages.at("clean").get<uint64_t>();
     return result;
   }
   throw std::runtime_error("status has no device named " + name + ": " + status.dump());
@@ -469,14 +471,19 @@ void CheckStatusInvariants(const nlohmann::json& status) {
   uint64_t local_sum = 0;
   uint64_t disk_sum = 0;
   uint64_t remote_sum = 0;
+  uint64_t cached_sum = 0;
   for (const nlohmann::json& device : status.at("devices")) {
     DevicePages pages = GetDevicePages(status, device.at("name").get<std::string>());
     CHECK(pages.mapped == pages.zero + pages.local + pages.disk + pages.remote);
     CHECK(pages.total == pages.size_bytes / kPageSize);
     CHECK(pages.mapped <= pages.total);
+    CHECK(pages.cached <= pages.disk);
+    CHECK(pages.clean <= pages.local);
     local_sum += pages.local;
-    disk_sum += pages.disk;
+    // Disk slots hold disk pages and the copies of clean local pages.
+    disk_sum += pages.disk + pages.clean;
     remote_sum += pages.remote;
+    cached_sum += pages.cached;
   }
   const nlohmann::json& remote_store = status.at("remote_store");
   if (remote_store.is_null()) {
@@ -490,6 +497,15 @@ void CheckStatusInvariants(const nlohmann::json& status) {
       peers_lost += peer.value("pages_lost", uint64_t{0});
     }
     CHECK(peers_lost == lost);
+    // Cache entries the lenders dropped are still named by devices until read or rewritten,
+    // so the cache holds at most what the devices name.
+    const uint64_t cached = remote_store.at("cached_pages").get<uint64_t>();
+    CHECK(cached <= cached_sum);
+    uint64_t peers_cached = 0;
+    for (const nlohmann::json& peer : status.at("peers")) {
+      peers_cached += peer.at("pages_cached").get<uint64_t>();
+    }
+    CHECK(peers_cached == cached);
   }
   const nlohmann::json& local_store = status.at("local_store");
   if (local_store.is_null()) {

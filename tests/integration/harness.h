@@ -187,6 +187,8 @@ struct DevicePages {
   uint64_t local = 0;
   uint64_t disk = 0;
   uint64_t remote = 0;
+  uint64_t cached = 0;  // of the disk pages, those also cached on a peer
+  uint64_t clean = 0;   // of the local pages, those with a disk copy
 };
 
 // Returns the pages of the device called name in status; throws if there is no such device.

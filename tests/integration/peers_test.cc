@@ -1117,4 +1117,120 @@ TEST_SUITE("peers") {
   }
 }
 
+namespace {
+
+// Clean pages: a borrower with a backing file and a lender that is not up yet spills most of
+// device d0 to disk; once a lender is up, reading d0 back promotes pages into the local store
+// as clean pages (their disk copies stay), and dirty writes to device d1 then push them out
+// again. With protocol auto they go to the lender's ephemeral pool (cached) and read back from
+// there; with protocol passive they are dropped back to their disk copies. Then d1 fills the
+// lender with dirty pages, which must take the room of the cached pages (the lender evicts them
+// and tells the borrower). Data reads back intact throughout.
+void CleanPagesScenario(bool passive) {
+  const uint64_t seed = TestSeed();
+  const std::string protocol = passive ? "passive" : "auto";
+  INFO("seed " << seed << ", protocol " << protocol);
+  TempDir dir;
+  const int lender_port = PickFreeTcpPort();  // nobody listens here yet
+  const std::string lender_address = "127.0.0.1:" + std::to_string(lender_port);
+  DaemonOptions options =
+      Borrower(passive ? "d0:16M:passive" : "d0:16M", "4M", {lender_address});
+  options.devices.push_back("d1:16M");
+  options.backing_file = dir.File("backing.img");
+  MemlendDaemon borrower(dir, options, "borrower");
+  std::optional<MemlendDaemon> lender;
+  {
+    NbdClient d0(borrower.endpoint(), "d0");
+    NbdClient d1(borrower.endpoint(), "d1");
+    ShadowDevice shadow0(16 * kMiB);
+    ShadowDevice shadow1(16 * kMiB);
+    std::mt19937_64 rng(seed);
+
+    // d0 mostly on disk; d1 then takes the local store and is trimmed away, which leaves the
+    // local store under its low watermark so that reads promote pages.
+    WriteRandomRange(d0, shadow0, rng, 0, 12 * kMiB, 256 * kKiB, 20);
+    WriteRandomRange(d1, shadow1, rng, 0, 4 * kMiB, 256 * kKiB, 0);
+    WaitEvictionSettled(borrower);
+    d1.Trim(16 * kMiB, 0);
+    shadow1.Zero(0, 16 * kMiB);
+
+    lender.emplace(dir, Lender("8M", lender_port), "lender");
+    json status = WaitForStatus(
+        borrower, [&](const json& s) { return PeerEntry(s, lender_address).at("state") == "up"; },
+        6000);
+    REQUIRE_MESSAGE(PeerEntry(status, lender_address).at("state") == "up",
+                    "the lender was not up within 6 s: " << status.dump());
+
+    CHECK(CompareWithShadow(d0, shadow0) == "");
+    status = borrower.Status();
+    const DevicePages promoted = GetDevicePages(status, "d0");
+    {
+      INFO("status after reading d0: " << status.dump());
+      CheckStatusInvariants(status);
+      CHECK(promoted.clean > 0);
+      CHECK(promoted.cached == 0);
+    }
+
+    // Dirty pages of d1 push d0's clean pages out of the local store.
+    WriteRandomRange(d1, shadow1, rng, 0, 6 * kMiB, 256 * kKiB, 0);
+    status = WaitEvictionSettled(borrower);
+    const DevicePages evicted = GetDevicePages(status, "d0");
+    const uint64_t cached_pages = U64(status.at("remote_store"), "cached_pages");
+    {
+      INFO("settled status after writing d1: " << status.dump());
+      CheckStatusInvariants(status);
+      CHECK(evicted.clean < promoted.clean);
+      if (passive) {
+        CHECK(evicted.cached == 0);
+        CHECK(cached_pages == 0);
+        CHECK(U64(PeerEntry(status, lender_address), "pages_cached") == 0);
+      } else {
+        CHECK(evicted.cached > 0);
+        CHECK(cached_pages > 0);
+        CHECK(cached_pages <= evicted.cached);
+        CHECK(U64(PeerEntry(status, lender_address), "pages_cached") == cached_pages);
+        // The lender counts the cached pages as used, beside the borrower's superpages.
+        CHECK(LendingUsed(*lender) >=
+              U64(status.at("remote_store"), "used_bytes") + cached_pages * kPageSize);
+      }
+    }
+    CHECK(CompareWithShadow(d0, shadow0) == "");
+    CHECK(CompareWithShadow(d1, shadow1) == "");
+
+    // d1 now wants more than the lender has: the dirty pages take the room of the cached ones.
+    const uint64_t cached_before = U64(borrower.Status().at("remote_store"), "cached_pages");
+    WriteRandomRange(d1, shadow1, rng, 6 * kMiB, 10 * kMiB, 256 * kKiB, 0);
+    status = WaitEvictionSettled(borrower);
+    {
+      INFO("settled status after filling d1: " << status.dump());
+      CheckStatusInvariants(status);
+      const uint64_t cached_after = U64(status.at("remote_store"), "cached_pages");
+      if (!passive && cached_before > 0) {
+        CHECK_MESSAGE(cached_after < cached_before,
+                      "the lender never gave up cached pages for dirty ones");
+      }
+      CHECK(GetDevicePages(status, "d1").remote > 0);
+      MESSAGE(protocol << ": d0 clean pages after reads " << promoted.clean << ", cached after d1 "
+                       << evicted.cached << " (lender holds " << cached_before
+                       << "), cached after d1 filled the lender " << cached_after);
+    }
+    CHECK(CompareWithShadow(d0, shadow0) == "");
+    CHECK(CompareWithShadow(d1, shadow1) == "");
+    CheckStatusInvariants(borrower.Status());
+  }
+  CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+  CHECK_MESSAGE(lender->Stop() == 0, lender->StderrText());
+}
+
+}  // namespace
+
+TEST_SUITE("cache") {
+  TEST_CASE("clean pages are cached in a lender's ephemeral pool (protocol auto)") {
+    CleanPagesScenario(/*passive=*/false);
+  }
+  TEST_CASE("clean pages are dropped back to disk, never cached (protocol passive)") {
+    CleanPagesScenario(/*passive=*/true);
+  }
+}
+
 }  // namespace memlend::integration

@@ -128,7 +128,9 @@ TEST_CASE("ParseDeviceSpec rejects malformed specs and says why") {
       {":4G", "name"},              // empty name
       {"swap 0:4G", "name"},        // space
       {"swap/0:4G", "name"},        // slash
-      {"a:b:4G", "name"},           // the last colon splits, so the name holds a colon
+      {"a:b:4G", "protocol"},       // NAME:SIZE:PROTOCOL with size "b" and protocol "4G"
+      {"a:4G:active", "protocol"},  // not a protocol a device can choose
+      {"a:4G:", "protocol"},        // an empty protocol
       {"sw\xc3\xa4p:4G", "name"},   // non-ASCII letter
       {too_long.c_str(), "name"},   // 65 characters
       {"swap0:12Q", "not a size"},  // unknown suffix

@@ -139,10 +139,14 @@ void CheckCounts(ShadowedDevice& shadowed, const Tiering& tiers) {
   CHECK(counts.local + counts.disk == shadowed.NonZeroPages());
   CHECK(counts.mapped() <= counts.total);
   CHECK(tiers.local().Stats().pages == counts.local);
+  CHECK(counts.clean <= counts.local);
+  CHECK(counts.cached == 0);  // no cache without peers
   if (tiers.disk() != nullptr) {
-    CHECK(tiers.disk()->Stats().pages == counts.disk);
+    // Disk slots hold the disk pages and the copies of clean local pages.
+    CHECK(tiers.disk()->Stats().pages == counts.disk + counts.clean);
   } else {
     CHECK(counts.disk == 0);
+    CHECK(counts.clean == 0);
   }
 }
 
@@ -877,7 +881,7 @@ TEST_CASE("Device under concurrent writers and readers never shows a torn page")
     CHECK(counts.local + counts.disk == data_pages);
     CHECK(tiers->local().Stats().pages == counts.local);
     if (setup.with_disk) {
-      CHECK(tiers->disk()->Stats().pages == counts.disk);
+      CHECK(tiers->disk()->Stats().pages == counts.disk + counts.clean);
       CHECK(counts.disk > 0);
     } else {
       CHECK(counts.disk == 0);

@@ -100,7 +100,48 @@ TEST_CASE("Reading a disk page promotes it while the local store is under its wa
   CHECK(ReadsBack(device, 3, 3));
   CHECK(device.TierOf(3) == Tier::kLocal);
   CHECK(device.Counts().disk == 7);
+  // The promoted page is clean: its disk slot stays as its copy.
+  CHECK(device.Counts().clean == 1);
+  CHECK(tiers->disk()->Stats().pages == 8);
+}
+
+TEST_CASE("A clean page is evicted without a disk write; a write makes it dirty again") {
+  TempFile file;
+  auto tiers = MakeTiers(16, file);
+  Device device("clean", 64 * kPageSize, *tiers);
+  for (std::uint64_t page = 0; page < 8; ++page) {
+    REQUIRE(device.Write(page * kPageSize, PageOf(page)) == 0);
+  }
+  REQUIRE(device.DemoteColdPages(8) == 8);
+  for (std::uint64_t page = 0; page < 4; ++page) REQUIRE(ReadsBack(device, page, page));
+  CHECK(device.Counts().local == 4);
+  CHECK(device.Counts().clean == 4);
+  CHECK(tiers->disk()->Stats().pages == 8);  // 4 disk pages + 4 copies
+
+  // Rewriting page 0 makes it dirty: its copy goes.
+  REQUIRE(device.Write(0, PageOf(100)) == 0);
+  CHECK(device.Counts().clean == 3);
   CHECK(tiers->disk()->Stats().pages == 7);
+
+  // Evicting everything local: the three clean pages go back to their copies (no new
+  // disk slots), the dirty one takes a new slot. Two sweeps: the reads set referenced bits.
+  const std::uint64_t demoted = device.DemoteColdPages(16);
+  CHECK(demoted == 4);
+  CHECK(device.Counts().local == 0);
+  CHECK(device.Counts().clean == 0);
+  CHECK(device.Counts().disk == 8);
+  CHECK(tiers->disk()->Stats().pages == 8);
+  CHECK(ReadsBack(device, 0, 100));
+  for (std::uint64_t page = 1; page < 8; ++page) CHECK(ReadsBack(device, page, page));
+
+  // Trimming a clean page frees its copy too.
+  REQUIRE(ReadsBack(device, 5, 5));
+  REQUIRE(device.Counts().clean >= 1);
+  const std::uint64_t disk_before = tiers->disk()->Stats().pages;
+  REQUIRE(device.TierOf(5) == Tier::kLocal);
+  REQUIRE(device.Trim(5 * kPageSize, kPageSize) == 0);
+  CHECK(tiers->disk()->Stats().pages == disk_before - 1);
+  CHECK(device.TierOf(5) == Tier::kUnmapped);
 }
 
 TEST_CASE("The background evictor brings the local store under the low watermark") {

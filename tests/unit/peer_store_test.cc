@@ -1,0 +1,185 @@
+// PeerStore, the borrower's remote tier, against a real LenderService on loopback: passive
+// pages in superpages, and the cache of clean pages in the lender's ephemeral pool, including
+// pages the lender drops for another borrower's allocation.
+
+#include <doctest/doctest.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "peer/peer_store.h"
+#include "running_lender.h"
+
+namespace memlend::peer {
+namespace {
+
+using testing::Eventually;
+using testing::RunningLender;
+
+constexpr std::uint64_t kSuperpage = 2 * 1024 * 1024;
+constexpr std::size_t kPagesPer = kSuperpage / kPageSize;
+
+// A page whose every 8-byte word is derived from `seed`.
+std::vector<std::byte> PageOf(std::uint64_t seed) {
+  std::vector<std::byte> page(kPageSize);
+  for (std::size_t i = 0; i < kPageSize; i += 8) {
+    const std::uint64_t word = seed * 0x9e3779b97f4a7c15ULL + i;
+    std::memcpy(page.data() + i, &word, 8);
+  }
+  return page;
+}
+
+// Puts pages seeds [first, first + count) into `cache`, in batches of 64. CHECKs each went in.
+std::vector<Slot> CachePages(PageStore& cache, std::uint64_t first, std::size_t count) {
+  std::vector<Slot> slots(count);
+  for (std::size_t base = 0; base < count; base += 64) {
+    const std::size_t n = std::min<std::size_t>(64, count - base);
+    std::vector<std::vector<std::byte>> pages;
+    std::vector<const std::byte*> pointers;
+    std::vector<std::uint64_t> hints;
+    for (std::size_t i = 0; i < n; ++i) {
+      pages.push_back(PageOf(first + base + i));
+      hints.push_back(first + base + i);
+    }
+    for (const auto& page : pages) pointers.push_back(page.data());
+    std::vector<int> results(n, -1);
+    cache.WriteBatch(pointers, hints, std::span(slots).subspan(base, n), results);
+    for (std::size_t i = 0; i < n; ++i) REQUIRE(results[i] == 0);
+  }
+  return slots;
+}
+
+TEST_SUITE("peer_store") {
+
+TEST_CASE("passive pages and cached pages round-trip; discards show on the lender") {
+  RunningLender lender(8 * kSuperpage);
+  PeerStore store(0x1111);
+  REQUIRE(store.AddPeer(lender.endpoint));
+  store.Refresh();
+  REQUIRE(store.Peers().at(0).state == PeerState::kUp);
+
+  // Passive: a dirty page in a superpage.
+  Slot passive = 0;
+  const std::vector<std::byte> dirty = PageOf(7);
+  REQUIRE(store.Write(ConstPageSpan(dirty.data(), kPageSize), 7, &passive) == 0);
+
+  // Cache: 100 clean pages in the ephemeral pool.
+  PageStore& cache = store.cache();
+  const std::vector<Slot> slots = CachePages(cache, 1000, 100);
+  CHECK(cache.Stats().pages == 100);
+  CHECK(store.Peers().at(0).pages_cached == 100);
+  CHECK(store.Stats().pages == 1);  // the passive figures do not count the cache
+  const LendingStats lent = lender.service->Stats();
+  // One superpage granted, and 100 pages holding the cached ones.
+  CHECK(lent.used_bytes == kSuperpage + 100 * kPageSize);
+  CHECK(lent.ephemeral_bytes == 100 * kPageSize);
+
+  std::vector<std::byte> out(kPageSize);
+  REQUIRE(store.Read(passive, PageSpan(out.data(), kPageSize)) == 0);
+  CHECK(out == dirty);
+  for (std::size_t i = 0; i < slots.size(); ++i) {
+    REQUIRE(cache.Read(slots[i], PageSpan(out.data(), kPageSize)) == 0);
+    CHECK(out == PageOf(1000 + i));
+  }
+
+  // Discarding every cached page frees them on the lender (FLUSH is sent without waiting,
+  // so the lender's count drops a moment later).
+  for (const Slot slot : slots) cache.Discard(slot);
+  CHECK(cache.Stats().pages == 0);
+  CHECK(Eventually([&] { return lender.service->Stats().used_bytes == kSuperpage; }));
+  store.Discard(passive);
+  CHECK(Eventually([&] { return lender.service->Stats().used_bytes == 0; }));
+}
+
+TEST_CASE("another borrower's allocation evicts cached pages; reads of them miss, others hit") {
+  RunningLender lender(2 * kSuperpage);
+  PeerStore owner(0x1111);
+  REQUIRE(owner.AddPeer(lender.endpoint));
+  owner.Refresh();
+  PageStore& cache = owner.cache();
+  // Fill the whole pool with cached pages.
+  const std::vector<Slot> slots = CachePages(cache, 0, 2 * kPagesPer);
+  CHECK(cache.Stats().pages == 2 * kPagesPer);
+  // A further cached page finds no room and is refused, not an error.
+  {
+    const std::vector<std::byte> extra = PageOf(99999);
+    Slot slot = 0;
+    const int rc = cache.Write(ConstPageSpan(extra.data(), kPageSize), 99999, &slot);
+    // The lender may evict an older cached page to take it, or refuse it.
+    CHECK((rc == 0 || rc == -ENOSPC));
+    if (rc == 0) cache.Discard(slot);
+  }
+
+  // A second borrower needs a superpage for a dirty page: the lender empties one.
+  PeerStore other(0x2222);
+  REQUIRE(other.AddPeer(lender.endpoint));
+  other.Refresh();
+  Slot dirty_slot = 0;
+  const std::vector<std::byte> dirty = PageOf(424242);
+  REQUIRE(other.Write(ConstPageSpan(dirty.data(), kPageSize), 1, &dirty_slot) == 0);
+
+  // The owner is told (EVICTED notices) and its cache count drops by a superpage's pages.
+  CHECK(Eventually([&] { return cache.Stats().pages <= kPagesPer; }));
+  const std::uint64_t left = cache.Stats().pages;
+  CHECK(left >= kPagesPer - 1);
+  std::size_t hits = 0;
+  std::size_t misses = 0;
+  std::vector<std::byte> out(kPageSize);
+  for (std::size_t i = 0; i < slots.size(); ++i) {
+    const int rc = cache.Read(slots[i], PageSpan(out.data(), kPageSize));
+    if (rc == 0) {
+      ++hits;
+      CHECK(out == PageOf(i));
+    } else {
+      CHECK(rc == -ENOENT);
+      ++misses;
+    }
+  }
+  CHECK(hits == left);
+  CHECK(misses == slots.size() - left);
+  // The dirty page is intact.
+  REQUIRE(other.Read(dirty_slot, PageSpan(out.data(), kPageSize)) == 0);
+  CHECK(out == dirty);
+  // Discarding missed pages is harmless; discarding the rest frees the lender's memory.
+  for (const Slot slot : slots) cache.Discard(slot);
+  CHECK(cache.Stats().pages == 0);
+  other.Discard(dirty_slot);
+  CHECK(Eventually([&] { return lender.service->Stats().used_bytes == 0; }));
+}
+
+TEST_CASE("a borrower's own dirty pages take the room of its cached pages") {
+  RunningLender lender(2 * kSuperpage);
+  PeerStore store(0x1111);
+  REQUIRE(store.AddPeer(lender.endpoint));
+  store.Refresh();
+  const std::vector<Slot> cached = CachePages(store.cache(), 0, 2 * kPagesPer);
+  store.Refresh();  // QUERY: cached pages count as free room for dirty ones
+  CHECK(store.Peers().at(0).pool_free_bytes == 2 * kSuperpage);
+  // Two superpages' worth of dirty pages all fit: every cached page gives way.
+  std::vector<Slot> dirty(2 * kPagesPer);
+  for (std::size_t i = 0; i < dirty.size(); ++i) {
+    const std::vector<std::byte> page = PageOf(5000 + i);
+    REQUIRE(store.Write(ConstPageSpan(page.data(), kPageSize), i, &dirty[i]) == 0);
+  }
+  CHECK(Eventually([&] { return store.cache().Stats().pages == 0; }));
+  std::vector<std::byte> out(kPageSize);
+  for (std::size_t i = 0; i < dirty.size(); ++i) {
+    REQUIRE(store.Read(dirty[i], PageSpan(out.data(), kPageSize)) == 0);
+    CHECK(out == PageOf(5000 + i));
+  }
+  for (const Slot slot : cached) {
+    CHECK(store.cache().Read(slot, PageSpan(out.data(), kPageSize)) == -ENOENT);
+  }
+  // Now the pool is full of dirty pages: nothing more fits, cached or not.
+  const std::vector<std::byte> page = PageOf(1);
+  Slot slot = 0;
+  CHECK(store.Write(ConstPageSpan(page.data(), kPageSize), 1, &slot) == -ENOSPC);
+  CHECK(store.cache().Write(ConstPageSpan(page.data(), kPageSize), 1, &slot) == -ENOSPC);
+}
+
+}  // TEST_SUITE("peer_store")
+
+}  // namespace
+}  // namespace memlend::peer
