@@ -202,24 +202,12 @@ class Connection {
       input_end_ = pending;
     }
     // Busy-poll briefly before sleeping: a client at low queue depth usually sends its
-    // next request within microseconds of our reply, and catching it awake saves the
-    // tens of microseconds a sleeping thread takes to be woken and scheduled.
-    const auto spin_until = std::chrono::steady_clock::now() + busy_poll_;
-    int flags = busy_poll_.count() > 0 ? MSG_DONTWAIT : 0;
-    for (;;) {
-      const ssize_t n =
-          ::recv(fd_, input_.data() + input_end_, input_.capacity() - input_end_, flags);
-      if (n > 0) {
-        input_end_ += static_cast<std::size_t>(n);
-        return true;
-      }
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && errno == EAGAIN && flags != 0) {
-        if (std::chrono::steady_clock::now() >= spin_until) flags = 0;  // now block
-        continue;
-      }
-      return false;  // hung up, shut down, or failed
-    }
+    // next request within microseconds of our reply.
+    const long n = ReceiveSome(fd_, input_.data() + input_end_, input_.capacity() - input_end_,
+                               busy_poll_);
+    if (n <= 0) return false;  // hung up, shut down, or failed
+    input_end_ += static_cast<std::size_t>(n);
+    return true;
   }
 
   const int fd_;

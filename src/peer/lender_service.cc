@@ -119,6 +119,7 @@ class LenderService::Connection {
       input_begin_ += kHeaderBytes + request.payload_bytes;
       // Room for the largest reply (a superpage READ), so Body() stays put while built.
       replies_.Reserve(replies_.size() + kHeaderBytes + kSuperpageBytes);
+      ++served_since_receive_;
       if (!Serve(request)) {
         Flush();
         return;
@@ -154,6 +155,13 @@ class LenderService::Connection {
     return rc == 0;
   }
 
+  // A borrower that sends one request at a time (low queue depth, latency bound) sends
+  // its next within microseconds of our reply: wait that long awake before sleeping
+  // (see ReceiveSome). One that sends batches keeps us busy anyway, and spinning between
+  // its batches would only take CPU from it.
+  static constexpr std::chrono::microseconds kRequestSpin{50};
+  static constexpr unsigned kSpinBelowBatch = 3;
+
   // Compacts the input buffer and blocks until more bytes arrive. False on hang-up.
   bool Receive() noexcept {
     if (input_begin_ > 0) {
@@ -162,16 +170,13 @@ class LenderService::Connection {
       input_begin_ = 0;
       input_end_ = pending;
     }
-    for (;;) {
-      const ssize_t n =
-          ::recv(fd_, input_.data() + input_end_, input_.capacity() - input_end_, 0);
-      if (n > 0) {
-        input_end_ += static_cast<std::size_t>(n);
-        return true;
-      }
-      if (n < 0 && errno == EINTR) continue;
-      return false;
-    }
+    const bool spin = served_since_receive_ < kSpinBelowBatch;
+    served_since_receive_ = 0;
+    const long n = ReceiveSome(fd_, input_.data() + input_end_, input_.capacity() - input_end_,
+                               spin ? kRequestSpin : std::chrono::microseconds(0));
+    if (n <= 0) return false;
+    input_end_ += static_cast<std::size_t>(n);
+    return true;
   }
 
   // Sends a failed reply whose payload is the formatted error text.
@@ -386,6 +391,7 @@ class LenderService::Connection {
   ByteBuffer input_;
   std::size_t input_begin_ = 0;
   std::size_t input_end_ = 0;
+  unsigned served_since_receive_ = 0;  // requests served since the last Receive
   const std::byte* payload_ = nullptr;  // the current request's payload, inside input_
   ByteBuffer replies_;                  // replies built and not yet sent
   bool hello_ = false;

@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/uio.h>
+#include <poll.h>
 
 #include <cassert>
 #include <cerrno>
@@ -21,6 +22,8 @@ void SetReceiveTimeout(int fd, std::chrono::milliseconds timeout) {
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 }
 
+}  // namespace
+
 // Reads a stream socket through a buffer, so that a burst of small replies costs one
 // system call rather than two per reply. Large payloads bypass the buffer.
 class StreamReader {
@@ -37,14 +40,20 @@ class StreamReader {
     const std::span<std::byte> rest = out.subspan(have);
     if (rest.size() >= kCapacity / 4) return ReadFull(fd_, rest.data(), rest.size()) == 0;
     while (end_ < rest.size()) {
-      const ssize_t got = ::recv(fd_, buffer_.data() + end_, kCapacity - end_, 0);
-      if (got < 0 && errno == EINTR) continue;
+      const long got = ReceiveSome(fd_, buffer_.data() + end_, kCapacity - end_, kReplySpin);
       if (got <= 0) return false;
       end_ += static_cast<std::size_t>(got);
     }
     std::memcpy(rest.data(), buffer_.data(), rest.size());
     begin_ = rest.size();
     return true;
+  }
+
+  // Whether bytes are buffered, or the socket has some to read now.
+  bool Ready() const {
+    if (begin_ < end_) return true;
+    pollfd ready{fd_, POLLIN, 0};
+    return ::poll(&ready, 1, 0) > 0;
   }
 
   // Reads and drops `length` bytes.
@@ -60,11 +69,15 @@ class StreamReader {
 
  private:
   static constexpr std::size_t kCapacity = 256 * 1024;
+  // A lender on a fast link answers within tens of microseconds: wait that long awake.
+  static constexpr std::chrono::microseconds kReplySpin{50};
   const int fd_;
   std::vector<std::byte> buffer_;
   std::size_t begin_ = 0;  // unread bytes are [begin_, end_)
   std::size_t end_ = 0;
 };
+
+namespace {
 
 // Sends all of `parts` as one message, retrying short writes. Returns 0 or -errno.
 int SendParts(int fd, iovec* parts, int count) noexcept {
@@ -145,13 +158,15 @@ PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHa
                              std::to_string(kSuperpageBytes));
   }
   SetReceiveTimeout(fd_.get(), std::chrono::milliseconds(0));
+  stream_ = std::make_unique<StreamReader>(fd_.get());
   connected_.store(true, std::memory_order_release);
-  reader_ = std::thread([this] { ReaderLoop(); });
+  idle_reader_ = std::thread([this] { IdleLoop(); });
 }
 
 PeerClient::~PeerClient() {
+  stopping_.store(true, std::memory_order_release);
   ::shutdown(fd_.get(), SHUT_RDWR);
-  if (reader_.joinable()) reader_.join();
+  if (idle_reader_.joinable()) idle_reader_.join();
 }
 
 int PeerClient::Call(MessageType type, std::uint32_t flags, std::span<const std::byte> body,
@@ -185,6 +200,7 @@ std::uint64_t PeerClient::Register(Pending* pending) noexcept {
   const std::uint64_t tag = next_tag_.fetch_add(1, std::memory_order_relaxed);
   std::lock_guard lock(pending_mu_);
   if (!connected()) return fail(-ENOTCONN);
+  pending->client = this;
   try {
     pending_.emplace(tag, pending);
   } catch (const std::bad_alloc&) {
@@ -273,53 +289,90 @@ int PeerClient::Submit(MessageType type, std::uint32_t flags, std::span<const st
   return 0;
 }
 
-void PeerClient::ReaderLoop() {
-  std::vector<std::byte> notice;
-  StreamReader stream(fd_.get());
-  for (;;) {
-    std::byte wire[sizeof(Header)];
-    if (!stream.Read(wire)) break;
-    Message message;
-    if (DecodeHeader(wire, &message) != HeaderCheck::kOk) {
-      LogError("peer %s: malformed message, disconnecting", endpoint_.ToString().c_str());
-      break;
-    }
-    if (!message.reply) {
-      notice.resize(message.payload_bytes);
-      if (!stream.Read(notice)) break;
-      if (on_notice_) on_notice_(message, notice);
-      continue;
-    }
-    Pending* pending = nullptr;
-    {
-      std::lock_guard lock(pending_mu_);
-      const auto it = pending_.find(message.tag);
-      if (it != pending_.end()) {
-        pending = it->second;
-        pending_.erase(it);
+void PeerClient::AwaitReply(Pending* pending) noexcept {
+  while (!pending->done.load(std::memory_order_acquire)) {
+    // Another thread may be reading; it completes this request if its reply comes first.
+    std::lock_guard lock(recv_mu_);
+    while (!pending->done.load(std::memory_order_acquire)) {
+      if (ended_ || !ReadMessageLocked()) {
+        EndStreamLocked();  // fails every pending request, this one included
+        break;
       }
     }
-    if (pending == nullptr) {  // a reply nobody waits for: drop it
-      if (!stream.Skip(message.payload_bytes)) break;
-      continue;
+  }
+}
+
+void PeerClient::IdleLoop() {
+  // A few milliseconds of delay for notices that arrive while nothing waits is harmless;
+  // a thread woken for every reply would cost a hand-off each time.
+  constexpr auto kInterval = std::chrono::milliseconds(5);
+  while (!stopping_.load(std::memory_order_acquire)) {
+    std::this_thread::sleep_for(kInterval);
+    std::unique_lock lock(recv_mu_, std::try_to_lock);
+    if (!lock.owns_lock() || ended_) continue;  // a waiting thread is reading
+    while (stream_->Ready()) {
+      if (!ReadMessageLocked()) {
+        EndStreamLocked();
+        break;
+      }
     }
-    int result = StatusToErrno(message.status);
-    bool stream_ok = true;
-    if (result == 0 && message.payload_bytes == pending->out.size()) {
-      stream_ok = stream.Read(pending->out);
-      if (!stream_ok) result = -ENOTCONN;
-    } else {
-      if (result == 0) result = -EPROTO;  // the reply has the wrong size
-      stream_ok = stream.Skip(message.payload_bytes);
-    }
-    pending->result = result;
-    pending->done.store(true, std::memory_order_release);
-    pending->done.notify_one();
-    if (!stream_ok) break;
+  }
+  std::lock_guard lock(recv_mu_);
+  EndStreamLocked();
+}
+
+void PeerClient::EndStreamLocked() noexcept {
+  if (!ended_) {
+    ended_ = true;
+    ::shutdown(fd_.get(), SHUT_RDWR);
   }
   std::lock_guard lock(pending_mu_);
   connected_.store(false, std::memory_order_release);
   FailAllLocked(-ENOTCONN);
+}
+
+bool PeerClient::ReadMessageLocked() noexcept {
+  StreamReader& stream = *stream_;
+  std::byte wire[sizeof(Header)];
+  if (!stream.Read(wire)) return false;
+  Message message;
+  if (DecodeHeader(wire, &message) != HeaderCheck::kOk) {
+    LogError("peer %s: malformed message, disconnecting", endpoint_.ToString().c_str());
+    return false;
+  }
+  if (!message.reply) {
+    try {
+      notice_.resize(message.payload_bytes);  // at most kMaxPayload (DecodeHeader checked)
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+    if (!stream.Read(notice_)) return false;
+    if (on_notice_) on_notice_(message, notice_);
+    return true;
+  }
+  Pending* pending = nullptr;
+  {
+    std::lock_guard lock(pending_mu_);
+    const auto it = pending_.find(message.tag);
+    if (it != pending_.end()) {
+      pending = it->second;
+      pending_.erase(it);
+    }
+  }
+  if (pending == nullptr) return stream.Skip(message.payload_bytes);  // nobody waits for it
+  int result = StatusToErrno(message.status);
+  bool stream_ok = true;
+  if (result == 0 && message.payload_bytes == pending->out.size()) {
+    stream_ok = stream.Read(pending->out);
+    if (!stream_ok) result = -ENOTCONN;
+  } else {
+    if (result == 0) result = -EPROTO;  // the reply has the wrong size
+    stream_ok = stream.Skip(message.payload_bytes);
+  }
+  pending->result = result;
+  pending->done.store(true, std::memory_order_release);
+  pending->done.notify_one();
+  return stream_ok;
 }
 
 void PeerClient::FailAllLocked(int error) {

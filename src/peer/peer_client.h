@@ -1,22 +1,27 @@
 // PeerClient: the borrower's connection to one lender.
 //
 // Requests are pipelined: any number of threads may call at once; each call sends its
-// request (tag, header, body, data) under a send lock and sleeps until the reader thread
-// finds the reply with its tag and copies the reply's payload straight into the caller's
-// buffer. Notices (EVICTED, RECLAIM, SHUTDOWN) go to a callback on the reader thread.
-// When the connection drops, every pending and later call fails with -ENOTCONN and
-// connected() turns false; reconnecting is the owner's decision (a new PeerClient).
+// request (tag, header, body, data) under a send lock, then waits for the reply with its
+// tag. A waiting thread reads the socket itself (one at a time, under a receive lock),
+// completing its own requests and any others' whose replies come first, so a reply costs
+// no hand-off to another thread. While no request waits, a background thread looks at
+// the socket every few milliseconds for notices (EVICTED, RECLAIM, SHUTDOWN) and a hang-up.
+// Notices go to a callback on whichever thread reads them. When the connection drops,
+// every pending and later call fails with -ENOTCONN and connected() turns false;
+// reconnecting is the owner's decision (a new PeerClient).
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <span>
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <vector>
 
 #include "common/unique_fd.h"
 #include "peer/codec.h"
@@ -26,7 +31,8 @@ namespace memlend::peer {
 
 class PeerClient {
  public:
-  // Runs on the reader thread for each notice; must not call back into this client.
+  // Runs on the reading thread for each notice; must not call back into this client, and
+  // may run while the thread that reads holds its own locks, so it takes only leaf locks.
   using NoticeHandler = std::function<void(const Message& notice, std::span<const std::byte>)>;
 
   // Connects to `endpoint` and exchanges HELLO, waiting at most `timeout`. Throws
@@ -34,7 +40,8 @@ class PeerClient {
   // protocol version (the message names both versions), or no answer in time.
   PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHandler on_notice,
              std::chrono::milliseconds timeout = std::chrono::milliseconds(3000));
-  // Hangs up and joins the reader thread; pending calls fail with -ENOTCONN.
+  // Hangs up and joins the background thread; pending calls fail with -ENOTCONN.
+  // REQUIRES: no thread is inside a call or a Wait on this client.
   ~PeerClient();
   PeerClient(const PeerClient&) = delete;
   PeerClient& operator=(const PeerClient&) = delete;
@@ -57,19 +64,21 @@ class PeerClient {
 
   // Pipelined reads: Submit sends a READ and returns at once; Wait blocks until its reply
   // is in `out` and returns 0 or -errno. Every successful Submit must be Waited for
-  // before the Pending (and `out`) goes away. A caller submits a batch, then waits for
-  // each, so the whole batch costs about one round trip.
+  // before the Pending (and `out`) goes away, and the client must outlive the Wait. A
+  // caller submits a batch, then waits for each, so the whole batch costs about one
+  // round trip.
   struct Pending {
     std::span<std::byte> out;  // where the reply payload goes (exact size expected)
     std::atomic<bool> done{false};
     int result = 0;
+    PeerClient* client = nullptr;  // set when registered: who reads the reply
   };
   int SubmitRead(std::uint32_t sid, std::uint32_t offset, Pending* pending) noexcept;
   // As SubmitRead, for a WRITE of `data`, which must stay valid until Wait returns.
   int SubmitWrite(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data,
                   Pending* pending) noexcept;
   static int Wait(Pending* pending) noexcept {
-    pending->done.wait(false, std::memory_order_acquire);
+    if (!pending->done.load(std::memory_order_acquire)) pending->client->AwaitReply(pending);
     return pending->result;
   }
 
@@ -131,7 +140,15 @@ class PeerClient {
   // must be exactly out.size() bytes on success.
   int Call(MessageType type, std::uint32_t flags, std::span<const std::byte> body,
            std::span<const std::byte> data, std::span<std::byte> out) noexcept;
-  void ReaderLoop();
+  // Reads replies (and notices) until `pending` is done.
+  void AwaitReply(Pending* pending) noexcept;
+  // Reads one message and dispatches it. Returns false when the stream is over (or
+  // garbled). REQUIRES: recv_mu_ held.
+  bool ReadMessageLocked() noexcept;
+  // The stream is over: fails every pending call, now and later. REQUIRES: recv_mu_ held.
+  void EndStreamLocked() noexcept;
+  // The background thread: drains notices while nobody else reads.
+  void IdleLoop();
   // Fails every pending call. REQUIRES: pending_mu_ held.
   void FailAllLocked(int error);
 
@@ -147,7 +164,12 @@ class PeerClient {
   std::mutex send_mu_;  // serialises whole requests on the socket
   std::mutex pending_mu_;
   std::unordered_map<std::uint64_t, Pending*> pending_;  // guarded by pending_mu_
-  std::thread reader_;
+  std::mutex recv_mu_;  // held by the one thread reading the socket
+  std::unique_ptr<class StreamReader> stream_;  // guarded by recv_mu_
+  bool ended_ = false;                          // guarded by recv_mu_
+  std::vector<std::byte> notice_;               // guarded by recv_mu_
+  std::atomic<bool> stopping_{false};
+  std::thread idle_reader_;
 };
 
 }  // namespace memlend::peer

@@ -344,6 +344,9 @@ void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* cons
       assert(peer_of[i] < peers_.size());
       pending[i].out = std::span<std::byte>(outs[base + i], kPageSize);
     }
+    // The clients must outlive the waits below (a waiter reads replies through its client).
+    std::shared_ptr<PeerClient> clients[kWindow];
+    std::size_t client_count = 0;
     ForEachPeerGroup(peer_of, count, [&](std::size_t peer, std::span<const std::size_t> group) {
       std::shared_ptr<PeerClient> client;
       unsigned generation;
@@ -355,6 +358,7 @@ void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* cons
       for (const std::size_t i : group) current[i] = GenerationOf(slots[base + i]) == generation;
       std::optional<PeerClient::Batch> batch;
       if (client) batch.emplace(*client);
+      clients[client_count++] = client;
       for (const std::size_t i : group) {
         if (batch && current[i]) {
           batch->AddRead(sids[i], indexes[i] * kPageBytes, &pending[i]);
@@ -392,11 +396,15 @@ void PeerStore::WriteBatch(std::span<const std::byte* const> pages,
       // Pages with no peer form a group of their own (index kMaxPeers) that sends nothing.
       peer_of[i] = chosen[i] < 0 ? kMaxPeers : static_cast<std::size_t>(chosen[i]);
     }
+    // The clients must outlive the waits below (a waiter reads replies through its client).
+    std::shared_ptr<PeerClient> clients[kWindow];
+    std::size_t client_count = 0;
     ForEachPeerGroup(peer_of, count, [&](std::size_t peer, std::span<const std::size_t> group) {
       if (peer == kMaxPeers) return;
       std::shared_ptr<PeerClient> client = ClientOf(*peers_[peer]);
       std::optional<PeerClient::Batch> batch;
       if (client) batch.emplace(*client);
+      clients[client_count++] = client;
       for (const std::size_t i : group) {
         if (batch) {
           batch->AddWrite(sids[i], indexes[i] * kPageBytes,
@@ -578,11 +586,15 @@ void PeerStore::CacheWriteBatch(std::span<const std::byte* const> pages,
       }
     }
     HandleBody handles[kWindow];
+    // The clients must outlive the waits below (a waiter reads replies through its client).
+    std::shared_ptr<PeerClient> clients[kWindow];
+    std::size_t client_count = 0;
     ForEachPeerGroup(peer_of, count, [&](std::size_t peer, std::span<const std::size_t> group) {
       if (peer == kMaxPeers) return;
       std::shared_ptr<PeerClient> client = ClientOf(*peers_[peer]);
       std::optional<PeerClient::Batch> batch;
       if (client) batch.emplace(*client);
+      clients[client_count++] = client;
       for (const std::size_t i : group) {
         handles[i] = CacheHandle(keys[i]);
         if (batch) {

@@ -218,4 +218,19 @@ int ReadFull(int fd, void* data, std::size_t length) noexcept {
   return 0;
 }
 
+long ReceiveSome(int fd, void* data, std::size_t length, std::chrono::microseconds spin) noexcept {
+  const auto spin_until = std::chrono::steady_clock::now() + spin;
+  int flags = spin.count() > 0 ? MSG_DONTWAIT : 0;
+  for (;;) {
+    const ssize_t n = ::recv(fd, data, length, flags);
+    if (n >= 0) return n;
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN && flags != 0) {
+      if (std::chrono::steady_clock::now() >= spin_until) flags = 0;  // now block
+      continue;
+    }
+    return -errno;
+  }
+}
+
 }  // namespace memlend
