@@ -1,6 +1,7 @@
 #include "store/device.h"
 
 #include <algorithm>
+#include <bit>
 #include <cassert>
 #include <cerrno>
 #include <cstring>
@@ -66,6 +67,9 @@ Device::Device(std::string name, std::uint64_t size_bytes, Tiering& tiers,
   const std::uint64_t chunk_count = (page_count_ + kChunkPages - 1) >> kChunkShift;
   chunks_ = std::make_unique<std::atomic<PageEntry*>[]>(chunk_count);
   for (std::uint64_t i = 0; i < chunk_count; ++i) chunks_[i].store(nullptr);
+  const std::uint64_t words = (page_count_ + 63) / 64;
+  local_bits_ = std::make_unique<std::atomic<std::uint64_t>[]>(words);
+  for (std::uint64_t i = 0; i < words; ++i) local_bits_[i].store(0, std::memory_order_relaxed);
   tiers_.AddOwner(this);
 }
 
@@ -100,7 +104,7 @@ Device::PageEntry* Device::Entry(std::uint64_t page, bool create) noexcept {
   return &chunk[page & (kChunkPages - 1)];
 }
 
-void Device::SetLocation(PageEntry* entry, Location from, Location to,
+void Device::SetLocation(std::uint64_t page, PageEntry* entry, Location from, Location to,
                          Slot disk_copy) noexcept {
   entry->where.store(to.bits(), std::memory_order_relaxed);
   const bool was_clean = from.tier() == Tier::kLocal && entry->disk_copy != kNoCopy;
@@ -108,35 +112,44 @@ void Device::SetLocation(PageEntry* entry, Location from, Location to,
   entry->disk_copy = disk_copy;
   if (was_clean != is_clean) clean_pages_.fetch_add(is_clean ? 1 : -1, std::memory_order_relaxed);
   if (from.tier() == to.tier()) return;
+  if (from.tier() == Tier::kLocal || to.tier() == Tier::kLocal) {
+    const std::uint64_t bit = std::uint64_t{1} << (page & 63);
+    if (to.tier() == Tier::kLocal) {
+      local_bits_[page >> 6].fetch_or(bit, std::memory_order_release);  // after the chunk exists
+    } else {
+      local_bits_[page >> 6].fetch_and(~bit, std::memory_order_relaxed);
+    }
+  }
   tier_pages_[static_cast<int>(from.tier())].fetch_sub(1, std::memory_order_relaxed);
   tier_pages_[static_cast<int>(to.tier())].fetch_add(1, std::memory_order_relaxed);
 }
 
-void Device::ReleaseAndSet(PageEntry* entry, Location to) noexcept {
+void Device::ReleaseAndSet(std::uint64_t page, PageEntry* entry, Location to) noexcept {
   const Location old = Location::FromBits(entry->where.load(std::memory_order_relaxed));
   tiers_.Release(old);
   tiers_.ReleaseCopy(entry->disk_copy);
-  SetLocation(entry, old, to);
+  SetLocation(page, entry, old, to);
 }
 
-void Device::MakeDirty(PageEntry* entry) noexcept {
+void Device::MakeDirty(std::uint64_t page, PageEntry* entry) noexcept {
   if (entry == nullptr || entry->disk_copy == kNoCopy) return;
   const Location where = Location::FromBits(entry->where.load(std::memory_order_relaxed));
   if (where.tier() == Tier::kCached) {
     tiers_.Release(where);  // the cache entry; the disk copy is now the page
-    SetLocation(entry, where, Location(Tier::kDisk, entry->disk_copy));
+    SetLocation(page, entry, where, Location(Tier::kDisk, entry->disk_copy));
   } else {
     tiers_.ReleaseCopy(entry->disk_copy);
-    SetLocation(entry, where, where);
+    SetLocation(page, entry, where, where);
   }
 }
 
-int Device::LoadLocked(PageEntry* entry, PageSpan out, Location* where) noexcept {
+int Device::LoadLocked(std::uint64_t page, PageEntry* entry, PageSpan out,
+                       Location* where) noexcept {
   *where = entry ? Location::FromBits(entry->where.load(std::memory_order_relaxed)) : Location();
   const int rc = tiers_.Load(*where, out);
   if (rc == 0 || where->tier() != Tier::kCached) return rc;
   // The lender dropped the cached copy (or is gone): the disk copy is the page.
-  MakeDirty(entry);
+  MakeDirty(page, entry);
   *where = Location::FromBits(entry->where.load(std::memory_order_relaxed));
   return tiers_.Load(*where, out);
 }
@@ -144,15 +157,15 @@ int Device::LoadLocked(PageEntry* entry, PageSpan out, Location* where) noexcept
 int Device::StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept {
   PageEntry* entry = Entry(page, /*create=*/true);
   if (entry == nullptr) return -ENOMEM;
-  MakeDirty(entry);
+  MakeDirty(page, entry);
   const Location old = Location::FromBits(entry->where.load(std::memory_order_relaxed));
   if (IsAllZero(contents.data(), kPageSize)) {
-    ReleaseAndSet(entry, Location(Tier::kZero, 0));
+    ReleaseAndSet(page, entry, Location(Tier::kZero, 0));
     return 0;
   }
   Location placed;
   const int rc = tiers_.Store(contents, page, old, &placed);
-  SetLocation(entry, old, rc == 0 ? placed.WithReferenced(true) : placed);
+  SetLocation(page, entry, old, rc == 0 ? placed.WithReferenced(true) : placed);
   return rc;
 }
 
@@ -186,7 +199,7 @@ int Device::ReadPageLocked(std::uint64_t page, PageEntry* entry, std::size_t in_
   alignas(64) std::byte buffer[kPageSize];
   std::byte* contents = count == kPageSize ? dest : buffer;
   Location where;
-  const int rc = LoadLocked(entry, PageSpan(contents, kPageSize), &where);
+  const int rc = LoadLocked(page, entry, PageSpan(contents, kPageSize), &where);
   if (rc != 0) return rc;
   FinishRead(page, entry, where, contents);
   if (contents == buffer) std::memcpy(dest, buffer + in_page, count);
@@ -201,7 +214,7 @@ void Device::FinishRead(std::uint64_t page, PageEntry* entry, Location where,
     Slot disk_copy = kNoCopy;
     if (tiers_.MaybePromote(ConstPageSpan(contents, kPageSize), page, where, entry->disk_copy,
                             &promoted, &disk_copy)) {
-      SetLocation(entry, where, promoted, disk_copy);
+      SetLocation(page, entry, where, promoted, disk_copy);
     }
   }
   Touch(&entry->where);
@@ -315,7 +328,7 @@ int Device::Write(std::uint64_t offset, std::span<const std::byte> data) noexcep
     } else {
       alignas(64) std::byte buffer[kPageSize];
       Location where;
-      rc = LoadLocked(Entry(page, /*create=*/false), PageSpan(buffer), &where);
+      rc = LoadLocked(page, Entry(page, /*create=*/false), PageSpan(buffer), &where);
       if (rc == 0) {
         std::memcpy(buffer + in_page, source, count);
         rc = StorePageLocked(page, ConstPageSpan(buffer));
@@ -331,7 +344,7 @@ int Device::ZeroPage(std::uint64_t page, Tier zero_state) noexcept {
   PageLock lock(LockFor(page));
   PageEntry* entry = Entry(page, /*create=*/zero_state != Tier::kUnmapped);
   if (entry == nullptr) return zero_state == Tier::kUnmapped ? 0 : -ENOMEM;
-  ReleaseAndSet(entry, Location(zero_state, 0));
+  ReleaseAndSet(page, entry, Location(zero_state, 0));
   return 0;
 }
 
@@ -345,11 +358,11 @@ int Device::ZeroPartialPage(std::uint64_t page, std::size_t in_page, std::size_t
   }
   alignas(64) std::byte buffer[kPageSize];
   Location where;
-  const int rc = LoadLocked(entry, PageSpan(buffer), &where);
+  const int rc = LoadLocked(page, entry, PageSpan(buffer), &where);
   if (rc != 0) return rc;
   std::memset(buffer + in_page, 0, count);
   if (IsAllZero(buffer, kPageSize)) {
-    ReleaseAndSet(entry, Location(zero_state, 0));
+    ReleaseAndSet(page, entry, Location(zero_state, 0));
     return 0;
   }
   return StorePageLocked(page, ConstPageSpan(buffer));
@@ -416,23 +429,19 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
   while (demoted < want && scanned < limit) {
     const std::size_t batch_want = std::min(kBatch, want - demoted);
     std::size_t count = 0;
-    for (; scanned < limit && count < batch_want; ++scanned) {
-      const std::uint64_t page = hand;
-      if (++hand == page_count_) hand = 0;
-      PageEntry* chunk = chunks_[page >> kChunkShift].load(std::memory_order_acquire);
-      if (chunk == nullptr) {
-        // Skip the rest of an unwritten chunk (the last chunk may be shorter).
-        const std::uint64_t chunk_end = std::min(((page >> kChunkShift) + 1) << kChunkShift,
-                                                 page_count_);
-        scanned += chunk_end - page - 1;
-        hand = chunk_end == page_count_ ? 0 : chunk_end;
+    while (scanned < limit && count < batch_want) {
+      const std::uint64_t page = NextLocalPage(hand);
+      if (page == page_count_) {  // none up to the end: wrap around
+        scanned += page_count_ - hand;
+        hand = 0;
         continue;
       }
+      scanned += page - hand + 1;
+      hand = page + 1 == page_count_ ? 0 : page + 1;
+      // A set bit means the chunk exists (chunks live as long as the device).
+      PageEntry* chunk = chunks_[page >> kChunkShift].load(std::memory_order_acquire);
+      if (chunk == nullptr) continue;
       PageEntry* entry = &chunk[page & (kChunkPages - 1)];
-      if (Location::FromBits(entry->where.load(std::memory_order_relaxed)).tier() !=
-          Tier::kLocal) {
-        continue;  // a cheap look before the lock
-      }
       std::mutex* mu = &LockFor(page);
       bool held = mu == t_held_stripe;
       for (std::size_t i = 0; i < count && !held; ++i) held = candidates[i].mu == mu;
@@ -463,7 +472,7 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
       if (results[i] == 0) {
         tiers_.Release(candidates[i].where);
         // A clean page's disk copy goes with it (kDisk names it, kCached keeps it beside).
-        SetLocation(candidates[i].entry, candidates[i].where, placed[i],
+        SetLocation(hints[i], candidates[i].entry, candidates[i].where, placed[i],
                     placed[i].tier() == Tier::kCached ? disk_copies[i] : kNoCopy);
         ++demoted;
       } else {
@@ -475,6 +484,19 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
   }
   clock_hand_.store(hand, std::memory_order_relaxed);
   return demoted;
+}
+
+std::uint64_t Device::NextLocalPage(std::uint64_t from) const noexcept {
+  const std::uint64_t words = (page_count_ + 63) / 64;
+  std::uint64_t word = from / 64;
+  if (word >= words) return page_count_;
+  std::uint64_t bits =
+      local_bits_[word].load(std::memory_order_acquire) & (~std::uint64_t{0} << (from % 64));
+  while (bits == 0) {
+    if (++word == words) return page_count_;
+    bits = local_bits_[word].load(std::memory_order_acquire);
+  }
+  return std::min(page_count_, word * 64 + static_cast<std::uint64_t>(std::countr_zero(bits)));
 }
 
 DevicePageCounts Device::Counts() const noexcept {

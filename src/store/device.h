@@ -122,18 +122,20 @@ class Device final : public PageOwner {
   // scan this thread runs (direct reclaim) never try-locks it again.
   class PageLock;
   // Replaces the page's location and disk copy under its lock, keeping the counts in step.
-  void SetLocation(PageEntry* entry, Location from, Location to,
+  void SetLocation(std::uint64_t page, PageEntry* entry, Location from, Location to,
                    Slot disk_copy = kNoCopy) noexcept;
   // Releases everything the page holds (its location's room and its disk copy) and makes
   // it `to`. REQUIRES: the page's lock is held.
-  void ReleaseAndSet(PageEntry* entry, Location to) noexcept;
+  void ReleaseAndSet(std::uint64_t page, PageEntry* entry, Location to) noexcept;
   // Copies the whole page into `out` from whatever tier holds it. A kCached page whose
   // cache entry is gone is read from its disk copy, and becomes kDisk. Sets *where to
   // where the page was read from. REQUIRES: the page's lock is held; entry may be null.
-  int LoadLocked(PageEntry* entry, PageSpan out, Location* where) noexcept;
+  int LoadLocked(std::uint64_t page, PageEntry* entry, PageSpan out, Location* where) noexcept;
   // Before a page's contents change: a clean page becomes dirty (its disk copy goes), and
   // a kCached page becomes plain kDisk (its cache entry goes). REQUIRES: the lock is held.
-  void MakeDirty(PageEntry* entry) noexcept;
+  void MakeDirty(std::uint64_t page, PageEntry* entry) noexcept;
+  // The first page at or after `from` whose local bit is set, or page_count_ if none.
+  std::uint64_t NextLocalPage(std::uint64_t from) const noexcept;
   // Reads [in_page, in_page + count) of one page into `dest`, from whatever tier holds
   // it, then marks it used (and may promote it). REQUIRES: the page's lock is held.
   int ReadPageLocked(std::uint64_t page, PageEntry* entry, std::size_t in_page,
@@ -169,6 +171,10 @@ class Device final : public PageOwner {
   std::atomic<std::uint64_t> clock_hand_{0};
   std::array<std::atomic<std::int64_t>, kTierCount> tier_pages_{};
   std::atomic<std::int64_t> clean_pages_{0};  // kLocal pages with a disk copy
+  // One bit per page, set while the page is kLocal (changed under the page's lock), so
+  // the eviction scan skips 64 pages that are elsewhere with one load: on a big device
+  // whose pages are mostly remote, local pages are rare.
+  std::unique_ptr<std::atomic<std::uint64_t>[]> local_bits_;
 };
 
 }  // namespace memlend
