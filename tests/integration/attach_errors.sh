@@ -71,7 +71,8 @@ expect_error "already exists" "$memlend" attach a --size 16M --frontend fuse --c
 # The first one still works.
 head -c 1M /dev/urandom >"$workdir/data"
 dd if="$workdir/data" of="$device" bs=1M oflag=direct status=none
-cmp <(dd if="$device" bs=1M count=1 iflag=direct status=none) "$workdir/data" ||
+dd if="$device" of="$workdir/back" bs=1M count=1 iflag=direct status=none
+cmp "$workdir/back" "$workdir/data" ||
   fail "$device does not read back what was written after a refused duplicate"
 "$memlend" detach a --control "$control"
 check_nothing_attached "$control"
