@@ -215,7 +215,6 @@ int main(int argc, char** argv) {
                      "How the kernel sees it: ublk (/dev/ublkbN), nbd (the kernel's NBD client, "
                      "/dev/nbdN), fuse (nbdfuse and a loop device, /dev/loopN), or auto: the "
                      "first of those this host has")
-      ->type_name("auto|ublk|nbd|fuse")
       ->check(CLI::IsMember({"auto", "ublk", "nbd", "fuse"}))
       ->default_str("auto");
   attach->add_option("--control", attach_control,

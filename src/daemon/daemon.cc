@@ -112,9 +112,10 @@ void Daemon::PrepareForSwap() {
   // by writing to a block device (which could be this daemon's own), and they are not
   // throttled for dirty pages of other devices.
   if (::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0) {
-    LogError("warning: PR_SET_IO_FLUSHER failed (%s; needs CAP_SYS_RESOURCE): under memory "
-             "pressure a swap device served by this daemon may deadlock",
-             std::strerror(errno));
+    swap_warnings_.push_back(std::string("warning: PR_SET_IO_FLUSHER failed (") +
+                             std::strerror(errno) +
+                             "; needs CAP_SYS_RESOURCE): under memory pressure a swap device "
+                             "served by this daemon may deadlock");
   }
 }
 
@@ -128,16 +129,15 @@ void Daemon::LockMemory() {
   if (::mlockall(flags) != 0) {
     const int error = errno;
     ::munlockall();
-    LogError("warning: mlockall failed (%s): the daemon's memory may be swapped out, which can "
-             "deadlock a swap device it serves; give it CAP_IPC_LOCK or a RLIMIT_MEMLOCK "
-             "(ulimit -l) above its local store, or pass --no-mlock",
-             std::strerror(error));
+    swap_warnings_.push_back(std::string("warning: mlockall failed (") + std::strerror(error) +
+                             "): the daemon's memory may be swapped out, which can deadlock a "
+                             "swap device it serves; give it CAP_IPC_LOCK or a RLIMIT_MEMLOCK "
+                             "(ulimit -l) above its local store, or pass --no-mlock");
     return;
   }
   if (!unbounded) {
-    LogError("warning: without CAP_IPC_LOCK only memory allocated at startup is locked "
-             "(RLIMIT_MEMLOCK %s)",
-             FormatSize(limit.rlim_cur).c_str());
+    swap_warnings_.push_back("warning: without CAP_IPC_LOCK only memory allocated at startup is "
+                             "locked (RLIMIT_MEMLOCK " + FormatSize(limit.rlim_cur) + ")");
   }
 }
 
@@ -179,6 +179,7 @@ void Daemon::BlockShutdownSignals() {
 }
 
 void Daemon::Run() {
+  for (const std::string& warning : swap_warnings_) LogError("%s", warning.c_str());
   if (tiers_) tiers_->StartEvictor();
   if (peers_) refresher_ = std::thread([this] { RefreshLoop(); });
   if (nbd_) nbd_->Start();

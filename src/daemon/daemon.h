@@ -68,12 +68,14 @@ class Daemon {
   std::string FuseNbdSocket();
   // Where nbdfuse mounts go: a private directory next to the control socket.
   std::string FuseMountRoot();
-  // Makes the daemon safe to serve swap: smaller thread stacks, PR_SET_IO_FLUSHER, and
-  // mlockall. Each failure is a warning, not an error.
-  static void PrepareForSwap();
-  static void LockMemory();
+  // Make the daemon safe to serve swap: smaller thread stacks and PR_SET_IO_FLUSHER before
+  // any thread starts, mlockall once everything is allocated. Each failure is a warning,
+  // not an error; it is kept in swap_warnings_ and printed once startup has succeeded.
+  void PrepareForSwap();
+  void LockMemory();
 
   const DaemonConfig config_;
+  std::vector<std::string> swap_warnings_;  // written by the constructor, printed by Run
   // Borrowing side; all null or empty when the daemon serves no device.
   peer::PeerStore* peers_ = nullptr;  // owned by tiers_
   std::unique_ptr<Tiering> tiers_;
