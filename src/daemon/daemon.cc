@@ -419,6 +419,10 @@ nlohmann::json Daemon::Attach(const nlohmann::json& request) {
       reasons += (reasons.empty() ? "" : "; ") + std::string(e.what());
     }
   }
+  if (frontend && !reasons.empty()) {
+    LogError("attach %s: using %s (%s)", name.c_str(), std::string(frontend->kind()).c_str(),
+             reasons.c_str());
+  }
   if (!frontend) {
     devices_.Remove(name);
     if (wanted == "auto") throw std::runtime_error("no frontend could attach: " + reasons);

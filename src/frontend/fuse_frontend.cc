@@ -1,5 +1,6 @@
 #include "frontend/fuse_frontend.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/loop.h>
 #include <signal.h>
@@ -9,6 +10,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <stdexcept>
 
 #include "common/log.h"
@@ -134,6 +136,25 @@ class FuseFrontend final : public BlockFrontend {
   bool attached_ = true;  // control thread only
 };
 
+// Clears loop devices whose backing file is under `prefix` (left by a daemon that was
+// killed; the kernel shows a vanished FUSE file's old path).
+void ReleaseStaleLoops(const std::string& prefix) {
+  DIR* dir = ::opendir("/sys/block");
+  if (dir == nullptr) return;
+  while (const dirent* entry = ::readdir(dir)) {
+    const std::string block = entry->d_name;
+    if (block.rfind("loop", 0) != 0) continue;
+    std::ifstream file("/sys/block/" + block + "/loop/backing_file");
+    std::string backing;
+    if (!std::getline(file, backing) || backing.rfind(prefix, 0) != 0) continue;
+    UniqueFd loop(::open(("/dev/" + block).c_str(), O_RDWR | O_CLOEXEC));
+    if (loop.valid() && ::ioctl(loop.get(), LOOP_CLR_FD) == 0) {
+      LogError("fuse: cleared /dev/%s, left over on %s", block.c_str(), backing.c_str());
+    }
+  }
+  ::closedir(dir);
+}
+
 // Binds a free loop device to `file`; returns its index. Throws on failure.
 int BindLoop(int file, const std::string& file_path) {
   UniqueFd control(::open("/dev/loop-control", O_RDWR | O_CLOEXEC));
@@ -204,6 +225,14 @@ std::unique_ptr<BlockFrontend> AttachFuse(std::shared_ptr<Device> device,
   FuseResources resources;
   try {
     const std::string mount_dir = options.mount_root + "/" + name;
+    if (PathExists(mount_dir)) {
+      // Left by a daemon that was killed: names are unique within a daemon, so no live
+      // attach uses it. A dead nbdfuse mount answers ENOTCONN until unmounted.
+      LogError("fuse: removing %s, left over from an earlier daemon", mount_dir.c_str());
+      ReleaseStaleLoops(mount_dir + "/");
+      RunProcess({"fusermount3", "-u", "-q", "-z", mount_dir}, kStopTimeoutMs);
+      ::rmdir(mount_dir.c_str());
+    }
     if (::mkdir(mount_dir.c_str(), 0700) != 0) {
       throw std::runtime_error("fuse: cannot create " + mount_dir + ": " + std::strerror(errno));
     }

@@ -63,8 +63,12 @@ if [[ ! -e /dev/ublk-control ]]; then
 fi
 check_nothing_attached "$control"
 
-device=$("$memlend" attach a --size 16M --frontend fuse --control "$control")
+# auto: on a host without ublk and nbd that is fuse, a loop device.
+device=$("$memlend" attach a --size 16M --control "$control")
 attached_devices+=("$device")
+if [[ ! -e /dev/ublk-control && ! -e /dev/nbd0 ]]; then
+  [[ $device == /dev/loop* ]] || fail "auto attached '$device' on a host with only FUSE"
+fi
 expect_error "already exists" "$memlend" attach a --size 32M --control "$control"
 expect_error "already exists" "$memlend" attach a --size 16M --frontend fuse --control "$control"
 [[ $(losetup -a | grep -cF "$workdir") -eq 1 ]] || fail "not exactly one loop device: $(losetup -a)"

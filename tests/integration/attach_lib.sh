@@ -121,7 +121,7 @@ attach_cleanup() {
   for loop in $(losetup -a 2>/dev/null | grep -F "$workdir" | cut -d: -f1); do
     losetup -d "$loop" 2>/dev/null || true
   done
-  for mount in $(awk -v dir="$workdir" 'index($2, dir) == 1 { print $2 }' /proc/mounts); do
+  for mount in $(awk -v dir="$workdir" 'index($2, dir) == 1 { print $2 }' /proc/mounts | sort -r); do
     fusermount3 -u -z "$mount" 2>/dev/null || umount -l "$mount" 2>/dev/null || true
   done
 }

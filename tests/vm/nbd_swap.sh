@@ -9,8 +9,9 @@
 # /dev/nbdN; mkswap and swapon; a process in a cgroup-v2 memory cgroup limited to 32 MiB writes
 # a pattern over 128 MiB, and while it waits /proc/swaps must show the device in use, `memlend
 # status --json` pages of swap0 on the peer, and detach must be refused; then it reads the
-# pattern back intact. swapoff, detach (the nbd device must be disconnected), and `auto` must
-# pick nbd here when ublk is absent. A trap takes everything down even when a step fails.
+# pattern back intact. swapoff, detach (the nbd device must be disconnected); `auto` must pick
+# nbd here when ublk is absent; ext4 on it, detach refused while mounted; SIGTERM with the
+# device still attached detaches it. A trap takes everything down even when a step fails.
 set -euo pipefail
 
 memlend=${1:-${MEMLEND_BINARY:-}}
@@ -63,6 +64,21 @@ dd if="$workdir/data" of="$device" bs=1M oflag=direct status=none
 dd if="$device" of="$workdir/back" bs=1M count=4 iflag=direct status=none
 cmp "$workdir/back" "$workdir/data" ||
   fail "$device does not read back what was written"
+# A mounted file system holds the device too: detach is refused until it is unmounted.
+mkfs.ext4 -q -F "$device" || fail "mkfs.ext4 on $device failed"
+mkdir -p "$workdir/mnt"
+mount "$device" "$workdir/mnt"
+cp "$workdir/data" "$workdir/mnt/data"
+if "$memlend" detach auto0 --control "$control" 2>"$workdir/detach.err"; then
+  umount "$workdir/mnt"
+  fail "detach succeeded while $device is mounted"
+fi
+grep -q "in use" "$workdir/detach.err" || fail "detach while mounted: $(cat "$workdir/detach.err")"
+echo "detach while mounted is refused: $(cat "$workdir/detach.err")"
+umount "$workdir/mnt"
+mount "$device" "$workdir/mnt"
+cmp "$workdir/mnt/data" "$workdir/data" || fail "the file on $device changed across a remount"
+umount "$workdir/mnt"
 # SIGTERM with a device still attached: the daemon detaches it and exits 0.
 stop_daemon borrower
 attached_devices=()
