@@ -58,8 +58,8 @@ bool LoopBound(int index) {
 struct FuseResources {
   std::string mount_dir;  // created by us
   std::string pid_file;
-  pid_t nbdfuse = -1;     // running nbdfuse, mounted on mount_dir once ready
-  int loop_index = -1;    // a loop device bound to the file
+  pid_t nbdfuse = -1;   // running nbdfuse, mounted on mount_dir once ready
+  int loop_index = -1;  // a loop device bound to the file
 
   void Release() noexcept {
     if (loop_index >= 0) {

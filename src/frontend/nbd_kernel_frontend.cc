@@ -6,11 +6,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
-#include <atomic>
-#include <cstdlib>
 #include <thread>
 
 #include "common/log.h"
@@ -186,8 +186,9 @@ std::unique_ptr<BlockFrontend> AttachNbdKernel(std::shared_ptr<Device> device,
     }
     return frontend;
   }
-  throw std::runtime_error("nbd: no free /dev/nbdN device (load the module with more: "
-                           "modprobe nbd nbds_max=N)");
+  throw std::runtime_error(
+      "nbd: no free /dev/nbdN device (load the module with more: "
+      "modprobe nbd nbds_max=N)");
 }
 
 }  // namespace memlend
