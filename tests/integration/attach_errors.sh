@@ -6,7 +6,8 @@
 #
 # Cases: the daemon is down; size not a multiple of 4 KiB, zero, or not a size; a bad name;
 # a duplicate name (the first stays attached and usable); a frontend this host lacks (nbd or
-# ublk here); a daemon that only lends; detach of an unknown name or of a --device.
+# ublk here); a daemon that only lends; detach of an unknown name or of a --device. Also: auto
+# picks fuse on a host without ublk and nbd, and SIGTERM detaches what is still attached.
 # Exit status: 0 pass, 1 fail, 77 skipped (not root, no FUSE or loop, nbdfuse missing).
 
 set -euo pipefail
@@ -82,6 +83,16 @@ cmp "$workdir/back" "$workdir/data" ||
 check_nothing_attached "$control"
 expect_error "no attached device" "$memlend" detach a --control "$control"
 stop_daemon borrower
+
+# SIGTERM with a device still attached: the daemon detaches it and exits 0, leaving nothing.
+start_daemon borrower --local-store 16M
+device=$("$memlend" attach b --size 16M --frontend fuse --control "$control")
+[[ -b $device ]] || fail "attach printed '$device'"
+stop_daemon borrower
+if losetup -a | grep -qF "$workdir"; then fail "SIGTERM left a loop device: $(losetup -a)"; fi
+if grep -qF "$workdir" /proc/mounts; then fail "SIGTERM left a mount"; fi
+[[ ! -e $control.fuse && ! -e $control.nbd ]] || fail "SIGTERM left $control.fuse or .nbd"
+echo "ok: SIGTERM detached $device and left nothing"
 
 start_daemon withdevice --device d0:16M --nbd "unix:$workdir/nbd.sock" --local-store 16M
 expect_error "--device" "$memlend" detach d0 --control "$workdir/withdevice.control"
