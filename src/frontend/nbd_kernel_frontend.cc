@@ -37,6 +37,9 @@ constexpr unsigned long kTransmissionFlags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_
 constexpr unsigned long kBlockSize = 4096;
 constexpr int kMaxDevices = 1024;
 constexpr int kStartTimeoutMs = 5000;
+// Room for the kernel's largest WRITE at the default max_sectors_kb (1280), allocated when the
+// device is attached rather than while it writes out swap.
+constexpr std::size_t kLargestKernelWrite = 2 << 20;
 
 std::string DevicePath(int index) { return "/dev/nbd" + std::to_string(index); }
 std::string PidPath(int index) { return "/sys/block/nbd" + std::to_string(index) + "/pid"; }
@@ -50,7 +53,7 @@ class NbdKernelFrontend final : public BlockFrontend {
         nbd_(std::move(nbd)),
         server_(std::move(server)) {
     serve_ = std::thread([this, busy_poll = options.busy_poll] {
-      nbd::RunTransmission(server_.get(), *device_, busy_poll);
+      nbd::RunTransmission(server_.get(), *device_, busy_poll, kLargestKernelWrite);
       // The kernel sees end of stream and NBD_DO_IT returns.
       ::shutdown(server_.get(), SHUT_RDWR);
     });

@@ -25,8 +25,13 @@ constexpr std::size_t kMaxReadRunBytes = 4 << 20;
 
 class Connection {
  public:
-  Connection(int fd, Device& device, std::chrono::microseconds busy_poll)
-      : fd_(fd), device_(device), busy_poll_(busy_poll), input_(kInputBytes) {
+  Connection(int fd, Device& device, std::chrono::microseconds busy_poll,
+             std::size_t large_write_bytes)
+      : fd_(fd),
+        device_(device),
+        busy_poll_(busy_poll),
+        input_(kInputBytes),
+        large_payload_(large_write_bytes) {
     // Allocated up front, so that serving the usual requests allocates nothing: a daemon
     // that serves swap may be asked to write pages out precisely when memory is short.
     replies_.Reserve(kReplyBytes);
@@ -231,8 +236,9 @@ class Connection {
 
 }  // namespace
 
-void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll) {
-  Connection(fd, device, busy_poll).Run();
+void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll,
+                     std::size_t large_write_bytes) {
+  Connection(fd, device, busy_poll, large_write_bytes).Run();
 }
 
 }  // namespace memlend::nbd
