@@ -8,7 +8,6 @@
 
 #include <atomic>
 #include <cerrno>
-#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <thread>
@@ -49,6 +48,7 @@ class NbdKernelFrontend final : public BlockFrontend {
   NbdKernelFrontend(std::shared_ptr<Device> device, int index, UniqueFd nbd, UniqueFd server,
                     const NbdKernelOptions& options)
       : device_(std::move(device)),
+        index_(index),
         path_(DevicePath(index)),
         nbd_(std::move(nbd)),
         server_(std::move(server)) {
@@ -86,7 +86,7 @@ class NbdKernelFrontend final : public BlockFrontend {
 
   // Waits until the kernel reports the device started (its pid file appears).
   bool WaitStarted() {
-    return WaitFor(kStartTimeoutMs, [&] { return PathExists(PidPath(Index())) || do_it_done_; }) &&
+    return WaitFor(kStartTimeoutMs, [&] { return PathExists(PidPath(index_)) || do_it_done_; }) &&
            !do_it_done_;
   }
 
@@ -108,9 +108,8 @@ class NbdKernelFrontend final : public BlockFrontend {
   }
 
  private:
-  int Index() const { return std::atoi(path_.c_str() + std::strlen("/dev/nbd")); }
-
   const std::shared_ptr<Device> device_;
+  const int index_;
   const std::string path_;
   UniqueFd nbd_;
   UniqueFd server_;
