@@ -7,6 +7,8 @@ packages=(
   cmake g++ make pkg-config
   liburing-dev libnbd-dev libcli11-dev nlohmann-json3-dev doctest-dev liblz4-dev
   fio nbdkit libnbd-bin python3
+  # memlend attach --frontend fuse: nbdfuse (libnbd-bin, above) and fusermount3
+  fuse3
 )
 
 missing=()

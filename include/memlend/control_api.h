@@ -20,6 +20,10 @@
 //   "peers": reply field peers[]: {node_id, address, state ("up"|"down"|"refusing"),
 //     pool_total_bytes, pool_free_bytes, pages_stored, superpages_held, pages_lost, rtt_us,
 //     error}
+//   "attach" {name, size_bytes, frontend ("auto"|"ublk"|"nbd"|"fuse")}: creates a device
+//     and a block device for it; reply fields path ("/dev/..."), frontend (the kind used)
+//   "detach" {name}: removes the block device and the device; refused while in use
+//   status's devices[] also carry frontend and path (null unless attached).
 //   See docs/control.md.
 #pragma once
 
@@ -30,5 +34,7 @@ namespace memlend {
 inline constexpr std::size_t kMaxControlRequest = 64 * 1024;
 inline constexpr char kControlStatus[] = "status";
 inline constexpr char kControlPeers[] = "peers";
+inline constexpr char kControlAttach[] = "attach";
+inline constexpr char kControlDetach[] = "detach";
 
 }  // namespace memlend

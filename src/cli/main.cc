@@ -10,6 +10,7 @@
 
 #include "cli/status.h"
 #include "common/log.h"
+#include "common/size.h"
 #include "daemon/config.h"
 #include "daemon/control.h"
 #include "daemon/daemon.h"
@@ -52,6 +53,67 @@ int RunQuery(const std::string& control, const char* command, bool json,
     }
   } catch (const std::exception& e) {
     memlend::LogError("%s", e.what());
+    return 1;
+  }
+  return 0;
+}
+
+// An attach may wait for a frontend to come up (nbdfuse, the kernel); a detach for the
+// kernel to let go of the device.
+constexpr int kAttachTimeoutMs = 60000;
+
+int RunAttach(const std::string& control, const std::string& name, const std::string& size,
+              const std::string& frontend) {
+  const std::optional<std::uint64_t> bytes = memlend::ParseSize(size);
+  if (!bytes) {
+    memlend::LogError("attach %s: --size '%s' is not a size (use a number with an optional K, M, "
+                      "G or T suffix)",
+                      name.c_str(), size.c_str());
+    return 2;
+  }
+  if (*bytes == 0 || *bytes % memlend::kPageSize != 0) {
+    memlend::LogError("attach %s: --size %s: the size must be a positive multiple of 4 KiB",
+                      name.c_str(), size.c_str());
+    return 2;
+  }
+  if (!memlend::ValidDeviceName(name)) {
+    memlend::LogError("attach: the name must be 1 to 64 characters of letters, digits, '.', '_' "
+                      "or '-'");
+    return 2;
+  }
+  try {
+    const nlohmann::json reply = memlend::CallControl(
+        control.empty() ? memlend::DefaultControlPath() : control,
+        {{"command", memlend::kControlAttach},
+         {"name", name},
+         {"size_bytes", *bytes},
+         {"frontend", frontend}},
+        kAttachTimeoutMs);
+    if (!reply.value("ok", false)) {
+      memlend::LogError("attach %s: %s", name.c_str(),
+                        reply.value("error", "no reason given").c_str());
+      return 1;
+    }
+    std::cout << reply.value("path", "") << "\n";
+  } catch (const std::exception& e) {
+    memlend::LogError("attach %s: %s", name.c_str(), e.what());
+    return 1;
+  }
+  return 0;
+}
+
+int RunDetach(const std::string& control, const std::string& name) {
+  try {
+    const nlohmann::json reply = memlend::CallControl(
+        control.empty() ? memlend::DefaultControlPath() : control,
+        {{"command", memlend::kControlDetach}, {"name", name}}, kAttachTimeoutMs);
+    if (!reply.value("ok", false)) {
+      memlend::LogError("detach %s: %s", name.c_str(),
+                        reply.value("error", "no reason given").c_str());
+      return 1;
+    }
+  } catch (const std::exception& e) {
+    memlend::LogError("detach %s: %s", name.c_str(), e.what());
     return 1;
   }
   return 0;
@@ -127,9 +189,53 @@ int main(int argc, char** argv) {
   daemon->add_option("--node-id", daemon_args.node_id,
                      "This daemon's identity among peers, 1-16 hex digits (default: random)")
       ->type_name("HEX");
+  daemon->add_flag("--no-mlock", daemon_args.no_mlock,
+                   "Do not lock the daemon's memory (mlockall) or mark it an I/O flusher. "
+                   "Only safe when no device it serves is used as swap");
   daemon->footer(
-      "A daemon can serve devices (--device, --nbd, --local-store), lend memory (--lend, "
-      "--listen), or both.");
+      "A daemon can serve devices (--device, --nbd, --local-store; or --local-store alone and "
+      "`memlend attach` later), lend memory (--lend, --listen), or both. A daemon with a local "
+      "store locks its memory and needs CAP_IPC_LOCK (or a large enough `ulimit -l`) and "
+      "CAP_SYS_RESOURCE for that; see docs/attach.md.");
+
+  std::string attach_control;
+  std::string attach_name;
+  std::string attach_size;
+  std::string attach_frontend = "auto";
+  CLI::App* attach = app.add_subcommand(
+      "attach", "Create a device in the running daemon and attach it as a block device; prints "
+                "its path (e.g. /dev/nbd0)");
+  attach->add_option("NAME", attach_name, "The device's name (letters, digits, '.', '_', '-')")
+      ->required();
+  attach->add_option("--size", attach_size,
+                     "The device's size, a multiple of 4K, e.g. 4G (K, M, G, T are binary)")
+      ->type_name("SIZE")
+      ->required();
+  attach->add_option("--frontend", attach_frontend,
+                     "How the kernel sees it: ublk (/dev/ublkbN), nbd (the kernel's NBD client, "
+                     "/dev/nbdN), fuse (nbdfuse and a loop device, /dev/loopN), or auto: the "
+                     "first of those this host has")
+      ->check(CLI::IsMember({"auto", "ublk", "nbd", "fuse"}))
+      ->default_str("auto");
+  attach->add_option("--control", attach_control,
+                     "The daemon's control socket (default: " + memlend::DefaultControlPath() +
+                         ")")
+      ->type_name("PATH");
+  attach->footer(
+      "Needs a daemon with a local store (memlend daemon --local-store SIZE ...) running as "
+      "root. Use the device for swap (mkswap, swapon) or a file system, then `memlend detach "
+      "NAME`. See docs/attach.md.");
+
+  std::string detach_control;
+  std::string detach_name;
+  CLI::App* detach = app.add_subcommand(
+      "detach", "Remove a block device made by `memlend attach`, and its device and pages; "
+                "refused while it is mounted or swapped on");
+  detach->add_option("NAME", detach_name, "The device's name")->required();
+  detach->add_option("--control", detach_control,
+                     "The daemon's control socket (default: " + memlend::DefaultControlPath() +
+                         ")")
+      ->type_name("PATH");
 
   std::string status_control;
   bool status_json = false;
@@ -165,6 +271,10 @@ int main(int argc, char** argv) {
   memlend::g_verbose = verbose;
 
   if (daemon->parsed()) return RunDaemon(daemon_args);
+  if (attach->parsed()) {
+    return RunAttach(attach_control, attach_name, attach_size, attach_frontend);
+  }
+  if (detach->parsed()) return RunDetach(detach_control, detach_name);
   if (peers->parsed()) {
     return RunQuery(peers_control, memlend::kControlPeers, peers_json, memlend::FormatPeers);
   }

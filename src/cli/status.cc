@@ -68,17 +68,23 @@ std::string FormatStatus(const nlohmann::json& status) {
     text += line;
   }
 
-  std::snprintf(line, sizeof(line), "\n%-20s %10s %10s %10s %10s %10s %10s %10s %-8s\n", "DEVICE",
-                "SIZE", "MAPPED", "ZERO", "LOCAL", "REMOTE", "DISK", "CACHED", "PROTOCOL");
+  std::snprintf(line, sizeof(line), "\n%-20s %10s %10s %10s %10s %10s %10s %10s %-8s %s\n",
+                "DEVICE", "SIZE", "MAPPED", "ZERO", "LOCAL", "REMOTE", "DISK", "CACHED", "PROTOCOL",
+                "ATTACHED");
   text += line;
   for (const nlohmann::json& device : status.at("devices")) {
     const nlohmann::json& pages = device.at("pages");
     auto count = [&](const char* key) { return static_cast<unsigned long long>(U64(pages, key)); };
-    std::snprintf(line, sizeof(line), "%-20s %10s %10llu %10llu %10llu %10llu %10llu %10llu %-8s\n",
+    std::string attached = "-";
+    if (const auto path = device.find("path"); path != device.end() && path->is_string()) {
+      attached = path->get<std::string>() + " (" + device.value("frontend", "?") + ")";
+    }
+    std::snprintf(line, sizeof(line),
+                  "%-20s %10s %10llu %10llu %10llu %10llu %10llu %10llu %-8s %s\n",
                   device.at("name").get<std::string>().c_str(),
                   FormatSize(U64(device, "size_bytes")).c_str(), count("mapped"), count("zero"),
                   count("local"), count("remote"), count("disk"), count("cached"),
-                  device.value("protocol", "auto").c_str());
+                  device.value("protocol", "auto").c_str(), attached.c_str());
     text += line;
   }
   text += "(page counts are 4 KiB pages; CACHED: disk pages also cached on a peer)\n";

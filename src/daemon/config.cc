@@ -31,7 +31,9 @@ std::string Quote(std::string_view text) {
   return quoted + "'";
 }
 
-bool ValidName(std::string_view name) {
+}  // namespace
+
+bool ValidDeviceName(std::string_view name) {
   if (name.empty() || name.size() > 64) return false;
   for (const char c : name) {
     const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
@@ -40,8 +42,6 @@ bool ValidName(std::string_view name) {
   }
   return true;
 }
-
-}  // namespace
 
 std::optional<DeviceSpec> ParseDeviceSpec(std::string_view text, std::string* error) {
   const std::size_t colon = text.find(':');
@@ -63,7 +63,7 @@ std::optional<DeviceSpec> ParseDeviceSpec(std::string_view text, std::string* er
       return std::nullopt;
     }
   }
-  if (!ValidName(spec.name)) {
+  if (!ValidDeviceName(spec.name)) {
     *error = "--device " + Quote(text) +
              ": the name must be 1 to 64 characters of letters, digits, '.', '_' or '-'";
     return std::nullopt;
@@ -144,26 +144,32 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
   }
   if (!BuildLending(args, config, error)) return false;
 
-  if (args.devices.empty()) {
+  config->lock_memory = !args.no_mlock;
+  if (args.devices.empty() && args.local_store.empty()) {
     if (config->lend_bytes == 0) {
-      *error = "nothing to do: give --device NAME:SIZE to serve a device, or --lend SIZE to "
-               "lend memory";
+      *error = "nothing to do: give --device NAME:SIZE to serve a device, --local-store SIZE to "
+               "attach devices at runtime (memlend attach), or --lend SIZE to lend memory";
       return false;
     }
     for (const auto& [given, name] :
-         {std::pair{!args.nbd.empty(), "--nbd"}, {!args.local_store.empty(), "--local-store"},
-          {!args.peers.empty(), "--peer"}, {!args.backing_file.empty(), "--backing-file"}}) {
+         {std::pair{!args.nbd.empty(), "--nbd"}, {!args.peers.empty(), "--peer"},
+          {!args.backing_file.empty(), "--backing-file"}}) {
       if (given) {
-        *error = std::string(name) + " applies to devices: give at least one --device NAME:SIZE";
+        *error = std::string(name) +
+                 " applies to devices: give at least one --device NAME:SIZE, or --local-store "
+                 "SIZE to attach devices at runtime";
         return false;
       }
     }
     config->control_path = args.control.empty() ? DefaultControlPath() : args.control;
     return true;
   }
-  if (args.nbd.empty() || args.local_store.empty()) {
-    *error = std::string(args.nbd.empty() ? "--nbd ADDR" : "--local-store SIZE") +
-             " is required with --device";
+  if (args.local_store.empty()) {
+    *error = "--local-store SIZE is required with --device";
+    return false;
+  }
+  if (!args.devices.empty() && args.nbd.empty()) {
+    *error = "--nbd ADDR is required with --device";
     return false;
   }
   std::set<std::string> names;
@@ -178,12 +184,15 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
   }
 
   std::string reason;
-  std::optional<Endpoint> nbd = ParseEndpoint(args.nbd, &reason);
-  if (!nbd) {
-    *error = "--nbd " + Quote(args.nbd) + ": " + reason;
-    return false;
+  if (!args.nbd.empty()) {
+    std::optional<Endpoint> nbd = ParseEndpoint(args.nbd, &reason);
+    if (!nbd) {
+      *error = "--nbd " + Quote(args.nbd) + ": " + reason;
+      return false;
+    }
+    config->nbd = std::move(*nbd);
+    config->serve_nbd = true;
   }
-  config->nbd = std::move(*nbd);
 
   const std::optional<std::uint64_t> local = ParseSize(args.local_store);
   if (!local || *local < kPageSize) {

@@ -24,10 +24,16 @@ struct DeviceSpec {
 
 struct DaemonConfig {
   std::uint64_t node_id = 0;            // this daemon's identity among peers
-  // Borrowing side: devices, served over NBD, backed by the tiers below.
+  // Borrowing side: devices, served over NBD (when serve_nbd) and attached as block
+  // devices at runtime (`memlend attach`), backed by the tiers below. A daemon serves
+  // devices when local_store_bytes > 0, even with no --device.
   std::vector<DeviceSpec> devices;
+  bool serve_nbd = false;               // --nbd given
   Endpoint nbd;
-  std::uint64_t local_store_bytes = 0;
+  std::uint64_t local_store_bytes = 0;  // 0: no local store, no devices (lend only)
+  // Lock the daemon's memory (mlockall) and mark it an I/O flusher at startup, so that
+  // serving a swap device cannot deadlock under memory pressure. --no-mlock clears it.
+  bool lock_memory = true;
   std::string backing_file;             // empty: no disk tier
   std::uint64_t backing_size_bytes = 0; // 0: bounded only by the file system
   Compression compression = Compression::kNone;
@@ -57,6 +63,7 @@ struct DaemonArgs {
   std::string lend;
   std::string listen;
   std::string node_id;  // 16 hex digits; empty: random
+  bool no_mlock = false;
 };
 
 // Parses a percentage "1".."100" with an optional '%'; returns it as a fraction.
@@ -70,6 +77,9 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
 // positive multiple of 4 KiB; PROTOCOL is auto (the default) or passive. On failure
 // returns nullopt and sets *error.
 std::optional<DeviceSpec> ParseDeviceSpec(std::string_view text, std::string* error);
+
+// True when `name` can name a device: 1 to 64 characters of [A-Za-z0-9._-].
+bool ValidDeviceName(std::string_view name);
 
 // The control socket path used when --control is not given: $MEMLEND_CONTROL if set,
 // /run/memlend.sock for root, else ${XDG_RUNTIME_DIR:-/tmp}/memlend-UID.sock.

@@ -99,7 +99,8 @@ void ControlServer::ServeOne(int fd) {
   }
 }
 
-nlohmann::json CallControl(const std::string& path, const nlohmann::json& request) {
+nlohmann::json CallControl(const std::string& path, const nlohmann::json& request,
+                           int timeout_ms) {
   Endpoint endpoint;
   endpoint.kind = Endpoint::Kind::kUnix;
   endpoint.path = path;
@@ -109,7 +110,7 @@ nlohmann::json CallControl(const std::string& path, const nlohmann::json& reques
     throw std::runtime_error("cannot reach the daemon at " + path + ": " + reason +
                              " (is `memlend daemon` running? see --control)");
   }
-  SetTimeouts(fd.get(), kClientTimeoutMs);
+  SetTimeouts(fd.get(), timeout_ms);
   const std::string text = request.dump() + "\n";
   if (WriteFull(fd.get(), text.data(), text.size()) != 0) {
     throw std::runtime_error("cannot send to the daemon at " + path + ": " +

@@ -42,9 +42,10 @@ class ControlServer {
   Acceptor acceptor_;     // last: it calls ServeOne
 };
 
-// Sends `request` to the daemon at `path` and returns its reply. Throws
-// std::runtime_error with a one-line reason when the daemon cannot be reached or answers
-// with something that is not JSON.
-nlohmann::json CallControl(const std::string& path, const nlohmann::json& request);
+// Sends `request` to the daemon at `path` and returns its reply, waiting at most
+// `timeout_ms` for it. Throws std::runtime_error with a one-line reason when the daemon
+// cannot be reached, does not answer in time or answers with something that is not JSON.
+nlohmann::json CallControl(const std::string& path, const nlohmann::json& request,
+                           int timeout_ms = 5000);
 
 }  // namespace memlend

@@ -1,12 +1,25 @@
 #include "daemon/daemon.h"
 
+#include <pthread.h>
 #include <signal.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <stdexcept>
 
 #include "common/log.h"
+#include "common/size.h"
+#include "frontend/fuse_frontend.h"
+#include "frontend/nbd_kernel_frontend.h"
+#include "frontend/ublk_frontend.h"
 #include "memlend/control_api.h"
 
 namespace memlend {
@@ -14,6 +27,29 @@ namespace memlend {
 namespace {
 
 constexpr std::chrono::seconds kRefreshInterval{2};
+// Thread stacks of a daemon that locks its memory: every page of a locked stack is
+// resident, so the 8 MiB default would cost 8 MiB per connection. Nothing in the daemon
+// keeps more than a few KiB on the stack.
+constexpr std::size_t kLockedStackBytes = 1 << 20;
+// The largest device `memlend attach` creates: its page table's top level alone takes
+// 8 bytes per 2 MiB, and it is locked in memory.
+constexpr std::uint64_t kMaxAttachBytes = std::uint64_t{16} << 40;
+#ifndef PR_SET_IO_FLUSHER
+constexpr int PR_SET_IO_FLUSHER = 57;
+#endif
+
+// True when the process has CAP_IPC_LOCK in its effective set.
+bool HasCapIpcLock() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("CapEff:", 0) == 0) {
+      const std::uint64_t caps = std::stoull(line.substr(7), nullptr, 16);
+      return (caps >> 14) & 1;  // CAP_IPC_LOCK
+    }
+  }
+  return false;
+}
 
 std::string Hex(std::uint64_t value) {
   char text[17];
@@ -24,7 +60,9 @@ std::string Hex(std::uint64_t value) {
 }  // namespace
 
 Daemon::Daemon(const DaemonConfig& config) : config_(config) {
-  if (!config.devices.empty()) {
+  const bool serves_devices = config.local_store_bytes > 0;
+  if (serves_devices && config.lock_memory) PrepareForSwap();
+  if (serves_devices) {
     auto local = std::make_unique<LocalStore>(config.local_store_bytes, config.compression);
     std::unique_ptr<peer::PeerStore> remote;
     PageStore* cache = nullptr;
@@ -48,8 +86,10 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config) {
       devices_.Add(std::make_shared<Device>(spec.name, spec.size_bytes, *tiers_,
                                             spec.cache_clean_pages));
     }
-    nbd_ = std::make_unique<nbd::NbdServer>(config.nbd, devices_,
-                                            std::chrono::microseconds(config.busy_poll_us));
+    if (config.serve_nbd) {
+      nbd_ = std::make_unique<nbd::NbdServer>(config.nbd, devices_,
+                                              std::chrono::microseconds(config.busy_poll_us));
+    }
   }
   if (config.lend_bytes > 0) {
     lender_ = std::make_unique<peer::LenderService>(config.listen, config.lend_bytes,
@@ -57,6 +97,48 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config) {
   }
   control_ = std::make_unique<ControlServer>(
       config.control_path, [this](const nlohmann::json& request) { return HandleControl(request); });
+  if (serves_devices && config.lock_memory) LockMemory();
+}
+
+void Daemon::PrepareForSwap() {
+  pthread_attr_t attr;
+  if (pthread_attr_init(&attr) == 0) {
+    if (pthread_attr_setstacksize(&attr, kLockedStackBytes) == 0) {
+      pthread_setattr_default_np(&attr);
+    }
+    pthread_attr_destroy(&attr);
+  }
+  // Threads created from here on inherit the flag: memory they allocate is never reclaimed
+  // by writing to a block device (which could be this daemon's own), and they are not
+  // throttled for dirty pages of other devices.
+  if (::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0) {
+    swap_warnings_.push_back(std::string("warning: PR_SET_IO_FLUSHER failed (") +
+                             std::strerror(errno) +
+                             "; needs CAP_SYS_RESOURCE): under memory pressure a swap device "
+                             "served by this daemon may deadlock");
+  }
+}
+
+void Daemon::LockMemory() {
+  // Without CAP_IPC_LOCK, locked memory is bounded by RLIMIT_MEMLOCK, and with MCL_FUTURE
+  // every later allocation past it would fail; lock only what exists then.
+  rlimit limit{};
+  ::getrlimit(RLIMIT_MEMLOCK, &limit);
+  const bool unbounded = HasCapIpcLock() || limit.rlim_cur == RLIM_INFINITY;
+  const int flags = unbounded ? MCL_CURRENT | MCL_FUTURE : MCL_CURRENT;
+  if (::mlockall(flags) != 0) {
+    const int error = errno;
+    ::munlockall();
+    swap_warnings_.push_back(std::string("warning: mlockall failed (") + std::strerror(error) +
+                             "): the daemon's memory may be swapped out, which can deadlock a "
+                             "swap device it serves; give it CAP_IPC_LOCK or a RLIMIT_MEMLOCK "
+                             "(ulimit -l) above its local store, or pass --no-mlock");
+    return;
+  }
+  if (!unbounded) {
+    swap_warnings_.push_back("warning: without CAP_IPC_LOCK only memory allocated at startup is "
+                             "locked (RLIMIT_MEMLOCK " + FormatSize(limit.rlim_cur) + ")");
+  }
 }
 
 Daemon::~Daemon() { Stop(); }
@@ -69,6 +151,10 @@ void Daemon::Stop() {
   refresh_cv_.notify_all();
   if (refresher_.joinable()) refresher_.join();
   if (control_) control_->Stop();
+  // Block devices first: their last requests still reach the NBD servers.
+  DetachAll();
+  if (private_nbd_) private_nbd_->Stop();
+  ::rmdir((config_.control_path + ".fuse").c_str());  // made by FuseMountRoot; empty now
   if (nbd_) nbd_->Stop();
   if (lender_) lender_->Stop();
 }
@@ -93,6 +179,7 @@ void Daemon::BlockShutdownSignals() {
 }
 
 void Daemon::Run() {
+  for (const std::string& warning : swap_warnings_) LogError("%s", warning.c_str());
   if (tiers_) tiers_->StartEvictor();
   if (peers_) refresher_ = std::thread([this] { RefreshLoop(); });
   if (nbd_) nbd_->Start();
@@ -102,6 +189,8 @@ void Daemon::Run() {
   if (nbd_) {
     what += "NBD on " + config_.nbd.ToString() + " (" + std::to_string(config_.devices.size()) +
             " device(s), " + std::to_string(config_.peers.size()) + " peer(s)), ";
+  } else if (tiers_) {
+    what += "devices by memlend attach (" + std::to_string(config_.peers.size()) + " peer(s)), ";
   }
   if (lender_) {
     what += "lending " + std::to_string(config_.lend_bytes >> 20) + " MiB on " +
@@ -126,6 +215,8 @@ nlohmann::json Daemon::HandleControl(const nlohmann::json& request) {
   const std::string command = request.value("command", "");
   if (command == kControlStatus) return Status();
   if (command == kControlPeers) return PeersJson();
+  if (command == kControlAttach) return Attach(request);
+  if (command == kControlDetach) return Detach(request);
   return {{"ok", false}, {"error", "unknown command '" + command + "'"}};
 }
 
@@ -164,9 +255,22 @@ nlohmann::json Daemon::Status() const {
                        {"borrowers", lending.borrowers}};
   if (!tiers_) return status;
 
+  std::map<std::string, std::pair<std::string, std::string>> attached;
+  {
+    std::lock_guard lock(frontends_mu_);
+    for (const auto& [name, frontend] : frontends_) {
+      attached[name] = {std::string(frontend->kind()), frontend->path()};
+    }
+  }
   for (const auto& device : devices_.List()) {
     const DevicePageCounts counts = device->Counts();
+    const auto frontend = attached.find(device->name());
+    const bool is_attached = frontend != attached.end();
     status["devices"].push_back({{"name", device->name()},
+                                 {"frontend", is_attached ? nlohmann::json(frontend->second.first)
+                                                          : nlohmann::json(nullptr)},
+                                 {"path", is_attached ? nlohmann::json(frontend->second.second)
+                                                      : nlohmann::json(nullptr)},
                                  {"size_bytes", device->size_bytes()},
                                  {"protocol", device->cache_clean_pages() ? "auto" : "passive"},
                                  {"pages",
@@ -208,6 +312,185 @@ nlohmann::json Daemon::Status() const {
                             {"total_bytes", stats.total_bytes}};
   }
   return status;
+}
+
+}  // namespace memlend
+
+namespace memlend {
+
+namespace {
+
+// Reads request[key] as a string; throws when it is missing or not a string.
+std::string StringField(const nlohmann::json& request, const char* key) {
+  const auto it = request.find(key);
+  if (it == request.end() || !it->is_string()) {
+    throw std::invalid_argument(std::string("\"") + key + "\" must be given as a string");
+  }
+  return it->get<std::string>();
+}
+
+}  // namespace
+
+std::string Daemon::FuseNbdSocket() {
+  if (nbd_ && config_.nbd.kind == Endpoint::Kind::kUnix) return config_.nbd.path;
+  if (!private_nbd_) {
+    Endpoint endpoint;
+    endpoint.kind = Endpoint::Kind::kUnix;
+    endpoint.path = config_.control_path + ".nbd";
+    private_nbd_ = std::make_unique<nbd::NbdServer>(
+        endpoint, devices_, std::chrono::microseconds(config_.busy_poll_us));
+    ::chmod(endpoint.path.c_str(), 0600);
+    private_nbd_->Start();
+  }
+  return private_nbd_->endpoint().path;
+}
+
+std::string Daemon::FuseMountRoot() {
+  const std::string root = config_.control_path + ".fuse";
+  if (::mkdir(root.c_str(), 0700) != 0 && errno != EEXIST) {
+    throw std::runtime_error("fuse: cannot create " + root + ": " + std::strerror(errno));
+  }
+  return root;
+}
+
+std::unique_ptr<BlockFrontend> Daemon::CreateFrontend(const std::string& kind,
+                                                      std::shared_ptr<Device> device) {
+  if (kind == "ublk") return AttachUblk(std::move(device), UblkOptions{});
+  if (kind == "nbd") {
+    NbdKernelOptions options;
+    options.busy_poll = std::chrono::microseconds(config_.busy_poll_us);
+    return AttachNbdKernel(std::move(device), options);
+  }
+  FuseOptions options;
+  options.nbd_socket = FuseNbdSocket();
+  options.mount_root = FuseMountRoot();
+  return AttachFuse(std::move(device), options);
+}
+
+nlohmann::json Daemon::Attach(const nlohmann::json& request) {
+  const std::string name = StringField(request, "name");
+  if (!ValidDeviceName(name)) {
+    throw std::invalid_argument("the name must be 1 to 64 characters of letters, digits, '.', "
+                                "'_' or '-'");
+  }
+  const auto size_field = request.find("size_bytes");
+  if (size_field == request.end() || !size_field->is_number_unsigned()) {
+    throw std::invalid_argument("\"size_bytes\" must be given as a positive integer");
+  }
+  const std::uint64_t size_bytes = size_field->get<std::uint64_t>();
+  if (size_bytes == 0 || size_bytes % kPageSize != 0) {
+    throw std::invalid_argument("the size must be a positive multiple of 4 KiB");
+  }
+  if (size_bytes > kMaxAttachBytes) {
+    throw std::invalid_argument("the size must not exceed " + FormatSize(kMaxAttachBytes));
+  }
+  const std::string wanted = request.contains("frontend") ? StringField(request, "frontend")
+                                                          : std::string("auto");
+  if (wanted != "auto" && wanted != "ublk" && wanted != "nbd" && wanted != "fuse") {
+    throw std::invalid_argument("unknown frontend '" + wanted +
+                                "' (expected auto, ublk, nbd or fuse)");
+  }
+  if (!tiers_) {
+    throw std::runtime_error("this daemon has no local store to keep devices in: start it with "
+                             "--local-store SIZE");
+  }
+
+  auto device = std::make_shared<Device>(name, size_bytes, *tiers_);
+  if (!devices_.Add(device)) {
+    throw std::runtime_error("a device named '" + name + "' already exists");
+  }
+  std::vector<std::string> kinds;
+  if (wanted != "auto") {
+    kinds.push_back(wanted);
+  } else {
+    // ublk where the driver is there, else the kernel's NBD client, else FUSE; a kind that
+    // is present but fails to attach gives way to the next.
+    if (UblkAvailable()) kinds.push_back("ublk");
+    if (NbdKernelUnavailableReason().empty()) kinds.push_back("nbd");
+    kinds.push_back("fuse");
+  }
+  std::unique_ptr<BlockFrontend> frontend;
+  std::string reasons;
+  for (const std::string& kind : kinds) {
+    try {
+      frontend = CreateFrontend(kind, device);
+      break;
+    } catch (const std::exception& e) {
+      reasons += (reasons.empty() ? "" : "; ") + std::string(e.what());
+    }
+  }
+  if (frontend && !reasons.empty()) {
+    LogError("attach %s: using %s (%s)", name.c_str(), std::string(frontend->kind()).c_str(),
+             reasons.c_str());
+  }
+  if (!frontend) {
+    devices_.Remove(name);
+    if (wanted == "auto") throw std::runtime_error("no frontend could attach: " + reasons);
+    throw std::runtime_error(reasons);
+  }
+  nlohmann::json reply = {
+      {"ok", true}, {"name", name}, {"path", frontend->path()}, {"frontend", frontend->kind()}};
+  LogError("attached %s (%s) as %s through %s", name.c_str(), FormatSize(size_bytes).c_str(),
+           frontend->path().c_str(), std::string(frontend->kind()).c_str());
+  std::lock_guard lock(frontends_mu_);
+  frontends_[name] = std::move(frontend);
+  attach_order_.push_back(name);
+  return reply;
+}
+
+nlohmann::json Daemon::Detach(const nlohmann::json& request) {
+  const std::string name = StringField(request, "name");
+  BlockFrontend* frontend = nullptr;
+  {
+    std::lock_guard lock(frontends_mu_);
+    const auto it = frontends_.find(name);
+    if (it != frontends_.end()) frontend = it->second.get();
+  }
+  if (frontend == nullptr) {
+    if (devices_.Find(name)) {
+      throw std::runtime_error("'" + name + "' is a --device of this daemon, not attached by "
+                               "memlend attach; it goes when the daemon stops");
+    }
+    throw std::runtime_error("no attached device named '" + name + "'");
+  }
+  const int rc = frontend->Detach();
+  if (rc == -EBUSY) {
+    throw std::runtime_error(frontend->path() + " (" + name +
+                             ") is in use: unmount it or swapoff it first");
+  }
+  if (rc != 0) {
+    throw std::runtime_error("cannot detach " + frontend->path() + ": " + std::strerror(-rc));
+  }
+  const std::string path = frontend->path();
+  {
+    std::lock_guard lock(frontends_mu_);
+    frontends_.erase(name);
+    attach_order_.erase(std::find(attach_order_.begin(), attach_order_.end(), name));
+  }
+  devices_.Remove(name);
+  LogError("detached %s (%s)", name.c_str(), path.c_str());
+  return {{"ok", true}, {"name", name}, {"path", path}};
+}
+
+void Daemon::DetachAll() {
+  for (;;) {
+    std::unique_ptr<BlockFrontend> frontend;
+    std::string name;
+    {
+      std::lock_guard lock(frontends_mu_);
+      if (attach_order_.empty()) return;
+      name = attach_order_.back();
+      attach_order_.pop_back();
+      frontend = std::move(frontends_[name]);
+      frontends_.erase(name);
+    }
+    if (frontend->Detach() == -EBUSY) {
+      LogError("%s (%s) is still in use at shutdown; detaching it anyway", name.c_str(),
+               frontend->path().c_str());
+    }
+    frontend.reset();  // forces what Detach refused
+    devices_.Remove(name);
+  }
 }
 
 }  // namespace memlend

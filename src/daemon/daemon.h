@@ -3,14 +3,18 @@
 #pragma once
 
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "daemon/config.h"
 #include "daemon/control.h"
+#include "frontend/block_frontend.h"
 #include "nbd/server.h"
 #include "peer/lender_service.h"
 #include "peer/peer_store.h"
@@ -23,19 +27,27 @@ class Daemon {
  public:
   // Reserves the local store, opens the backing file, connects to the peers (a peer that
   // cannot be reached is logged and retried later), creates the devices, reserves the
-  // lent pool and binds every socket. Throws std::runtime_error (or std::system_error)
+  // lent pool and binds every socket. A daemon with a local store then locks its memory
+  // and marks itself an I/O flusher (see LockMemory). Throws std::runtime_error (or std::system_error)
   // with a one-line message on any startup failure; nothing is left listening then.
   explicit Daemon(const DaemonConfig& config);
   ~Daemon();
 
   // Serves until SIGTERM or SIGINT arrives, then shuts down cleanly: stops accepting,
-  // hangs up clients and borrowers, joins threads, removes socket files. REQUIRES: those
+  // detaches every attached block device, hangs up clients and borrowers, joins threads, removes socket files. REQUIRES: those
   // signals are blocked in every thread (BlockShutdownSignals() before any thread starts).
   void Run();
 
   // The replies to the control API's "status" and "peers" commands.
   nlohmann::json Status() const;
   nlohmann::json PeersJson() const;
+
+  // The control API's "attach" and "detach" commands (docs/control.md). Attach creates a
+  // device in the shared tiers and a block frontend for it and replies with its path;
+  // on any failure it throws std::runtime_error with a one-line reason and leaves neither
+  // behind. Detach refuses while the block device is in use. Control thread only.
+  nlohmann::json Attach(const nlohmann::json& request);
+  nlohmann::json Detach(const nlohmann::json& request);
 
   // Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and threads it creates
   // later) so that Run() can wait for them, and ignores SIGPIPE.
@@ -46,13 +58,35 @@ class Daemon {
   // Asks the peers for their free space every few seconds and reconnects lost ones.
   void RefreshLoop();
   void Stop();
+  // Detaches every attached block device (forcibly if still in use), newest first.
+  void DetachAll();
+  // Creates the frontend of `kind` ("ublk", "nbd" or "fuse") for `device`. Throws.
+  std::unique_ptr<BlockFrontend> CreateFrontend(const std::string& kind,
+                                                std::shared_ptr<Device> device);
+  // The unix socket nbdfuse connects to: --nbd if it is one, else a private one next to
+  // the control socket, started on first use.
+  std::string FuseNbdSocket();
+  // Where nbdfuse mounts go: a private directory next to the control socket.
+  std::string FuseMountRoot();
+  // Make the daemon safe to serve swap: smaller thread stacks and PR_SET_IO_FLUSHER before
+  // any thread starts, mlockall once everything is allocated. Each failure is a warning,
+  // not an error; it is kept in swap_warnings_ and printed once startup has succeeded.
+  void PrepareForSwap();
+  void LockMemory();
 
   const DaemonConfig config_;
+  std::vector<std::string> swap_warnings_;  // written by the constructor, printed by Run
   // Borrowing side; all null or empty when the daemon serves no device.
   peer::PeerStore* peers_ = nullptr;  // owned by tiers_
   std::unique_ptr<Tiering> tiers_;
   DeviceTable devices_;               // destroyed before tiers_
-  std::unique_ptr<nbd::NbdServer> nbd_;
+  std::unique_ptr<nbd::NbdServer> nbd_;          // --nbd; null without it
+  std::unique_ptr<nbd::NbdServer> private_nbd_;  // for nbdfuse when --nbd is not unix
+  // Attached block devices by device name. Touched by the control thread, and by Stop()
+  // once the control thread has ended.
+  std::map<std::string, std::unique_ptr<BlockFrontend>> frontends_;
+  std::vector<std::string> attach_order_;  // names in frontends_, oldest first
+  mutable std::mutex frontends_mu_;        // guards both, for Status() readers
   // Lending side; null when the daemon lends nothing.
   std::unique_ptr<peer::LenderService> lender_;
   std::unique_ptr<ControlServer> control_;

@@ -19,13 +19,25 @@ namespace {
 
 constexpr std::size_t kInputBytes = 1 << 20;     // holds many pipelined page writes
 constexpr std::size_t kSendThreshold = 1 << 18;  // send replies early past this much
+constexpr std::size_t kReplyBytes = 1 << 20;     // reply buffer allocated up front
 constexpr std::size_t kMaxReadRun = 64;          // READs served by one Device::ReadMany
 constexpr std::size_t kMaxReadRunBytes = 4 << 20;
 
 class Connection {
  public:
-  Connection(int fd, Device& device, std::chrono::microseconds busy_poll)
-      : fd_(fd), device_(device), busy_poll_(busy_poll), input_(kInputBytes) {}
+  Connection(int fd, Device& device, std::chrono::microseconds busy_poll,
+             std::size_t large_write_bytes)
+      : fd_(fd),
+        device_(device),
+        busy_poll_(busy_poll),
+        input_(kInputBytes),
+        large_payload_(large_write_bytes) {
+    // Allocated up front, so that serving the usual requests allocates nothing: a daemon
+    // that serves swap may be asked to write pages out precisely when memory is short.
+    replies_.Reserve(kReplyBytes);
+    batch_.reserve(kMaxReadRun);
+    reads_.reserve(kMaxReadRun);
+  }
 
   void Run() {
     for (;;) {
@@ -224,8 +236,9 @@ class Connection {
 
 }  // namespace
 
-void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll) {
-  Connection(fd, device, busy_poll).Run();
+void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll,
+                     std::size_t large_write_bytes) {
+  Connection(fd, device, busy_poll, large_write_bytes).Run();
 }
 
 }  // namespace memlend::nbd

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstddef>
 #include <memory>
 
 #include "store/device.h"
@@ -27,6 +28,11 @@ namespace memlend::nbd {
 // connection unrecoverable (oversized WRITE), or the socket is shut down. Each request is
 // validated once here (CheckRequest); the device only asserts.
 // `busy_poll` is how long the loop spins for the next request before it sleeps.
-void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll);
+// Every buffer the loop needs for requests of up to 1 MiB is allocated when it starts;
+// `large_write_bytes` > 0 also allocates room for WRITEs up to that size up front (the kernel
+// NBD client, which may be writing out swap, sends up to its max_sectors_kb, 1.25 MiB by
+// default), so that serving them allocates nothing.
+void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll,
+                     std::size_t large_write_bytes = 0);
 
 }  // namespace memlend::nbd

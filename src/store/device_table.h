@@ -20,6 +20,12 @@ class DeviceTable {
     std::lock_guard lock(mu_);
     return devices_.emplace(device->name(), std::move(device)).second;
   }
+  // Removes the device called `name`; returns false if there is none. Connections that
+  // hold it keep it alive until they end. Thread-safe.
+  bool Remove(const std::string& name) {
+    std::lock_guard lock(mu_);
+    return devices_.erase(name) > 0;
+  }
   // Returns the device called `name`, or null. Thread-safe.
   std::shared_ptr<Device> Find(const std::string& name) const {
     std::lock_guard lock(mu_);

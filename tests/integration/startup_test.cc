@@ -104,7 +104,7 @@ TEST_SUITE("startup_errors") {
          {"--device", "d0:16M", "--nbd", "NBD", "--local-store", "64M", "--compress", "zstd"},
          false,
          "zstd"},
-        {"missing --device", {"--nbd", "NBD", "--local-store", "64M"}, false, "--device"},
+        {"--nbd without --device or --local-store", {"--nbd", "NBD"}, false, "--device"},
         {"unknown option",
          {"--device", "d0:16M", "--nbd", "NBD", "--local-store", "64M", "--no-such-option"},
          false,

@@ -219,9 +219,10 @@ TEST_CASE("BuildDaemonConfig takes the control path from MEMLEND_CONTROL when no
 }
 
 TEST_CASE("BuildDaemonConfig rejects bad options with a one-line error naming the option") {
-  SUBCASE("no devices") {
+  SUBCASE("no devices and no local store") {
     DaemonArgs args = GoodArgs();
     args.devices.clear();
+    args.local_store.clear();
     CHECK(Contains(BuildError(args), "--device"));
   }
   SUBCASE("a bad device spec") {
@@ -486,6 +487,45 @@ TEST_CASE("ReadFull reports a stream closed early as ECONNRESET") {
   UniqueFd keep(pair[0]);
   ::close(pair[1]);
   CHECK(WriteFull(keep.get(), "abc", 3) == -EPIPE);
+}
+
+TEST_CASE("BuildDaemonConfig accepts a daemon for attached devices only (--local-store, no --device)") {
+  DaemonArgs args;
+  args.local_store = "64M";
+  args.peers = {"127.0.0.1:7710"};
+  args.backing_file = "/var/tmp/memlend.spill";
+  args.control = "/tmp/memlend-test.sock";
+  DaemonConfig config;
+  std::string error;
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.devices.empty());
+  CHECK_FALSE(config.serve_nbd);
+  CHECK(config.local_store_bytes == 64u << 20);
+  CHECK(config.peers.size() == 1);
+  CHECK(config.lock_memory);
+
+  args.no_mlock = true;
+  args.nbd = "unix:/tmp/memlend-nbd.sock";
+  DaemonConfig with_nbd;
+  REQUIRE(BuildDaemonConfig(args, &with_nbd, &error));
+  CHECK(with_nbd.serve_nbd);
+  CHECK_FALSE(with_nbd.lock_memory);
+
+  DaemonArgs device_without_nbd = args;
+  device_without_nbd.nbd.clear();
+  device_without_nbd.devices = {"d0:16M"};
+  CHECK(Contains(BuildError(device_without_nbd), "--nbd"));
+}
+
+TEST_CASE("ValidDeviceName takes 1 to 64 of [A-Za-z0-9._-]") {
+  CHECK(ValidDeviceName("swap0"));
+  CHECK(ValidDeviceName("a.b_c-D9"));
+  CHECK(ValidDeviceName(std::string(64, 'x')));
+  CHECK_FALSE(ValidDeviceName(""));
+  CHECK_FALSE(ValidDeviceName(std::string(65, 'x')));
+  CHECK_FALSE(ValidDeviceName("a/b"));
+  CHECK_FALSE(ValidDeviceName("a b"));
+  CHECK_FALSE(ValidDeviceName("a?socket=x"));
 }
 
 }  // namespace memlend
