@@ -1,0 +1,101 @@
+#!/bin/busybox sh
+# shellcheck shell=sh
+# /init of the memlend VM initramfs (built by tests/vm/run; runs under busybox sh as PID 1).
+#
+# It mounts the host's root file system (shared read-only by QEMU over 9p as "hostroot")
+# on /root, gives it fresh proc, sysfs, devtmpfs, tmpfs and cgroup2 mounts, then chroots into
+# it and runs the job that tests/vm/run wrote (named by memlend.job= on the kernel command
+# line, a path on the host). When the job ends it prints
+#     MEMLEND-VM-EXIT <token> <status>
+# (token from memlend.token=) for the host to parse, and powers the machine off. A setup
+# failure prints "MEMLEND-VM-INIT-FAILED: <reason>" instead: the host then fails the run.
+#
+# The initramfs holds only busybox, this file, and the modules the 9p mount needs
+# (/modules/*.ko, loaded in the order of /modules/order).
+
+if [ "${1:-}" = stage2 ]; then
+  /bin/bash /run/memlend-vm/job.sh </dev/null
+  status=$?
+  echo
+  echo "MEMLEND-VM-EXIT $2 $status"
+  echo o >/proc/sysrq-trigger
+  /run/memlend-vm/busybox sleep 10
+  /run/memlend-vm/busybox poweroff -f
+fi
+
+/bin/busybox --install -s /bin
+export PATH=/bin
+
+mount -t devtmpfs devtmpfs /dev
+exec 0</dev/console 1>/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+
+token=none
+job=
+for arg in $(cat /proc/cmdline); do
+  case $arg in
+    memlend.token=*) token=${arg#*=} ;;
+    memlend.job=*) job=${arg#*=} ;;
+  esac
+done
+
+power_off() {
+  echo o >/proc/sysrq-trigger
+  sleep 10
+  poweroff -f
+}
+
+die() {
+  echo
+  echo "MEMLEND-VM-INIT-FAILED: $*"
+  power_off
+}
+
+[ -n "$job" ] || die "no memlend.job= on the kernel command line"
+
+while read -r module; do
+  insmod "/modules/$module" || die "insmod $module failed"
+done </modules/order
+
+r=/root
+mkdir -p $r
+# cache=loose: the guest caches the host's files and does not look for changes the host makes
+# while the guest runs; the share is read-only, so the guest itself changes nothing.
+mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=524288,cache=loose hostroot $r ||
+  die "cannot mount the host root (9p)"
+# Read the job before tmpfs covers /tmp and /run, where it may live.
+cp "$r$job" /job.sh || die "cannot read the job $job"
+
+mount -t proc proc $r/proc || die "cannot mount proc"
+mount -t sysfs sysfs $r/sys || die "cannot mount sysfs"
+mount -t devtmpfs devtmpfs $r/dev || die "cannot mount devtmpfs"
+mkdir -p $r/dev/pts $r/dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts $r/dev/pts || die "cannot mount devpts"
+for dir in /dev/shm /tmp /run /var/tmp; do
+  [ -d $r$dir ] || continue
+  mount -t tmpfs -o mode=1777 tmpfs $r$dir || die "cannot mount tmpfs on $dir"
+done
+chmod 755 $r/run
+mount -t cgroup2 cgroup2 $r/sys/fs/cgroup || die "cannot mount cgroup2"
+# Every controller the kernel has (memory among them) is enabled for child cgroups.
+for controller in $(cat $r/sys/fs/cgroup/cgroup.controllers); do
+  echo "+$controller" >$r/sys/fs/cgroup/cgroup.subtree_control ||
+    die "cannot enable the $controller controller"
+done
+mount -t debugfs debugfs $r/sys/kernel/debug 2>/dev/null
+mount -t tracefs tracefs $r/sys/kernel/tracing 2>/dev/null
+
+# A task stuck in D state for 20 s is reported (and the host then fails the run).
+echo 20 >/proc/sys/kernel/hung_task_timeout_secs
+ip link set lo up || die "cannot bring up lo"
+hostname memlend-vm
+
+# Stage 2 runs as PID 1 in the new root: PID 1 shares its root with the kernel's threads, so
+# the kernel's module requests (/proc/sys/kernel/modprobe) see the host's files too.
+mkdir -p $r/run/memlend-vm
+cp /job.sh $r/run/memlend-vm/job.sh
+cp /bin/busybox $r/run/memlend-vm/busybox
+cp /init $r/run/memlend-vm/init
+exec switch_root $r /run/memlend-vm/busybox sh /run/memlend-vm/init stage2 "$token"
+die "switch_root failed"
