@@ -88,6 +88,9 @@ mount -t tracefs tracefs $r/sys/kernel/tracing 2>/dev/null
 
 # A task stuck in D state for 20 s is reported (and the host then fails the run).
 echo 20 >/proc/sys/kernel/hung_task_timeout_secs
+# The boot is quiet (loglevel=4); from now on informational messages reach the console too, so
+# that a hung task's or a warning's backtrace is seen, with the kernel's notes on devices.
+dmesg -n 7
 ip link set lo up || die "cannot bring up lo"
 hostname memlend-vm
 
