@@ -2,25 +2,37 @@
 # shellcheck shell=sh
 # /init of the memlend VM initramfs (built by tests/vm/run; runs under busybox sh as PID 1).
 #
-# It mounts the host's root file system (shared read-only by QEMU over 9p as "hostroot")
-# on /root, gives it fresh proc, sysfs, devtmpfs, tmpfs and cgroup2 mounts, then chroots into
-# it and runs the job that tests/vm/run wrote (named by memlend.job= on the kernel command
-# line, a path on the host). When the job ends it prints
+# Stage 1 (in the initramfs) loads the 9p modules, mounts the host's root file system (shared
+# read-only by QEMU as "hostroot") on /root, gives it fresh proc, sysfs, devtmpfs, devpts,
+# tmpfs and cgroup2 mounts, copies in the job that tests/vm/run wrote (its host path is
+# memlend.job= on the kernel command line) and switch_roots into it. Stage 2 (this file again,
+# as PID 1 in the host's root) runs the job with bash, prints
 #     MEMLEND-VM-EXIT <token> <status>
 # (token from memlend.token=) for the host to parse, and powers the machine off. A setup
-# failure prints "MEMLEND-VM-INIT-FAILED: <reason>" instead: the host then fails the run.
+# failure prints "MEMLEND-VM-INIT-FAILED: <reason>" instead, and the host fails the run.
 #
+# PID 1 must end up in the host's root, not merely chroot a child there: the kernel's threads
+# share PID 1's root, and the kernel's own module requests (/proc/sys/kernel/modprobe) run there.
 # The initramfs holds only busybox, this file, and the modules the 9p mount needs
 # (/modules/*.ko, loaded in the order of /modules/order).
 
+# Waits until the console has sent everything written to it (stty sets the terminal with
+# TCSADRAIN), so that nothing is lost when the machine powers off.
+drain_console() {
+  "$1" stty onlcr </dev/console
+}
+
 if [ "${1:-}" = stage2 ]; then
+  bb=/run/memlend-vm/busybox
   /bin/bash /run/memlend-vm/job.sh </dev/null
   status=$?
+  drain_console $bb
   echo
   echo "MEMLEND-VM-EXIT $2 $status"
+  drain_console $bb
   echo o >/proc/sysrq-trigger
-  /run/memlend-vm/busybox sleep 10
-  /run/memlend-vm/busybox poweroff -f
+  $bb sleep 10
+  $bb poweroff -f
 fi
 
 /bin/busybox --install -s /bin
@@ -49,6 +61,7 @@ power_off() {
 die() {
   echo
   echo "MEMLEND-VM-INIT-FAILED: $*"
+  drain_console /bin/busybox
   power_off
 }
 
