@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash source-path=SCRIPTDIR
 # guest_lib.sh — helpers for scripts that tests/vm/run runs inside the VM. Source it from bash:
 #     source "$(dirname "${BASH_SOURCE[0]}")/guest_lib.sh"
 # It also sources scripts/lib.sh (skip, fail, make_workdir, start_daemon, ...), and sets no
@@ -12,6 +12,7 @@
 #   MEMLEND_VM_REPO            the repository root (also the working directory at start)
 #   MEMLEND_*                  every other MEMLEND_* variable of the host, unchanged
 
+# shellcheck source=../../scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib.sh"
 
 # Exits 1 unless this runs in the VM: guest scripts change the kernel (modules, devices).

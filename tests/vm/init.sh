@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# shellcheck shell=sh
+# shellcheck shell=sh disable=SC2013 # the words of /proc files are wanted
 # /init of the memlend VM initramfs (built by tests/vm/run; runs under busybox sh as PID 1).
 #
 # Stage 1 (in the initramfs) loads the 9p modules, mounts the host's root file system (shared
@@ -45,10 +45,12 @@ mount -t sysfs sysfs /sys
 
 token=none
 job=
+keep=
 for arg in $(cat /proc/cmdline); do
   case $arg in
     memlend.token=*) token=${arg#*=} ;;
     memlend.job=*) job=${arg#*=} ;;
+    memlend.keep=*) keep=${arg#*=} ;;
   esac
 done
 
@@ -80,6 +82,13 @@ mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=524288,cache=loose hostroo
 # Read the job before tmpfs covers /tmp and /run, where it may live.
 cp "$r$job" /job.sh || die "cannot read the job $job"
 
+# memlend.keep= names a host directory (the kernel's modules) that must stay visible even if it
+# is under /tmp, /run or /var/tmp: it is set aside now and put back after the tmpfs mounts.
+if [ -n "$keep" ]; then
+  mkdir -p /keep
+  mount --bind "$r$keep" /keep || die "cannot bind $keep"
+fi
+
 mount -t proc proc $r/proc || die "cannot mount proc"
 mount -t sysfs sysfs $r/sys || die "cannot mount sysfs"
 mount -t devtmpfs devtmpfs $r/dev || die "cannot mount devtmpfs"
@@ -90,6 +99,10 @@ for dir in /dev/shm /tmp /run /var/tmp; do
   mount -t tmpfs -o mode=1777 tmpfs $r$dir || die "cannot mount tmpfs on $dir"
 done
 chmod 755 $r/run
+if [ -n "$keep" ]; then
+  mkdir -p "$r$keep" 2>/dev/null
+  mount --move /keep "$r$keep" || die "cannot put $keep back"
+fi
 mount -t cgroup2 cgroup2 $r/sys/fs/cgroup || die "cannot mount cgroup2"
 # Every controller the kernel has (memory among them) is enabled for child cgroups.
 for controller in $(cat $r/sys/fs/cgroup/cgroup.controllers); do
@@ -113,5 +126,6 @@ mkdir -p $r/run/memlend-vm
 cp /job.sh $r/run/memlend-vm/job.sh
 cp /bin/busybox $r/run/memlend-vm/busybox
 cp /init $r/run/memlend-vm/init
+# shellcheck disable=SC2093 # only a failed switch_root returns
 exec switch_root $r /run/memlend-vm/busybox sh /run/memlend-vm/init stage2 "$token"
 die "switch_root failed"

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # smoke.sh — the VM harness's own test; runs inside the VM:
 #     tests/vm/run tests/vm/smoke.sh [MEMLEND]
 # MEMLEND is the memlend binary or a build directory (default: $MEMLEND_BINARY, then
@@ -6,7 +7,9 @@
 # rdma_rxe with a soft-RoCE device on lo), that their device nodes appear, that the guest's
 # mounts are as documented, and that memlend runs in the guest.
 set -euo pipefail
+# shellcheck disable=SC2034 # used by skip and fail
 ml_prefix="smoke.sh: "
+# shellcheck source=guest_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/guest_lib.sh"
 require_vm
 
