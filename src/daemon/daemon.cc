@@ -61,7 +61,11 @@ std::string Hex(std::uint64_t value) {
 
 Daemon::Daemon(const DaemonConfig& config) : config_(config) {
   const bool serves_devices = config.local_store_bytes > 0;
-  if (serves_devices && config.lock_memory) PrepareForSwap();
+  // A lender is locked too: a swap device (this host's or a borrower's) may hold pages in its
+  // pool, and a pool page that is itself swapped out, onto a device that needs this lender,
+  // would never come back.
+  const bool swap_critical = serves_devices || config.lend_bytes > 0;
+  if (swap_critical && config.lock_memory) PrepareForSwap();
   if (serves_devices) {
     auto local = std::make_unique<LocalStore>(config.local_store_bytes, config.compression);
     std::unique_ptr<peer::PeerStore> remote;
@@ -97,7 +101,7 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config) {
   }
   control_ = std::make_unique<ControlServer>(
       config.control_path, [this](const nlohmann::json& request) { return HandleControl(request); });
-  if (serves_devices && config.lock_memory) LockMemory();
+  if (swap_critical && config.lock_memory) LockMemory();
 }
 
 void Daemon::PrepareForSwap() {

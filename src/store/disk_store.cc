@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cassert>
 #include <cerrno>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <new>
@@ -26,6 +28,9 @@ namespace {
 constexpr std::uint64_t kMaxFileSlots =
     static_cast<std::uint64_t>(std::numeric_limits<off_t>::max()) / kPageSize;
 
+// O_DIRECT wants memory aligned to the logical block size; a page boundary always is.
+bool IsAligned(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % kPageSize == 0; }
+
 // Returns the byte offset of `slot` in the backing file.
 off_t SlotOffset(Slot slot) { return static_cast<off_t>(slot * kPageSize); }
 
@@ -36,7 +41,10 @@ DiskStore::DiskStore(const std::string& path, std::uint64_t max_bytes)
   if (max_bytes != 0 && max_slots_ == 0) {
     throw std::invalid_argument("disk store bound for " + path + " is smaller than one page");
   }
-  fd_ = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  constexpr int kFlags = O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC;
+  fd_ = open(path.c_str(), kFlags | O_DIRECT, 0600);
+  direct_ = fd_ >= 0;
+  if (fd_ < 0 && errno == EINVAL) fd_ = open(path.c_str(), kFlags, 0600);  // no O_DIRECT here
   if (fd_ < 0) {
     throw std::system_error(errno, std::generic_category(), "backing file " + path);
   }
@@ -91,6 +99,11 @@ int DiskStore::Rewrite(Slot slot, ConstPageSpan page, std::uint64_t /*hint*/,
 
 int DiskStore::WriteAt(Slot slot, ConstPageSpan page) noexcept {
   const char* src = reinterpret_cast<const char*>(page.data());
+  alignas(kPageSize) char bounce[kPageSize];
+  if (direct_ && !IsAligned(src)) {
+    std::memcpy(bounce, src, kPageSize);
+    src = bounce;
+  }
   std::size_t done = 0;
   while (done < kPageSize) {
     const ssize_t n = pwrite(fd_, src + done, kPageSize - done, SlotOffset(slot) + done);
@@ -106,6 +119,9 @@ int DiskStore::WriteAt(Slot slot, ConstPageSpan page) noexcept {
 
 int DiskStore::Read(Slot slot, PageSpan out) noexcept {
   char* dst = reinterpret_cast<char*>(out.data());
+  alignas(kPageSize) char bounce[kPageSize];
+  const bool via_bounce = direct_ && !IsAligned(dst);
+  if (via_bounce) dst = bounce;
   std::size_t done = 0;
   while (done < kPageSize) {
     const ssize_t n = pread(fd_, dst + done, kPageSize - done, SlotOffset(slot) + done);
@@ -116,6 +132,7 @@ int DiskStore::Read(Slot slot, PageSpan out) noexcept {
     if (n < 0 && errno == EINTR) continue;
     return n < 0 ? -errno : -EIO;  // EOF inside a live slot means the file was cut short
   }
+  if (via_bounce) std::memcpy(out.data(), bounce, kPageSize);
   return 0;
 }
 

@@ -7,7 +7,12 @@
 // is volatile, so nothing from an earlier run is meaningful.
 //
 // I/O is pread/pwrite (thread-safe without a lock); only the slot allocator takes a
-// mutex, for a few instructions.
+// mutex, for a few instructions. The file is opened with O_DIRECT where the file system
+// allows it (else with buffered I/O): the disk tier takes pages when memory is short, often
+// from a swap device, and buffered writes would need page-cache memory and dirty-page
+// writeback at exactly that moment; under whole-system memory pressure that stalls the
+// daemon behind the reclaim it is meant to serve. Pages not 4 KiB aligned in memory go
+// through an aligned buffer on the stack.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +43,8 @@ class DiskStore final : public PageStore {
   StoreStats Stats() const noexcept override;
 
   const std::string& path() const { return path_; }
+  // True when the file is accessed with O_DIRECT (the file system supports it).
+  bool direct() const { return direct_; }
 
  private:
   // Writes one page into `slot`'s file range. Returns 0 or -errno.
@@ -47,6 +54,7 @@ class DiskStore final : public PageStore {
   const std::string path_;
   const std::uint64_t max_slots_;  // 0 = unbounded
   int fd_ = -1;
+  bool direct_ = false;  // fd_ has O_DIRECT
 
   mutable std::mutex mu_;
   std::vector<Slot> free_slots_;   // guarded by mu_; kept as a min-heap

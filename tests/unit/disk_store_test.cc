@@ -207,7 +207,11 @@ TEST_CASE("DiskStore releases a discarded slot's blocks") {
   REQUIRE(full_blocks >= static_cast<long long>(kPages * kPageSize / 512));
   for (std::size_t i = 0; i < kPages; i += 2) store.Discard(slots[i]);
   const long long half_blocks = FileBlocks(path);
-  CHECK(half_blocks <= full_blocks - static_cast<long long>(kPages / 2 * kPageSize / 512));
+  // Half the data blocks are gone; the file system may spend a block or two (8 sectors each
+  // on ext4) on an extent tree now that the file has 32 holes.
+  constexpr long long kMetadataAllowance = 2 * kPageSize / 512;
+  CHECK(half_blocks <= full_blocks - static_cast<long long>(kPages / 2 * kPageSize / 512) +
+                           kMetadataAllowance);
   CHECK(FileSize(path) == static_cast<off_t>(kPages * kPageSize));  // size is kept
   // The surviving pages are intact next to the holes.
   for (std::size_t i = 1; i < kPages; i += 2) {
@@ -258,6 +262,31 @@ TEST_CASE("DiskStore survives concurrent writers, readers and discarders") {
   CHECK(failures.load() == 0);
   CHECK(store.Stats().pages == 0);
   CHECK(store.Stats().used_bytes == 0);
+}
+
+TEST_CASE("DiskStore moves pages that are not aligned in memory, with or without O_DIRECT") {
+  TempDir dir;
+  DiskStore store(dir.File("unaligned"), 0);
+  MESSAGE(std::string("backing file opened ") + (store.direct() ? "with" : "without") + " O_DIRECT");
+  // Pages at odd addresses, as they arrive in a network buffer.
+  std::vector<std::byte> buffer(3 * kPageSize + 64);
+  std::vector<Slot> slots;
+  Page page;
+  for (std::size_t offset : {std::size_t{1}, std::size_t{8}, std::size_t{512}}) {
+    FillRandom(page, offset);
+    std::memcpy(buffer.data() + offset, page.data(), kPageSize);
+    Slot slot = 0;
+    REQUIRE(store.Write(ConstPageSpan(buffer.data() + offset, kPageSize), 0, &slot) == 0);
+    slots.push_back(slot);
+  }
+  std::size_t i = 0;
+  for (std::size_t offset : {std::size_t{1}, std::size_t{8}, std::size_t{512}}) {
+    FillRandom(page, offset);
+    std::fill(buffer.begin(), buffer.end(), std::byte{0x5a});
+    REQUIRE(store.Read(slots[i++], PageSpan(buffer.data() + offset + 3, kPageSize)) == 0);
+    CHECK(std::memcmp(buffer.data() + offset + 3, page.data(), kPageSize) == 0);
+    CHECK(buffer[offset + 2] == std::byte{0x5a});  // nothing written before the page
+  }
 }
 
 }  // namespace memlend
