@@ -267,7 +267,7 @@ TEST_CASE("DiskStore survives concurrent writers, readers and discarders") {
 TEST_CASE("DiskStore moves pages that are not aligned in memory, with or without O_DIRECT") {
   TempDir dir;
   DiskStore store(dir.File("unaligned"), 0);
-  MESSAGE(std::string("backing file opened ") + (store.direct() ? "with" : "without") + " O_DIRECT");
+  MESSAGE("backing file opened " << std::string(store.direct() ? "with" : "without") << " O_DIRECT");
   // Pages at odd addresses, as they arrive in a network buffer.
   std::vector<std::byte> buffer(3 * kPageSize + 64);
   std::vector<Slot> slots;
