@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "store/device.h"
@@ -119,6 +121,25 @@ TEST_CASE("ServeUblkRequest passes the Device's ENOSPC through") {
   Device device("tiny", kDeviceBytes, *tiers);
   Bytes data = Pattern(8192, 5);
   CHECK(ServeUblkRequest(device, Request(ublk::IoOp::kWrite, 0, 16, &data)) == -ENOSPC);
+}
+
+TEST_CASE("AttachUblk without the ublk driver throws one line and leaves nothing") {
+  if (UblkAvailable()) {
+    MESSAGE("this kernel has ublk: the missing-driver case is not tested here");
+    return;
+  }
+  Fixture f;
+  auto device = std::make_shared<Device>("no-ublk", kDeviceBytes, *f.tiers);
+  try {
+    AttachUblk(device, UblkOptions{});
+    FAIL("AttachUblk succeeded without /dev/ublk-control");
+  } catch (const std::runtime_error& e) {
+    const std::string what = e.what();
+    CHECK(what.find("ublk") != std::string::npos);
+    CHECK(what.find("/dev/ublk-control") != std::string::npos);
+    CHECK(what.find('\n') == std::string::npos);
+  }
+  CHECK(device.use_count() == 1);  // the failed frontend let go of it
 }
 
 }  // namespace

@@ -8,11 +8,14 @@
 #   2. dd writes a random pattern (whole MiBs and odd 512-byte sectors) and cmp reads it back
 #   3. blkdiscard and blkdiscard -z (write zeroes) ranges read back as zeros, and the
 #      Device's page counts drop
-#   4. fio randrw with crc32c verification, io_uring engine, iodepth 32, O_DIRECT
+#   4. fio randrw with crc32c verification, io_uring engine, iodepth 32, O_DIRECT; then two
+#      jobs at once with mixed request sizes
 #   5. mkfs.ext4, mount, files written, umount, mount again, checksums verified
 #   6. Detach while mounted returns -EBUSY and changes nothing; after umount it returns 0
 #      and /dev/ublkbN and /dev/ublkcN are gone
 #   7. SIGTERM to a serving process removes its device and it exits 0
+#   8. more queues than CPUs and queue depth 4 work (fio verify), and destroying the
+#      frontend without a Detach removes the device
 set -euo pipefail
 ml_prefix="ublk_test.sh: "
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -130,12 +133,19 @@ cmp -n $((1 << 20)) "$workdir/zeros" "$workdir/range" || fail "write-zeroes rang
 echo "ok: blkdiscard and blkdiscard -z read back zeros (local pages $local_before -> $local_after)"
 
 # --- 4. fio with verification ------------------------------------------------------------------
+# The job as asked, then two jobs at once on disjoint ranges, so both queues serve at once.
 fio --name=verify --filename="$dev" --rw=randrw --bs=4k --iodepth=32 --ioengine=io_uring \
   --direct=1 --verify=crc32c --verify_fatal=1 --size=64M --offset=128M \
   --eta=never --verify_state_save=0 --output="$workdir/fio.txt" || { cat "$workdir/fio.txt"; fail "fio verify failed"; }
 grep -qi 'verify.*fail\|bad magic\|crc32c.*wanted' "$workdir/fio.txt" && { cat "$workdir/fio.txt"; fail "fio reported verify errors"; }
 grep -E '^ *(read|write):' "$workdir/fio.txt" || true
-echo "ok: fio randrw 4k iodepth 32 io_uring direct, crc32c verified"
+fio --name=verify2 --filename="$dev" --rw=randrw --bs=4k --iodepth=32 --ioengine=io_uring \
+  --direct=1 --verify=crc32c --verify_fatal=1 --size=32M --offset=128M --offset_increment=32M \
+  --numjobs=2 --bssplit=4k/50:16k/25:128k/25 \
+  --eta=never --verify_state_save=0 --output="$workdir/fio.txt" || { cat "$workdir/fio.txt"; fail "fio verify failed"; }
+grep -qi 'verify.*fail\|bad magic\|crc32c.*wanted' "$workdir/fio.txt" && { cat "$workdir/fio.txt"; fail "fio reported verify errors"; }
+grep -E '^ *(read|write):' "$workdir/fio.txt" || true
+echo "ok: fio randrw 4k iodepth 32 io_uring direct, crc32c verified; and two jobs with mixed sizes"
 
 # --- 5. ext4 -----------------------------------------------------------------------------------
 mkdir -p "$workdir/mnt"
@@ -182,5 +192,35 @@ grep -q '^stopped$' "$out" || fail "ublk_serve did not report stopping"
 [[ ! -e $dev && ! -e /dev/ublkc$id ]] || fail "$dev still exists after SIGTERM"
 exec 7>&-
 echo "ok: SIGTERM removes $dev and the server exits 0"
+
+# --- 8. Odd geometry, and the destructor's forced detach -----------------------------------------
+# More queues than CPUs (the kernel lowers the count) and a queue depth of 4; end of input
+# makes ublk_serve destroy the frontend, which stops the device even though nothing asked.
+rm -f "$workdir/small.in"
+mkfifo "$workdir/small.in"
+"$serve" 16 8 4 <"$workdir/small.in" >"$workdir/small.out" 2>"$workdir/small.err" &
+serve_pid=$!
+exec 7>"$workdir/small.in"
+for _ in $(seq 100); do
+  grep -q '^attached ' "$workdir/small.out" && break
+  sleep 0.1
+done
+dev=$(awk '/^attached / {print $2}' "$workdir/small.out")
+[[ -n $dev ]] || fail "ublk_serve with 8 queues of depth 4 did not attach: $(cat "$workdir/small.err")"
+id=${dev#/dev/ublkb}
+vm_wait_path "$dev" || fail "$dev did not appear"
+queues=$(ls -d /sys/block/ublkb$id/mq/* | wc -l)
+[[ $queues -ge 1 && $queues -le $(nproc) ]] || fail "$dev has $queues hardware queues for $(nproc) CPUs"
+fio --name=small --filename="$dev" --rw=randrw --bs=4k --iodepth=16 --ioengine=io_uring \
+  --direct=1 --verify=crc32c --verify_fatal=1 --size=16M --numjobs=1 \
+  --eta=never --verify_state_save=0 --output="$workdir/fio-small.txt" ||
+  { cat "$workdir/fio-small.txt"; fail "fio verify on the depth-4 device failed"; }
+exec 7>&-
+status=0
+wait "$serve_pid" || status=$?
+serve_pid=
+[[ $status -eq 0 ]] || fail "ublk_serve exited with status $status at end of input"
+[[ ! -e $dev && ! -e /dev/ublkc$id ]] || fail "$dev still exists after the frontend was destroyed"
+echo "ok: $queues queue(s) of depth 4 verified; destroying the frontend removes $dev"
 
 echo "ublk_test.sh: all checks passed"
