@@ -1,7 +1,7 @@
 // ublk_serve: serves one memlend Device (a LocalStore-backed Tiering, as the daemon builds
 // it) as /dev/ublkbN through AttachUblk, for tests/vm/ublk_test.sh to drive in the VM.
 //
-//     ublk_serve SIZE_MIB [QUEUES [QUEUE_DEPTH]]
+//     ublk_serve SIZE_MIB [QUEUES [QUEUE_DEPTH [MAX_IO_BYTES]]]
 //
 // Prints "attached PATH" once the block device exists, then reads commands from stdin, one
 // per line, and answers each on stdout:
@@ -32,13 +32,15 @@ namespace {
 
 int Serve(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: ublk_serve SIZE_MIB [QUEUES [QUEUE_DEPTH]]\n");
+    std::fprintf(stderr, "usage: ublk_serve SIZE_MIB [QUEUES [QUEUE_DEPTH [MAX_IO_BYTES]]]\n");
     return 2;
   }
   const std::uint64_t size_bytes = std::strtoull(argv[1], nullptr, 10) << 20;
   memlend::UblkOptions options;
   if (argc > 2) options.queues = static_cast<unsigned>(std::strtoul(argv[2], nullptr, 10));
   if (argc > 3) options.queue_depth = static_cast<unsigned>(std::strtoul(argv[3], nullptr, 10));
+  if (argc > 4)
+    options.max_io_bytes = static_cast<std::uint32_t>(std::strtoul(argv[4], nullptr, 10));
 
   // Signals wait for the main loop (queue threads block them too).
   sigset_t signals;

@@ -11,8 +11,10 @@
 #   4. fio randrw with crc32c verification, io_uring engine, iodepth 32, O_DIRECT; then two
 #      jobs at once with mixed request sizes
 #   5. mkfs.ext4, mount, files written, umount, mount again, checksums verified
-#   6. Detach while mounted returns -EBUSY and changes nothing; after umount it returns 0
-#      and /dev/ublkbN and /dev/ublkcN are gone
+#   6. Detach while mounted returns -EBUSY and changes nothing; swap: mkswap, swapon,
+#      Detach returns -EBUSY, a process in a 48 MiB memory cgroup swaps 160 MiB out to the
+#      device and back intact; after swapoff Detach returns 0 and /dev/ublkbN and
+#      /dev/ublkcN are gone
 #   7. SIGTERM to a serving process removes its device and it exits 0
 #   8. more queues than CPUs and queue depth 4 work (fio verify), and destroying the
 #      frontend without a Detach removes the device
@@ -167,8 +169,42 @@ answer=$(ask detach)
 [[ -e $dev && -e $cdev ]] || fail "Detach while mounted removed the device"
 (cd "$workdir/mnt" && sha256sum --quiet -c "$workdir/sums") || fail "files unreadable after the refused Detach"
 umount "$workdir/mnt"
+
+# Swap: swapon holds the disk as a mount does; a process in a memory cgroup limited to 48 MiB
+# fills 160 MiB, so most of it goes out to the device, and reads it back intact.
+mkswap -q "$dev" >/dev/null || fail "mkswap failed"
+swapon "$dev" || fail "swapon failed"
 answer=$(ask detach)
-[[ $answer == "detach 0" ]] || fail "Detach after umount answered '$answer', not 'detach 0'"
+[[ $answer == "detach -16" ]] || { swapoff "$dev"; fail "Detach while swapped on answered '$answer', not 'detach -16'"; }
+cgroup=/sys/fs/cgroup/ublk-swap-test
+mkdir -p "$cgroup"
+echo $((48 << 20)) >"$cgroup/memory.max"
+pswpout_before=$(awk '$1 == "pswpout" {print $2}' /proc/vmstat)
+swap_status=0
+(echo $BASHPID >"$cgroup/cgroup.procs" && exec python3 -c '
+import hashlib, sys
+size = 160 << 20
+chunk = hashlib.sha256(b"memlend").digest() * (1 << 15)  # 1 MiB, not zero, not repeating by page
+data = bytearray()
+for i in range(size // len(chunk)):
+    data += i.to_bytes(8, "little") + chunk[8:]
+want = hashlib.sha256(data).hexdigest()
+for _ in range(2):  # touch everything twice, so pages go out and come back in
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        sys.exit("swapped memory came back different")
+print("swap workload: 160 MiB verified twice")
+') || swap_status=$?
+swapped_kib=$((($(awk '$1 == "pswpout" {print $2}' /proc/vmstat) - pswpout_before) * 4))
+swapoff "$dev" || fail "swapoff failed"
+rmdir "$cgroup" 2>/dev/null || true
+[[ $swap_status -eq 0 ]] || fail "the swap workload failed (status $swap_status)"
+[[ ${swapped_kib:-0} -gt $((32 << 10)) ]] ||
+  fail "less than 32 MiB went out to swap on $dev (${swapped_kib:-0} KiB)"
+echo "ok: swap on $dev: Detach refused while swapped on; $((swapped_kib >> 10)) MiB swapped out and back intact"
+
+answer=$(ask detach)
+[[ $answer == "detach 0" ]] || fail "Detach after umount and swapoff answered '$answer', not 'detach 0'"
 [[ ! -e $dev && ! -e $cdev ]] || fail "$dev or $cdev still exists after Detach"
 [[ ! -e /sys/block/ublkb$id ]] || fail "/sys/block/ublkb$id still exists after Detach"
 answer=$(ask detach)
@@ -222,5 +258,17 @@ serve_pid=
 [[ $status -eq 0 ]] || fail "ublk_serve exited with status $status at end of input"
 [[ ! -e $dev && ! -e /dev/ublkc$id ]] || fail "$dev still exists after the frontend was destroyed"
 echo "ok: $queues queue(s) of depth 4 verified; destroying the frontend removes $dev"
+
+# --- 9. A failed attach leaves nothing behind ------------------------------------------------------
+# 4096 tags of 1 MiB buffers is 4 GiB per queue, more than this VM can map: AttachUblk fails
+# after ADD_DEV and SET_PARAMS, and must delete the device it added.
+status=0
+"$serve" 16 1 4096 1048576 >"$workdir/fail.out" 2>"$workdir/fail.err" </dev/null || status=$?
+[[ $status -eq 1 ]] || fail "ublk_serve with 4 GiB of buffers exited $status, not 1: $(cat "$workdir/fail.err")"
+grep -q 'ublk_serve: ublk: queue 0: cannot allocate' "$workdir/fail.err" ||
+  fail "unexpected failure message: $(cat "$workdir/fail.err")"
+leftover=$(ls /dev/ublkb* /dev/ublkc* 2>/dev/null || true)
+[[ -z $leftover ]] || fail "a failed attach left $leftover behind"
+echo "ok: a failed attach ($(cat "$workdir/fail.err")) leaves no device"
 
 echo "ublk_test.sh: all checks passed"
