@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # ublk_test.sh — the ublk frontend against the real ublk driver; runs inside the VM:
-#     tests/vm/run tests/vm/ublk_test.sh UBLK_SERVE
+#     tests/vm/run tests/vm/ublk_test.sh [MEMLEND] UBLK_SERVE
 # UBLK_SERVE is the ublk_serve test program (or a build directory holding
-# tests/ublk_serve). It serves a 256 MiB memlend Device as /dev/ublkbN and this script
+# tests/ublk_serve); MEMLEND (the memlend binary, which CTest's memlend_vm_test passes
+# first) is not used. It serves a 256 MiB memlend Device as /dev/ublkbN and this script
 # checks, in order:
 #   1. the block device: size, 512-byte logical and 4096-byte physical blocks
 #   2. dd writes a random pattern (whole MiBs and odd 512-byte sectors) and cmp reads it back
@@ -28,7 +29,9 @@ else
 fi
 require_vm
 
-serve=${1:?usage: ublk_test.sh UBLK_SERVE}
+# memlend_vm_test passes the memlend binary first; ublk_serve is the last argument.
+[[ $# -ge 1 ]] || fail "usage: ublk_test.sh [MEMLEND] UBLK_SERVE"
+serve=${!#}
 [[ -d $serve ]] && serve=$serve/tests/ublk_serve
 [[ -x $serve ]] || fail "no ublk_serve program at $serve"
 for tool in fio mkfs.ext4 blkdiscard blockdev cmp sha256sum; do
