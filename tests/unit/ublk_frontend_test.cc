@@ -142,5 +142,20 @@ TEST_CASE("AttachUblk without the ublk driver throws one line and leaves nothing
   CHECK(device.use_count() == 1);  // the failed frontend let go of it
 }
 
+TEST_CASE("AttachUblk refuses bad options before it asks the kernel for anything") {
+  Fixture f;
+  auto device = std::make_shared<Device>("bad-options", kDeviceBytes, *f.tiers);
+  UblkOptions options;
+  options.queue_depth = 0;
+  CHECK_THROWS_WITH_AS(AttachUblk(device, options), doctest::Contains("queue depth"),
+                       std::runtime_error);
+  options = UblkOptions{};
+  options.max_io_bytes = 3000;
+  CHECK_THROWS_WITH_AS(AttachUblk(device, options), doctest::Contains("max I/O size"),
+                       std::runtime_error);
+  CHECK_THROWS_AS(AttachUblk(nullptr, UblkOptions{}), std::runtime_error);
+  CHECK(device.use_count() == 1);
+}
+
 }  // namespace
 }  // namespace memlend
