@@ -138,7 +138,7 @@ void Queue::PrepareCommand(unsigned tag, bool commit, int result) noexcept {
 int Queue::Serve(unsigned tag) noexcept {
   // Read the shared descriptor once; only this copy is checked and used.
   ublksrv_io_desc desc;
-  std::memcpy(&desc, const_cast<const ublksrv_io_desc*>(&descriptors_[tag]), sizeof(desc));
+  std::memcpy(&desc, &descriptors_[tag], sizeof(desc));
   DescriptorCheck check = CheckDescriptor(desc, {device_sectors_, max_io_bytes_});
   if (check.error != 0) {
     stats_.errors.fetch_add(1, std::memory_order_relaxed);
