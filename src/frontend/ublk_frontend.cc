@@ -1,16 +1,119 @@
 #include "frontend/ublk_frontend.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "common/log.h"
+#include "ublk/server.h"
 
 namespace memlend {
+namespace {
+
+class UblkFrontend final : public BlockFrontend, private ublk::Target {
+ public:
+  explicit UblkFrontend(std::shared_ptr<Device> device) : device_(std::move(device)) {}
+  // A detach that cannot happen cleanly (the device is still in use) is forced: the
+  // kernel removes the disk under its users, whose further I/O fails.
+  ~UblkFrontend() override {
+    if (server_) server_->Stop();
+  }
+
+  // Control thread. Returns "" once the device runs, else a one-line reason.
+  std::string Attach(const UblkOptions& options) {
+    ublk::DeviceConfig config;
+    config.size_bytes = device_->size_bytes();
+    config.queues = options.queues;
+    config.queue_depth = options.queue_depth;
+    config.max_io_bytes = options.max_io_bytes;
+    config.lock_memory = options.lock_memory;
+    std::string error;
+    server_ = ublk::UblkServer::Start(config, *this, &error);
+    if (!server_) return error;
+    path_ = server_->block_path();
+    LogDebug("ublk: %s serves device %s with %u queue(s) of depth %u%s", path_.c_str(),
+             device_->name().c_str(), server_->config().queues, server_->config().queue_depth,
+             server_->legacy_encoding() ? " (legacy opcodes)" : "");
+    return "";
+  }
+
+  std::string_view kind() const override { return "ublk"; }
+  const std::string& path() const override { return path_; }
+
+  int Detach() noexcept override {
+    if (!server_ || !server_->running()) return 0;
+    // An exclusive open fails with EBUSY while the disk is mounted or swapped on. The
+    // probe is closed again at once: an open disk would keep DEL_DEV waiting.
+    const int probe = ::open(path_.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC);
+    if (probe < 0 && errno == EBUSY) return -EBUSY;
+    if (probe >= 0) ::close(probe);
+    const int ret = server_->Stop();
+    if (ret < 0) LogError("ublk: removing %s: %s", path_.c_str(), std::strerror(-ret));
+    return ret;
+  }
+
+ private:
+  int HandleIo(const ublk::IoRequest& request) noexcept override {
+    return ServeUblkRequest(*device_, request);
+  }
+
+  const std::shared_ptr<Device> device_;
+  std::unique_ptr<ublk::UblkServer> server_;
+  std::string path_;
+};
+
+}  // namespace
 
 bool UblkAvailable() noexcept { return ::access("/dev/ublk-control", F_OK) == 0; }
 
-std::unique_ptr<BlockFrontend> AttachUblk(std::shared_ptr<Device> /*device*/,
-                                          const UblkOptions& /*options*/) {
-  throw std::runtime_error("ublk: this build has no ublk server yet");
+std::optional<ByteRange> SectorsToBytes(std::uint64_t start_sector, std::uint32_t sector_count,
+                                        std::uint64_t device_size_bytes) noexcept {
+  const std::uint64_t device_sectors = device_size_bytes >> ublk::kSectorShift;
+  if (sector_count == 0 || start_sector > device_sectors ||
+      sector_count > device_sectors - start_sector) {
+    return std::nullopt;
+  }
+  return ByteRange{start_sector << ublk::kSectorShift,
+                   std::uint64_t{sector_count} << ublk::kSectorShift};
+}
+
+int ServeUblkRequest(Device& device, const ublk::IoRequest& request) noexcept {
+  if (request.op == ublk::IoOp::kFlush) return device.Flush();
+  const std::optional<ByteRange> range =
+      SectorsToBytes(request.start_sector, request.sector_count, device.size_bytes());
+  if (!range) return -EINVAL;
+  int ret;
+  switch (request.op) {
+    case ublk::IoOp::kRead:
+      if (request.buffer.size() != range->length) return -EINVAL;
+      ret = device.Read(range->offset, request.buffer);
+      return ret < 0 ? ret : static_cast<int>(range->length);
+    case ublk::IoOp::kWrite:
+      if (request.buffer.size() != range->length) return -EINVAL;
+      ret = device.Write(range->offset, request.buffer);
+      return ret < 0 ? ret : static_cast<int>(range->length);
+    case ublk::IoOp::kDiscard:
+      return device.Trim(range->offset, range->length);
+    case ublk::IoOp::kWriteZeroes:
+      return device.WriteZeroes(range->offset, range->length);
+    case ublk::IoOp::kFlush:
+      break;
+  }
+  return -EOPNOTSUPP;
+}
+
+std::unique_ptr<BlockFrontend> AttachUblk(std::shared_ptr<Device> device,
+                                          const UblkOptions& options) {
+  if (!device) throw std::runtime_error("ublk: no device to attach");
+  auto frontend = std::make_unique<UblkFrontend>(std::move(device));
+  std::string error = frontend->Attach(options);
+  if (!error.empty()) throw std::runtime_error(error);
+  return frontend;
 }
 
 }  // namespace memlend

@@ -1,18 +1,30 @@
 // The ublk frontend: serves a Device as /dev/ublkbN through the kernel's ublk driver,
 // using the target-agnostic server in ublk/. This file is the adapter: it maps ublk
 // requests (sector ranges and operations) onto Device calls.
+//
+// Threads: AttachUblk and Detach run on the control thread; each of the device's ublk
+// queues has a thread of its own (started by the ublk library) that calls
+// ServeUblkRequest, so the Device sees concurrent calls from all queues.
 #pragma once
 
+#include <cstdint>
 #include <memory>
+#include <optional>
 
 #include "frontend/block_frontend.h"
 #include "store/device.h"
+#include "ublk/target.h"
 
 namespace memlend {
 
 struct UblkOptions {
   unsigned queues = 0;         // hardware queues, each with its own thread; 0: one per CPU
   unsigned queue_depth = 128;  // requests in flight per queue
+  // Largest request in bytes, and the size of each tag's preallocated buffer (a power of
+  // two, 4 KiB..1 MiB): queue_depth * max_io_bytes of buffers per queue.
+  std::uint32_t max_io_bytes = 256 * 1024;
+  // mlock the queues' buffers (recommended when the device is used for swap).
+  bool lock_memory = false;
 };
 
 // True when this host's kernel offers ublk (/dev/ublk-control exists).
@@ -21,7 +33,27 @@ bool UblkAvailable() noexcept;
 // Creates and starts a ublk block device for `device`; the frontend keeps the device
 // alive until it is destroyed. Throws std::runtime_error with a one-line reason (driver
 // missing, not permitted, ...) and leaves no ublk device behind when it cannot attach.
+// The frontend's kind() is "ublk" and path() "/dev/ublkbN"; its Detach() returns -EBUSY,
+// changing nothing, while the block device is held exclusively (mounted, swapped on, or
+// opened with O_EXCL), else stops and deletes the ublk device.
 std::unique_ptr<BlockFrontend> AttachUblk(std::shared_ptr<Device> device,
                                           const UblkOptions& options);
+
+// The byte range [offset, offset + length) of `sector_count` 512-byte sectors from
+// `start_sector`, or nothing when it is empty or does not end inside a device of
+// `device_size_bytes` (no overflow for any input).
+struct ByteRange {
+  std::uint64_t offset = 0;
+  std::uint64_t length = 0;
+};
+std::optional<ByteRange> SectorsToBytes(std::uint64_t start_sector, std::uint32_t sector_count,
+                                        std::uint64_t device_size_bytes) noexcept;
+
+// Serves one ublk request against `device`: READ/WRITE return the bytes transferred
+// (request.buffer.size()), FLUSH/DISCARD/WRITE_ZEROES return 0; a failure returns the
+// Device's negative errno (-EIO, -ENOSPC, -ENOMEM), and a request whose range does not fit
+// the device or whose buffer does not match its sectors returns -EINVAL without touching
+// the device. Runs on a ublk queue thread; never throws.
+int ServeUblkRequest(Device& device, const ublk::IoRequest& request) noexcept;
 
 }  // namespace memlend

@@ -1,0 +1,244 @@
+#include "ublk/queue.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+
+#include "ublk/user_data.h"
+
+namespace memlend::ublk {
+namespace {
+
+std::string Reason(const char* what, int err) {
+  return std::string(what) + ": " + std::strerror(err);
+}
+
+}  // namespace
+
+Queue::Queue(unsigned queue_id, unsigned depth, std::uint32_t max_io_bytes,
+             std::uint64_t device_sectors, std::uint32_t fetch_op, std::uint32_t commit_op,
+             Target& target)
+    : queue_id_(queue_id),
+      depth_(depth),
+      max_io_bytes_(max_io_bytes),
+      device_sectors_(device_sectors),
+      fetch_op_(fetch_op),
+      commit_op_(commit_op),
+      target_(target) {}
+
+Queue::~Queue() {
+  Wake();
+  Join();
+  if (descriptors_ != nullptr) {
+    ::munmap(const_cast<ublksrv_io_desc*>(descriptors_), descriptors_length_);
+  }
+  if (buffers_ != nullptr) ::munmap(buffers_, buffers_length_);
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+}
+
+int Queue::Map(int char_fd, bool lock_memory, std::string* error) noexcept {
+  char_fd_ = char_fd;
+  const long page = ::sysconf(_SC_PAGESIZE);
+  descriptors_length_ = DescriptorArrayLength(depth_, page);
+  void* descriptors = ::mmap(nullptr, descriptors_length_, PROT_READ, MAP_SHARED | MAP_POPULATE,
+                             char_fd, static_cast<off_t>(DescriptorArrayOffset(queue_id_, page)));
+  if (descriptors == MAP_FAILED) {
+    const int err = errno;
+    *error = Reason("cannot map the I/O descriptors of queue", err);
+    return -err;
+  }
+  descriptors_ = static_cast<const ublksrv_io_desc*>(descriptors);
+
+  // One region holds every tag's buffer: tag t's is at t * max_io_bytes_.
+  buffers_length_ = std::size_t{depth_} * max_io_bytes_;
+  void* buffers =
+      ::mmap(nullptr, buffers_length_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (buffers == MAP_FAILED) {
+    const int err = errno;
+    *error = Reason("cannot allocate the queue's I/O buffers", err);
+    return -err;
+  }
+  buffers_ = static_cast<std::byte*>(buffers);
+  if (lock_memory && ::mlock(buffers_, buffers_length_) != 0) {
+    const int err = errno;
+    *error = Reason("cannot lock the queue's I/O buffers in memory", err);
+    return -err;
+  }
+
+  wake_fd_ = ::eventfd(0, EFD_CLOEXEC);
+  if (wake_fd_ < 0) {
+    const int err = errno;
+    *error = Reason("eventfd", err);
+    return -err;
+  }
+  return 0;
+}
+
+int Queue::Start(const cpu_set_t* cpus, std::string* error) {
+  std::promise<int> started;
+  std::future<int> result = started.get_future();
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  const bool pin = cpus != nullptr && CPU_COUNT(cpus) > 0;
+  if (pin) set = *cpus;
+  thread_ = std::thread(&Queue::Run, this, set, pin, std::move(started));
+  const int ret = result.get();
+  if (ret < 0) {
+    Join();
+    *error = Reason("cannot start the queue's io_uring", -ret);
+  }
+  return ret;
+}
+
+void Queue::Wake() noexcept {
+  if (wake_fd_ < 0) return;
+  const std::uint64_t one = 1;
+  [[maybe_unused]] const ssize_t n = ::write(wake_fd_, &one, sizeof(one));
+}
+
+void Queue::Join() noexcept {
+  if (thread_.joinable()) thread_.join();
+}
+
+void Queue::PrepareCommand(unsigned tag, bool commit, int result) noexcept {
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  if (sqe == nullptr) {
+    // Only if more commands were prepared than the ring has entries, which the sizing in
+    // Run rules out; submitting frees the slots anyway.
+    io_uring_submit(&ring_);
+    sqe = io_uring_get_sqe(&ring_);
+    if (sqe == nullptr) {
+      stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+  }
+  std::memset(sqe, 0, sizeof(*sqe));
+  sqe->opcode = IORING_OP_URING_CMD;
+  sqe->fd = char_fd_;
+  sqe->cmd_op = commit ? commit_op_ : fetch_op_;
+  sqe->user_data =
+      EncodeUserData({static_cast<std::uint16_t>(tag),
+                      commit ? UserDataCommand::kCommitAndFetch : UserDataCommand::kFetch});
+  ublksrv_io_cmd cmd;
+  std::memset(&cmd, 0, sizeof(cmd));
+  cmd.q_id = static_cast<__u16>(queue_id_);
+  cmd.tag = static_cast<__u16>(tag);
+  cmd.result = commit ? result : -1;
+  cmd.addr = reinterpret_cast<std::uintptr_t>(buffers_ + std::size_t{tag} * max_io_bytes_);
+  std::memcpy(sqe->cmd, &cmd, sizeof(cmd));
+  ++outstanding_;
+}
+
+int Queue::Serve(unsigned tag) noexcept {
+  // Read the shared descriptor once; only this copy is checked and used.
+  ublksrv_io_desc desc;
+  std::memcpy(&desc, &descriptors_[tag], sizeof(desc));
+  DescriptorCheck check = CheckDescriptor(desc, {device_sectors_, max_io_bytes_});
+  if (check.error != 0) {
+    stats_.errors.fetch_add(1, std::memory_order_relaxed);
+    return check.error;
+  }
+  IoRequest& request = check.request;
+  request.queue = queue_id_;
+  const std::uint32_t bytes = (request.op == IoOp::kRead || request.op == IoOp::kWrite)
+                                  ? request.sector_count << kSectorShift
+                                  : 0;
+  if (bytes != 0) request.buffer = {buffers_ + std::size_t{tag} * max_io_bytes_, bytes};
+  const int result = CommitResult(request.op, bytes, target_.HandleIo(request));
+  stats_.requests.fetch_add(1, std::memory_order_relaxed);
+  if (result < 0) stats_.errors.fetch_add(1, std::memory_order_relaxed);
+  return result;
+}
+
+void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
+  // Signals go to the process's other threads (the daemon waits for SIGTERM there).
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  if (pin) pthread_setaffinity_np(pthread_self(), sizeof(cpus), &cpus);
+
+  // One entry per tag plus the wake-up read: never more SQEs prepared at once.
+  io_uring_params params;
+  std::memset(&params, 0, sizeof(params));
+  params.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN;
+  int ret = io_uring_queue_init_params(depth_ + 1, &ring_, &params);
+  if (ret == -EINVAL) {  // a kernel without SINGLE_ISSUER / COOP_TASKRUN
+    std::memset(&params, 0, sizeof(params));
+    ret = io_uring_queue_init_params(depth_ + 1, &ring_, &params);
+  }
+  if (ret < 0) {
+    started.set_value(ret);
+    return;
+  }
+  target_.QueueStarted(queue_id_);
+
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  io_uring_prep_read(sqe, wake_fd_, &wake_value_, sizeof(wake_value_), 0);
+  sqe->user_data = EncodeUserData({0, UserDataCommand::kWake});
+  for (unsigned tag = 0; tag < depth_; ++tag) PrepareCommand(tag, false, 0);
+  do {
+    ret = io_uring_submit(&ring_);
+  } while (ret == -EINTR);
+  started.set_value(ret < 0 ? ret : 0);
+
+  bool stopping = false;
+  auto deadline = std::chrono::steady_clock::time_point::max();
+  while (ret >= 0 && outstanding_ > 0) {
+    if (stopping) {
+      if (std::chrono::steady_clock::now() >= deadline) break;
+      __kernel_timespec wait{0, 100 * 1000 * 1000};
+      io_uring_cqe* first = nullptr;
+      ret = io_uring_submit_and_wait_timeout(&ring_, &first, 1, &wait, nullptr);
+      if (ret == -ETIME || ret == -EINTR || ret == -EAGAIN || ret == -EBUSY) ret = 0;
+    } else {
+      ret = io_uring_submit_and_wait(&ring_, 1);
+      // Interrupted, or completions to reap before more can be submitted: reap them.
+      if (ret == -EINTR || ret == -EAGAIN || ret == -EBUSY) ret = 0;
+    }
+    if (ret < 0) break;
+
+    unsigned head;
+    unsigned seen = 0;
+    io_uring_cqe* cqe;
+    io_uring_for_each_cqe(&ring_, head, cqe) {
+      ++seen;
+      const std::optional<IoUserData> data = DecodeUserData(cqe->user_data);
+      if (!data) {
+        stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+      if (data->command == UserDataCommand::kWake) {
+        stopping = true;
+        deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(kStopGraceMs);
+        continue;
+      }
+      const unsigned tag = data->tag;
+      if (tag >= depth_) {
+        stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+      --outstanding_;
+      if (cqe->res == UBLK_IO_RES_OK) {
+        // A request is waiting in the tag: serve it, then commit and fetch the next.
+        PrepareCommand(tag, true, Serve(tag));
+      } else if (cqe->res != UBLK_IO_RES_ABORT) {
+        // The kernel refused the command (e.g. a queue being torn down): the tag is idle.
+        stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
+      }
+      // UBLK_IO_RES_ABORT: the device is stopping; the tag fetches nothing more.
+    }
+    io_uring_cq_advance(&ring_, seen);
+  }
+
+  target_.QueueStopped(queue_id_);
+  // Closing the ring cancels any command still in the kernel.
+  io_uring_queue_exit(&ring_);
+}
+
+}  // namespace memlend::ublk

@@ -1,0 +1,99 @@
+// Queue: one ublk hardware queue — its thread, its io_uring, its tags' buffers and the
+// descriptor array the kernel shares with it.
+//
+// The thread owns everything that changes on the I/O path: it creates the ring itself
+// (SINGLE_ISSUER where the kernel has it), submits FETCH_REQ for every tag, and then for
+// each completion reads the tag's descriptor, has the target serve it into or out of the
+// tag's buffer, and answers with COMMIT_AND_FETCH_REQ, which both completes the request
+// and fetches the tag's next one. Nothing is allocated and nothing is logged per request.
+//
+// Teardown: STOP_DEV (sent by the control thread) makes the kernel complete each fetch
+// with UBLK_IO_RES_ABORT; the loop ends when no tag has a command outstanding. Wake() is
+// the fallback: after it, the loop waits at most kStopGraceMs more for aborts and then ends
+// anyway; closing the ring cancels whatever is left.
+#pragma once
+
+#include <liburing.h>
+#include <sched.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <future>
+#include <string>
+#include <thread>
+
+#include "ublk/params.h"
+#include "ublk/target.h"
+#include "ublk/uapi.h"
+
+namespace memlend::ublk {
+
+class Queue {
+ public:
+  static constexpr int kStopGraceMs = 2000;
+
+  // Statistics, readable from any thread.
+  struct Stats {
+    std::atomic<std::uint64_t> requests{0};
+    std::atomic<std::uint64_t> errors{0};      // requests completed with -errno
+    std::atomic<std::uint64_t> bad_events{0};  // completions that made no sense
+  };
+
+  Queue(unsigned queue_id, unsigned depth, std::uint32_t max_io_bytes, std::uint64_t device_sectors,
+        std::uint32_t fetch_op, std::uint32_t commit_op, Target& target);
+  ~Queue();
+  Queue(const Queue&) = delete;
+  Queue& operator=(const Queue&) = delete;
+
+  // Control thread. Maps the descriptor array of /dev/ublkcN (`char_fd`, which must stay
+  // open until Join returns) and the tags' buffers (mlocked if `lock_memory`). Returns 0 or
+  // -errno with a reason in *error.
+  int Map(int char_fd, bool lock_memory, std::string* error) noexcept;
+
+  // Control thread. Starts the queue's thread, pinned to `cpus` when it is non-empty, and
+  // waits until it has fetched every tag. Returns 0, or -errno with a reason in *error
+  // (the thread has then already ended).
+  int Start(const cpu_set_t* cpus, std::string* error);
+
+  // Any thread: asks the loop to end within kStopGraceMs (see above). Idempotent.
+  void Wake() noexcept;
+  // Control thread: waits for the thread to end. Idempotent.
+  void Join() noexcept;
+
+  const Stats& stats() const { return stats_; }
+
+ private:
+  void Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept;
+  // Queue thread: adds a FETCH_REQ or COMMIT_AND_FETCH_REQ for `tag` to the ring.
+  void PrepareCommand(unsigned tag, bool commit, int result) noexcept;
+  // Queue thread: serves the request now in `tag`'s descriptor; returns what to commit.
+  int Serve(unsigned tag) noexcept;
+
+  // Constant after construction.
+  const unsigned queue_id_;
+  const unsigned depth_;
+  const std::uint32_t max_io_bytes_;
+  const std::uint64_t device_sectors_;
+  const std::uint32_t fetch_op_;
+  const std::uint32_t commit_op_;
+  Target& target_;
+
+  // Set by Map (control thread) before the thread starts; then read by the queue thread.
+  int char_fd_ = -1;
+  const ublksrv_io_desc* descriptors_ = nullptr;
+  std::size_t descriptors_length_ = 0;
+  std::byte* buffers_ = nullptr;
+  std::size_t buffers_length_ = 0;
+
+  int wake_fd_ = -1;  // eventfd; written by Wake, read through the ring
+  std::thread thread_;
+  Stats stats_;
+
+  // Queue thread only.
+  io_uring ring_{};
+  unsigned outstanding_ = 0;      // tags with a command in the kernel
+  std::uint64_t wake_value_ = 0;  // the eventfd read's buffer
+};
+
+}  // namespace memlend::ublk

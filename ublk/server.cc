@@ -1,0 +1,174 @@
+#include "ublk/server.h"
+
+#include <fcntl.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+namespace memlend::ublk {
+namespace {
+
+// How long to wait for /dev/ublkcN to appear after ADD_DEV (udev may create it late).
+constexpr int kCharDeviceWaitMs = 3000;
+
+std::string Describe(const char* step, int ret) {
+  std::string text = std::string(step) + " failed: " + std::strerror(-ret);
+  if (ret == -EPERM || ret == -EACCES) text += " (needs CAP_SYS_ADMIN)";
+  return text;
+}
+
+std::uint32_t RoundDownToPowerOfTwo(std::uint32_t value) {
+  std::uint32_t result = 1;
+  while (result <= value / 2) result <<= 1;
+  return result;
+}
+
+}  // namespace
+
+std::unique_ptr<UblkServer> UblkServer::Start(const DeviceConfig& config, Target& target,
+                                              std::string* error) {
+  std::unique_ptr<UblkServer> server(new UblkServer(config, target));
+  if (server->Setup(error) != 0) {
+    server->Stop();
+    return nullptr;
+  }
+  return server;
+}
+
+UblkServer::~UblkServer() { Stop(); }
+
+int UblkServer::Setup(std::string* error) {
+  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  config_.queues = ResolveQueueCount(config_, cpus > 0 ? static_cast<unsigned>(cpus) : 1);
+  if (std::string reason = ValidateConfig(config_); !reason.empty()) {
+    *error = "ublk: " + reason;
+    return -EINVAL;
+  }
+  int ret = control_.Open(error);
+  if (ret < 0) {
+    *error = "ublk: " + *error;
+    return ret;
+  }
+
+  // ADD_DEV, ioctl-encoded; a kernel before 6.3 knows only the legacy opcodes.
+  info_ = BuildDevInfo(config_, UBLK_F_CMD_IOCTL_ENCODE);
+  ret = control_.AddDevice(&info_);
+  if (ret == -EOPNOTSUPP || ret == -EINVAL) {
+    ublksrv_ctrl_dev_info legacy = BuildDevInfo(config_, 0);
+    control_.UseLegacyEncoding();
+    if (control_.AddDevice(&legacy) == 0) {
+      info_ = legacy;
+      ret = 0;
+    }
+  }
+  if (ret < 0) {
+    *error = "ublk: " + Describe("ADD_DEV", ret);
+    return ret;
+  }
+  state_ = State::kAdded;
+
+  // The kernel may lower the queue count (to its CPU count) and the buffer size.
+  config_.queues = info_.nr_hw_queues;
+  config_.queue_depth = info_.queue_depth;
+  if (info_.max_io_buf_bytes < config_.max_io_bytes) {
+    config_.max_io_bytes = RoundDownToPowerOfTwo(info_.max_io_buf_bytes);
+  }
+  config_.dev_id = static_cast<int>(info_.dev_id);
+  if (std::string reason = ValidateConfig(config_); !reason.empty()) {
+    *error = "ublk: the kernel's limits leave no usable device: " + reason;
+    return -EINVAL;
+  }
+
+  ublk_params params = BuildParams(config_);
+  ret = control_.SetParams(info_.dev_id, &params);
+  if (ret < 0) {
+    *error = "ublk: " + Describe("SET_PARAMS", ret);
+    return ret;
+  }
+
+  const std::string path = char_path();
+  const auto give_up =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(kCharDeviceWaitMs);
+  while ((char_fd_ = ::open(path.c_str(), O_RDWR | O_CLOEXEC)) < 0 && errno == ENOENT &&
+         std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (char_fd_ < 0) {
+    ret = -errno;
+    *error = "ublk: cannot open " + path + ": " + std::strerror(-ret);
+    return ret;
+  }
+
+  const std::uint64_t fetch_op =
+      control_.legacy_encoding() ? UBLK_IO_FETCH_REQ : UBLK_U_IO_FETCH_REQ;
+  const std::uint64_t commit_op =
+      control_.legacy_encoding() ? UBLK_IO_COMMIT_AND_FETCH_REQ : UBLK_U_IO_COMMIT_AND_FETCH_REQ;
+  const std::uint64_t device_sectors = config_.size_bytes >> kSectorShift;
+  for (unsigned q = 0; q < config_.queues; ++q) {
+    // Pin each queue's thread to the CPUs whose requests it receives, when the kernel says.
+    cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    const bool have_affinity = control_.GetQueueAffinity(info_.dev_id, q, &cpus, sizeof(cpus)) >= 0;
+    auto queue = std::make_unique<Queue>(q, config_.queue_depth, config_.max_io_bytes,
+                                         device_sectors, static_cast<std::uint32_t>(fetch_op),
+                                         static_cast<std::uint32_t>(commit_op), target_);
+    std::string reason;
+    ret = queue->Map(char_fd_, config_.lock_memory, &reason);
+    if (ret == 0) ret = queue->Start(have_affinity ? &cpus : nullptr, &reason);
+    queues_.push_back(std::move(queue));
+    if (ret < 0) {
+      *error = "ublk: queue " + std::to_string(q) + ": " + reason;
+      return ret;
+    }
+  }
+
+  ret = control_.StartDevice(info_.dev_id, static_cast<int>(::getpid()));
+  if (ret < 0) {
+    *error = "ublk: " + Describe("START_DEV", ret);
+    return ret;
+  }
+  state_ = State::kStarted;
+  return 0;
+}
+
+int UblkServer::Stop() noexcept {
+  int first_error = 0;
+  auto note = [&first_error](int ret) {
+    if (ret < 0 && first_error == 0) first_error = ret;
+  };
+  if (state_ != State::kStopped) {
+    // Also for a device that was added but never started: STOP_DEV then aborts the
+    // fetches the queues have outstanding.
+    note(control_.StopDevice(info_.dev_id));
+  }
+  for (auto& queue : queues_) queue->Wake();
+  for (auto& queue : queues_) queue->Join();
+  // Unmapping the descriptors and closing the character device drop the last references
+  // that DEL_DEV waits for.
+  queues_.clear();
+  if (char_fd_ >= 0) ::close(char_fd_);
+  char_fd_ = -1;
+  if (state_ != State::kStopped) note(control_.DeleteDevice(info_.dev_id));
+  control_.Close();
+  state_ = State::kStopped;
+  return first_error;
+}
+
+std::uint64_t UblkServer::requests() const {
+  std::uint64_t total = 0;
+  for (const auto& queue : queues_)
+    total += queue->stats().requests.load(std::memory_order_relaxed);
+  return total;
+}
+
+std::uint64_t UblkServer::errors() const {
+  std::uint64_t total = 0;
+  for (const auto& queue : queues_) total += queue->stats().errors.load(std::memory_order_relaxed);
+  return total;
+}
+
+}  // namespace memlend::ublk

@@ -1,0 +1,83 @@
+// UblkServer: one ublk block device (/dev/ublkbN) served by a Target, from ADD_DEV to
+// DEL_DEV. A small library of its own: it knows the ublk driver and io_uring, and nothing
+// of what the target stores.
+//
+// Start() runs, on the calling (control) thread:
+//   ADD_DEV (ioctl-encoded; legacy opcodes on kernels before 6.3) -> SET_PARAMS ->
+//   open /dev/ublkcN -> per queue: map descriptors and buffers, start its thread, which
+//   FETCH_REQs every tag -> START_DEV, which adds the disk (the kernel's first reads, e.g.
+//   the partition scan, are already served by the queue threads).
+// Stop() runs STOP_DEV (the disk goes away after in-flight requests finish; outstanding
+// fetches complete with UBLK_IO_RES_ABORT) -> queue threads end and are joined -> buffers
+// unmapped, /dev/ublkcN closed -> DEL_DEV (waits until the kernel has released the
+// device) -> /dev/ublk-control closed.
+//
+// Known weaknesses: a request is served synchronously on its queue's thread, so one slow
+// target call delays that queue's other requests; there is no user recovery yet (a server
+// that dies takes its device with it).
+//
+// Thread safety: Start, Stop, the destructor and requests()/errors() run on one control
+// thread at a time; the other accessors may be called from any thread once Start returned.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ublk/control.h"
+#include "ublk/params.h"
+#include "ublk/queue.h"
+#include "ublk/target.h"
+
+namespace memlend::ublk {
+
+class UblkServer {
+ public:
+  // Creates, configures and starts a device served by `target`, which must outlive the
+  // server. Returns the running server, or nullptr with a one-line reason in *error and
+  // no ublk device left behind (the driver missing, not permitted, bad config, ...).
+  static std::unique_ptr<UblkServer> Start(const DeviceConfig& config, Target& target,
+                                           std::string* error);
+  // Stops the device if still running.
+  ~UblkServer();
+  UblkServer(const UblkServer&) = delete;
+  UblkServer& operator=(const UblkServer&) = delete;
+
+  // Removes the device: see the file comment. Returns 0, or the first negative errno a step
+  // returned (the remaining steps still run, so nothing is left running). Idempotent: 0
+  // once stopped. Does not check whether the block device is in use: the kernel tears it
+  // down under its users, whose I/O then fails.
+  int Stop() noexcept;
+
+  bool running() const { return state_ != State::kStopped; }
+  int dev_id() const { return static_cast<int>(info_.dev_id); }
+  std::string block_path() const { return "/dev/ublkb" + std::to_string(info_.dev_id); }
+  std::string char_path() const { return "/dev/ublkc" + std::to_string(info_.dev_id); }
+  // The configuration in effect (queues resolved, limits as the kernel accepted them).
+  const DeviceConfig& config() const { return config_; }
+  // The UBLK_F_* flags the kernel granted.
+  std::uint64_t features() const { return info_.flags; }
+  bool legacy_encoding() const { return control_.legacy_encoding(); }
+
+  // Requests served, and failed, by all queues so far. Control thread only (Stop frees
+  // the queues).
+  std::uint64_t requests() const;
+  std::uint64_t errors() const;
+
+ private:
+  enum class State { kAdded, kStarted, kStopped };
+
+  UblkServer(const DeviceConfig& config, Target& target) : config_(config), target_(target) {}
+  int Setup(std::string* error);
+
+  DeviceConfig config_;
+  Target& target_;
+  ControlChannel control_;
+  ublksrv_ctrl_dev_info info_{};
+  int char_fd_ = -1;
+  std::vector<std::unique_ptr<Queue>> queues_;
+  State state_ = State::kStopped;
+};
+
+}  // namespace memlend::ublk

@@ -1,0 +1,56 @@
+// Target: what serves a ublk device's I/O. The library (UblkServer, server.h) owns the
+// kernel side — control commands, one thread and one io_uring per hardware queue, per-tag
+// buffers — and hands each request to the target as (operation, start sector, sector
+// count, buffer). A target knows nothing of io_uring or tags; the library knows nothing of
+// what a target stores.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+namespace memlend::ublk {
+
+inline constexpr unsigned kSectorShift = 9;
+inline constexpr std::uint32_t kSectorSize = 1u << kSectorShift;
+
+enum class IoOp : std::uint8_t {
+  kRead,         // fill `buffer` with the sectors' contents
+  kWrite,        // store `buffer` at the sectors
+  kFlush,        // make earlier completed writes durable; sector_count is 0, buffer empty
+  kDiscard,      // the sectors may be forgotten; they must read as zeros afterwards here
+  kWriteZeroes,  // the sectors must read as zeros; buffer empty
+};
+
+// One request, validated by the library before the target sees it: the op is one of the
+// five above, start_sector + sector_count <= the device's sectors, and for kRead/kWrite
+// buffer.size() == sector_count * kSectorSize (never 0) and fits the per-tag buffer.
+struct IoRequest {
+  IoOp op = IoOp::kRead;
+  std::uint32_t flags = 0;  // UBLK_IO_F_* (e.g. FUA, NOUNMAP), for information
+  std::uint64_t start_sector = 0;
+  std::uint32_t sector_count = 0;
+  std::span<std::byte> buffer;  // the tag's buffer; empty unless kRead or kWrite
+  unsigned queue = 0;           // the hardware queue the request came on
+};
+
+class Target {
+ public:
+  virtual ~Target() = default;
+
+  // Required. Serves one request on the queue's own thread (a different thread per queue,
+  // so the target must be safe for concurrent calls from all queues; calls on one queue
+  // never overlap). Returns the bytes transferred for kRead/kWrite (buffer.size() on
+  // success; a shorter positive count completes the request partially and the kernel
+  // reissues the rest), 0 on success for the other ops, or a negative errno on failure,
+  // which fails the request (-EIO, -ENOSPC, -ENOMEM, -EINVAL are reported as such).
+  // Must not throw; should not block for long, since the queue's other requests wait.
+  virtual int HandleIo(const IoRequest& request) noexcept = 0;
+
+  // Optional. Runs on queue `queue`'s thread before its first request and after its last
+  // one (e.g. for per-thread state). Must not throw.
+  virtual void QueueStarted(unsigned /*queue*/) noexcept {}
+  virtual void QueueStopped(unsigned /*queue*/) noexcept {}
+};
+
+}  // namespace memlend::ublk
