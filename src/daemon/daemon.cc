@@ -359,7 +359,11 @@ std::string Daemon::FuseMountRoot() {
 
 std::unique_ptr<BlockFrontend> Daemon::CreateFrontend(const std::string& kind,
                                                       std::shared_ptr<Device> device) {
-  if (kind == "ublk") return AttachUblk(std::move(device), UblkOptions{});
+  if (kind == "ublk") {
+    UblkOptions options;
+    options.lock_memory = config_.lock_memory;  // its I/O buffers, like the rest of the daemon
+    return AttachUblk(std::move(device), options);
+  }
   if (kind == "nbd") {
     NbdKernelOptions options;
     options.busy_poll = std::chrono::microseconds(config_.busy_poll_us);
