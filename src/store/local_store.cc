@@ -28,6 +28,10 @@
 #include <stdexcept>
 #include <system_error>
 
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
+
 namespace memlend {
 namespace {
 
@@ -78,6 +82,31 @@ unsigned ClassFor(std::size_t bytes) {
     if (ClassBytes(c) >= bytes) return c;
   }
   return 1;
+}
+
+// Copies a whole raw page into its frame. The frame is usually cold (pages land at random
+// places in the arena), so on x86-64 the copy uses non-temporal stores: they skip reading
+// each destination cache line before overwriting it, which a plain copy spends most of its
+// time on. Measured with fio's nbd engine at queue depth 32, same run, alternating: about
+// 3% more 4 KiB random writes (the client, not the server, is then the limit: see README).
+void CopyPageToFrame(std::byte* frame, const std::byte* page) noexcept {
+#if defined(__x86_64__)
+  auto* to = reinterpret_cast<__m128i*>(frame);
+  const auto* from = reinterpret_cast<const __m128i*>(page);
+  for (std::size_t i = 0; i < kPageSize / sizeof(__m128i); i += 4) {
+    const __m128i a = _mm_loadu_si128(from + i);
+    const __m128i b = _mm_loadu_si128(from + i + 1);
+    const __m128i c = _mm_loadu_si128(from + i + 2);
+    const __m128i d = _mm_loadu_si128(from + i + 3);
+    _mm_stream_si128(to + i, a);
+    _mm_stream_si128(to + i + 1, b);
+    _mm_stream_si128(to + i + 2, c);
+    _mm_stream_si128(to + i + 3, d);
+  }
+  _mm_sfence();  // order the streamed stores before the slot is published
+#else
+  std::memcpy(frame, page, kPageSize);
+#endif
 }
 
 Slot MakeSlot(std::uint32_t frame, unsigned size_class, unsigned chunk) {
@@ -170,6 +199,14 @@ LocalStore::Packed LocalStore::Pack(ConstPageSpan page, std::byte* buffer) const
   return packed;
 }
 
+void LocalStore::CopyPacked(const Packed& packed, std::byte* chunk) noexcept {
+  if (packed.size_class == kRawClass) {
+    CopyPageToFrame(chunk, packed.bytes);
+  } else {
+    std::memcpy(chunk, packed.bytes, packed.length);
+  }
+}
+
 std::byte* LocalStore::ChunkAddress(Slot slot) const noexcept {
   const Slot frame = slot >> kFrameShift;
   const unsigned size_class = static_cast<unsigned>((slot >> kClassShift) & kFieldMask);
@@ -239,7 +276,7 @@ int LocalStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexce
   const Packed packed = Pack(page, buffer);
   const int rc = Allocate(packed.size_class, hint, slot);
   if (rc != 0) return rc;
-  std::memcpy(ChunkAddress(*slot), packed.bytes, packed.length);
+  CopyPacked(packed, ChunkAddress(*slot));
   return 0;
 }
 
@@ -250,13 +287,13 @@ int LocalStore::Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint,
   const unsigned old_class = static_cast<unsigned>((slot >> kClassShift) & kFieldMask);
   if (packed.size_class == old_class) {
     // Same chunk size: overwrite in place, no allocator lock at all.
-    std::memcpy(ChunkAddress(slot), packed.bytes, packed.length);
+    CopyPacked(packed, ChunkAddress(slot));
     *placed = slot;
     return 0;
   }
   const int rc = Allocate(packed.size_class, hint, placed);
   if (rc != 0) return rc;
-  std::memcpy(ChunkAddress(*placed), packed.bytes, packed.length);
+  CopyPacked(packed, ChunkAddress(*placed));
   Discard(slot);
   return 0;
 }

@@ -69,6 +69,8 @@ class LocalStore final : public PageStore {
   // Reserves a chunk of `size_class`, trying the hinted shard first. 0 or -ENOSPC.
   int Allocate(unsigned size_class, std::uint64_t hint, Slot* slot) noexcept;
   std::byte* ChunkAddress(Slot slot) const noexcept;
+  // Copies a packed page into its chunk.
+  static void CopyPacked(const Packed& packed, std::byte* chunk) noexcept;
 
   // Constant after construction.
   const Compression compression_;
