@@ -45,7 +45,7 @@ echo "devices: ublk ${devices[0]}, nbd ${devices[1]}, loop ${devices[2]} (tmpfs 
 
 # Prefill, so that reads hit stored pages.
 for device in "${devices[@]}"; do
-  fio --name=prefill --filename="$device" --rw=write --bs=1M --iodepth=8 --ioengine=io_uring \
+  fio --eta=never --name=prefill --filename="$device" --rw=write --bs=1M --iodepth=8 --ioengine=io_uring \
     --direct=1 --size="${size_mib}M" >/dev/null
 done
 
@@ -56,7 +56,7 @@ for workload in randread randwrite; do
     for ((rep = 1; rep <= repeat; rep++)); do
       for i in "${!devices[@]}"; do
         echo "  $workload qd=$qd ${names[$i]} run $rep/$repeat (${runtime}s)..."
-        fio --name=bench --filename="${devices[$i]}" --rw="$workload" --bs=4k --iodepth="$qd" \
+        fio --eta=never --name=bench --filename="${devices[$i]}" --rw="$workload" --bs=4k --iodepth="$qd" \
           --ioengine=io_uring --direct=1 --numjobs=1 --size="${size_mib}M" --time_based \
           --runtime="$runtime" --norandommap --randrepeat=0 --output-format=json \
           --output="$results/$workload-$qd-${names[$i]}-$rep.json"

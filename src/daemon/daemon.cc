@@ -362,6 +362,11 @@ std::unique_ptr<BlockFrontend> Daemon::CreateFrontend(const std::string& kind,
   if (kind == "ublk") {
     UblkOptions options;
     options.lock_memory = config_.lock_memory;  // its I/O buffers, like the rest of the daemon
+    // One queue whose thread may run on any CPU. With a queue per CPU, each queue's thread
+    // is pinned to the CPU whose requests it serves and competes with the submitting
+    // process for it; in the VM benchmark (2 vCPUs, fio at queue depth 32) one free queue
+    // gave 2.7 times the IOPS of per-CPU queues.
+    options.queues = 1;
     return AttachUblk(std::move(device), options);
   }
   if (kind == "nbd") {
