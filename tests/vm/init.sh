@@ -82,12 +82,15 @@ mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=524288,cache=loose hostroo
 # Read the job before tmpfs covers /tmp and /run, where it may live.
 cp "$r$job" /job.sh || die "cannot read the job $job"
 
-# memlend.keep= names a host directory (the kernel's modules) that must stay visible even if it
-# is under /tmp, /run or /var/tmp: it is set aside now and put back after the tmpfs mounts.
-if [ -n "$keep" ]; then
-  mkdir -p /keep
-  mount --bind "$r$keep" /keep || die "cannot bind $keep"
-fi
+# memlend.keep= names host directories, comma-separated (the kernel's modules, the repository),
+# that must stay visible even if they are under /tmp, /run or /var/tmp: each is set aside now
+# and put back after the tmpfs mounts.
+n=0
+for dir in $(echo "$keep" | tr ',' ' '); do
+  mkdir -p /keep$n
+  mount --bind "$r$dir" /keep$n || die "cannot bind $dir"
+  n=$((n + 1))
+done
 
 mount -t proc proc $r/proc || die "cannot mount proc"
 mount -t sysfs sysfs $r/sys || die "cannot mount sysfs"
@@ -99,10 +102,12 @@ for dir in /dev/shm /tmp /run /var/tmp; do
   mount -t tmpfs -o mode=1777 tmpfs $r$dir || die "cannot mount tmpfs on $dir"
 done
 chmod 755 $r/run
-if [ -n "$keep" ]; then
-  mkdir -p "$r$keep" 2>/dev/null
-  mount --move /keep "$r$keep" || die "cannot put $keep back"
-fi
+n=0
+for dir in $(echo "$keep" | tr ',' ' '); do
+  mkdir -p "$r$dir" 2>/dev/null
+  mount --move /keep$n "$r$dir" || die "cannot put $dir back"
+  n=$((n + 1))
+done
 mount -t cgroup2 cgroup2 $r/sys/fs/cgroup || die "cannot mount cgroup2"
 # Every controller the kernel has (memory among them) is enabled for child cgroups.
 for controller in $(cat $r/sys/fs/cgroup/cgroup.controllers); do
