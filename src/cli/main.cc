@@ -152,6 +152,10 @@ int main(int argc, char** argv) {
   daemon->add_option("--backing-size", daemon_args.backing_size,
                      "Largest size the backing file may grow to (default: no bound)")
       ->type_name("SIZE");
+  daemon->add_flag("--backing-direct", daemon_args.backing_direct,
+                   "Write the backing file with O_DIRECT, bypassing the page cache: slower, "
+                   "but spilling pages then needs no page-cache memory, which a swap device "
+                   "lacks under whole-system memory pressure");
   daemon->add_option("--compress", daemon_args.compress,
                      "Compress pages in the local store: none or lz4")
       ->type_name("none|lz4")

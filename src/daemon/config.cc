@@ -214,6 +214,11 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
     }
     config->backing_size_bytes = *bound;
   }
+  if (args.backing_direct && args.backing_file.empty()) {
+    *error = "--backing-direct needs --backing-file";
+    return false;
+  }
+  config->backing_direct = args.backing_direct;
 
   if (args.compress == "none") {
     config->compression = Compression::kNone;

@@ -37,6 +37,7 @@ struct DaemonConfig {
   bool lock_memory = true;
   std::string backing_file;             // empty: no disk tier
   std::uint64_t backing_size_bytes = 0; // 0: bounded only by the file system
+  bool backing_direct = false;          // open the backing file with O_DIRECT
   Compression compression = Compression::kNone;
   std::string control_path;
   std::uint32_t busy_poll_us = 50;
@@ -55,6 +56,7 @@ struct DaemonArgs {
   std::string local_store;
   std::string backing_file;
   std::string backing_size;
+  bool backing_direct = false;
   std::string compress = "none";
   std::string control;
   std::uint32_t busy_poll_us = 50;

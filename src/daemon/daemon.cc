@@ -79,7 +79,8 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config) {
     }
     std::unique_ptr<DiskStore> disk;
     if (!config.backing_file.empty()) {
-      disk = std::make_unique<DiskStore>(config.backing_file, config.backing_size_bytes);
+      disk = std::make_unique<DiskStore>(config.backing_file, config.backing_size_bytes,
+                                         config.backing_direct);
     }
     TieringOptions options;
     options.high_watermark = config.high_watermark;

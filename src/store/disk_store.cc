@@ -36,15 +36,17 @@ off_t SlotOffset(Slot slot) { return static_cast<off_t>(slot * kPageSize); }
 
 }  // namespace
 
-DiskStore::DiskStore(const std::string& path, std::uint64_t max_bytes)
+DiskStore::DiskStore(const std::string& path, std::uint64_t max_bytes, bool direct)
     : path_(path), max_slots_(max_bytes / kPageSize) {
   if (max_bytes != 0 && max_slots_ == 0) {
     throw std::invalid_argument("disk store bound for " + path + " is smaller than one page");
   }
   constexpr int kFlags = O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC;
-  fd_ = open(path.c_str(), kFlags | O_DIRECT, 0600);
-  direct_ = fd_ >= 0;
-  if (fd_ < 0 && errno == EINVAL) fd_ = open(path.c_str(), kFlags, 0600);  // no O_DIRECT here
+  if (direct) {
+    fd_ = open(path.c_str(), kFlags | O_DIRECT, 0600);
+    direct_ = fd_ >= 0;
+  }
+  if (!direct_ && (!direct || errno == EINVAL)) fd_ = open(path.c_str(), kFlags, 0600);
   if (fd_ < 0) {
     throw std::system_error(errno, std::generic_category(), "backing file " + path);
   }

@@ -7,12 +7,13 @@
 // is volatile, so nothing from an earlier run is meaningful.
 //
 // I/O is pread/pwrite (thread-safe without a lock); only the slot allocator takes a
-// mutex, for a few instructions. The file is opened with O_DIRECT where the file system
-// allows it (else with buffered I/O): the disk tier takes pages when memory is short, often
-// from a swap device, and buffered writes would need page-cache memory and dirty-page
-// writeback at exactly that moment; under whole-system memory pressure that stalls the
-// daemon behind the reclaim it is meant to serve. Pages not 4 KiB aligned in memory go
-// through an aligned buffer on the stack.
+// mutex, for a few instructions. On request (`direct`) the file is opened with O_DIRECT where
+// the file system allows it: the disk tier takes pages when memory is short, often from a
+// swap device, and buffered writes need page-cache memory and dirty-page writeback at
+// exactly that moment; under whole-system memory pressure a daemon was seen stalled in
+// ext4's delayed allocation that way. The price is a synchronous write per page: the spill
+// integration test takes about 15 s with O_DIRECT against 1.3 s buffered, hence opt-in.
+// With O_DIRECT, pages not 4 KiB aligned in memory go through an aligned stack buffer.
 #pragma once
 
 #include <cstdint>
@@ -29,7 +30,8 @@ class DiskStore final : public PageStore {
   // Opens (creating or truncating) `path`. `max_bytes` bounds the file (0: no bound beyond
   // the file system's); a write past it returns -ENOSPC. Throws std::system_error with the
   // path in the message if the file cannot be opened for reading and writing.
-  DiskStore(const std::string& path, std::uint64_t max_bytes);
+  // `direct`: use O_DIRECT if the file system supports it (see above).
+  DiskStore(const std::string& path, std::uint64_t max_bytes, bool direct = false);
   ~DiskStore() override;
   DiskStore(const DiskStore&) = delete;
   DiskStore& operator=(const DiskStore&) = delete;
@@ -43,7 +45,7 @@ class DiskStore final : public PageStore {
   StoreStats Stats() const noexcept override;
 
   const std::string& path() const { return path_; }
-  // True when the file is accessed with O_DIRECT (the file system supports it).
+  // True when the file is accessed with O_DIRECT (asked for, and supported).
   bool direct() const { return direct_; }
 
  private:

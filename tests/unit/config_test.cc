@@ -272,6 +272,15 @@ TEST_CASE("BuildDaemonConfig rejects bad options with a one-line error naming th
     CHECK(Contains(error, "--backing-size"));
     CHECK(Contains(error, "--backing-file"));
   }
+  SUBCASE("--backing-direct without --backing-file") {
+    DaemonArgs args = GoodArgs();
+    args.backing_file.clear();
+    args.backing_size.clear();
+    args.backing_direct = true;
+    const std::string error = BuildError(args);
+    CHECK(Contains(error, "--backing-direct"));
+    CHECK(Contains(error, "--backing-file"));
+  }
   SUBCASE("bad --compress") {
     for (const char* compress : {"", "zstd", "LZ4", "lz4 "}) {
       CAPTURE(compress);

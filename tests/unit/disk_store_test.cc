@@ -265,27 +265,32 @@ TEST_CASE("DiskStore survives concurrent writers, readers and discarders") {
 }
 
 TEST_CASE("DiskStore moves pages that are not aligned in memory, with or without O_DIRECT") {
-  TempDir dir;
-  DiskStore store(dir.File("unaligned"), 0);
-  MESSAGE("backing file opened " << std::string(store.direct() ? "with" : "without") << " O_DIRECT");
-  // Pages at odd addresses, as they arrive in a network buffer.
-  std::vector<std::byte> buffer(3 * kPageSize + 64);
-  std::vector<Slot> slots;
-  Page page;
-  for (std::size_t offset : {std::size_t{1}, std::size_t{8}, std::size_t{512}}) {
-    FillRandom(page, offset);
-    std::memcpy(buffer.data() + offset, page.data(), kPageSize);
-    Slot slot = 0;
-    REQUIRE(store.Write(ConstPageSpan(buffer.data() + offset, kPageSize), 0, &slot) == 0);
-    slots.push_back(slot);
-  }
-  std::size_t i = 0;
-  for (std::size_t offset : {std::size_t{1}, std::size_t{8}, std::size_t{512}}) {
-    FillRandom(page, offset);
-    std::fill(buffer.begin(), buffer.end(), std::byte{0x5a});
-    REQUIRE(store.Read(slots[i++], PageSpan(buffer.data() + offset + 3, kPageSize)) == 0);
-    CHECK(std::memcmp(buffer.data() + offset + 3, page.data(), kPageSize) == 0);
-    CHECK(buffer[offset + 2] == std::byte{0x5a});  // nothing written before the page
+  for (const bool direct : {false, true}) {
+    CAPTURE(direct);
+    TempDir dir;
+    DiskStore store(dir.File("unaligned"), 0, direct);
+    if (!direct) CHECK_FALSE(store.direct());
+    MESSAGE("backing file opened " << std::string(store.direct() ? "with" : "without")
+                                   << " O_DIRECT");
+    // Pages at odd addresses, as they arrive in a network buffer.
+    std::vector<std::byte> buffer(3 * kPageSize + 64);
+    std::vector<Slot> slots;
+    Page page;
+    for (std::size_t offset : {std::size_t{1}, std::size_t{8}, std::size_t{512}}) {
+      FillRandom(page, offset);
+      std::memcpy(buffer.data() + offset, page.data(), kPageSize);
+      Slot slot = 0;
+      REQUIRE(store.Write(ConstPageSpan(buffer.data() + offset, kPageSize), 0, &slot) == 0);
+      slots.push_back(slot);
+    }
+    std::size_t i = 0;
+    for (std::size_t offset : {std::size_t{1}, std::size_t{8}, std::size_t{512}}) {
+      FillRandom(page, offset);
+      std::fill(buffer.begin(), buffer.end(), std::byte{0x5a});
+      REQUIRE(store.Read(slots[i++], PageSpan(buffer.data() + offset + 3, kPageSize)) == 0);
+      CHECK(std::memcmp(buffer.data() + offset + 3, page.data(), kPageSize) == 0);
+      CHECK(buffer[offset + 2] == std::byte{0x5a});  // nothing written before the page
+    }
   }
 }
 

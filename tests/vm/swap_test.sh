@@ -53,7 +53,7 @@ case $mode in
     # reclaim; keep a reserve free for them, as docs/attach.md advises for swap hosts.
     echo 32768 >/proc/sys/vm/min_free_kbytes
     # The whole disk is the backing file: no file system between the daemon and the disk.
-    backing=(--backing-file /dev/vda --backing-size 1000M)
+    backing=(--backing-file /dev/vda --backing-size 1000M --backing-direct)
     ;;
   *) fail "unknown mode '$mode'" ;;
 esac
