@@ -104,6 +104,21 @@ print(next(d for d in status["devices"] if d["name"] == sys.argv[1])["pages"]["r
   wait "$pid" || fail "the pattern program failed (status $?)"
 }
 
+# swap_cycle NAME CONTROL DEVICE FRONTEND: the swap check every frontend gets. `memlend status`
+# must show NAME attached as DEVICE through FRONTEND; then mkswap and swapon on DEVICE,
+# swap_pattern_check over 128 MiB in a 32 MiB memory cgroup, swapoff and detach.
+swap_cycle() {
+  local name=$1 control=$2 device=$3 frontend=$4
+  "$memlend" status --control "$control" | grep -E "^$name .*$device \($frontend\)" ||
+    fail "status does not show $name attached: $("$memlend" status --control "$control")"
+  mkswap "$device" >/dev/null
+  swapon "$device"
+  swap_pattern_check "$name" "$control" "$device" 128 32
+  swapoff "$device"
+  "$memlend" detach "$name" --control "$control"
+  attached_devices=()
+}
+
 # attach_cleanup: swapoff what the test attached, kill what runs in its memory cgroup and remove
 # it, detach loop devices over files in $workdir and unmount FUSE mounts in it. Runs before
 # lib.sh's cleanup stops the daemons; safe to run when nothing is left.

@@ -32,15 +32,7 @@ device=$("$memlend" attach swap0 --size 256M --frontend fuse --control "$control
 attached_devices+=("$device")
 echo "attached swap0 as $device"
 [[ $device == /dev/loop* && -b $device ]] || fail "attach printed '$device', not a loop device"
-"$memlend" status --control "$control" | grep -E "^swap0 .*$device \(fuse\)" ||
-  fail "status does not show swap0 attached: $("$memlend" status --control "$control")"
-
-mkswap "$device" >/dev/null
-swapon "$device"
-swap_pattern_check swap0 "$control" "$device" 128 32
-
-swapoff "$device"
-"$memlend" detach swap0 --control "$control"
+swap_cycle swap0 "$control" "$device" fuse
 check_nothing_attached "$control"
 stop_daemon borrower
 stop_daemon lender

@@ -41,16 +41,7 @@ nbd=${device#/dev/}
 [[ -e /sys/block/$nbd/pid ]] || fail "$device is not connected (no /sys/block/$nbd/pid)"
 [[ $(blockdev --getsize64 "$device") -eq $((256 << 20)) ]] ||
   fail "$device has $(blockdev --getsize64 "$device") bytes, not 256 MiB"
-"$memlend" status --control "$control" | grep -E "^swap0 .*$device \(nbd\)" ||
-  fail "status does not show swap0 attached: $("$memlend" status --control "$control")"
-
-mkswap "$device" >/dev/null
-swapon "$device"
-swap_pattern_check swap0 "$control" "$device" 128 32
-
-swapoff "$device"
-"$memlend" detach swap0 --control "$control"
-attached_devices=()
+swap_cycle swap0 "$control" "$device" nbd
 [[ ! -e /sys/block/$nbd/pid ]] || fail "$device is still connected after detach"
 check_nothing_attached "$control"
 

@@ -7,8 +7,7 @@
 #             the device is attached, mkswap, swapon; a process in a cgroup-v2 memory cgroup
 #             limited to a quarter of what it allocates writes a pattern over 128 MiB, and
 #             before it reads it back /proc/swaps must show the device in use, `memlend status`
-#             pages on the peer, and detach must be refused (attach_lib.sh's
-#             swap_pattern_check).
+#             pages on the peer, and detach must be refused (attach_lib.sh's swap_cycle).
 #   pressure  boot with little RAM (tests/vm/run --mem 512 --disk 1024): a lender of 64 MiB and
 #             a borrower whose backing file is the guest's disk itself; no cgroup: memory_pattern
 #             allocates twice the guest's RAM, so the whole system, the daemons included, is
@@ -67,15 +66,13 @@ attached_devices+=("$device")
 [[ -b $device ]] || fail "attach printed '$device', which is not a block device"
 echo "attached swap0 as $device ($frontend)"
 
-mkswap "$device" >/dev/null
-swapon "$device"
-grep -q "^$device " /proc/swaps || fail "$device is not in /proc/swaps after swapon"
-
 case $mode in
   cgroup)
-    swap_pattern_check swap0 "$control" "$device" 128 32
+    swap_cycle swap0 "$control" "$device" "$frontend"
     ;;
   pressure)
+    mkswap "$device" >/dev/null
+    swapon "$device"
     ram_mib=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
     size_mib=$((ram_mib * 2))
     echo "memory_pattern over $size_mib MiB on a guest with $ram_mib MiB of RAM, no cgroup"
@@ -129,12 +126,11 @@ assert pages["mapped"] == pages["zero"] + pages["local"] + pages["disk"] + pages
 assert pages["remote"] > 0, "no page is on the lender"
 assert pages["disk"] > 0, "no page reached the backing file"
 EOF
+    swapoff "$device"
+    "$memlend" detach swap0 --control "$control"
+    attached_devices=()
     ;;
 esac
-
-swapoff "$device"
-"$memlend" detach swap0 --control "$control"
-attached_devices=()
 check_nothing_attached "$control"
 if [[ $frontend == ublk ]]; then
   [[ ! -e $device ]] || fail "$device still exists after detach"
