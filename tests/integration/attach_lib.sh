@@ -40,7 +40,7 @@ require_swap_tools() {
 }
 
 # make_memcg LIMIT_BYTES: creates a memory cgroup limited to LIMIT_BYTES (v1 if mounted, else
-# v2) and sets $memcg_dir; attach_cleanup removes it.
+# v2's memory.high) and sets $memcg_dir; attach_cleanup removes it.
 make_memcg() {
   local limit=$1
   if [[ -e /sys/fs/cgroup/memory/memory.limit_in_bytes ]]; then
@@ -53,7 +53,10 @@ make_memcg() {
       echo +memory >/sys/fs/cgroup/cgroup.subtree_control
     memcg_dir=/sys/fs/cgroup/memlend-test-$$
     mkdir "$memcg_dir"
-    echo "$limit" >"$memcg_dir/memory.max"
+    # memory.high, not memory.max: above it the kernel reclaims and slows the process down
+    # rather than killing it. With memory.max a slow swap device (an emulated guest) can have
+    # the whole cgroup under writeback at once, and the OOM killer ends the test.
+    echo "$limit" >"$memcg_dir/memory.high"
   fi
 }
 
