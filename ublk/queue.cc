@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <string>
 
 #include "ublk/user_data.h"
 
@@ -162,6 +163,7 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, nullptr);
   if (pin) pthread_setaffinity_np(pthread_self(), sizeof(cpus), &cpus);
+  pthread_setname_np(pthread_self(), ("ublk-queue" + std::to_string(queue_id_)).c_str());
 
   // One entry per tag plus the wake-up read: never more SQEs prepared at once.
   io_uring_params params;

@@ -21,6 +21,7 @@
 #include "frontend/nbd_kernel_frontend.h"
 #include "frontend/ublk_frontend.h"
 #include "memlend/control_api.h"
+#include "common/thread_name.h"
 
 namespace memlend {
 
@@ -186,7 +187,12 @@ void Daemon::BlockShutdownSignals() {
 void Daemon::Run() {
   for (const std::string& warning : swap_warnings_) LogError("%s", warning.c_str());
   if (tiers_) tiers_->StartEvictor();
-  if (peers_) refresher_ = std::thread([this] { RefreshLoop(); });
+  if (peers_) {
+    refresher_ = std::thread([this] {
+      SetThreadName("ml-refresh");
+      RefreshLoop();
+    });
+  }
   if (nbd_) nbd_->Start();
   if (lender_) lender_->Start();
   control_->Start();

@@ -16,6 +16,7 @@
 #include "common/unique_fd.h"
 #include "frontend/host_tools.h"
 #include "nbd/transmission.h"
+#include "common/thread_name.h"
 
 namespace memlend {
 namespace {
@@ -53,11 +54,13 @@ class NbdKernelFrontend final : public BlockFrontend {
         nbd_(std::move(nbd)),
         server_(std::move(server)) {
     serve_ = std::thread([this, busy_poll = options.busy_poll] {
+      SetThreadName("ml-nbd" + std::to_string(index_));
       nbd::RunTransmission(server_.get(), *device_, busy_poll, kLargestKernelWrite);
       // The kernel sees end of stream and NBD_DO_IT returns.
       ::shutdown(server_.get(), SHUT_RDWR);
     });
     do_it_ = std::thread([this] {
+      SetThreadName("ml-nbd-doit");
       if (::ioctl(nbd_.get(), NBD_DO_IT) < 0 && errno != EPIPE && errno != ECONNRESET) {
         LogDebug("nbd: %s: NBD_DO_IT ended: %s", path_.c_str(), std::strerror(errno));
       }

@@ -15,6 +15,7 @@
 #include "common/log.h"
 #include "nbd/handshake.h"
 #include "nbd/transmission.h"
+#include "common/thread_name.h"
 
 namespace memlend::nbd {
 
@@ -61,6 +62,7 @@ void NbdServer::Accept(UniqueFd fd) {
 }
 
 void NbdServer::ServeClient(Client* client) {
+  SetThreadName("ml-nbd-serve");
   if (std::shared_ptr<Device> device = RunHandshake(client->fd.get(), devices_)) {
     LogDebug("nbd: client attached to %s", device->name().c_str());
     RunTransmission(client->fd.get(), *device, busy_poll_);

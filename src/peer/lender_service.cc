@@ -21,6 +21,7 @@
 
 #include "common/byte_buffer.h"
 #include "common/log.h"
+#include "common/thread_name.h"
 
 namespace memlend::peer {
 namespace {
@@ -487,6 +488,7 @@ void LenderService::Accept(UniqueFd fd) {
 }
 
 void LenderService::ServeSession(Session* session) {
+  SetThreadName("ml-lend-" + std::to_string(session->id));
   LogDebug("lender: session %llu opened", static_cast<unsigned long long>(session->id));
   try {
     Connection connection(this, session);

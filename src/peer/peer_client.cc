@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/log.h"
+#include "common/thread_name.h"
 
 namespace memlend::peer {
 namespace {
@@ -303,6 +304,7 @@ void PeerClient::AwaitReply(Pending* pending) noexcept {
 }
 
 void PeerClient::IdleLoop() {
+  SetThreadName("ml-peer-idle");
   // A few milliseconds of delay for notices that arrive while nothing waits is harmless;
   // a thread woken for every reply would cost a hand-off each time.
   constexpr auto kInterval = std::chrono::milliseconds(5);

@@ -130,6 +130,7 @@ void PeerStore::MarkDown(Peer& peer, const std::string& why) {
   peer.client.reset();
   peer.superpages.clear();
   peer.partial.clear();
+  peer.free_slots = 0;
   peer.pins.clear();
   peer.lost.fetch_add(peer.pages.load(std::memory_order_relaxed), std::memory_order_relaxed);
   // Slots of the ended session read as lost from now on, and a later session's slots
@@ -179,13 +180,8 @@ int PeerStore::PickPeer(std::uint64_t hint) const noexcept {
     const Peer& peer = *peers_[i];
     std::lock_guard lock(peer.mu);
     if (!peer.client || !peer.client->connected()) return 0;
-    std::uint64_t free_slots = 0;
-    for (const std::uint32_t sid : peer.partial) {
-      const auto it = peer.superpages.find(sid);
-      if (it != peer.superpages.end()) free_slots += kPagesPerSuperpage - it->second.used;
-    }
     const std::uint64_t lender = peer.refusing ? 0 : peer.free_pages.load(std::memory_order_relaxed);
-    return lender + free_slots;
+    return lender + peer.free_slots;
   };
   const std::size_t count = peers_.size();
   if (count == 0) return -1;
@@ -221,6 +217,7 @@ int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
       const auto bit = static_cast<std::uint32_t>(std::countr_one(superpage.used_mask[word]));
       superpage.used_mask[word] |= std::uint64_t{1} << bit;
       ++superpage.used;
+      --peer.free_slots;
       if (superpage.used == kPagesPerSuperpage) peer.partial.pop_back();
       *sid = candidate;
       *index = word * 64 + bit;
@@ -245,6 +242,7 @@ int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
     Superpage& superpage = peer.superpages[granted];
     superpage.used_mask[0] = 1;
     superpage.used = 1;
+    peer.free_slots += kPagesPerSuperpage - 1;
     peer.partial.push_back(granted);
   } catch (const std::bad_alloc&) {
     return -ENOMEM;  // the superpage stays granted and unused until the session ends
@@ -267,11 +265,13 @@ void PeerStore::ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) 
     const std::uint64_t bit = std::uint64_t{1} << (index % 64);
     assert(superpage.used_mask[index / 64] & bit);
     superpage.used_mask[index / 64] &= ~bit;
+    ++peer.free_slots;
     if (--superpage.used > 0) {
       if (superpage.used == kPagesPerSuperpage - 1) peer.partial.push_back(sid);
       return;
     }
     peer.superpages.erase(it);
+    peer.free_slots -= kPagesPerSuperpage;
     client = peer.client;
   }
   // The superpage is empty: give it back so the lender's count drops. The lender has room

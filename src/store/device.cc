@@ -400,11 +400,16 @@ Tier Device::TierOf(std::uint64_t page) noexcept {
 }
 
 std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
-  // Pages are collected still locked (try_lock only, so this never waits on a writer),
-  // copied out, sent down in one batch, and then re-pointed and unlocked.
-  // At most 32 pages (and so 32 page locks) at a time: enough to fill the pipe, and
-  // within what lock checkers such as ThreadSanitizer track per thread.
-  constexpr std::size_t kBatch = 32;
+  // Each cold page is copied out under its lock, which is released at once: the batch goes
+  // down without holding any page lock, so a writer or reader of those pages (or of pages
+  // sharing their lock stripes) never waits for the round trip to a peer. When the batch
+  // is placed, each page is locked again (try_lock: a writer doing direct reclaim holds a
+  // stripe, and waiting here could close a cycle) and re-pointed only if its entry is
+  // exactly what was copied. Any access in between sets the referenced bit, which the copy
+  // had clear, so a page written, trimmed or read meanwhile keeps its local copy and the
+  // new lower copy is released instead. Scans run one at a time (Tiering holds its owners
+  // lock), so no other scan clears a referenced bit while the batch is out.
+  constexpr std::size_t kBatch = 64;  // Tiering::DemoteBatch's largest batch
   struct Candidate {
     PageEntry* entry;
     Location where;
@@ -420,9 +425,8 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
 
   std::size_t demoted = 0;
   // At most two sweeps: the first may only clear referenced bits. The scan is linear in
-  // the device's mapped chunks; chunks never written are skipped whole. Scans run one at
-  // a time (Tiering holds its owners lock), so the hand is advanced locally and
-  // published when the scan ends.
+  // the device's mapped chunks; chunks never written are skipped whole. The hand is
+  // advanced locally and published when the scan ends.
   const std::uint64_t limit = 2 * page_count_;
   std::uint64_t scanned = 0;
   std::uint64_t hand = clock_hand_.load(std::memory_order_relaxed) % page_count_;
@@ -441,11 +445,12 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
       // A set bit means the chunk exists (chunks live as long as the device).
       PageEntry* chunk = chunks_[page >> kChunkShift].load(std::memory_order_acquire);
       if (chunk == nullptr) continue;
+      // After a wrap-around on a small device the hand can come back to a page already
+      // in this batch.
+      if (std::find(hints, hints + count, page) != hints + count) continue;
       PageEntry* entry = &chunk[page & (kChunkPages - 1)];
       std::mutex* mu = &LockFor(page);
-      bool held = mu == t_held_stripe;
-      for (std::size_t i = 0; i < count && !held; ++i) held = candidates[i].mu == mu;
-      if (held || !mu->try_lock()) continue;
+      if (mu == t_held_stripe || !mu->try_lock()) continue;
       const Location where = Location::FromBits(entry->where.load(std::memory_order_relaxed));
       std::byte* copy = buffer.data() + count * kPageSize;
       if (where.tier() != Tier::kLocal || where.referenced() ||
@@ -460,6 +465,7 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
       pages[count] = copy;
       hints[count] = page;
       disk_copies[count] = entry->disk_copy;
+      mu->unlock();
       ++count;
     }
     if (count == 0) break;
@@ -469,16 +475,29 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
                        std::span(placed, count), std::span(results, count));
     bool out_of_room = false;
     for (std::size_t i = 0; i < count; ++i) {
-      if (results[i] == 0) {
-        tiers_.Release(candidates[i].where);
-        // A clean page's disk copy goes with it (kDisk names it, kCached keeps it beside).
-        SetLocation(hints[i], candidates[i].entry, candidates[i].where, placed[i],
-                    placed[i].tier() == Tier::kCached ? disk_copies[i] : kNoCopy);
-        ++demoted;
-      } else {
+      if (results[i] != 0) {
         out_of_room = true;
+        continue;
       }
-      candidates[i].mu->unlock();
+      const Candidate& c = candidates[i];
+      // Only what this batch created may be released on a change: a clean page's disk
+      // copy (placed kDisk) still belongs to the entry, or to the writer who dropped it.
+      const bool created = disk_copies[i] == kNoCopy || placed[i].tier() == Tier::kCached;
+      if (!c.mu->try_lock()) {
+        if (created) tiers_.Release(placed[i]);
+        continue;
+      }
+      if (c.entry->where.load(std::memory_order_relaxed) != c.where.bits()) {
+        c.mu->unlock();
+        if (created) tiers_.Release(placed[i]);
+        continue;
+      }
+      tiers_.Release(c.where);
+      // A clean page's disk copy goes with it (kDisk names it, kCached keeps it beside).
+      SetLocation(hints[i], c.entry, c.where, placed[i],
+                  placed[i].tier() == Tier::kCached ? disk_copies[i] : kNoCopy);
+      c.mu->unlock();
+      ++demoted;
     }
     if (out_of_room) break;  // no tier below has room
   }

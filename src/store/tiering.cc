@@ -1,4 +1,5 @@
 #include "store/tiering.h"
+#include "common/thread_name.h"
 
 #include <algorithm>
 #include <cassert>
@@ -30,7 +31,10 @@ Tiering::~Tiering() {
 
 void Tiering::StartEvictor() {
   if (!HasLowerTier() || evictor_.joinable()) return;
-  evictor_ = std::thread([this] { EvictorLoop(); });
+  evictor_ = std::thread([this] {
+    SetThreadName("ml-evictor");
+    EvictorLoop();
+  });
 }
 
 void Tiering::AddOwner(PageOwner* owner) {
@@ -98,6 +102,15 @@ std::size_t Tiering::EvictSome(std::size_t want) noexcept {
   }
   evicted_.fetch_add(done, std::memory_order_relaxed);
   return done;
+}
+
+bool Tiering::WaitForScan() noexcept {
+  if (owners_mu_.try_lock()) {
+    owners_mu_.unlock();
+    return false;
+  }
+  std::lock_guard lock(owners_mu_);
+  return true;
 }
 
 bool Tiering::CanKeepDiskCopy() const noexcept {
@@ -188,10 +201,14 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
   int rc = was_local ? local_->Rewrite(old.slot(), page, hint, &slot)
                      : local_->Write(page, hint, &slot);
   if (rc == -ENOSPC && !was_local && HasLowerTier()) {
-    // Direct reclaim, then try again even if it moved nothing: it waited for any scan in
-    // progress, and the background evictor may have made the room meanwhile.
-    EvictSome(options_.reclaim_batch);
-    rc = local_->Write(page, hint, &slot);
+    // A scan in progress (usually the evictor's) frees a batch when its round trip ends:
+    // wait for it and try again. Only if that was not enough, reclaim directly, and try
+    // again even if that moved nothing (the evictor may have made room meanwhile).
+    if (WaitForScan()) rc = local_->Write(page, hint, &slot);
+    if (rc == -ENOSPC) {
+      EvictSome(options_.reclaim_batch);
+      rc = local_->Write(page, hint, &slot);
+    }
   }
   if (rc == 0) {
     if (!was_local) Release(old);

@@ -197,6 +197,8 @@ class Tiering {
   bool HasLowerTier() const noexcept { return remote_ != nullptr || disk_ != nullptr; }
   // Whether a page promoted from disk may keep its disk slot (see "Clean pages").
   bool CanKeepDiskCopy() const noexcept;
+  // Waits for an eviction scan in progress to end. Returns false at once if none runs.
+  bool WaitForScan() noexcept;
   // Asks the owners for up to `want` cold pages, round robin. Returns pages demoted.
   std::size_t EvictSome(std::size_t want) noexcept;
   void EvictorLoop();

@@ -12,6 +12,7 @@
 #include <stdexcept>
 
 #include "common/log.h"
+#include "common/thread_name.h"
 
 namespace memlend {
 
@@ -30,7 +31,12 @@ Acceptor::Acceptor(UniqueFd listener, std::string name, bool tcp_nodelay, OnAcce
 
 Acceptor::~Acceptor() { Stop(); }
 
-void Acceptor::Start() { thread_ = std::thread([this] { Loop(); }); }
+void Acceptor::Start() {
+  thread_ = std::thread([this] {
+    SetThreadName("ml-accept");
+    Loop();
+  });
+}
 
 void Acceptor::Stop() {
   if (thread_.joinable()) {

@@ -6,8 +6,12 @@
 #include <doctest/doctest.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <functional>
+#include <map>
+#include <utility>
 #include <random>
 #include <thread>
 #include <vector>
@@ -46,7 +50,71 @@ bool ReadsBack(Device& device, std::uint64_t page, std::uint64_t seed) {
   return got == PageOf(seed);
 }
 
+// A remote tier in memory whose WriteBatch first runs `during_round_trip`: what other
+// requests do while an eviction batch is on its way to a peer.
+class SlowRemote final : public PageStore {
+ public:
+  std::function<void()> during_round_trip;
+
+  int Write(ConstPageSpan page, std::uint64_t, Slot* slot) noexcept override {
+    *slot = next_++;
+    pages_[*slot].assign(page.begin(), page.end());
+    return 0;
+  }
+  void WriteBatch(std::span<const std::byte* const> pages, std::span<const std::uint64_t> hints,
+                  std::span<Slot> slots, std::span<int> results) noexcept override {
+    if (during_round_trip) std::exchange(during_round_trip, nullptr)();
+    PageStore::WriteBatch(pages, hints, slots, results);
+  }
+  int Read(Slot slot, PageSpan out) noexcept override {
+    const auto it = pages_.find(slot);
+    if (it == pages_.end()) return -EIO;
+    std::copy(it->second.begin(), it->second.end(), out.begin());
+    return 0;
+  }
+  void Discard(Slot slot) noexcept override { pages_.erase(slot); }
+  StoreStats Stats() const noexcept override {
+    StoreStats stats;
+    stats.pages = pages_.size();
+    return stats;
+  }
+
+ private:
+  std::map<Slot, std::vector<std::byte>> pages_;
+  Slot next_ = 1;
+};
+
 }  // namespace
+
+TEST_CASE("Pages used while their eviction is in flight stay local, with what was written") {
+  auto remote_store = std::make_unique<SlowRemote>();
+  SlowRemote& remote = *remote_store;
+  Tiering tiers(std::make_unique<LocalStore>(16 * kPageSize, Compression::kNone),
+                std::move(remote_store), nullptr);
+  Device device("inflight", 64 * kPageSize, tiers);
+  for (std::uint64_t page = 0; page < 8; ++page) {
+    REQUIRE(device.Write(page * kPageSize, PageOf(page)) == 0);
+  }
+  // While the batch of all eight is out (no page lock is held then, or these would
+  // deadlock): page 2 is overwritten, page 3 trimmed and page 4 read.
+  remote.during_round_trip = [&] {
+    CHECK(device.Write(2 * kPageSize, PageOf(102)) == 0);
+    CHECK(device.Trim(3 * kPageSize, kPageSize) == 0);
+    CHECK(ReadsBack(device, 4, 4));
+  };
+  CHECK(device.DemoteColdPages(8) == 5);
+  CHECK(device.TierOf(2) == Tier::kLocal);
+  CHECK(device.TierOf(3) == Tier::kUnmapped);
+  CHECK(device.TierOf(4) == Tier::kLocal);
+  for (const std::uint64_t page : {0, 1, 5, 6, 7}) CHECK(device.TierOf(page) == Tier::kRemote);
+  // The copies made for the pages that stayed were released again.
+  CHECK(remote.Stats().pages == 5);
+  CHECK(device.Counts().remote == 5);
+  CHECK(device.Counts().local == 2);
+  CHECK(tiers.local().Stats().pages == 2);
+  CHECK(ReadsBack(device, 2, 102));
+  for (const std::uint64_t page : {0, 1, 4, 5, 6, 7}) CHECK(ReadsBack(device, page, page));
+}
 
 TEST_CASE("The CLOCK scan spares referenced pages and demotes the others") {
   TempFile file;
