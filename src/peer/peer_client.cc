@@ -31,8 +31,9 @@ class StreamReader {
  public:
   explicit StreamReader(int fd) : fd_(fd), buffer_(kCapacity) {}
 
-  // Fills `out` with the next out.size() bytes. Returns false at end of stream or on error.
-  bool Read(std::span<std::byte> out) {
+  // Fills `out` with the next out.size() bytes, busy-polling up to `spin` before blocking
+  // when the socket has none yet. Returns false at end of stream or on error.
+  bool Read(std::span<std::byte> out, std::chrono::microseconds spin = {}) {
     std::size_t have = std::min(out.size(), end_ - begin_);
     std::memcpy(out.data(), buffer_.data() + begin_, have);
     begin_ += have;
@@ -41,7 +42,7 @@ class StreamReader {
     const std::span<std::byte> rest = out.subspan(have);
     if (rest.size() >= kCapacity / 4) return ReadFull(fd_, rest.data(), rest.size()) == 0;
     while (end_ < rest.size()) {
-      const long got = ReceiveSome(fd_, buffer_.data() + end_, kCapacity - end_, kReplySpin);
+      const long got = ReceiveSome(fd_, buffer_.data() + end_, kCapacity - end_, spin);
       if (got <= 0) return false;
       end_ += static_cast<std::size_t>(got);
     }
@@ -70,8 +71,6 @@ class StreamReader {
 
  private:
   static constexpr std::size_t kCapacity = 256 * 1024;
-  // A lender on a fast link answers within tens of microseconds: wait that long awake.
-  static constexpr std::chrono::microseconds kReplySpin{50};
   const int fd_;
   std::vector<std::byte> buffer_;
   std::size_t begin_ = 0;  // unread bytes are [begin_, end_)
@@ -218,12 +217,14 @@ void PeerClient::Batch::AddRead(std::uint32_t sid, std::uint32_t offset,
 
 void PeerClient::Batch::AddWrite(std::uint32_t sid, std::uint32_t offset,
                                  std::span<const std::byte> data, Pending* pending) noexcept {
+  pending->spin = false;
   const RangeBody body{sid, offset, static_cast<std::uint32_t>(data.size()), 0};
   Add(MessageType::kWrite, 0, &body, data, pending);
 }
 
 void PeerClient::Batch::AddPut(const HandleBody& handle, std::uint32_t flags,
                                std::span<const std::byte> page, Pending* pending) noexcept {
+  pending->spin = false;
   Add(MessageType::kPut, flags, &handle, page, pending);
 }
 
@@ -295,7 +296,7 @@ void PeerClient::AwaitReply(Pending* pending) noexcept {
     // Another thread may be reading; it completes this request if its reply comes first.
     std::lock_guard lock(recv_mu_);
     while (!pending->done.load(std::memory_order_acquire)) {
-      if (ended_ || !ReadMessageLocked()) {
+      if (ended_ || !ReadMessageLocked(pending->spin ? kReplySpin : std::chrono::microseconds(0))) {
         EndStreamLocked();  // fails every pending request, this one included
         break;
       }
@@ -333,10 +334,10 @@ void PeerClient::EndStreamLocked() noexcept {
   FailAllLocked(-ENOTCONN);
 }
 
-bool PeerClient::ReadMessageLocked() noexcept {
+bool PeerClient::ReadMessageLocked(std::chrono::microseconds spin) noexcept {
   StreamReader& stream = *stream_;
   std::byte wire[sizeof(Header)];
-  if (!stream.Read(wire)) return false;
+  if (!stream.Read(wire, spin)) return false;
   Message message;
   if (DecodeHeader(wire, &message) != HeaderCheck::kOk) {
     LogError("peer %s: malformed message, disconnecting", endpoint_.ToString().c_str());

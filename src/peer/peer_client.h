@@ -72,6 +72,11 @@ class PeerClient {
     std::atomic<bool> done{false};
     int result = 0;
     PeerClient* client = nullptr;  // set when registered: who reads the reply
+    // Whether a thread waiting for this reply busy-polls the socket for up to kReplySpin
+    // before sleeping. Good for a reply someone waits on now (a read); batched writes
+    // (evictions) turn it off, since spinning takes the CPU the lender needs on a
+    // crowded host.
+    bool spin = true;
   };
   int SubmitRead(std::uint32_t sid, std::uint32_t offset, Pending* pending) noexcept;
   // As SubmitRead, for a WRITE of `data`, which must stay valid until Wait returns.
@@ -142,9 +147,12 @@ class PeerClient {
            std::span<const std::byte> data, std::span<std::byte> out) noexcept;
   // Reads replies (and notices) until `pending` is done.
   void AwaitReply(Pending* pending) noexcept;
-  // Reads one message and dispatches it. Returns false when the stream is over (or
-  // garbled). REQUIRES: recv_mu_ held.
-  bool ReadMessageLocked() noexcept;
+  // Reads one message and dispatches it, busy-polling up to `spin` for its first bytes.
+  // Returns false when the stream is over (or garbled). REQUIRES: recv_mu_ held.
+  bool ReadMessageLocked(std::chrono::microseconds spin = {}) noexcept;
+
+  // A lender on a fast link answers within tens of microseconds: wait that long awake.
+  static constexpr std::chrono::microseconds kReplySpin{50};
   // The stream is over: fails every pending call, now and later. REQUIRES: recv_mu_ held.
   void EndStreamLocked() noexcept;
   // The background thread: drains notices while nobody else reads.
