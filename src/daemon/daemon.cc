@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <malloc.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -11,7 +12,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <fstream>
 #include <stdexcept>
 
@@ -32,6 +35,8 @@ constexpr std::chrono::seconds kRefreshInterval{2};
 // resident, so the 8 MiB default would cost 8 MiB per connection. Nothing in the daemon
 // keeps more than a few KiB on the stack.
 constexpr std::size_t kLockedStackBytes = 1 << 20;
+// Heap kept resident and locked for allocations made while serving (see PrepareForSwap).
+constexpr std::size_t kHeapReserveBytes = 32 << 20;
 // The largest device `memlend attach` creates: its page table's top level alone takes
 // 8 bytes per 2 MiB, and it is locked in memory.
 constexpr std::uint64_t kMaxAttachBytes = std::uint64_t{16} << 40;
@@ -107,6 +112,12 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config) {
 }
 
 void Daemon::PrepareForSwap() {
+  // One malloc arena, which never returns memory to the system and never maps blocks of
+  // their own: the reserve LockMemory faults in then serves every later allocation without
+  // a page fault, which under memory pressure could wait on the very device we serve.
+  ::mallopt(M_ARENA_MAX, 1);
+  ::mallopt(M_MMAP_MAX, 0);
+  ::mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
   pthread_attr_t attr;
   if (pthread_attr_init(&attr) == 0) {
     if (pthread_attr_setstacksize(&attr, kLockedStackBytes) == 0) {
@@ -141,7 +152,14 @@ void Daemon::LockMemory() {
                              "(ulimit -l) above its local store, or pass --no-mlock");
     return;
   }
-  if (!unbounded) {
+  if (unbounded) {
+    // Grow the heap by the reserve and give it back to malloc: it stays mapped, resident
+    // and locked (see PrepareForSwap).
+    if (void* reserve = std::malloc(kHeapReserveBytes)) {
+      std::memset(reserve, 0, kHeapReserveBytes);
+      std::free(reserve);
+    }
+  } else {
     swap_warnings_.push_back("warning: without CAP_IPC_LOCK only memory allocated at startup is "
                              "locked (RLIMIT_MEMLOCK " + FormatSize(limit.rlim_cur) + ")");
   }
@@ -416,6 +434,12 @@ nlohmann::json Daemon::Attach(const nlohmann::json& request) {
   }
 
   auto device = std::make_shared<Device>(name, size_bytes, *tiers_);
+  // The kernel may write pages out through this device when memory is short, so nothing
+  // on that path may allocate: the whole page table is allocated now.
+  if (!device->AllocatePageTable()) {
+    throw std::runtime_error("no memory for the page table of a " + FormatSize(size_bytes) +
+                             " device (16 bytes per 4 KiB page)");
+  }
   if (!devices_.Add(device)) {
     throw std::runtime_error("a device named '" + name + "' already exists");
   }

@@ -408,12 +408,6 @@ int PeerClient::AllocSuperpage(std::uint32_t* sid) noexcept {
   return rc;
 }
 
-int PeerClient::FreeSuperpage(std::uint32_t sid) noexcept {
-  const SuperpageBody body{sid};
-  return Call(MessageType::kFreeSuperpage, 0, std::as_bytes(std::span<const SuperpageBody, 1>(&body, 1)),
-              {}, {});
-}
-
 int PeerClient::Write(std::uint32_t sid, std::uint32_t offset,
                       std::span<const std::byte> data) noexcept {
   const RangeBody body{sid, offset, static_cast<std::uint32_t>(data.size()), 0};
@@ -438,21 +432,37 @@ int PeerClient::Get(const HandleBody& handle, std::span<std::byte> out) noexcept
               out);
 }
 
-int PeerClient::FlushNoReply(const HandleBody& handle) noexcept {
+int PeerClient::SendNoReply(MessageType type, std::span<const std::byte> body,
+                            bool wait_to_send) noexcept {
   if (!connected()) return -ENOTCONN;
   // Tag 0 is never registered, so the reader thread drops the reply.
-  std::byte wire[sizeof(Header) + sizeof(HandleBody)];
-  EncodeHeader(MessageType::kFlush, false, 0, Status::kOk, 0, sizeof(HandleBody),
+  std::byte wire[sizeof(Header) + 16];
+  assert(body.size() <= 16);
+  EncodeHeader(type, false, 0, Status::kOk, 0, static_cast<std::uint32_t>(body.size()),
                std::span<std::byte, sizeof(Header)>(wire, sizeof(Header)));
-  EncodeBody(handle, wire + sizeof(Header));
-  iovec part{wire, sizeof(wire)};
-  int rc;
-  {
-    std::lock_guard lock(send_mu_);
-    rc = SendParts(fd_.get(), &part, 1);
+  std::memcpy(wire + sizeof(Header), body.data(), body.size());
+  iovec part{wire, sizeof(Header) + body.size()};
+  std::unique_lock lock(send_mu_, std::defer_lock);
+  if (wait_to_send) {
+    lock.lock();
+  } else if (!lock.try_lock()) {
+    return -EAGAIN;
   }
+  const int rc = SendParts(fd_.get(), &part, 1);
+  lock.unlock();
   if (rc != 0) ::shutdown(fd_.get(), SHUT_RDWR);
   return rc == 0 ? 0 : -ENOTCONN;
+}
+
+int PeerClient::FlushNoReply(const HandleBody& handle) noexcept {
+  return SendNoReply(MessageType::kFlush,
+                     std::as_bytes(std::span<const HandleBody, 1>(&handle, 1)), true);
+}
+
+int PeerClient::FreeSuperpageNoReply(std::uint32_t sid, bool wait_to_send) noexcept {
+  const SuperpageBody body{sid};
+  return SendNoReply(MessageType::kFreeSuperpage,
+                     std::as_bytes(std::span<const SuperpageBody, 1>(&body, 1)), wait_to_send);
 }
 
 }  // namespace memlend::peer

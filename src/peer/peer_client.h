@@ -50,7 +50,6 @@ class PeerClient {
   // -ENOSPC, -EPERM) or -ENOTCONN when the connection is gone. Thread-safe.
   int Query(QueryReply* reply) noexcept;
   int AllocSuperpage(std::uint32_t* sid) noexcept;
-  int FreeSuperpage(std::uint32_t sid) noexcept;
   int Write(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data) noexcept;
   int Read(std::uint32_t sid, std::uint32_t offset, std::span<std::byte> out) noexcept;
   // Active protocol: PUT stores one page under `handle` (kPutEphemeral in `flags` for an
@@ -61,6 +60,11 @@ class PeerClient {
   // with ok, and this connection's later requests are served after it. Returns 0, or
   // -ENOTCONN when the connection is gone (and so is the page).
   int FlushNoReply(const HandleBody& handle) noexcept;
+
+  // Sends FREE_SUPERPAGE without waiting for its reply (the lender's later replies come
+  // after it). With `wait_to_send` false it does not wait for the connection either:
+  // -EAGAIN when another thread is sending. Returns 0 or -ENOTCONN.
+  int FreeSuperpageNoReply(std::uint32_t sid, bool wait_to_send) noexcept;
 
   // Pipelined reads: Submit sends a READ and returns at once; Wait blocks until its reply
   // is in `out` and returns 0 or -errno. Every successful Submit must be Waited for
@@ -145,6 +149,8 @@ class PeerClient {
   // must be exactly out.size() bytes on success.
   int Call(MessageType type, std::uint32_t flags, std::span<const std::byte> body,
            std::span<const std::byte> data, std::span<std::byte> out) noexcept;
+  // Sends a request whose reply nobody waits for (tag 0). See FreeSuperpageNoReply.
+  int SendNoReply(MessageType type, std::span<const std::byte> body, bool wait_to_send) noexcept;
   // Reads replies (and notices) until `pending` is done.
   void AwaitReply(Pending* pending) noexcept;
   // Reads one message and dispatches it, busy-polling up to `spin` for its first bytes.

@@ -130,6 +130,7 @@ void PeerStore::MarkDown(Peer& peer, const std::string& why) {
   peer.client.reset();
   peer.superpages.clear();
   peer.partial.clear();
+  peer.frees_pending.clear();
   peer.free_slots = 0;
   peer.pins.clear();
   peer.lost.fetch_add(peer.pages.load(std::memory_order_relaxed), std::memory_order_relaxed);
@@ -160,6 +161,12 @@ void PeerStore::Refresh() {
       client = peer.client;
     }
     if (!client) continue;
+    std::vector<std::uint32_t> frees;
+    {
+      std::lock_guard lock(peer.mu);
+      frees.swap(peer.frees_pending);
+    }
+    for (const std::uint32_t sid : frees) client->FreeSuperpageNoReply(sid, /*wait_to_send=*/true);
     QueryReply reply{};
     if (client->Query(&reply) != 0) continue;  // the reader thread notices a dead link
     std::lock_guard lock(peer.mu);
@@ -225,10 +232,18 @@ int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
     }
   }
   if (!peer.client || peer.refusing) return -ENOSPC;
-  // Ask for another superpage. This holds the peer's lock for one round trip, once per
-  // 512 pages.
+  // Ask for another superpage, once per 512 pages, without holding the peer's lock for the
+  // round trip: a slow or stuck connection must not stall the threads that only release
+  // slots (a write over a remote page, a trim).
+  const std::shared_ptr<PeerClient> client = peer.client;
+  const unsigned session = *generation;
+  lock.unlock();
   std::uint32_t granted = 0;
-  const int rc = peer.client->AllocSuperpage(&granted);
+  const int rc = client->AllocSuperpage(&granted);
+  lock.lock();
+  if (peer.client != client || peer.generation.load(std::memory_order_relaxed) != session) {
+    return -ENOTCONN;  // the session ended meanwhile, and its superpages with it
+  }
   if (rc == -ENOSPC || rc == -ESHUTDOWN) {
     peer.refusing = true;
     peer.free_pages.store(0, std::memory_order_relaxed);
@@ -274,14 +289,26 @@ void PeerStore::ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) 
     peer.free_slots -= kPagesPerSuperpage;
     client = peer.client;
   }
-  // The superpage is empty: give it back so the lender's count drops. The lender has room
-  // for a superpage now, whatever it said before; don't wait for the next QUERY to use it.
-  if (client && client->FreeSuperpage(sid) == 0) {
-    std::lock_guard lock(peer.mu);
-    if (peer.client == client) {
-      peer.refusing = false;
-      peer.free_pages.fetch_add(kPagesPerSuperpage, std::memory_order_relaxed);
+  // The superpage is empty: give it back so the lender's count drops, without waiting for
+  // the reply, or for the connection when another thread is sending on it (that send may
+  // be stuck, under memory pressure, until this thread's request completes): then the
+  // next Refresh sends it. The lender has room for a superpage now, whatever it said
+  // before; don't wait for the next QUERY to use it.
+  if (!client) return;
+  const int rc = client->FreeSuperpageNoReply(sid, /*wait_to_send=*/false);
+  std::lock_guard lock(peer.mu);
+  if (peer.client != client) return;
+  if (rc == -EAGAIN) {
+    try {
+      peer.frees_pending.push_back(sid);
+    } catch (const std::bad_alloc&) {
+      // It stays granted, and unused, until the session ends.
     }
+    return;
+  }
+  if (rc == 0) {
+    peer.refusing = false;
+    peer.free_pages.fetch_add(kPagesPerSuperpage, std::memory_order_relaxed);
   }
 }
 

@@ -129,6 +129,7 @@ class PeerStore final : public PageStore {
     std::unordered_map<std::uint32_t, Superpage> superpages;  // guarded by mu
     std::vector<std::uint32_t> partial;  // guarded by mu: SIDs with a free slot (may be stale)
     std::uint64_t free_slots = 0;        // guarded by mu: free slots in `superpages`
+    std::vector<std::uint32_t> frees_pending;  // guarded by mu: emptied SIDs Refresh frees
     std::string last_error;              // guarded by mu
     bool refusing = false;               // guarded by mu
     std::uint64_t pool_total_bytes = 0;  // guarded by mu

@@ -104,6 +104,13 @@ Device::PageEntry* Device::Entry(std::uint64_t page, bool create) noexcept {
   return &chunk[page & (kChunkPages - 1)];
 }
 
+bool Device::AllocatePageTable() noexcept {
+  for (std::uint64_t page = 0; page < page_count_; page += kChunkPages) {
+    if (Entry(page, /*create=*/true) == nullptr) return false;
+  }
+  return true;
+}
+
 void Device::SetLocation(std::uint64_t page, PageEntry* entry, Location from, Location to,
                          Slot disk_copy) noexcept {
   entry->where.store(to.bits(), std::memory_order_relaxed);

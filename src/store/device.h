@@ -54,6 +54,10 @@ class Device final : public PageOwner {
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
 
+  // Allocates every chunk of the page table now, so that no later write allocates (a
+  // device serving swap must not). False when memory ran out; the device still works.
+  bool AllocatePageTable() noexcept;
+
   const std::string& name() const { return name_; }
   bool cache_clean_pages() const { return cache_clean_pages_; }
   std::uint64_t size_bytes() const { return size_bytes_; }

@@ -93,6 +93,11 @@ void Tiering::EvictorLoop() {
 
 std::size_t Tiering::EvictSome(std::size_t want) noexcept {
   std::lock_guard lock(owners_mu_);
+  return EvictSomeLocked(want);
+}
+
+std::size_t Tiering::EvictSomeLocked(std::size_t want) noexcept {
+  scans_.fetch_add(1, std::memory_order_acq_rel);
   if (owners_.empty()) return 0;
   std::size_t done = 0;
   // Two rounds over the owners: the first may only clear referenced bits.
@@ -104,13 +109,21 @@ std::size_t Tiering::EvictSome(std::size_t want) noexcept {
   return done;
 }
 
-bool Tiering::WaitForScan() noexcept {
-  if (owners_mu_.try_lock()) {
-    owners_mu_.unlock();
-    return false;
-  }
-  std::lock_guard lock(owners_mu_);
-  return true;
+Tiering::ScanWait Tiering::WaitForScan() noexcept {
+  if (!LockScans()) return ScanWait::kStuck;
+  owners_mu_.unlock();
+  return ScanWait::kEnded;
+}
+
+bool Tiering::LockScans() noexcept {
+  if (owners_mu_.try_lock()) return true;
+  // The scan that holds the lock now; one already found stuck is not waited for again,
+  // so that a request of many pages does not wait kScanPatience for each.
+  const std::uint64_t scan = scans_.load(std::memory_order_acquire);
+  if (stuck_scan_.load(std::memory_order_acquire) == scan) return false;
+  if (owners_mu_.try_lock_for(kScanPatience)) return true;
+  stuck_scan_.store(scan, std::memory_order_release);
+  return false;
 }
 
 bool Tiering::CanKeepDiskCopy() const noexcept {
@@ -200,13 +213,27 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
   const bool was_local = old.tier() == Tier::kLocal;
   int rc = was_local ? local_->Rewrite(old.slot(), page, hint, &slot)
                      : local_->Write(page, hint, &slot);
+  // Set when an eviction scan has not ended within kScanPatience: it waits on a peer that
+  // is slow or unreachable, or, under memory pressure, on socket memory that only our own
+  // progress can free (the kernel may be waiting for this very write to reclaim it).
+  bool scan_stuck = false;
   if (rc == -ENOSPC && !was_local && HasLowerTier()) {
     // A scan in progress (usually the evictor's) frees a batch when its round trip ends:
     // wait for it and try again. Only if that was not enough, reclaim directly, and try
     // again even if that moved nothing (the evictor may have made room meanwhile).
-    if (WaitForScan()) rc = local_->Write(page, hint, &slot);
-    if (rc == -ENOSPC) {
-      EvictSome(options_.reclaim_batch);
+    scan_stuck = WaitForScan() == ScanWait::kStuck;
+    if (!scan_stuck) rc = local_->Write(page, hint, &slot);
+    // With a disk tier, a writer never reclaims through peers itself: a socket send needs
+    // memory, which the kernel may be waiting for this very write to free, while the block
+    // layer keeps reserves for disk writes. The page goes to disk below.
+    if (rc == -ENOSPC && remote_ && disk_) scan_stuck = true;
+    if (rc == -ENOSPC && !scan_stuck) {
+      if (LockScans()) {
+        std::lock_guard lock(owners_mu_, std::adopt_lock);
+        EvictSomeLocked(options_.reclaim_batch);
+      } else {
+        scan_stuck = true;
+      }
       rc = local_->Write(page, hint, &slot);
     }
   }
@@ -248,14 +275,29 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
 
   // Nothing could be demoted to make room locally: place the page below directly. A page
   // already on disk is rewritten in its own slot when it has to stay there, so a full
-  // device can still rewrite the blocks it holds.
-  if (remote_ && remote_->Write(page, hint, &slot) == 0) {
+  // device can still rewrite the blocks it holds. While scans are stuck, the disk comes
+  // first: a peer would be reached through the same stuck connection, while the block
+  // layer keeps reserves for writes like this one.
+  const bool try_remote_first = remote_ && !(scan_stuck && disk_);
+  if (try_remote_first && remote_->Write(page, hint, &slot) == 0) {
     Release(old);
     *placed = Location(Tier::kRemote, slot);
     return 0;
   }
   if (!disk_) return -ENOSPC;
   const bool was_disk = old.tier() == Tier::kDisk;
+  if (!try_remote_first) {
+    rc = was_disk ? disk_->Rewrite(old.slot(), page, hint, &slot) : disk_->Write(page, hint, &slot);
+    if (rc == 0) {
+      if (!was_disk) Release(old);
+      *placed = Location(Tier::kDisk, slot);
+      return 0;
+    }
+    if (rc != -ENOSPC || !remote_ || remote_->Write(page, hint, &slot) != 0) return rc;
+    Release(old);
+    *placed = Location(Tier::kRemote, slot);
+    return 0;
+  }
   rc = was_disk ? disk_->Rewrite(old.slot(), page, hint, &slot) : disk_->Write(page, hint, &slot);
   if (rc != 0) return rc;
   if (!was_disk) Release(old);

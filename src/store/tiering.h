@@ -31,6 +31,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -197,8 +198,17 @@ class Tiering {
   bool HasLowerTier() const noexcept { return remote_ != nullptr || disk_ != nullptr; }
   // Whether a page promoted from disk may keep its disk slot (see "Clean pages").
   bool CanKeepDiskCopy() const noexcept;
-  // Waits for an eviction scan in progress to end. Returns false at once if none runs.
-  bool WaitForScan() noexcept;
+  // How long a writer that found the local store full waits for an eviction scan before
+  // it takes the scan for stuck and places its page below itself.
+  static constexpr std::chrono::milliseconds kScanPatience{50};
+  enum class ScanWait { kEnded, kStuck };
+  // Waits up to kScanPatience for an eviction scan in progress to end.
+  ScanWait WaitForScan() noexcept;
+  // Takes owners_mu_, waiting up to kScanPatience for the scan that holds it, and not at
+  // all for one already found stuck. False: not taken, the scan is stuck.
+  bool LockScans() noexcept;
+  // EvictSome. REQUIRES: owners_mu_ held.
+  std::size_t EvictSomeLocked(std::size_t want) noexcept;
   // Asks the owners for up to `want` cold pages, round robin. Returns pages demoted.
   std::size_t EvictSome(std::size_t want) noexcept;
   void EvictorLoop();
@@ -211,9 +221,11 @@ class Tiering {
   const TieringOptions options_;
   PageStore* const cache_;  // owned by remote_, or null
 
-  std::mutex owners_mu_;  // held during scans, so RemoveOwner waits for them
+  std::timed_mutex owners_mu_;  // held during scans, so RemoveOwner waits for them
   std::vector<PageOwner*> owners_;  // guarded by owners_mu_
   std::size_t next_owner_ = 0;      // guarded by owners_mu_
+  std::atomic<std::uint64_t> scans_{0};       // scans started (changed under owners_mu_)
+  std::atomic<std::uint64_t> stuck_scan_{~std::uint64_t{0}};  // the last scan found stuck
 
   std::mutex evictor_mu_;
   std::condition_variable evictor_cv_;
