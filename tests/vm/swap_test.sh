@@ -50,7 +50,7 @@ case $mode in
     vm_wait_path /dev/vda || fail "pressure mode needs the guest's disk: tests/vm/run --disk 1024"
     lend=64M
     # Within what the tiers hold together (16M local, 64M lent, 1000M disk), so the device
-    # never has to refuse a write.
+    # never has to refuse a write even though freed swap slots are not discarded.
     swap_size=1024M
     # The daemons talk over sockets, whose buffers the kernel allocates without waiting for
     # reclaim; keep a reserve free for them, as docs/attach.md advises for swap hosts.
@@ -76,8 +76,10 @@ case $mode in
     ;;
   pressure)
     mkswap "$device" >/dev/null
-    # Discard freed swap pages, so the device frees their room as the kernel reuses slots.
-    swapon --discard=pages "$device"
+    # No --discard: with it the test passed, but swapoff then waited over 20 s for the
+    # queued discards, which the harness reports as a hung task. The device's size, within
+    # what the tiers hold, is what keeps writes from failing.
+    swapon "$device"
     ram_mib=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
     size_mib=$((ram_mib * 2))
     echo "memory_pattern over $size_mib MiB on a guest with $ram_mib MiB of RAM, no cgroup"
