@@ -43,7 +43,11 @@ void Tiering::AddOwner(PageOwner* owner) {
 }
 
 void Tiering::RemoveOwner(PageOwner* owner) {
+  // The evictor lets go of the lock between batches while someone waits for it here: a
+  // mutex is not fair, and an evictor that never runs out of work would keep it.
+  owner_removals_.fetch_add(1, std::memory_order_acq_rel);
   std::lock_guard lock(owners_mu_);
+  owner_removals_.fetch_sub(1, std::memory_order_acq_rel);
   owners_.erase(std::remove(owners_.begin(), owners_.end(), owner), owners_.end());
 }
 
@@ -83,6 +87,10 @@ void Tiering::EvictorLoop() {
     if (LocalUse() < options_.high_watermark) continue;
     lock.unlock();
     while (LocalUse() >= options_.low_watermark) {
+      // Let a RemoveOwner waiting for the owners lock have it first.
+      while (owner_removals_.load(std::memory_order_acquire) > 0) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
       if (EvictSome(options_.eviction_batch) == 0) break;  // nothing cold, or nowhere to go
       std::lock_guard stop_check(evictor_mu_);
       if (evictor_stop_) return;
@@ -106,7 +114,34 @@ std::size_t Tiering::EvictSomeLocked(std::size_t want) noexcept {
     done += owners_[next_owner_]->DemoteColdPages(want - done);
   }
   evicted_.fetch_add(done, std::memory_order_relaxed);
+  if (done > 0) {
+    {
+      std::lock_guard lock(room_mu_);
+      room_events_.fetch_add(1, std::memory_order_acq_rel);
+    }
+    room_cv_.notify_all();
+  }
   return done;
+}
+
+int Tiering::WaitForRoom(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept {
+  const auto deadline = std::chrono::steady_clock::now() + kScanPatience;
+  for (;;) {
+    const std::uint64_t seen = room_events_.load(std::memory_order_acquire);
+    {
+      std::lock_guard lock(evictor_mu_);
+      evictor_idle_.store(false, std::memory_order_relaxed);
+    }
+    evictor_cv_.notify_one();
+    const int rc = local_->Write(page, hint, slot);
+    if (rc != -ENOSPC) return rc;
+    std::unique_lock lock(room_mu_);
+    if (!room_cv_.wait_until(lock, deadline, [&] {
+          return room_events_.load(std::memory_order_acquire) != seen;
+        })) {
+      return local_->Write(page, hint, slot);  // a last try, then the caller goes below
+    }
+  }
 }
 
 Tiering::ScanWait Tiering::WaitForScan() noexcept {
@@ -217,16 +252,19 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
   // is slow or unreachable, or, under memory pressure, on socket memory that only our own
   // progress can free (the kernel may be waiting for this very write to reclaim it).
   bool scan_stuck = false;
-  if (rc == -ENOSPC && !was_local && HasLowerTier()) {
+  if (rc == -ENOSPC && !was_local && remote_ && disk_ && evictor_.joinable()) {
+    // With peers and a disk, a writer never sends to a peer itself: a socket send needs
+    // memory, which the kernel may be waiting for this very write to free, while the block
+    // layer keeps reserves for disk writes. It has the evictor make room (through peers)
+    // and waits up to kScanPatience; if that is not enough, its page goes to disk below.
+    rc = WaitForRoom(page, hint, &slot);
+    scan_stuck = rc == -ENOSPC;
+  } else if (rc == -ENOSPC && !was_local && HasLowerTier()) {
     // A scan in progress (usually the evictor's) frees a batch when its round trip ends:
     // wait for it and try again. Only if that was not enough, reclaim directly, and try
     // again even if that moved nothing (the evictor may have made room meanwhile).
     scan_stuck = WaitForScan() == ScanWait::kStuck;
     if (!scan_stuck) rc = local_->Write(page, hint, &slot);
-    // With a disk tier, a writer never reclaims through peers itself: a socket send needs
-    // memory, which the kernel may be waiting for this very write to free, while the block
-    // layer keeps reserves for disk writes. The page goes to disk below.
-    if (rc == -ENOSPC && remote_ && disk_) scan_stuck = true;
     if (rc == -ENOSPC && !scan_stuck) {
       if (LockScans()) {
         std::lock_guard lock(owners_mu_, std::adopt_lock);

@@ -204,6 +204,9 @@ class Tiering {
   enum class ScanWait { kEnded, kStuck };
   // Waits up to kScanPatience for an eviction scan in progress to end.
   ScanWait WaitForScan() noexcept;
+  // Wakes the evictor and retries the local write each time it has made room, for up to
+  // kScanPatience. Returns 0 (written, *slot set) or the last local error (-ENOSPC).
+  int WaitForRoom(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept;
   // Takes owners_mu_, waiting up to kScanPatience for the scan that holds it, and not at
   // all for one already found stuck. False: not taken, the scan is stuck.
   bool LockScans() noexcept;
@@ -224,6 +227,11 @@ class Tiering {
   std::timed_mutex owners_mu_;  // held during scans, so RemoveOwner waits for them
   std::vector<PageOwner*> owners_;  // guarded by owners_mu_
   std::size_t next_owner_ = 0;      // guarded by owners_mu_
+  // Scans that made room, counted for writers waiting in WaitForRoom.
+  std::mutex room_mu_;
+  std::condition_variable room_cv_;
+  std::atomic<std::uint64_t> room_events_{0};
+  std::atomic<int> owner_removals_{0};        // RemoveOwner calls waiting for owners_mu_
   std::atomic<std::uint64_t> scans_{0};       // scans started (changed under owners_mu_)
   std::atomic<std::uint64_t> stuck_scan_{~std::uint64_t{0}};  // the last scan found stuck
 

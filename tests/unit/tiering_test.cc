@@ -10,7 +10,9 @@
 #include <chrono>
 #include <filesystem>
 #include <functional>
+#include <future>
 #include <map>
+#include <mutex>
 #include <utility>
 #include <random>
 #include <thread>
@@ -50,13 +52,14 @@ bool ReadsBack(Device& device, std::uint64_t page, std::uint64_t seed) {
   return got == PageOf(seed);
 }
 
-// A remote tier in memory whose WriteBatch first runs `during_round_trip`: what other
-// requests do while an eviction batch is on its way to a peer.
+// A remote tier in memory whose WriteBatch first runs `during_round_trip` (once): what
+// other requests do while an eviction batch is on its way to a peer.
 class SlowRemote final : public PageStore {
  public:
   std::function<void()> during_round_trip;
 
   int Write(ConstPageSpan page, std::uint64_t, Slot* slot) noexcept override {
+    std::lock_guard lock(mu_);
     *slot = next_++;
     pages_[*slot].assign(page.begin(), page.end());
     return 0;
@@ -67,21 +70,27 @@ class SlowRemote final : public PageStore {
     PageStore::WriteBatch(pages, hints, slots, results);
   }
   int Read(Slot slot, PageSpan out) noexcept override {
+    std::lock_guard lock(mu_);
     const auto it = pages_.find(slot);
     if (it == pages_.end()) return -EIO;
     std::copy(it->second.begin(), it->second.end(), out.begin());
     return 0;
   }
-  void Discard(Slot slot) noexcept override { pages_.erase(slot); }
+  void Discard(Slot slot) noexcept override {
+    std::lock_guard lock(mu_);
+    pages_.erase(slot);
+  }
   StoreStats Stats() const noexcept override {
+    std::lock_guard lock(mu_);
     StoreStats stats;
     stats.pages = pages_.size();
     return stats;
   }
 
  private:
-  std::map<Slot, std::vector<std::byte>> pages_;
-  Slot next_ = 1;
+  mutable std::mutex mu_;
+  std::map<Slot, std::vector<std::byte>> pages_;  // guarded by mu_
+  Slot next_ = 1;                                  // guarded by mu_
 };
 
 }  // namespace
@@ -114,6 +123,33 @@ TEST_CASE("Pages used while their eviction is in flight stay local, with what wa
   CHECK(tiers.local().Stats().pages == 2);
   CHECK(ReadsBack(device, 2, 102));
   for (const std::uint64_t page : {0, 1, 4, 5, 6, 7}) CHECK(ReadsBack(device, page, page));
+}
+
+TEST_CASE("With peers and a disk, a write that finds the store full while eviction is stuck goes to disk") {
+  TempFile file;
+  auto remote_store = std::make_unique<SlowRemote>();
+  SlowRemote& remote = *remote_store;
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  // The evictor's first batch waits until the test lets it go: a peer that does not answer.
+  remote.during_round_trip = [released] { released.wait(); };
+  Tiering tiers(std::make_unique<LocalStore>(16 * kPageSize, Compression::kNone),
+                std::move(remote_store), std::make_unique<DiskStore>(file.Path(), 0));
+  tiers.StartEvictor();
+  {
+    Device device("stuck", 64 * kPageSize, tiers);
+    for (std::uint64_t page = 0; page < 16; ++page) {
+      REQUIRE(device.Write(page * kPageSize, PageOf(page)) == 0);
+    }
+    // The store is full and the evictor waits on the peer: the next writes must not wait
+    // for it (this test would hang), and land on disk.
+    for (std::uint64_t page = 16; page < 20; ++page) {
+      REQUIRE(device.Write(page * kPageSize, PageOf(page)) == 0);
+      CHECK(device.TierOf(page) == Tier::kDisk);
+    }
+    release.set_value();
+    for (std::uint64_t page = 0; page < 20; ++page) CHECK(ReadsBack(device, page, page));
+  }
 }
 
 TEST_CASE("The CLOCK scan spares referenced pages and demotes the others") {
