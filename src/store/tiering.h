@@ -9,7 +9,11 @@
 // (default 80%). A write that finds the local store full does not fail: it evicts a batch
 // itself ("direct reclaim", the backpressure) and retries; only when nothing can be
 // demoted does it place its page in the remote or disk tier directly, and only when every
-// tier is full does it fail with -ENOSPC. A read of a remote or disk page promotes it back
+// tier is full does it fail with -ENOSPC. With both peers and a disk, a writer never
+// reclaims through peers itself: it wakes the evictor and waits up to kScanPatience for
+// room, then writes its page to disk. The kernel may be waiting for that very write to
+// free memory (swap), a socket send to a peer needs memory, and the block layer keeps
+// reserves for disk writes: this way a swap device always makes progress. A read of a remote or disk page promotes it back
 // to the local store while use is under the low watermark.
 //
 // Coldness is CLOCK: each page-table entry has a referenced bit that accesses set; the
