@@ -50,6 +50,11 @@ DiskStore::DiskStore(const std::string& path, std::uint64_t max_bytes, bool dire
   if (fd_ < 0) {
     throw std::system_error(errno, std::generic_category(), "backing file " + path);
   }
+  // Holes give space back only in a file. On a block device a punch is a synchronous
+  // discard or zero-out per page, which made freeing a device of many spilled pages take
+  // minutes, and the device's size does not change anyway.
+  struct stat st {};
+  punch_holes_ = fstat(fd_, &st) == 0 && S_ISREG(st.st_mode);
 }
 
 DiskStore::~DiskStore() {
@@ -141,8 +146,10 @@ int DiskStore::Read(Slot slot, PageSpan out) noexcept {
 void DiskStore::Discard(Slot slot) noexcept {
   // Release the blocks before the slot can be handed out again, or the punch could land
   // on a newer page. Failure only costs space (EOPNOTSUPP on file systems without holes).
-  (void)fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, SlotOffset(slot),
-                  static_cast<off_t>(kPageSize));
+  if (punch_holes_) {
+    (void)fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, SlotOffset(slot),
+                    static_cast<off_t>(kPageSize));
+  }
   std::lock_guard<std::mutex> lock(mu_);
   assert(slot < next_slot_);
   assert(live_pages_ > 0);

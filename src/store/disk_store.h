@@ -57,6 +57,7 @@ class DiskStore final : public PageStore {
   const std::uint64_t max_slots_;  // 0 = unbounded
   int fd_ = -1;
   bool direct_ = false;  // fd_ has O_DIRECT
+  bool punch_holes_ = false;  // Discard frees the page's blocks (a regular file)
 
   mutable std::mutex mu_;
   std::vector<Slot> free_slots_;   // guarded by mu_; kept as a min-heap

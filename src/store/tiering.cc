@@ -125,6 +125,9 @@ std::size_t Tiering::EvictSomeLocked(std::size_t want) noexcept {
 }
 
 int Tiering::WaitForRoom(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept {
+  // A scan already found stuck is not waited for again, so that a request of many pages
+  // does not wait kScanPatience for each.
+  if (ScanIsStuck()) return local_->Write(page, hint, slot);
   const auto deadline = std::chrono::steady_clock::now() + kScanPatience;
   for (;;) {
     const std::uint64_t seen = room_events_.load(std::memory_order_acquire);
@@ -139,9 +142,24 @@ int Tiering::WaitForRoom(ConstPageSpan page, std::uint64_t hint, Slot* slot) noe
     if (!room_cv_.wait_until(lock, deadline, [&] {
           return room_events_.load(std::memory_order_acquire) != seen;
         })) {
+      lock.unlock();
+      // If a scan is running, it is the one that made no room in time.
+      if (!owners_mu_.try_lock()) {
+        stuck_scan_.store(scans_.load(std::memory_order_acquire), std::memory_order_release);
+      } else {
+        owners_mu_.unlock();
+      }
       return local_->Write(page, hint, slot);  // a last try, then the caller goes below
     }
   }
+}
+
+bool Tiering::ScanIsStuck() noexcept {
+  if (owners_mu_.try_lock()) {
+    owners_mu_.unlock();
+    return false;
+  }
+  return stuck_scan_.load(std::memory_order_acquire) == scans_.load(std::memory_order_acquire);
 }
 
 Tiering::ScanWait Tiering::WaitForScan() noexcept {

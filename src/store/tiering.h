@@ -211,6 +211,8 @@ class Tiering {
   // Wakes the evictor and retries the local write each time it has made room, for up to
   // kScanPatience. Returns 0 (written, *slot set) or the last local error (-ENOSPC).
   int WaitForRoom(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept;
+  // Whether a scan is running that was already found stuck (made no room in time).
+  bool ScanIsStuck() noexcept;
   // Takes owners_mu_, waiting up to kScanPatience for the scan that holds it, and not at
   // all for one already found stuck. False: not taken, the scan is stuck.
   bool LockScans() noexcept;
