@@ -2,7 +2,8 @@
 # The test command: installs dependencies, builds, and runs every test (unit tests,
 # integration tests with real daemons and real NBD clients, fio verification, and the
 # real-kernel tests of tests/vm/ under QEMU, one guest at a time). The whole-system memory
-# pressure tests (label vm-pressure) do not pass yet and are left out; the README says why.
+# pressure test through kernel NBD (label vm-pressure) does not pass and is left out; the
+# README says why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
