@@ -1,9 +1,9 @@
 #include "daemon/daemon.h"
 
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <malloc.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -14,17 +14,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <fstream>
+#include <limits>
 #include <stdexcept>
 
 #include "common/log.h"
 #include "common/size.h"
+#include "common/thread_name.h"
 #include "frontend/fuse_frontend.h"
 #include "frontend/nbd_kernel_frontend.h"
 #include "frontend/ublk_frontend.h"
 #include "memlend/control_api.h"
-#include "common/thread_name.h"
 
 namespace memlend {
 

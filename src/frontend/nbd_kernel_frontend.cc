@@ -13,10 +13,10 @@
 #include <thread>
 
 #include "common/log.h"
+#include "common/thread_name.h"
 #include "common/unique_fd.h"
 #include "frontend/host_tools.h"
 #include "nbd/transmission.h"
-#include "common/thread_name.h"
 
 namespace memlend {
 namespace {

@@ -13,9 +13,9 @@
 #include <string>
 
 #include "common/log.h"
+#include "common/thread_name.h"
 #include "nbd/handshake.h"
 #include "nbd/transmission.h"
-#include "common/thread_name.h"
 
 namespace memlend::nbd {
 

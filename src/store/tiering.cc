@@ -1,10 +1,11 @@
 #include "store/tiering.h"
-#include "common/thread_name.h"
 
 #include <algorithm>
 #include <cassert>
 #include <cerrno>
 #include <cstring>
+
+#include "common/thread_name.h"
 
 namespace memlend {
 
