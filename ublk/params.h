@@ -29,6 +29,9 @@ struct DeviceConfig {
   bool volatile_cache = false;
   // Lock each queue's I/O buffers in memory (mlock), e.g. for a swap device.
   bool lock_memory = false;
+  // Pin each queue's thread to the CPUs whose requests it receives (the kernel's queue
+  // affinity); otherwise the scheduler may run it on any CPU.
+  bool pin_queues = true;
   // The device number to ask for (N in /dev/ublkbN), or -1: the kernel picks one.
   int dev_id = -1;
 };

@@ -112,7 +112,9 @@ int UblkServer::Setup(std::string* error) {
     // Pin each queue's thread to the CPUs whose requests it receives, when the kernel says.
     cpu_set_t cpus;
     CPU_ZERO(&cpus);
-    const bool have_affinity = control_.GetQueueAffinity(info_.dev_id, q, &cpus, sizeof(cpus)) >= 0;
+    const bool have_affinity =
+        config_.pin_queues &&
+        control_.GetQueueAffinity(info_.dev_id, q, &cpus, sizeof(cpus)) >= 0;
     auto queue = std::make_unique<Queue>(q, config_.queue_depth, config_.max_io_bytes,
                                          device_sectors, static_cast<std::uint32_t>(fetch_op),
                                          static_cast<std::uint32_t>(commit_op), target_);

@@ -62,8 +62,9 @@ int RunQuery(const std::string& control, const char* command, bool json,
 // kernel to let go of the device.
 constexpr int kAttachTimeoutMs = 60000;
 
+// `queues` 0: the daemon's default.
 int RunAttach(const std::string& control, const std::string& name, const std::string& size,
-              const std::string& frontend) {
+              const std::string& frontend, unsigned queues) {
   const std::optional<std::uint64_t> bytes = memlend::ParseSize(size);
   if (!bytes) {
     memlend::LogError("attach %s: --size '%s' is not a size (use a number with an optional K, M, "
@@ -81,14 +82,14 @@ int RunAttach(const std::string& control, const std::string& name, const std::st
                       "or '-'");
     return 2;
   }
+  nlohmann::json request = {{"command", memlend::kControlAttach},
+                            {"name", name},
+                            {"size_bytes", *bytes},
+                            {"frontend", frontend}};
+  if (queues != 0) request["queues"] = queues;
   try {
     const nlohmann::json reply = memlend::CallControl(
-        control.empty() ? memlend::DefaultControlPath() : control,
-        {{"command", memlend::kControlAttach},
-         {"name", name},
-         {"size_bytes", *bytes},
-         {"frontend", frontend}},
-        kAttachTimeoutMs);
+        control.empty() ? memlend::DefaultControlPath() : control, request, kAttachTimeoutMs);
     if (!reply.value("ok", false)) {
       memlend::LogError("attach %s: %s", name.c_str(),
                         reply.value("error", "no reason given").c_str());
@@ -194,18 +195,20 @@ int main(int argc, char** argv) {
                      "This daemon's identity among peers, 1-16 hex digits (default: random)")
       ->type_name("HEX");
   daemon->add_flag("--no-mlock", daemon_args.no_mlock,
-                   "Do not lock the daemon's memory (mlockall) or mark it an I/O flusher. "
-                   "Only safe when no device it serves is used as swap");
+                   "Do not lock the daemon's memory (mlockall), mark it an I/O flusher, or "
+                   "serve kernel NBD requests under SCHED_FIFO. Only safe when no device it "
+                   "serves is used as swap");
   daemon->footer(
       "A daemon can serve devices (--device, --nbd, --local-store; or --local-store alone and "
       "`memlend attach` later), lend memory (--lend, --listen), or both. A daemon with a local "
-      "store locks its memory and needs CAP_IPC_LOCK (or a large enough `ulimit -l`) and "
-      "CAP_SYS_RESOURCE for that; see docs/attach.md.");
+      "store locks its memory and needs CAP_IPC_LOCK (or a large enough `ulimit -l`), "
+      "CAP_SYS_RESOURCE and CAP_SYS_NICE for that; see docs/attach.md.");
 
   std::string attach_control;
   std::string attach_name;
   std::string attach_size;
   std::string attach_frontend = "auto";
+  unsigned attach_queues = 0;
   CLI::App* attach = app.add_subcommand(
       "attach", "Create a device in the running daemon and attach it as a block device; prints "
                 "its path (e.g. /dev/nbd0)");
@@ -221,6 +224,11 @@ int main(int argc, char** argv) {
                      "first of those this host has")
       ->check(CLI::IsMember({"auto", "ublk", "nbd", "fuse"}))
       ->default_str("auto");
+  attach->add_option("--queues", attach_queues,
+                     "ublk only: hardware queues, each served by a thread of its own "
+                     "(default: one per CPU)")
+      ->check(CLI::Range(1u, 256u))
+      ->type_name("N");
   attach->add_option("--control", attach_control,
                      "The daemon's control socket (default: " + memlend::DefaultControlPath() +
                          ")")
@@ -276,7 +284,7 @@ int main(int argc, char** argv) {
 
   if (daemon->parsed()) return RunDaemon(daemon_args);
   if (attach->parsed()) {
-    return RunAttach(attach_control, attach_name, attach_size, attach_frontend);
+    return RunAttach(attach_control, attach_name, attach_size, attach_frontend, attach_queues);
   }
   if (detach->parsed()) return RunDetach(detach_control, detach_name);
   if (peers->parsed()) {

@@ -31,9 +31,9 @@ struct DaemonConfig {
   bool serve_nbd = false;               // --nbd given
   Endpoint nbd;
   std::uint64_t local_store_bytes = 0;  // 0: no local store, no devices (lend only)
-  // Lock the daemon's memory (mlockall) and mark it an I/O flusher at startup, so that
-  // serving a swap device, or lending to one, cannot deadlock under memory pressure.
-  // --no-mlock clears it.
+  // Lock the daemon's memory (mlockall) and mark it an I/O flusher at startup, and serve
+  // kernel NBD requests under SCHED_FIFO, so that serving a swap device, or lending to one,
+  // cannot deadlock under memory pressure. --no-mlock clears it.
   bool lock_memory = true;
   std::string backing_file;             // empty: no disk tier
   std::uint64_t backing_size_bytes = 0; // 0: bounded only by the file system

@@ -40,6 +40,8 @@ constexpr std::size_t kHeapReserveBytes = 32 << 20;
 // The largest device `memlend attach` creates: its page table's top level alone takes
 // 8 bytes per 2 MiB, and it is locked in memory.
 constexpr std::uint64_t kMaxAttachBytes = std::uint64_t{16} << 40;
+// The most ublk queues `attach` asks for.
+constexpr unsigned kMaxUblkQueues = 256;
 #ifndef PR_SET_IO_FLUSHER
 constexpr int PR_SET_IO_FLUSHER = 57;
 #endif
@@ -383,20 +385,18 @@ std::string Daemon::FuseMountRoot() {
 }
 
 std::unique_ptr<BlockFrontend> Daemon::CreateFrontend(const std::string& kind,
-                                                      std::shared_ptr<Device> device) {
+                                                      std::shared_ptr<Device> device,
+                                                      unsigned queues) {
   if (kind == "ublk") {
     UblkOptions options;
     options.lock_memory = config_.lock_memory;  // its I/O buffers, like the rest of the daemon
-    // One queue whose thread may run on any CPU. With a queue per CPU, each queue's thread
-    // is pinned to the CPU whose requests it serves and competes with the submitting
-    // process for it; in the VM benchmark (2 vCPUs, fio at queue depth 32) one free queue
-    // gave about 2.8 times the IOPS of per-CPU queues.
-    options.queues = 1;
+    options.queues = queues;
     return AttachUblk(std::move(device), options);
   }
   if (kind == "nbd") {
     NbdKernelOptions options;
     options.busy_poll = std::chrono::microseconds(config_.busy_poll_us);
+    options.realtime = config_.lock_memory;  // a swap-safe daemon: see docs/attach.md
     return AttachNbdKernel(std::move(device), options);
   }
   FuseOptions options;
@@ -428,6 +428,15 @@ nlohmann::json Daemon::Attach(const nlohmann::json& request) {
     throw std::invalid_argument("unknown frontend '" + wanted +
                                 "' (expected auto, ublk, nbd or fuse)");
   }
+  unsigned queues = 0;  // ublk's default: one per CPU
+  if (const auto field = request.find("queues"); field != request.end()) {
+    if (!field->is_number_unsigned() || field->get<std::uint64_t>() == 0 ||
+        field->get<std::uint64_t>() > kMaxUblkQueues) {
+      throw std::invalid_argument("\"queues\" must be an integer from 1 to " +
+                                  std::to_string(kMaxUblkQueues));
+    }
+    queues = field->get<unsigned>();
+  }
   if (!tiers_) {
     throw std::runtime_error("this daemon has no local store to keep devices in: start it with "
                              "--local-store SIZE");
@@ -457,7 +466,7 @@ nlohmann::json Daemon::Attach(const nlohmann::json& request) {
   std::string reasons;
   for (const std::string& kind : kinds) {
     try {
-      frontend = CreateFrontend(kind, device);
+      frontend = CreateFrontend(kind, device, queues);
       break;
     } catch (const std::exception& e) {
       reasons += (reasons.empty() ? "" : "; ") + std::string(e.what());

@@ -60,9 +60,10 @@ class Daemon {
   void Stop();
   // Detaches every attached block device (forcibly if still in use), newest first.
   void DetachAll();
-  // Creates the frontend of `kind` ("ublk", "nbd" or "fuse") for `device`. Throws.
+  // Creates the frontend of `kind` ("ublk", "nbd" or "fuse") for `device`; `queues` is for
+  // ublk (0: one per CPU). Throws.
   std::unique_ptr<BlockFrontend> CreateFrontend(const std::string& kind,
-                                                std::shared_ptr<Device> device);
+                                                std::shared_ptr<Device> device, unsigned queues);
   // The unix socket nbdfuse connects to: --nbd if it is one, else a private one next to
   // the control socket, started on first use.
   std::string FuseNbdSocket();

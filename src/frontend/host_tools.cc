@@ -113,4 +113,15 @@ bool PathExists(const std::string& path) noexcept {
   return ::stat(path.c_str(), &st) == 0;
 }
 
+int UseNoIoScheduler(const std::string& path) noexcept {
+  const std::size_t slash = path.rfind('/');
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  const std::string knob = "/sys/block/" + name + "/queue/scheduler";
+  const int fd = ::open(knob.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return -errno;
+  const int ret = ::write(fd, "none", 4) == 4 ? 0 : -errno;
+  ::close(fd);
+  return ret;
+}
+
 }  // namespace memlend::frontend

@@ -1,15 +1,12 @@
 // The kernel-NBD frontend: serves a Device as /dev/nbdN through the kernel's NBD client,
-// configured with the classic ioctl interface of <linux/nbd.h> (no nbd-client needed).
+// connected with the kernel's nbd netlink interface (frontend/nbd_netlink.h; no nbd-client
+// needed).
 //
-// The daemon makes a socket pair, hands one end to the kernel (NBD_SET_SOCK) and serves
-// the other with the ordinary NBD transmission loop, so the kernel's requests meet the
-// same validation and the same Device calls as any NBD client's; there is no handshake
-// on this path (the ioctls set the size and flags). Two threads per device: one blocks in
-// NBD_DO_IT for as long as the device is connected, one runs the transmission loop.
-//
-// Alternatives: the netlink interface (NBD_CMD_CONNECT) can pick a free index itself and
-// survives the configuring process, but needs generic-netlink plumbing for no gain here;
-// the classic ioctls exist on every kernel with nbd.
+// The daemon makes a socket pair, hands one end to the kernel (NBD_CMD_CONNECT, which picks a
+// free device) and serves the other with the ordinary NBD transmission loop, so the kernel's
+// requests meet the same validation and the same Device calls as any NBD client's; there is
+// no handshake on this path (the connect message sets the size and flags). One thread per
+// device runs the transmission loop; Detach sends NBD_CMD_DISCONNECT and joins it.
 #pragma once
 
 #include <chrono>
@@ -25,15 +22,18 @@ struct NbdKernelOptions {
   // The kernel fails a request that has had no reply for this long (NBD_SET_TIMEOUT).
   unsigned timeout_s = 120;
   std::chrono::microseconds busy_poll{50};  // see nbd::RunTransmission
+  // Serve the kernel's requests under SCHED_FIFO (see nbd::RunTransmission): the replies then
+  // get socket buffers even when the whole system is out of memory and waiting for swap.
+  bool realtime = false;
 };
 
-// Returns "" when the kernel NBD client can be used (/dev/nbd0 exists, after trying
+// Returns "" when the kernel NBD client can be used (its netlink family exists, after trying
 // `modprobe nbd` as root), else why not, in a few words.
 std::string NbdKernelUnavailableReason() noexcept;
 
 // Connects a free /dev/nbdN to `device`; the frontend keeps the device alive until it is
-// destroyed. Throws std::runtime_error with a one-line reason (module missing, not root,
-// no free nbd device, ...) and leaves no device connected when it cannot attach.
+// destroyed. Throws std::runtime_error with a one-line reason (module missing, not root, ...)
+// and leaves no device connected when it cannot attach.
 // Runs on the control thread.
 std::unique_ptr<BlockFrontend> AttachNbdKernel(std::shared_ptr<Device> device,
                                                const NbdKernelOptions& options);

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "common/log.h"
+#include "frontend/host_tools.h"
 #include "ublk/server.h"
 
 namespace memlend {
@@ -32,10 +33,15 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
     config.queue_depth = options.queue_depth;
     config.max_io_bytes = options.max_io_bytes;
     config.lock_memory = options.lock_memory;
+    config.pin_queues = options.pin_queues;
     std::string error;
     server_ = ublk::UblkServer::Start(config, *this, &error);
     if (!server_) return error;
     path_ = server_->block_path();
+    if (const int ret = frontend::UseNoIoScheduler(path_); ret < 0) {
+      LogDebug("ublk: %s: cannot turn off its I/O scheduler: %s", path_.c_str(),
+               std::strerror(-ret));
+    }
     LogDebug("ublk: %s serves device %s with %u queue(s) of depth %u%s", path_.c_str(),
              device_->name().c_str(), server_->config().queues, server_->config().queue_depth,
              server_->legacy_encoding() ? " (legacy opcodes)" : "");

@@ -11,6 +11,7 @@
 
 #include "common/byte_buffer.h"
 #include "common/log.h"
+#include "common/realtime.h"
 #include "nbd/codec.h"
 #include "transport/socket.h"
 
@@ -26,10 +27,11 @@ constexpr std::size_t kMaxReadRunBytes = 4 << 20;
 class Connection {
  public:
   Connection(int fd, Device& device, std::chrono::microseconds busy_poll,
-             std::size_t large_write_bytes)
+             std::size_t large_write_bytes, bool realtime)
       : fd_(fd),
         device_(device),
         busy_poll_(busy_poll),
+        realtime_(realtime),
         input_(kInputBytes),
         large_payload_(large_write_bytes) {
     // Allocated up front, so that serving the usual requests allocates nothing: a daemon
@@ -40,6 +42,7 @@ class Connection {
   }
 
   void Run() {
+    if (realtime_ && !EnterRealtime()) realtime_ = false;
     for (;;) {
       if (!ServeBuffered()) return;
       if (!SendReplies()) return;
@@ -213,18 +216,43 @@ class Connection {
       input_begin_ = 0;
       input_end_ = pending;
     }
-    // Busy-poll briefly before sleeping: a client at low queue depth usually sends its
-    // next request within microseconds of our reply.
-    const long n = ReceiveSome(fd_, input_.data() + input_end_, input_.capacity() - input_end_,
-                               busy_poll_);
+    std::byte* const free_space = input_.data() + input_end_;
+    const std::size_t free_bytes = input_.capacity() - input_end_;
+    long n = -EAGAIN;
+    if (realtime_) {
+      // Wait under the ordinary policy (see RunTransmission), unless requests are already here.
+      n = ::recv(fd_, free_space, free_bytes, MSG_DONTWAIT);
+      if (n < 0) n = -errno;
+      if (n == -EAGAIN || n == -EINTR) {
+        UseOrdinaryScheduling();
+        n = ReceiveSome(fd_, free_space, free_bytes, busy_poll_);
+        EnterRealtime();
+      }
+    } else {
+      // Busy-poll briefly before sleeping: a client at low queue depth usually sends its
+      // next request within microseconds of our reply.
+      n = ReceiveSome(fd_, free_space, free_bytes, busy_poll_);
+    }
     if (n <= 0) return false;  // hung up, shut down, or failed
     input_end_ += static_cast<std::size_t>(n);
     return true;
   }
 
+  // Returns whether the thread now runs under SCHED_FIFO; warns the first time it cannot.
+  bool EnterRealtime() {
+    const int error = UseRealtimeScheduling();
+    if (error == 0) return true;
+    LogError("warning: nbd: %s: no real-time scheduling (%s; needs CAP_SYS_NICE): under memory "
+             "pressure, swap on it may stall",
+             device_.name().c_str(), std::strerror(error));
+    realtime_ = false;
+    return false;
+  }
+
   const int fd_;
   Device& device_;
   const std::chrono::microseconds busy_poll_;
+  bool realtime_;
   ByteBuffer input_;  // bytes [input_begin_, input_end_) are received and not yet served
   std::size_t input_begin_ = 0;
   std::size_t input_end_ = 0;
@@ -237,8 +265,8 @@ class Connection {
 }  // namespace
 
 void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll,
-                     std::size_t large_write_bytes) {
-  Connection(fd, device, busy_poll, large_write_bytes).Run();
+                     std::size_t large_write_bytes, bool realtime) {
+  Connection(fd, device, busy_poll, large_write_bytes, realtime).Run();
 }
 
 }  // namespace memlend::nbd

@@ -32,7 +32,14 @@ namespace memlend::nbd {
 // `large_write_bytes` > 0 also allocates room for WRITEs up to that size up front (the kernel
 // NBD client, which may be writing out swap, sends up to its max_sectors_kb, 1.25 MiB by
 // default), so that serving them allocates nothing.
+// `realtime` serves requests under SCHED_FIFO (common/realtime.h) and waits for them under
+// the ordinary policy: the replies' socket buffers may then come from the kernel's reserve
+// when the system is out of memory, and a request's arrival does not preempt the client
+// before it has sent the rest of its batch (which, with the kernel NBD client on the same
+// CPU, cost two thirds of the IOPS at queue depth 32 in the VM benchmark). That is two
+// more system calls whenever the loop has to wait. Falls back to the ordinary policy, with
+// one warning, where real-time scheduling is not permitted.
 void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll,
-                     std::size_t large_write_bytes = 0);
+                     std::size_t large_write_bytes = 0, bool realtime = false);
 
 }  // namespace memlend::nbd

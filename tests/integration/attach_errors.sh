@@ -4,7 +4,8 @@
 #
 # Usage: attach_errors.sh PATH_TO_MEMLEND
 #
-# Cases: the daemon is down; size not a multiple of 4 KiB, zero, or not a size; a bad name;
+# Cases: the daemon is down; size not a multiple of 4 KiB, zero, or not a size; a bad name or
+# queue count;
 # a duplicate name (the first stays attached and usable); a frontend this host lacks (nbd or
 # ublk here); a daemon that only lends; detach of an unknown name or of a --device. Also: auto
 # picks fuse on a host without ublk and nbd, and SIGTERM detaches what is still attached.
@@ -42,6 +43,7 @@ expect_error "multiple of 4 KiB" "$memlend" attach a --size 0 --control "$contro
 expect_error "not a size" "$memlend" attach a --size 12Q --control "$control"
 expect_error "name" "$memlend" attach 'a/b' --size 16M --control "$control"
 expect_error "frontend" "$memlend" attach a --size 16M --frontend floppy --control "$control"
+expect_error "queues" "$memlend" attach a --size 16M --queues 0 --control "$control"
 check_nothing_attached "$control"
 
 # The daemon validates on its own too (other clients do not go through the CLI).
@@ -54,6 +56,15 @@ print(s.makefile().readline().strip())
 PY
 )
 grep -q '"ok":false' <<<"$reply" && grep -q "4 KiB" <<<"$reply" || fail "daemon accepted 4097 bytes: $reply"
+reply=$(python3 - "$control" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(json.dumps({"command": "attach", "name": "a", "size_bytes": 4096, "queues": 100000}).encode() + b"\n")
+print(s.makefile().readline().strip())
+PY
+)
+grep -q '"ok":false' <<<"$reply" && grep -q "queues" <<<"$reply" || fail "daemon accepted 100000 queues: $reply"
 check_nothing_attached "$control"
 
 if [[ ! -e /dev/nbd0 && ! -e /sys/module/nbd ]] && ! modprobe -n nbd 2>/dev/null; then

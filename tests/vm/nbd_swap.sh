@@ -41,6 +41,11 @@ nbd=${device#/dev/}
 [[ -e /sys/block/$nbd/pid ]] || fail "$device is not connected (no /sys/block/$nbd/pid)"
 [[ $(blockdev --getsize64 "$device") -eq $((256 << 20)) ]] ||
   fail "$device has $(blockdev --getsize64 "$device") bytes, not 256 MiB"
+# Connected through the nbd netlink interface, which names the backend; no I/O scheduler.
+backend=$(cat "/sys/block/$nbd/backend" 2>/dev/null || true)
+[[ $backend == memlend:swap0 ]] || fail "/sys/block/$nbd/backend is '$backend', not memlend:swap0"
+grep -q '\[none\]' "/sys/block/$nbd/queue/scheduler" ||
+  fail "$device's I/O scheduler is $(cat "/sys/block/$nbd/queue/scheduler"), not none"
 swap_cycle swap0 "$control" "$device" nbd
 [[ ! -e /sys/block/$nbd/pid ]] || fail "$device is still connected after detach"
 check_nothing_attached "$control"

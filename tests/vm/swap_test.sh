@@ -69,6 +69,17 @@ device=$("$memlend" attach swap0 --size "$swap_size" --frontend "$frontend" --co
 attached_devices+=("$device")
 [[ -b $device ]] || fail "attach printed '$device', which is not a block device"
 echo "attached swap0 as $device ($frontend)"
+block=${device#/dev/}
+grep -q '\[none\]' "/sys/block/$block/queue/scheduler" ||
+  fail "$device's I/O scheduler is $(cat "/sys/block/$block/queue/scheduler"), not none"
+if [[ $frontend == ublk ]]; then
+  # One hardware queue per CPU, each with its own thread in the daemon.
+  queues=$(find "/sys/block/$block/mq" -mindepth 1 -maxdepth 1 | wc -l)
+  [[ $queues -eq $(nproc) ]] || fail "$device has $queues hardware queues, not one per CPU ($(nproc))"
+  threads=$(grep -l "^ublk-queue" /proc/"${ml_pids[borrower]}"/task/*/comm | wc -l)
+  [[ $threads -eq $queues ]] || fail "the daemon runs $threads ublk queue threads for $queues queues"
+  echo "$device: $queues hardware queues, one daemon thread each"
+fi
 
 case $mode in
   cgroup)
