@@ -3,6 +3,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -227,6 +228,9 @@ long ReceiveSome(int fd, void* data, std::size_t length, std::chrono::microsecon
     if (errno == EINTR) continue;
     if (errno == EAGAIN && flags != 0) {
       if (std::chrono::steady_clock::now() >= spin_until) flags = 0;  // now block
+      // Let a thread that is ready to run on this CPU have it: it may be the very one that
+      // is to send what we wait for (see socket.h).
+      ::sched_yield();
       continue;
     }
     return -errno;
