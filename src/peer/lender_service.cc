@@ -121,6 +121,9 @@ class LenderService::Connection {
       // Room for the largest reply (a superpage READ), so Body() stays put while built.
       replies_.Reserve(replies_.size() + kHeaderBytes + kSuperpageBytes);
       ++served_since_receive_;
+      if (request.type == MessageType::kRead || request.type == MessageType::kGet) {
+        read_since_receive_ = true;
+      }
       if (!Serve(request)) {
         Flush();
         return;
@@ -158,8 +161,12 @@ class LenderService::Connection {
 
   // A borrower that sends one request at a time (low queue depth, latency bound) sends
   // its next within microseconds of our reply: wait that long awake before sleeping
-  // (see ReceiveSome). One that sends batches keeps us busy anyway, and spinning between
-  // its batches would only take CPU from it.
+  // (see ReceiveSome, which yields the CPU while it spins). So does one that reads: its
+  // reader waits for our replies before it can answer its own client, whose next reads
+  // come back to us soon after (on two CPUs, random reads at depth 32 through two lenders went
+  // from 0.60-1.11 to 0.92-1.15 of nbdkit's IOPS, runs taken in turns). Between batches of
+  // writes (evictions) spinning only takes CPU from the borrower: spinning after every batch
+  // cost random writes at depth 32 about a fifth of their IOPS.
   static constexpr std::chrono::microseconds kRequestSpin{50};
   static constexpr unsigned kSpinBelowBatch = 3;
 
@@ -171,8 +178,9 @@ class LenderService::Connection {
       input_begin_ = 0;
       input_end_ = pending;
     }
-    const bool spin = served_since_receive_ < kSpinBelowBatch;
+    const bool spin = served_since_receive_ < kSpinBelowBatch || read_since_receive_;
     served_since_receive_ = 0;
+    read_since_receive_ = false;
     const long n = ReceiveSome(fd_, input_.data() + input_end_, input_.capacity() - input_end_,
                                spin ? kRequestSpin : std::chrono::microseconds(0));
     if (n <= 0) return false;
@@ -393,6 +401,7 @@ class LenderService::Connection {
   std::size_t input_begin_ = 0;
   std::size_t input_end_ = 0;
   unsigned served_since_receive_ = 0;  // requests served since the last Receive
+  bool read_since_receive_ = false;    // and whether a READ or GET was among them
   const std::byte* payload_ = nullptr;  // the current request's payload, inside input_
   ByteBuffer replies_;                  // replies built and not yet sent
   bool hello_ = false;
