@@ -134,25 +134,29 @@ int OpenNetlink(nbd_netlink::NbdNetlink* netlink) {
   return netlink->Open();
 }
 
+// Why OpenNetlink failed with `error`, in a few words.
+std::string UnavailableReason(int error) {
+  if (error != -ENOENT) {
+    return std::string("cannot reach the kernel's nbd netlink interface: ") +
+           std::strerror(-error);
+  }
+  if (::geteuid() != 0) return "the nbd module is not loaded and only root can load it";
+  return "the kernel has no nbd module (`modprobe nbd` failed)";
+}
+
 }  // namespace
 
 std::string NbdKernelUnavailableReason() noexcept {
   nbd_netlink::NbdNetlink netlink;
   const int ret = OpenNetlink(&netlink);
-  if (ret == 0) return "";
-  if (ret != -ENOENT) {
-    return std::string("cannot reach the kernel's nbd netlink interface: ") +
-           std::strerror(-ret);
-  }
-  if (::geteuid() != 0) return "the nbd module is not loaded and only root can load it";
-  return "the kernel has no nbd module (`modprobe nbd` failed)";
+  return ret == 0 ? "" : UnavailableReason(ret);
 }
 
 std::unique_ptr<BlockFrontend> AttachNbdKernel(std::shared_ptr<Device> device,
                                                const NbdKernelOptions& options) {
   nbd_netlink::NbdNetlink netlink;
   if (const int ret = OpenNetlink(&netlink); ret < 0) {
-    throw std::runtime_error("nbd: " + NbdKernelUnavailableReason());
+    throw std::runtime_error("nbd: " + UnavailableReason(ret));
   }
   int pair[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) {
