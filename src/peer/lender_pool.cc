@@ -11,6 +11,8 @@
 #include <stdexcept>
 #include <system_error>
 
+#include "common/zero_memory.h"
+
 namespace memlend::peer {
 
 LenderPool::LenderPool(std::uint64_t pool_bytes) {
@@ -102,8 +104,8 @@ Status LenderPool::AllocSuperpage(SessionId session, std::uint32_t* sid) noexcep
   Report(std::span<const Eviction>(evicted.data(), evicted_count));
   if (status != Status::kOk) return status;
   // Outside the lock: the superpage is the caller's now, and the caller does not know its
-  // SID yet, so nothing else can touch it. Dropping the pages makes it read as zeros.
-  ::madvise(SuperpageAddress(superpage), kSuperpageBytes, MADV_DONTNEED);
+  // SID yet, so nothing else can touch it.
+  ZeroMemory(SuperpageAddress(superpage), kSuperpageBytes);
   *sid = granted;
   return Status::kOk;
 }

@@ -10,7 +10,7 @@
 //            superpage holds either only ephemeral or only persistent pages (of any
 //            session), and goes back to free when its last slot empties.
 // SIDs are a counter: increasing, never reused while the pool lives, so a stale SID can
-// never name someone else's superpage. A superpage is zeroed (MADV_DONTNEED) when it is
+// never name someone else's superpage. A superpage is zeroed (ZeroMemory) when it is
 // granted, so a borrower never reads what an earlier borrower left there; active slots
 // need no zeroing because a PUT overwrites the whole slot before anyone can GET it.
 //
