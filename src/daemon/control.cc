@@ -50,13 +50,13 @@ bool ReadLine(int fd, std::size_t max_bytes, std::string* line) {
 
 namespace {
 
+// The socket is its owner's alone (UnixSocketAccess's default): the control API attaches
+// and detaches block devices.
 UniqueFd ListenOnPath(const std::string& path) {
   Endpoint endpoint;
   endpoint.kind = Endpoint::Kind::kUnix;
   endpoint.path = path;
-  UniqueFd listener = ListenOn(endpoint);
-  ::chmod(path.c_str(), 0600);
-  return listener;
+  return ListenOn(endpoint);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 #include <endian.h>
 
+#include <cerrno>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -19,19 +20,19 @@ std::shared_ptr<Device> FindExport(const DeviceTable& devices, const std::string
   return all.size() == 1 ? all.front() : nullptr;
 }
 
-bool Send(int fd, const std::vector<std::byte>& bytes) {
-  return WriteFull(fd, bytes.data(), bytes.size()) == 0;
+bool Send(int fd, const std::vector<std::byte>& bytes, Deadline deadline) {
+  return WriteFullBefore(fd, bytes.data(), bytes.size(), deadline) == 0;
 }
 
 }  // namespace
 
-std::shared_ptr<Device> RunHandshake(int fd, const DeviceTable& devices) {
+std::shared_ptr<Device> RunHandshake(int fd, const DeviceTable& devices, Deadline deadline) {
   std::byte greeting[kGreetingSize];
   EncodeGreeting(greeting);
-  if (WriteFull(fd, greeting, sizeof(greeting)) != 0) return nullptr;
+  if (WriteFullBefore(fd, greeting, sizeof(greeting), deadline) != 0) return nullptr;
 
   std::uint32_t client_flags = 0;
-  if (ReadFull(fd, &client_flags, sizeof(client_flags)) != 0) return nullptr;
+  if (ReadFullBefore(fd, &client_flags, sizeof(client_flags), deadline) != 0) return nullptr;
   client_flags = be32toh(client_flags);
   if (client_flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
     LogDebug("nbd: unknown client flags 0x%x, closing", client_flags);
@@ -43,7 +44,10 @@ std::shared_ptr<Device> RunHandshake(int fd, const DeviceTable& devices) {
   std::vector<std::byte> reply;
   for (;;) {
     std::byte header[kOptionHeaderSize];
-    if (ReadFull(fd, header, sizeof(header)) != 0) return nullptr;
+    if (const int rc = ReadFullBefore(fd, header, sizeof(header), deadline); rc != 0) {
+      if (rc == -ETIMEDOUT) LogDebug("nbd: the handshake took too long, closing");
+      return nullptr;
+    }
     std::uint32_t option = 0;
     std::uint32_t length = 0;
     if (!DecodeOptionHeader(header, &option, &length)) {
@@ -55,7 +59,7 @@ std::shared_ptr<Device> RunHandshake(int fd, const DeviceTable& devices) {
       return nullptr;
     }
     data.resize(length);
-    if (length > 0 && ReadFull(fd, data.data(), length) != 0) return nullptr;
+    if (length > 0 && ReadFullBefore(fd, data.data(), length, deadline) != 0) return nullptr;
     reply.clear();
 
     switch (option) {
@@ -68,11 +72,11 @@ std::shared_ptr<Device> RunHandshake(int fd, const DeviceTable& devices) {
           return nullptr;
         }
         AppendExportNameReply(&reply, device->size_bytes(), kTransmissionFlags, no_zeroes);
-        return Send(fd, reply) ? device : nullptr;
+        return Send(fd, reply, deadline) ? device : nullptr;
       }
       case NBD_OPT_ABORT:
         AppendOptionReply(&reply, option, NBD_REP_ACK);
-        Send(fd, reply);
+        Send(fd, reply, deadline);
         return nullptr;
       case NBD_OPT_LIST:
         if (length != 0) {
@@ -96,7 +100,7 @@ std::shared_ptr<Device> RunHandshake(int fd, const DeviceTable& devices) {
           AppendInfoExport(&reply, option, device->size_bytes(), kTransmissionFlags);
           AppendInfoBlockSize(&reply, option, 1, kPreferredBlock, kMaxPayload);
           AppendOptionReply(&reply, option, NBD_REP_ACK);
-          if (option == NBD_OPT_GO) return Send(fd, reply) ? device : nullptr;
+          if (option == NBD_OPT_GO) return Send(fd, reply, deadline) ? device : nullptr;
         }
         break;
       }
@@ -106,7 +110,7 @@ std::shared_ptr<Device> RunHandshake(int fd, const DeviceTable& devices) {
         AppendOptionReply(&reply, option, NBD_REP_ERR_UNSUP);
         break;
     }
-    if (!Send(fd, reply)) return nullptr;
+    if (!Send(fd, reply, deadline)) return nullptr;
   }
 }
 

@@ -5,6 +5,7 @@
 
 #include "nbd/protocol.h"
 #include "store/device_table.h"
+#include "transport/socket.h"
 
 namespace memlend::nbd {
 
@@ -19,7 +20,9 @@ inline constexpr std::uint16_t kTransmissionFlags =
 // magic, unknown client flags, an option longer than kMaxOptionLength, an unknown export
 // by NBD_OPT_EXPORT_NAME, which cannot carry an error). Recoverable mistakes (unknown
 // option, unknown export in GO/INFO, malformed INFO data) get an error reply and haggling
-// goes on. An empty export name picks the only device when there is exactly one.
-std::shared_ptr<Device> RunHandshake(int fd, const DeviceTable& devices);
+// goes on. An empty export name picks the only device when there is exactly one. The
+// whole handshake must be over by `deadline`, or the connection closes: a client that
+// connects and then says nothing, or dribbles a byte at a time, holds a thread only so long.
+std::shared_ptr<Device> RunHandshake(int fd, const DeviceTable& devices, Deadline deadline);
 
 }  // namespace memlend::nbd

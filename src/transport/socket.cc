@@ -2,13 +2,16 @@
 
 #include <netdb.h>
 #include <netinet/in.h>
+#include <fcntl.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sched.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
@@ -26,6 +29,44 @@ bool FillUnixAddress(const std::string& path, sockaddr_un* address) {
 }
 
 std::string ErrnoText(int error) { return std::strerror(error); }
+
+// Gives the socket file just bound at `path` its group and mode. The socket inode was
+// given the mode before bind (so the file was created with at most those bits: the umask
+// can only take some away); this adds back what the umask took. Neither call follows a
+// symbolic link, so a link swapped in at the path is refused, not followed.
+int ApplyAccess(const std::string& path, const UnixSocketAccess& access) {
+  if (access.group != static_cast<gid_t>(-1) &&
+      ::fchownat(AT_FDCWD, path.c_str(), static_cast<uid_t>(-1), access.group,
+                 AT_SYMLINK_NOFOLLOW) != 0) {
+    return errno;
+  }
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) return errno;
+  if (!S_ISSOCK(st.st_mode)) return EEXIST;
+  if ((st.st_mode & 07777) != access.mode &&
+      ::fchmodat(AT_FDCWD, path.c_str(), access.mode, AT_SYMLINK_NOFOLLOW) != 0) {
+    return errno;
+  }
+  return 0;
+}
+
+int RemainingMs(Deadline deadline) {
+  const auto left = std::chrono::ceil<std::chrono::milliseconds>(
+      deadline - std::chrono::steady_clock::now());
+  return left.count() <= 0 ? 0 : static_cast<int>(std::min<long long>(left.count(), 1 << 30));
+}
+
+// Waits for `events` on fd until the deadline: 0, -ETIMEDOUT or -errno.
+int WaitFor(int fd, short events, Deadline deadline) noexcept {
+  for (;;) {
+    const int left = RemainingMs(deadline);
+    if (left == 0) return -ETIMEDOUT;
+    pollfd poll_fd{fd, events, 0};
+    const int n = ::poll(&poll_fd, 1, left);
+    if (n > 0) return 0;
+    if (n < 0 && errno != EINTR) return -errno;
+  }
+}
 
 }  // namespace
 
@@ -87,7 +128,7 @@ std::optional<Endpoint> ParseEndpoint(std::string_view text, std::string* error)
   return endpoint;
 }
 
-UniqueFd ListenOn(const Endpoint& endpoint) {
+UniqueFd ListenOn(const Endpoint& endpoint, const UnixSocketAccess& access) {
   const std::string name = endpoint.ToString();
   if (endpoint.kind == Endpoint::Kind::kUnix) {
     sockaddr_un address;
@@ -106,10 +147,20 @@ UniqueFd ListenOn(const Endpoint& endpoint) {
       ::unlink(endpoint.path.c_str());  // stale socket from a process that is gone
     }
     UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    if (!fd.valid() ||
-        ::bind(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
-        ::listen(fd.get(), 128) != 0) {
+    // bind creates the file with the socket inode's mode less the umask.
+    if (!fd.valid() || ::fchmod(fd.get(), access.mode & 07777) != 0 ||
+        ::bind(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
       throw std::runtime_error("cannot listen on " + name + ": " + ErrnoText(errno));
+    }
+    if (const int error = ApplyAccess(endpoint.path, access); error != 0) {
+      ::unlink(endpoint.path.c_str());
+      throw std::runtime_error("cannot set the owner group and mode of " + endpoint.path + ": " +
+                               ErrnoText(error));
+    }
+    if (::listen(fd.get(), 128) != 0) {
+      const int error = errno;
+      ::unlink(endpoint.path.c_str());
+      throw std::runtime_error("cannot listen on " + name + ": " + ErrnoText(error));
     }
     return fd;
   }
@@ -213,6 +264,39 @@ int ReadFull(int fd, void* data, std::size_t length) noexcept {
       return -errno;
     }
     if (n == 0) return -ECONNRESET;
+    bytes += n;
+    length -= static_cast<std::size_t>(n);
+  }
+  return 0;
+}
+
+int WaitReadable(int fd, Deadline deadline) noexcept { return WaitFor(fd, POLLIN, deadline); }
+
+int ReadFullBefore(int fd, void* data, std::size_t length, Deadline deadline) noexcept {
+  auto* bytes = static_cast<std::byte*>(data);
+  while (length > 0) {
+    if (const int rc = WaitFor(fd, POLLIN, deadline); rc != 0) return rc;
+    const ssize_t n = ::recv(fd, bytes, length, MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      return -errno;
+    }
+    if (n == 0) return -ECONNRESET;
+    bytes += n;
+    length -= static_cast<std::size_t>(n);
+  }
+  return 0;
+}
+
+int WriteFullBefore(int fd, const void* data, std::size_t length, Deadline deadline) noexcept {
+  const auto* bytes = static_cast<const std::byte*>(data);
+  while (length > 0) {
+    if (const int rc = WaitFor(fd, POLLOUT, deadline); rc != 0) return rc;
+    const ssize_t n = ::send(fd, bytes, length, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      return -errno;
+    }
     bytes += n;
     length -= static_cast<std::size_t>(n);
   }

@@ -2,6 +2,8 @@
 // socket calls the frontends and peers share.
 #pragma once
 
+#include <sys/types.h>
+
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -27,10 +29,18 @@ struct Endpoint {
 // Parses an endpoint. On failure returns nullopt and sets *error to a short reason.
 std::optional<Endpoint> ParseEndpoint(std::string_view text, std::string* error);
 
+// Who may connect to a unix socket: the socket file's permission bits and group.
+struct UnixSocketAccess {
+  mode_t mode = 0600;
+  gid_t group = static_cast<gid_t>(-1);  // -1: the creating process's group
+};
+
 // Creates a listening socket. A stale unix socket file (one nobody listens on) is
-// replaced; a live one is "already in use". Throws std::runtime_error whose message
+// replaced; a live one is "already in use". A unix socket file is created with exactly
+// `access` — never more permissive for a moment, whatever the umask, and without
+// following a symbolic link planted at its path. Throws std::runtime_error whose message
 // names the endpoint and the reason.
-UniqueFd ListenOn(const Endpoint& endpoint);
+UniqueFd ListenOn(const Endpoint& endpoint, const UnixSocketAccess& access = {});
 
 // Connects to `endpoint`. Returns the socket, or an invalid UniqueFd with *error set.
 UniqueFd ConnectTo(const Endpoint& endpoint, std::string* error);
@@ -39,6 +49,19 @@ UniqueFd ConnectTo(const Endpoint& endpoint, std::string* error);
 // Return 0, -errno, or (ReadFull) -ECONNRESET when the peer closed the stream early.
 int WriteFull(int fd, const void* data, std::size_t length) noexcept;
 int ReadFull(int fd, void* data, std::size_t length) noexcept;
+
+// A point in time by which a whole exchange must be done (a handshake, say).
+using Deadline = std::chrono::steady_clock::time_point;
+
+// Waits until `fd` has something to read (data, end of stream or an error). Returns 0, or
+// -ETIMEDOUT once `deadline` has passed, or -errno.
+int WaitReadable(int fd, Deadline deadline) noexcept;
+
+// As ReadFull and WriteFull, but the whole transfer must be done by `deadline`, however
+// slowly the other end sends or reads: -ETIMEDOUT otherwise. For exchanges with a party
+// that has not yet shown it is what it claims to be.
+int ReadFullBefore(int fd, void* data, std::size_t length, Deadline deadline) noexcept;
+int WriteFullBefore(int fd, const void* data, std::size_t length, Deadline deadline) noexcept;
 
 // Receives whatever is there, up to `length` bytes, like recv(2) but retrying EINTR:
 // returns the byte count, 0 at end of stream, or -errno. With a positive `spin` it first
