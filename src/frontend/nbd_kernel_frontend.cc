@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <new>
 #include <stdexcept>
 #include <thread>
 
@@ -33,9 +34,6 @@ constexpr std::uint64_t kTransmissionFlags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_
 constexpr std::uint64_t kBlockSize = 4096;
 // How long Teardown waits for the transmission loop to see the kernel's disconnect.
 constexpr int kDisconnectTimeoutMs = 5000;
-// Room for the kernel's largest WRITE at the default max_sectors_kb (1280), allocated when the
-// device is attached rather than while it writes out swap.
-constexpr std::size_t kLargestKernelWrite = 2 << 20;
 
 std::string DevicePath(std::uint32_t index) { return "/dev/nbd" + std::to_string(index); }
 
@@ -48,8 +46,11 @@ class NbdKernelFrontend final : public BlockFrontend {
       : device_(std::move(device)), server_(std::move(server)) {
     serve_ = std::thread([this, options] {
       SetThreadName("ml-nbd-" + device_->name());
-      nbd::RunTransmission(server_.get(), *device_, options.busy_poll, kLargestKernelWrite,
-                           options.realtime);
+      try {
+        nbd::RunTransmission(server_.get(), *device_, options.busy_poll, options.realtime);
+      } catch (const std::bad_alloc&) {
+        LogError("nbd %s: no memory for the connection's buffers", device_->name().c_str());
+      }
       ::shutdown(server_.get(), SHUT_RDWR);
       serve_done_.store(true);
     });

@@ -1,18 +1,15 @@
 #include "nbd/server.h"
 
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
-#include <stdexcept>
+#include <new>
 #include <string>
+#include <system_error>
+#include <thread>
 
-#include "common/log.h"
 #include "common/thread_name.h"
 #include "nbd/handshake.h"
 #include "nbd/transmission.h"
@@ -20,11 +17,11 @@
 namespace memlend::nbd {
 
 NbdServer::NbdServer(const Endpoint& endpoint, const DeviceTable& devices,
-                     std::chrono::microseconds busy_poll)
+                     const NbdServerOptions& options)
     : endpoint_(endpoint),
       devices_(devices),
-      busy_poll_(busy_poll),
-      acceptor_(ListenOn(endpoint), "nbd " + endpoint.ToString(),
+      options_(options),
+      acceptor_(ListenOn(endpoint, options.access), "nbd " + endpoint.ToString(),
                 endpoint.kind == Endpoint::Kind::kTcp,
                 [this](UniqueFd fd) { Accept(std::move(fd)); }) {}
 
@@ -37,51 +34,74 @@ void NbdServer::Stop() {
     std::lock_guard lock(mu_);
     if (stopping_) return;
     stopping_ = true;
+    // Under mu_: a thread closes its descriptor only under mu_, so each one here is live.
     for (Client& client : clients_) ::shutdown(client.fd.get(), SHUT_RDWR);
   }
   acceptor_.Stop();
   // No new clients can appear now; wait for the ones that are winding down.
-  std::list<Client> remaining;
-  {
-    std::lock_guard lock(mu_);
-    remaining.swap(clients_);
-  }
-  for (Client& client : remaining) {
-    if (client.thread.joinable()) client.thread.join();
-  }
+  std::unique_lock lock(mu_);
+  threads_done_.wait(lock, [this] { return threads_ == 0; });
+  lock.unlock();
   if (endpoint_.kind == Endpoint::Kind::kUnix) ::unlink(endpoint_.path.c_str());
+}
+
+unsigned NbdServer::connections() const {
+  std::lock_guard lock(mu_);
+  return static_cast<unsigned>(clients_.size());
+}
+
+void NbdServer::LogRefusal(const char* why) {
+  std::uint64_t held_back = 0;
+  if (!refusals_.Allow(&held_back)) return;
+  if (held_back > 0) {
+    LogError("nbd %s: refused a connection: %s (and %llu more since the last such message)",
+             endpoint_.ToString().c_str(), why, static_cast<unsigned long long>(held_back));
+  } else {
+    LogError("nbd %s: refused a connection: %s", endpoint_.ToString().c_str(), why);
+  }
 }
 
 void NbdServer::Accept(UniqueFd fd) {
   std::lock_guard lock(mu_);
-  ReapFinishedLocked();
   if (stopping_) return;
-  Client& client = clients_.emplace_back();
-  client.fd = std::move(fd);
-  client.thread = std::thread([this, &client] { ServeClient(&client); });
+  if (clients_.size() >= options_.max_connections) {
+    // NBD has no way to say why before the client's first option; the server's log does.
+    const std::string why = std::to_string(clients_.size()) +
+                            " connections are open, the most this server takes "
+                            "(--max-connections)";
+    LogRefusal(why.c_str());
+    return;
+  }
+  const ClientList::iterator client = clients_.emplace(clients_.end());
+  client->fd = std::move(fd);
+  try {
+    std::thread([this, client] { ServeClient(client); }).detach();
+    ++threads_;
+  } catch (const std::system_error& e) {
+    clients_.erase(client);  // closes the connection
+    const std::string why = std::string("cannot start a thread for it: ") + e.what();
+    LogRefusal(why.c_str());
+  }
 }
 
-void NbdServer::ServeClient(Client* client) {
+void NbdServer::ServeClient(ClientList::iterator client) {
   SetThreadName("ml-nbd-serve");
-  if (std::shared_ptr<Device> device = RunHandshake(client->fd.get(), devices_)) {
-    LogDebug("nbd: client attached to %s", device->name().c_str());
-    RunTransmission(client->fd.get(), *device, busy_poll_);
-  }
-  // Hang up now; the descriptor itself is closed when the thread is reaped, so Stop()
-  // never shuts down a number that was reused meanwhile.
-  ::shutdown(client->fd.get(), SHUT_RDWR);
-  client->finished.store(true, std::memory_order_release);
-}
-
-void NbdServer::ReapFinishedLocked() {
-  for (auto it = clients_.begin(); it != clients_.end();) {
-    if (it->finished.load(std::memory_order_acquire)) {
-      it->thread.join();
-      it = clients_.erase(it);
-    } else {
-      ++it;
+  const int fd = client->fd.get();
+  try {
+    const Deadline deadline = std::chrono::steady_clock::now() + options_.handshake_timeout;
+    if (std::shared_ptr<Device> device = RunHandshake(fd, devices_, deadline)) {
+      LogDebug("nbd: client attached to %s", device->name().c_str());
+      RunTransmission(fd, *device, options_.busy_poll);
     }
+  } catch (const std::bad_alloc&) {
+    LogError("nbd %s: out of memory for a connection's buffers, hanging up",
+             endpoint_.ToString().c_str());
   }
+  std::unique_lock lock(mu_);
+  clients_.erase(client);  // hangs up, under mu_ (see Stop)
+  --threads_;
+  // Wakes Stop() only once this thread is past every use of the server.
+  std::notify_all_at_thread_exit(threads_done_, std::move(lock));
 }
 
 }  // namespace memlend::nbd

@@ -26,14 +26,12 @@ constexpr std::size_t kMaxReadRunBytes = 4 << 20;
 
 class Connection {
  public:
-  Connection(int fd, Device& device, std::chrono::microseconds busy_poll,
-             std::size_t large_write_bytes, bool realtime)
+  Connection(int fd, Device& device, std::chrono::microseconds busy_poll, bool realtime)
       : fd_(fd),
         device_(device),
         busy_poll_(busy_poll),
         realtime_(realtime),
-        input_(kInputBytes),
-        large_payload_(large_write_bytes) {
+        input_(kInputBytes) {
     // Allocated up front, so that serving the usual requests allocates nothing: a daemon
     // that serves swap may be asked to write pages out precisely when memory is short.
     replies_.Reserve(kReplyBytes);
@@ -77,8 +75,9 @@ class Connection {
         } else if (kRequestSize + request.length <= input_.capacity()) {
           return true;  // the rest of this request is still on its way
         } else {
-          if (!ReadLargePayload(request.length, buffered)) return false;
-          payload = std::span<const std::byte>(large_payload_.data(), request.length);
+          if (!ServeLargeWrite(request)) return false;
+          if (replies_.size() >= kSendThreshold && !SendReplies()) return false;
+          continue;
         }
       } else {
         input_begin_ += kRequestSize;
@@ -191,14 +190,43 @@ class Connection {
                                                              kSimpleReplySize));
   }
 
-  // Moves the `buffered` payload bytes already in the input buffer, then the rest from the
-  // socket, into large_payload_. Consumes the request from the input buffer.
-  bool ReadLargePayload(std::uint32_t length, std::size_t buffered) {
-    large_payload_.Clear();
-    large_payload_.Append(input_.data() + input_begin_ + kRequestSize, buffered);
-    input_begin_ = input_end_ = 0;
-    std::byte* rest = large_payload_.Extend(length - buffered);
-    return ReadFull(fd_, rest, length - buffered) == 0;
+  // Serves a WRITE whose payload does not fit the input buffer (the request is at its
+  // head) in pieces of whole pages as the payload arrives, so that a connection never holds
+  // more than its input buffer, whatever the client sends: up to kMaxPayload (32 MiB) each,
+  // on every connection. After a piece fails, the rest of the payload is read and dropped,
+  // so that the stream stays in step, and the reply carries the error; what the range then
+  // holds is unspecified, as the protocol allows for a failed write. Returns false when the
+  // connection must close.
+  bool ServeLargeWrite(const Request& request) {
+    input_begin_ += kRequestSize;
+    std::uint32_t error = CheckRequest(request, device_.size_bytes()).error;
+    std::uint64_t done = 0;
+    while (done < request.length) {
+      const std::size_t have = input_end_ - input_begin_;
+      const std::uint64_t want = request.length - done;
+      std::uint64_t take = std::min<std::uint64_t>(have, want);
+      if (take < want) {
+        // Wait for half a buffer at least, and end the piece on a page boundary of the
+        // device, so that only the write's own ends are read-modify-write.
+        const std::uint64_t end = (request.offset + done + take) / kPageSize * kPageSize;
+        take = have < input_.capacity() / 2 || end <= request.offset + done
+                   ? 0
+                   : end - (request.offset + done);
+      }
+      if (take == 0) {
+        if (!Receive()) return false;
+        continue;
+      }
+      if (error == 0) {
+        const int rc = device_.Write(request.offset + done,
+                                     std::span(input_.data() + input_begin_, take));
+        error = ErrorFromErrno(rc);
+      }
+      input_begin_ += take;
+      done += take;
+    }
+    Reply(error, request.handle);
+    return true;
   }
 
   bool SendReplies() {
@@ -257,7 +285,6 @@ class Connection {
   std::size_t input_begin_ = 0;
   std::size_t input_end_ = 0;
   ByteBuffer replies_;
-  ByteBuffer large_payload_;
   std::vector<Request> batch_;               // ServeReadRun's requests
   std::vector<Device::ReadRequest> reads_;   // and their device reads
 };
@@ -265,8 +292,8 @@ class Connection {
 }  // namespace
 
 void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll,
-                     std::size_t large_write_bytes, bool realtime) {
-  Connection(fd, device, busy_poll, large_write_bytes, realtime).Run();
+                     bool realtime) {
+  Connection(fd, device, busy_poll, realtime).Run();
 }
 
 }  // namespace memlend::nbd

@@ -12,7 +12,9 @@
 // connection over cores but pays a hand-off and a lock per request; for page-sized
 // requests served from RAM that costs more than the copy itself. Several connections
 // (multi-conn) still run in parallel, one thread each. A WRITE whose payload does not fit
-// the input buffer is read straight into a separate payload buffer.
+// the input buffer is written in pieces as it arrives, so a connection's memory is bounded
+// by its buffers (1 MiB each for input and replies, more for the replies of a long run of
+// large READs) whatever its client sends.
 #pragma once
 
 #include <chrono>
@@ -28,10 +30,9 @@ namespace memlend::nbd {
 // connection unrecoverable (oversized WRITE), or the socket is shut down. Each request is
 // validated once here (CheckRequest); the device only asserts.
 // `busy_poll` is how long the loop spins for the next request before it sleeps.
-// Every buffer the loop needs for requests of up to 1 MiB is allocated when it starts;
-// `large_write_bytes` > 0 also allocates room for WRITEs up to that size up front (the kernel
-// NBD client, which may be writing out swap, sends up to its max_sectors_kb, 1.25 MiB by
-// default), so that serving them allocates nothing.
+// Every buffer the loop needs is allocated when it starts, so that serving WRITEs, of any
+// size, allocates nothing (the kernel NBD client may be writing out swap); so does serving
+// READs of up to 1 MiB at a time. Throws std::bad_alloc when the buffers cannot be had.
 // `realtime` serves requests under SCHED_FIFO (common/realtime.h) and waits for them under
 // the ordinary policy: the replies' socket buffers may then come from the kernel's reserve
 // when the system is out of memory, and a request's arrival does not preempt the client
@@ -40,6 +41,6 @@ namespace memlend::nbd {
 // more system calls whenever the loop has to wait. Falls back to the ordinary policy, with
 // one warning, where real-time scheduling is not permitted.
 void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll,
-                     std::size_t large_write_bytes = 0, bool realtime = false);
+                     bool realtime = false);
 
 }  // namespace memlend::nbd

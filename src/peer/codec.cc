@@ -45,6 +45,7 @@ const char* StatusText(Status status) {
     case Status::kInvalid: return "invalid request";
     case Status::kNoSpace: return "no space";
     case Status::kProtocol: return "protocol version mismatch";
+    case Status::kTooManyBorrowers: return "too many borrowers";
     case Status::kUnsupported: return "unsupported request";
     case Status::kShuttingDown: return "lender shutting down";
   }
@@ -60,6 +61,7 @@ int StatusToErrno(Status status) {
     case Status::kInvalid: return -EINVAL;
     case Status::kNoSpace: return -ENOSPC;
     case Status::kProtocol: return -EPROTO;
+    case Status::kTooManyBorrowers: return -EUSERS;
     case Status::kUnsupported: return -EOPNOTSUPP;
     case Status::kShuttingDown: return -ESHUTDOWN;
   }

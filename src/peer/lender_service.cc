@@ -17,6 +17,8 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "common/byte_buffer.h"
@@ -29,6 +31,10 @@ namespace {
 constexpr std::size_t kHeaderBytes = sizeof(Header);
 constexpr std::size_t kInputBytes = 2 * (kHeaderBytes + kMaxPayload);
 constexpr std::size_t kReplyFlushBytes = 256 * 1024;  // send queued replies past this much
+constexpr std::size_t kReplyBytes = kReplyFlushBytes + kHeaderBytes + kSuperpageBytes;
+// Each buffer of a connection that has not said HELLO yet: a HELLO, or a refusal, fits.
+constexpr std::size_t kPreHelloBytes = 4096;
+static_assert(kHeaderBytes + kMaxErrorText <= kPreHelloBytes);
 
 std::span<std::byte, kHeaderBytes> HeaderSpan(std::byte* at) {
   return std::span<std::byte, kHeaderBytes>(at, kHeaderBytes);
@@ -67,12 +73,14 @@ const char* RequestName(MessageType type) {
 // and its reply are assembled in.
 class LenderService::Connection {
  public:
+  // Throws std::bad_alloc if even the small buffers cannot be had.
   Connection(LenderService* service, Session* session)
       : service_(*service),
         session_(*session),
         fd_(session->fd.get()),
-        input_(kInputBytes),
-        replies_(kReplyFlushBytes + kHeaderBytes + kSuperpageBytes) {}
+        hello_deadline_(std::chrono::steady_clock::now() + service->options_.hello_timeout),
+        input_(kPreHelloBytes),
+        replies_(kPreHelloBytes) {}
 
   // Serves requests until the borrower leaves, the stream breaks or the service stops.
   //
@@ -112,14 +120,22 @@ class LenderService::Connection {
         Flush();
         return;
       }
+      if (kHeaderBytes + request.payload_bytes > input_.capacity()) {
+        // Only before HELLO is the buffer smaller than the largest message.
+        Refuse(request, Status::kProtocol, "send HELLO before %s", RequestName(request.type));
+        Flush();
+        return;
+      }
       if (input_end_ - input_begin_ < kHeaderBytes + request.payload_bytes) {
         if (!Flush() || !Receive()) return;  // the rest of this request is on its way
         continue;
       }
       payload_ = input_.data() + input_begin_ + kHeaderBytes;
       input_begin_ += kHeaderBytes + request.payload_bytes;
-      // Room for the largest reply (a superpage READ), so Body() stays put while built.
-      replies_.Reserve(replies_.size() + kHeaderBytes + kSuperpageBytes);
+      // Room for the largest reply (a superpage READ; before HELLO, a refusal), so Body()
+      // stays put while it is built. Never grows: the flush threshold leaves room for it.
+      assert(replies_.size() + kHeaderBytes + (hello_ ? kSuperpageBytes : kMaxErrorText) <=
+             replies_.capacity());
       ++served_since_receive_;
       if (request.type == MessageType::kRead || request.type == MessageType::kGet) {
         read_since_receive_ = true;
@@ -128,7 +144,8 @@ class LenderService::Connection {
         Flush();
         return;
       }
-      if (replies_.size() >= kReplyFlushBytes && !Flush()) return;
+      // Before HELLO, every reply goes out at once: the buffer holds one.
+      if ((!hello_ || replies_.size() >= kReplyFlushBytes) && !Flush()) return;
     }
   }
 
@@ -150,11 +167,13 @@ class LenderService::Connection {
     return true;
   }
 
-  // Sends every queued reply. Returns false if the stream broke.
+  // Sends every queued reply. Returns false if the stream broke. Before HELLO the
+  // borrower must take them by the HELLO deadline too.
   bool Flush() noexcept {
     if (replies_.empty()) return true;
     std::lock_guard lock(session_.send_mu);  // notices from other threads share the socket
-    const int rc = WriteFull(fd_, replies_.data(), replies_.size());
+    const int rc = hello_ ? WriteFull(fd_, replies_.data(), replies_.size())
+                          : WriteFullBefore(fd_, replies_.data(), replies_.size(), hello_deadline_);
     replies_.Clear();
     return rc == 0;
   }
@@ -178,7 +197,14 @@ class LenderService::Connection {
       input_begin_ = 0;
       input_end_ = pending;
     }
-    const bool spin = served_since_receive_ < kSpinBelowBatch || read_since_receive_;
+    if (!hello_) {
+      // A connection that has not said HELLO holds a thread only until its deadline.
+      if (const int rc = WaitReadable(fd_, hello_deadline_); rc != 0) {
+        LogDebug("peer session %llu: no HELLO in time, hanging up", Id());
+        return false;
+      }
+    }
+    const bool spin = hello_ && (served_since_receive_ < kSpinBelowBatch || read_since_receive_);
     served_since_receive_ = 0;
     read_since_receive_ = false;
     const long n = ReceiveSome(fd_, input_.data() + input_end_, input_.capacity() - input_end_,
@@ -257,6 +283,11 @@ class LenderService::Connection {
     if (!hello_) {
       LogDebug("peer session %llu: borrower node %016llx", Id(),
                static_cast<unsigned long long>(borrower.node_id));
+      if (!GrowBuffers()) {
+        LogError("lender: no memory for the buffers of session %llu, hanging up", Id());
+        Refuse(request, Status::kNoSpace, "the lender has no memory for another session");
+        return false;
+      }
     }
     hello_ = true;
     const HelloBody reply{service_.node_id_, service_.pool_.pool_bytes(), kSuperpageBytes,
@@ -392,9 +423,27 @@ class LenderService::Connection {
     return Send(request, service_.pool_.DestroyPool(session_.id, handle.pool), 0);
   }
 
+  // Gives a session that said HELLO its full-size buffers, keeping what they hold. False
+  // if there is no memory for them (nothing changed then).
+  bool GrowBuffers() noexcept {
+    try {
+      ByteBuffer input(kInputBytes);
+      const std::size_t pending = input_end_ - input_begin_;
+      std::memcpy(input.data(), input_.data() + input_begin_, pending);
+      replies_.Reserve(kReplyBytes);
+      input_ = std::move(input);
+      input_begin_ = 0;
+      input_end_ = pending;
+      return true;
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+  }
+
   LenderService& service_;
   Session& session_;
   const int fd_;
+  const Deadline hello_deadline_;
   // Received bytes [input_begin_, input_end_) not yet served; holds a whole largest
   // message, so a request is always served from here.
   ByteBuffer input_;
@@ -408,11 +457,12 @@ class LenderService::Connection {
 };
 
 LenderService::LenderService(const Endpoint& listen, std::uint64_t pool_bytes,
-                             std::uint64_t node_id)
+                             std::uint64_t node_id, const LenderOptions& options)
     : endpoint_(listen),
       node_id_(node_id),
+      options_(options),
       pool_(pool_bytes),
-      acceptor_(ListenOn(listen), "lender " + listen.ToString(),
+      acceptor_(ListenOn(listen, options.access), "lender " + listen.ToString(),
                 listen.kind == Endpoint::Kind::kTcp,
                 [this](UniqueFd fd) { Accept(std::move(fd)); }) {
   pool_.SetEvictionHandler(
@@ -461,13 +511,9 @@ void LenderService::Stop() {
   // Stop accepting; the listener closes, so new borrowers are refused, not left waiting.
   acceptor_.Stop();
   // No new sessions can appear now; wait for the ones winding down.
-  std::unordered_map<SessionId, std::shared_ptr<Session>> remaining;
   {
-    std::lock_guard lock(mu_);
-    remaining.swap(sessions_);
-  }
-  for (auto& [id, session] : remaining) {
-    if (session->thread.joinable()) session->thread.join();
+    std::unique_lock lock(mu_);
+    threads_done_.wait(lock, [this] { return threads_ == 0; });
   }
   if (endpoint_.kind == Endpoint::Kind::kUnix) ::unlink(endpoint_.path.c_str());
 }
@@ -480,27 +526,76 @@ LendingStats LenderService::Stats() const {
                       .borrowers = stats.borrowers};
 }
 
+unsigned LenderService::sessions() const {
+  std::lock_guard lock(mu_);
+  return static_cast<unsigned>(sessions_.size());
+}
+
 void LenderService::Accept(UniqueFd fd) {
   const timeval send_timeout{static_cast<time_t>(kSendTimeout.count()), 0};
   ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof(send_timeout));
+  std::string refusal;
   {
     std::lock_guard lock(mu_);
-    ReapFinishedLocked();
     if (stopping_) return;
-    auto session = std::make_shared<Session>();
-    session->id = next_session_++;
-    session->fd = std::move(fd);
-    Session* raw = session.get();
-    sessions_.emplace(session->id, std::move(session));
-    raw->thread = std::thread([this, raw] { ServeSession(raw); });
+    if (sessions_.size() >= options_.max_borrowers) {
+      refusal = "this lender serves at most " + std::to_string(options_.max_borrowers) +
+                " borrower connections at once (--max-borrowers); try again later";
+    } else {
+      try {
+        auto session = std::make_shared<Session>();
+        session->id = next_session_++;
+        session->fd = std::move(fd);
+        sessions_.emplace(session->id, session);
+        try {
+          std::thread([this, session] { ServeSession(session); }).detach();
+          ++threads_;
+        } catch (const std::system_error& e) {
+          fd = std::move(session->fd);
+          sessions_.erase(session->id);
+          refusal = std::string("the lender cannot start a thread for this connection: ") +
+                    e.what();
+        }
+      } catch (const std::bad_alloc&) {
+        refusal = "the lender has no memory for another connection";
+      }
+    }
+  }
+  if (!refusal.empty()) Refuse(std::move(fd), refusal);
+}
+
+void LenderService::Refuse(UniqueFd fd, const std::string& why) noexcept {
+  if (!fd.valid()) return;
+  // The reply answers the HELLO the borrower sends first, with the tag it gives that HELLO,
+  // so it needs nothing read. Never blocks: the socket's buffer is empty.
+  std::byte message[kHeaderBytes + kMaxErrorText];
+  const std::size_t text_bytes = std::min<std::size_t>(why.size(), kMaxErrorText);
+  EncodeHeader(MessageType::kHello, true, 0, Status::kTooManyBorrowers, 0,
+               static_cast<std::uint32_t>(text_bytes), HeaderSpan(message));
+  std::memcpy(message + kHeaderBytes, why.data(), text_bytes);
+  [[maybe_unused]] const ssize_t sent =
+      ::send(fd.get(), message, kHeaderBytes + text_bytes, MSG_DONTWAIT | MSG_NOSIGNAL);
+  // End the stream after the reply; what the borrower sent meanwhile is dropped unread.
+  ::shutdown(fd.get(), SHUT_WR);
+  std::uint64_t held_back = 0;
+  bool log = false;
+  {
+    std::lock_guard lock(mu_);
+    log = refusals_.Allow(&held_back);
+  }
+  if (log) {
+    LogError("lender %s: refused a borrower: %s%s", endpoint_.ToString().c_str(), why.c_str(),
+             held_back == 0 ? ""
+                            : (" (and " + std::to_string(held_back) +
+                               " more since the last such message)").c_str());
   }
 }
 
-void LenderService::ServeSession(Session* session) {
+void LenderService::ServeSession(std::shared_ptr<Session> session) {
   SetThreadName("ml-lend-" + std::to_string(session->id));
   LogDebug("lender: session %llu opened", static_cast<unsigned long long>(session->id));
   try {
-    Connection connection(this, session);
+    Connection connection(this, session.get());
     connection.Run();
   } catch (const std::bad_alloc&) {
     LogError("lender: out of memory for session %llu's buffers, hanging up",
@@ -512,6 +607,12 @@ void LenderService::ServeSession(Session* session) {
   pool_.ReleaseSession(session->id);
   LogDebug("lender: session %llu closed", static_cast<unsigned long long>(session->id));
   session->finished.store(true, std::memory_order_release);
+  std::unique_lock lock(mu_);
+  sessions_.erase(session->id);
+  session.reset();  // the descriptor closes here, unless a notice is being sent on it
+  --threads_;
+  // Wakes Stop() only once this thread is past every use of the service.
+  std::notify_all_at_thread_exit(threads_done_, std::move(lock));
 }
 
 void LenderService::NotifyEvicted(std::span<const Eviction> evictions) noexcept {
@@ -554,17 +655,6 @@ void LenderService::NotifyEvicted(std::span<const Eviction> evictions) noexcept 
       if (++queued == kBatch) send_queued();
     }
     if (live && queued > 0) send_queued();
-  }
-}
-
-void LenderService::ReapFinishedLocked() {
-  for (auto it = sessions_.begin(); it != sessions_.end();) {
-    if (it->second->finished.load(std::memory_order_acquire)) {
-      it->second->thread.join();
-      it = sessions_.erase(it);
-    } else {
-      ++it;
-    }
   }
 }
 

@@ -18,17 +18,26 @@
 // dropped rather than stalling the sessions whose PUTs evict its pages. Known weakness:
 // those notices are written synchronously, so a slow borrower delays the PUT and
 // ALLOC_SUPERPAGE replies of the sessions evicting its pages, by up to the send timeout.
+//
+// Bounds. Anyone who can reach the port can connect, so what a connection costs before it
+// has said HELLO is small and short-lived: 8 KiB of buffers, a thread, and hello_timeout
+// to say HELLO (the full buffers, about 6.3 MiB, come with the HELLO). At most
+// max_borrowers sessions exist at once, saying HELLO or not; a connection past that gets,
+// at once and before anything is read, a HELLO reply with tag 0 (the tag a borrower's
+// HELLO carries) and status kTooManyBorrowers whose text says why, and is closed. So is one
+// whose thread cannot be started. A session's thread removes it when it ends.
 #pragma once
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <span>
-#include <thread>
 #include <unordered_map>
 
+#include "common/log.h"
 #include "common/unique_fd.h"
 #include "peer/codec.h"
 #include "peer/lender_pool.h"
@@ -47,6 +56,15 @@ struct LendingStats {
   std::uint64_t borrowers = 0;    // sessions holding memory now
 };
 
+struct LenderOptions {
+  // Sessions at once, before and after HELLO; more connections are refused.
+  unsigned max_borrowers = 32;
+  // From accept to a HELLO.
+  std::chrono::milliseconds hello_timeout{5000};
+  // Who may connect, for a unix socket.
+  UnixSocketAccess access;
+};
+
 class LenderService {
  public:
   // How long a write to a borrower may block before the borrower is dropped.
@@ -58,7 +76,8 @@ class LenderService {
   // listens on `listen`. `node_id` is sent in HELLO replies. Throws std::runtime_error
   // naming the endpoint and the reason when it cannot listen, std::invalid_argument when
   // the pool is smaller than one superpage, std::system_error when it cannot be mapped.
-  LenderService(const Endpoint& listen, std::uint64_t pool_bytes, std::uint64_t node_id);
+  LenderService(const Endpoint& listen, std::uint64_t pool_bytes, std::uint64_t node_id,
+                const LenderOptions& options = {});
   // Stops the service if it still runs.
   ~LenderService();
   LenderService(const LenderService&) = delete;
@@ -75,6 +94,8 @@ class LenderService {
 
   // A snapshot of the pool's use. Thread-safe.
   LendingStats Stats() const;
+  // Sessions open now, with or without HELLO. Thread-safe.
+  unsigned sessions() const;
 
   const Endpoint& endpoint() const { return endpoint_; }
 
@@ -82,31 +103,36 @@ class LenderService {
   struct Session {
     SessionId id = kNoSession;
     UniqueFd fd;  // closed when the last reference goes, after the thread ended
-    std::thread thread;
     std::atomic<bool> finished{false};
     std::mutex send_mu;  // held for each whole message written to fd
   };
   class Connection;  // one session's request loop (lender_service.cc)
 
-  // Runs on the acceptor thread: starts a session thread for the connection.
+  // Runs on the acceptor thread: starts a session thread for the connection, or refuses it.
   void Accept(UniqueFd fd);
-  void ServeSession(Session* session);
+  // The session's thread: serves it, frees what it held and removes it from sessions_.
+  void ServeSession(std::shared_ptr<Session> session);
+  // Answers a connection the lender will not serve with a failed HELLO reply (tag 0)
+  // saying why, without reading from it, and closes it; logs it now and then.
+  void Refuse(UniqueFd fd, const std::string& why) noexcept;
   // Sends an EVICTED notice for each eviction to its owner, if it is still connected;
   // one owner's notices go out together. REQUIRES: evictions.size() <= kPagesPerSuperpage.
   void NotifyEvicted(std::span<const Eviction> evictions) noexcept;
-  // Joins and forgets sessions whose threads have ended. REQUIRES: mu_ held.
-  void ReapFinishedLocked();
 
   // Constant after construction.
   const Endpoint endpoint_;
   const std::uint64_t node_id_;
+  const LenderOptions options_;
   LenderPool pool_;
 
   std::atomic<bool> shutting_down_{false};  // set by Stop(): refuse new allocations
   mutable std::mutex mu_;
   std::unordered_map<SessionId, std::shared_ptr<Session>> sessions_;  // guarded by mu_
   SessionId next_session_ = 1;                                          // guarded by mu_
+  unsigned threads_ = 0;  // session threads still running; guarded by mu_
+  std::condition_variable threads_done_;  // threads_ fell to 0
   bool stopping_ = false;                                               // guarded by mu_
+  LogThrottle refusals_{std::chrono::seconds(10)};                      // guarded by mu_
   Acceptor acceptor_;  // last: it calls Accept, which uses the members above
 };
 

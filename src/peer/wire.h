@@ -58,6 +58,8 @@ enum class Status : std::int32_t {
   kInvalid = 22,       // EINVAL: malformed body, range outside the superpage, misalignment
   kNoSpace = 28,       // ENOSPC: the pool (or the caller's quota) is full; PUT refused
   kProtocol = 71,      // EPROTO: version mismatch, or a request before HELLO
+  kTooManyBorrowers = 87,  // EUSERS: HELLO refused, the lender serves all the borrowers it
+                           // takes (sent at once, with tag 0, and the connection closed)
   kUnsupported = 95,   // EOPNOTSUPP: unknown message type
   kShuttingDown = 108, // ESHUTDOWN: the lender is leaving; no new allocations
 };
