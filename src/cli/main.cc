@@ -124,9 +124,9 @@ int RunDetach(const std::string& control, const std::string& name) {
 
 int main(int argc, char** argv) {
   CLI::App app{
-      "memlend: a block device backed by RAM — this host's, and (soon) other hosts' spare "
-      "memory.\nRun `memlend daemon` to serve devices over NBD, then use them with any NBD "
-      "client (nbdfuse, nbd-client, qemu, fio)."};
+      "memlend: a block device backed by RAM — this host's and other hosts' spare memory.\n"
+      "Run `memlend daemon` to serve devices over NBD or lend memory to peers; `memlend "
+      "attach` makes a block device of this host (for swap or a file system)."};
   app.require_subcommand(1);
   bool verbose = false;
   app.add_flag("-v,--verbose", verbose, "Log control-path events to stderr");
@@ -141,8 +141,22 @@ int main(int argc, char** argv) {
                      "(clean pages are dropped back to their disk copy). Repeatable")
       ->type_name("NAME:SIZE[:PROTOCOL]");
   daemon->add_option("--nbd", daemon_args.nbd,
-                     "Where to serve NBD: HOST:PORT, [ADDRESS]:PORT or unix:PATH")
+                     "Where to serve NBD: HOST:PORT, [ADDRESS]:PORT or unix:PATH. NBD has no "
+                     "authentication: anyone who can connect can read and write every device, "
+                     "so prefer a unix socket")
       ->type_name("ADDR");
+  daemon->add_option("--socket-mode", daemon_args.socket_mode,
+                     "Permission bits of a unix --nbd socket, in octal (default 0600: this "
+                     "user only); e.g. 0660 with --socket-group for a group of users")
+      ->type_name("MODE");
+  daemon->add_option("--socket-group", daemon_args.socket_group,
+                     "Group owning a unix --nbd socket (a name or number)")
+      ->type_name("GROUP");
+  daemon->add_option("--max-connections", daemon_args.max_connections,
+                     "NBD connections served at once on each NBD socket; more are refused "
+                     "(each costs about 3 MiB of locked memory)")
+      ->type_name("N")
+      ->default_str("64");
   daemon->add_option("--local-store", daemon_args.local_store,
                      "RAM reserved for pages on this host, e.g. 512M; shared by all devices")
       ->type_name("SIZE");
@@ -189,11 +203,22 @@ int main(int argc, char** argv) {
                      "only through the peer protocol")
       ->type_name("SIZE");
   daemon->add_option("--listen", daemon_args.listen,
-                     "Where borrowers connect to lent memory: HOST:PORT or [ADDRESS]:PORT")
+                     "Where borrowers connect to lent memory: HOST:PORT, [ADDRESS]:PORT or "
+                     "unix:PATH. Peers are not authenticated yet: listen only on a network "
+                     "you trust")
       ->type_name("ADDR");
+  daemon->add_option("--max-borrowers", daemon_args.max_borrowers,
+                     "Borrower connections served at once; more are refused with a message "
+                     "saying so (each costs up to about 7.5 MiB of locked memory)")
+      ->type_name("N")
+      ->default_str("32");
   daemon->add_option("--node-id", daemon_args.node_id,
                      "This daemon's identity among peers, 1-16 hex digits (default: random)")
       ->type_name("HEX");
+  daemon->add_flag("--force", daemon_args.force,
+                   "Reserve --local-store and --lend even past what this host can hold (MemTotal "
+                   "less the larger of 1 GiB and 10%) or lock (RLIMIT_MEMLOCK): the kernel's "
+                   "OOM killer may then stop any process of the host");
   daemon->add_flag("--no-mlock", daemon_args.no_mlock,
                    "Do not lock the daemon's memory (mlockall), mark it an I/O flusher, or "
                    "serve kernel NBD requests under SCHED_FIFO. Only safe when no device it "

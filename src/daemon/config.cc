@@ -1,5 +1,6 @@
 #include "daemon/config.h"
 
+#include <grp.h>
 #include <unistd.h>
 
 #include <charconv>
@@ -82,6 +83,17 @@ std::optional<DeviceSpec> ParseDeviceSpec(std::string_view text, std::string* er
   return spec;
 }
 
+std::optional<mode_t> ParseSocketMode(std::string_view text) {
+  if (text.empty() || text.size() > 4) return std::nullopt;
+  mode_t mode = 0;
+  for (const char c : text) {
+    if (c < '0' || c > '7') return std::nullopt;
+    mode = mode * 8 + static_cast<mode_t>(c - '0');
+  }
+  if (mode > 0777) return std::nullopt;
+  return mode;
+}
+
 std::optional<double> ParsePercent(std::string_view text) {
   if (!text.empty() && text.back() == '%') text.remove_suffix(1);
   if (text.empty() || text.size() > 3) return std::nullopt;
@@ -96,6 +108,36 @@ std::optional<double> ParsePercent(std::string_view text) {
 
 namespace {
 
+// Parses a count option from `min` to `max`; an empty `text` leaves *value as it is.
+bool ParseCount(const char* option, const std::string& text, unsigned min, unsigned max,
+                unsigned* value, std::string* error) {
+  if (text.empty()) return true;
+  unsigned parsed = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), parsed);
+  if (ec != std::errc() || end != text.data() + text.size() || parsed < min || parsed > max) {
+    *error = std::string(option) + " " + Quote(text) + ": expected a number from " +
+             std::to_string(min) + " to " + std::to_string(max);
+    return false;
+  }
+  *value = parsed;
+  return true;
+}
+
+// Resolves a group name or number.
+std::optional<gid_t> LookUpGroup(const std::string& text) {
+  gid_t number = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), number);
+  if (ec == std::errc() && end == text.data() + text.size()) return number;
+  group entry;
+  group* found = nullptr;
+  char buffer[4096];
+  if (::getgrnam_r(text.c_str(), &entry, buffer, sizeof(buffer), &found) != 0 ||
+      found == nullptr) {
+    return std::nullopt;
+  }
+  return found->gr_gid;
+}
+
 // The lending half: --lend SIZE and --listen ADDR.
 bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* error) {
   if (args.lend.empty()) {
@@ -103,7 +145,15 @@ bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* err
       *error = "--listen serves lent memory: give --lend SIZE too";
       return false;
     }
+    if (!args.max_borrowers.empty()) {
+      *error = "--max-borrowers applies to lent memory: give --lend SIZE too";
+      return false;
+    }
     return true;
+  }
+  if (!ParseCount("--max-borrowers", args.max_borrowers, 1, 4096, &config->max_borrowers,
+                  error)) {
+    return false;
   }
   const std::optional<std::uint64_t> lend = ParseSize(args.lend);
   if (!lend || *lend < (2u << 20)) {
@@ -145,6 +195,7 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
   if (!BuildLending(args, config, error)) return false;
 
   config->lock_memory = !args.no_mlock;
+  config->force = args.force;
   if (args.devices.empty() && args.local_store.empty()) {
     if (config->lend_bytes == 0) {
       *error = "nothing to do: give --device NAME:SIZE to serve a device, --local-store SIZE to "
@@ -153,7 +204,10 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
     }
     for (const auto& [given, name] :
          {std::pair{!args.nbd.empty(), "--nbd"}, {!args.peers.empty(), "--peer"},
-          {!args.backing_file.empty(), "--backing-file"}}) {
+          {!args.backing_file.empty(), "--backing-file"},
+          {!args.max_connections.empty(), "--max-connections"},
+          {!args.socket_mode.empty(), "--socket-mode"},
+          {!args.socket_group.empty(), "--socket-group"}}) {
       if (given) {
         *error = std::string(name) +
                  " applies to devices: give at least one --device NAME:SIZE, or --local-store "
@@ -192,6 +246,34 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
     }
     config->nbd = std::move(*nbd);
     config->serve_nbd = true;
+  }
+  if (!ParseCount("--max-connections", args.max_connections, 1, 4096, &config->max_connections,
+                  error)) {
+    return false;
+  }
+  if (!args.socket_mode.empty() || !args.socket_group.empty()) {
+    if (!config->serve_nbd || config->nbd.kind != Endpoint::Kind::kUnix) {
+      *error = std::string(args.socket_mode.empty() ? "--socket-group" : "--socket-mode") +
+               " applies to a unix socket: give --nbd unix:PATH";
+      return false;
+    }
+  }
+  if (!args.socket_mode.empty()) {
+    const std::optional<mode_t> mode = ParseSocketMode(args.socket_mode);
+    if (!mode) {
+      *error = "--socket-mode " + Quote(args.socket_mode) +
+               ": expected permission bits in octal, e.g. 0660";
+      return false;
+    }
+    config->nbd_access.mode = *mode;
+  }
+  if (!args.socket_group.empty()) {
+    const std::optional<gid_t> group = LookUpGroup(args.socket_group);
+    if (!group) {
+      *error = "--socket-group " + Quote(args.socket_group) + ": no such group";
+      return false;
+    }
+    config->nbd_access.group = *group;
   }
 
   const std::optional<std::uint64_t> local = ParseSize(args.local_store);

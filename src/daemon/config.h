@@ -30,6 +30,8 @@ struct DaemonConfig {
   std::vector<DeviceSpec> devices;
   bool serve_nbd = false;               // --nbd given
   Endpoint nbd;
+  UnixSocketAccess nbd_access;          // --socket-mode, --socket-group (a unix --nbd)
+  unsigned max_connections = 64;        // NBD connections at once, per NBD socket
   std::uint64_t local_store_bytes = 0;  // 0: no local store, no devices (lend only)
   // Lock the daemon's memory (mlockall) and mark it an I/O flusher at startup, and serve
   // kernel NBD requests under SCHED_FIFO, so that serving a swap device, or lending to one,
@@ -47,6 +49,9 @@ struct DaemonConfig {
   // Lending side: 0 lends nothing.
   std::uint64_t lend_bytes = 0;
   Endpoint listen;                      // where lenders serve the peer protocol
+  unsigned max_borrowers = 32;          // borrower connections at once
+  // Reserve memory even past what the host can hold (see host_memory.h). --force.
+  bool force = false;
 };
 
 // The text forms of the options, as given on the command line.
@@ -67,10 +72,18 @@ struct DaemonArgs {
   std::string listen;
   std::string node_id;  // 16 hex digits; empty: random
   bool no_mlock = false;
+  std::string max_connections;  // empty: the default
+  std::string max_borrowers;    // empty: the default
+  std::string socket_mode;      // octal; empty: 0600
+  std::string socket_group;     // a group name or number; empty: the daemon's
+  bool force = false;
 };
 
 // Parses a percentage "1".."100" with an optional '%'; returns it as a fraction.
 std::optional<double> ParsePercent(std::string_view text);
+
+// Parses permission bits for a socket: 1 to 4 octal digits, at most 0777.
+std::optional<mode_t> ParseSocketMode(std::string_view text);
 
 // Validates `args` into *config. On failure returns false and sets *error to one line
 // that names the option and the problem.

@@ -14,7 +14,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <stdexcept>
 
@@ -46,18 +45,8 @@ constexpr unsigned kMaxUblkQueues = 256;
 constexpr int PR_SET_IO_FLUSHER = 57;
 #endif
 
-// True when the process has CAP_IPC_LOCK in its effective set.
-bool HasCapIpcLock() {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("CapEff:", 0) == 0) {
-      const std::uint64_t caps = std::stoull(line.substr(7), nullptr, 16);
-      return (caps >> 14) & 1;  // CAP_IPC_LOCK
-    }
-  }
-  return false;
-}
+// An attached device's page table: 16 bytes per 4 KiB page, allocated and locked at attach.
+std::uint64_t PageTableBytes(std::uint64_t device_bytes) { return device_bytes / kPageSize * 16; }
 
 std::string Hex(std::uint64_t value) {
   char text[17];
@@ -67,13 +56,18 @@ std::string Hex(std::uint64_t value) {
 
 }  // namespace
 
-Daemon::Daemon(const DaemonConfig& config) : config_(config) {
+Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemory()) {
   const bool serves_devices = config.local_store_bytes > 0;
   // A lender is locked too: a swap device (this host's or a borrower's) may hold pages in its
   // pool, and a pool page that is itself swapped out, onto a device that needs this lender,
   // would never come back.
   const bool swap_critical = serves_devices || config.lend_bytes > 0;
-  if (swap_critical && config.lock_memory) PrepareForSwap();
+  locks_memory_ = swap_critical && config.lock_memory;
+  if (!config.force) {
+    const std::string refusal = CheckReservation(host_, locks_memory_, Reservations());
+    if (!refusal.empty()) throw std::runtime_error(refusal);
+  }
+  if (locks_memory_) PrepareForSwap();
   if (serves_devices) {
     auto local = std::make_unique<LocalStore>(config.local_store_bytes, config.compression);
     std::unique_ptr<peer::PeerStore> remote;
@@ -100,17 +94,42 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config) {
                                             spec.cache_clean_pages));
     }
     if (config.serve_nbd) {
-      nbd_ = std::make_unique<nbd::NbdServer>(config.nbd, devices_,
-                                              std::chrono::microseconds(config.busy_poll_us));
+      nbd::NbdServerOptions options = NbdOptions();
+      options.access = config.nbd_access;
+      nbd_ = std::make_unique<nbd::NbdServer>(config.nbd, devices_, options);
     }
   }
   if (config.lend_bytes > 0) {
+    peer::LenderOptions options;
+    options.max_borrowers = config.max_borrowers;
     lender_ = std::make_unique<peer::LenderService>(config.listen, config.lend_bytes,
-                                                    config.node_id);
+                                                    config.node_id, options);
   }
   control_ = std::make_unique<ControlServer>(
       config.control_path, [this](const nlohmann::json& request) { return HandleControl(request); });
-  if (swap_critical && config.lock_memory) LockMemory();
+  if (locks_memory_) LockMemory();
+}
+
+nbd::NbdServerOptions Daemon::NbdOptions() const {
+  nbd::NbdServerOptions options;
+  options.busy_poll = std::chrono::microseconds(config_.busy_poll_us);
+  options.max_connections = config_.max_connections;
+  return options;
+}
+
+std::vector<Reservation> Daemon::Reservations() const {
+  std::vector<Reservation> parts = {{"--local-store", config_.local_store_bytes},
+                                    {"--lend", config_.lend_bytes}};
+  if (locks_memory_) parts.push_back({"locked heap reserve", kHeapReserveBytes});
+  std::uint64_t tables = 0;
+  std::lock_guard lock(frontends_mu_);
+  for (const auto& [name, frontend] : frontends_) {
+    if (const std::shared_ptr<Device> device = devices_.Find(name)) {
+      tables += PageTableBytes(device->size_bytes());
+    }
+  }
+  if (tables > 0) parts.push_back({"attached devices' page tables", tables});
+  return parts;
 }
 
 void Daemon::PrepareForSwap() {
@@ -368,9 +387,7 @@ std::string Daemon::FuseNbdSocket() {
     Endpoint endpoint;
     endpoint.kind = Endpoint::Kind::kUnix;
     endpoint.path = config_.control_path + ".nbd";
-    private_nbd_ = std::make_unique<nbd::NbdServer>(
-        endpoint, devices_, std::chrono::microseconds(config_.busy_poll_us));
-    ::chmod(endpoint.path.c_str(), 0600);
+    private_nbd_ = std::make_unique<nbd::NbdServer>(endpoint, devices_, NbdOptions());
     private_nbd_->Start();
   }
   return private_nbd_->endpoint().path;
@@ -442,6 +459,14 @@ nlohmann::json Daemon::Attach(const nlohmann::json& request) {
                              "--local-store SIZE");
   }
 
+  if (!config_.force) {
+    std::vector<Reservation> parts = Reservations();
+    parts.push_back({"the new device's page table", PageTableBytes(size_bytes)});
+    const std::string refusal = CheckReservation(host_, locks_memory_, parts);
+    if (!refusal.empty()) {
+      throw std::runtime_error("a " + FormatSize(size_bytes) + " device: " + refusal);
+    }
+  }
   auto device = std::make_shared<Device>(name, size_bytes, *tiers_);
   // The kernel may write pages out through this device when memory is short, so nothing
   // on that path may allocate: the whole page table is allocated now.

@@ -14,6 +14,7 @@
 
 #include "daemon/config.h"
 #include "daemon/control.h"
+#include "daemon/host_memory.h"
 #include "frontend/block_frontend.h"
 #include "nbd/server.h"
 #include "peer/lender_service.h"
@@ -74,8 +75,15 @@ class Daemon {
   // not an error; it is kept in swap_warnings_ and printed once startup has succeeded.
   void PrepareForSwap();
   void LockMemory();
+  // The options every NBD server of this daemon shares.
+  nbd::NbdServerOptions NbdOptions() const;
+  // What the daemon holds, for CheckReservation: the stores, the heap reserve, the page
+  // tables of attached devices.
+  std::vector<Reservation> Reservations() const;
 
   const DaemonConfig config_;
+  const HostMemory host_;  // read at startup
+  bool locks_memory_ = false;  // mlockall and the rest of PrepareForSwap; set at startup
   std::vector<std::string> swap_warnings_;  // written by the constructor, printed by Run
   // Borrowing side; all null or empty when the daemon serves no device.
   peer::PeerStore* peers_ = nullptr;  // owned by tiers_
