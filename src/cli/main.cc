@@ -72,9 +72,8 @@ int RunAttach(const std::string& control, const std::string& name, const std::st
                       name.c_str(), size.c_str());
     return 2;
   }
-  if (*bytes == 0 || *bytes % memlend::kPageSize != 0) {
-    memlend::LogError("attach %s: --size %s: the size must be a positive multiple of 4 KiB",
-                      name.c_str(), size.c_str());
+  if (const std::string problem = memlend::CheckDeviceSize(*bytes); !problem.empty()) {
+    memlend::LogError("attach %s: --size %s: %s", name.c_str(), size.c_str(), problem.c_str());
     return 2;
   }
   if (!memlend::ValidDeviceName(name)) {

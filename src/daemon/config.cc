@@ -9,30 +9,16 @@
 #include <utility>
 #include <set>
 
+#include "common/quote.h"
 #include "common/size.h"
 
 namespace memlend {
-namespace {
 
-// Quotes a command-line argument for an error message, escaping control characters so
-// the message stays on one line.
-std::string Quote(std::string_view text) {
-  std::string quoted = "'";
-  for (const char c : text) {
-    const auto byte = static_cast<unsigned char>(c);
-    if (byte < 0x20 || byte == 0x7f) {
-      static constexpr char kHex[] = "0123456789abcdef";
-      quoted += "\\x";
-      quoted += kHex[byte >> 4];
-      quoted += kHex[byte & 0xf];
-    } else {
-      quoted += c;
-    }
-  }
-  return quoted + "'";
+std::string CheckDeviceSize(std::uint64_t bytes) {
+  if (bytes == 0 || bytes % kPageSize != 0) return "the size must be a positive multiple of 4 KiB";
+  if (bytes > kMaxDeviceBytes) return "the size must not exceed " + FormatSize(kMaxDeviceBytes);
+  return "";
 }
-
-}  // namespace
 
 bool ValidDeviceName(std::string_view name) {
   if (name.empty() || name.size() > 64) return false;
@@ -75,8 +61,8 @@ std::optional<DeviceSpec> ParseDeviceSpec(std::string_view text, std::string* er
              " is not a size (use a number with an optional K, M, G or T suffix)";
     return std::nullopt;
   }
-  if (*size == 0 || *size % kPageSize != 0) {
-    *error = "--device " + Quote(text) + ": the size must be a positive multiple of 4 KiB";
+  if (const std::string problem = CheckDeviceSize(*size); !problem.empty()) {
+    *error = "--device " + Quote(text) + ": " + problem;
     return std::nullopt;
   }
   spec.size_bytes = *size;

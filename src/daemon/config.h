@@ -97,6 +97,15 @@ std::optional<DeviceSpec> ParseDeviceSpec(std::string_view text, std::string* er
 // True when `name` can name a device: 1 to 64 characters of [A-Za-z0-9._-].
 bool ValidDeviceName(std::string_view name);
 
+// The largest device: 16 TiB (an attached device's page table, 16 bytes per 4 KiB page, is
+// allocated and locked at attach).
+inline constexpr std::uint64_t kMaxDeviceBytes = std::uint64_t{16} << 40;
+
+// "" when `bytes` can be a device's size: a positive multiple of 4 KiB, at most
+// kMaxDeviceBytes; else the reason it cannot, as a sentence part. The one size rule of
+// --device, `memlend attach` and the control API.
+std::string CheckDeviceSize(std::uint64_t bytes);
+
 // The control socket path used when --control is not given: $MEMLEND_CONTROL if set,
 // /run/memlend.sock for root, else ${XDG_RUNTIME_DIR:-/tmp}/memlend-UID.sock.
 std::string DefaultControlPath();

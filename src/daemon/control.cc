@@ -86,9 +86,7 @@ void ControlServer::ServeOne(int fd) {
     reply = {{"ok", false}, {"error", "request missing, too long or too slow"}};
   } else {
     try {
-      const nlohmann::json request = nlohmann::json::parse(line);
-      if (!request.is_object()) throw std::invalid_argument("the request must be a JSON object");
-      reply = handler_(request);
+      reply = handler_(ParseControlRequest(line));
     } catch (const std::exception& e) {
       reply = {{"ok", false}, {"error", e.what()}};
     }

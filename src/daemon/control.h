@@ -9,15 +9,16 @@
 #include <nlohmann/json.hpp>
 
 #include "common/unique_fd.h"
+#include "daemon/control_request.h"
 #include "transport/acceptor.h"
 
 namespace memlend {
 
 class ControlServer {
  public:
-  // Handles one request and returns the reply. Runs on the control thread; may throw
-  // (the exception becomes an {"ok": false} reply).
-  using Handler = std::function<nlohmann::json(const nlohmann::json& request)>;
+  // Handles one request (parsed and checked by ParseControlRequest) and returns the reply.
+  // Runs on the control thread; may throw (the exception becomes an {"ok": false} reply).
+  using Handler = std::function<nlohmann::json(const ControlRequest& request)>;
 
   // Listens on `path` (replacing a stale socket). Throws std::runtime_error naming the
   // path and the reason. The socket is made accessible to its owner only.

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <variant>
 
 #include "common/log.h"
 #include "common/size.h"
@@ -36,11 +37,6 @@ constexpr std::chrono::seconds kRefreshInterval{2};
 constexpr std::size_t kLockedStackBytes = 1 << 20;
 // Heap kept resident and locked for allocations made while serving (see PrepareForSwap).
 constexpr std::size_t kHeapReserveBytes = 32 << 20;
-// The largest device `memlend attach` creates: its page table's top level alone takes
-// 8 bytes per 2 MiB, and it is locked in memory.
-constexpr std::uint64_t kMaxAttachBytes = std::uint64_t{16} << 40;
-// The most ublk queues `attach` asks for.
-constexpr unsigned kMaxUblkQueues = 256;
 #ifndef PR_SET_IO_FLUSHER
 constexpr int PR_SET_IO_FLUSHER = 57;
 #endif
@@ -106,7 +102,7 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
                                                     config.node_id, options);
   }
   control_ = std::make_unique<ControlServer>(
-      config.control_path, [this](const nlohmann::json& request) { return HandleControl(request); });
+      config.control_path, [this](const ControlRequest& request) { return HandleControl(request); });
   if (locks_memory_) LockMemory();
 }
 
@@ -261,13 +257,15 @@ void Daemon::Run() {
   Stop();
 }
 
-nlohmann::json Daemon::HandleControl(const nlohmann::json& request) {
-  const std::string command = request.value("command", "");
-  if (command == kControlStatus) return Status();
-  if (command == kControlPeers) return PeersJson();
-  if (command == kControlAttach) return Attach(request);
-  if (command == kControlDetach) return Detach(request);
-  return {{"ok", false}, {"error", "unknown command '" + command + "'"}};
+nlohmann::json Daemon::HandleControl(const ControlRequest& request) {
+  struct Dispatch {
+    Daemon& daemon;
+    nlohmann::json operator()(const StatusRequest&) const { return daemon.Status(); }
+    nlohmann::json operator()(const PeersRequest&) const { return daemon.PeersJson(); }
+    nlohmann::json operator()(const AttachRequest& attach) const { return daemon.Attach(attach); }
+    nlohmann::json operator()(const DetachRequest& detach) const { return daemon.Detach(detach); }
+  };
+  return std::visit(Dispatch{*this}, request);
 }
 
 nlohmann::json Daemon::PeersJson() const {
@@ -368,19 +366,6 @@ nlohmann::json Daemon::Status() const {
 
 namespace memlend {
 
-namespace {
-
-// Reads request[key] as a string; throws when it is missing or not a string.
-std::string StringField(const nlohmann::json& request, const char* key) {
-  const auto it = request.find(key);
-  if (it == request.end() || !it->is_string()) {
-    throw std::invalid_argument(std::string("\"") + key + "\" must be given as a string");
-  }
-  return it->get<std::string>();
-}
-
-}  // namespace
-
 std::string Daemon::FuseNbdSocket() {
   if (nbd_ && config_.nbd.kind == Endpoint::Kind::kUnix) return config_.nbd.path;
   if (!private_nbd_) {
@@ -422,38 +407,11 @@ std::unique_ptr<BlockFrontend> Daemon::CreateFrontend(const std::string& kind,
   return AttachFuse(std::move(device), options);
 }
 
-nlohmann::json Daemon::Attach(const nlohmann::json& request) {
-  const std::string name = StringField(request, "name");
-  if (!ValidDeviceName(name)) {
-    throw std::invalid_argument("the name must be 1 to 64 characters of letters, digits, '.', "
-                                "'_' or '-'");
-  }
-  const auto size_field = request.find("size_bytes");
-  if (size_field == request.end() || !size_field->is_number_unsigned()) {
-    throw std::invalid_argument("\"size_bytes\" must be given as a positive integer");
-  }
-  const std::uint64_t size_bytes = size_field->get<std::uint64_t>();
-  if (size_bytes == 0 || size_bytes % kPageSize != 0) {
-    throw std::invalid_argument("the size must be a positive multiple of 4 KiB");
-  }
-  if (size_bytes > kMaxAttachBytes) {
-    throw std::invalid_argument("the size must not exceed " + FormatSize(kMaxAttachBytes));
-  }
-  const std::string wanted = request.contains("frontend") ? StringField(request, "frontend")
-                                                          : std::string("auto");
-  if (wanted != "auto" && wanted != "ublk" && wanted != "nbd" && wanted != "fuse") {
-    throw std::invalid_argument("unknown frontend '" + wanted +
-                                "' (expected auto, ublk, nbd or fuse)");
-  }
-  unsigned queues = 0;  // ublk's default: one per CPU
-  if (const auto field = request.find("queues"); field != request.end()) {
-    if (!field->is_number_unsigned() || field->get<std::uint64_t>() == 0 ||
-        field->get<std::uint64_t>() > kMaxUblkQueues) {
-      throw std::invalid_argument("\"queues\" must be an integer from 1 to " +
-                                  std::to_string(kMaxUblkQueues));
-    }
-    queues = field->get<unsigned>();
-  }
+nlohmann::json Daemon::Attach(const AttachRequest& request) {
+  const std::string& name = request.name;
+  const std::uint64_t size_bytes = request.size_bytes;
+  const std::string& wanted = request.frontend;
+  const unsigned queues = request.queues;  // ublk's default (0): one per CPU
   if (!tiers_) {
     throw std::runtime_error("this daemon has no local store to keep devices in: start it with "
                              "--local-store SIZE");
@@ -516,8 +474,8 @@ nlohmann::json Daemon::Attach(const nlohmann::json& request) {
   return reply;
 }
 
-nlohmann::json Daemon::Detach(const nlohmann::json& request) {
-  const std::string name = StringField(request, "name");
+nlohmann::json Daemon::Detach(const DetachRequest& request) {
+  const std::string& name = request.name;
   BlockFrontend* frontend = nullptr;
   {
     std::lock_guard lock(frontends_mu_);

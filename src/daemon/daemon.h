@@ -47,15 +47,15 @@ class Daemon {
   // device in the shared tiers and a block frontend for it and replies with its path;
   // on any failure it throws std::runtime_error with a one-line reason and leaves neither
   // behind. Detach refuses while the block device is in use. Control thread only.
-  nlohmann::json Attach(const nlohmann::json& request);
-  nlohmann::json Detach(const nlohmann::json& request);
+  nlohmann::json Attach(const AttachRequest& request);
+  nlohmann::json Detach(const DetachRequest& request);
 
   // Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and threads it creates
   // later) so that Run() can wait for them, and ignores SIGPIPE.
   static void BlockShutdownSignals();
 
  private:
-  nlohmann::json HandleControl(const nlohmann::json& request);
+  nlohmann::json HandleControl(const ControlRequest& request);
   // Asks the peers for their free space every few seconds and reconnects lost ones.
   void RefreshLoop();
   void Stop();

@@ -1,0 +1,77 @@
+#include "daemon/control_request.h"
+
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+#include "common/quote.h"
+#include "daemon/config.h"
+#include "memlend/control_api.h"
+
+namespace memlend {
+namespace {
+
+using nlohmann::json;
+
+// Reads request[key] as a string; throws when it is missing or not a string.
+std::string StringField(const json& request, const char* key) {
+  const auto it = request.find(key);
+  if (it == request.end() || !it->is_string()) {
+    throw std::invalid_argument(std::string("\"") + key + "\" must be given as a string");
+  }
+  return it->get<std::string>();
+}
+
+std::string DeviceName(const json& request) {
+  std::string name = StringField(request, "name");
+  if (!ValidDeviceName(name)) {
+    throw std::invalid_argument("the name must be 1 to 64 characters of letters, digits, '.', "
+                                "'_' or '-'");
+  }
+  return name;
+}
+
+AttachRequest ParseAttach(const json& request) {
+  AttachRequest attach;
+  attach.name = DeviceName(request);
+  const auto size = request.find("size_bytes");
+  if (size == request.end() || !size->is_number_unsigned()) {
+    throw std::invalid_argument("\"size_bytes\" must be given as a positive integer");
+  }
+  attach.size_bytes = size->get<std::uint64_t>();
+  if (const std::string error = CheckDeviceSize(attach.size_bytes); !error.empty()) {
+    throw std::invalid_argument(error);
+  }
+  if (request.contains("frontend")) attach.frontend = StringField(request, "frontend");
+  if (attach.frontend != "auto" && attach.frontend != "ublk" && attach.frontend != "nbd" &&
+      attach.frontend != "fuse") {
+    throw std::invalid_argument("unknown frontend '" + attach.frontend +
+                                "' (expected auto, ublk, nbd or fuse)");
+  }
+  if (const auto queues = request.find("queues"); queues != request.end()) {
+    if (!queues->is_number_unsigned() || queues->get<std::uint64_t>() == 0 ||
+        queues->get<std::uint64_t>() > kMaxUblkQueues) {
+      throw std::invalid_argument("\"queues\" must be an integer from 1 to " +
+                                  std::to_string(kMaxUblkQueues));
+    }
+    attach.queues = queues->get<unsigned>();
+  }
+  return attach;
+}
+
+}  // namespace
+
+ControlRequest ParseControlRequest(std::string_view line) {
+  // No exceptions from the parser itself: a malformed line is one refusal among others.
+  const json request = json::parse(line, nullptr, /*allow_exceptions=*/false);
+  if (request.is_discarded()) throw std::invalid_argument("the request is not JSON");
+  if (!request.is_object()) throw std::invalid_argument("the request must be a JSON object");
+  const std::string command = StringField(request, "command");
+  if (command == kControlStatus) return StatusRequest{};
+  if (command == kControlPeers) return PeersRequest{};
+  if (command == kControlAttach) return ParseAttach(request);
+  if (command == kControlDetach) return DetachRequest{DeviceName(request)};
+  throw std::invalid_argument("unknown command " + Quote(command));
+}
+
+}  // namespace memlend

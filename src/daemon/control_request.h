@@ -1,0 +1,35 @@
+// The control API's requests (include/memlend/control_api.h), parsed and checked in one
+// place: a request line either becomes one of the types below, or is refused with a
+// one-line reason, before any of the daemon's state is touched. No daemon state here, so
+// the parser is what the unit tests and the control fuzz target exercise.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <variant>
+
+namespace memlend {
+
+struct StatusRequest {};
+struct PeersRequest {};
+struct AttachRequest {
+  std::string name;         // ValidDeviceName
+  std::uint64_t size_bytes = 0;  // CheckDeviceSize
+  std::string frontend = "auto";  // auto, ublk, nbd or fuse
+  unsigned queues = 0;      // ublk queues, 1 to kMaxUblkQueues; 0: one per CPU
+};
+struct DetachRequest {
+  std::string name;
+};
+using ControlRequest = std::variant<StatusRequest, PeersRequest, AttachRequest, DetachRequest>;
+
+// The most ublk queues an attach may ask for.
+inline constexpr unsigned kMaxUblkQueues = 256;
+
+// Parses one request line (without its '\n'). Throws std::invalid_argument with a
+// one-line reason when it is not a JSON object, names no known "command", or a field is
+// missing, of the wrong type or out of range. Unknown fields are ignored.
+ControlRequest ParseControlRequest(std::string_view line);
+
+}  // namespace memlend
