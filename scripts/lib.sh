@@ -100,10 +100,12 @@ EOF
 # start_daemon NAME ARGS...: runs `"$memlend" daemon ARGS --control $workdir/NAME.control` in the
 # background with its stderr in $workdir/NAME.stderr, and waits (about 10 s at most) until it has
 # printed its "memlend: ready:" line and its control socket accepts connections. Fails, showing
-# the daemon's stderr, if it exits first or is not ready in time.
+# the daemon's stderr, if it exits first or is not ready in time. With MEMLEND_TEST_SANITIZED=1
+# (a sanitized build, whose shadow memory cannot be locked) the daemon gets --no-mlock.
 start_daemon() {
   local name=$1
   shift
+  [[ ${MEMLEND_TEST_SANITIZED:-0} != 1 ]] || set -- "$@" --no-mlock
   ml_launch "$name" "${memlend:?set memlend first}" daemon "$@" --control "$workdir/$name.control"
   ml_wait_ready "$name" "$workdir/$name.control" 'memlend: ready:'
 }

@@ -15,7 +15,10 @@
 //     node_id: this daemon's id (16 hex digits)
 //     remote_store: {pages, lost_pages, used_bytes, total_bytes} or null without --peer;
 //                   devices[].pages.remote sums to pages + lost_pages
-//     lending: {total_bytes, used_bytes, borrowers} (zeros when not lending)
+//     lending: {total_bytes, used_bytes, ephemeral_bytes, borrowers (sessions holding
+//              memory), sessions (connections open, with or without HELLO),
+//              max_borrowers} (zeros when not lending)
+//     nbd: {connections, max_connections} of the --nbd socket, or null without one
 //     peers[]: as for "peers"
 //   "peers": reply field peers[]: {node_id, address, state ("up"|"down"|"refusing"),
 //     pool_total_bytes, pool_free_bytes, pages_stored, superpages_held, pages_lost, rtt_us,

@@ -300,7 +300,14 @@ nlohmann::json Daemon::Status() const {
   status["lending"] = {{"total_bytes", lending.total_bytes},
                        {"used_bytes", lending.used_bytes},
                        {"ephemeral_bytes", lending.ephemeral_bytes},
-                       {"borrowers", lending.borrowers}};
+                       {"borrowers", lending.borrowers},
+                       {"sessions", lender_ ? lender_->sessions() : 0},
+                       {"max_borrowers", lender_ ? config_.max_borrowers : 0}};
+  status["nbd"] = nullptr;
+  if (nbd_) {
+    status["nbd"] = {{"connections", nbd_->connections()},
+                     {"max_connections", config_.max_connections}};
+  }
   if (!tiers_) return status;
 
   std::map<std::string, std::pair<std::string, std::string>> attached;

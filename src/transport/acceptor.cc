@@ -70,7 +70,12 @@ void Acceptor::Loop() {
       const int one = 1;
       ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     }
-    on_accept_(std::move(fd));
+    try {
+      on_accept_(std::move(fd));
+    } catch (const std::exception& e) {
+      // One connection is lost, not the daemon (out of memory, say); it closed with `fd`.
+      LogError("%s: dropped a connection: %s", name_.c_str(), e.what());
+    }
   }
 }
 

@@ -14,7 +14,8 @@ namespace memlend {
 class Acceptor {
  public:
   // Runs on the acceptor thread for each accepted connection (CLOEXEC; TCP_NODELAY set
-  // when asked). It should hand the socket on quickly: the next accept waits for it.
+  // when asked). It should hand the socket on quickly: the next accept waits for it. An
+  // exception it throws is logged and costs that one connection.
   using OnAccept = std::function<void(UniqueFd connection)>;
 
   // Takes ownership of `listener`. `name` (e.g. "nbd 127.0.0.1:10809") prefixes log

@@ -313,6 +313,11 @@ const char* TransportName(Transport transport) {
   return "unix";
 }
 
+bool SanitizedBuild() {
+  const char* value = std::getenv("MEMLEND_TEST_SANITIZED");
+  return value != nullptr && std::string(value) == "1";
+}
+
 // ---------------------------------------------------------------------------------------------
 // MemlendDaemon
 
@@ -343,7 +348,9 @@ MemlendDaemon::MemlendDaemon(const TempDir& dir, DaemonOptions options, const st
     }
   }
   argv.insert(argv.end(), {"--control", control_path_});
-  if (lends) {
+  if (lends && !options.listen_unix.empty()) {
+    argv.insert(argv.end(), {"--lend", options.lend, "--listen", "unix:" + options.listen_unix});
+  } else if (lends) {
     listen_port_ = options.listen_port != 0 ? options.listen_port : PickFreeTcpPort();
     argv.insert(argv.end(), {"--lend", options.lend, "--listen", ListenAddress()});
   }
@@ -354,6 +361,9 @@ MemlendDaemon::MemlendDaemon(const TempDir& dir, DaemonOptions options, const st
   if (!options.low_watermark.empty()) {
     argv.insert(argv.end(), {"--low-watermark", options.low_watermark});
   }
+  argv.insert(argv.end(), options.extra_args.begin(), options.extra_args.end());
+  if (SanitizedBuild()) argv.push_back("--no-mlock");
+  argv.insert(argv.begin(), options.command_prefix.begin(), options.command_prefix.end());
   MESSAGE("starting: " << JoinArgv(argv));
 
   std::vector<char*> exec_argv = ExecArgv(argv);

@@ -129,7 +129,17 @@ struct DaemonOptions {
   std::vector<std::string> peers;  // HOST:PORT, one --peer each
   std::string high_watermark;      // --high-watermark PCT, empty for the default
   std::string low_watermark;       // --low-watermark PCT, empty for the default
+  // With `lend`: listen on this unix socket path instead of a TCP port.
+  std::string listen_unix;
+  std::vector<std::string> extra_args;      // appended to the daemon's command line
+  // Run the daemon through this command, e.g. {"/usr/bin/prlimit", "--memlock=1048576"}.
+  std::vector<std::string> command_prefix;
 };
+
+// True when the tests run a sanitized build (MEMLEND_TEST_SANITIZED=1 in the environment):
+// daemons then get --no-mlock (AddressSanitizer's shadow memory cannot be locked), and tests
+// that need locked memory or address-space limits say they cannot run.
+bool SanitizedBuild();
 
 // A `memlend daemon` child process. The constructor starts it in the given directory (NBD
 // socket, control socket and stderr log all live there) and returns once the NBD endpoint (if it

@@ -113,6 +113,34 @@ TEST_SUITE("startup_errors") {
          {"--device", "d0:16M", "--nbd", "not-an-address", "--local-store", "64M"},
          false,
          "not-an-address"},
+        // Sizes the host cannot hold: without the check the daemon started, and filling the
+        // store ran the whole machine out of memory.
+        {"a local store larger than the host",
+         {"--device", "d0:16M", "--nbd", "NBD", "--local-store", "1T"},
+         true,
+         "more than this host can hold"},
+        {"a lent pool larger than the host",
+         {"--lend", "1T", "--listen", "NBD"},
+         true,
+         "--lend 1.0 TiB"},
+        {"--socket-mode on a TCP socket",
+         {"--device", "d0:16M", "--nbd", "NBD", "--local-store", "64M", "--socket-mode", "0660"},
+         false,
+         "--socket-mode"},
+        {"--socket-mode that is not octal permission bits",
+         {"--device", "d0:16M", "--nbd", "unix:/tmp/memlend-no.sock", "--local-store", "64M",
+          "--socket-mode", "0999"},
+         false,
+         "0999"},
+        {"--max-borrowers of 0",
+         {"--lend", "4M", "--listen", "NBD", "--max-borrowers", "0"},
+         false,
+         "--max-borrowers"},
+        {"--max-connections that is not a number",
+         {"--device", "d0:16M", "--nbd", "NBD", "--local-store", "64M", "--max-connections",
+          "many"},
+         false,
+         "many"},
     };
 
     for (const StartupCase& c : cases) {
@@ -134,6 +162,46 @@ TEST_SUITE("startup_errors") {
       CHECK_FALSE(AcceptsConnections(nbd));
       CHECK_FALSE(UnixSocketAcceptsConnections(control));
     }
+  }
+}
+
+TEST_SUITE("startup_errors") {
+  // Without CAP_IPC_LOCK a process may lock only RLIMIT_MEMLOCK; a swap-serving daemon that
+  // locked less than it serves from could deadlock, so that is refused too, unless --force.
+  TEST_CASE("reservations past RLIMIT_MEMLOCK are refused without CAP_IPC_LOCK, and --force "
+            "starts anyway") {
+    if (geteuid() != 0 || access("/usr/bin/setpriv", X_OK) != 0 ||
+        access("/usr/bin/prlimit", X_OK) != 0) {
+      MESSAGE("SKIPPED: needs root, /usr/bin/setpriv and /usr/bin/prlimit (util-linux) to run "
+              "the daemon without CAP_IPC_LOCK under a small RLIMIT_MEMLOCK");
+      return;
+    }
+    if (SanitizedBuild()) {
+      MESSAGE("SKIPPED: a sanitized build runs with --no-mlock, which this test is not about");
+      return;
+    }
+    TempDir dir;
+    const std::vector<std::string> unprivileged = {
+        "/usr/bin/prlimit", "--memlock=4194304:4194304", "/usr/bin/setpriv", "--bounding-set",
+        "-ipc_lock", "--inh-caps", "-ipc_lock", "--"};
+    std::vector<std::string> argv = unprivileged;
+    const Endpoint nbd = PickFreeEndpoint(Transport::kUnix, dir);
+    argv.insert(argv.end(), {MemlendBinary(), "daemon", "--device", "d0:16M", "--nbd",
+                             nbd.NbdArgument(), "--local-store", "16M", "--control",
+                             dir.File("control.sock")});
+    const CommandResult refused = RunCommand(argv);
+    CheckCleanFailure(refused, "RLIMIT_MEMLOCK");
+    CHECK(refused.stderr_text.find("4.0 MiB") != std::string::npos);
+
+    DaemonOptions options;
+    options.devices = {"d0:16M"};
+    options.local_store = "16M";
+    options.command_prefix = unprivileged;
+    options.extra_args = {"--force"};
+    MemlendDaemon daemon(dir, options, "forced");
+    CHECK(daemon.StderrText().find("mlockall failed") != std::string::npos);
+    CHECK(daemon.Status().at("devices").size() == 1);
+    CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
   }
 }
 

@@ -1,0 +1,543 @@
+// Integration tests of what a remote party, or a careless operator, can make a daemon do:
+// a lender must never let one borrower read another's bytes (with its memory locked, as
+// root runs it), connections are bounded in number, time and memory and give that memory
+// back, a thread that cannot be started refuses one connection instead of ending the daemon,
+// sockets are created with the mode asked for whatever the umask, and reservations the host
+// cannot hold are refused at startup.
+//
+// Memory is measured in the daemon's /proc/PID/status (VmLck when it locks its memory, else
+// VmRSS): bounds on bytes, never on time. Waits are bounded polls on what the daemon reports.
+
+#include <doctest/doctest.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "harness.h"
+#include "raw_nbd_client.h"
+#include "raw_peer_client.h"
+
+namespace memlend::integration {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+// A field of /proc/PID/status in KiB ("VmLck", "VmRSS", "VmSize"); throws if absent.
+uint64_t ProcStatusKiB(pid_t pid, const std::string& field) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::stoull(line.substr(field.size() + 1));
+  }
+  throw std::runtime_error("no " + field + " in /proc/" + std::to_string(pid) + "/status");
+}
+
+// What the daemon holds in memory that matters here: locked memory when it locks (the
+// configuration users run as root), else resident memory.
+uint64_t HeldKiB(pid_t pid) {
+  return ProcStatusKiB(pid, SanitizedBuild() ? "VmRSS" : "VmLck");
+}
+
+size_t OpenFds(pid_t pid) {
+  size_t count = 0;
+  for ([[maybe_unused]] const auto& entry :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd")) {
+    ++count;
+  }
+  return count;
+}
+
+bool Eventually(const std::function<bool()>& condition, int timeout_ms = 10'000) {
+  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    if (condition()) return true;
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+bool Alive(pid_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("State:", 0) == 0) return line.find('Z') == std::string::npos;
+  }
+  return false;
+}
+
+DaemonOptions LenderOptions(const std::string& size, std::vector<std::string> extra = {}) {
+  DaemonOptions options;
+  options.devices = {};
+  options.lend = size;
+  options.extra_args = std::move(extra);
+  return options;
+}
+
+uint64_t U64(const json& object, const char* key) { return object.at(key).get<uint64_t>(); }
+
+// A connected TCP socket to 127.0.0.1:port, with reads timing out after timeout_ms.
+int ConnectTcp(int port, int timeout_ms = 5000) {
+  Endpoint endpoint;
+  endpoint.transport = Transport::kTcp;
+  endpoint.port = port;
+  const int fd = ConnectSocket(endpoint);
+  REQUIRE_MESSAGE(fd >= 0, "connect to port " << port << ": " << std::strerror(errno));
+  SetReceiveTimeout(fd, timeout_ms);
+  return fd;
+}
+
+// Reads until end of stream (true) or an error or timeout (false), dropping what comes.
+bool ReadsToEnd(int fd) {
+  uint8_t scratch[4096];
+  for (;;) {
+    const ssize_t n = recv(fd, scratch, sizeof scratch, 0);
+    if (n == 0) return true;
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno == ECONNRESET;
+  }
+}
+
+// Checks that `fd` carries the lender's refusal of a borrower: a HELLO reply with tag 0 and
+// status TOO_MANY_BORROWERS whose text contains `mentions`, then the end of the stream.
+void CheckRefusedBorrower(int fd, const std::string& mentions) {
+  std::optional<PeerMessage> refusal = ReadPeerMessage(fd);
+  REQUIRE_MESSAGE(refusal.has_value(), "no refusal message from the lender");
+  INFO("refusal text: " << refusal->Text());
+  CHECK(refusal->header.magic == kPeerMagic);
+  CHECK(refusal->header.type == (kHello | kReplyBit));
+  CHECK(refusal->header.tag == 0);
+  CHECK(refusal->header.status == kStatusTooManyBorrowers);
+  CHECK(refusal->Text().find(mentions) != std::string::npos);
+  CHECK(ReadsToEnd(fd));
+}
+
+constexpr uint32_t kPagesPerSuperpage = kSuperpageBytes / kPageSize;
+
+std::vector<uint8_t> SecretPage(uint32_t index) {
+  std::vector<uint8_t> page(kPageSize);
+  const std::string secret = "SECRET-OF-A page " + std::to_string(index) + " ";
+  for (size_t i = 0; i < page.size(); ++i) page[i] = static_cast<uint8_t>(secret[i % secret.size()]);
+  return page;
+}
+
+uint32_t AllocSuperpage(RawPeerClient& client) {
+  const std::optional<PeerMessage> reply = client.Call(kAllocSuperpage);
+  REQUIRE(reply.has_value());
+  REQUIRE_MESSAGE(reply->header.status == 0, "ALLOC_SUPERPAGE failed: " << reply->Text());
+  const std::optional<uint32_t> sid = reply->As<uint32_t>();
+  REQUIRE(sid.has_value());
+  return *sid;
+}
+
+TEST_SUITE("security") {
+  // The lender's memory is locked (mlockall) as root runs it; MADV_DONTNEED cannot drop
+  // locked pages, and a lender that trusted it handed A's bytes to B.
+  TEST_CASE("a superpage granted to the next borrower reads as zeros on a locked lender") {
+    TempDir dir;
+    // One superpage: whatever A held is what B is granted.
+    MemlendDaemon lender(dir, LenderOptions("2M"), "lender");
+    if (SanitizedBuild()) {
+      MESSAGE("sanitized build: the lender runs unlocked (the locked case runs in the normal "
+              "build)");
+    } else {
+      REQUIRE_MESSAGE(ProcStatusKiB(lender.pid(), "VmLck") >= kSuperpageBytes / 1024,
+                      "the lender did not lock its memory (run the tests as root); stderr: "
+                          << lender.StderrText());
+    }
+    std::string how;
+    SUBCASE("A frees its superpage") { how = "free"; }
+    SUBCASE("A's connection dies") { how = "die"; }
+    SUBCASE("A cached pages in an ephemeral pool") { how = "ephemeral"; }
+    INFO("A " << how);
+    {
+      RawPeerClient a(lender.listen_port());
+      REQUIRE(a.Hello(0xa));
+      if (how == "ephemeral") {
+        for (uint32_t i = 0; i < kPagesPerSuperpage; ++i) {
+          const HandleBody handle{1, i, 7};
+          const std::optional<PeerMessage> reply =
+              a.Call(kPut, BytesOf(handle), SecretPage(i), kPeerVersion, kPutEphemeral);
+          REQUIRE(reply.has_value());
+          REQUIRE(reply->header.status == 0);
+        }
+      } else {
+        const uint32_t sid = AllocSuperpage(a);
+        for (uint32_t i = 0; i < kPagesPerSuperpage; ++i) {
+          const RangeBody range{sid, i * static_cast<uint32_t>(kPageSize),
+                                static_cast<uint32_t>(kPageSize), 0};
+          const std::optional<PeerMessage> reply = a.Call(kWrite, BytesOf(range), SecretPage(i));
+          REQUIRE(reply.has_value());
+          REQUIRE(reply->header.status == 0);
+        }
+        if (how == "free") {
+          const std::optional<PeerMessage> reply = a.Call(kFreeSuperpage, BytesOf(sid));
+          REQUIRE(reply.has_value());
+          REQUIRE(reply->header.status == 0);
+        }
+      }
+    }
+    REQUIRE(Eventually([&] { return U64(lender.Status().at("lending"), "used_bytes") == 0; }));
+
+    RawPeerClient b(lender.listen_port());
+    REQUIRE(b.Hello(0xb));
+    if (how == "ephemeral") {
+      // B names A's handle in its own pool: there is nothing of A's to find.
+      const HandleBody handle{1, 0, 7};
+      const std::optional<PeerMessage> reply = b.Call(kGet, BytesOf(handle));
+      REQUIRE(reply.has_value());
+      CHECK(reply->header.status == kStatusNotFound);
+      CHECK(reply->payload.empty());
+    }
+    const uint32_t sid = AllocSuperpage(b);
+    const RangeBody whole{sid, 0, static_cast<uint32_t>(kSuperpageBytes), 0};
+    const std::optional<PeerMessage> read = b.Call(kRead, BytesOf(whole));
+    REQUIRE(read.has_value());
+    REQUIRE(read->header.status == 0);
+    REQUIRE(read->payload.size() == kSuperpageBytes);
+    const size_t nonzero = static_cast<size_t>(
+        std::count_if(read->payload.begin(), read->payload.end(), [](uint8_t b) { return b != 0; }));
+    const std::string text(read->payload.begin(), read->payload.begin() + 32);
+    CHECK_MESSAGE(nonzero == 0, nonzero << " bytes of the new superpage are not zero; it starts "
+                                        << "with '" << text << "'");
+    CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
+  }
+
+  TEST_CASE("connections that never say HELLO cost little and end at the deadline; those past "
+            "--max-borrowers are told why") {
+    TempDir dir;
+    MemlendDaemon lender(dir, LenderOptions("16M"), "lender");
+    const uint64_t before_kib = HeldKiB(lender.pid());
+    constexpr int kConnections = 300;
+    constexpr int kMaxBorrowers = 32;  // the default
+    std::vector<int> fds;
+    for (int i = 0; i < kConnections; ++i) fds.push_back(ConnectTcp(lender.listen_port(), 15'000));
+    // Every connection is accepted: the first ones as sessions, the rest refused at once.
+    REQUIRE(Eventually([&] {
+      return U64(lender.Status().at("lending"), "sessions") == kMaxBorrowers;
+    }));
+    const uint64_t during_kib = HeldKiB(lender.pid());
+    INFO("held before: " << before_kib << " KiB, with " << kConnections
+                         << " silent connections: " << during_kib << " KiB");
+    // A thread's stack and 8 KiB of buffers each, not the 12 MiB a full session takes.
+    CHECK(during_kib < before_kib + kMaxBorrowers * 1536 + 16 * 1024);
+
+    // The connections past the limit were answered with the reason and closed; the sessions
+    // are closed by the lender at the HELLO deadline (5 s).
+    int refused = 0;
+    int timed_out = 0;
+    for (int fd : fds) {
+      std::optional<PeerMessage> message = ReadPeerMessage(fd);
+      if (message) {
+        ++refused;
+        CHECK(message->header.tag == 0);
+        CHECK(message->header.status == kStatusTooManyBorrowers);
+        CHECK(message->Text().find("--max-borrowers") != std::string::npos);
+        CHECK(ReadsToEnd(fd));
+      } else {
+        ++timed_out;  // closed without a word: a session that never said HELLO
+      }
+      close(fd);
+    }
+    CHECK(refused == kConnections - kMaxBorrowers);
+    CHECK(timed_out == kMaxBorrowers);
+    CHECK(Eventually([&] { return U64(lender.Status().at("lending"), "sessions") == 0; }));
+    CHECK(lender.StderrText().find("--max-borrowers") != std::string::npos);
+
+    // And the lender serves the next borrower as ever.
+    RawPeerClient client(lender.listen_port());
+    CHECK(client.Hello());
+    CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
+  }
+
+  TEST_CASE("a request bigger than the small buffer before HELLO is refused and hung up") {
+    TempDir dir;
+    MemlendDaemon lender(dir, LenderOptions("4M"), "lender");
+    const int fd = ConnectTcp(lender.listen_port());
+    const RangeBody range{1, 0, static_cast<uint32_t>(kSuperpageBytes), 0};
+    const std::vector<uint8_t> data(kSuperpageBytes, 0xab);
+    SendPeerMessage(fd, kWrite, 9, BytesOf(range), data);
+    std::optional<PeerMessage> reply = ReadPeerMessage(fd);
+    REQUIRE(reply.has_value());
+    CHECK(reply->header.tag == 9);
+    CHECK(reply->header.status == kStatusProtocol);
+    CHECK(reply->Text().find("HELLO") != std::string::npos);
+    CHECK(ReadsToEnd(fd));
+    close(fd);
+    CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
+  }
+
+  TEST_CASE("a borrower that a full lender refuses shows why, and gets in once there is room") {
+    TempDir dir;
+    MemlendDaemon lender(dir, LenderOptions("16M", {"--max-borrowers", "1"}), "lender");
+    auto holder = std::make_unique<RawPeerClient>(lender.listen_port());
+    REQUIRE(holder->Hello());
+
+    DaemonOptions options;
+    options.devices = {"d0:8M"};
+    options.local_store = "4M";
+    options.peers = {lender.ListenAddress()};
+    MemlendDaemon borrower(dir, options, "borrower");
+    json peer = borrower.Status().at("peers").at(0);
+    INFO("peer: " << peer.dump());
+    CHECK(peer.at("state") == "down");
+    CHECK(peer.at("error").get<std::string>().find("too many borrowers") != std::string::npos);
+    CHECK(peer.at("error").get<std::string>().find("--max-borrowers") != std::string::npos);
+
+    holder.reset();  // room for one
+    CHECK(Eventually([&] {
+      peer = borrower.Status().at("peers").at(0);
+      return peer.at("state") == "up";
+    }));
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+    CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
+  }
+
+  TEST_CASE("finished sessions and NBD connections are reaped when they end") {
+    TempDir dir;
+    DaemonOptions options;
+    options.devices = {"d0:8M"};
+    options.lend = "8M";
+    MemlendDaemon daemon(dir, options);
+    // Let the readiness probe's connection go first.
+    REQUIRE(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 0; }));
+    const size_t fds_before = OpenFds(daemon.pid());
+    {
+      std::vector<std::unique_ptr<RawPeerClient>> borrowers;
+      std::vector<std::unique_ptr<NbdClient>> clients;
+      for (int i = 0; i < 20; ++i) {
+        borrowers.push_back(std::make_unique<RawPeerClient>(daemon.listen_port()));
+        REQUIRE(borrowers.back()->Hello());
+        clients.push_back(std::make_unique<NbdClient>(daemon.endpoint(), "d0"));
+      }
+      const json status = daemon.Status();
+      CHECK(U64(status.at("lending"), "sessions") == 20);
+      CHECK(U64(status.at("nbd"), "connections") == 20);
+      CHECK(OpenFds(daemon.pid()) >= fds_before + 40);
+    }
+    // No new connection comes to reap them: they go by themselves.
+    CHECK(Eventually([&] {
+      const json status = daemon.Status();
+      return U64(status.at("lending"), "sessions") == 0 &&
+             U64(status.at("nbd"), "connections") == 0 && OpenFds(daemon.pid()) == fds_before;
+    }));
+    CHECK(OpenFds(daemon.pid()) == fds_before);
+    CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
+  }
+
+  TEST_CASE("NBD connections past --max-connections are closed at once; a silent or slow "
+            "handshake ends at its deadline") {
+    TempDir dir;
+    DaemonOptions options;
+    options.devices = {"d0:8M"};
+    options.extra_args = {"--max-connections", "4"};
+    MemlendDaemon daemon(dir, options);
+    REQUIRE(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 0; }));
+    CHECK(U64(daemon.Status().at("nbd"), "max_connections") == 4);
+    std::vector<std::unique_ptr<RawNbdClient>> silent;
+    for (int i = 0; i < 3; ++i) {
+      silent.push_back(std::make_unique<RawNbdClient>(daemon.endpoint()));
+      silent.back()->ReadGreeting();
+    }
+    // The fourth dribbles a valid handshake a byte at a time, too slowly to finish in 10 s.
+    std::atomic<bool> dribbler_cut_off = false;
+    std::thread dribbler([&] {
+      RawNbdClient slow(daemon.endpoint());
+      slow.ReadGreeting();
+      std::vector<uint8_t> bytes = {0, 0, 0, 3};  // client flags
+      const uint8_t option[] = {'I', 'H', 'A', 'V', 'E', 'O', 'P', 'T', 0, 0, 0, 7, 0, 0, 0, 100};
+      bytes.insert(bytes.end(), std::begin(option), std::end(option));
+      bytes.resize(bytes.size() + 100, 0);
+      const int fd_limit_s = 40;
+      const auto give_up = Clock::now() + std::chrono::seconds(fd_limit_s);
+      for (size_t i = 0; i < bytes.size() && Clock::now() < give_up; ++i) {
+        try {
+          slow.SendBytes(std::span(&bytes[i], 1));
+        } catch (const std::exception&) {
+          dribbler_cut_off = true;  // the server hung up
+          return;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(400));
+      }
+    });
+    REQUIRE(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 4; }));
+    {
+      RawNbdClient fifth(daemon.endpoint());
+      CHECK_MESSAGE(fifth.WaitForClose(), "a fifth connection was not closed");
+    }
+    CHECK(U64(daemon.Status().at("nbd"), "connections") == 4);
+    CHECK(daemon.StderrText().find("--max-connections") != std::string::npos);
+
+    // The silent ones are hung up at the handshake deadline (10 s), the slow one as well.
+    for (auto& client : silent) CHECK(client->WaitForClose());
+    dribbler.join();
+    CHECK(dribbler_cut_off);
+    CHECK(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 0; }));
+    NbdClient client(daemon.endpoint(), "d0");
+    CHECK(client.Size() == 8 * kMiB);
+    CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
+  }
+
+  TEST_CASE("the memory of ended NBD connections goes back to the system") {
+    TempDir dir;
+    DaemonOptions options;
+    options.devices = {"d0:8M"};
+    options.extra_args = {"--max-connections", "200"};
+    MemlendDaemon daemon(dir, options);
+    REQUIRE(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 0; }));
+    const uint64_t before_kib = HeldKiB(daemon.pid());
+    constexpr int kConnections = 150;
+    {
+      std::vector<std::unique_ptr<NbdClient>> clients;
+      for (int i = 0; i < kConnections; ++i) {
+        clients.push_back(std::make_unique<NbdClient>(daemon.endpoint(), "d0"));
+      }
+      REQUIRE(U64(daemon.Status().at("nbd"), "connections") == kConnections);
+      if (!SanitizedBuild()) {
+        // Each took its 1 MiB input and 1 MiB reply buffers (and a stack), locked.
+        CHECK(HeldKiB(daemon.pid()) >= before_kib + kConnections * 2048);
+      }
+    }
+    REQUIRE(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 0; }));
+    const uint64_t after_kib = HeldKiB(daemon.pid());
+    INFO("held before: " << before_kib << " KiB, after " << kConnections
+                         << " connections came and went: " << after_kib << " KiB");
+    // What stays is the C library's cache of thread stacks (at most 40 MiB) and small change.
+    CHECK(after_kib < before_kib + 48 * 1024);
+    CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
+  }
+
+  TEST_CASE("a thread that cannot be started refuses that one connection; the daemon goes on") {
+    if (SanitizedBuild()) {
+      MESSAGE("SKIPPED: a sanitized build reserves terabytes of address space, so it cannot run "
+              "under the address-space limit this test sets");
+      return;
+    }
+    if (access("/usr/bin/prlimit", X_OK) != 0) {
+      MESSAGE("SKIPPED: /usr/bin/prlimit (util-linux) is missing");
+      return;
+    }
+    TempDir dir;
+    DaemonOptions options;
+    options.devices = {"d0:8M"};
+    options.lend = "8M";
+    MemlendDaemon daemon(dir, options);
+    REQUIRE(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 0; }));
+    // Connections that take every thread stack the C library keeps for reuse, so that the
+    // next thread needs a new mapping.
+    std::vector<std::unique_ptr<NbdClient>> holders;
+    for (int i = 0; i < 48; ++i) {
+      holders.push_back(std::make_unique<NbdClient>(daemon.endpoint(), "d0"));
+    }
+    const std::string pid = std::to_string(daemon.pid());
+    const uint64_t vm_kib = ProcStatusKiB(daemon.pid(), "VmSize");
+    // Room for small mappings, not for a thread's stack.
+    const std::string limit = std::to_string((vm_kib + 256) * 1024);
+    CommandResult set = RunCommand({"/usr/bin/prlimit", "--pid", pid, "--as=" + limit + ":"});
+    REQUIRE_MESSAGE(set.exit_status == 0, set.stderr_text);
+
+    {
+      RawNbdClient refused(daemon.endpoint());
+      CHECK(refused.WaitForClose());
+    }
+    {
+      const int fd = ConnectTcp(daemon.listen_port());
+      CheckRefusedBorrower(fd, "thread");
+      close(fd);
+    }
+    CHECK(Alive(daemon.pid()));
+
+    CommandResult reset = RunCommand({"/usr/bin/prlimit", "--pid", pid, "--as=unlimited:"});
+    REQUIRE_MESSAGE(reset.exit_status == 0, reset.stderr_text);
+    holders.clear();
+    NbdClient client(daemon.endpoint(), "d0");
+    CHECK(client.Size() == 8 * kMiB);
+    RawPeerClient borrower(daemon.listen_port());
+    CHECK(borrower.Hello());
+    CHECK(daemon.StderrText().find("cannot start a thread") != std::string::npos);
+    CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
+  }
+
+  TEST_CASE("unix sockets get the mode asked for, whatever the umask") {
+    TempDir dir;
+    const auto mode_of = [](const std::string& path) {
+      struct stat st {};
+      REQUIRE_MESSAGE(lstat(path.c_str(), &st) == 0, path << ": " << std::strerror(errno));
+      CHECK(S_ISSOCK(st.st_mode));
+      return st.st_mode & 07777;
+    };
+    const auto group_of = [](const std::string& path) {
+      struct stat st {};
+      REQUIRE(lstat(path.c_str(), &st) == 0);
+      return st.st_gid;
+    };
+    struct Umask {
+      explicit Umask(mode_t mask) : old(umask(mask)) {}
+      ~Umask() { umask(old); }
+      mode_t old;
+    };
+    SUBCASE("umask 000: every socket is 0600") {
+      Umask open_mask(0);
+      DaemonOptions options;
+      options.devices = {"d0:8M"};
+      options.lend = "8M";
+      options.listen_unix = dir.File("lender.sock");
+      MemlendDaemon daemon(dir, options);
+      CHECK(mode_of(daemon.endpoint().socket_path) == 0600);
+      CHECK(mode_of(daemon.control_path()) == 0600);
+      CHECK(mode_of(options.listen_unix) == 0600);
+      CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
+    }
+    SUBCASE("umask 077: --socket-mode 0660 --socket-group widen the NBD socket") {
+      Umask closed_mask(077);
+      // A group the socket may be given: as root any; otherwise one of ours.
+      const gid_t group = geteuid() == 0 ? 6 : getegid();
+      DaemonOptions options;
+      options.devices = {"d0:8M"};
+      options.extra_args = {"--socket-mode", "0660", "--socket-group", std::to_string(group)};
+      MemlendDaemon daemon(dir, options);
+      CHECK(mode_of(daemon.endpoint().socket_path) == 0660);
+      CHECK(group_of(daemon.endpoint().socket_path) == group);
+      CHECK(mode_of(daemon.control_path()) == 0600);
+      CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
+    }
+  }
+
+  TEST_CASE("a device larger than the host can hold a page table for is refused at attach") {
+    TempDir dir;
+    DaemonOptions options;
+    options.devices = {};
+    options.local_store = "8M";
+    // A daemon for attached devices only: --local-store and no --device.
+    options.extra_args = {"--local-store", "8M"};
+    MemlendDaemon daemon(dir, options);
+    // 16 TiB: a 64 GiB page table, more than any machine these tests run on.
+    const CommandResult result = RunCommand({MemlendBinary(), "attach", "huge", "--size", "16T",
+                                             "--control", daemon.control_path()});
+    INFO("stderr: " << result.stderr_text);
+    CHECK(result.exit_status == 1);
+    CHECK(result.stderr_text.find("page table") != std::string::npos);
+    CHECK(result.stderr_text.find("can hold") != std::string::npos);
+    CHECK(daemon.Status().at("devices").empty());
+    CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
+  }
+}
+
+}  // namespace
+}  // namespace memlend::integration
