@@ -9,9 +9,11 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -524,6 +526,144 @@ TEST_CASE("BuildDaemonConfig accepts a daemon for attached devices only (--local
   device_without_nbd.nbd.clear();
   device_without_nbd.devices = {"d0:16M"};
   CHECK(Contains(BuildError(device_without_nbd), "--nbd"));
+}
+
+TEST_CASE("BuildDaemonConfig reads the connection bounds, socket access and --force") {
+  DaemonArgs args = GoodArgs();
+  DaemonConfig config;
+  std::string error;
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.max_connections == 64);
+  CHECK(config.max_borrowers == 32);
+  CHECK(config.nbd_access.mode == 0600);
+  CHECK(config.nbd_access.group == static_cast<gid_t>(-1));
+  CHECK_FALSE(config.force);
+
+  args.nbd = "unix:/tmp/memlend-test-nbd.sock";
+  args.max_connections = "200";
+  args.socket_mode = "660";
+  args.socket_group = "0";
+  args.lend = "4M";
+  args.listen = "127.0.0.1:7710";
+  args.max_borrowers = "5";
+  args.force = true;
+  config = DaemonConfig{};
+  REQUIRE_MESSAGE(BuildDaemonConfig(args, &config, &error), error);
+  CHECK(config.max_connections == 200);
+  CHECK(config.max_borrowers == 5);
+  CHECK(config.nbd_access.mode == 0660);
+  CHECK(config.nbd_access.group == 0);
+  CHECK(config.force);
+  args.socket_group = "root";  // by name
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.nbd_access.group == 0);
+}
+
+TEST_CASE("BuildDaemonConfig refuses bad bounds and socket options, naming them") {
+  DaemonArgs args = GoodArgs();
+  args.max_connections = "0";
+  CHECK(Contains(BuildError(args), "--max-connections '0'"));
+  args.max_connections = "4097";
+  CHECK(Contains(BuildError(args), "1 to 4096"));
+  args.max_connections = "12x";
+  CHECK(Contains(BuildError(args), "'12x'"));
+
+  args = GoodArgs();
+  args.max_borrowers = "3";
+  CHECK(Contains(BuildError(args), "--max-borrowers applies to lent memory"));
+
+  args = GoodArgs();  // a TCP --nbd
+  args.socket_mode = "0660";
+  CHECK(Contains(BuildError(args), "--socket-mode applies to a unix socket"));
+  args.socket_mode.clear();
+  args.socket_group = "root";
+  CHECK(Contains(BuildError(args), "--socket-group applies to a unix socket"));
+
+  args = GoodArgs();
+  args.nbd = "unix:/tmp/memlend-test-nbd.sock";
+  for (const char* mode : {"0999", "17777", "", "rw"}) {
+    if (*mode == '\0') continue;
+    args.socket_mode = mode;
+    CHECK(Contains(BuildError(args), "--socket-mode"));
+  }
+  args.socket_mode.clear();
+  args.socket_group = "no-such-group-memlend";
+  CHECK(Contains(BuildError(args), "no such group"));
+
+  DaemonArgs lend_only;
+  lend_only.lend = "4M";
+  lend_only.listen = "127.0.0.1:7710";
+  lend_only.socket_mode = "0660";
+  CHECK(Contains(BuildError(lend_only), "--socket-mode"));
+}
+
+TEST_CASE("ParseSocketMode takes octal permission bits up to 0777") {
+  CHECK(ParseSocketMode("0600") == 0600);
+  CHECK(ParseSocketMode("660") == 0660);
+  CHECK(ParseSocketMode("0") == 0);
+  CHECK_FALSE(ParseSocketMode("1777"));
+  CHECK_FALSE(ParseSocketMode("08"));
+  CHECK_FALSE(ParseSocketMode(""));
+  CHECK_FALSE(ParseSocketMode("00600"));
+}
+
+TEST_CASE("CheckDeviceSize: positive multiples of 4 KiB up to 16 TiB") {
+  CHECK(CheckDeviceSize(4096).empty());
+  CHECK(CheckDeviceSize(kMaxDeviceBytes).empty());
+  CHECK(Contains(CheckDeviceSize(0), "4 KiB"));
+  CHECK(Contains(CheckDeviceSize(4097), "4 KiB"));
+  CHECK(Contains(CheckDeviceSize(kMaxDeviceBytes + 4096), "16.0 TiB"));
+}
+
+TEST_CASE("unix sockets get exactly the mode asked for, whatever the umask") {
+  TempDir dir;
+  struct Umask {
+    explicit Umask(mode_t mask) : old(umask(mask)) {}
+    ~Umask() { umask(old); }
+    mode_t old;
+  };
+  const auto mode_of = [](const std::string& path) {
+    struct stat st {};
+    REQUIRE(lstat(path.c_str(), &st) == 0);
+    return st.st_mode & 07777;
+  };
+  Endpoint endpoint;
+  endpoint.kind = Endpoint::Kind::kUnix;
+  {
+    Umask open_mask(0);
+    endpoint.path = dir.File("default.sock");
+    const UniqueFd listener = ListenOn(endpoint);
+    CHECK(mode_of(endpoint.path) == 0600);
+  }
+  {
+    Umask closed_mask(077);
+    endpoint.path = dir.File("group.sock");
+    const UniqueFd listener = ListenOn(endpoint, UnixSocketAccess{0660, getegid()});
+    CHECK(mode_of(endpoint.path) == 0660);
+    struct stat st {};
+    REQUIRE(lstat(endpoint.path.c_str(), &st) == 0);
+    CHECK(st.st_gid == getegid());
+  }
+}
+
+TEST_CASE("ReadFullBefore and WaitReadable give up at the deadline, however bytes trickle in") {
+  int fds[2];
+  REQUIRE(socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+  UniqueFd reader(fds[0]);
+  UniqueFd writer(fds[1]);
+  const auto soon = [] { return std::chrono::steady_clock::now() + std::chrono::milliseconds(50); };
+  char buffer[8];
+  CHECK(WaitReadable(reader.get(), soon()) == -ETIMEDOUT);
+  CHECK(ReadFullBefore(reader.get(), buffer, sizeof(buffer), soon()) == -ETIMEDOUT);
+  REQUIRE(WriteFull(writer.get(), "abc", 3) == 0);
+  CHECK(WaitReadable(reader.get(), soon()) == 0);
+  CHECK(ReadFullBefore(reader.get(), buffer, sizeof(buffer), soon()) == -ETIMEDOUT);  // 3 of 8
+  REQUIRE(WriteFull(writer.get(), "abcdefgh", 8) == 0);
+  CHECK(ReadFullBefore(reader.get(), buffer, sizeof(buffer), soon()) == 0);
+  CHECK(std::memcmp(buffer, "abcdefgh", 8) == 0);
+  CHECK(WriteFullBefore(writer.get(), "xy", 2, soon()) == 0);
+  writer.Reset();
+  CHECK(ReadFullBefore(reader.get(), buffer, sizeof(buffer), soon()) == -ECONNRESET);
 }
 
 TEST_CASE("ValidDeviceName takes 1 to 64 of [A-Za-z0-9._-]") {

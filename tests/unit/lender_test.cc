@@ -1019,6 +1019,85 @@ TEST_CASE("requests before HELLO are refused with PROTOCOL") {
   CHECK(client.Query());
 }
 
+TEST_CASE("a connection that does not say HELLO in time is hung up") {
+  LenderOptions options;
+  options.hello_timeout = std::chrono::milliseconds(200);
+  RunningLender lender(kSuperpageBytes, 0xfeed, options);
+  PeerTestClient silent = lender.Connect();
+  CHECK(Eventually([&] { return lender.service->sessions() == 1; }));
+  CHECK(silent.WaitClosed());
+  CHECK(Eventually([&] { return lender.service->sessions() == 0; }));
+  // One that says HELLO in time stays, past the deadline.
+  PeerTestClient prompt = lender.Connect();
+  REQUIRE(prompt.Hello());
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  CHECK(prompt.Query());
+}
+
+TEST_CASE("past max_borrowers a connection gets a HELLO reply with tag 0 saying why") {
+  LenderOptions options;
+  options.max_borrowers = 2;
+  RunningLender lender(kSuperpageBytes, 0xfeed, options);
+  auto first = std::make_unique<PeerTestClient>(lender.Connect());
+  REQUIRE(first->Hello());
+  PeerTestClient second = lender.Connect();
+  REQUIRE(second.Hello());
+  {
+    PeerTestClient third = lender.Connect();
+    std::optional<TestMessage> refusal = third.ReadMessage();
+    REQUIRE(refusal);
+    CHECK(refusal->header.reply);
+    CHECK(refusal->header.type == MessageType::kHello);
+    CHECK(refusal->header.tag == 0);
+    CHECK(refusal->status() == Status::kTooManyBorrowers);
+    CHECK(refusal->text().find("at most 2 borrower") != std::string::npos);
+    CHECK(third.WaitClosed());
+  }
+  CHECK(lender.service->sessions() == 2);
+  first.reset();
+  CHECK(Eventually([&] { return lender.service->sessions() == 1; }));
+  PeerTestClient fourth = lender.Connect();
+  CHECK(fourth.Hello());
+}
+
+TEST_CASE("requests sent along with HELLO survive the move to full-size buffers") {
+  RunningLender lender(4 * kSuperpageBytes);
+  PeerTestClient client = lender.Connect();
+  const HelloBody hello{1, 0, kSuperpageBytes, kCapPassive | kCapActive};
+  std::vector<std::byte> wire;
+  const auto append = [&](MessageType type, std::uint64_t tag, std::span<const std::byte> body) {
+    std::byte header[sizeof(Header)];
+    EncodeHeader(type, false, 0, Status::kOk, tag, static_cast<std::uint32_t>(body.size()),
+                 header);
+    wire.insert(wire.end(), header, header + sizeof(header));
+    wire.insert(wire.end(), body.begin(), body.end());
+  };
+  append(MessageType::kHello, 1, std::as_bytes(std::span<const HelloBody, 1>(&hello, 1)));
+  for (std::uint64_t tag = 2; tag < 40; ++tag) append(MessageType::kQuery, tag, {});
+  REQUIRE(client.SendRaw(wire));
+  for (std::uint64_t tag = 1; tag < 40; ++tag) {
+    std::optional<TestMessage> reply = client.ReadMessage();
+    REQUIRE(reply);
+    CHECK(reply->header.tag == tag);
+    CHECK(reply->status() == Status::kOk);
+  }
+}
+
+TEST_CASE("before HELLO a request larger than the small buffer is refused and hung up") {
+  RunningLender lender(kSuperpageBytes);
+  PeerTestClient client = lender.Connect();
+  const RangeBody range{1, 0, kSuperpageBytes, 0};
+  const std::vector<std::byte> data(kSuperpageBytes);
+  REQUIRE(client.Send(MessageType::kWrite, 3, 0,
+                      std::as_bytes(std::span<const RangeBody, 1>(&range, 1)), data));
+  std::optional<TestMessage> reply = client.ReadMessage();
+  REQUIRE(reply);
+  CHECK(reply->header.tag == 3);
+  CHECK(reply->status() == Status::kProtocol);
+  CHECK(reply->text() == "send HELLO before WRITE");
+  CHECK(client.WaitClosed());
+}
+
 TEST_CASE("a request of another version gets PROTOCOL naming both versions, then a hang-up") {
   RunningLender lender(kSuperpageBytes);
   {

@@ -37,12 +37,13 @@ inline std::uint16_t PickFreePort() {
 
 // A started LenderService on a free loopback port.
 struct RunningLender {
-  explicit RunningLender(std::uint64_t pool_bytes, std::uint64_t node_id = 0xfeedULL) {
+  explicit RunningLender(std::uint64_t pool_bytes, std::uint64_t node_id = 0xfeedULL,
+                         const LenderOptions& options = {}) {
     for (int attempt = 0;; ++attempt) {
       endpoint.host = "127.0.0.1";
       endpoint.port = PickFreePort();
       try {
-        service = std::make_unique<LenderService>(endpoint, pool_bytes, node_id);
+        service = std::make_unique<LenderService>(endpoint, pool_bytes, node_id, options);
         break;
       } catch (const std::runtime_error&) {
         if (attempt == 20) throw;  // someone keeps taking the port
