@@ -35,7 +35,7 @@ class StreamReader {
   // when the socket has none yet. Returns false at end of stream or on error.
   bool Read(std::span<std::byte> out, std::chrono::microseconds spin = {}) {
     std::size_t have = std::min(out.size(), end_ - begin_);
-    std::memcpy(out.data(), buffer_.data() + begin_, have);
+    if (have > 0) std::memcpy(out.data(), buffer_.data() + begin_, have);  // out may be null
     begin_ += have;
     if (have == out.size()) return true;
     begin_ = end_ = 0;  // the buffer is empty
