@@ -23,6 +23,8 @@ constexpr std::size_t kSendThreshold = 1 << 18;  // send replies early past this
 constexpr std::size_t kReplyBytes = 1 << 20;     // reply buffer allocated up front
 constexpr std::size_t kMaxReadRun = 64;          // READs served by one Device::ReadMany
 constexpr std::size_t kMaxReadRunBytes = 4 << 20;
+// A READ longer than this is served in pieces of this size (ServeLargeRead).
+constexpr std::size_t kReadPieceBytes = 1 << 20;
 
 class Connection {
  public:
@@ -62,6 +64,10 @@ class Connection {
       }
       if (request.type == NBD_CMD_READ &&
           CheckRequest(request, device_.size_bytes()).error == 0) {
+        if (request.length > kReadPieceBytes) {
+          if (!ServeLargeRead(request)) return false;
+          continue;
+        }
         ServeReadRun();
         if (replies_.size() >= kSendThreshold && !SendReplies()) return false;
         continue;
@@ -101,7 +107,7 @@ class Connection {
       if (!DecodeRequest(std::span<const std::byte, kRequestSize>(input_.data() + at,
                                                                   kRequestSize),
                          &request) ||
-          request.type != NBD_CMD_READ ||
+          request.type != NBD_CMD_READ || request.length > kReadPieceBytes ||
           CheckRequest(request, device_.size_bytes()).error != 0) {
         break;  // the ordinary path deals with it
       }
@@ -226,6 +232,42 @@ class Connection {
       done += take;
     }
     Reply(error, request.handle);
+    return true;
+  }
+
+  // Serves a valid READ longer than kReadPieceBytes (up to 32 MiB) at the head of the input
+  // buffer, a piece at a time through the reply buffer, so that no client can make a
+  // connection hold more than a few MiB. A simple reply states its error before its data:
+  // if the first piece fails, the reply carries the error; if a later one does, the
+  // header has gone out saying success, and the protocol leaves no way but to hang up.
+  // Returns false when the connection must close.
+  bool ServeLargeRead(const Request& request) {
+    input_begin_ += kRequestSize;
+    if (!SendReplies()) return false;  // replies keep the requests' order
+    for (std::uint64_t done = 0; done < request.length;) {
+      const std::size_t piece = std::min<std::uint64_t>(kReadPieceBytes, request.length - done);
+      const bool first = done == 0;
+      if (first) replies_.Extend(kSimpleReplySize);
+      std::byte* data = replies_.Extend(piece);
+      const int rc = device_.Read(request.offset + done, std::span(data, piece));
+      if (rc != 0 && !first) {
+        LogError("nbd: %s: a read failed after its reply had begun (%s); hanging up",
+                 device_.name().c_str(), std::strerror(-rc));
+        return false;
+      }
+      if (rc != 0) {
+        replies_.Clear();
+        Reply(ErrorFromErrno(rc), request.handle);
+        return true;
+      }
+      if (first) {
+        EncodeSimpleReply(0, request.handle,
+                          std::span<std::byte, kSimpleReplySize>(replies_.data(),
+                                                                 kSimpleReplySize));
+      }
+      if (!SendReplies()) return false;
+      done += piece;
+    }
     return true;
   }
 

@@ -25,6 +25,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -91,6 +92,21 @@ DaemonOptions LenderOptions(const std::string& size, std::vector<std::string> ex
 }
 
 uint64_t U64(const json& object, const char* key) { return object.at(key).get<uint64_t>(); }
+
+// NBD connections open now, per the daemon's status.
+uint64_t NbdConnections(const MemlendDaemon& daemon) {
+  return U64(daemon.Status().at("nbd"), "connections");
+}
+
+// Waits until the connection of the harness's readiness probe is gone. (A daemon without
+// "nbd" in its status is waited for a moment instead.)
+void WaitNbdIdle(const MemlendDaemon& daemon) {
+  if (!daemon.Status().contains("nbd")) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    return;
+  }
+  REQUIRE(Eventually([&] { return NbdConnections(daemon) == 0; }));
+}
 
 // A connected TCP socket to 127.0.0.1:port, with reads timing out after timeout_ms.
 int ConnectTcp(int port, int timeout_ms = 5000) {
@@ -316,7 +332,7 @@ TEST_SUITE("security") {
     options.lend = "8M";
     MemlendDaemon daemon(dir, options);
     // Let the readiness probe's connection go first.
-    REQUIRE(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 0; }));
+    WaitNbdIdle(daemon);
     const size_t fds_before = OpenFds(daemon.pid());
     {
       std::vector<std::unique_ptr<RawPeerClient>> borrowers;
@@ -348,7 +364,7 @@ TEST_SUITE("security") {
     options.devices = {"d0:8M"};
     options.extra_args = {"--max-connections", "4"};
     MemlendDaemon daemon(dir, options);
-    REQUIRE(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 0; }));
+    WaitNbdIdle(daemon);
     CHECK(U64(daemon.Status().at("nbd"), "max_connections") == 4);
     std::vector<std::unique_ptr<RawNbdClient>> silent;
     for (int i = 0; i < 3; ++i) {
@@ -400,7 +416,7 @@ TEST_SUITE("security") {
     options.devices = {"d0:8M"};
     options.extra_args = {"--max-connections", "200"};
     MemlendDaemon daemon(dir, options);
-    REQUIRE(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 0; }));
+    WaitNbdIdle(daemon);
     const uint64_t before_kib = HeldKiB(daemon.pid());
     constexpr int kConnections = 150;
     {
@@ -414,12 +430,49 @@ TEST_SUITE("security") {
         CHECK(HeldKiB(daemon.pid()) >= before_kib + kConnections * 2048);
       }
     }
-    REQUIRE(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 0; }));
+    WaitNbdIdle(daemon);
     const uint64_t after_kib = HeldKiB(daemon.pid());
     INFO("held before: " << before_kib << " KiB, after " << kConnections
                          << " connections came and went: " << after_kib << " KiB");
     // What stays is the C library's cache of thread stacks (at most 40 MiB) and small change.
     CHECK(after_kib < before_kib + 48 * 1024);
+    CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
+  }
+
+  TEST_CASE("32 MiB WRITEs and READs are served in pieces: data round-trips, memory stays small") {
+    TempDir dir;
+    DaemonOptions options;
+    options.devices = {"big:64M", "small:64M"};
+    options.local_store = "48M";
+    MemlendDaemon daemon(dir, options);
+    WaitNbdIdle(daemon);
+    RawNbdClient client(daemon.endpoint());
+    client.HandshakeWithGo("big");
+    const uint64_t before_kib = HeldKiB(daemon.pid());
+    std::mt19937_64 rng(TestSeed());
+    constexpr uint32_t kLength = 32 * kMiB;  // the largest request the server takes
+    std::vector<uint8_t> data(kLength);
+    FillRandom(rng, data);
+    const uint64_t offset = 4 * kMiB + 1;  // pieces that do not start on a page
+    CHECK(client.Write(offset, data, 1) == 0);
+    CHECK(client.Read(offset, kLength, 2) == data);
+    const std::vector<uint8_t> middle(data.begin() + 3 * kMiB, data.begin() + 6 * kMiB + 5);
+    CHECK(client.Read(offset + 3 * kMiB, static_cast<uint32_t>(middle.size()), 3) == middle);
+    // Past the end: refused, the payload read and dropped, the stream still in step.
+    CHECK(client.Write(60 * kMiB, std::span(data).first(8 * kMiB), 4) == nbd_wire::NBD_ENOSPC);
+    CHECK(client.Read(offset, 4096, 5) == std::vector<uint8_t>(data.begin(), data.begin() + 4096));
+    INFO("held before: " << before_kib << " KiB, after: " << HeldKiB(daemon.pid()) << " KiB");
+    // 32 MiB of pages went into the local store; the connection itself took no more.
+    CHECK(HeldKiB(daemon.pid()) < before_kib + 40 * 1024);
+
+    // A large write that fails part way (the local store is full, and there is no disk)
+    // gets its error, and the stream stays in step.
+    RawNbdClient second(daemon.endpoint());
+    second.HandshakeWithGo("small");
+    FillRandom(rng, data);
+    CHECK(second.Write(0, data, 6) == nbd_wire::NBD_ENOSPC);
+    CHECK(second.Read(0, 4096, 7).size() == 4096);
+    CHECK(client.Read(offset, kLength, 8).size() == kLength);
     CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
   }
 
@@ -438,7 +491,7 @@ TEST_SUITE("security") {
     options.devices = {"d0:8M"};
     options.lend = "8M";
     MemlendDaemon daemon(dir, options);
-    REQUIRE(Eventually([&] { return U64(daemon.Status().at("nbd"), "connections") == 0; }));
+    WaitNbdIdle(daemon);
     // Connections that take every thread stack the C library keeps for reuse, so that the
     // next thread needs a new mapping.
     std::vector<std::unique_ptr<NbdClient>> holders;
