@@ -410,6 +410,39 @@ TEST_SUITE("security") {
     CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
   }
 
+  TEST_CASE("a flood of NBD connections held in the handshake takes at most 64 threads") {
+    TempDir dir;
+    DaemonOptions options;
+    options.devices = {"d0:8M"};
+    MemlendDaemon daemon(dir, options);
+    WaitNbdIdle(daemon);
+    const uint64_t before_kib = HeldKiB(daemon.pid());
+    constexpr int kConnections = 300;
+    constexpr int kMaxConnections = 64;  // the default
+    std::vector<std::unique_ptr<RawNbdClient>> clients;
+    for (int i = 0; i < kConnections; ++i) {
+      clients.push_back(std::make_unique<RawNbdClient>(daemon.endpoint()));
+    }
+    REQUIRE(Eventually([&] { return NbdConnections(daemon) == kMaxConnections; }));
+    const uint64_t during_kib = HeldKiB(daemon.pid());
+    INFO("held before: " << before_kib << " KiB, with " << kConnections
+                         << " connections in the handshake: " << during_kib << " KiB");
+    CHECK(during_kib < before_kib + kMaxConnections * 1536 + 16 * 1024);
+    // The ones past the limit were closed at once, without a greeting.
+    int greeted = 0;
+    for (auto& client : clients) {
+      try {
+        client->ReadGreeting();
+        ++greeted;
+      } catch (const std::exception&) {
+      }
+    }
+    CHECK(greeted == kMaxConnections);
+    clients.clear();
+    CHECK(Eventually([&] { return NbdConnections(daemon) == 0; }));
+    CHECK_MESSAGE(daemon.Stop() == 0, daemon.StderrText());
+  }
+
   TEST_CASE("the memory of ended NBD connections goes back to the system") {
     TempDir dir;
     DaemonOptions options;
