@@ -313,6 +313,15 @@ const char* TransportName(Transport transport) {
   return "unix";
 }
 
+bool Eventually(const std::function<bool()>& condition, int timeout_ms) {
+  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    if (condition()) return true;
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
 bool SanitizedBuild() {
   const char* value = std::getenv("MEMLEND_TEST_SANITIZED");
   return value != nullptr && std::string(value) == "1";

@@ -212,6 +212,10 @@ DevicePages GetDevicePages(const nlohmann::json& status, const std::string& name
 // local_store null.
 void CheckStatusInvariants(const nlohmann::json& status);
 
+// Returns true as soon as condition() does, polling every 100 ms, or false after timeout_ms.
+// For effects that happen in the background; a hang guard, not a performance threshold.
+bool Eventually(const std::function<bool()>& condition, int timeout_ms = 10'000);
+
 // Polls daemon.Status() about every 100 ms until done(status) returns true or timeout_ms has
 // passed, and returns the last status either way (the caller CHECKs what it expected on it, so a
 // timeout shows as a failed check with the status in the message). For effects that happen in

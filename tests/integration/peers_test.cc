@@ -65,16 +65,6 @@ uint64_t LendingUsed(const MemlendDaemon& lender) {
   return U64(lender.Status().at("lending"), "used_bytes");
 }
 
-// Returns true as soon as condition() does, polling every 100 ms, or false after timeout_ms.
-bool Eventually(const std::function<bool()>& condition, int timeout_ms = 10'000) {
-  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  for (;;) {
-    if (condition()) return true;
-    if (Clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-}
-
 // Waits (at most 10 s) until a borrower's evictor is done: its local store is at or under the
 // high watermark and no page moved between two status snapshots 300 ms apart. CHECKs that it
 // settled and returns the last status.

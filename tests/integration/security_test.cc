@@ -65,15 +65,6 @@ size_t OpenFds(pid_t pid) {
   return count;
 }
 
-bool Eventually(const std::function<bool()>& condition, int timeout_ms = 10'000) {
-  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  for (;;) {
-    if (condition()) return true;
-    if (Clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-}
-
 bool Alive(pid_t pid) {
   std::ifstream status("/proc/" + std::to_string(pid) + "/status");
   std::string line;
@@ -81,6 +72,14 @@ bool Alive(pid_t pid) {
     if (line.rfind("State:", 0) == 0) return line.find('Z') == std::string::npos;
   }
   return false;
+}
+
+// A daemon that serves an 8 MiB device and lends 8 MiB.
+DaemonOptions DeviceAndLender() {
+  DaemonOptions options;
+  options.devices = {"d0:8M"};
+  options.lend = "8M";
+  return options;
 }
 
 DaemonOptions LenderOptions(const std::string& size, std::vector<std::string> extra = {}) {
@@ -327,10 +326,7 @@ TEST_SUITE("security") {
 
   TEST_CASE("finished sessions and NBD connections are reaped when they end") {
     TempDir dir;
-    DaemonOptions options;
-    options.devices = {"d0:8M"};
-    options.lend = "8M";
-    MemlendDaemon daemon(dir, options);
+    MemlendDaemon daemon(dir, DeviceAndLender());
     // Let the readiness probe's connection go first.
     WaitNbdIdle(daemon);
     const size_t fds_before = OpenFds(daemon.pid());
@@ -520,10 +516,7 @@ TEST_SUITE("security") {
       return;
     }
     TempDir dir;
-    DaemonOptions options;
-    options.devices = {"d0:8M"};
-    options.lend = "8M";
-    MemlendDaemon daemon(dir, options);
+    MemlendDaemon daemon(dir, DeviceAndLender());
     WaitNbdIdle(daemon);
     // Connections that take every thread stack the C library keeps for reuse, so that the
     // next thread needs a new mapping.
