@@ -608,6 +608,14 @@ void WriteClient(CorpusWriter& corpus) {
     truncated.resize(truncated.size() - 10);
     corpus.Write(t, "truncated_reply", truncated);
   }
+  // Regression: a notice and a reply without payload were read into an empty span with a
+  // null data(), which the stream reader handed to memcpy (UBSan: null pointer passed as
+  // argument 1).
+  corpus.Write(
+      t, "regression_empty_payload",
+      Stream({HelloReply(), Message(MessageType::kShutdown, {}, 0),
+              Reply(MessageType::kQuery, 1, Body(QueryReply{})),
+              Reply(MessageType::kAllocSuperpage, 2, Sid(1)), Reply(MessageType::kWrite, 3)}));
 }
 
 }  // namespace peer_seeds

@@ -34,6 +34,9 @@ class StreamReader {
   // Fills `out` with the next out.size() bytes, busy-polling up to `spin` before blocking
   // when the socket has none yet. Returns false at end of stream or on error.
   bool Read(std::span<std::byte> out, std::chrono::microseconds spin = {}) {
+    // An empty payload (most replies, some notices) may come as an empty span whose data()
+    // is null, which memcpy must never see, even for no bytes.
+    if (out.empty()) return true;
     std::size_t have = std::min(out.size(), end_ - begin_);
     std::memcpy(out.data(), buffer_.data() + begin_, have);
     begin_ += have;
