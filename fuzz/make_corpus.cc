@@ -672,6 +672,10 @@ void WriteControl(CorpusWriter& corpus) {
   corpus.Write(t, "empty", "");
   corpus.Write(t, "nested", std::string(200, '[') + std::string(200, ']'));
   corpus.Write(t, "unicode", "{\"command\":\"st\\u00e4tus\",\"name\":\"\\ud83d\\ude00\"}");
+  // Regression: an unknown frontend was echoed unquoted, control characters and all, so
+  // the one-line reason could span lines.
+  corpus.Write(t, "regression_frontend_control_characters",
+               R"({"command":"attach","name":"a","size_bytes":4096,"frontend":"x\ny\u001b[1m"})");
 }
 
 }  // namespace
