@@ -167,7 +167,11 @@ PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHa
 }
 
 PeerClient::~PeerClient() {
-  stopping_.store(true, std::memory_order_release);
+  {
+    std::lock_guard lock(idle_mu_);
+    stopping_.store(true, std::memory_order_release);
+  }
+  idle_wake_.notify_all();
   ::shutdown(fd_.get(), SHUT_RDWR);
   if (idle_reader_.joinable()) idle_reader_.join();
 }
@@ -312,8 +316,15 @@ void PeerClient::IdleLoop() {
   // A few milliseconds of delay for notices that arrive while nothing waits is harmless;
   // a thread woken for every reply would cost a hand-off each time.
   constexpr auto kInterval = std::chrono::milliseconds(5);
-  while (!stopping_.load(std::memory_order_acquire)) {
-    std::this_thread::sleep_for(kInterval);
+  for (;;) {
+    {
+      // Waits rather than sleeps, so that the destructor does not wait out the interval.
+      std::unique_lock lock(idle_mu_);
+      if (idle_wake_.wait_for(lock, kInterval,
+                              [this] { return stopping_.load(std::memory_order_acquire); })) {
+        break;
+      }
+    }
     std::unique_lock lock(recv_mu_, std::try_to_lock);
     if (!lock.owns_lock() || ended_) continue;  // a waiting thread is reading
     while (stream_->Ready()) {
