@@ -9,6 +9,8 @@ packages=(
   fio nbdkit libnbd-bin python3
   # memlend attach --frontend fuse: nbdfuse (libnbd-bin, above) and fusermount3
   fuse3
+  # scripts/fuzz.sh: clang with libFuzzer and the sanitizer runtimes
+  clang libclang-rt-14-dev
 )
 
 missing=()
