@@ -3,18 +3,20 @@
 # UndefinedBehaviorSanitizer, one after the other, each on a copy of its seed corpus
 # (fuzz/corpus/TARGET): nothing is ever written into the repository.
 #
-#   scripts/fuzz.sh [--build DIR] [--seconds N] [TARGET...]
+#   scripts/fuzz.sh [--build DIR] [--seconds N] [--keep-corpus DIR] [TARGET...]
 #
 #   --build DIR   build directory (default build-asan). One without a CMakeCache.txt is
 #                 configured with clang, -DMEMLEND_SANITIZE=ON and -DMEMLEND_FUZZ=ON; one
 #                 configured with clang but without those options gets them; one configured
 #                 with another compiler is refused. The targets are then brought up to date.
 #   --seconds N   how long each target runs (default 60).
+#   --keep-corpus DIR   copy each target's final corpus to DIR/TARGET (outside fuzz/), e.g.
+#                 for scripts/fuzz-coverage.sh --corpus DIR.
 #   TARGET        nbd_handshake, nbd_transmission, peer_lender, peer_client, control_request
 #                 (default: all of them, in that order).
 #
-# Prints one line per target: executions, libFuzzer's final cov: and ft: figures, and the
-# size of the corpus it ends with. A target fails on any crash, sanitizer report, leak,
+# Prints one line per target: executions, libFuzzer's cov: and ft: figures once the seeds
+# ran and at the end, and the size of the corpus it ends with. A target fails on any crash, sanitizer report, leak,
 # timeout (one input running over 10 s), or a process over 4 GiB: the line names the target,
 # the report follows, and the failing input and the whole log are kept in a directory the
 # script names. Every target runs even when an earlier one failed; the exit status is 0
@@ -30,11 +32,13 @@ usage_error() {
 }
 build="build-asan"
 seconds=60
+keep_corpus=
 targets=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --build) build=${2:?--build needs a directory}; shift 2 ;;
     --seconds) seconds=${2:?--seconds needs a number}; shift 2 ;;
+    --keep-corpus) keep_corpus=${2:?--keep-corpus needs a directory}; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*) usage_error "unknown option $1" ;;
     *) targets+=("$1"); shift ;;
@@ -42,6 +46,11 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $seconds =~ ^[1-9][0-9]*$ ]] || usage_error "--seconds wants a positive integer, not '$seconds'"
 [[ ${#targets[@]} -gt 0 ]] || targets=("${all_targets[@]}")
+if [[ -n $keep_corpus ]]; then
+  keep_corpus=$(realpath -m "$keep_corpus")
+  [[ $keep_corpus/ != "$root/fuzz/"* ]] || usage_error "--keep-corpus must be outside fuzz/"
+  mkdir -p "$keep_corpus"
+fi
 for t in "${targets[@]}"; do
   [[ " ${all_targets[*]} " == *" $t "* ]] ||
     usage_error "unknown target '$t' (the targets: ${all_targets[*]})"
@@ -104,6 +113,7 @@ for t in "${targets[@]}"; do
   # does not stop by itself.
   (cd "$dir" && TMPDIR=$dir/tmp timeout --kill-after=10 $((seconds + 120)) \
      "$root/$build/fuzz/${t}_fuzz" "${args[@]}" "$dir/corpus") >"$log" 2>&1 || status=$?
+  inited_line=$(grep -a -E '^#[0-9]+[[:space:]]+INITED' "$log" | tail -n 1 || true)
   done_line=$(grep -a -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n 1 || true)
   if [[ $status -ne 0 ]] || grep -a -q -E "$report_pattern" "$log"; then
     keep_work=true
@@ -122,17 +132,24 @@ for t in "${targets[@]}"; do
          "are in $dir"
     continue
   fi
+  seeds_cov="?"
+  [[ $inited_line =~ cov:\ ([0-9]+)\ ft:\ ([0-9]+) ]] &&
+    seeds_cov="cov: ${BASH_REMATCH[1]} ft: ${BASH_REMATCH[2]}"
   if [[ ! $done_line =~ $done_pattern ]]; then
     keep_work=true
     failed+=("$t")
     echo "fuzz.sh: FAIL: $t: no final statistics in its log ($log)"
     continue
   fi
-  printf 'fuzz.sh: %-16s ok: %s executions in %s s (%s/s), cov: %s ft: %s, ' \
-    "$t" "${BASH_REMATCH[1]}" "$seconds" "${BASH_REMATCH[6]}" "${BASH_REMATCH[2]}" \
-    "${BASH_REMATCH[3]}"
-  printf 'corpus: %s inputs of %s (from %s seeds), rss %s\n' \
+  printf 'fuzz.sh: %-16s ok: %s executions in %s s (%s/s); seeds %s, end cov: %s ft: %s; ' \
+    "$t" "${BASH_REMATCH[1]}" "$seconds" "${BASH_REMATCH[6]}" "$seeds_cov" \
+    "${BASH_REMATCH[2]}" "${BASH_REMATCH[3]}"
+  printf 'corpus: %s inputs of %s (from %s seeds); rss %s\n' \
     "${BASH_REMATCH[4]}" "${BASH_REMATCH[5]}" "$seeds" "${BASH_REMATCH[7]}"
+  if [[ -n $keep_corpus ]]; then
+    rm -rf "${keep_corpus:?}/$t"
+    cp -r "$dir/corpus" "$keep_corpus/$t"
+  fi
 done
 
 if [[ ${#failed[@]} -gt 0 ]]; then
