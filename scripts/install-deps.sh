@@ -9,6 +9,9 @@ packages=(
   fio nbdkit libnbd-bin python3
   # memlend attach --frontend fuse: nbdfuse (libnbd-bin, above) and fusermount3
   fuse3
+  # scripts/fuzz.sh: clang with libFuzzer and the sanitizer runtimes; llvm-profdata and
+  # llvm-cov for scripts/fuzz-coverage.sh
+  clang libclang-rt-14-dev llvm-14
 )
 
 missing=()

@@ -45,8 +45,8 @@ AttachRequest ParseAttach(const json& request) {
   if (request.contains("frontend")) attach.frontend = StringField(request, "frontend");
   if (attach.frontend != "auto" && attach.frontend != "ublk" && attach.frontend != "nbd" &&
       attach.frontend != "fuse") {
-    throw std::invalid_argument("unknown frontend '" + attach.frontend +
-                                "' (expected auto, ublk, nbd or fuse)");
+    throw std::invalid_argument("unknown frontend " + Quote(attach.frontend) +
+                                " (expected auto, ublk, nbd or fuse)");
   }
   if (const auto queues = request.find("queues"); queues != request.end()) {
     if (!queues->is_number_unsigned() || queues->get<std::uint64_t>() == 0 ||

@@ -97,11 +97,14 @@ void NbdServer::ServeClient(ClientList::iterator client) {
     LogError("nbd %s: out of memory for a connection's buffers, hanging up",
              endpoint_.ToString().c_str());
   }
-  std::unique_lock lock(mu_);
+  std::lock_guard lock(mu_);
   clients_.erase(client);  // hangs up, under mu_ (see Stop)
   --threads_;
-  // Wakes Stop() only once this thread is past every use of the server.
-  std::notify_all_at_thread_exit(threads_done_, std::move(lock));
+  // Notified under mu_, and nothing of the server is touched once mu_ is released: from
+  // then on Stop() may return and the server be destroyed. (notify_all_at_thread_exit
+  // releases the lock first and notifies after, on a condition variable that may be gone
+  // by then.)
+  threads_done_.notify_all();
 }
 
 }  // namespace memlend::nbd

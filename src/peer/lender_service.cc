@@ -548,7 +548,9 @@ void LenderService::Accept(UniqueFd fd) {
         session->fd = std::move(fd);
         sessions_.emplace(session->id, session);
         try {
-          std::thread([this, session] { ServeSession(session); }).detach();
+          // The thread's only reference is ServeSession's own, so the descriptor closes
+          // where ServeSession drops it, not later with the thread's closure.
+          std::thread([this, session]() mutable { ServeSession(std::move(session)); }).detach();
           ++threads_;
         } catch (const std::system_error& e) {
           fd = std::move(session->fd);
@@ -607,12 +609,15 @@ void LenderService::ServeSession(std::shared_ptr<Session> session) {
   pool_.ReleaseSession(session->id);
   LogDebug("lender: session %llu closed", static_cast<unsigned long long>(session->id));
   session->finished.store(true, std::memory_order_release);
-  std::unique_lock lock(mu_);
+  std::lock_guard lock(mu_);
   sessions_.erase(session->id);
   session.reset();  // the descriptor closes here, unless a notice is being sent on it
   --threads_;
-  // Wakes Stop() only once this thread is past every use of the service.
-  std::notify_all_at_thread_exit(threads_done_, std::move(lock));
+  // Notified under mu_, and nothing of the service is touched once mu_ is released: from
+  // then on Stop() may return and the service be destroyed. (notify_all_at_thread_exit
+  // releases the lock first and notifies after, on a condition variable that may be gone
+  // by then: the notify wrote into whatever the memory held next.)
+  threads_done_.notify_all();
 }
 
 void LenderService::NotifyEvicted(std::span<const Eviction> evictions) noexcept {

@@ -34,6 +34,9 @@ class StreamReader {
   // Fills `out` with the next out.size() bytes, busy-polling up to `spin` before blocking
   // when the socket has none yet. Returns false at end of stream or on error.
   bool Read(std::span<std::byte> out, std::chrono::microseconds spin = {}) {
+    // An empty payload (most replies, some notices) may come as an empty span whose data()
+    // is null, which memcpy must never see, even for no bytes.
+    if (out.empty()) return true;
     std::size_t have = std::min(out.size(), end_ - begin_);
     if (have > 0) std::memcpy(out.data(), buffer_.data() + begin_, have);  // out may be null
     begin_ += have;
@@ -164,7 +167,11 @@ PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHa
 }
 
 PeerClient::~PeerClient() {
-  stopping_.store(true, std::memory_order_release);
+  {
+    std::lock_guard lock(idle_mu_);
+    stopping_.store(true, std::memory_order_release);
+  }
+  idle_wake_.notify_all();
   ::shutdown(fd_.get(), SHUT_RDWR);
   if (idle_reader_.joinable()) idle_reader_.join();
 }
@@ -309,8 +316,15 @@ void PeerClient::IdleLoop() {
   // A few milliseconds of delay for notices that arrive while nothing waits is harmless;
   // a thread woken for every reply would cost a hand-off each time.
   constexpr auto kInterval = std::chrono::milliseconds(5);
-  while (!stopping_.load(std::memory_order_acquire)) {
-    std::this_thread::sleep_for(kInterval);
+  for (;;) {
+    {
+      // Waits rather than sleeps, so that the destructor does not wait out the interval.
+      std::unique_lock lock(idle_mu_);
+      if (idle_wake_.wait_for(lock, kInterval,
+                              [this] { return stopping_.load(std::memory_order_acquire); })) {
+        break;
+      }
+    }
     std::unique_lock lock(recv_mu_, std::try_to_lock);
     if (!lock.owns_lock() || ended_) continue;  // a waiting thread is reading
     while (stream_->Ready()) {

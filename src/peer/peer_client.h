@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -183,6 +184,8 @@ class PeerClient {
   bool ended_ = false;                          // guarded by recv_mu_
   std::vector<std::byte> notice_;               // guarded by recv_mu_
   std::atomic<bool> stopping_{false};
+  std::mutex idle_mu_;
+  std::condition_variable idle_wake_;  // the destructor wakes the idle reader's wait
   std::thread idle_reader_;
 };
 
