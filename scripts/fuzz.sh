@@ -3,13 +3,15 @@
 # UndefinedBehaviorSanitizer, one after the other, each on a copy of its seed corpus
 # (fuzz/corpus/TARGET): nothing is ever written into the repository.
 #
-#   scripts/fuzz.sh [--build DIR] [--seconds N] [--keep-corpus DIR] [TARGET...]
+#   scripts/fuzz.sh [--build DIR] [--seconds N] [--jobs N] [--keep-corpus DIR] [TARGET...]
 #
 #   --build DIR   build directory (default build-asan). One without a CMakeCache.txt is
 #                 configured with clang, -DMEMLEND_SANITIZE=ON and -DMEMLEND_FUZZ=ON; one
 #                 configured with clang but without those options gets them; one configured
 #                 with another compiler is refused. The targets are then brought up to date.
 #   --seconds N   how long each target runs (default 60).
+#   --jobs N      how many targets run at once (default 1; the test command runs 2, one per
+#                 core of the machines it runs on).
 #   --keep-corpus DIR   copy each target's final corpus to DIR/TARGET (outside fuzz/), e.g.
 #                 for scripts/fuzz-coverage.sh --corpus DIR.
 #   TARGET        nbd_handshake, nbd_transmission, peer_lender, peer_client, control_request
@@ -32,12 +34,14 @@ usage_error() {
 }
 build="build-asan"
 seconds=60
+jobs=1
 keep_corpus=
 targets=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --build) build=${2:?--build needs a directory}; shift 2 ;;
     --seconds) seconds=${2:?--seconds needs a number}; shift 2 ;;
+    --jobs) jobs=${2:?--jobs needs a number}; shift 2 ;;
     --keep-corpus) keep_corpus=${2:?--keep-corpus needs a directory}; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*) usage_error "unknown option $1" ;;
@@ -45,6 +49,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $seconds =~ ^[1-9][0-9]*$ ]] || usage_error "--seconds wants a positive integer, not '$seconds'"
+[[ $jobs =~ ^[1-9][0-9]*$ ]] || usage_error "--jobs wants a positive integer, not '$jobs'"
 [[ ${#targets[@]} -gt 0 ]] || targets=("${all_targets[@]}")
 if [[ -n $keep_corpus ]]; then
   keep_corpus=$(realpath -m "$keep_corpus")
@@ -98,9 +103,10 @@ done_pattern+='.*exec/s: ([0-9]+).*rss: ([0-9]+Mb)'
 report_pattern='ERROR: (Address|Leak|UndefinedBehavior)Sanitizer|runtime error:|ERROR: libFuzzer'
 report_pattern+='|DEADLYSIGNAL|ALARM: working on the last Unit|terminate called|^[a-z_]+_fuzz: '
 
-failed=()
-for t in "${targets[@]}"; do
-  dir=$work/$t
+# run_target TARGET: fuzzes TARGET in $work/TARGET and leaves its report lines in
+# $work/TARGET/report and, if it failed, the file $work/TARGET/failed.
+run_target() {
+  local t=$1 dir=$work/$1 seeds args log status inited_line done_line why first seeds_cov
   mkdir -p "$dir/corpus" "$dir/tmp"
   cp -r "$root/fuzz/corpus/$t/." "$dir/corpus/"
   seeds=$(find "$dir/corpus" -type f | wc -l)
@@ -115,9 +121,9 @@ for t in "${targets[@]}"; do
      "$root/$build/fuzz/${t}_fuzz" "${args[@]}" "$dir/corpus") >"$log" 2>&1 || status=$?
   inited_line=$(grep -a -E '^#[0-9]+[[:space:]]+INITED' "$log" | tail -n 1 || true)
   done_line=$(grep -a -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n 1 || true)
+  exec >"$dir/report"
   if [[ $status -ne 0 ]] || grep -a -q -E "$report_pattern" "$log"; then
-    keep_work=true
-    failed+=("$t")
+    touch "$dir/failed"
     why="libFuzzer exit status $status"
     [[ $status -eq 124 || $status -eq 137 ]] && why="did not stop within $((seconds + 120)) s"
     echo "fuzz.sh: FAIL: $t ($why); the report:"
@@ -130,16 +136,15 @@ for t in "${targets[@]}"; do
     fi
     echo "fuzz.sh: $t: the failing input (crash-*, leak-*, timeout-*, oom-*) and the log" \
          "are in $dir"
-    continue
+    return
   fi
   seeds_cov="?"
   [[ $inited_line =~ cov:\ ([0-9]+)\ ft:\ ([0-9]+) ]] &&
     seeds_cov="cov: ${BASH_REMATCH[1]} ft: ${BASH_REMATCH[2]}"
   if [[ ! $done_line =~ $done_pattern ]]; then
-    keep_work=true
-    failed+=("$t")
+    touch "$dir/failed"
     echo "fuzz.sh: FAIL: $t: no final statistics in its log ($log)"
-    continue
+    return
   fi
   printf 'fuzz.sh: %-16s ok: %s executions in %s s (%s/s); seeds %s, end cov: %s ft: %s; ' \
     "$t" "${BASH_REMATCH[1]}" "$seconds" "${BASH_REMATCH[6]}" "$seeds_cov" \
@@ -149,6 +154,25 @@ for t in "${targets[@]}"; do
   if [[ -n $keep_corpus ]]; then
     rm -rf "${keep_corpus:?}/$t"
     cp -r "$dir/corpus" "$keep_corpus/$t"
+  fi
+}
+
+running=0
+for t in "${targets[@]}"; do
+  if [[ $running -ge $jobs ]]; then
+    wait -n || true
+    running=$((running - 1))
+  fi
+  run_target "$t" &
+  running=$((running + 1))
+done
+wait
+failed=()
+for t in "${targets[@]}"; do
+  cat "$work/$t/report"
+  if [[ -f $work/$t/failed ]]; then
+    failed+=("$t")
+    keep_work=true
   fi
 done
 

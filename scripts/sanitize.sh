@@ -6,9 +6,9 @@
 #     scripts/sanitize.sh [--fuzz-seconds N]      (default 60; 0 skips the fuzzing)
 #
 # AddressSanitizer's shadow memory cannot be locked, so daemons of this build run with
-# --no-mlock (MEMLEND_TEST_SANITIZED=1 tells the tests); the tests that are about locked memory
-# say so and run in the normal build (scripts/test.sh runs both). Expects the dependencies of
-# scripts/install-deps.sh.
+# --no-mlock (CTest gives the tests MEMLEND_TEST_SANITIZED=1 in such a build); the tests that
+# are about locked memory say so and run in the normal build (scripts/test.sh runs both).
+# Expects the dependencies of scripts/install-deps.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,11 +27,10 @@ CC=clang CXX=clang++ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo 
   -DMEMLEND_WERROR=ON -DMEMLEND_SANITIZE=ON -DMEMLEND_FUZZ=ON >/dev/null
 cmake --build build-asan -j"$(nproc)"
 
-export MEMLEND_TEST_SANITIZED=1
 export ASAN_OPTIONS=detect_leaks=1:strict_string_checks=1:check_initialization_order=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd build-asan && ctest -L 'unit|integration' --output-on-failure --timeout 600 -j2)
 
 if [[ $fuzz_seconds -gt 0 ]]; then
-  scripts/fuzz.sh --build build-asan --seconds "$fuzz_seconds"
+  scripts/fuzz.sh --build build-asan --seconds "$fuzz_seconds" --jobs 2
 fi

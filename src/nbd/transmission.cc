@@ -155,20 +155,7 @@ class Connection {
     }
     int rc = 0;
     switch (request.type) {
-      case NBD_CMD_READ: {
-        const std::size_t mark = replies_.size();
-        replies_.Extend(kSimpleReplySize);
-        std::byte* data = replies_.Extend(request.length);
-        rc = device_.Read(request.offset, std::span(data, request.length));
-        if (rc == 0) {
-          EncodeSimpleReply(0, request.handle,
-                            std::span<std::byte, kSimpleReplySize>(replies_.data() + mark,
-                                                                   kSimpleReplySize));
-          return true;
-        }
-        replies_.Truncate(mark);
-        break;
-      }
+      // A valid READ never comes here: ServeBuffered serves it (ServeReadRun, ServeLargeRead).
       case NBD_CMD_WRITE:
         rc = device_.Write(request.offset, payload);
         break;

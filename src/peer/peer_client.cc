@@ -38,7 +38,7 @@ class StreamReader {
     // is null, which memcpy must never see, even for no bytes.
     if (out.empty()) return true;
     std::size_t have = std::min(out.size(), end_ - begin_);
-    if (have > 0) std::memcpy(out.data(), buffer_.data() + begin_, have);  // out may be null
+    std::memcpy(out.data(), buffer_.data() + begin_, have);
     begin_ += have;
     if (have == out.size()) return true;
     begin_ = end_ = 0;  // the buffer is empty
