@@ -153,7 +153,8 @@ int main(int argc, char** argv) {
       ->type_name("GROUP");
   daemon->add_option("--max-connections", daemon_args.max_connections,
                      "NBD connections served at once on each NBD socket; more are refused "
-                     "(each costs about 3 MiB of locked memory)")
+                     "(each may hold up to 6.5 MiB of locked memory: counted in what the "
+                     "daemon reserves)")
       ->type_name("N")
       ->default_str("64");
   daemon->add_option("--local-store", daemon_args.local_store,
@@ -208,7 +209,8 @@ int main(int argc, char** argv) {
       ->type_name("ADDR");
   daemon->add_option("--max-borrowers", daemon_args.max_borrowers,
                      "Borrower connections served at once; more are refused with a message "
-                     "saying so (each costs up to about 7.5 MiB of locked memory)")
+                     "saying so (each may hold up to 7.3 MiB of locked memory: counted in what "
+                     "the daemon reserves)")
       ->type_name("N")
       ->default_str("32");
   daemon->add_option("--node-id", daemon_args.node_id,

@@ -12,6 +12,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstring>
 #include <new>
@@ -47,10 +48,11 @@ class ByteBuffer {
   std::size_t capacity() const { return capacity_; }
   bool empty() const { return size_ == 0; }
 
-  // Appends `count` uninitialised bytes and returns a pointer to them. Throws
-  // std::bad_alloc when the buffer must grow and cannot.
+  // Appends `count` uninitialised bytes and returns a pointer to them, growing the buffer
+  // to at least twice its size if it must grow (so that a run of small Extends stays
+  // cheap). Throws std::bad_alloc when the buffer must grow and cannot.
   std::byte* Extend(std::size_t count) {
-    Reserve(size_ + count);
+    if (size_ + count > capacity_) Reserve(std::max(size_ + count, 2 * capacity_));
     std::byte* at = data_ + size_;
     size_ += count;
     return at;
@@ -63,14 +65,12 @@ class ByteBuffer {
   void Truncate(std::size_t size) { size_ = size; }
   void Clear() { size_ = 0; }
 
-  // Makes room for `capacity` bytes in all, keeping the contents. The first reservation
-  // takes exactly what is asked (in whole pages); growing after that doubles, so that a
-  // run of small Extends stays cheap. Throws std::bad_alloc when the mapping fails.
+  // Makes room for `capacity` bytes in all, exactly (in whole pages), keeping the
+  // contents: a caller that reserves knows how much it will need, and what a connection
+  // holds stays what it asked for. Throws std::bad_alloc when the mapping fails.
   void Reserve(std::size_t capacity) {
     if (capacity <= capacity_) return;
-    std::size_t grown = capacity_ == 0 ? capacity : capacity_;
-    while (grown < capacity) grown *= 2;
-    grown = (grown + kPage - 1) & ~(kPage - 1);
+    const std::size_t grown = (capacity + kPage - 1) & ~(kPage - 1);
     void* fresh = ::mmap(nullptr, grown, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                          -1, 0);
     if (fresh == MAP_FAILED) throw std::bad_alloc();

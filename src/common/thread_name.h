@@ -4,12 +4,19 @@
 
 #include <pthread.h>
 
-#include <string>
+#include <algorithm>
+#include <cstring>
+#include <string_view>
 
 namespace memlend {
 
-inline void SetThreadName(const std::string& name) {
-  ::pthread_setname_np(::pthread_self(), name.substr(0, 15).c_str());
+// Allocates nothing, so a thread may call it first thing, before it can handle exceptions.
+inline void SetThreadName(std::string_view name) noexcept {
+  char cut[16];
+  const std::size_t length = std::min<std::size_t>(name.size(), sizeof(cut) - 1);
+  std::memcpy(cut, name.data(), length);
+  cut[length] = '\0';
+  ::pthread_setname_np(::pthread_self(), cut);
 }
 
 }  // namespace memlend

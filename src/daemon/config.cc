@@ -3,6 +3,7 @@
 #include <grp.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <charconv>
 #include <cstdlib>
 #include <random>
@@ -114,14 +115,17 @@ std::optional<gid_t> LookUpGroup(const std::string& text) {
   gid_t number = 0;
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), number);
   if (ec == std::errc() && end == text.data() + text.size()) return number;
-  group entry;
-  group* found = nullptr;
-  char buffer[4096];
-  if (::getgrnam_r(text.c_str(), &entry, buffer, sizeof(buffer), &found) != 0 ||
-      found == nullptr) {
-    return std::nullopt;
+  // A group with many members (a directory service's, say) needs a large buffer.
+  for (std::size_t size = 4096; size <= (std::size_t{1} << 24); size *= 4) {
+    std::vector<char> buffer(size);
+    group entry;
+    group* found = nullptr;
+    const int error = ::getgrnam_r(text.c_str(), &entry, buffer.data(), buffer.size(), &found);
+    if (error == ERANGE) continue;
+    if (error != 0 || found == nullptr) return std::nullopt;
+    return found->gr_gid;
   }
-  return found->gr_gid;
+  return std::nullopt;
 }
 
 // The lending half: --lend SIZE and --listen ADDR.

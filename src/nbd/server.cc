@@ -72,13 +72,19 @@ void NbdServer::Accept(UniqueFd fd) {
     LogRefusal(why.c_str());
     return;
   }
-  const ClientList::iterator client = clients_.emplace(clients_.end());
+  ClientList::iterator client;
+  try {
+    client = clients_.emplace(clients_.end());
+  } catch (const std::bad_alloc&) {
+    LogRefusal("no memory for it");
+    return;
+  }
   client->fd = std::move(fd);
   try {
     std::thread([this, client] { ServeClient(client); }).detach();
     ++threads_;
-  } catch (const std::system_error& e) {
-    clients_.erase(client);  // closes the connection
+  } catch (const std::exception& e) {  // pthread_create failed, or the thread's state
+    clients_.erase(client);            // closes the connection
     const std::string why = std::string("cannot start a thread for it: ") + e.what();
     LogRefusal(why.c_str());
   }

@@ -22,9 +22,17 @@ constexpr std::size_t kInputBytes = 1 << 20;     // holds many pipelined page wr
 constexpr std::size_t kSendThreshold = 1 << 18;  // send replies early past this much
 constexpr std::size_t kReplyBytes = 1 << 20;     // reply buffer allocated up front
 constexpr std::size_t kMaxReadRun = 64;          // READs served by one Device::ReadMany
+// A run of READs stops growing past this much data; a READ up to this long is served
+// whole, its error known before its reply goes out. The kernel's NBD client reads up to
+// its max_sectors_kb (1.25 MiB by default) at once.
 constexpr std::size_t kMaxReadRunBytes = 4 << 20;
-// A READ longer than this is served in pieces of this size (ServeLargeRead).
+// A READ longer than kMaxReadRunBytes is served in pieces of this size (ServeLargeRead).
 constexpr std::size_t kReadPieceBytes = 1 << 20;
+// Replies grow past kReplyBytes only for a run of READs (ServeReadRun reserves it exactly),
+// on top of those not yet sent, which are fewer than kSendThreshold bytes.
+static_assert(kInputBytes + kSendThreshold + kMaxReadRunBytes +
+                  kMaxReadRun * kSimpleReplySize + 4096 <=
+              kMaxConnectionBufferBytes);
 
 class Connection {
  public:
@@ -64,7 +72,7 @@ class Connection {
       }
       if (request.type == NBD_CMD_READ &&
           CheckRequest(request, device_.size_bytes()).error == 0) {
-        if (request.length > kReadPieceBytes) {
+        if (request.length > kMaxReadRunBytes) {
           if (!ServeLargeRead(request)) return false;
           continue;
         }
@@ -101,16 +109,17 @@ class Connection {
     batch_.clear();
     std::size_t reply_bytes = 0;
     std::size_t at = input_begin_;
-    while (batch_.size() < kMaxReadRun && input_end_ - at >= kRequestSize &&
-           (batch_.empty() || reply_bytes < kMaxReadRunBytes)) {
+    while (batch_.size() < kMaxReadRun && input_end_ - at >= kRequestSize) {
       Request request;
       if (!DecodeRequest(std::span<const std::byte, kRequestSize>(input_.data() + at,
                                                                   kRequestSize),
                          &request) ||
-          request.type != NBD_CMD_READ || request.length > kReadPieceBytes ||
+          request.type != NBD_CMD_READ || request.length > kMaxReadRunBytes ||
           CheckRequest(request, device_.size_bytes()).error != 0) {
         break;  // the ordinary path deals with it
       }
+      // The run's replies fit kMaxReadRunBytes of data, so the reply buffer stays bounded.
+      if (!batch_.empty() && reply_bytes + request.length > kMaxReadRunBytes) break;
       batch_.push_back(request);
       reply_bytes += kSimpleReplySize + request.length;
       at += kRequestSize;
@@ -198,7 +207,9 @@ class Connection {
       const std::size_t have = input_end_ - input_begin_;
       const std::uint64_t want = request.length - done;
       std::uint64_t take = std::min<std::uint64_t>(have, want);
-      if (take < want) {
+      // A refused write's payload is only dropped: no alignment (nor its arithmetic, which
+      // could overflow for an offset past the device) is wanted then.
+      if (take < want && error == 0) {
         // Wait for half a buffer at least, and end the piece on a page boundary of the
         // device, so that only the write's own ends are read-modify-write.
         const std::uint64_t end = (request.offset + done + take) / kPageSize * kPageSize;
@@ -222,12 +233,13 @@ class Connection {
     return true;
   }
 
-  // Serves a valid READ longer than kReadPieceBytes (up to 32 MiB) at the head of the input
-  // buffer, a piece at a time through the reply buffer, so that no client can make a
+  // Serves a valid READ longer than kMaxReadRunBytes (up to 32 MiB) at the head of the
+  // input buffer, a piece at a time through the reply buffer, so that no client can make a
   // connection hold more than a few MiB. A simple reply states its error before its data:
   // if the first piece fails, the reply carries the error; if a later one does, the
   // header has gone out saying success, and the protocol leaves no way but to hang up.
-  // Returns false when the connection must close.
+  // (No client of ours reads that much at once: the kernel's NBD client reads at most
+  // max_sectors_kb, served whole.) Returns false when the connection must close.
   bool ServeLargeRead(const Request& request) {
     input_begin_ += kRequestSize;
     if (!SendReplies()) return false;  // replies keep the requests' order
@@ -236,7 +248,10 @@ class Connection {
       const bool first = done == 0;
       if (first) replies_.Extend(kSimpleReplySize);
       std::byte* data = replies_.Extend(piece);
-      const int rc = device_.Read(request.offset + done, std::span(data, piece));
+      // ReadMany, so that a piece's pages on peers come in one round trip.
+      Device::ReadRequest read{request.offset + done, std::span(data, piece), 0};
+      device_.ReadMany(std::span(&read, 1));
+      const int rc = read.result;
       if (rc != 0 && !first) {
         LogError("nbd: %s: a read failed after its reply had begun (%s); hanging up",
                  device_.name().c_str(), std::strerror(-rc));

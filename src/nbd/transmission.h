@@ -43,4 +43,8 @@ namespace memlend::nbd {
 void RunTransmission(int fd, Device& device, std::chrono::microseconds busy_poll,
                      bool realtime = false);
 
+// The most a connection's buffers hold, whatever its client sends: 1 MiB of input, and
+// replies of up to 4 MiB of READ data besides those not yet sent (transmission.cc checks it).
+inline constexpr std::uint64_t kMaxConnectionBufferBytes = std::uint64_t{5632} << 10;
+
 }  // namespace memlend::nbd

@@ -178,10 +178,17 @@ Status LenderPool::Put(SessionId session, const HandleBody& handle, bool ephemer
     std::lock_guard lock(mu_);
     Pool* pool;
     Session* state;
+    bool created = false;
     try {
       state = &sessions_[session];
-      const auto [it, created] = state->pools.try_emplace(handle.pool);
-      if (created) it->second.ephemeral = ephemeral;  // the first PUT fixes the kind
+      auto it = state->pools.find(handle.pool);
+      if (it == state->pools.end()) {
+        // Every pool costs metadata, whatever it holds: a borrower gets a few.
+        if (state->pools.size() >= kMaxPoolsPerSession) return Status::kNoSpace;
+        it = state->pools.try_emplace(handle.pool).first;
+        it->second.ephemeral = ephemeral;  // the first PUT fixes the kind
+        created = true;
+      }
       pool = &it->second;
     } catch (const std::bad_alloc&) {
       return Status::kNoSpace;
@@ -232,6 +239,8 @@ Status LenderPool::Put(SessionId session, const HandleBody& handle, bool ephemer
     }
     // Any session's request may evict an ephemeral page, so its copy stays under the lock.
     if (at != nullptr && ephemeral) std::memcpy(at, page.data(), kPageBytes);
+    // A PUT that found no room leaves no pool behind.
+    if (at == nullptr && created) state->pools.erase(handle.pool);
   }
   // A persistent page can only be removed by its own session, which is busy here, and its
   // superpage is never reclaimed.

@@ -107,6 +107,10 @@ struct Eviction {
 
 class LenderPool {
  public:
+  // The most pools (of the active protocol) one session may have at once: each costs
+  // metadata whether it holds pages or not, and a borrower needs one or two.
+  static constexpr std::size_t kMaxPoolsPerSession = 64;
+
   // Called after a request (PUT or ALLOC_SUPERPAGE) evicted ephemeral pages, once per
   // request with all of them (one page, or the up to 512 of a reclaimed superpage, of one
   // or more owners). Runs on the thread of that request, with no pool lock held, before
@@ -153,7 +157,9 @@ class LenderPool {
   // place. A new page takes a free slot of a superpage of its own kind, else a free
   // superpage; else an ephemeral page evicts the oldest ephemeral page of any session,
   // and a persistent page reclaims a whole ephemeral superpage as AllocSuperpage does
-  // (evictions are reported); if there is nothing ephemeral to evict, kNoSpace.
+  // (evictions are reported); if there is nothing ephemeral to evict, kNoSpace. A PUT that
+  // would make the session's kMaxPoolsPerSession + 1st pool gets kNoSpace too, and a
+  // failed PUT never leaves a new pool behind.
   Status Put(SessionId session, const HandleBody& handle, bool ephemeral,
              std::span<const std::byte, kPageBytes> page) noexcept;
   // Copies the page under `handle` into `out`; kNotFound if there is none.

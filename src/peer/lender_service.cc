@@ -35,6 +35,11 @@ constexpr std::size_t kReplyBytes = kReplyFlushBytes + kHeaderBytes + kSuperpage
 // Each buffer of a connection that has not said HELLO yet: a HELLO, or a refusal, fits.
 constexpr std::size_t kPreHelloBytes = 4096;
 static_assert(kHeaderBytes + kMaxErrorText <= kPreHelloBytes);
+// What a session holds after HELLO, in whole pages (ByteBuffer's reservations), and
+// before it: never more than this.
+static_assert(((kInputBytes + 4095) & ~std::size_t{4095}) +
+                  ((kReplyBytes + 4095) & ~std::size_t{4095}) <=
+              LenderService::kMaxSessionBufferBytes);
 
 std::span<std::byte, kHeaderBytes> HeaderSpan(std::byte* at) {
   return std::span<std::byte, kHeaderBytes>(at, kHeaderBytes);
@@ -122,7 +127,11 @@ class LenderService::Connection {
       }
       if (kHeaderBytes + request.payload_bytes > input_.capacity()) {
         // Only before HELLO is the buffer smaller than the largest message.
-        Refuse(request, Status::kProtocol, "send HELLO before %s", RequestName(request.type));
+        if (request.type == MessageType::kHello) {
+          RefuseLength(request, Status::kTooBig, sizeof(HelloBody));
+        } else {
+          Refuse(request, Status::kProtocol, "send HELLO before %s", RequestName(request.type));
+        }
         Flush();
         return;
       }
@@ -388,7 +397,10 @@ class LenderService::Connection {
       return Refuse(request, status, "pool %u is not %s", handle.pool,
                     ephemeral ? "ephemeral" : "persistent");
     }
-    if (status != Status::kOk) return Refuse(request, status, "no room for the page");
+    if (status != Status::kOk) {
+      return Refuse(request, status, "no room for the page (or the session has %zu pools, the "
+                    "most a lender keeps for one borrower)", LenderPool::kMaxPoolsPerSession);
+    }
     return Send(request, Status::kOk, 0);
   }
 
@@ -542,23 +554,28 @@ void LenderService::Accept(UniqueFd fd) {
       refusal = "this lender serves at most " + std::to_string(options_.max_borrowers) +
                 " borrower connections at once (--max-borrowers); try again later";
     } else {
+      std::shared_ptr<Session> session;
+      // Undoes whatever of the session was made, so that the borrower can be told.
+      const auto undo = [&] {
+        if (!session) return;
+        fd = std::move(session->fd);
+        sessions_.erase(session->id);
+      };
       try {
-        auto session = std::make_shared<Session>();
+        session = std::make_shared<Session>();
         session->id = next_session_++;
         session->fd = std::move(fd);
         sessions_.emplace(session->id, session);
-        try {
-          // The thread's only reference is ServeSession's own, so the descriptor closes
-          // where ServeSession drops it, not later with the thread's closure.
-          std::thread([this, session]() mutable { ServeSession(std::move(session)); }).detach();
-          ++threads_;
-        } catch (const std::system_error& e) {
-          fd = std::move(session->fd);
-          sessions_.erase(session->id);
-          refusal = std::string("the lender cannot start a thread for this connection: ") +
-                    e.what();
-        }
-      } catch (const std::bad_alloc&) {
+        // The thread's only reference is ServeSession's own, so the descriptor closes
+        // where ServeSession drops it, not later with the thread's closure.
+        std::thread([this, session]() mutable { ServeSession(std::move(session)); }).detach();
+        ++threads_;
+      } catch (const std::system_error& e) {
+        undo();
+        refusal = std::string("the lender cannot start a thread for this connection: ") +
+                  e.what();
+      } catch (const std::exception&) {  // std::bad_alloc, from any of the steps
+        undo();
         refusal = "the lender has no memory for another connection";
       }
     }
@@ -594,7 +611,9 @@ void LenderService::Refuse(UniqueFd fd, const std::string& why) noexcept {
 }
 
 void LenderService::ServeSession(std::shared_ptr<Session> session) {
-  SetThreadName("ml-lend-" + std::to_string(session->id));
+  char name[16];
+  std::snprintf(name, sizeof(name), "ml-lend-%llu", static_cast<unsigned long long>(session->id));
+  SetThreadName(name);
   LogDebug("lender: session %llu opened", static_cast<unsigned long long>(session->id));
   try {
     Connection connection(this, session.get());

@@ -67,6 +67,9 @@ struct LenderOptions {
 
 class LenderService {
  public:
+  // The most a session's buffers hold, whatever its borrower sends: a whole largest
+  // message twice over for input, and 2.25 MiB for replies (lender_service.cc checks it).
+  static constexpr std::uint64_t kMaxSessionBufferBytes = std::uint64_t{6432} << 10;
   // How long a write to a borrower may block before the borrower is dropped.
   static constexpr std::chrono::seconds kSendTimeout{30};
   // How long Stop() waits for a session's socket to be free to send it SHUTDOWN.

@@ -34,15 +34,18 @@ std::string ErrnoText(int error) { return std::strerror(error); }
 // given the mode before bind (so the file was created with at most those bits: the umask
 // can only take some away); this adds back what the umask took. Neither call follows a
 // symbolic link, so a link swapped in at the path is refused, not followed.
+// (Known weakness: in a directory that others may write to without the sticky bit, they
+// could swap another socket in between bind and these calls; /run and /tmp are sticky or
+// root's.)
 int ApplyAccess(const std::string& path, const UnixSocketAccess& access) {
-  if (access.group != static_cast<gid_t>(-1) &&
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) return errno;
+  if (!S_ISSOCK(st.st_mode)) return EEXIST;
+  if (access.group != static_cast<gid_t>(-1) && st.st_gid != access.group &&
       ::fchownat(AT_FDCWD, path.c_str(), static_cast<uid_t>(-1), access.group,
                  AT_SYMLINK_NOFOLLOW) != 0) {
     return errno;
   }
-  struct stat st;
-  if (::lstat(path.c_str(), &st) != 0) return errno;
-  if (!S_ISSOCK(st.st_mode)) return EEXIST;
   if ((st.st_mode & 07777) != access.mode &&
       ::fchmodat(AT_FDCWD, path.c_str(), access.mode, AT_SYMLINK_NOFOLLOW) != 0) {
     return errno;

@@ -828,7 +828,8 @@ TEST_SUITE("peers") {
         INFO("settled status: " << before.dump());
         const DevicePages settled = GetDevicePages(before, "d0");
         CHECK(settled.remote > 0);
-        CHECK(settled.disk == 0);
+        // A writer that finds the store full waits at most 50 ms for the evictor, then puts
+        // the page on disk: on a loaded machine a few may go there. Nothing below counts them.
       }
       // Write the hot pages; if that took the store over the high watermark, the evictor ran
       // and may have moved some of them, but then left the store under the low watermark, so a

@@ -646,7 +646,8 @@ TEST_CASE("unix sockets get exactly the mode asked for, whatever the umask") {
   }
 }
 
-TEST_CASE("ReadFullBefore and WaitReadable give up at the deadline, however bytes trickle in") {
+TEST_CASE("ReadFullBefore and WaitReadable give up at the deadline, with none or part of the "
+          "bytes come") {
   int fds[2];
   REQUIRE(socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
   UniqueFd reader(fds[0]);

@@ -1088,8 +1088,9 @@ TEST_CASE("before HELLO a request larger than the small buffer is refused and hu
   PeerTestClient client = lender.Connect();
   const RangeBody range{1, 0, kSuperpageBytes, 0};
   const std::vector<std::byte> data(kSuperpageBytes);
-  REQUIRE(client.Send(MessageType::kWrite, 3, 0,
-                      std::as_bytes(std::span<const RangeBody, 1>(&range, 1)), data));
+  // The lender may hang up before the payload is all sent, so the send may fail.
+  (void)client.Send(MessageType::kWrite, 3, 0,
+                    std::as_bytes(std::span<const RangeBody, 1>(&range, 1)), data);
   std::optional<TestMessage> reply = client.ReadMessage();
   REQUIRE(reply);
   CHECK(reply->header.tag == 3);
