@@ -514,8 +514,13 @@ TEST_SUITE("security") {
     CHECK(client.Read(offset, kLength, 2) == data);
     const std::vector<uint8_t> middle(data.begin() + 3 * kMiB, data.begin() + 6 * kMiB + 5);
     CHECK(client.Read(offset + 3 * kMiB, static_cast<uint32_t>(middle.size()), 3) == middle);
-    // Past the end: refused, the payload read and dropped, the stream still in step.
+    // Past the end: refused, the payload read and dropped, the stream still in step; also
+    // where offset + length wraps around 2^64.
     CHECK(client.Write(60 * kMiB, std::span(data).first(8 * kMiB), 4) == nbd_wire::NBD_ENOSPC);
+    CHECK(client.Write(0xfffffffffffff000ULL, std::span(data).first(2 * kMiB), 40) ==
+          nbd_wire::NBD_ENOSPC);
+    CHECK(client.Write(0xffffffffffffff9bULL, std::span(data).first(2 * kMiB), 41) ==
+          nbd_wire::NBD_ENOSPC);
     CHECK(client.Read(offset, 4096, 5) == std::vector<uint8_t>(data.begin(), data.begin() + 4096));
     const uint64_t after_kib = HeldKiB(daemon.pid());
     INFO("held before: " << before_kib << " KiB, after: " << after_kib << " KiB");

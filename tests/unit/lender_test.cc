@@ -303,6 +303,31 @@ TEST_CASE("ReleaseSession frees superpages and pages of that session only") {
   CHECK(stats.borrowers == 0);
 }
 
+TEST_CASE("a session has at most kMaxPoolsPerSession pools; a failed PUT leaves none behind") {
+  LenderPool pool(kSuperpageBytes);  // 512 slots
+  const SessionId session = 1;
+  const Page page = MakePage(3);
+  // 63 pools of one page each, then pool 0 filled until the superpage is full.
+  for (std::uint32_t id = 0; id + 1 < LenderPool::kMaxPoolsPerSession; ++id) {
+    REQUIRE(pool.Put(session, HandleBody{id, 0, 1}, false, page) == Status::kOk);
+  }
+  std::uint32_t index = 1;
+  while (pool.Put(session, HandleBody{0, index, 1}, false, page) == Status::kOk) ++index;
+  REQUIRE(index == kPagesPerSuperpage - (LenderPool::kMaxPoolsPerSession - 1) + 1);
+  // PUTs into new pools that fail for want of room: none may count as a pool.
+  for (std::uint32_t id = 1000; id < 1100; ++id) {
+    CHECK(pool.Put(session, HandleBody{id, 0, 1}, false, page) == Status::kNoSpace);
+  }
+  REQUIRE(pool.Flush(session, HandleBody{0, 1, 1}) == Status::kOk);
+  CHECK(pool.Put(session, HandleBody{2000, 0, 1}, false, page) == Status::kOk);  // the 64th
+  REQUIRE(pool.Flush(session, HandleBody{0, 2, 1}) == Status::kOk);
+  CHECK(pool.Put(session, HandleBody{3000, 0, 1}, false, page) == Status::kNoSpace);  // 65th
+  CHECK(pool.Put(session, HandleBody{2000, 1, 1}, false, page) == Status::kOk);  // room there
+  // Destroying a pool makes room for another.
+  REQUIRE(pool.DestroyPool(session, 5) == Status::kOk);
+  CHECK(pool.Put(session, HandleBody{3000, 0, 1}, false, page) == Status::kOk);
+}
+
 TEST_CASE("persistent pages round-trip, rewrite in place, and miss when absent") {
   LenderPool pool(kSuperpageBytes);
   for (std::uint64_t i = 0; i < 100; ++i) {
@@ -1096,6 +1121,18 @@ TEST_CASE("before HELLO a request larger than the small buffer is refused and hu
   CHECK(reply->header.tag == 3);
   CHECK(reply->status() == Status::kProtocol);
   CHECK(reply->text() == "send HELLO before WRITE");
+  CHECK(client.WaitClosed());
+}
+
+TEST_CASE("an oversized HELLO before HELLO is refused as too big, naming its length") {
+  RunningLender lender(kSuperpageBytes);
+  PeerTestClient client = lender.Connect();
+  const std::vector<std::byte> body(5000);
+  (void)client.Send(MessageType::kHello, 4, 0, body);
+  std::optional<TestMessage> reply = client.ReadMessage();
+  REQUIRE(reply);
+  CHECK(reply->status() == Status::kTooBig);
+  CHECK(reply->text() == "HELLO carries 5000 payload bytes, expected 24");
   CHECK(client.WaitClosed());
 }
 
