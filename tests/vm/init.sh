@@ -6,10 +6,13 @@
 # read-only by QEMU as "hostroot") on /root, gives it fresh proc, sysfs, devtmpfs, devpts,
 # tmpfs and cgroup2 mounts, copies in the job that tests/vm/run wrote (its host path is
 # memlend.job= on the kernel command line) and switch_roots into it. Stage 2 (this file again,
-# as PID 1 in the host's root) runs the job with bash, prints
+# as PID 1 in the host's root) prints
+#     MEMLEND-VM-START <token>
+# (token from memlend.token=), runs the job with bash, prints
 #     MEMLEND-VM-EXIT <token> <status>
-# (token from memlend.token=) for the host to parse, and powers the machine off. A setup
-# failure prints "MEMLEND-VM-INIT-FAILED: <reason>" instead, and the host fails the run.
+# for the host to parse, and powers the machine off (a guest that dies before the START line
+# gets a second boot from the host). A setup failure prints "MEMLEND-VM-INIT-FAILED: <reason>"
+# instead, and the host fails the run.
 #
 # PID 1 must end up in the host's root, not merely chroot a child there: the kernel's threads
 # share PID 1's root, and the kernel's own module requests (/proc/sys/kernel/modprobe) run there.
@@ -24,6 +27,7 @@ drain_console() {
 
 if [ "${1:-}" = stage2 ]; then
   bb=/run/memlend-vm/busybox
+  echo "MEMLEND-VM-START $2"
   /bin/bash /run/memlend-vm/job.sh </dev/null
   status=$?
   drain_console $bb
