@@ -153,8 +153,7 @@ int main(int argc, char** argv) {
       ->type_name("GROUP");
   daemon->add_option("--max-connections", daemon_args.max_connections,
                      "NBD connections served at once on each NBD socket; more are refused "
-                     "(each may hold up to 6.5 MiB of locked memory: counted in what the "
-                     "daemon reserves)")
+                     "(each may hold up to 6.5 MiB of locked memory while it is open)")
       ->type_name("N")
       ->default_str("64");
   daemon->add_option("--local-store", daemon_args.local_store,
@@ -209,8 +208,8 @@ int main(int argc, char** argv) {
       ->type_name("ADDR");
   daemon->add_option("--max-borrowers", daemon_args.max_borrowers,
                      "Borrower connections served at once; more are refused with a message "
-                     "saying so (each may hold up to 7.3 MiB of locked memory: counted in what "
-                     "the daemon reserves)")
+                     "saying so (each may hold up to 7.3 MiB of locked memory while it is "
+                     "open)")
       ->type_name("N")
       ->default_str("32");
   daemon->add_option("--node-id", daemon_args.node_id,
@@ -218,7 +217,7 @@ int main(int argc, char** argv) {
       ->type_name("HEX");
   daemon->add_flag("--force", daemon_args.force,
                    "Reserve --local-store and --lend even past what this host can hold (MemTotal "
-                   "less the larger of 1 GiB and 10%) or lock (RLIMIT_MEMLOCK): the kernel's "
+                   "less the larger of 1 GiB and 10%, at most a quarter) or lock (RLIMIT_MEMLOCK): the kernel's "
                    "OOM killer may then stop any process of the host");
   daemon->add_flag("--no-mlock", daemon_args.no_mlock,
                    "Do not lock the daemon's memory (mlockall), mark it an I/O flusher, or "

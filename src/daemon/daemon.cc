@@ -24,7 +24,6 @@
 #include "frontend/fuse_frontend.h"
 #include "frontend/nbd_kernel_frontend.h"
 #include "frontend/ublk_frontend.h"
-#include "nbd/transmission.h"
 #include "memlend/control_api.h"
 
 namespace memlend {
@@ -118,16 +117,8 @@ std::vector<Reservation> Daemon::Reservations() const {
   std::vector<Reservation> parts = {{"--local-store", config_.local_store_bytes},
                                     {"--lend", config_.lend_bytes}};
   if (locks_memory_) parts.push_back({"locked heap reserve", kHeapReserveBytes});
-  // What connections may take at most: their buffers and a thread's stack each.
-  const unsigned nbd_servers = (config_.serve_nbd ? 1 : 0) + (private_nbd_ ? 1 : 0);
-  parts.push_back({"NBD connections (--max-connections)",
-                   std::uint64_t{nbd_servers} * config_.max_connections *
-                       (nbd::kMaxConnectionBufferBytes + kLockedStackBytes)});
-  if (config_.lend_bytes > 0) {
-    parts.push_back({"borrower sessions (--max-borrowers)",
-                     std::uint64_t{config_.max_borrowers} *
-                         (peer::LenderService::kMaxSessionBufferBytes + kLockedStackBytes)});
-  }
+  // Connections are not reservations: what they may hold is bounded by --max-connections
+  // and --max-borrowers (6.5 and 7.3 MiB each at most), and taken only while they are open.
   std::uint64_t tables = 0;
   std::lock_guard lock(frontends_mu_);
   for (const auto& [name, frontend] : frontends_) {

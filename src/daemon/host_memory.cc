@@ -50,7 +50,8 @@ HostMemory ReadHostMemory() {
 
 std::uint64_t HostMargin(const HostMemory& host) {
   if (host.total_bytes == kNoLimit) return 0;
-  return std::max<std::uint64_t>(std::uint64_t{1} << 30, host.total_bytes / 10);
+  return std::min(std::max<std::uint64_t>(std::uint64_t{1} << 30, host.total_bytes / 10),
+                  host.total_bytes / 4);
 }
 
 std::string CheckReservation(const HostMemory& host, bool lock,

@@ -31,7 +31,8 @@ HostMemory ReadHostMemory();
 // True when the process has CAP_IPC_LOCK in its effective set.
 bool HasCapIpcLock();
 
-// What the rest of the host keeps: the larger of 1 GiB and a tenth of MemTotal.
+// What the rest of the host keeps: the larger of 1 GiB and a tenth of MemTotal, but at most
+// a quarter of it (a small machine, a VM of 1 GiB say, still lends or serves some).
 std::uint64_t HostMargin(const HostMemory& host);
 
 // One part of a reservation, for the message: e.g. {"--local-store", 2 GiB}.

@@ -15,9 +15,14 @@ bool Contains(const std::string& text, const std::string& part) {
   return text.find(part) != std::string::npos;
 }
 
-TEST_CASE("the margin is the larger of 1 GiB and a tenth of MemTotal") {
+TEST_CASE("the margin is the larger of 1 GiB and a tenth of MemTotal, at most a quarter") {
   CHECK(HostMargin(HostMemory{4 * kGiB, kNoLimit}) == kGiB);
   CHECK(HostMargin(HostMemory{24 * kGiB, kNoLimit}) == 24 * kGiB / 10);
+  // A 1 GiB VM keeps a quarter, and can still lend 256 MiB.
+  CHECK(HostMargin(HostMemory{965 * kMiB, kNoLimit}) == 965 * kMiB / 4);
+  CHECK(CheckReservation(HostMemory{965 * kMiB, kNoLimit}, true,
+                         {{"--lend", 256 * kMiB}, {"heap", 32 * kMiB}})
+            .empty());
   CHECK(HostMargin(HostMemory{kNoLimit, kNoLimit}) == 0);  // MemTotal unknown
 }
 
