@@ -17,12 +17,42 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <span>
+#include <string>
 #include <thread>
 
 #include "common/unique_fd.h"
+#include "transport/socket.h"
 
 namespace memlend::fuzz {
+
+// A fresh directory under $TMPDIR (or /tmp) holding one unix socket, `socket.sock`, for the
+// life of the process; removed when it exits normally. Aborts, naming `target`, if the
+// directory cannot be made.
+struct SocketDir {
+  explicit SocketDir(const char* target) {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string pattern = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") +
+                          "/memlend-fuzz-" + target + "-XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) {
+      std::fprintf(stderr, "%s_fuzz: mkdtemp: %s\n", target, std::strerror(errno));
+      std::abort();
+    }
+    dir = pattern;
+    endpoint.kind = Endpoint::Kind::kUnix;
+    endpoint.path = dir + "/socket.sock";
+  }
+  ~SocketDir() {
+    ::unlink(endpoint.path.c_str());
+    ::rmdir(dir.c_str());
+  }
+  SocketDir(const SocketDir&) = delete;
+  SocketDir& operator=(const SocketDir&) = delete;
+
+  std::string dir;
+  Endpoint endpoint;
+};
 
 // Writes `input` to `fd`, shuts `fd` down for writing, and reads until the other end
 // closes (or resets) the stream; drops what it reads. A failed write (the other end hung

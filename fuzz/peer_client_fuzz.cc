@@ -40,26 +40,9 @@ using peer::PeerClient;
 // The fake lender's listening socket, in a directory removed when the process exits
 // normally.
 struct Listener {
-  Listener() {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string pattern =
-        std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/memlend-fuzz-client-XXXXXX";
-    if (::mkdtemp(pattern.data()) == nullptr) {
-      std::perror("peer_client_fuzz: mkdtemp");
-      std::abort();
-    }
-    dir = pattern;
-    endpoint.kind = Endpoint::Kind::kUnix;
-    endpoint.path = dir + "/lender.sock";
-    fd = ListenOn(endpoint);
-  }
-  ~Listener() {
-    fd.Reset();
-    ::unlink(endpoint.path.c_str());
-    ::rmdir(dir.c_str());
-  }
-  std::string dir;
-  Endpoint endpoint;
+  Listener() : fd(ListenOn(socket_dir.endpoint)) {}
+  SocketDir socket_dir{"peer_client"};
+  const Endpoint& endpoint = socket_dir.endpoint;
   UniqueFd fd;
 };
 

@@ -28,28 +28,6 @@ namespace {
 
 constexpr std::uint64_t kPoolBytes = 3 * peer::kSuperpageBytes;
 
-// The socket's directory, removed when the process exits normally.
-struct SocketDir {
-  SocketDir() {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string pattern =
-        std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/memlend-fuzz-lender-XXXXXX";
-    if (::mkdtemp(pattern.data()) == nullptr) {
-      std::perror("peer_lender_fuzz: mkdtemp");
-      std::abort();
-    }
-    dir = pattern;
-    endpoint.kind = Endpoint::Kind::kUnix;
-    endpoint.path = dir + "/lender.sock";
-  }
-  ~SocketDir() {
-    ::unlink(endpoint.path.c_str());
-    ::rmdir(dir.c_str());
-  }
-  std::string dir;
-  Endpoint endpoint;
-};
-
 void Lend(const Endpoint& endpoint, std::span<const std::uint8_t> input) {
   peer::LenderOptions options;
   // The input is all there, then the stream ends: the lender never waits for a HELLO.
@@ -71,7 +49,7 @@ void Lend(const Endpoint& endpoint, std::span<const std::uint8_t> input) {
 }  // namespace memlend::fuzz
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  static memlend::fuzz::SocketDir socket_dir;
+  static memlend::fuzz::SocketDir socket_dir("peer_lender");
   memlend::fuzz::Lend(socket_dir.endpoint, std::span<const std::uint8_t>(data, size));
   return 0;
 }
