@@ -32,6 +32,13 @@ struct DeviceConfig {
   // Pin each queue's thread to the CPUs whose requests it receives (the kernel's queue
   // affinity); otherwise the scheduler may run it on any CPU.
   bool pin_queues = true;
+  // Serve requests under SCHED_FIFO (lowest priority), waiting for them under the ordinary
+  // policy: a real-time thread may allocate a little below the kernel's min watermark, so
+  // the socket sends a request makes (to a peer holding its page) do not loop in reclaim
+  // when the whole host is out of memory and waits for this device's swap I/O. Needs
+  // CAP_SYS_NICE; without it the queues serve under the ordinary policy
+  // (UblkServer::realtime_refused()).
+  bool realtime = false;
   // The device number to ask for (N in /dev/ublkbN), or -1: the kernel picks one.
   int dev_id = -1;
 };

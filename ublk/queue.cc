@@ -81,7 +81,8 @@ int Queue::Map(int char_fd, bool lock_memory, std::string* error) noexcept {
   return 0;
 }
 
-int Queue::Start(const cpu_set_t* cpus, std::string* error) {
+int Queue::Start(const cpu_set_t* cpus, bool realtime, std::string* error) {
+  realtime_ = realtime;
   std::promise<int> started;
   std::future<int> result = started.get_future();
   cpu_set_t set;
@@ -95,6 +96,18 @@ int Queue::Start(const cpu_set_t* cpus, std::string* error) {
     *error = Reason("cannot start the queue's io_uring", -ret);
   }
   return ret;
+}
+
+bool Queue::UseRealtime(bool on) noexcept {
+  if (!realtime_) return false;
+  sched_param param{};
+  param.sched_priority = on ? ::sched_get_priority_min(SCHED_FIFO) : 0;
+  if (::pthread_setschedparam(::pthread_self(), on ? SCHED_FIFO : SCHED_OTHER, &param) == 0) {
+    return true;
+  }
+  realtime_ = false;
+  realtime_refused_.store(true, std::memory_order_release);
+  return false;
 }
 
 void Queue::Wake() noexcept {
@@ -178,6 +191,8 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
     started.set_value(ret);
     return;
   }
+  // Tried once before the first wait, so that Start's caller knows whether it holds.
+  if (UseRealtime(true)) UseRealtime(false);
   target_.QueueStarted(queue_id_);
 
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
@@ -198,6 +213,13 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
       io_uring_cqe* first = nullptr;
       ret = io_uring_submit_and_wait_timeout(&ring_, &first, 1, &wait, nullptr);
       if (ret == -ETIME || ret == -EINTR || ret == -EAGAIN || ret == -EBUSY) ret = 0;
+    } else if (realtime_ && io_uring_cq_ready(&ring_) == 0) {
+      // Wait under the ordinary policy: a real-time thread woken by each request would
+      // preempt the submitting task before it has queued the rest of its batch.
+      UseRealtime(false);
+      ret = io_uring_submit_and_wait(&ring_, 1);
+      UseRealtime(true);
+      if (ret == -EINTR || ret == -EAGAIN || ret == -EBUSY) ret = 0;
     } else {
       ret = io_uring_submit_and_wait(&ring_, 1);
       // Interrupted, or completions to reap before more can be submitted: reap them.

@@ -52,9 +52,13 @@ class Queue {
   int Map(int char_fd, bool lock_memory, std::string* error) noexcept;
 
   // Control thread. Starts the queue's thread, pinned to `cpus` when it is non-empty, and
-  // waits until it has fetched every tag. Returns 0, or -errno with a reason in *error
-  // (the thread has then already ended).
-  int Start(const cpu_set_t* cpus, std::string* error);
+  // waits until it has fetched every tag. With `realtime` the thread serves requests under
+  // SCHED_FIFO (DeviceConfig::realtime); realtime_refused() then tells whether the kernel
+  // refused it. Returns 0, or -errno with a reason in *error (the thread has then already
+  // ended).
+  int Start(const cpu_set_t* cpus, bool realtime, std::string* error);
+  // After Start: whether real-time scheduling was asked for and refused (EPERM).
+  bool realtime_refused() const { return realtime_refused_.load(std::memory_order_acquire); }
 
   // Any thread: asks the loop to end within kStopGraceMs (see above). Idempotent.
   void Wake() noexcept;
@@ -65,6 +69,9 @@ class Queue {
 
  private:
   void Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept;
+  // Queue thread: switches between SCHED_FIFO (serving) and SCHED_OTHER (waiting) when
+  // realtime_ is on. Returns false (and turns realtime_ off) when the kernel refuses.
+  bool UseRealtime(bool on) noexcept;
   // Queue thread: adds a FETCH_REQ or COMMIT_AND_FETCH_REQ for `tag` to the ring.
   void PrepareCommand(unsigned tag, bool commit, int result) noexcept;
   // Queue thread: serves the request now in `tag`'s descriptor; returns what to commit.
@@ -87,6 +94,8 @@ class Queue {
   std::size_t buffers_length_ = 0;
 
   int wake_fd_ = -1;  // eventfd; written by Wake, read through the ring
+  bool realtime_ = false;  // set by Start before the thread starts; then the thread's
+  std::atomic<bool> realtime_refused_{false};
   std::thread thread_;
   Stats stats_;
 

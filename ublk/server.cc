@@ -120,7 +120,7 @@ int UblkServer::Setup(std::string* error) {
                                          static_cast<std::uint32_t>(commit_op), target_);
     std::string reason;
     ret = queue->Map(char_fd_, config_.lock_memory, &reason);
-    if (ret == 0) ret = queue->Start(have_affinity ? &cpus : nullptr, &reason);
+    if (ret == 0) ret = queue->Start(have_affinity ? &cpus : nullptr, config_.realtime, &reason);
     queues_.push_back(std::move(queue));
     if (ret < 0) {
       *error = "ublk: queue " + std::to_string(q) + ": " + reason;
@@ -171,6 +171,13 @@ std::uint64_t UblkServer::errors() const {
   std::uint64_t total = 0;
   for (const auto& queue : queues_) total += queue->stats().errors.load(std::memory_order_relaxed);
   return total;
+}
+
+bool UblkServer::realtime_refused() const {
+  for (const auto& queue : queues_) {
+    if (queue->realtime_refused()) return true;
+  }
+  return false;
 }
 
 }  // namespace memlend::ublk

@@ -64,6 +64,9 @@ class UblkServer {
   // the queues).
   std::uint64_t requests() const;
   std::uint64_t errors() const;
+  // Whether DeviceConfig::realtime was asked for and the kernel refused it (no
+  // CAP_SYS_NICE): the queues then serve under the ordinary policy. Control thread only.
+  bool realtime_refused() const;
 
  private:
   enum class State { kAdded, kStarted, kStopped };

@@ -98,6 +98,7 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
   if (config.lend_bytes > 0) {
     peer::LenderOptions options;
     options.max_borrowers = config.max_borrowers;
+    options.realtime = locks_memory_;  // replies may be what a swapping host waits for
     lender_ = std::make_unique<peer::LenderService>(config.listen, config.lend_bytes,
                                                     config.node_id, options);
   }
@@ -401,6 +402,7 @@ std::unique_ptr<BlockFrontend> Daemon::CreateFrontend(const std::string& kind,
   if (kind == "ublk") {
     UblkOptions options;
     options.lock_memory = config_.lock_memory;  // its I/O buffers, like the rest of the daemon
+    options.realtime = config_.lock_memory;     // a swap-safe daemon: see docs/attach.md
     options.queues = queues;
     return AttachUblk(std::move(device), options);
   }

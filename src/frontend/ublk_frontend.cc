@@ -34,10 +34,15 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
     config.max_io_bytes = options.max_io_bytes;
     config.lock_memory = options.lock_memory;
     config.pin_queues = options.pin_queues;
+    config.realtime = options.realtime;
     std::string error;
     server_ = ublk::UblkServer::Start(config, *this, &error);
     if (!server_) return error;
     path_ = server_->block_path();
+    if (server_->realtime_refused()) {
+      LogError("warning: ublk: %s: no real-time scheduling (needs CAP_SYS_NICE): under memory "
+               "pressure, swap on it may stall", path_.c_str());
+    }
     if (const int ret = frontend::UseNoIoScheduler(path_); ret < 0) {
       LogDebug("ublk: %s: cannot turn off its I/O scheduler: %s", path_.c_str(),
                std::strerror(-ret));

@@ -30,6 +30,9 @@ struct UblkOptions {
   // the IOPS of unpinned ones, whose IOPS matched a single queue's; a pinned thread competes
   // with the submitting process for its CPU while the other CPU idles.
   bool pin_queues = false;
+  // Serve requests under SCHED_FIFO, wait under the ordinary policy (recommended for swap;
+  // see ublk::DeviceConfig::realtime and docs/attach.md).
+  bool realtime = false;
 };
 
 // True when this host's kernel offers ublk (/dev/ublk-control exists).

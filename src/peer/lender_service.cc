@@ -23,6 +23,7 @@
 
 #include "common/byte_buffer.h"
 #include "common/log.h"
+#include "common/realtime.h"
 #include "common/thread_name.h"
 
 namespace memlend::peer {
@@ -216,11 +217,39 @@ class LenderService::Connection {
     const bool spin = hello_ && (served_since_receive_ < kSpinBelowBatch || read_since_receive_);
     served_since_receive_ = 0;
     read_since_receive_ = false;
-    const long n = ReceiveSome(fd_, input_.data() + input_end_, input_.capacity() - input_end_,
-                               spin ? kRequestSpin : std::chrono::microseconds(0));
+    std::byte* const free_space = input_.data() + input_end_;
+    const std::size_t free_bytes = input_.capacity() - input_end_;
+    const std::chrono::microseconds spin_for = spin ? kRequestSpin : std::chrono::microseconds(0);
+    long n;
+    if (realtime_) {
+      // Serve under SCHED_FIFO, wait under the ordinary policy (LenderOptions::realtime),
+      // unless requests are already here.
+      n = ::recv(fd_, free_space, free_bytes, MSG_DONTWAIT);
+      if (n < 0) n = -errno;
+      if (n == -EAGAIN || n == -EINTR) {
+        UseOrdinaryScheduling();
+        n = ReceiveSome(fd_, free_space, free_bytes, spin_for);
+        EnterRealtime();
+      }
+    } else {
+      n = ReceiveSome(fd_, free_space, free_bytes, spin_for);
+    }
     if (n <= 0) return false;
     input_end_ += static_cast<std::size_t>(n);
     return true;
+  }
+
+  // Moves the thread to SCHED_FIFO; when the kernel refuses, serves as usual from then on
+  // and warns (once per lender).
+  void EnterRealtime() noexcept {
+    const int error = UseRealtimeScheduling();
+    if (error == 0) return;
+    realtime_ = false;
+    if (!service_.realtime_warned_.exchange(true)) {
+      LogError("warning: lender: no real-time scheduling (%s; needs CAP_SYS_NICE): under memory "
+               "pressure on this host, replies to borrowers may stall",
+               std::strerror(error));
+    }
   }
 
   // Sends a failed reply whose payload is the formatted error text.
@@ -297,6 +326,10 @@ class LenderService::Connection {
         Refuse(request, Status::kNoSpace, "the lender has no memory for another session");
         return false;
       }
+    }
+    if (!hello_ && service_.options_.realtime) {
+      realtime_ = true;
+      EnterRealtime();
     }
     hello_ = true;
     const HelloBody reply{service_.node_id_, service_.pool_.pool_bytes(), kSuperpageBytes,
@@ -461,6 +494,9 @@ class LenderService::Connection {
   ByteBuffer input_;
   std::size_t input_begin_ = 0;
   std::size_t input_end_ = 0;
+  // Whether requests are served under SCHED_FIFO: asked for by LenderOptions::realtime and
+  // turned on at HELLO (a connection that has not said HELLO gets no real-time service).
+  bool realtime_ = false;
   unsigned served_since_receive_ = 0;  // requests served since the last Receive
   bool read_since_receive_ = false;    // and whether a READ or GET was among them
   const std::byte* payload_ = nullptr;  // the current request's payload, inside input_

@@ -63,6 +63,12 @@ struct LenderOptions {
   std::chrono::milliseconds hello_timeout{5000};
   // Who may connect, for a unix socket.
   UnixSocketAccess access;
+  // Serve a session's requests under SCHED_FIFO (lowest priority), waiting for them under
+  // the ordinary policy: each reply is a socket send that allocates kernel memory, and a
+  // real-time thread may allocate a little below the min watermark, so replies still go out
+  // when this host is out of memory and waits for swap I/O that needs them (a borrower on
+  // this host). Needs CAP_SYS_NICE; without it the lender warns once and serves as usual.
+  bool realtime = false;
 };
 
 class LenderService {
@@ -126,6 +132,7 @@ class LenderService {
   const Endpoint endpoint_;
   const std::uint64_t node_id_;
   const LenderOptions options_;
+  std::atomic<bool> realtime_warned_{false};  // the warning that real-time was refused
   LenderPool pool_;
 
   std::atomic<bool> shutting_down_{false};  // set by Stop(): refuse new allocations

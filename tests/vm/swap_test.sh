@@ -95,9 +95,9 @@ case $mode in
     size_mib=$((ram_mib * 2))
     echo "memory_pattern over $size_mib MiB on a guest with $ram_mib MiB of RAM, no cgroup"
     swapped_before=$(awk '$1 == "pswpout" {print $2}' /proc/vmstat)
-    # Every 10 s, swap traffic and each daemon thread's state, wait channel and CPU ticks,
+    # Every 5 s, swap traffic and each daemon thread's state, wait channel and CPU ticks,
     # from a program locked in memory; when swapping stalls, the kernel's blocked tasks.
-    "$watch" 10 "borrower=${ml_pids[borrower]}" "lender=${ml_pids[lender]}" &
+    "$watch" 5 "borrower=${ml_pids[borrower]}" "lender=${ml_pids[lender]}" &
     monitor=$!
     "$pattern" "$size_mib" 11 || fail "memory_pattern found damaged pages (or could not run)"
     kill "$monitor" 2>/dev/null || true
