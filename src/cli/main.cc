@@ -178,6 +178,18 @@ int main(int argc, char** argv) {
                      "Control socket path (default: " + memlend::DefaultControlPath() + ")")
       ->type_name("PATH");
 
+  daemon->add_option("--peer-timeout", daemon_args.peer_timeout,
+                     "Milliseconds a lender has to answer each request (10-60000, default 500). "
+                     "A write that misses it goes elsewhere (another lender, the backing file), a "
+                     "read is asked again, and the lender is suspect: it gets no new pages until "
+                     "it answers in time again. "
+                     "Idle lenders are sent a heartbeat this often")
+      ->type_name("MS");
+  daemon->add_option("--peer-down-after", daemon_args.peer_down_after,
+                     "Milliseconds a suspect lender may go without a reply in time before it is "
+                     "down (100-600000, default 5000): its connection is closed, pages with "
+                     "no other copy read as errors and are counted as lost")
+      ->type_name("MS");
   daemon->add_option("--busy-poll", daemon_args.busy_poll_us,
                      "Microseconds a connection thread spins waiting for the next request "
                      "before it sleeps: lower latency for some CPU; 0 turns it off")

@@ -308,6 +308,18 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
   }
   config->busy_poll_us = args.busy_poll_us;
 
+  if (!ParseCount("--peer-timeout", args.peer_timeout, 10, 60000, &config->peer_timeout_ms,
+                  error) ||
+      !ParseCount("--peer-down-after", args.peer_down_after, 100, 600000,
+                  &config->peer_down_after_ms, error)) {
+    return false;
+  }
+  if (config->peer_down_after_ms < config->peer_timeout_ms) {
+    *error = "--peer-down-after " + std::to_string(config->peer_down_after_ms) +
+             " is shorter than --peer-timeout " + std::to_string(config->peer_timeout_ms) +
+             ": a peer is down only after it missed at least one deadline";
+    return false;
+  }
   for (const std::string& text : args.peers) {
     std::optional<Endpoint> peer = ParseEndpoint(text, &reason);
     if (!peer) {

@@ -44,6 +44,8 @@ struct DaemonConfig {
   std::string control_path;
   std::uint32_t busy_poll_us = 50;
   std::vector<Endpoint> peers;          // lenders to borrow from
+  unsigned peer_timeout_ms = 500;       // each peer request's deadline, and the heartbeat
+  unsigned peer_down_after_ms = 5000;   // overdue this long: the peer is down
   double high_watermark = 0.90;         // local-store use that starts eviction
   double low_watermark = 0.80;          // eviction stops below this
   // Lending side: 0 lends nothing.
@@ -66,6 +68,8 @@ struct DaemonArgs {
   std::string control;
   std::uint32_t busy_poll_us = 50;
   std::vector<std::string> peers;
+  std::string peer_timeout;     // milliseconds; empty: the default
+  std::string peer_down_after;  // milliseconds; empty: the default
   std::string high_watermark = "90";
   std::string low_watermark = "80";
   std::string lend;

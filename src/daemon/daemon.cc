@@ -69,7 +69,10 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
     std::unique_ptr<peer::PeerStore> remote;
     PageStore* cache = nullptr;
     if (!config.peers.empty()) {
-      remote = std::make_unique<peer::PeerStore>(config.node_id);
+      peer::PeerStoreOptions peer_options;
+      peer_options.request_timeout = std::chrono::milliseconds(config.peer_timeout_ms);
+      peer_options.down_after = std::chrono::milliseconds(config.peer_down_after_ms);
+      remote = std::make_unique<peer::PeerStore>(config.node_id, peer_options);
       for (const Endpoint& endpoint : config.peers) remote->AddPeer(endpoint);
       remote->Refresh();  // connect and learn free space now; unreachable peers retry later
       peers_ = remote.get();
@@ -204,10 +207,17 @@ void Daemon::Stop() {
 }
 
 void Daemon::RefreshLoop() {
+  // Heartbeats every peer timeout; reconnects and free-space queries every kRefreshInterval.
+  const auto tick = peers_->options().request_timeout;
+  auto next_refresh = std::chrono::steady_clock::now() + kRefreshInterval;
   std::unique_lock lock(refresh_mu_);
-  while (!refresh_cv_.wait_for(lock, kRefreshInterval, [this] { return stopping_; })) {
+  while (!refresh_cv_.wait_for(lock, tick, [this] { return stopping_; })) {
     lock.unlock();
-    peers_->Refresh();
+    peers_->Heartbeat();
+    if (std::chrono::steady_clock::now() >= next_refresh) {
+      peers_->Refresh();
+      next_refresh = std::chrono::steady_clock::now() + kRefreshInterval;
+    }
     lock.lock();
   }
 }

@@ -1,9 +1,12 @@
 #include "peer/peer_client.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/uio.h>
 #include <poll.h>
+#include <sched.h>
 
 #include <cassert>
 #include <cerrno>
@@ -17,10 +20,19 @@
 namespace memlend::peer {
 namespace {
 
-void SetReceiveTimeout(int fd, std::chrono::milliseconds timeout) {
+void SetTimeout(int fd, int option, std::chrono::milliseconds timeout) {
   timeval tv{static_cast<time_t>(timeout.count() / 1000),
              static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  ::setsockopt(fd, SOL_SOCKET, option, &tv, sizeof(tv));
+}
+void SetReceiveTimeout(int fd, std::chrono::milliseconds timeout) {
+  SetTimeout(fd, SO_RCVTIMEO, timeout);
+}
+
+std::int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 }  // namespace
@@ -52,6 +64,37 @@ class StreamReader {
     std::memcpy(rest.data(), buffer_.data(), rest.size());
     begin_ = rest.size();
     return true;
+  }
+
+  // Whether bytes are buffered.
+  bool Buffered() const { return begin_ < end_; }
+
+  // When nothing is buffered, receives what the socket has, busy-polling up to `spin` and
+  // then waiting until `deadline`. Returns 0 (bytes are buffered now), -ETIMEDOUT (none
+  // came; nothing changed) or another -errno / -ECONNRESET (the stream is over).
+  int Fill(std::chrono::microseconds spin, std::chrono::steady_clock::time_point deadline) {
+    if (Buffered()) return 0;
+    begin_ = end_ = 0;
+    const auto spin_until = std::chrono::steady_clock::now() + spin;
+    bool spinning = spin.count() > 0;
+    for (;;) {
+      const ssize_t n = ::recv(fd_, buffer_.data(), kCapacity, MSG_DONTWAIT);
+      if (n > 0) {
+        end_ = static_cast<std::size_t>(n);
+        return 0;
+      }
+      if (n == 0) return -ECONNRESET;
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN) return -errno;
+      if (spinning && std::chrono::steady_clock::now() < spin_until) {
+        // Let a thread that is ready to run on this CPU have it: it may be the very one
+        // that is to send what we wait for.
+        ::sched_yield();
+        continue;
+      }
+      spinning = false;
+      if (const int rc = WaitReadable(fd_, deadline); rc != 0) return rc;
+    }
   }
 
   // Whether bytes are buffered, or the socket has some to read now.
@@ -109,15 +152,17 @@ int SendParts(int fd, iovec* parts, int count) noexcept {
 }  // namespace
 
 PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHandler on_notice,
-                       std::chrono::milliseconds timeout)
-    : endpoint_(endpoint), on_notice_(std::move(on_notice)) {
+                       const PeerClientOptions& options)
+    : endpoint_(endpoint), on_notice_(std::move(on_notice)), options_(options) {
   const std::string name = "peer " + endpoint.ToString();
+  const std::chrono::milliseconds timeout = options.connect_timeout;
   std::string reason;
-  fd_ = ConnectTo(endpoint, &reason);
+  fd_ = ConnectTo(endpoint, &reason, std::chrono::steady_clock::now() + timeout);
   if (!fd_.valid()) throw std::runtime_error(name + " is unreachable: " + reason);
 
   // HELLO, synchronously, before the reader thread exists.
   SetReceiveTimeout(fd_.get(), timeout);
+  SetTimeout(fd_.get(), SO_SNDTIMEO, timeout);
   std::byte request[sizeof(Header) + sizeof(HelloBody)];
   const HelloBody hello{node_id, 0, kSuperpageBytes, kCapPassive | kCapActive};
   EncodeHeader(MessageType::kHello, false, 0, Status::kOk, 0, sizeof(HelloBody),
@@ -160,7 +205,15 @@ PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHa
                              std::to_string(lender_.superpage_bytes) + " bytes, expected " +
                              std::to_string(kSuperpageBytes));
   }
-  SetReceiveTimeout(fd_.get(), std::chrono::milliseconds(0));
+  // From now on a message that has begun must arrive in full, and a send must get room,
+  // within the stall timeout; waits between messages are bounded by deadlines instead.
+  SetReceiveTimeout(fd_.get(), options.stall_timeout);
+  SetTimeout(fd_.get(), SO_SNDTIMEO, options.stall_timeout);
+  if (endpoint.kind == Endpoint::Kind::kTcp) {
+    const unsigned user_timeout = static_cast<unsigned>(options.stall_timeout.count());
+    ::setsockopt(fd_.get(), IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, sizeof(user_timeout));
+  }
+  last_heard_ns_.store(NowNs(), std::memory_order_relaxed);
   stream_ = std::make_unique<StreamReader>(fd_.get());
   connected_.store(true, std::memory_order_release);
   idle_reader_ = std::thread([this] { IdleLoop(); });
@@ -191,6 +244,12 @@ int PeerClient::SubmitRead(std::uint32_t sid, std::uint32_t offset, Pending* pen
                 {}, pending);
 }
 
+int PeerClient::SubmitQuery(Pending* pending) noexcept {
+  return Submit(MessageType::kQuery, 0, {}, {}, pending);
+}
+
+void PeerClient::Hangup() noexcept { ::shutdown(fd_.get(), SHUT_RDWR); }
+
 int PeerClient::SubmitWrite(std::uint32_t sid, std::uint32_t offset,
                             std::span<const std::byte> data, Pending* pending) noexcept {
   const RangeBody body{sid, offset, static_cast<std::uint32_t>(data.size()), 0};
@@ -205,6 +264,10 @@ std::uint64_t PeerClient::Register(Pending* pending) noexcept {
     return std::uint64_t{0};
   };
   const std::uint64_t tag = next_tag_.fetch_add(1, std::memory_order_relaxed);
+  pending->tag = tag;
+  if (options_.request_timeout.count() > 0) {
+    pending->deadline = std::chrono::steady_clock::now() + options_.request_timeout;
+  }
   std::lock_guard lock(pending_mu_);
   if (!connected()) return fail(-ENOTCONN);
   pending->client = this;
@@ -299,16 +362,64 @@ int PeerClient::Submit(MessageType type, std::uint32_t flags, std::span<const st
 }
 
 void PeerClient::AwaitReply(Pending* pending) noexcept {
+  const auto deadline = pending->deadline;
   while (!pending->done.load(std::memory_order_acquire)) {
     // Another thread may be reading; it completes this request if its reply comes first.
-    std::lock_guard lock(recv_mu_);
-    while (!pending->done.load(std::memory_order_acquire)) {
-      if (ended_ || !ReadMessageLocked(pending->spin ? kReplySpin : std::chrono::microseconds(0))) {
-        EndStreamLocked();  // fails every pending request, this one included
-        break;
+    std::unique_lock lock(recv_mu_, std::defer_lock);
+    if (deadline == std::chrono::steady_clock::time_point::max()) {
+      lock.lock();
+    } else if (!lock.try_lock_until(deadline)) {
+      // Overdue while another thread reads. Unless that reader has taken the reply (it is
+      // then completing it, within the stall timeout at worst), withdraw.
+      {
+        std::lock_guard pending_lock(pending_mu_);
+        if (WithdrawLocked(pending, -ETIMEDOUT)) return;
       }
+      while (!pending->done.load(std::memory_order_acquire)) pending->done.wait(false);
+      return;
+    }
+    ReadOutcome outcome = ReadOutcome::kMessage;
+    while (!pending->done.load(std::memory_order_acquire) && outcome == ReadOutcome::kMessage) {
+      outcome = ended_ ? ReadOutcome::kEnd
+                       : ReadMessageLocked(pending->spin ? kReplySpin : std::chrono::microseconds(0),
+                                           deadline);
+    }
+    if (outcome == ReadOutcome::kEnd) {
+      EndStreamLocked();  // fails every pending request, this one included
+    } else if (outcome == ReadOutcome::kTimeout &&
+               !pending->done.load(std::memory_order_acquire)) {
+      std::lock_guard pending_lock(pending_mu_);
+      WithdrawLocked(pending, -ETIMEDOUT);  // nobody else reads, so nobody has taken it
     }
   }
+}
+
+bool PeerClient::WithdrawLocked(Pending* pending, int error) noexcept {
+  if (pending_.erase(pending->tag) == 0) return false;
+  pending->result = error;
+  pending->done.store(true, std::memory_order_release);
+  if (error == -ETIMEDOUT) {
+    std::int64_t none = 0;
+    overdue_since_ns_.compare_exchange_strong(none, NowNs(), std::memory_order_relaxed);
+  }
+  return true;
+}
+
+void PeerClient::Complete(Pending* pending, int result) noexcept {
+  pending->result = result;
+  pending->done.store(true, std::memory_order_release);
+  pending->done.notify_one();
+}
+
+std::chrono::steady_clock::time_point PeerClient::overdue_since() const noexcept {
+  const std::int64_t ns = overdue_since_ns_.load(std::memory_order_relaxed);
+  if (ns == 0) return std::chrono::steady_clock::time_point::min();
+  return std::chrono::steady_clock::time_point(std::chrono::nanoseconds(ns));
+}
+
+std::chrono::steady_clock::time_point PeerClient::last_heard() const noexcept {
+  return std::chrono::steady_clock::time_point(
+      std::chrono::nanoseconds(last_heard_ns_.load(std::memory_order_relaxed)));
 }
 
 void PeerClient::IdleLoop() {
@@ -328,7 +439,7 @@ void PeerClient::IdleLoop() {
     std::unique_lock lock(recv_mu_, std::try_to_lock);
     if (!lock.owns_lock() || ended_) continue;  // a waiting thread is reading
     while (stream_->Ready()) {
-      if (!ReadMessageLocked()) {
+      if (ReadMessageLocked() == ReadOutcome::kEnd) {
         EndStreamLocked();
         break;
       }
@@ -348,24 +459,31 @@ void PeerClient::EndStreamLocked() noexcept {
   FailAllLocked(-ENOTCONN);
 }
 
-bool PeerClient::ReadMessageLocked(std::chrono::microseconds spin) noexcept {
+PeerClient::ReadOutcome PeerClient::ReadMessageLocked(
+    std::chrono::microseconds spin, std::chrono::steady_clock::time_point deadline) noexcept {
   StreamReader& stream = *stream_;
+  // Between messages: spin briefly, then wait until the deadline for the next one.
+  if (const int rc = stream.Fill(spin, deadline); rc != 0) {
+    return rc == -ETIMEDOUT ? ReadOutcome::kTimeout : ReadOutcome::kEnd;
+  }
   std::byte wire[sizeof(Header)];
-  if (!stream.Read(wire, spin)) return false;
+  if (!stream.Read(wire)) return ReadOutcome::kEnd;
+  const auto arrived = std::chrono::steady_clock::now();
+  last_heard_ns_.store(NowNs(), std::memory_order_relaxed);
   Message message;
   if (DecodeHeader(wire, &message) != HeaderCheck::kOk) {
     LogError("peer %s: malformed message, disconnecting", endpoint_.ToString().c_str());
-    return false;
+    return ReadOutcome::kEnd;
   }
   if (!message.reply) {
     try {
       notice_.resize(message.payload_bytes);  // at most kMaxPayload (DecodeHeader checked)
     } catch (const std::bad_alloc&) {
-      return false;
+      return ReadOutcome::kEnd;
     }
-    if (!stream.Read(notice_)) return false;
+    if (!stream.Read(notice_)) return ReadOutcome::kEnd;
     if (on_notice_) on_notice_(message, notice_);
-    return true;
+    return ReadOutcome::kMessage;
   }
   Pending* pending = nullptr;
   {
@@ -373,10 +491,13 @@ bool PeerClient::ReadMessageLocked(std::chrono::microseconds spin) noexcept {
     const auto it = pending_.find(message.tag);
     if (it != pending_.end()) {
       pending = it->second;
-      pending_.erase(it);
+      pending_.erase(it);  // taken: from now on only this thread completes it
     }
   }
-  if (pending == nullptr) return stream.Skip(message.payload_bytes);  // nobody waits for it
+  if (pending == nullptr) {  // nobody waits for it (withdrawn, or a no-reply request)
+    return stream.Skip(message.payload_bytes) ? ReadOutcome::kMessage : ReadOutcome::kEnd;
+  }
+  if (arrived <= pending->deadline) overdue_since_ns_.store(0, std::memory_order_relaxed);
   int result = StatusToErrno(message.status);
   bool stream_ok = true;
   if (result == 0 && message.payload_bytes == pending->out.size()) {
@@ -386,10 +507,8 @@ bool PeerClient::ReadMessageLocked(std::chrono::microseconds spin) noexcept {
     if (result == 0) result = -EPROTO;  // the reply has the wrong size
     stream_ok = stream.Skip(message.payload_bytes);
   }
-  pending->result = result;
-  pending->done.store(true, std::memory_order_release);
-  pending->done.notify_one();
-  return stream_ok;
+  Complete(pending, result);
+  return stream_ok ? ReadOutcome::kMessage : ReadOutcome::kEnd;
 }
 
 void PeerClient::FailAllLocked(int error) {

@@ -4,11 +4,20 @@
 // request (tag, header, body, data) under a send lock, then waits for the reply with its
 // tag. A waiting thread reads the socket itself (one at a time, under a receive lock),
 // completing its own requests and any others' whose replies come first, so a reply costs
-// no hand-off to another thread. While no request waits, a background thread looks at
-// the socket every few milliseconds for notices (EVICTED, RECLAIM, SHUTDOWN) and a hang-up.
-// Notices go to a callback on whichever thread reads them. When the connection drops,
-// every pending and later call fails with -ENOTCONN and connected() turns false;
-// reconnecting is the owner's decision (a new PeerClient).
+// no hand-off to another thread. While no
+// request waits, a background thread looks at the socket every few milliseconds for notices
+// (EVICTED, RECLAIM, SHUTDOWN) and a hang-up. Notices go to a callback on whichever thread
+// reads them. When the connection drops, every pending and later call fails with -ENOTCONN
+// and connected() turns false; reconnecting is the owner's decision (a new PeerClient).
+//
+// Deadlines. With a request timeout every request has a deadline; a waiter whose reply has
+// not come by then withdraws its request (a late reply is skipped by its tag) and gets
+// -ETIMEDOUT, and the client counts as *overdue* from that moment until a reply arrives in
+// time (overdue_since()). A message that has begun to arrive must arrive in full within the
+// stall timeout, else the stream is taken for broken (SO_RCVTIMEO); TCP_USER_TIMEOUT does the
+// same for data the lender never acknowledges. A request written but withdrawn may still be
+// executed by the lender: requests on one connection are served in order, so a later WRITE
+// to the same slot always lands after it.
 #pragma once
 
 #include <atomic>
@@ -30,6 +39,12 @@
 
 namespace memlend::peer {
 
+struct PeerClientOptions {
+  std::chrono::milliseconds connect_timeout{3000};  // connect and HELLO, together
+  std::chrono::milliseconds request_timeout{0};     // each request's deadline; 0: none
+  std::chrono::milliseconds stall_timeout{5000};    // the rest of a message, once begun
+};
+
 class PeerClient {
  public:
   // Runs on the reading thread for each notice; must not call back into this client, and
@@ -40,7 +55,10 @@ class PeerClient {
   // std::runtime_error with a one-line reason on failure: unreachable, a lender of another
   // protocol version (the message names both versions), or no answer in time.
   PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHandler on_notice,
-             std::chrono::milliseconds timeout = std::chrono::milliseconds(3000));
+             const PeerClientOptions& options);
+  PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHandler on_notice,
+             std::chrono::milliseconds timeout = std::chrono::milliseconds(3000))
+      : PeerClient(endpoint, node_id, std::move(on_notice), PeerClientOptions{timeout}) {}
   // Hangs up and joins the background thread; pending calls fail with -ENOTCONN.
   // REQUIRES: no thread is inside a call or a Wait on this client.
   ~PeerClient();
@@ -48,7 +66,8 @@ class PeerClient {
   PeerClient& operator=(const PeerClient&) = delete;
 
   // Each call returns 0 or a negative errno: the lender's refusal (StatusToErrno, e.g.
-  // -ENOSPC, -EPERM) or -ENOTCONN when the connection is gone. Thread-safe.
+  // -ENOSPC, -EPERM), -ENOTCONN when the connection is gone, or -ETIMEDOUT when no reply
+  // came by the request's deadline. Thread-safe.
   int Query(QueryReply* reply) noexcept;
   int AllocSuperpage(std::uint32_t* sid) noexcept;
   int Write(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data) noexcept;
@@ -82,8 +101,13 @@ class PeerClient {
     // (evictions) turn it off, since spinning takes the CPU the lender needs on a
     // crowded host.
     bool spin = true;
+    // Set when registered.
+    std::uint64_t tag = 0;
+    std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
   };
   int SubmitRead(std::uint32_t sid, std::uint32_t offset, Pending* pending) noexcept;
+  // As SubmitRead, for a QUERY whose reply (a QueryReply) goes to pending->out.
+  int SubmitQuery(Pending* pending) noexcept;
   // As SubmitRead, for a WRITE of `data`, which must stay valid until Wait returns.
   int SubmitWrite(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data,
                   Pending* pending) noexcept;
@@ -132,11 +156,18 @@ class PeerClient {
   };
 
   bool connected() const { return connected_.load(std::memory_order_acquire); }
+  // Ends the connection now: every pending and later call fails with -ENOTCONN.
+  void Hangup() noexcept;
   const Endpoint& endpoint() const { return endpoint_; }
   // The lender's HELLO reply. Constant after construction.
   const HelloBody& lender() const { return lender_; }
   // The round-trip time of the most recent QUERY, in microseconds.
   std::uint64_t last_rtt_us() const { return last_rtt_us_.load(std::memory_order_relaxed); }
+  // Since when a request has been overdue with no reply in time after it (see Deadlines),
+  // or time_point::min() when none is.
+  std::chrono::steady_clock::time_point overdue_since() const noexcept;
+  // When the last message (reply or notice) arrived; the HELLO reply at first.
+  std::chrono::steady_clock::time_point last_heard() const noexcept;
 
  private:
   // Registers `pending` under a new tag; returns the tag, or 0 (with `pending` completed
@@ -152,11 +183,21 @@ class PeerClient {
            std::span<const std::byte> data, std::span<std::byte> out) noexcept;
   // Sends a request whose reply nobody waits for (tag 0). See FreeSuperpageNoReply.
   int SendNoReply(MessageType type, std::span<const std::byte> body, bool wait_to_send) noexcept;
-  // Reads replies (and notices) until `pending` is done.
+  // Waits for `pending` (reading replies and notices as the reader when nobody else is)
+  // until it is done or its deadline passes, then withdraws it with -ETIMEDOUT.
   void AwaitReply(Pending* pending) noexcept;
-  // Reads one message and dispatches it, busy-polling up to `spin` for its first bytes.
-  // Returns false when the stream is over (or garbled). REQUIRES: recv_mu_ held.
-  bool ReadMessageLocked(std::chrono::microseconds spin = {}) noexcept;
+  // Removes `pending` from the table and completes it with `error`, unless a reader has
+  // taken it already (then it is being completed; returns false). REQUIRES: pending_mu_.
+  bool WithdrawLocked(Pending* pending, int error) noexcept;
+  // Completes a taken request and wakes its waiter.
+  void Complete(Pending* pending, int result) noexcept;
+  enum class ReadOutcome { kMessage, kTimeout, kEnd };
+  // Reads one message and dispatches it, busy-polling up to `spin` for its first bytes and
+  // waiting for them until `deadline` (kTimeout: nothing came; the stream is still whole).
+  // kEnd when the stream is over (or garbled). REQUIRES: recv_mu_ held.
+  ReadOutcome ReadMessageLocked(std::chrono::microseconds spin = {},
+                                std::chrono::steady_clock::time_point deadline =
+                                    std::chrono::steady_clock::time_point::max()) noexcept;
 
   // A lender on a fast link answers within tens of microseconds: wait that long awake.
   static constexpr std::chrono::microseconds kReplySpin{50};
@@ -170,6 +211,7 @@ class PeerClient {
   // Constant after construction.
   const Endpoint endpoint_;
   const NoticeHandler on_notice_;
+  const PeerClientOptions options_;
   UniqueFd fd_;
   HelloBody lender_{};
 
@@ -179,7 +221,9 @@ class PeerClient {
   std::mutex send_mu_;  // serialises whole requests on the socket
   std::mutex pending_mu_;
   std::unordered_map<std::uint64_t, Pending*> pending_;  // guarded by pending_mu_
-  std::mutex recv_mu_;  // held by the one thread reading the socket
+  std::atomic<std::int64_t> overdue_since_ns_{0};  // steady clock; 0: nothing overdue
+  std::atomic<std::int64_t> last_heard_ns_{0};
+  std::timed_mutex recv_mu_;  // held by the one thread reading the socket
   std::unique_ptr<class StreamReader> stream_;  // guarded by recv_mu_
   bool ended_ = false;                          // guarded by recv_mu_
   std::vector<std::byte> notice_;               // guarded by recv_mu_

@@ -86,11 +86,13 @@ const char* PeerStateName(PeerState state) {
     case PeerState::kUp: return "up";
     case PeerState::kDown: return "down";
     case PeerState::kRefusing: return "refusing";
+    case PeerState::kSuspect: return "suspect";
   }
   return "unknown";
 }
 
-PeerStore::PeerStore(std::uint64_t node_id) : node_id_(node_id) {}
+PeerStore::PeerStore(std::uint64_t node_id, const PeerStoreOptions& options)
+    : node_id_(node_id), options_(options) {}
 
 PeerStore::~PeerStore() = default;
 
@@ -102,31 +104,62 @@ bool PeerStore::AddPeer(const Endpoint& endpoint) {
   return true;
 }
 
-void PeerStore::ConnectLocked(Peer& peer) {
-  if (peer.client && peer.client->connected()) return;
-  if (peer.client) MarkDown(peer, "connection lost");
+void PeerStore::Connect(Peer& peer) {
+  {
+    std::lock_guard lock(peer.mu);
+    if (peer.client && peer.client->connected()) return;
+    if (peer.client) MarkDown(peer, "connection lost");
+  }
+  // Connect and HELLO with no lock held: a lender that does not answer must not stall the
+  // threads that read, write or release slots meanwhile.
+  std::shared_ptr<PeerClient> client;
+  std::string error;
   try {
-    peer.client = std::make_shared<PeerClient>(
+    PeerClientOptions options;
+    options.connect_timeout = options_.connect_timeout;
+    options.request_timeout = options_.request_timeout;
+    options.stall_timeout = options_.down_after;
+    client = std::make_shared<PeerClient>(
         peer.endpoint, node_id_,
         [this, &peer](const Message& notice, std::span<const std::byte> payload) {
           OnNotice(peer, notice, payload);
-        });
-    // A new session: slots of an earlier one must never name this session's superpages
-    // (a restarted lender reuses SIDs), so they carry the session's generation.
-    peer.generation.store((peer.generation.load(std::memory_order_relaxed) + 1) & kGenerationMask,
-                          std::memory_order_release);
-    peer.pool_total_bytes = peer.client->lender().pool_bytes;
-    if (!peer.last_error.empty()) LogError("peer %s is up", peer.endpoint.ToString().c_str());
-    peer.last_error.clear();
-    peer.refusing = false;
+        },
+        options);
   } catch (const std::exception& e) {
-    if (peer.last_error != e.what()) LogError("%s", e.what());
-    peer.last_error = e.what();
+    error = e.what();
   }
+  std::lock_guard lock(peer.mu);
+  if (!client) {
+    if (peer.last_error != error) LogError("%s", error.c_str());
+    peer.last_error = error;
+    return;
+  }
+  peer.client = std::move(client);
+  // A new session: slots of an earlier one must never name this session's superpages
+  // (a restarted lender reuses SIDs), so they carry the session's generation.
+  peer.generation.store((peer.generation.load(std::memory_order_relaxed) + 1) & kGenerationMask,
+                        std::memory_order_release);
+  peer.pool_total_bytes = peer.client->lender().pool_bytes;
+  if (!peer.last_error.empty()) LogError("peer %s is up", peer.endpoint.ToString().c_str());
+  peer.last_error.clear();
+  peer.refusing = false;
+}
+
+bool PeerStore::OverdueTooLong(const PeerClient& client) const noexcept {
+  const auto since = client.overdue_since();
+  return since != std::chrono::steady_clock::time_point::min() &&
+         std::chrono::steady_clock::now() - since >= options_.down_after;
+}
+
+void PeerStore::MarkDownIf(Peer& peer, const PeerClient* client, const std::string& why) {
+  std::lock_guard lock(peer.mu);
+  if (peer.client.get() == client && client != nullptr) MarkDown(peer, why);
 }
 
 void PeerStore::MarkDown(Peer& peer, const std::string& why) {
   // The lender frees a session's superpages when it ends, so they are gone either way.
+  // Hang up now: threads that still hold the client fail at once rather than wait.
+  if (peer.client) peer.client->Hangup();
   peer.client.reset();
   peer.superpages.clear();
   peer.partial.clear();
@@ -154,12 +187,8 @@ void PeerStore::MarkDown(Peer& peer, const std::string& why) {
 void PeerStore::Refresh() {
   for (auto& peer_ptr : peers_) {
     Peer& peer = *peer_ptr;
-    std::shared_ptr<PeerClient> client;
-    {
-      std::lock_guard lock(peer.mu);
-      ConnectLocked(peer);
-      client = peer.client;
-    }
+    Connect(peer);
+    std::shared_ptr<PeerClient> client = ClientOf(peer);
     if (!client) continue;
     std::vector<std::uint32_t> frees;
     {
@@ -176,6 +205,39 @@ void PeerStore::Refresh() {
   }
 }
 
+void PeerStore::Heartbeat() {
+  const auto now = std::chrono::steady_clock::now();
+  struct Probe {
+    Peer* peer;
+    std::shared_ptr<PeerClient> client;
+    QueryReply reply{};
+    PeerClient::Pending pending;
+    bool sent = false;
+  };
+  std::vector<Probe> probes(peers_.size());
+  for (std::size_t i = 0; i < peers_.size(); ++i) {
+    Probe& probe = probes[i];
+    probe.peer = peers_[i].get();
+    probe.client = ClientOf(*probe.peer);
+    if (!probe.client || !probe.client->connected()) continue;
+    if (OverdueTooLong(*probe.client)) {
+      MarkDownIf(*probe.peer, probe.client.get(),
+                 "no reply in time for " + std::to_string(options_.down_after.count()) + " ms");
+      continue;
+    }
+    if (now - probe.client->last_heard() < options_.request_timeout) continue;
+    probe.pending.out = std::as_writable_bytes(std::span<QueryReply, 1>(&probe.reply, 1));
+    probe.sent = probe.client->SubmitQuery(&probe.pending) == 0;
+  }
+  for (Probe& probe : probes) {
+    if (!probe.sent || PeerClient::Wait(&probe.pending) != 0) continue;
+    std::lock_guard lock(probe.peer->mu);
+    if (probe.peer->client != probe.client) continue;
+    probe.peer->free_pages.store(probe.reply.free_pages, std::memory_order_relaxed);
+    if (probe.reply.free_pages > 0) probe.peer->refusing = false;
+  }
+}
+
 std::shared_ptr<PeerClient> PeerStore::ClientOf(Peer& peer) const {
   std::lock_guard lock(peer.mu);
   return peer.client;
@@ -187,6 +249,8 @@ int PeerStore::PickPeer(std::uint64_t hint) const noexcept {
     const Peer& peer = *peers_[i];
     std::lock_guard lock(peer.mu);
     if (!peer.client || !peer.client->connected()) return 0;
+    // A suspect peer gets no new pages until it answers in time again.
+    if (peer.client->overdue_since() != std::chrono::steady_clock::time_point::min()) return 0;
     const std::uint64_t lender = peer.refusing ? 0 : peer.free_pages.load(std::memory_order_relaxed);
     return lender + peer.free_slots;
   };
@@ -244,6 +308,7 @@ int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
   if (peer.client != client || peer.generation.load(std::memory_order_relaxed) != session) {
     return -ENOTCONN;  // the session ended meanwhile, and its superpages with it
   }
+  if (rc == -ETIMEDOUT) return -ENOSPC;  // suspect now; a late grant stays unused
   if (rc == -ENOSPC || rc == -ESHUTDOWN) {
     peer.refusing = true;
     peer.free_pages.store(0, std::memory_order_relaxed);
@@ -352,9 +417,21 @@ std::shared_ptr<PeerClient> PeerStore::ClientFor(Slot slot, std::uint32_t* sid,
 int PeerStore::Read(Slot slot, PageSpan out) noexcept {
   std::uint32_t sid;
   std::uint32_t index;
-  std::shared_ptr<PeerClient> client = ClientFor(slot, &sid, &index);
-  if (!client) return -EIO;  // the peer, or the session holding the page, is gone
-  return client->Read(sid, index * kPageBytes, out) == 0 ? 0 : -EIO;
+  for (;;) {
+    std::shared_ptr<PeerClient> client = ClientFor(slot, &sid, &index);
+    if (!client) return -EIO;  // the peer, or the session holding the page, is gone
+    const int rc = client->Read(sid, index * kPageBytes, out);
+    if (rc == 0) return 0;
+    if (rc != -ETIMEDOUT) return -EIO;
+    // Overdue. The page has no other copy: ask again while the peer may still answer.
+    if (OverdueTooLong(*client)) {
+      std::size_t peer_index;
+      SplitSlot(slot, &peer_index, &sid, &index);
+      MarkDownIf(*peers_[peer_index], client.get(),
+                 "no reply in time for " + std::to_string(options_.down_after.count()) + " ms");
+      return -EIO;
+    }
+  }
 }
 
 void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
@@ -395,7 +472,9 @@ void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* cons
       }
     });  // each batch is sent as it goes out of scope
     for (std::size_t i = 0; i < count; ++i) {
-      results[base + i] = PeerClient::Wait(&pending[i]) == 0 ? 0 : -EIO;
+      const int rc = PeerClient::Wait(&pending[i]);
+      // An overdue read is asked again, alone, until the peer answers or is down.
+      results[base + i] = rc == 0 ? 0 : rc == -ETIMEDOUT ? Read(slots[base + i], PageSpan(outs[base + i], kPageSize)) : -EIO;
     }
   }
 }
@@ -549,7 +628,12 @@ std::vector<PeerInfo> PeerStore::Peers() const {
     PeerInfo info;
     info.address = peer->endpoint.ToString();
     const bool up = peer->client && peer->client->connected();
-    info.state = !up ? PeerState::kDown : peer->refusing ? PeerState::kRefusing : PeerState::kUp;
+    const bool overdue =
+        up && peer->client->overdue_since() != std::chrono::steady_clock::time_point::min();
+    info.state = !up       ? PeerState::kDown
+                 : overdue ? PeerState::kSuspect
+                 : peer->refusing ? PeerState::kRefusing
+                                  : PeerState::kUp;
     if (up) {
       info.node_id = peer->client->lender().node_id;
       info.rtt_us = peer->client->last_rtt_us();
@@ -564,6 +648,12 @@ std::vector<PeerInfo> PeerStore::Peers() const {
     info.superpages_held = peer->superpages.size();
     info.pages_lost = peer->lost.load(std::memory_order_relaxed);
     info.last_error = peer->last_error;
+    if (overdue) {
+      const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::steady_clock::now() - peer->client->overdue_since())
+                          .count();
+      info.last_error = "no reply in time for " + std::to_string(ms) + " ms";
+    }
     all.push_back(std::move(info));
   }
   return all;

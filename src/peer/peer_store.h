@@ -8,9 +8,18 @@
 // show up in the lender's used count.
 //
 // Placement: power of two choices on the free space the peers last reported (QUERY at
-// start and on every Refresh), skipping peers that are down or refused an allocation
-// since the last Refresh. A peer that hangs up is marked down; pages it held read as
-// -EIO (keeping copies elsewhere is a later capability), and Refresh tries to reconnect.
+// start and on every Refresh), skipping peers that are down or suspect or refused an
+// allocation since the last Refresh. A peer that hangs up is marked down; pages it held
+// read as -EIO (keeping copies elsewhere is a later capability), and Refresh tries to
+// reconnect.
+//
+// Failure detection (docs/remote-tier.md, "Peer states"). Every request has a deadline
+// (request_timeout). A write that misses it is placed elsewhere; a read is asked again, since
+// the page has no other copy, for as long as the peer is not down. A peer with a request
+// overdue is *suspect*: no new placements until a reply comes in time. Heartbeat(), which the
+// daemon calls every request_timeout, sends QUERY to peers it has not heard from for that
+// long, and marks down a peer overdue for down_after: its connection is closed, and its
+// pages are lost. Connecting (Refresh) has its own deadline and holds no lock.
 //
 // Slot encoding: session generation << 49 | peer index << 41 | SID << 9 | page index
 // within the superpage. The generation makes a slot from a session that ended (say, a
@@ -26,6 +35,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -39,7 +49,7 @@
 
 namespace memlend::peer {
 
-enum class PeerState { kUp, kDown, kRefusing };
+enum class PeerState { kUp, kDown, kRefusing, kSuspect };
 const char* PeerStateName(PeerState state);
 
 struct PeerInfo {
@@ -53,7 +63,13 @@ struct PeerInfo {
   std::uint64_t superpages_held = 0;   // superpages granted to this host
   std::uint64_t pages_lost = 0;        // pages that were there when it went down
   std::uint64_t rtt_us = 0;
-  std::string last_error;              // why it is down or refusing, if it is
+  std::string last_error;              // why it is down, suspect or refusing, if it is
+};
+
+struct PeerStoreOptions {
+  std::chrono::milliseconds request_timeout{500};
+  std::chrono::milliseconds down_after{5000};
+  std::chrono::milliseconds connect_timeout{2000};
 };
 
 class PeerStore final : public PageStore {
@@ -61,7 +77,7 @@ class PeerStore final : public PageStore {
   static constexpr std::size_t kMaxPeers = 255;
 
   // `node_id` is this daemon's identity in HELLO.
-  explicit PeerStore(std::uint64_t node_id);
+  explicit PeerStore(std::uint64_t node_id, const PeerStoreOptions& options = {});
   ~PeerStore() override;
 
   // Adds a lender and tries to connect (a failure leaves it down, to retry on Refresh;
@@ -69,9 +85,14 @@ class PeerStore final : public PageStore {
   // serving. Returns false when kMaxPeers are already configured.
   bool AddPeer(const Endpoint& endpoint);
 
-  // Reconnects peers that are down and asks every peer for its free space. Thread-safe;
-  // the daemon calls it periodically.
+  // Reconnects peers that are down and asks every peer for its free space. The daemon
+  // calls it periodically, from one thread (Heartbeat's).
   void Refresh();
+  // Sends QUERY to every connected peer not heard from for request_timeout and waits for
+  // the replies (until their deadline); marks down those overdue for down_after. The daemon
+  // calls it every request_timeout, from one thread (Refresh's).
+  void Heartbeat();
+  const PeerStoreOptions& options() const { return options_; }
 
   int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override;
   int Read(Slot slot, PageSpan out) noexcept override;
@@ -169,8 +190,12 @@ class PeerStore final : public PageStore {
   // Runs on a client's reader thread for each notice it receives from `peer`.
   void OnNotice(Peer& peer, const Message& notice, std::span<const std::byte> payload) noexcept;
 
-  // Connects `peer` if it is down. REQUIRES: peer.mu held.
-  void ConnectLocked(Peer& peer);
+  // Connects `peer` if it is down, holding no lock while it connects.
+  void Connect(Peer& peer);
+  // Whether `client` has had a request overdue for down_after.
+  bool OverdueTooLong(const PeerClient& client) const noexcept;
+  // Marks `peer` down for `why` if `client` is still its client.
+  void MarkDownIf(Peer& peer, const PeerClient* client, const std::string& why);
   // Reserves a free slot on `peer`, allocating a superpage if needed. Returns 0 and sets
   // *sid and *index, or -ENOSPC / -ENOTCONN.
   int ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
@@ -188,6 +213,7 @@ class PeerStore final : public PageStore {
 
   // Constant after the AddPeer calls.
   const std::uint64_t node_id_;
+  const PeerStoreOptions options_;
   std::vector<std::unique_ptr<Peer>> peers_;
   Cache cache_{*this};
 };

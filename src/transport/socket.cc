@@ -202,7 +202,44 @@ UniqueFd ListenOn(const Endpoint& endpoint, const UnixSocketAccess& access) {
   return fd;
 }
 
-UniqueFd ConnectTo(const Endpoint& endpoint, std::string* error) {
+namespace {
+
+// connect(2) that gives up at `deadline`: non-blocking, then a wait for the outcome.
+// Returns 0 or -errno (-ETIMEDOUT when the deadline passed). Leaves `fd` blocking.
+int ConnectBefore(int fd, const sockaddr* address, socklen_t length, Deadline deadline) {
+  if (deadline == Deadline::max()) return ::connect(fd, address, length) == 0 ? 0 : -errno;
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) return -errno;
+  int rc = ::connect(fd, address, length) == 0 ? 0 : -errno;
+  if (rc == -EINPROGRESS) {
+    for (;;) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) {
+        rc = -ETIMEDOUT;
+        break;
+      }
+      pollfd ready{fd, POLLOUT, 0};
+      const int n = ::poll(&ready, 1, static_cast<int>(std::min<long long>(left.count(), 60000)));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        rc = -errno;
+        break;
+      }
+      if (n == 0) continue;
+      int error = 0;
+      socklen_t size = sizeof(error);
+      rc = ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &size) != 0 ? -errno : -error;
+      break;
+    }
+  }
+  if (::fcntl(fd, F_SETFL, flags) != 0 && rc == 0) rc = -errno;
+  return rc;
+}
+
+}  // namespace
+
+UniqueFd ConnectTo(const Endpoint& endpoint, std::string* error, Deadline deadline) {
   if (endpoint.kind == Endpoint::Kind::kUnix) {
     sockaddr_un address;
     if (!FillUnixAddress(endpoint.path, &address)) {
@@ -210,9 +247,14 @@ UniqueFd ConnectTo(const Endpoint& endpoint, std::string* error) {
       return UniqueFd();
     }
     UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    if (!fd.valid() ||
-        ::connect(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+    if (!fd.valid()) {
       *error = ErrnoText(errno);
+      return UniqueFd();
+    }
+    if (const int rc = ConnectBefore(fd.get(), reinterpret_cast<sockaddr*>(&address),
+                                     sizeof(address), deadline);
+        rc != 0) {
+      *error = ErrnoText(-rc);
       return UniqueFd();
     }
     return fd;
@@ -232,13 +274,19 @@ UniqueFd ConnectTo(const Endpoint& endpoint, std::string* error) {
   *error = "no address";
   for (addrinfo* ai = results; ai != nullptr; ai = ai->ai_next) {
     UniqueFd candidate(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
-    if (candidate.valid() && ::connect(candidate.get(), ai->ai_addr, ai->ai_addrlen) == 0) {
+    if (!candidate.valid()) {
+      *error = ErrnoText(errno);
+      continue;
+    }
+    const int rc = ConnectBefore(candidate.get(), ai->ai_addr, ai->ai_addrlen, deadline);
+    if (rc == 0) {
       const int one = 1;
       ::setsockopt(candidate.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
       fd = std::move(candidate);
       break;
     }
-    *error = ErrnoText(errno);
+    *error = rc == -ETIMEDOUT ? "timed out" : ErrnoText(-rc);
+    if (rc == -ETIMEDOUT) break;
   }
   ::freeaddrinfo(results);
   return fd;

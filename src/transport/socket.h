@@ -42,8 +42,14 @@ struct UnixSocketAccess {
 // names the endpoint and the reason.
 UniqueFd ListenOn(const Endpoint& endpoint, const UnixSocketAccess& access = {});
 
-// Connects to `endpoint`. Returns the socket, or an invalid UniqueFd with *error set.
-UniqueFd ConnectTo(const Endpoint& endpoint, std::string* error);
+using Deadline = std::chrono::steady_clock::time_point;
+
+// Connects to `endpoint`, giving up at `deadline` (a TCP connect to a host that does not
+// answer otherwise takes minutes). Returns the socket, or an invalid UniqueFd with *error
+// set ("timed out" when the deadline passed). Name resolution is not bounded: peers are
+// given as numeric addresses or names the host resolves at once.
+UniqueFd ConnectTo(const Endpoint& endpoint, std::string* error,
+                   Deadline deadline = Deadline::max());
 
 // Sends or receives exactly `length` bytes, retrying on EINTR and short transfers.
 // Return 0, -errno, or (ReadFull) -ECONNRESET when the peer closed the stream early.
@@ -51,8 +57,6 @@ int WriteFull(int fd, const void* data, std::size_t length) noexcept;
 int ReadFull(int fd, void* data, std::size_t length) noexcept;
 
 // A point in time by which a whole exchange must be done (a handshake, say).
-using Deadline = std::chrono::steady_clock::time_point;
-
 // Waits until `fd` has something to read (data, end of stream or an error). Returns 0, or
 // -ETIMEDOUT once `deadline` has passed, or -errno.
 int WaitReadable(int fd, Deadline deadline) noexcept;

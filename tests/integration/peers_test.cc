@@ -937,6 +937,92 @@ TEST_SUITE("peers") {
     }
     CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
   }
+
+  // kill -STOP of a lender: its requests miss their deadline, it turns suspect (no new pages),
+  // then down after --peer-down-after (its pages are lost, and counted); no read or write waits
+  // on it for longer than that, writes go on to the local store and the backing file, and once
+  // it is thawed the borrower connects again and places pages there.
+  TEST_CASE("a frozen lender turns suspect, then down; nothing waits on it, and it is used again") {
+    constexpr uint64_t kDeviceSize = 32 * kMiB;
+    constexpr uint64_t kFirst = 16 * kMiB;  // [0, 16M): written first, mostly on the lender
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    MemlendDaemon lender(dir, Lender("32M"), "lender");
+    // Whatever happens below, the lender is thawed before it is stopped.
+    struct Thaw {
+      pid_t pid;
+      ~Thaw() { ::kill(pid, SIGCONT); }
+    } thaw{lender.pid()};
+    DaemonOptions options = Borrower("d0:32M", "4M", {lender.ListenAddress()});
+    options.backing_file = dir.File("backing.img");
+    options.extra_args = {"--peer-timeout", "200", "--peer-down-after", "2000"};
+    MemlendDaemon borrower(dir, options, "borrower");
+    auto peer_state = [](const json& s) { return s.at("peers").at(0).at("state").get<std::string>(); };
+    {
+      NbdClient client(borrower.endpoint(), "d0");
+      ShadowDevice shadow(kDeviceSize);
+      std::mt19937_64 rng(seed);
+      WriteRandomRange(client, shadow, rng, 0, kFirst, 256 * kKiB, 0);
+      const json settled = WaitEvictionSettled(borrower);
+      INFO("settled status: " << settled.dump());
+      const uint64_t on_lender = GetDevicePages(settled, "d0").remote;
+      REQUIRE(on_lender > 0);
+      REQUIRE(peer_state(settled) == "up");
+
+      REQUIRE(::kill(lender.pid(), SIGSTOP) == 0);
+      // A heartbeat misses its deadline: suspect (or down already, on a slow machine).
+      const json suspect = WaitForStatus(
+          borrower, [&](const json& s) { return peer_state(s) != "up"; }, 10000);
+      INFO("status once frozen: " << suspect.dump());
+      if (peer_state(suspect) == "suspect") {
+        CHECK(suspect.at("peers").at(0).at("error").get<std::string>().find("no reply in time") !=
+              std::string::npos);
+      }
+      // Writes go on meanwhile, to the local store and the backing file.
+      WriteRandomRange(client, shadow, rng, kFirst, 8 * kMiB, 256 * kKiB, 0);
+      const json down = WaitForStatus(
+          borrower, [&](const json& s) { return peer_state(s) == "down"; }, 15000);
+      INFO("status once down: " << down.dump());
+      CHECK(down.at("peers").at(0).at("error").get<std::string>().find("no reply in time") !=
+            std::string::npos);
+      const uint64_t lost = down.at("remote_store").value("lost_pages", uint64_t{0});
+      CHECK(lost > 0);
+      CHECK(lost <= on_lender);
+      CheckStatusInvariants(down);
+      CHECK(CompareWithShadow(client, shadow, kFirst, 8 * kMiB) == "");
+      // The first range: intact, or EIO for exactly the pages that were lost; never wrong data.
+      uint64_t eio = 0, other_errors = 0, wrong = 0;
+      std::vector<uint8_t> page(kPageSize);
+      for (uint64_t offset = 0; offset < kFirst; offset += kPageSize) {
+        const int rc = client.TryRead(page, offset);
+        if (rc == EIO) {
+          ++eio;
+        } else if (rc != 0) {
+          ++other_errors;
+        } else if (!DescribeMismatch(shadow.Range(offset, kPageSize), page, offset).empty()) {
+          ++wrong;
+        }
+      }
+      INFO("reads of the first range: " << eio << " EIO, " << other_errors << " other errors, "
+                                        << wrong << " wrong");
+      CHECK(wrong == 0);
+      CHECK(other_errors == 0);
+      CHECK(eio == lost);
+
+      // Thawed: the borrower connects again (a new session) and places pages there.
+      REQUIRE(::kill(lender.pid(), SIGCONT) == 0);
+      WaitForStatus(borrower, [&](const json& s) { return peer_state(s) == "up"; }, 15000);
+      WriteRandomRange(client, shadow, rng, 0, kFirst, 256 * kKiB, 0);  // the lost pages too
+      const json again = WaitEvictionSettled(borrower);
+      INFO("status after the lender came back: " << again.dump());
+      CHECK(U64(again.at("peers").at(0), "pages_stored") > 0);
+      CHECK(again.at("remote_store").value("lost_pages", uint64_t{0}) == 0);
+      CheckStatusInvariants(again);
+      CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");
+    }
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+  }
 }
 
 namespace {

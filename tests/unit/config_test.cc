@@ -559,6 +559,29 @@ TEST_CASE("BuildDaemonConfig reads the connection bounds, socket access and --fo
   CHECK(config.nbd_access.group == 0);
 }
 
+TEST_CASE("peer deadlines: defaults, chosen values, and bounds") {
+  DaemonConfig config;
+  std::string error;
+  DaemonArgs args = GoodArgs();
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.peer_timeout_ms == 500);
+  CHECK(config.peer_down_after_ms == 5000);
+  args.peer_timeout = "200";
+  args.peer_down_after = "2000";
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.peer_timeout_ms == 200);
+  CHECK(config.peer_down_after_ms == 2000);
+  args.peer_timeout = "5";
+  CHECK(Contains(BuildError(args), "--peer-timeout '5'"));
+  args.peer_timeout = "1s";
+  CHECK(Contains(BuildError(args), "--peer-timeout '1s'"));
+  args.peer_timeout = "3000";
+  CHECK(Contains(BuildError(args), "--peer-down-after 2000 is shorter than --peer-timeout 3000"));
+  args.peer_timeout.clear();
+  args.peer_down_after = "700000";
+  CHECK(Contains(BuildError(args), "--peer-down-after '700000'"));
+}
+
 TEST_CASE("BuildDaemonConfig refuses bad bounds and socket options, naming them") {
   DaemonArgs args = GoodArgs();
   args.max_connections = "0";
