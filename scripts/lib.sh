@@ -165,8 +165,9 @@ status_json() {
 #   - the device's page counts add up: mapped = zero + local + disk + remote (and = PAGES if given);
 #   - more pages are remote than local, none on disk, the local store is under its high watermark;
 #   - every lender holds some of the borrower's pages;
-#   - the borrower's books agree with the lenders': its remote pages = the sum of its peers'
-#     pages, and the bytes of superpages it holds = what the lenders say they lend.
+#   - the borrower's books agree with the lenders': its remote pages = remote_store.pages, its
+#     copies of them (as many per page as the redundancy asks, none degraded) = the sum of its
+#     peers' pages, and the bytes of superpages it holds = what the lenders say they lend.
 # Prints one summary line and each check (ok, or not (yet) true); returns 1 unless all hold.
 check_placement() {
   local mapped=-1
@@ -198,8 +199,13 @@ checks.update({
     "remote > local": pages["remote"] > pages["local"],
     "no pages on disk": pages["disk"] == 0,
     "local store under the high watermark": local["used_bytes"] * 100 <= local["total_bytes"] * 90,
-    "remote pages = remote_store.pages = sum of peers' pages_stored":
-        pages["remote"] == remote["pages"] == sum(p["pages_stored"] for p in b["peers"]),
+    "remote pages = remote_store.pages": pages["remote"] == remote["pages"],
+    "remote_store.copies = sum of peers' pages_stored":
+        remote["copies"] == sum(p["pages_stored"] for p in b["peers"]),
+    "no degraded page": remote["degraded_pages"] == 0,
+    "copies = pages x the device's replicas":
+        remote["copies"] == remote["pages"] * (int(b["devices"][0]["redundancy"].split(":")[1])
+                                               if b["devices"][0]["redundancy"] != "none" else 1),
     "remote_store.used_bytes = lenders' used_bytes = superpages held * 2 MiB":
         remote["used_bytes"] == lent == sum(p["superpages_held"] for p in b["peers"]) * 2 * 1024 * 1024,
     f"all {len(names)} lenders hold pages":

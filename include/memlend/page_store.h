@@ -85,6 +85,16 @@ class PageStore {
     }
   }
 
+  // As WriteBatch, keeping `copies` copies of each page where the store can keep several
+  // (the remote tier keeps them on distinct peers: docs/remote-tier.md). A page stored with
+  // fewer copies than asked (too few peers up) still succeeds; the store adds the missing
+  // ones later. Stores with one copy per page ignore `copies`.
+  virtual void WriteBatchCopies(std::span<const std::byte* const> pages,
+                                std::span<const std::uint64_t> hints, unsigned /*copies*/,
+                                std::span<Slot> slots, std::span<int> results) noexcept {
+    WriteBatch(pages, hints, slots, results);
+  }
+
   // Pin keeps `slot` readable until the matching Unpin even if it is discarded meanwhile
   // (the discard then takes effect at Unpin). It lets a caller look a page up under the
   // page's lock, drop the lock, and read it later in a batch. Stores that are only read

@@ -178,6 +178,12 @@ int main(int argc, char** argv) {
                      "Control socket path (default: " + memlend::DefaultControlPath() + ")")
       ->type_name("PATH");
 
+  daemon->add_option("--redundancy", daemon_args.redundancy,
+                     "How many lenders keep each page this host evicts: none (one lender) or "
+                     "replicas:N (N distinct lenders, 1-3, all acknowledged before the page "
+                     "leaves RAM; a lender's death then loses nothing and its pages are copied "
+                     "again elsewhere). Default: replicas:2 with two or more --peer, else none")
+      ->type_name("MODE");
   daemon->add_option("--peer-timeout", daemon_args.peer_timeout,
                      "Milliseconds a lender has to answer each request (10-60000, default 500). "
                      "A write that misses it goes elsewhere (another lender, the backing file), a "

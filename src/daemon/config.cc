@@ -93,6 +93,32 @@ std::optional<double> ParsePercent(std::string_view text) {
   return value / 100.0;
 }
 
+std::string RedundancyName(unsigned copies) {
+  return copies <= 1 ? "none" : "replicas:" + std::to_string(copies);
+}
+
+unsigned ParseRedundancy(const std::string& text, std::string* error) {
+  if (text == "none") return 1;
+  if (text == "disk" || text.ends_with("+disk")) {
+    *error = "keeping evicted pages on the backing file as well is not available yet; use none "
+             "or replicas:N";
+    return 0;
+  }
+  constexpr std::string_view kReplicas = "replicas:";
+  unsigned copies = 0;
+  if (text.starts_with(kReplicas)) {
+    const char* begin = text.data() + kReplicas.size();
+    const char* end = text.data() + text.size();
+    const auto [at, ec] = std::from_chars(begin, end, copies);
+    if (ec != std::errc() || at != end) copies = 0;
+  }
+  if (copies < 1 || copies > 3) {
+    *error = "expected none or replicas:N with N from 1 to 3";
+    return 0;
+  }
+  return copies;
+}
+
 namespace {
 
 // Parses a count option from `min` to `max`; an empty `text` leaves *value as it is.
@@ -327,6 +353,21 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
       return false;
     }
     config->peers.push_back(std::move(*peer));
+  }
+  if (args.redundancy.empty()) {
+    config->copies = config->peers.size() >= 2 ? 2 : 1;
+  } else {
+    config->copies = ParseRedundancy(args.redundancy, &reason);
+    if (config->copies == 0) {
+      *error = "--redundancy " + Quote(args.redundancy) + ": " + reason;
+      return false;
+    }
+    if (config->copies > 1 && config->peers.size() < config->copies) {
+      *error = "--redundancy " + args.redundancy + " needs at least " +
+               std::to_string(config->copies) + " --peer lenders, and " +
+               std::to_string(config->peers.size()) + " are given";
+      return false;
+    }
   }
   const std::optional<double> high = ParsePercent(args.high_watermark);
   const std::optional<double> low = ParsePercent(args.low_watermark);

@@ -44,6 +44,10 @@ struct DaemonConfig {
   std::string control_path;
   std::uint32_t busy_poll_us = 50;
   std::vector<Endpoint> peers;          // lenders to borrow from
+  // Copies of each evicted dirty page the remote tier keeps, on distinct peers (the devices'
+  // redundancy: 1 is none, N is replicas:N). Decided from --redundancy, else replicas:2 with
+  // at least two peers, else none.
+  unsigned copies = 1;
   unsigned peer_timeout_ms = 500;       // each peer request's deadline, and the heartbeat
   unsigned peer_down_after_ms = 5000;   // overdue this long: the peer is down
   double high_watermark = 0.90;         // local-store use that starts eviction
@@ -55,6 +59,12 @@ struct DaemonConfig {
   // Reserve memory even past what the host can hold (see host_memory.h). --force.
   bool force = false;
 };
+
+// "none" for 1 copy, "replicas:N" for N.
+std::string RedundancyName(unsigned copies);
+// Parses --redundancy: none, replicas:N (1 <= N <= 3). Returns the copies, or 0 with
+// *error set.
+unsigned ParseRedundancy(const std::string& text, std::string* error);
 
 // The text forms of the options, as given on the command line.
 struct DaemonArgs {
@@ -68,6 +78,7 @@ struct DaemonArgs {
   std::string control;
   std::uint32_t busy_poll_us = 50;
   std::vector<std::string> peers;
+  std::string redundancy;       // none | replicas:N; empty: decided from the peers
   std::string peer_timeout;     // milliseconds; empty: the default
   std::string peer_down_after;  // milliseconds; empty: the default
   std::string high_watermark = "90";

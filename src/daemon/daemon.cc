@@ -66,17 +66,19 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
   if (locks_memory_) PrepareForSwap();
   if (serves_devices) {
     auto local = std::make_unique<LocalStore>(config.local_store_bytes, config.compression);
-    std::unique_ptr<peer::PeerStore> remote;
+    std::unique_ptr<PlacementStore> remote;
     PageStore* cache = nullptr;
     if (!config.peers.empty()) {
       peer::PeerStoreOptions peer_options;
       peer_options.request_timeout = std::chrono::milliseconds(config.peer_timeout_ms);
       peer_options.down_after = std::chrono::milliseconds(config.peer_down_after_ms);
-      remote = std::make_unique<peer::PeerStore>(config.node_id, peer_options);
-      for (const Endpoint& endpoint : config.peers) remote->AddPeer(endpoint);
-      remote->Refresh();  // connect and learn free space now; unreachable peers retry later
-      peers_ = remote.get();
-      cache = &remote->cache();
+      auto peers = std::make_unique<peer::PeerStore>(config.node_id, peer_options);
+      for (const Endpoint& endpoint : config.peers) peers->AddPeer(endpoint);
+      peers->Refresh();  // connect and learn free space now; unreachable peers retry later
+      peers_ = peers.get();
+      cache = &peers->cache();
+      remote = std::make_unique<PlacementStore>(std::move(peers), config.copies);
+      placements_ = remote.get();
     }
     std::unique_ptr<DiskStore> disk;
     if (!config.backing_file.empty()) {
@@ -90,7 +92,7 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
                                        options, cache);
     for (const DeviceSpec& spec : config.devices) {
       devices_.Add(std::make_shared<Device>(spec.name, spec.size_bytes, *tiers_,
-                                            spec.cache_clean_pages));
+                                            spec.cache_clean_pages, config.copies));
     }
     if (config.serve_nbd) {
       nbd::NbdServerOptions options = NbdOptions();
@@ -235,6 +237,7 @@ void Daemon::BlockShutdownSignals() {
 void Daemon::Run() {
   for (const std::string& warning : swap_warnings_) LogError("%s", warning.c_str());
   if (tiers_) tiers_->StartEvictor();
+  if (placements_) placements_->Start();
   if (peers_) {
     refresher_ = std::thread([this] {
       SetThreadName("ml-refresh");
@@ -341,6 +344,7 @@ nlohmann::json Daemon::Status() const {
                                                       : nlohmann::json(nullptr)},
                                  {"size_bytes", device->size_bytes()},
                                  {"protocol", device->cache_clean_pages() ? "auto" : "passive"},
+                                 {"redundancy", RedundancyName(device->copies())},
                                  {"pages",
                                   {{"total", counts.total},
                                    {"mapped", counts.mapped()},
@@ -366,8 +370,12 @@ nlohmann::json Daemon::Status() const {
   if (const PageStore* remote = tiers_->remote()) {
     const StoreStats stats = remote->Stats();
     const StoreStats cached = tiers_->cache() ? tiers_->cache()->Stats() : StoreStats{};
+    const PlacementStats placed = placements_ ? placements_->Placements() : PlacementStats{};
     status["remote_store"] = {{"pages", stats.pages},
-                              {"lost_pages", peers_ ? peers_->lost_pages() : 0},
+                              {"lost_pages", placed.lost},
+                              {"copies", placed.copies},
+                              {"degraded_pages", placed.degraded},
+                              {"rebuilt_copies", placed.rebuilt},
                               {"cached_pages", cached.pages},
                               {"used_bytes", stats.used_bytes},
                               {"total_bytes", stats.total_bytes}};
@@ -446,7 +454,8 @@ nlohmann::json Daemon::Attach(const AttachRequest& request) {
       throw std::runtime_error("a " + FormatSize(size_bytes) + " device: " + refusal);
     }
   }
-  auto device = std::make_shared<Device>(name, size_bytes, *tiers_);
+  auto device = std::make_shared<Device>(name, size_bytes, *tiers_, /*cache_clean_pages=*/true,
+                                         config_.copies);
   // The kernel may write pages out through this device when memory is short, so nothing
   // on that path may allocate: the whole page table is allocated now.
   if (!device->AllocatePageTable()) {

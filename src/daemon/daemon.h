@@ -20,6 +20,7 @@
 #include "peer/lender_service.h"
 #include "peer/peer_store.h"
 #include "store/device_table.h"
+#include "store/placement_store.h"
 #include "store/tiering.h"
 
 namespace memlend {
@@ -86,7 +87,8 @@ class Daemon {
   bool locks_memory_ = false;  // mlockall and the rest of PrepareForSwap; set at startup
   std::vector<std::string> swap_warnings_;  // written by the constructor, printed by Run
   // Borrowing side; all null or empty when the daemon serves no device.
-  peer::PeerStore* peers_ = nullptr;  // owned by tiers_
+  peer::PeerStore* peers_ = nullptr;         // owned by placements_
+  PlacementStore* placements_ = nullptr;     // owned by tiers_
   std::unique_ptr<Tiering> tiers_;
   DeviceTable devices_;               // destroyed before tiers_
   std::unique_ptr<nbd::NbdServer> nbd_;          // --nbd; null without it

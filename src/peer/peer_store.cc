@@ -160,6 +160,25 @@ void PeerStore::MarkDown(Peer& peer, const std::string& why) {
   // The lender frees a session's superpages when it ends, so they are gone either way.
   // Hang up now: threads that still hold the client fail at once rather than wait.
   if (peer.client) peer.client->Hangup();
+  // Name every copy that goes with them, for whoever keeps other copies.
+  if (!peer.superpages.empty()) {
+    const std::size_t index = static_cast<std::size_t>(
+        std::find_if(peers_.begin(), peers_.end(), [&](const auto& p) { return p.get() == &peer; }) -
+        peers_.begin());
+    const unsigned generation = peer.generation.load(std::memory_order_relaxed);
+    std::lock_guard lost_lock(lost_mu_);
+    try {
+      for (const auto& [sid, superpage] : peer.superpages) {
+        for (std::uint32_t page = 0; page < kPagesPerSuperpage; ++page) {
+          if ((superpage.used_mask[page / 64] >> (page % 64) & 1) == 0) continue;
+          lost_copies_.push_back({superpage.owner[page], MakeSlot(index, generation, sid, page)});
+        }
+      }
+    } catch (const std::bad_alloc&) {
+      LogError("peer store: out of memory listing the pages lost with peer %s",
+               peer.endpoint.ToString().c_str());
+    }
+  }
   peer.client.reset();
   peer.superpages.clear();
   peer.partial.clear();
@@ -219,7 +238,12 @@ void PeerStore::Heartbeat() {
     Probe& probe = probes[i];
     probe.peer = peers_[i].get();
     probe.client = ClientOf(*probe.peer);
-    if (!probe.client || !probe.client->connected()) continue;
+    if (!probe.client) continue;
+    if (!probe.client->connected()) {
+      // Take it down now, not at the next reconnect: its copies are to be made again.
+      MarkDownIf(*probe.peer, probe.client.get(), "connection lost");
+      continue;
+    }
     if (OverdueTooLong(*probe.client)) {
       MarkDownIf(*probe.peer, probe.client.get(),
                  "no reply in time for " + std::to_string(options_.down_after.count()) + " ms");
@@ -243,9 +267,10 @@ std::shared_ptr<PeerClient> PeerStore::ClientOf(Peer& peer) const {
   return peer.client;
 }
 
-int PeerStore::PickPeer(std::uint64_t hint) const noexcept {
+int PeerStore::PickPeer(std::uint64_t hint, const PeerMask* exclude) const noexcept {
   // Room = the lender's free pages plus the free slots in superpages we already hold.
-  auto room = [this](std::size_t i) -> std::uint64_t {
+  auto room = [this, exclude](std::size_t i) -> std::uint64_t {
+    if (exclude != nullptr && exclude->test(i)) return 0;
     const Peer& peer = *peers_[i];
     std::lock_guard lock(peer.mu);
     if (!peer.client || !peer.client->connected()) return 0;
@@ -272,7 +297,7 @@ int PeerStore::PickPeer(std::uint64_t hint) const noexcept {
 }
 
 int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
-                           unsigned* generation) noexcept {
+                           unsigned* generation, std::uint32_t owner) noexcept {
   std::unique_lock lock(peer.mu);
   *generation = peer.generation.load(std::memory_order_relaxed);
   while (!peer.partial.empty()) {
@@ -292,6 +317,7 @@ int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
       if (superpage.used == kPagesPerSuperpage) peer.partial.pop_back();
       *sid = candidate;
       *index = word * 64 + bit;
+      superpage.owner[*index] = owner;
       return 0;
     }
   }
@@ -322,6 +348,7 @@ int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
     Superpage& superpage = peer.superpages[granted];
     superpage.used_mask[0] = 1;
     superpage.used = 1;
+    superpage.owner[0] = owner;
     peer.free_slots += kPagesPerSuperpage - 1;
     peer.partial.push_back(granted);
   } catch (const std::bad_alloc&) {
@@ -414,6 +441,46 @@ std::shared_ptr<PeerClient> PeerStore::ClientFor(Slot slot, std::uint32_t* sid,
   return peer.client;
 }
 
+int PeerStore::ReadOnce(Slot slot, PageSpan out) noexcept {
+  std::uint32_t sid;
+  std::uint32_t index;
+  std::shared_ptr<PeerClient> client = ClientFor(slot, &sid, &index);
+  if (!client) return -EIO;  // the peer, or the session holding the page, is gone
+  const int rc = client->Read(sid, index * kPageBytes, out);
+  return rc == 0 || rc == -ETIMEDOUT ? rc : -EIO;
+}
+
+std::size_t PeerStore::PeerIndexOf(Slot slot) noexcept {
+  std::size_t peer;
+  std::uint32_t sid;
+  std::uint32_t index;
+  SplitSlot(slot, &peer, &sid, &index);
+  return peer;
+}
+
+bool PeerStore::SlotReady(Slot slot) const noexcept {
+  std::uint32_t sid;
+  std::uint32_t index;
+  const std::shared_ptr<PeerClient> client = ClientFor(slot, &sid, &index);
+  return client && client->connected() &&
+         client->overdue_since() == std::chrono::steady_clock::time_point::min();
+}
+
+bool PeerStore::SlotGone(Slot slot) const noexcept {
+  const std::size_t peer_index = PeerIndexOf(slot);
+  if (peer_index >= peers_.size()) return true;
+  const Peer& peer = *peers_[peer_index];
+  std::lock_guard lock(peer.mu);
+  return GenerationOf(slot) != peer.generation.load(std::memory_order_relaxed) || !peer.client;
+}
+
+std::vector<PeerStore::LostCopy> PeerStore::TakeLostCopies() {
+  std::vector<LostCopy> taken;
+  std::lock_guard lock(lost_mu_);
+  taken.swap(lost_copies_);
+  return taken;
+}
+
 int PeerStore::Read(Slot slot, PageSpan out) noexcept {
   std::uint32_t sid;
   std::uint32_t index;
@@ -436,6 +503,15 @@ int PeerStore::Read(Slot slot, PageSpan out) noexcept {
 
 void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
                           std::span<int> results) noexcept {
+  ReadBatchOnce(slots, outs, results);
+  // An overdue read is asked again, alone, until the peer answers or is down.
+  for (std::size_t i = 0; i < slots.size(); ++i) {
+    if (results[i] == -ETIMEDOUT) results[i] = Read(slots[i], PageSpan(outs[i], kPageSize));
+  }
+}
+
+void PeerStore::ReadBatchOnce(std::span<const Slot> slots, std::span<std::byte* const> outs,
+                              std::span<int> results) noexcept {
   for (std::size_t base = 0; base < slots.size(); base += kWindow) {
     const std::size_t count = std::min(kWindow, slots.size() - base);
     PeerClient::Pending pending[kWindow];
@@ -473,15 +549,16 @@ void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* cons
     });  // each batch is sent as it goes out of scope
     for (std::size_t i = 0; i < count; ++i) {
       const int rc = PeerClient::Wait(&pending[i]);
-      // An overdue read is asked again, alone, until the peer answers or is down.
-      results[base + i] = rc == 0 ? 0 : rc == -ETIMEDOUT ? Read(slots[base + i], PageSpan(outs[base + i], kPageSize)) : -EIO;
+      results[base + i] = rc == 0 || rc == -ETIMEDOUT ? rc : -EIO;
     }
   }
 }
 
-void PeerStore::WriteBatch(std::span<const std::byte* const> pages,
-                           std::span<const std::uint64_t> hints, std::span<Slot> slots,
-                           std::span<int> results) noexcept {
+void PeerStore::WriteBatchFor(std::span<const std::byte* const> pages,
+                              std::span<const std::uint64_t> hints,
+                              std::span<const std::uint32_t> owners,
+                              std::span<const PeerMask> excludes, std::span<Slot> slots,
+                              std::span<int> results) noexcept {
   for (std::size_t base = 0; base < pages.size(); base += kWindow) {
     const std::size_t count = std::min(kWindow, pages.size() - base);
     PeerClient::Pending pending[kWindow];
@@ -491,10 +568,11 @@ void PeerStore::WriteBatch(std::span<const std::byte* const> pages,
     unsigned generations[kWindow];
     std::size_t peer_of[kWindow];
     for (std::size_t i = 0; i < count; ++i) {
-      chosen[i] = PickPeer(hints[base + i]);
+      chosen[i] = PickPeer(hints[base + i], excludes.empty() ? nullptr : &excludes[base + i]);
       const int rc = chosen[i] < 0 ? -ENOSPC
                                    : ReserveSlot(*peers_[static_cast<std::size_t>(chosen[i])],
-                                                 &sids[i], &indexes[i], &generations[i]);
+                                                 &sids[i], &indexes[i], &generations[i],
+                                                 owners.empty() ? 0 : owners[base + i]);
       if (rc != 0) {
         chosen[i] = -1;
         CompleteNow(pending[i], -ENOSPC);

@@ -35,6 +35,7 @@
 #pragma once
 
 #include <atomic>
+#include <bitset>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -75,6 +76,14 @@ struct PeerStoreOptions {
 class PeerStore final : public PageStore {
  public:
   static constexpr std::size_t kMaxPeers = 255;
+  // A set of peers, by index (the order of AddPeer).
+  using PeerMask = std::bitset<kMaxPeers + 1>;
+  // A copy that was on a peer when it went down: the slot it had, and the owner its writer
+  // gave it (see WriteBatchFor).
+  struct LostCopy {
+    std::uint32_t owner;
+    Slot slot;
+  };
 
   // `node_id` is this daemon's identity in HELLO.
   explicit PeerStore(std::uint64_t node_id, const PeerStoreOptions& options = {});
@@ -101,7 +110,30 @@ class PeerStore final : public PageStore {
                  std::span<int> results) noexcept override;
   // Places every page (power of two choices each), submits all the writes, then waits.
   void WriteBatch(std::span<const std::byte* const> pages, std::span<const std::uint64_t> hints,
-                  std::span<Slot> slots, std::span<int> results) noexcept override;
+                  std::span<Slot> slots, std::span<int> results) noexcept override {
+    WriteBatchFor(pages, hints, {}, {}, slots, results);
+  }
+  // As WriteBatch, with an owner number kept beside each stored page (the reverse index:
+  // TakeLostCopies names them when their peer goes down) and, per page, peers it must not
+  // go to (a replica's other copies). Either span may be empty.
+  void WriteBatchFor(std::span<const std::byte* const> pages, std::span<const std::uint64_t> hints,
+                     std::span<const std::uint32_t> owners, std::span<const PeerMask> excludes,
+                     std::span<Slot> slots, std::span<int> results) noexcept;
+  // As ReadBatch, with one attempt per page: an overdue read gets -ETIMEDOUT.
+  void ReadBatchOnce(std::span<const Slot> slots, std::span<std::byte* const> outs,
+                     std::span<int> results) noexcept;
+  // One attempt at Read: 0, -ETIMEDOUT when the peer did not answer in time (it may still),
+  // or -EIO when the page is gone (its peer or session ended).
+  int ReadOnce(Slot slot, PageSpan out) noexcept;
+  // The index of the peer `slot` is on.
+  static std::size_t PeerIndexOf(Slot slot) noexcept;
+  // Whether `slot` belongs to its peer's current session and that peer is up (connected,
+  // not suspect): where a read should go first.
+  bool SlotReady(Slot slot) const noexcept;
+  // Whether `slot` belongs to an ended session: its page is gone.
+  bool SlotGone(Slot slot) const noexcept;
+  // The copies that were on peers that went down since the last call, with their owners.
+  std::vector<LostCopy> TakeLostCopies();
   void Pin(Slot slot) noexcept override;
   void Unpin(Slot slot) noexcept override;
   void Discard(Slot slot) noexcept override;
@@ -124,6 +156,7 @@ class PeerStore final : public PageStore {
   struct Superpage {
     std::uint64_t used_mask[kPagesPerSuperpage / 64] = {};
     std::uint32_t used = 0;
+    std::uint32_t owner[kPagesPerSuperpage] = {};  // the reverse index: who stored each page
   };
   // The cache() view: forwards to the Cache* methods below.
   class Cache final : public PageStore {
@@ -198,22 +231,25 @@ class PeerStore final : public PageStore {
   void MarkDownIf(Peer& peer, const PeerClient* client, const std::string& why);
   // Reserves a free slot on `peer`, allocating a superpage if needed. Returns 0 and sets
   // *sid and *index, or -ENOSPC / -ENOTCONN.
-  int ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
-                  unsigned* generation) noexcept;
+  int ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index, unsigned* generation,
+                  std::uint32_t owner = 0) noexcept;
   // The client to reach `slot` through, or null when its peer is down or the session
   // that held the slot has ended. Sets *sid and *index.
   std::shared_ptr<PeerClient> ClientFor(Slot slot, std::uint32_t* sid,
                                         std::uint32_t* index) const noexcept;
   // Returns a reserved or stored slot to the free bitmap; frees an emptied superpage.
   void ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) noexcept;
-  // Picks a peer for a new page (power of two choices), or -1 when none can take one.
-  int PickPeer(std::uint64_t hint) const noexcept;
+  // Picks a peer for a new page (power of two choices), or -1 when none can take one;
+  // never one in `exclude`.
+  int PickPeer(std::uint64_t hint, const PeerMask* exclude = nullptr) const noexcept;
   std::shared_ptr<PeerClient> ClientOf(Peer& peer) const;
   void MarkDown(Peer& peer, const std::string& why);
 
   // Constant after the AddPeer calls.
   const std::uint64_t node_id_;
   const PeerStoreOptions options_;
+  std::mutex lost_mu_;  // a leaf lock
+  std::vector<LostCopy> lost_copies_;  // guarded by lost_mu_
   std::vector<std::unique_ptr<Peer>> peers_;
   Cache cache_{*this};
 };

@@ -57,12 +57,13 @@ class Device::PageLock {
 };
 
 Device::Device(std::string name, std::uint64_t size_bytes, Tiering& tiers,
-               bool cache_clean_pages)
+               bool cache_clean_pages, unsigned copies)
     : name_(std::move(name)),
       size_bytes_(size_bytes),
       page_count_(size_bytes / kPageSize),
       tiers_(tiers),
-      cache_clean_pages_(cache_clean_pages) {
+      cache_clean_pages_(cache_clean_pages),
+      copies_(copies == 0 ? 1 : copies) {
   assert(size_bytes > 0 && size_bytes % kPageSize == 0);
   const std::uint64_t chunk_count = (page_count_ + kChunkPages - 1) >> kChunkShift;
   chunks_ = std::make_unique<std::atomic<PageEntry*>[]>(chunk_count);
@@ -479,7 +480,7 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
 
     tiers_.DemoteBatch(std::span(pages, count), std::span(hints, count),
                        std::span(disk_copies, count), cache_clean_pages_,
-                       std::span(placed, count), std::span(results, count));
+                       std::span(placed, count), std::span(results, count), copies_);
     bool out_of_room = false;
     for (std::size_t i = 0; i < count; ++i) {
       if (results[i] != 0) {

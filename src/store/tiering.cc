@@ -204,7 +204,7 @@ int Tiering::Demote(ConstPageSpan page, std::uint64_t hint, Location* placed) no
 void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
                           std::span<const std::uint64_t> hints, std::span<const Slot> disk_copies,
                           bool use_cache, std::span<Location> placed,
-                          std::span<int> results) noexcept {
+                          std::span<int> results, unsigned copies) noexcept {
   constexpr std::size_t kMaxBatch = 64;
   assert(pages.size() <= kMaxBatch);
   // Split the batch: dirty pages need a new home, clean ones at most a cache entry.
@@ -235,8 +235,8 @@ void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
   int dirty_results[kMaxBatch];
   for (std::size_t d = 0; d < dirty; ++d) dirty_results[d] = -ENOSPC;
   if (remote_ && dirty > 0) {
-    remote_->WriteBatch(std::span(dirty_pages, dirty), std::span(dirty_hints, dirty),
-                        std::span(slots, dirty), std::span(dirty_results, dirty));
+    remote_->WriteBatchCopies(std::span(dirty_pages, dirty), std::span(dirty_hints, dirty),
+                              copies, std::span(slots, dirty), std::span(dirty_results, dirty));
     for (std::size_t d = 0; d < dirty; ++d) {
       if (dirty_results[d] == 0) placed[dirty_index[d]] = Location(Tier::kRemote, slots[d]);
     }

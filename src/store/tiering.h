@@ -150,10 +150,11 @@ class Tiering {
   // many as it can in one overlapped round trip, the disk tier the rest. Clean pages: into
   // the cache when `use_cache` and it takes them (kCached), else back to their disk copy
   // (kDisk); they never fail. results[i] is 0 with placed[i] set, or -ENOSPC. The caller
-  // releases the local slots; a clean page's disk copy now belongs to placed[i].
+  // releases the local slots; a clean page's disk copy now belongs to placed[i]. Dirty
+  // pages get `copies` copies in the remote tier (on distinct peers) where it can.
   void DemoteBatch(std::span<const std::byte* const> pages, std::span<const std::uint64_t> hints,
                    std::span<const Slot> disk_copies, bool use_cache, std::span<Location> placed,
-                   std::span<int> results) noexcept;
+                   std::span<int> results, unsigned copies = 1) noexcept;
 
   // Moves a page that was read from `old` (remote, disk or cached) into the local store
   // when the store is under its low watermark. Returns true and sets *placed if it moved;

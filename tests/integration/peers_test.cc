@@ -206,7 +206,9 @@ DaemonOptions Borrower(const std::string& device, const std::string& local_store
 }
 
 // Checks that the remote accounting of a settled borrower agrees with itself and with its
-// lenders: remote pages = remote_store.pages = sum of peers[].pages_stored, and sum over lenders
+// lenders: remote pages = remote_store.pages, remote_store.copies = sum of peers[].pages_stored
+// (copies per page as the redundancy asks: remote_store.degraded_pages counts pages with
+// fewer), and sum over lenders
 // of lending.used_bytes = remote_store.used_bytes = sum of peers[].superpages_held * 2 MiB. The
 // lenders' figures and the borrower's are separate snapshots, so this polls (at most 5 s) until
 // they agree and CHECKs the last snapshots.
@@ -219,7 +221,7 @@ void CheckRemoteAccounting(const MemlendDaemon& borrower,
     lent = 0;
     for (const MemlendDaemon* lender : lenders) lent += LendingUsed(*lender);
     const json& remote = status.at("remote_store");
-    return U64(remote, "pages") == SumOverPeers(status, "pages_stored") &&
+    return U64(remote, "copies") == SumOverPeers(status, "pages_stored") &&
            U64(remote, "used_bytes") == lent &&
            U64(remote, "used_bytes") == SumOverPeers(status, "superpages_held") * kSuperpageBytes;
   };
@@ -232,11 +234,12 @@ void CheckRemoteAccounting(const MemlendDaemon& borrower,
   // No peer went down while holding pages, so none are lost and every remote page is stored.
   CHECK(remote.value("lost_pages", uint64_t{0}) == 0);
   CHECK(U64(remote, "pages") == remote_pages);
-  CHECK(U64(remote, "pages") == SumOverPeers(status, "pages_stored"));
+  CHECK(U64(remote, "copies") == SumOverPeers(status, "pages_stored"));
+  CHECK(U64(remote, "copies") >= U64(remote, "pages"));
   CHECK(U64(remote, "used_bytes") == lent);
   CHECK(U64(remote, "used_bytes") == SumOverPeers(status, "superpages_held") * kSuperpageBytes);
-  // Pages fit in the superpages held.
-  CHECK(U64(remote, "pages") * kPageSize <= U64(remote, "used_bytes"));
+  // Copies fit in the superpages held.
+  CHECK(U64(remote, "copies") * kPageSize <= U64(remote, "used_bytes"));
 }
 
 }  // namespace
@@ -253,9 +256,11 @@ TEST_SUITE("peers") {
     TempDir dir;
     MemlendDaemon lender1(dir, Lender("32M"), "lender1");
     MemlendDaemon lender2(dir, Lender("32M"), "lender2");
-    MemlendDaemon borrower(
-        dir, Borrower("d0:64M", "4M", {lender1.ListenAddress(), lender2.ListenAddress()}),
-        "borrower");
+    // One copy per page: what is measured here is where single pages go.
+    DaemonOptions options =
+        Borrower("d0:64M", "4M", {lender1.ListenAddress(), lender2.ListenAddress()});
+    options.extra_args = {"--redundancy", "none"};
+    MemlendDaemon borrower(dir, options, "borrower");
     {
       json status = borrower.Status();
       INFO("status at start: " << status.dump());
@@ -344,6 +349,7 @@ TEST_SUITE("peers") {
       constexpr uint64_t kWritten = 40 * kMiB;  // local 4M + lenders 8M is far less
       DaemonOptions options = Borrower("d0:64M", "4M", peers);
       options.backing_file = dir.File("backing.img");
+      options.extra_args = {"--redundancy", "none"};  // the lenders' capacity, one copy each
       MemlendDaemon borrower(dir, options, "borrower");
       {
         NbdClient client(borrower.endpoint(), "d0");
@@ -392,7 +398,9 @@ TEST_SUITE("peers") {
       constexpr uint64_t kDeviceSize = 64 * kMiB;
       // Local store 4 MiB (1024 frames) + two pools of 4 MiB (2048 slots).
       constexpr uint64_t kCapacityPages = (4 * kMiB + 8 * kMiB) / kPageSize;
-      MemlendDaemon borrower(dir, Borrower("d0:64M", "4M", peers), "borrower");
+      DaemonOptions options = Borrower("d0:64M", "4M", peers);
+      options.extra_args = {"--redundancy", "none"};  // the lenders' capacity, one copy each
+      MemlendDaemon borrower(dir, options, "borrower");
       {
         NbdClient client(borrower.endpoint(), "d0");
         ShadowDevice shadow(kDeviceSize);
@@ -855,7 +863,10 @@ TEST_SUITE("peers") {
           borrower,
           [](const json& s) {
             const json& peer = s.at("peers").at(0);
-            return peer.at("state") == "down" && peer.at("error") != "";
+            // ... and the pages that were only there are counted as lost.
+            return peer.at("state") == "down" && peer.at("error") != "" &&
+                   s.at("remote_store").value("lost_pages", uint64_t{0}) ==
+                       peer.value("pages_lost", uint64_t{0});
           },
           6000);
       INFO("status after the lender left: " << after_loss.dump());
@@ -938,6 +949,106 @@ TEST_SUITE("peers") {
     CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
   }
 
+  // replicas:2 over three lenders: every evicted page is on two of them. kill -9 of one loses
+  // nothing (its pages are read from their other copies), the rebuilder copies the pages that
+  // lost a copy to the third lender, and then kill -9 of a second one loses nothing either; with
+  // one lender left the pages are degraded (one copy each) and still read back.
+  TEST_CASE("replicas:2 over three lenders: two lenders killed one after the other lose nothing") {
+    constexpr uint64_t kDeviceSize = 32 * kMiB;
+    constexpr uint64_t kWritten = 16 * kMiB;
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    std::vector<std::unique_ptr<MemlendDaemon>> lenders;
+    std::vector<std::string> addresses;
+    for (int i = 0; i < 3; ++i) {
+      lenders.push_back(
+          std::make_unique<MemlendDaemon>(dir, Lender("32M"), "lender" + std::to_string(i)));
+      addresses.push_back(lenders.back()->ListenAddress());
+    }
+    DaemonOptions options = Borrower("d0:32M", "4M", addresses);
+    options.extra_args = {"--redundancy", "replicas:2"};
+    MemlendDaemon borrower(dir, options, "borrower");
+    auto remote = [](const json& s, const char* key) { return U64(s.at("remote_store"), key); };
+    auto state = [](const json& s, int i) { return s.at("peers").at(i).at("state").get<std::string>(); };
+    auto read_all = [&](NbdClient& client, const ShadowDevice& shadow, const char* when) {
+      uint64_t eio = 0, other = 0, wrong = 0;
+      std::vector<uint8_t> page(kPageSize);
+      for (uint64_t offset = 0; offset < kWritten; offset += kPageSize) {
+        const int rc = client.TryRead(page, offset);
+        if (rc == EIO) {
+          ++eio;
+        } else if (rc != 0) {
+          ++other;
+        } else if (!DescribeMismatch(shadow.Range(offset, kPageSize), page, offset).empty()) {
+          ++wrong;
+        }
+      }
+      INFO(when << ": " << eio << " EIO, " << other << " other errors, " << wrong << " wrong");
+      CHECK(eio == 0);
+      CHECK(other == 0);
+      CHECK(wrong == 0);
+    };
+    {
+      NbdClient client(borrower.endpoint(), "d0");
+      ShadowDevice shadow(kDeviceSize);
+      std::mt19937_64 rng(seed);
+      WriteRandomRange(client, shadow, rng, 0, kWritten, 256 * kKiB, 0);
+      const json settled = WaitEvictionSettled(borrower);
+      INFO("settled status: " << settled.dump());
+      const json& device = settled.at("devices").at(0);
+      CHECK(device.at("redundancy") == "replicas:2");
+      const uint64_t on_lenders = GetDevicePages(settled, "d0").remote;
+      REQUIRE(on_lenders > kWritten / kPageSize / 2);
+      CHECK(remote(settled, "pages") == on_lenders);
+      CHECK(remote(settled, "copies") == 2 * on_lenders);
+      CHECK(remote(settled, "degraded_pages") == 0);
+      CHECK(remote(settled, "copies") == SumOverPeers(settled, "pages_stored"));
+
+      // The first lender dies while holding about two thirds of the pages' copies.
+      CHECK(lenders[0]->Stop(SIGKILL) == 128 + SIGKILL);
+      read_all(client, shadow, "reads right after the first kill");
+      const json rebuilt = WaitForStatus(
+          borrower,
+          [&](const json& s) {
+            return state(s, 0) == "down" && U64(s.at("peers").at(0), "pages_stored") == 0 &&
+                   remote(s, "degraded_pages") == 0 &&
+                   remote(s, "copies") == SumOverPeers(s, "pages_stored");
+          },
+          15000);
+      INFO("status after the rebuild: " << rebuilt.dump());
+      CHECK(remote(rebuilt, "lost_pages") == 0);
+      // (Reads promote some pages back into the local store, so count them again.)
+      CHECK(remote(rebuilt, "pages") == GetDevicePages(rebuilt, "d0").remote);
+      CHECK(remote(rebuilt, "copies") == 2 * remote(rebuilt, "pages"));
+      CHECK(remote(rebuilt, "rebuilt_copies") > 0);
+      CHECK(U64(rebuilt.at("peers").at(0), "pages_stored") == 0);
+      CheckStatusInvariants(rebuilt);
+      read_all(client, shadow, "reads after the rebuild");
+
+      // The second lender dies: every page still has its copy on the third.
+      CHECK(lenders[1]->Stop(SIGKILL) == 128 + SIGKILL);
+      read_all(client, shadow, "reads right after the second kill");
+      const json degraded = WaitForStatus(
+          borrower,
+          [&](const json& s) {
+            return state(s, 1) == "down" && U64(s.at("peers").at(1), "pages_stored") == 0 &&
+                   remote(s, "degraded_pages") == remote(s, "pages");
+          },
+          15000);
+      INFO("status with one lender left: " << degraded.dump());
+      CHECK(remote(degraded, "lost_pages") == 0);
+      CHECK(remote(degraded, "copies") == remote(degraded, "pages"));
+      CHECK(remote(degraded, "pages") == GetDevicePages(degraded, "d0").remote);
+      CheckStatusInvariants(degraded);
+      // Writes go on, with one copy each (degraded) while only one lender is up.
+      WriteRandomRange(client, shadow, rng, kWritten, 8 * kMiB, 256 * kKiB, 0);
+      CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");
+    }
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+    CHECK(lenders[2]->Stop() == 0);
+  }
+
   // kill -STOP of a lender: its requests miss their deadline, it turns suspect (no new pages),
   // then down after --peer-down-after (its pages are lost, and counted); no read or write waits
   // on it for longer than that, writes go on to the local store and the backing file, and once
@@ -982,7 +1093,14 @@ TEST_SUITE("peers") {
       // Writes go on meanwhile, to the local store and the backing file.
       WriteRandomRange(client, shadow, rng, kFirst, 8 * kMiB, 256 * kKiB, 0);
       const json down = WaitForStatus(
-          borrower, [&](const json& s) { return peer_state(s) == "down"; }, 15000);
+          borrower,
+          [&](const json& s) {
+            // ... and the pages that were only there are counted as lost.
+            return peer_state(s) == "down" &&
+                   s.at("remote_store").value("lost_pages", uint64_t{0}) ==
+                       s.at("peers").at(0).value("pages_lost", uint64_t{0});
+          },
+          15000);
       INFO("status once down: " << down.dump());
       CHECK(down.at("peers").at(0).at("error").get<std::string>().find("no reply in time") !=
             std::string::npos);

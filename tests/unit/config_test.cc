@@ -559,6 +559,34 @@ TEST_CASE("BuildDaemonConfig reads the connection bounds, socket access and --fo
   CHECK(config.nbd_access.group == 0);
 }
 
+TEST_CASE("redundancy: replicas:2 with two peers by default, none with one; bad values named") {
+  DaemonConfig config;
+  std::string error;
+  DaemonArgs args = GoodArgs();
+  args.peers = {"127.0.0.1:7710"};
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.copies == 1);
+  args.peers.push_back("127.0.0.1:7711");
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.copies == 2);
+  CHECK(RedundancyName(config.copies) == "replicas:2");
+  args.redundancy = "none";
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.copies == 1);
+  CHECK(RedundancyName(config.copies) == "none");
+  args.redundancy = "replicas:3";
+  CHECK(Contains(BuildError(args), "--redundancy replicas:3 needs at least 3 --peer lenders"));
+  for (const char* bad : {"replicas:0", "replicas:4", "replicas:", "replicas:2x", "two", ""}) {
+    if (*bad == '\0') continue;
+    args.redundancy = bad;
+    CHECK(Contains(BuildError(args), "expected none or replicas:N"));
+  }
+  args.redundancy = "disk";
+  CHECK(Contains(BuildError(args), "not available yet"));
+  args.redundancy = "replicas:2+disk";
+  CHECK(Contains(BuildError(args), "not available yet"));
+}
+
 TEST_CASE("peer deadlines: defaults, chosen values, and bounds") {
   DaemonConfig config;
   std::string error;

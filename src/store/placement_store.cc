@@ -1,0 +1,464 @@
+#include "store/placement_store.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cerrno>
+#include <new>
+
+#include "common/log.h"
+#include "common/thread_name.h"
+
+namespace memlend {
+namespace {
+
+constexpr std::size_t kWindow = 64;  // pages per peer store batch
+constexpr auto kRebuildInterval = std::chrono::milliseconds(100);
+
+}  // namespace
+
+PlacementStore::PlacementStore(std::unique_ptr<peer::PeerStore> peers, unsigned default_copies,
+                               unsigned rebuild_rate)
+    : peers_(std::move(peers)),
+      default_copies_(std::clamp(default_copies, 1u, kMaxCopies)),
+      rebuild_rate_(std::max(rebuild_rate, 10u)),
+      chunks_(new std::atomic<Record*>[kMaxChunks]),
+      rebuild_buffer_(new std::byte[kWindow * kPageSize]) {
+  assert(peers_ != nullptr);
+  for (std::size_t i = 0; i < kMaxChunks; ++i) chunks_[i].store(nullptr, std::memory_order_relaxed);
+}
+
+PlacementStore::~PlacementStore() {
+  {
+    std::lock_guard lock(rebuilder_mu_);
+    stopping_ = true;
+  }
+  rebuilder_cv_.notify_all();
+  if (rebuilder_.joinable()) rebuilder_.join();
+  for (std::size_t i = 0; i < chunk_count_; ++i) delete[] chunks_[i].load(std::memory_order_relaxed);
+}
+
+void PlacementStore::Start() {
+  if (rebuilder_.joinable()) return;
+  rebuilder_ = std::thread([this] {
+    SetThreadName("ml-rebuild");
+    RebuilderLoop();
+  });
+}
+
+PlacementStore::Record* PlacementStore::Find(std::uint32_t id) const noexcept {
+  const std::size_t chunk = id >> kChunkShift;
+  if (chunk >= kMaxChunks) return nullptr;
+  Record* records = chunks_[chunk].load(std::memory_order_acquire);
+  return records == nullptr ? nullptr : &records[id & (kChunkRecords - 1)];
+}
+
+bool PlacementStore::Allocate(std::uint32_t* id) noexcept {
+  std::lock_guard lock(table_mu_);
+  if (free_ids_.empty()) {
+    if (chunk_count_ == kMaxChunks) return false;
+    Record* records = new (std::nothrow) Record[kChunkRecords];
+    if (records == nullptr) return false;
+    try {
+      free_ids_.reserve(free_ids_.size() + kChunkRecords);
+    } catch (const std::bad_alloc&) {
+      delete[] records;
+      return false;
+    }
+    const std::size_t chunk = chunk_count_++;
+    chunks_[chunk].store(records, std::memory_order_release);
+    // Id 0 is never handed out: the peer store's reverse index uses 0 for "no owner".
+    for (std::size_t i = kChunkRecords; i-- > (chunk == 0 ? 1 : 0);) {
+      free_ids_.push_back(static_cast<std::uint32_t>((chunk << kChunkShift) | i));
+    }
+  }
+  *id = free_ids_.back();
+  free_ids_.pop_back();
+  return true;
+}
+
+void PlacementStore::Free(std::uint32_t id) noexcept {
+  std::lock_guard lock(table_mu_);
+  free_ids_.push_back(id);  // capacity was reserved when the id's chunk was made
+}
+
+void PlacementStore::NoteDegradedLocked(std::uint32_t id, const Record& record) noexcept {
+  if (record.lost || record.count >= record.wanted) return;
+  std::lock_guard lock(queue_mu_);
+  try {
+    rebuild_queue_.push_back(id);
+  } catch (const std::bad_alloc&) {
+    // It stays degraded until a later event queues it again.
+  }
+}
+
+void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
+                                      std::span<const std::uint64_t> hints, unsigned copies,
+                                      std::span<Slot> slots, std::span<int> results) noexcept {
+  copies = std::clamp(copies, 1u, kMaxCopies);
+  for (std::size_t base = 0; base < pages.size(); base += kWindow) {
+    const std::size_t count = std::min(kWindow, pages.size() - base);
+    std::uint32_t ids[kWindow];
+    bool have_id[kWindow];
+    Slot got[kWindow][kMaxCopies];
+    unsigned got_count[kWindow] = {};
+    peer::PeerStore::PeerMask excludes[kWindow];
+    for (std::size_t i = 0; i < count; ++i) have_id[i] = Allocate(&ids[i]);
+
+    // One peer store batch per copy; a page whose earlier copy failed gets no later one.
+    for (unsigned k = 0; k < copies; ++k) {
+      const std::byte* batch_pages[kWindow];
+      std::uint64_t batch_hints[kWindow];
+      std::uint32_t batch_owners[kWindow];
+      peer::PeerStore::PeerMask batch_excludes[kWindow];
+      std::size_t batch_index[kWindow];
+      std::size_t n = 0;
+      for (std::size_t i = 0; i < count; ++i) {
+        if (!have_id[i] || got_count[i] != k) continue;
+        batch_pages[n] = pages[base + i];
+        batch_hints[n] = hints[base + i] + k;
+        batch_owners[n] = ids[i];
+        batch_excludes[n] = excludes[i];
+        batch_index[n++] = i;
+      }
+      if (n == 0) break;
+      Slot batch_slots[kWindow];
+      int batch_results[kWindow];
+      peers_->WriteBatchFor(std::span(batch_pages, n), std::span(batch_hints, n),
+                            std::span(batch_owners, n), std::span(batch_excludes, n),
+                            std::span(batch_slots, n), std::span(batch_results, n));
+      for (std::size_t j = 0; j < n; ++j) {
+        if (batch_results[j] != 0) continue;
+        const std::size_t i = batch_index[j];
+        got[i][got_count[i]++] = batch_slots[j];
+        excludes[i].set(peer::PeerStore::PeerIndexOf(batch_slots[j]));
+      }
+    }
+
+    for (std::size_t i = 0; i < count; ++i) {
+      if (!have_id[i] || got_count[i] == 0) {
+        if (have_id[i]) Free(ids[i]);
+        results[base + i] = -ENOSPC;  // the caller places it elsewhere
+        continue;
+      }
+      Record& record = *Find(ids[i]);
+      std::lock_guard lock(LockFor(ids[i]));
+      ++record.version;
+      record.count = static_cast<std::uint8_t>(got_count[i]);
+      record.wanted = static_cast<std::uint8_t>(copies);
+      record.pins = 0;
+      record.discarded = false;
+      record.lost = false;
+      std::copy(got[i], got[i] + got_count[i], record.copies);
+      pages_.fetch_add(1, std::memory_order_relaxed);
+      copies_.fetch_add(got_count[i], std::memory_order_relaxed);
+      if (got_count[i] < copies) {
+        degraded_.fetch_add(1, std::memory_order_relaxed);
+        NoteDegradedLocked(ids[i], record);
+      }
+      slots[base + i] = ids[i];
+      results[base + i] = 0;
+    }
+  }
+}
+
+int PlacementStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept {
+  const std::byte* pages[1] = {page.data()};
+  int result = -ENOSPC;
+  WriteBatchCopies(pages, std::span(&hint, 1), default_copies_, std::span(slot, 1),
+                   std::span(&result, 1));
+  return result;
+}
+
+int PlacementStore::ReadCopies(const Slot* copies, unsigned count, PageSpan out) noexcept {
+  // Ready peers first, in the record's order; then the rest.
+  Slot order[kMaxCopies];
+  unsigned n = 0;
+  for (unsigned c = 0; c < count; ++c) {
+    if (peers_->SlotReady(copies[c])) order[n++] = copies[c];
+  }
+  for (unsigned c = 0; c < count; ++c) {
+    if (!peers_->SlotReady(copies[c])) order[n++] = copies[c];
+  }
+  int overdue = -1;
+  for (unsigned c = 0; c < n; ++c) {
+    const int rc = peers_->ReadOnce(order[c], out);
+    if (rc == 0) return 0;
+    if (rc == -ETIMEDOUT && overdue < 0) overdue = static_cast<int>(c);
+  }
+  // No copy answered in time: ask the first overdue one again until its peer answers or is
+  // taken for down.
+  if (overdue >= 0) return peers_->Read(order[overdue], out) == 0 ? 0 : -EIO;
+  return -EIO;
+}
+
+int PlacementStore::Read(Slot slot, PageSpan out) noexcept {
+  const auto id = static_cast<std::uint32_t>(slot);
+  Record* record = Find(id);
+  if (record == nullptr) return -EIO;
+  Slot copies[kMaxCopies];
+  unsigned count;
+  {
+    std::lock_guard lock(LockFor(id));
+    if (record->wanted == 0 || record->lost) return -EIO;
+    count = record->count;
+    std::copy(record->copies, record->copies + count, copies);
+  }
+  return ReadCopies(copies, count, out);
+}
+
+void PlacementStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
+                               std::span<int> results) noexcept {
+  for (std::size_t base = 0; base < slots.size(); base += kWindow) {
+    const std::size_t count = std::min(kWindow, slots.size() - base);
+    Slot copies[kWindow][kMaxCopies];
+    unsigned counts[kWindow];
+    Slot first[kWindow];
+    std::byte* first_outs[kWindow];
+    int first_results[kWindow];
+    std::size_t first_index[kWindow];
+    std::size_t n = 0;
+    for (std::size_t i = 0; i < count; ++i) {
+      const auto id = static_cast<std::uint32_t>(slots[base + i]);
+      Record* record = Find(id);
+      counts[i] = 0;
+      results[base + i] = -EIO;
+      if (record == nullptr) continue;
+      {
+        std::lock_guard lock(LockFor(id));
+        if (record->wanted == 0 || record->lost) continue;
+        counts[i] = record->count;
+        std::copy(record->copies, record->copies + counts[i], copies[i]);
+      }
+      // The batch asks each page's first ready copy; the rest are for a retry below.
+      unsigned pick = 0;
+      while (pick < counts[i] && !peers_->SlotReady(copies[i][pick])) ++pick;
+      if (pick == counts[i]) continue;  // none ready: read below, copy by copy
+      first[n] = copies[i][pick];
+      first_outs[n] = outs[base + i];
+      first_index[n++] = i;
+    }
+    peers_->ReadBatchOnce(std::span(first, n), std::span(first_outs, n),
+                          std::span(first_results, n));
+    for (std::size_t j = 0; j < n; ++j) results[base + first_index[j]] = first_results[j];
+    for (std::size_t i = 0; i < count; ++i) {
+      if (results[base + i] == 0 || counts[i] == 0) continue;
+      results[base + i] = ReadCopies(copies[i], counts[i], PageSpan(outs[base + i], kPageSize));
+    }
+  }
+}
+
+void PlacementStore::Pin(Slot slot) noexcept {
+  const auto id = static_cast<std::uint32_t>(slot);
+  Record* record = Find(id);
+  if (record == nullptr) return;
+  std::lock_guard lock(LockFor(id));
+  if (record->wanted != 0) ++record->pins;
+}
+
+void PlacementStore::Unpin(Slot slot) noexcept {
+  const auto id = static_cast<std::uint32_t>(slot);
+  Record* record = Find(id);
+  if (record == nullptr) return;
+  std::lock_guard lock(LockFor(id));
+  if (record->wanted == 0 || record->pins == 0) return;
+  if (--record->pins == 0 && record->discarded) ReleaseLocked(id, *record);
+}
+
+void PlacementStore::Discard(Slot slot) noexcept {
+  const auto id = static_cast<std::uint32_t>(slot);
+  Record* record = Find(id);
+  if (record == nullptr) return;
+  std::lock_guard lock(LockFor(id));
+  if (record->wanted == 0) return;
+  if (record->pins > 0) {
+    record->discarded = true;  // a batched read still needs it: release at the last Unpin
+    return;
+  }
+  ReleaseLocked(id, *record);
+}
+
+void PlacementStore::ReleaseLocked(std::uint32_t id, Record& record) noexcept {
+  // A copy of an ended session is gone already; discarding it settles the peer's count of
+  // lost pages.
+  for (unsigned c = 0; c < record.count; ++c) peers_->Discard(record.copies[c]);
+  if (record.lost) {
+    lost_.fetch_sub(1, std::memory_order_relaxed);
+  } else {
+    pages_.fetch_sub(1, std::memory_order_relaxed);
+    copies_.fetch_sub(record.count, std::memory_order_relaxed);
+    if (record.count < record.wanted) degraded_.fetch_sub(1, std::memory_order_relaxed);
+  }
+  ++record.version;
+  record.wanted = 0;
+  record.count = 0;
+  record.pins = 0;
+  record.discarded = false;
+  record.lost = false;
+  Free(id);
+}
+
+StoreStats PlacementStore::Stats() const noexcept {
+  StoreStats stats = peers_->Stats();
+  stats.pages = pages_.load(std::memory_order_relaxed);
+  return stats;
+}
+
+PlacementStats PlacementStore::Placements() const noexcept {
+  PlacementStats stats;
+  stats.pages = pages_.load(std::memory_order_relaxed);
+  stats.copies = copies_.load(std::memory_order_relaxed);
+  stats.degraded = degraded_.load(std::memory_order_relaxed);
+  stats.lost = lost_.load(std::memory_order_relaxed);
+  stats.rebuilt = rebuilt_.load(std::memory_order_relaxed);
+  return stats;
+}
+
+void PlacementStore::DropLostCopies() noexcept {
+  std::vector<peer::PeerStore::LostCopy> lost;
+  try {
+    lost = peers_->TakeLostCopies();
+  } catch (const std::bad_alloc&) {
+    return;
+  }
+  std::uint64_t pages_lost = 0;
+  for (const peer::PeerStore::LostCopy& copy : lost) {
+    Record* record = Find(copy.owner);
+    if (record == nullptr) continue;
+    std::lock_guard lock(LockFor(copy.owner));
+    if (record->wanted == 0 || record->lost) continue;
+    Slot* end = record->copies + record->count;
+    Slot* at = std::find(record->copies, end, copy.slot);
+    if (at == end) continue;  // a slot reserved for a write that never completed
+    ++record->version;
+    if (record->count == 1) {
+      // The last copy: the page is lost. The record keeps the copy, so that discarding the
+      // page settles the peer's count of lost pages.
+      record->lost = true;
+      if (record->count < record->wanted) degraded_.fetch_sub(1, std::memory_order_relaxed);
+      pages_.fetch_sub(1, std::memory_order_relaxed);
+      copies_.fetch_sub(1, std::memory_order_relaxed);
+      lost_.fetch_add(1, std::memory_order_relaxed);
+      ++pages_lost;
+      continue;
+    }
+    const bool was_degraded = record->count < record->wanted;
+    std::copy(at + 1, end, at);
+    --record->count;
+    copies_.fetch_sub(1, std::memory_order_relaxed);
+    peers_->Discard(copy.slot);  // settles the peer's count of lost copies
+    if (!was_degraded) degraded_.fetch_add(1, std::memory_order_relaxed);
+    NoteDegradedLocked(copy.owner, *record);
+  }
+  if (pages_lost > 0) {
+    LogError("remote tier: %llu page(s) lost: every copy was on peers that went down; reading "
+             "them fails until they are rewritten or trimmed",
+             static_cast<unsigned long long>(pages_lost));
+  }
+}
+
+std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
+  std::size_t tried = 0;
+  while (tried < budget) {
+    // A batch of degraded records, each with a snapshot of its copies and version.
+    std::uint32_t ids[kWindow];
+    std::uint32_t versions[kWindow];
+    Slot copies[kWindow][kMaxCopies];
+    unsigned counts[kWindow];
+    std::size_t n = 0;
+    {
+      std::unique_lock queue_lock(queue_mu_);
+      const std::size_t take = std::min({kWindow, budget - tried, rebuild_queue_.size()});
+      for (std::size_t i = 0; i < take; ++i) {
+        ids[n++] = rebuild_queue_.front();
+        rebuild_queue_.pop_front();
+      }
+    }
+    if (n == 0) break;
+    tried += n;
+    std::size_t kept = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      Record* record = Find(ids[i]);
+      if (record == nullptr) continue;
+      std::lock_guard lock(LockFor(ids[i]));
+      if (record->wanted == 0 || record->lost || record->count >= record->wanted) continue;
+      ids[kept] = ids[i];
+      versions[kept] = record->version;
+      counts[kept] = record->count;
+      std::copy(record->copies, record->copies + record->count, copies[kept]);
+      ++kept;
+    }
+    if (kept == 0) continue;
+    // Read each page from a live copy (no lock held), then write one more copy of each.
+    std::byte* const buffer = rebuild_buffer_.get();
+    const std::byte* pages[kWindow];
+    std::uint64_t hints[kWindow];
+    peer::PeerStore::PeerMask excludes[kWindow];
+    std::uint32_t owners[kWindow];
+    std::size_t index[kWindow];
+    std::size_t m = 0;
+    for (std::size_t i = 0; i < kept; ++i) {
+      std::byte* page = buffer + m * kPageSize;
+      if (ReadCopies(copies[i], counts[i], PageSpan(page, kPageSize)) != 0) continue;
+      pages[m] = page;
+      hints[m] = ids[i];
+      owners[m] = ids[i];
+      for (unsigned c = 0; c < counts[i]; ++c) {
+        excludes[m].set(peer::PeerStore::PeerIndexOf(copies[i][c]));
+      }
+      index[m++] = i;
+    }
+    Slot placed[kWindow];
+    int results[kWindow];
+    peers_->WriteBatchFor(std::span(pages, m), std::span(hints, m), std::span(owners, m),
+                          std::span(excludes, m), std::span(placed, m), std::span(results, m));
+    bool no_room = false;
+    for (std::size_t j = 0; j < m; ++j) {
+      const std::size_t i = index[j];
+      Record& record = *Find(ids[i]);
+      if (results[j] != 0) {
+        no_room = true;
+        std::lock_guard lock(LockFor(ids[i]));
+        NoteDegradedLocked(ids[i], record);  // again later, when a peer has room
+        continue;
+      }
+      bool committed = false;
+      {
+        std::lock_guard lock(LockFor(ids[i]));
+        if (record.version == versions[i] && record.wanted != 0 && !record.lost &&
+            record.count < record.wanted) {
+          record.copies[record.count++] = placed[j];
+          ++record.version;
+          copies_.fetch_add(1, std::memory_order_relaxed);
+          rebuilt_.fetch_add(1, std::memory_order_relaxed);
+          if (record.count == record.wanted) {
+            degraded_.fetch_sub(1, std::memory_order_relaxed);
+          } else {
+            NoteDegradedLocked(ids[i], record);
+          }
+          committed = true;
+        }
+      }
+      if (!committed) peers_->Discard(placed[j]);  // the page changed meanwhile
+    }
+    if (no_room) break;  // no peer takes more now: wait for the next round
+  }
+  return tried;
+}
+
+void PlacementStore::RebuildRound() noexcept {
+  DropLostCopies();
+  const std::size_t budget =
+      std::max<std::size_t>(1, rebuild_rate_ * kRebuildInterval.count() / 1000);
+  RebuildSome(budget);
+}
+
+void PlacementStore::RebuilderLoop() {
+  std::unique_lock lock(rebuilder_mu_);
+  while (!rebuilder_cv_.wait_for(lock, kRebuildInterval, [this] { return stopping_; })) {
+    lock.unlock();
+    RebuildRound();
+    lock.lock();
+  }
+}
+
+}  // namespace memlend

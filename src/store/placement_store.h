@@ -1,0 +1,147 @@
+// PlacementStore: the remote tier as one PageStore whose slots name *placements*, each a
+// record of the copies one page has on distinct peers (docs/remote-tier.md). A device's
+// page-table entry keeps only the placement id, so several copies cost it nothing.
+//
+// Writes (WriteBatchCopies) put each page on up to `copies` distinct peers, one peer store
+// batch per copy, all acknowledged before the call returns. A page that got fewer copies
+// than asked (too few peers up) is *degraded*; so is one whose copy was on a peer that went
+// down. Reads try the copies on ready peers first; a copy whose peer misses its deadline
+// gives way to the next, and only when no other copy answers is the first one asked again
+// (until its peer answers or is down). A page all of whose copies are gone is *lost*: it
+// reads as -EIO and is counted (lost_pages) until it is rewritten or trimmed.
+//
+// The rebuilder (one thread) takes, from the peer store's reverse index, the copies that
+// went down with a peer, drops them from their records, and copies every degraded page from
+// a live copy to another peer, at most rebuild_rate pages a second. It commits a new copy
+// only if the record did not change meanwhile (its version), so a page rewritten or trimmed
+// during the copy keeps nothing stale; it holds no record lock across a network wait.
+//
+// Locks: a record's stripe lock, then the peer store's locks (never the other way). The
+// table's free list has its own leaf lock.
+#pragma once
+
+#include <atomic>
+#include <array>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "memlend/page_store.h"
+#include "peer/peer_store.h"
+
+namespace memlend {
+
+struct PlacementStats {
+  std::uint64_t pages = 0;          // placements in use with at least one live copy
+  std::uint64_t copies = 0;         // copies named by those placements
+  std::uint64_t degraded = 0;       // placements with fewer copies than asked
+  std::uint64_t lost = 0;           // placements with no copy left
+  std::uint64_t rebuilt = 0;        // copies made by the rebuilder since start
+};
+
+class PlacementStore final : public PageStore {
+ public:
+  static constexpr unsigned kMaxCopies = 3;
+
+  // `default_copies` is what Write and WriteBatch keep (1..kMaxCopies); `rebuild_rate` is
+  // pages per second the rebuilder copies at most.
+  PlacementStore(std::unique_ptr<peer::PeerStore> peers, unsigned default_copies = 1,
+                 unsigned rebuild_rate = 20000);
+  // Stops the rebuilder.
+  ~PlacementStore() override;
+
+  // Starts the rebuilder thread.
+  void Start();
+
+  peer::PeerStore& peers() { return *peers_; }
+  const peer::PeerStore& peers() const { return *peers_; }
+
+  int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override;
+  int Read(Slot slot, PageSpan out) noexcept override;
+  void ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
+                 std::span<int> results) noexcept override;
+  void WriteBatch(std::span<const std::byte* const> pages, std::span<const std::uint64_t> hints,
+                  std::span<Slot> slots, std::span<int> results) noexcept override {
+    WriteBatchCopies(pages, hints, default_copies_, slots, results);
+  }
+  void WriteBatchCopies(std::span<const std::byte* const> pages,
+                        std::span<const std::uint64_t> hints, unsigned copies,
+                        std::span<Slot> slots, std::span<int> results) noexcept override;
+  void Pin(Slot slot) noexcept override;
+  void Unpin(Slot slot) noexcept override;
+  void Discard(Slot slot) noexcept override;
+  // pages: placements with a live copy; used_bytes and total_bytes: the peers'.
+  StoreStats Stats() const noexcept override;
+  PlacementStats Placements() const noexcept;
+
+  // Runs one rebuild round now (what the rebuilder thread does every interval); for tests.
+  void RebuildRound() noexcept;
+
+ private:
+  static constexpr unsigned kChunkShift = 12;  // records per chunk: 4096
+  static constexpr std::size_t kChunkRecords = std::size_t{1} << kChunkShift;
+  static constexpr std::size_t kMaxChunks = std::size_t{1} << 20;  // 2^32 placements
+  static constexpr std::size_t kLockStripes = 1024;
+
+  struct Record {
+    std::uint32_t version = 0;   // changes whenever the record does
+    std::uint8_t count = 0;      // copies[0..count) are the copies
+    std::uint8_t wanted = 0;     // copies asked for; 0: the record is free
+    std::uint16_t pins = 0;
+    bool discarded = false;      // Discard came while pinned: free at the last Unpin
+    bool lost = false;           // every copy is gone
+    Slot copies[kMaxCopies] = {};
+  };
+  struct alignas(64) Stripe {
+    std::mutex mu;
+  };
+
+  // The record of `id`, or nullptr if `id` was never allocated.
+  Record* Find(std::uint32_t id) const noexcept;
+  std::mutex& LockFor(std::uint32_t id) noexcept { return stripes_[id % kLockStripes].mu; }
+  // Takes a free id (growing the table if needed); false when memory ran out.
+  bool Allocate(std::uint32_t* id) noexcept;
+  void Free(std::uint32_t id) noexcept;
+  // Releases every copy of a record and frees it. REQUIRES: its stripe lock held.
+  void ReleaseLocked(std::uint32_t id, Record& record) noexcept;
+  // Reads `copies` in order, ready peers first (see the file comment).
+  int ReadCopies(const Slot* copies, unsigned count, PageSpan out) noexcept;
+  // Whether a degraded record goes on the rebuild queue. REQUIRES: its stripe lock held.
+  void NoteDegradedLocked(std::uint32_t id, const Record& record) noexcept;
+  void RebuilderLoop();
+  // Drops copies lost with peers that went down from their records.
+  void DropLostCopies() noexcept;
+  // Adds a copy to up to `budget` degraded records; returns how many it tried.
+  std::size_t RebuildSome(std::size_t budget) noexcept;
+
+  const std::unique_ptr<peer::PeerStore> peers_;
+  const unsigned default_copies_;
+  const unsigned rebuild_rate_;
+
+  const std::unique_ptr<std::atomic<Record*>[]> chunks_;  // kMaxChunks slots, filled as needed
+  std::array<Stripe, kLockStripes> stripes_;
+  std::mutex table_mu_;                    // a leaf lock
+  std::vector<std::uint32_t> free_ids_;    // guarded by table_mu_
+  std::size_t chunk_count_ = 0;            // guarded by table_mu_
+
+  std::atomic<std::uint64_t> pages_{0};
+  std::atomic<std::uint64_t> copies_{0};
+  std::atomic<std::uint64_t> degraded_{0};
+  std::atomic<std::uint64_t> lost_{0};
+  std::atomic<std::uint64_t> rebuilt_{0};
+
+  std::mutex queue_mu_;                   // a leaf lock
+  std::deque<std::uint32_t> rebuild_queue_;  // guarded by queue_mu_: ids that may be degraded
+
+  const std::unique_ptr<std::byte[]> rebuild_buffer_;  // the rebuilder's pages in flight
+  std::mutex rebuilder_mu_;
+  std::condition_variable rebuilder_cv_;
+  bool stopping_ = false;  // guarded by rebuilder_mu_
+  std::thread rebuilder_;
+};
+
+}  // namespace memlend
