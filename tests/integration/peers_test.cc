@@ -29,6 +29,7 @@
 #include <optional>
 #include <span>
 #include <stdexcept>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1047,6 +1048,98 @@ TEST_SUITE("peers") {
     }
     CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
     CHECK(lenders[2]->Stop() == 0);
+  }
+
+  // replicas:2 with a lender frozen (kill -STOP) for longer than --peer-down-after: reads go to
+  // the other copies and writes to the other lenders, so no request waits for the frozen one
+  // (fio-style: the slowest read is reported, and must be shorter than the freeze); it shows
+  // suspect, then down; once thawed it is connected again and used again, and nothing is lost.
+  TEST_CASE("replicas:2: a frozen lender is routed around and used again once it thaws") {
+    constexpr uint64_t kDeviceSize = 32 * kMiB;
+    constexpr uint64_t kWritten = 16 * kMiB;
+    constexpr auto kFreeze = std::chrono::seconds(8);  // --peer-down-after is 5 s (the default)
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    std::vector<std::unique_ptr<MemlendDaemon>> lenders;
+    std::vector<std::string> addresses;
+    for (int i = 0; i < 3; ++i) {
+      lenders.push_back(
+          std::make_unique<MemlendDaemon>(dir, Lender("32M"), "lender" + std::to_string(i)));
+      addresses.push_back(lenders.back()->ListenAddress());
+    }
+    struct Thaw {
+      pid_t pid;
+      ~Thaw() { ::kill(pid, SIGCONT); }
+    } thaw{lenders[0]->pid()};
+    MemlendDaemon borrower(dir, Borrower("d0:32M", "4M", addresses), "borrower");
+    auto remote = [](const json& s, const char* key) { return U64(s.at("remote_store"), key); };
+    auto state = [](const json& s) { return s.at("peers").at(0).at("state").get<std::string>(); };
+    {
+      NbdClient client(borrower.endpoint(), "d0");
+      ShadowDevice shadow(kDeviceSize);
+      std::mt19937_64 rng(seed);
+      WriteRandomRange(client, shadow, rng, 0, kWritten, 256 * kKiB, 0);
+      const json settled = WaitEvictionSettled(borrower);
+      INFO("settled status: " << settled.dump());
+      REQUIRE(settled.at("devices").at(0).at("redundancy") == "replicas:2");
+      REQUIRE(U64(settled.at("peers").at(0), "pages_stored") > 0);
+
+      REQUIRE(::kill(lenders[0]->pid(), SIGSTOP) == 0);
+      const auto frozen_at = std::chrono::steady_clock::now();
+      std::chrono::steady_clock::duration slowest{};
+      uint64_t reads = 0, errors = 0, wrong = 0;
+      std::set<std::string> states;
+      std::vector<uint8_t> page(kPageSize);
+      while (std::chrono::steady_clock::now() - frozen_at < kFreeze - std::chrono::seconds(1)) {
+        // A pass of reads over the first range, and a write of new data beyond it.
+        for (uint64_t offset = 0; offset < kWritten; offset += 16 * kPageSize) {
+          const auto start = std::chrono::steady_clock::now();
+          const int rc = client.TryRead(page, offset);
+          slowest = std::max(slowest, std::chrono::steady_clock::now() - start);
+          ++reads;
+          if (rc != 0) {
+            ++errors;
+          } else if (!DescribeMismatch(shadow.Range(offset, kPageSize), page, offset).empty()) {
+            ++wrong;
+          }
+        }
+        WriteRandomRange(client, shadow, rng, kWritten, 4 * kMiB, 256 * kKiB, 0);
+        states.insert(state(borrower.Status()));
+      }
+      std::this_thread::sleep_until(frozen_at + kFreeze);
+      REQUIRE(::kill(lenders[0]->pid(), SIGCONT) == 0);
+      const auto slowest_ms =
+          std::chrono::duration_cast<std::chrono::milliseconds>(slowest).count();
+      MESSAGE("while a lender was frozen for " << kFreeze.count() << " s: " << reads
+                                               << " reads, the slowest took " << slowest_ms
+                                               << " ms");
+      std::string seen;
+      for (const std::string& s : states) seen += s + " ";
+      INFO("states of the frozen lender seen: " << seen);
+      CHECK(errors == 0);
+      CHECK(wrong == 0);
+      CHECK(slowest < kFreeze);  // nobody waited for the lender to thaw
+      CHECK((states.contains("suspect") || states.contains("down")));
+
+      // Thawed: connected again, copies made again, and new pages placed there too.
+      const json back = WaitForStatus(
+          borrower,
+          [&](const json& s) {
+            return state(s) == "up" && remote(s, "degraded_pages") == 0 &&
+                   remote(s, "copies") == SumOverPeers(s, "pages_stored");
+          },
+          20000);
+      INFO("status after the thaw: " << back.dump());
+      CHECK(remote(back, "lost_pages") == 0);
+      WriteRandomRange(client, shadow, rng, 0, kWritten, 256 * kKiB, 0);
+      const json again = WaitEvictionSettled(borrower);
+      INFO("status after writing again: " << again.dump());
+      CHECK(U64(again.at("peers").at(0), "pages_stored") > 0);
+      CheckStatusInvariants(again);
+      CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");
+    }
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
   }
 
   // kill -STOP of a lender: its requests miss their deadline, it turns suspect (no new pages),
