@@ -39,5 +39,6 @@ inline constexpr char kControlStatus[] = "status";
 inline constexpr char kControlPeers[] = "peers";
 inline constexpr char kControlAttach[] = "attach";
 inline constexpr char kControlDetach[] = "detach";
+inline constexpr char kControlDrain[] = "drain";
 
 }  // namespace memlend

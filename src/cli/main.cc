@@ -1,6 +1,11 @@
 // memlend: the one command. `memlend daemon` runs the daemon; the other subcommands talk
 // to a running daemon over its control socket.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <thread>
 #include <exception>
 #include <iostream>
 #include <string>
@@ -119,6 +124,63 @@ int RunDetach(const std::string& control, const std::string& name) {
   return 0;
 }
 
+// memlend drain: asks a lender to leave once its borrowers have moved their pages off, and
+// shows the pages left (per borrower) until it is done. 0 only when nothing was left behind.
+int RunDrain(const std::string& control_option, unsigned deadline_s) {
+  const std::string control = control_option.empty() ? memlend::DefaultControlPath() : control_option;
+  try {
+    const nlohmann::json reply = memlend::CallControl(
+        control, {{"command", memlend::kControlDrain}, {"deadline_ms", deadline_s * 1000ull}});
+    if (!reply.value("ok", false)) {
+      memlend::LogError("drain: %s", reply.value("error", "no reason given").c_str());
+      return 1;
+    }
+  } catch (const std::exception& e) {
+    memlend::LogError("drain: %s", e.what());
+    return 1;
+  }
+  const bool tty = ::isatty(STDOUT_FILENO) != 0;
+  std::uint64_t first = 0;
+  std::uint64_t last = 0;
+  bool seen = false;
+  for (;;) {
+    nlohmann::json lending;
+    try {
+      lending = memlend::CallControl(control, {{"command", memlend::kControlStatus}}).at("lending");
+    } catch (const std::exception&) {
+      // The daemon has gone (it exits once drained) without our seeing the outcome.
+      std::printf("%sthe lender exited; %llu pages were still held when last asked\n",
+                  tty ? "\n" : "", static_cast<unsigned long long>(last));
+      return last == 0 && seen ? 0 : 1;
+    }
+    const std::uint64_t held = lending.value("held_pages", std::uint64_t{0});
+    if (!seen) first = std::max<std::uint64_t>(held, 1);
+    seen = true;
+    last = held;
+    constexpr std::size_t kWidth = 30;
+    const std::size_t done = static_cast<std::size_t>(kWidth * (first - std::min(first, held)) / first);
+    std::string line = "[" + std::string(done, '#') + std::string(kWidth - done, ' ') + "] " +
+                       std::to_string(held) + " pages left";
+    std::string borrowers;
+    for (const auto& holding : lending.value("holdings", nlohmann::json::array())) {
+      borrowers += (borrowers.empty() ? "" : ", ") + holding.value("node_id", std::string("?")) +
+                   " " + std::to_string(holding.value("pages", std::uint64_t{0}));
+    }
+    if (!borrowers.empty()) line += " (by borrower: " + borrowers + ")";
+    std::printf(tty ? "\r%s   " : "%s\n", line.c_str());
+    std::fflush(stdout);
+    if (lending.value("drain_done", false)) {
+      const std::uint64_t left = lending.value("drain_pages_left", std::uint64_t{0});
+      std::printf("%s%s\n", tty ? "\n" : "",
+                  left == 0 ? "drained: every borrower moved its pages; the lender exits"
+                            : ("the deadline passed with " + std::to_string(left) +
+                               " pages left behind; the lender exits").c_str());
+      return left == 0 ? 0 : 1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -224,6 +286,10 @@ int main(int argc, char** argv) {
                      "unix:PATH. Peers are not authenticated yet: listen only on a network "
                      "you trust")
       ->type_name("ADDR");
+  daemon->add_option("--drain-deadline", daemon_args.drain_deadline,
+                     "Seconds a lender given SIGTERM waits for its borrowers to move their pages "
+                     "elsewhere before it exits (0-3600, default 30; see `memlend drain`)")
+      ->type_name("S");
   daemon->add_option("--max-borrowers", daemon_args.max_borrowers,
                      "Borrower connections served at once; more are refused with a message "
                      "saying so (each may hold up to 7.3 MiB of locked memory while it is "
@@ -311,6 +377,22 @@ int main(int argc, char** argv) {
       ->type_name("PATH");
   peers->add_flag("--json", peers_json, "Print the daemon's JSON reply");
 
+  std::string drain_control;
+  unsigned drain_deadline = 30;
+  CLI::App* drain = app.add_subcommand(
+      "drain", "Make a lender leave: its borrowers move their pages elsewhere, then it exits");
+  drain->add_option("--deadline", drain_deadline,
+                    "Seconds the borrowers have to move their pages (0-3600, default 30); the "
+                    "lender exits then, whatever is left")
+      ->check(CLI::Range(0, 3600))
+      ->default_val(30);
+  drain->add_option("--control", drain_control,
+                    "The lender's control socket (default: " + memlend::DefaultControlPath() + ")")
+      ->type_name("PATH");
+  drain->footer("Shows the pages left, per borrower node id, until the lender is done; exits 0 "
+                "only when nothing was left behind. SIGTERM to the lender drains the same way, "
+                "with its --drain-deadline.");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -330,6 +412,7 @@ int main(int argc, char** argv) {
     return RunAttach(attach_control, attach_name, attach_size, attach_frontend, attach_queues);
   }
   if (detach->parsed()) return RunDetach(detach_control, detach_name);
+  if (drain->parsed()) return RunDrain(drain_control, drain_deadline);
   if (peers->parsed()) {
     return RunQuery(peers_control, memlend::kControlPeers, peers_json, memlend::FormatPeers);
   }

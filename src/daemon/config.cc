@@ -165,12 +165,19 @@ bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* err
       *error = "--max-borrowers applies to lent memory: give --lend SIZE too";
       return false;
     }
+    if (!args.drain_deadline.empty()) {
+      *error = "--drain-deadline applies to lent memory: give --lend SIZE too";
+      return false;
+    }
     return true;
   }
   if (!ParseCount("--max-borrowers", args.max_borrowers, 1, 4096, &config->max_borrowers,
                   error)) {
     return false;
   }
+  unsigned drain_s = static_cast<unsigned>(config->drain_deadline_ms / 1000);
+  if (!ParseCount("--drain-deadline", args.drain_deadline, 0, 3600, &drain_s, error)) return false;
+  config->drain_deadline_ms = std::uint64_t{drain_s} * 1000;
   const std::optional<std::uint64_t> lend = ParseSize(args.lend);
   if (!lend || *lend < (2u << 20)) {
     *error = "--lend " + Quote(args.lend) + ": expected a size of at least 2M (one superpage)";

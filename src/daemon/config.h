@@ -56,6 +56,8 @@ struct DaemonConfig {
   std::uint64_t lend_bytes = 0;
   Endpoint listen;                      // where lenders serve the peer protocol
   unsigned max_borrowers = 32;          // borrower connections at once
+  // How long a lender leaving (SIGTERM) waits for its borrowers to move their pages off.
+  std::uint64_t drain_deadline_ms = 30000;
   // Reserve memory even past what the host can hold (see host_memory.h). --force.
   bool force = false;
 };
@@ -89,6 +91,7 @@ struct DaemonArgs {
   bool no_mlock = false;
   std::string max_connections;  // empty: the default
   std::string max_borrowers;    // empty: the default
+  std::string drain_deadline;   // seconds; empty: the default
   std::string socket_mode;      // octal; empty: 0600
   std::string socket_group;     // a group name or number; empty: the daemon's
   bool force = false;

@@ -71,6 +71,17 @@ ControlRequest ParseControlRequest(std::string_view line) {
   if (command == kControlPeers) return PeersRequest{};
   if (command == kControlAttach) return ParseAttach(request);
   if (command == kControlDetach) return DetachRequest{DeviceName(request)};
+  if (command == kControlDrain) {
+    DrainRequest drain;
+    if (const auto deadline = request.find("deadline_ms"); deadline != request.end()) {
+      if (!deadline->is_number_unsigned() || deadline->get<std::uint64_t>() > kMaxDrainDeadlineMs) {
+        throw std::invalid_argument("\"deadline_ms\" must be an integer from 0 to " +
+                                    std::to_string(kMaxDrainDeadlineMs));
+      }
+      drain.deadline_ms = deadline->get<std::uint64_t>();
+    }
+    return drain;
+  }
   throw std::invalid_argument("unknown command " + Quote(command));
 }
 

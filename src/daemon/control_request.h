@@ -22,7 +22,14 @@ struct AttachRequest {
 struct DetachRequest {
   std::string name;
 };
-using ControlRequest = std::variant<StatusRequest, PeersRequest, AttachRequest, DetachRequest>;
+// A lender's repatriation (docs/remote-tier.md): tell borrowers, wait for them, exit.
+struct DrainRequest {
+  std::uint64_t deadline_ms = 30000;  // 0 to kMaxDrainDeadlineMs
+};
+using ControlRequest =
+    std::variant<StatusRequest, PeersRequest, AttachRequest, DetachRequest, DrainRequest>;
+
+inline constexpr std::uint64_t kMaxDrainDeadlineMs = 3600 * 1000;
 
 // The most ublk queues an attach may ask for.
 inline constexpr unsigned kMaxUblkQueues = 256;

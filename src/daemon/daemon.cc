@@ -269,8 +269,40 @@ void Daemon::Run() {
   int signal_number = 0;
   while (sigwait(&set, &signal_number) != 0) {
   }
-  LogError("%s received, shutting down", strsignal(signal_number));
+  const bool asked = drain_asked_.load(std::memory_order_acquire);
+  if (!asked) LogError("%s received, shutting down", strsignal(signal_number));
+  if (lender_) {
+    // Repatriation: borrowers move what they keep here before this lender goes.
+    const std::uint64_t deadline_ms =
+        asked ? drain_deadline_ms_.load(std::memory_order_acquire) : config_.drain_deadline_ms;
+    LogError("lender: draining: borrowers have %llu ms to move %llu pages off",
+             static_cast<unsigned long long>(deadline_ms),
+             static_cast<unsigned long long>(lender_->Stats().held_pages));
+    const std::uint64_t left = lender_->Drain(std::chrono::steady_clock::now() +
+                                              std::chrono::milliseconds(deadline_ms));
+    drain_left_.store(left, std::memory_order_release);
+    drain_done_.store(true, std::memory_order_release);
+    if (left == 0) {
+      LogError("lender: drained: borrowers moved every page");
+    } else {
+      LogError("lender: the drain's deadline passed with %llu pages still held; they are lost "
+               "to their borrowers", static_cast<unsigned long long>(left));
+    }
+    // `memlend drain` learns the outcome from a status request: give it a moment to ask.
+    for (int i = 0; asked && i < 40 && !drain_result_read_.load(std::memory_order_acquire); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
   Stop();
+}
+
+nlohmann::json Daemon::StartDrain(const DrainRequest& request) {
+  if (!lender_) throw std::runtime_error("this daemon lends nothing (no --lend): nothing to drain");
+  if (!drain_asked_.exchange(true)) {
+    drain_deadline_ms_.store(request.deadline_ms, std::memory_order_release);
+    ::kill(::getpid(), SIGTERM);  // the main thread drains, then stops
+  }
+  return {{"ok", true}, {"draining", true}, {"deadline_ms", drain_deadline_ms_.load()}};
 }
 
 nlohmann::json Daemon::HandleControl(const ControlRequest& request) {
@@ -280,6 +312,7 @@ nlohmann::json Daemon::HandleControl(const ControlRequest& request) {
     nlohmann::json operator()(const PeersRequest&) const { return daemon.PeersJson(); }
     nlohmann::json operator()(const AttachRequest& attach) const { return daemon.Attach(attach); }
     nlohmann::json operator()(const DetachRequest& detach) const { return daemon.Detach(detach); }
+    nlohmann::json operator()(const DrainRequest& drain) const { return daemon.StartDrain(drain); }
   };
   return std::visit(Dispatch{*this}, request);
 }
@@ -318,7 +351,20 @@ nlohmann::json Daemon::Status() const {
                        {"ephemeral_bytes", lending.ephemeral_bytes},
                        {"borrowers", lending.borrowers},
                        {"sessions", lender_ ? lender_->sessions() : 0},
-                       {"max_borrowers", lender_ ? config_.max_borrowers : 0}};
+                       {"max_borrowers", lender_ ? config_.max_borrowers : 0},
+                       {"held_pages", lending.held_pages},
+                       {"draining", lending.draining}};
+  if (lending.draining) {
+    nlohmann::json holdings = nlohmann::json::array();
+    for (const peer::BorrowerHolding& holding : lender_->Holdings()) {
+      holdings.push_back({{"node_id", Hex(holding.node_id)}, {"pages", holding.pages}});
+    }
+    status["lending"]["holdings"] = std::move(holdings);
+    const bool done = drain_done_.load(std::memory_order_acquire);
+    status["lending"]["drain_done"] = done;
+    status["lending"]["drain_pages_left"] = drain_left_.load(std::memory_order_acquire);
+    if (done) drain_result_read_.store(true, std::memory_order_release);
+  }
   status["nbd"] = nullptr;
   if (nbd_) {
     status["nbd"] = {{"connections", nbd_->connections()},
@@ -376,6 +422,7 @@ nlohmann::json Daemon::Status() const {
                               {"copies", placed.copies},
                               {"degraded_pages", placed.degraded},
                               {"rebuilt_copies", placed.rebuilt},
+                              {"moved_copies", placed.moved},
                               {"cached_pages", cached.pages},
                               {"used_bytes", stats.used_bytes},
                               {"total_bytes", stats.total_bytes}};

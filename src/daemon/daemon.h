@@ -50,6 +50,8 @@ class Daemon {
   // behind. Detach refuses while the block device is in use. Control thread only.
   nlohmann::json Attach(const AttachRequest& request);
   nlohmann::json Detach(const DetachRequest& request);
+  // Starts a lender's drain (the main thread runs it, then stops the daemon).
+  nlohmann::json StartDrain(const DrainRequest& request);
 
   // Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and threads it creates
   // later) so that Run() can wait for them, and ignores SIGPIPE.
@@ -106,6 +108,12 @@ class Daemon {
   std::mutex refresh_mu_;
   std::condition_variable refresh_cv_;
   bool stopping_ = false;  // guarded by refresh_mu_
+  // Drain: asked by `memlend drain` (else by SIGTERM), its deadline, and its outcome.
+  std::atomic<bool> drain_asked_{false};
+  std::atomic<std::uint64_t> drain_deadline_ms_{0};
+  std::atomic<bool> drain_done_{false};
+  std::atomic<std::uint64_t> drain_left_{0};
+  mutable std::atomic<bool> drain_result_read_{false};  // set by Status()
 };
 
 }  // namespace memlend

@@ -8,6 +8,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cassert>
 #include <cerrno>
@@ -321,6 +322,7 @@ class LenderService::Connection {
     if (!hello_) {
       LogDebug("peer session %llu: borrower node %016llx", Id(),
                static_cast<unsigned long long>(borrower.node_id));
+      session_.node_id.store(borrower.node_id, std::memory_order_relaxed);
       if (!GrowBuffers()) {
         LogError("lender: no memory for the buffers of session %llu, hanging up", Id());
         Refuse(request, Status::kNoSpace, "the lender has no memory for another session");
@@ -531,28 +533,13 @@ void LenderService::Stop() {
     open.reserve(sessions_.size());
     for (const auto& [id, session] : sessions_) open.push_back(session);
   }
-  // Tell every borrower, without waiting long for anyone: skip a session whose socket is
-  // being written for too long, and never block on a full one. Then hang up; the threads
-  // see end of stream.
+  // Tell every borrower, without waiting long for anyone; then hang up: the threads see end
+  // of stream.
   std::byte notice[kHeaderBytes + sizeof(ShutdownBody)];
   EncodeHeader(MessageType::kShutdown, false, 0, Status::kOk, 0, sizeof(ShutdownBody),
                HeaderSpan(notice));
   EncodeBody(ShutdownBody{0, 0}, notice + kHeaderBytes);
-  for (const std::shared_ptr<Session>& session : open) {
-    if (session->finished.load(std::memory_order_acquire)) continue;
-    // Polls rather than std::timed_mutex: its timed lock (pthread_mutex_clocklock) is
-    // invisible to ThreadSanitizer in GCC 12, which then reports every unlock.
-    std::unique_lock lock(session->send_mu, std::try_to_lock);
-    const auto give_up = std::chrono::steady_clock::now() + kShutdownNoticeWait;
-    while (!lock.owns_lock() && std::chrono::steady_clock::now() < give_up) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-      lock.try_lock();
-    }
-    if (lock.owns_lock()) {
-      [[maybe_unused]] const ssize_t sent =
-          ::send(session->fd.get(), notice, sizeof(notice), MSG_NOSIGNAL | MSG_DONTWAIT);
-    }
-  }
+  NotifyAll(notice);
   for (const std::shared_ptr<Session>& session : open) {
     ::shutdown(session->fd.get(), SHUT_RDWR);
   }
@@ -566,12 +553,72 @@ void LenderService::Stop() {
   if (endpoint_.kind == Endpoint::Kind::kUnix) ::unlink(endpoint_.path.c_str());
 }
 
+void LenderService::NotifyAll(std::span<const std::byte> notice) {
+  std::vector<std::shared_ptr<Session>> open;
+  {
+    std::lock_guard lock(mu_);
+    open.reserve(sessions_.size());
+    for (const auto& [id, session] : sessions_) open.push_back(session);
+  }
+  for (const std::shared_ptr<Session>& session : open) {
+    if (session->finished.load(std::memory_order_acquire)) continue;
+    // Polls rather than std::timed_mutex: its timed lock (pthread_mutex_clocklock) is
+    // invisible to ThreadSanitizer in GCC 12, which then reports every unlock.
+    std::unique_lock lock(session->send_mu, std::try_to_lock);
+    const auto give_up = std::chrono::steady_clock::now() + kShutdownNoticeWait;
+    while (!lock.owns_lock() && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      lock.try_lock();
+    }
+    if (lock.owns_lock()) {
+      [[maybe_unused]] const ssize_t sent =
+          ::send(session->fd.get(), notice.data(), notice.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+  }
+}
+
+std::uint64_t LenderService::Drain(std::chrono::steady_clock::time_point deadline) {
+  shutting_down_.store(true, std::memory_order_release);
+  draining_.store(true, std::memory_order_release);
+  const auto now = std::chrono::steady_clock::now();
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count();
+  std::byte notice[kHeaderBytes + sizeof(ShutdownBody)];
+  EncodeHeader(MessageType::kShutdown, false, 0, Status::kOk, 0, sizeof(ShutdownBody),
+               HeaderSpan(notice));
+  EncodeBody(ShutdownBody{static_cast<std::uint32_t>(std::clamp<long long>(left, 0, 1 << 30)), 0},
+             notice + kHeaderBytes);
+  NotifyAll(notice);
+  // A borrower that connects meanwhile gets SHUTTING_DOWN for any ALLOC_SUPERPAGE.
+  for (;;) {
+    const std::uint64_t held = Stats().held_pages;
+    if (held == 0 || std::chrono::steady_clock::now() >= deadline) return held;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+std::vector<BorrowerHolding> LenderService::Holdings() const {
+  std::vector<std::shared_ptr<Session>> open;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& [id, session] : sessions_) open.push_back(session);
+  }
+  std::vector<BorrowerHolding> holdings;
+  for (const std::shared_ptr<Session>& session : open) {
+    const std::uint64_t pages = pool_.Stats(session->id).caller_pages;
+    if (pages == 0) continue;
+    holdings.push_back({session->node_id.load(std::memory_order_relaxed), pages});
+  }
+  return holdings;
+}
+
 LendingStats LenderService::Stats() const {
   const LenderPoolStats stats = pool_.Stats();
   return LendingStats{.total_bytes = pool_.pool_bytes(),
                       .used_bytes = stats.used_bytes,
                       .ephemeral_bytes = stats.ephemeral_pages * kPageBytes,
-                      .borrowers = stats.borrowers};
+                      .borrowers = stats.borrowers,
+                      .held_pages = stats.total_pages - stats.free_pages,
+                      .draining = draining_.load(std::memory_order_acquire)};
 }
 
 unsigned LenderService::sessions() const {

@@ -35,6 +35,7 @@
 #include <memory>
 #include <mutex>
 #include <span>
+#include <vector>
 #include <unordered_map>
 
 #include "common/log.h"
@@ -54,6 +55,16 @@ struct LendingStats {
   // any allocation, so QUERY reports it as free.
   std::uint64_t ephemeral_bytes = 0;
   std::uint64_t borrowers = 0;    // sessions holding memory now
+  // Pages borrowers must move off before this lender may leave: granted superpages' pages
+  // and persistent pages (ephemeral ones are copies and may just go).
+  std::uint64_t held_pages = 0;
+  bool draining = false;          // Drain has begun
+};
+
+// One borrower's share of a lender, for drain progress.
+struct BorrowerHolding {
+  std::uint64_t node_id = 0;  // from its HELLO
+  std::uint64_t pages = 0;    // granted superpages' pages and active pages it holds
 };
 
 struct LenderOptions {
@@ -101,8 +112,16 @@ class LenderService {
   // but a session's own.
   void Stop();
 
+  // Repatriation: stops granting (ALLOC_SUPERPAGE gets SHUTTING_DOWN), sends every session
+  // SHUTDOWN with the time left until `deadline`, and waits until borrowers hold no page that
+  // must be moved (LendingStats::held_pages is 0) or the deadline passes. Returns the pages
+  // still held. Stop() comes after it. Thread-safe; a second call waits as the first.
+  std::uint64_t Drain(std::chrono::steady_clock::time_point deadline);
+
   // A snapshot of the pool's use. Thread-safe.
   LendingStats Stats() const;
+  // What each session holds now, for sessions holding anything. Thread-safe.
+  std::vector<BorrowerHolding> Holdings() const;
   // Sessions open now, with or without HELLO. Thread-safe.
   unsigned sessions() const;
 
@@ -113,8 +132,12 @@ class LenderService {
     SessionId id = kNoSession;
     UniqueFd fd;  // closed when the last reference goes, after the thread ended
     std::atomic<bool> finished{false};
+    std::atomic<std::uint64_t> node_id{0};  // the borrower's, from its HELLO
     std::mutex send_mu;  // held for each whole message written to fd
   };
+  // Sends `notice` (a whole message) to every live session, best effort: skips a session
+  // whose socket is busy for more than kShutdownNoticeWait, never blocks on a full one.
+  void NotifyAll(std::span<const std::byte> notice);
   class Connection;  // one session's request loop (lender_service.cc)
 
   // Runs on the acceptor thread: starts a session thread for the connection, or refuses it.
@@ -135,7 +158,8 @@ class LenderService {
   std::atomic<bool> realtime_warned_{false};  // the warning that real-time was refused
   LenderPool pool_;
 
-  std::atomic<bool> shutting_down_{false};  // set by Stop(): refuse new allocations
+  std::atomic<bool> shutting_down_{false};  // set by Stop() and Drain(): refuse new allocations
+  std::atomic<bool> draining_{false};       // set by Drain()
   mutable std::mutex mu_;
   std::unordered_map<SessionId, std::shared_ptr<Session>> sessions_;  // guarded by mu_
   SessionId next_session_ = 1;                                          // guarded by mu_

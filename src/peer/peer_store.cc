@@ -87,6 +87,7 @@ const char* PeerStateName(PeerState state) {
     case PeerState::kDown: return "down";
     case PeerState::kRefusing: return "refusing";
     case PeerState::kSuspect: return "suspect";
+    case PeerState::kDraining: return "draining";
   }
   return "unknown";
 }
@@ -140,6 +141,7 @@ void PeerStore::Connect(Peer& peer) {
   peer.generation.store((peer.generation.load(std::memory_order_relaxed) + 1) & kGenerationMask,
                         std::memory_order_release);
   peer.pool_total_bytes = peer.client->lender().pool_bytes;
+  peer.draining.store(false, std::memory_order_release);
   if (!peer.last_error.empty()) LogError("peer %s is up", peer.endpoint.ToString().c_str());
   peer.last_error.clear();
   peer.refusing = false;
@@ -272,6 +274,7 @@ int PeerStore::PickPeer(std::uint64_t hint, const PeerMask* exclude) const noexc
   auto room = [this, exclude](std::size_t i) -> std::uint64_t {
     if (exclude != nullptr && exclude->test(i)) return 0;
     const Peer& peer = *peers_[i];
+    if (peer.draining.load(std::memory_order_acquire)) return 0;  // leaving: nothing new
     std::lock_guard lock(peer.mu);
     if (!peer.client || !peer.client->connected()) return 0;
     // A suspect peer gets no new pages until it answers in time again.
@@ -472,6 +475,25 @@ bool PeerStore::SlotGone(Slot slot) const noexcept {
   const Peer& peer = *peers_[peer_index];
   std::lock_guard lock(peer.mu);
   return GenerationOf(slot) != peer.generation.load(std::memory_order_relaxed) || !peer.client;
+}
+
+std::vector<PeerStore::LostCopy> PeerStore::CopiesOnDrainingPeers(std::size_t max) {
+  std::vector<LostCopy> copies;
+  for (std::size_t index = 0; index < peers_.size() && copies.size() < max; ++index) {
+    Peer& peer = *peers_[index];
+    if (!peer.draining.load(std::memory_order_acquire)) continue;
+    std::lock_guard lock(peer.mu);
+    if (!peer.client) continue;
+    const unsigned generation = peer.generation.load(std::memory_order_relaxed);
+    for (const auto& [sid, superpage] : peer.superpages) {
+      for (std::uint32_t page = 0; page < kPagesPerSuperpage && copies.size() < max; ++page) {
+        if ((superpage.used_mask[page / 64] >> (page % 64) & 1) == 0) continue;
+        copies.push_back({superpage.owner[page], MakeSlot(index, generation, sid, page)});
+      }
+      if (copies.size() >= max) break;
+    }
+  }
+  return copies;
 }
 
 std::vector<PeerStore::LostCopy> PeerStore::TakeLostCopies() {
@@ -708,7 +730,9 @@ std::vector<PeerInfo> PeerStore::Peers() const {
     const bool up = peer->client && peer->client->connected();
     const bool overdue =
         up && peer->client->overdue_since() != std::chrono::steady_clock::time_point::min();
+    const bool draining = up && peer->draining.load(std::memory_order_acquire);
     info.state = !up       ? PeerState::kDown
+                 : draining ? PeerState::kDraining
                  : overdue ? PeerState::kSuspect
                  : peer->refusing ? PeerState::kRefusing
                                   : PeerState::kUp;
@@ -747,8 +771,15 @@ void PeerStore::OnNotice(Peer& peer, const Message& notice,
     std::lock_guard lock(peer.cache_mu);
     peer.cached.erase(handle.object);
   }
-  // RECLAIM and SHUTDOWN: moving pages off a leaving lender is a later capability; a
-  // lender that leaves is handled as one that went down.
+  ShutdownBody shutdown{};
+  if (notice.type == MessageType::kShutdown && DecodeBody(payload, &shutdown) &&
+      !peer.draining.exchange(true, std::memory_order_acq_rel)) {
+    // The lender is leaving: no new pages go there, and the placement store moves the ones
+    // there elsewhere (CopiesOnDrainingPeers) before its deadline.
+    LogError("peer %s is shutting down: moving its pages elsewhere within %u ms",
+             peer.endpoint.ToString().c_str(), shutdown.deadline_ms);
+  }
+  // RECLAIM of chosen superpages is a later capability.
 }
 
 void PeerStore::CacheWriteBatch(std::span<const std::byte* const> pages,

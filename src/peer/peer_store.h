@@ -50,7 +50,7 @@
 
 namespace memlend::peer {
 
-enum class PeerState { kUp, kDown, kRefusing, kSuspect };
+enum class PeerState { kUp, kDown, kRefusing, kSuspect, kDraining };
 const char* PeerStateName(PeerState state);
 
 struct PeerInfo {
@@ -134,6 +134,9 @@ class PeerStore final : public PageStore {
   bool SlotGone(Slot slot) const noexcept;
   // The copies that were on peers that went down since the last call, with their owners.
   std::vector<LostCopy> TakeLostCopies();
+  // Up to `max` copies stored on peers that are draining (they sent SHUTDOWN: their pages
+  // must move elsewhere before their deadline), with their owners.
+  std::vector<LostCopy> CopiesOnDrainingPeers(std::size_t max);
   void Pin(Slot slot) noexcept override;
   void Unpin(Slot slot) noexcept override;
   void Discard(Slot slot) noexcept override;
@@ -196,6 +199,7 @@ class PeerStore final : public PageStore {
     std::atomic<std::uint64_t> pages{0};
     std::atomic<std::uint64_t> lost{0};   // pages of ended sessions still named by devices
     std::atomic<unsigned> generation{0};  // bumped for each new session (7 bits used)
+    std::atomic<bool> draining{false};    // the session's lender sent SHUTDOWN
 
     // The ephemeral cache. cache_mu is a leaf lock (the client's reader thread takes it
     // for EVICTED notices, and `mu` may be held while that thread is joined), so nothing

@@ -310,6 +310,7 @@ PlacementStats PlacementStore::Placements() const noexcept {
   stats.degraded = degraded_.load(std::memory_order_relaxed);
   stats.lost = lost_.load(std::memory_order_relaxed);
   stats.rebuilt = rebuilt_.load(std::memory_order_relaxed);
+  stats.moved = moved_.load(std::memory_order_relaxed);
   return stats;
 }
 
@@ -445,10 +446,101 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
   return tried;
 }
 
+std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
+  std::vector<peer::PeerStore::LostCopy> leaving;
+  try {
+    leaving = peers_->CopiesOnDrainingPeers(budget);
+  } catch (const std::bad_alloc&) {
+    return 0;
+  }
+  std::size_t moved = 0;
+  std::byte* const buffer = rebuild_buffer_.get();
+  for (std::size_t base = 0; base < leaving.size(); base += kWindow) {
+    const std::size_t count = std::min(kWindow, leaving.size() - base);
+    std::uint32_t versions[kWindow];
+    Slot others[kWindow][kMaxCopies];
+    unsigned other_count[kWindow];
+    const std::byte* pages[kWindow];
+    std::uint64_t hints[kWindow];
+    std::uint32_t owners[kWindow];
+    peer::PeerStore::PeerMask excludes[kWindow];
+    std::size_t index[kWindow];
+    std::size_t n = 0;
+    for (std::size_t i = 0; i < count; ++i) {
+      const peer::PeerStore::LostCopy& copy = leaving[base + i];
+      Record* record = Find(copy.owner);
+      if (record == nullptr) continue;
+      {
+        std::lock_guard lock(LockFor(copy.owner));
+        if (record->wanted == 0 || record->lost) continue;
+        const Slot* end = record->copies + record->count;
+        if (std::find(static_cast<const Slot*>(record->copies), end, copy.slot) == end) continue;
+        versions[n] = record->version;
+        other_count[n] = 0;
+        excludes[n].reset();
+        for (const Slot* c = record->copies; c != end; ++c) {
+          excludes[n].set(peer::PeerStore::PeerIndexOf(*c));
+          if (*c != copy.slot) others[n][other_count[n]++] = *c;
+        }
+      }
+      std::byte* page = buffer + n * kPageSize;
+      // From the leaving peer while it answers, else from another copy.
+      if (peers_->ReadOnce(copy.slot, PageSpan(page, kPageSize)) != 0 &&
+          (other_count[n] == 0 ||
+           ReadCopies(others[n], other_count[n], PageSpan(page, kPageSize)) != 0)) {
+        continue;
+      }
+      pages[n] = page;
+      hints[n] = copy.owner;
+      owners[n] = copy.owner;
+      index[n++] = base + i;
+    }
+    Slot placed[kWindow];
+    int results[kWindow];
+    peers_->WriteBatchFor(std::span(pages, n), std::span(hints, n), std::span(owners, n),
+                          std::span(excludes, n), std::span(placed, n), std::span(results, n));
+    for (std::size_t j = 0; j < n; ++j) {
+      const peer::PeerStore::LostCopy& copy = leaving[index[j]];
+      Record& record = *Find(copy.owner);
+      bool release_old = false;
+      bool release_new = results[j] == 0;
+      {
+        std::lock_guard lock(LockFor(copy.owner));
+        Slot* end = record.copies + record.count;
+        Slot* at = std::find(record.copies, end, copy.slot);
+        if (record.version == versions[j] && record.wanted != 0 && !record.lost && at != end) {
+          if (results[j] == 0) {
+            *at = placed[j];  // the page now lives there instead
+            ++record.version;
+            release_old = true;
+            release_new = false;
+            ++moved;
+          } else if (record.count > 1) {
+            // No room for it anywhere else: the page keeps its other copies.
+            const bool was_degraded = record.count < record.wanted;
+            std::copy(at + 1, end, at);
+            --record.count;
+            ++record.version;
+            copies_.fetch_sub(1, std::memory_order_relaxed);
+            if (!was_degraded) degraded_.fetch_add(1, std::memory_order_relaxed);
+            NoteDegradedLocked(copy.owner, record);
+            release_old = true;
+          }
+        }
+      }
+      if (release_old) peers_->Discard(copy.slot);  // its superpage goes back once empty
+      if (release_new) peers_->Discard(placed[j]);  // the page changed meanwhile
+    }
+  }
+  moved_.fetch_add(moved, std::memory_order_relaxed);
+  return moved;
+}
+
 void PlacementStore::RebuildRound() noexcept {
   DropLostCopies();
   const std::size_t budget =
       std::max<std::size_t>(1, rebuild_rate_ * kRebuildInterval.count() / 1000);
+  MoveSome(budget);
   RebuildSome(budget);
 }
 

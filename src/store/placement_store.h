@@ -10,6 +10,11 @@
 // (until its peer answers or is down). A page all of whose copies are gone is *lost*: it
 // reads as -EIO and is counted (lost_pages) until it is rewritten or trimmed.
 //
+// A peer that sent SHUTDOWN is draining: the same thread moves every copy on it to another
+// peer (reading it from the draining peer while it answers), and the peer store gives that
+// peer's superpages back as they empty, which is what the lender waits for. A copy that finds
+// no room elsewhere is dropped if the page has another copy, else left (lost at the deadline).
+//
 // The rebuilder (one thread) takes, from the peer store's reverse index, the copies that
 // went down with a peer, drops them from their records, and copies every degraded page from
 // a live copy to another peer, at most rebuild_rate pages a second. It commits a new copy
@@ -41,6 +46,7 @@ struct PlacementStats {
   std::uint64_t degraded = 0;       // placements with fewer copies than asked
   std::uint64_t lost = 0;           // placements with no copy left
   std::uint64_t rebuilt = 0;        // copies made by the rebuilder since start
+  std::uint64_t moved = 0;          // copies moved off draining peers since start
 };
 
 class PlacementStore final : public PageStore {
@@ -117,6 +123,8 @@ class PlacementStore final : public PageStore {
   void DropLostCopies() noexcept;
   // Adds a copy to up to `budget` degraded records; returns how many it tried.
   std::size_t RebuildSome(std::size_t budget) noexcept;
+  // Moves up to `budget` copies off draining peers (repatriation); returns how many moved.
+  std::size_t MoveSome(std::size_t budget) noexcept;
 
   const std::unique_ptr<peer::PeerStore> peers_;
   const unsigned default_copies_;
@@ -133,6 +141,7 @@ class PlacementStore final : public PageStore {
   std::atomic<std::uint64_t> degraded_{0};
   std::atomic<std::uint64_t> lost_{0};
   std::atomic<std::uint64_t> rebuilt_{0};
+  std::atomic<std::uint64_t> moved_{0};
 
   std::mutex queue_mu_;                   // a leaf lock
   std::deque<std::uint32_t> rebuild_queue_;  // guarded by queue_mu_: ids that may be degraded

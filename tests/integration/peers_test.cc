@@ -188,11 +188,15 @@ class FakeLender {
 // ---------------------------------------------------------------------------------------------
 // Daemon setups
 
+// A lender that leaves at once on SIGTERM (--drain-deadline 0): tests stop lenders while
+// borrowers that have nowhere else to put their pages still hold some. The drain test sets a
+// deadline of its own.
 DaemonOptions Lender(const std::string& size, int listen_port = 0) {
   DaemonOptions options;
   options.devices = {};
   options.lend = size;
   options.listen_port = listen_port;
+  options.extra_args = {"--drain-deadline", "0"};
   return options;
 }
 
@@ -758,6 +762,7 @@ TEST_SUITE("peers") {
       DaemonOptions o = Borrower("d0:32M", "2M", {"127.0.0.1:" + std::to_string(peer_port)});
       o.lend = "16M";
       o.listen_port = listen_port;
+      o.extra_args = {"--drain-deadline", "0"};  // each holds pages the other cannot move
       return o;
     };
     MemlendDaemon x(dir, options(port_x, port_y), "x");  // y is not up yet: retried
@@ -858,7 +863,8 @@ TEST_SUITE("peers") {
       REQUIRE(hot.remote > 0);
       REQUIRE(hot.local >= kHotLength / kPageSize);
 
-      CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
+      // It dies (a lender told to leave would first let the borrower move its pages).
+      CHECK_MESSAGE(lender.Stop(SIGKILL) == 128 + SIGKILL, lender.StderrText());
       // Down at once (the connection broke); the reason is filled in by the next query round.
       const json after_loss = WaitForStatus(
           borrower,
@@ -1140,6 +1146,76 @@ TEST_SUITE("peers") {
       CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");
     }
     CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+  }
+
+  // Repatriation: a lender told to leave (`memlend drain`, or SIGTERM) sends SHUTDOWN with a
+  // deadline; the borrower moves every copy it keeps there to another lender (or, when the
+  // page's other copy already is on the only lender left, drops that one copy), the lender
+  // exits 0 once it holds nothing, and no page is lost.
+  TEST_CASE("memlend drain and SIGTERM of lenders holding pages: moved elsewhere, nothing lost") {
+    constexpr uint64_t kDeviceSize = 32 * kMiB;
+    constexpr uint64_t kWritten = 16 * kMiB;
+    for (const char* redundancy : {"none", "replicas:2"}) {
+      CAPTURE(redundancy);
+      const uint64_t seed = TestSeed();
+      INFO("seed " << seed);
+      TempDir dir;
+      std::vector<std::unique_ptr<MemlendDaemon>> lenders;
+      std::vector<std::string> addresses;
+      for (int i = 0; i < 3; ++i) {
+        DaemonOptions lender = Lender("32M");
+        lender.extra_args = {"--drain-deadline", "20"};
+        lenders.push_back(std::make_unique<MemlendDaemon>(dir, lender, "lender" + std::to_string(i)));
+        addresses.push_back(lenders.back()->ListenAddress());
+      }
+      DaemonOptions options = Borrower("d0:32M", "4M", addresses);
+      options.extra_args = {"--redundancy", redundancy};
+      MemlendDaemon borrower(dir, options, "borrower");
+      auto remote = [](const json& s, const char* key) { return U64(s.at("remote_store"), key); };
+      {
+        NbdClient client(borrower.endpoint(), "d0");
+        ShadowDevice shadow(kDeviceSize);
+        std::mt19937_64 rng(seed);
+        WriteRandomRange(client, shadow, rng, 0, kWritten, 256 * kKiB, 0);
+        const json settled = WaitEvictionSettled(borrower);
+        INFO("settled status: " << settled.dump());
+        const uint64_t held = U64(settled.at("peers").at(0), "pages_stored");
+        REQUIRE(held > 0);
+
+        const CommandResult drain =
+            RunCommand({MemlendBinary(), "drain", "--deadline", "20", "--control",
+                        lenders[0]->control_path()});
+        INFO("memlend drain: " << drain.stdout_text << drain.stderr_text);
+        CHECK(drain.exit_status == 0);
+        CHECK(drain.stdout_text.find("drained") != std::string::npos);
+        CHECK(lenders[0]->Stop() == 0);  // it has exited on its own, with status 0
+        const json after = WaitForStatus(
+            borrower,
+            [&](const json& s) {
+              return s.at("peers").at(0).at("state") == "down" &&
+                     U64(s.at("peers").at(0), "pages_stored") == 0;
+            },
+            10000);
+        INFO("status after the drain: " << after.dump());
+        CHECK(remote(after, "lost_pages") == 0);
+        CHECK(remote(after, "moved_copies") >= held);
+        CHECK(remote(after, "degraded_pages") == 0);
+        CheckStatusInvariants(after);
+        CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");
+
+        // SIGTERM drains the same way (its --drain-deadline, 30 s by default).
+        CHECK(lenders[1]->Stop(SIGTERM) == 0);
+        const json second = WaitForStatus(
+            borrower,
+            [&](const json& s) { return U64(s.at("peers").at(1), "pages_stored") == 0; }, 10000);
+        INFO("status after SIGTERM of the second lender: " << second.dump());
+        CHECK(remote(second, "lost_pages") == 0);
+        CheckStatusInvariants(second);
+        CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");
+      }
+      CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+      CHECK(lenders[2]->Stop() == 0);
+    }
   }
 
   // kill -STOP of a lender: its requests miss their deadline, it turns suspect (no new pages),

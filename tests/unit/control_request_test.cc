@@ -21,6 +21,18 @@ std::string Refusal(const std::string& line) {
   return "";
 }
 
+TEST_CASE("drain parses, with its deadline bounded") {
+  CHECK(std::get<DrainRequest>(ParseControlRequest(R"({"command":"drain"})")).deadline_ms == 30000);
+  CHECK(std::get<DrainRequest>(ParseControlRequest(R"({"command":"drain","deadline_ms":0})"))
+            .deadline_ms == 0);
+  CHECK(Refusal(R"({"command":"drain","deadline_ms":3600001})").find("from 0 to 3600000") !=
+        std::string::npos);
+  CHECK(Refusal(R"({"command":"drain","deadline_ms":-1})").find("deadline_ms") !=
+        std::string::npos);
+  CHECK(Refusal(R"({"command":"drain","deadline_ms":"5"})").find("deadline_ms") !=
+        std::string::npos);
+}
+
 TEST_CASE("the four commands parse") {
   CHECK(std::holds_alternative<StatusRequest>(ParseControlRequest(R"({"command":"status"})")));
   CHECK(std::holds_alternative<PeersRequest>(ParseControlRequest(R"({"command":"peers"})")));
