@@ -10,7 +10,9 @@
 #   --memlend PATH       memlend binary (default build/src/memlend next to this script)
 #
 # Three memlend daemons run on this host: two lenders (`--lend`, each with room for 5/8 of the
-# device plus 16 MiB, so together they hold all of it with slack for partly used superpages)
+# device plus 16 MiB, so together they hold all of it with slack for partly used superpages;
+# the borrower keeps one copy of each page, --redundancy none: lender_death_bench.sh compares
+# replicas:2)
 # on free 127.0.0.1 TCP ports, and a borrower with one device `bench`, a tiny local store and
 # both lenders as --peer. Beside it runs `nbdkit memory`, the reference NBD RAM disk. Clients
 # reach both the borrower and nbdkit over a unix socket, so the difference measured is the
@@ -55,7 +57,7 @@ port2=$(free_port)
 start_daemon lender1 --lend "$lend_bytes" --listen "127.0.0.1:$port1"
 start_daemon lender2 --lend "$lend_bytes" --listen "127.0.0.1:$port2"
 start_daemon borrower --device "bench:$size_bytes" --nbd "unix:$workdir/memlend.sock" \
-  --local-store "$local_store_bytes" --compress none \
+  --local-store "$local_store_bytes" --compress none --redundancy none \
   --peer "127.0.0.1:$port1" --peer "127.0.0.1:$port2"
 start_server nbdkit "$workdir/nbdkit.sock" nbdkit -f -U "$workdir/nbdkit.sock" memory "$size_bytes"
 

@@ -246,6 +246,11 @@ int main(int argc, char** argv) {
                      "leaves RAM; a lender's death then loses nothing and its pages are copied "
                      "again elsewhere). Default: replicas:2 with two or more --peer, else none")
       ->type_name("MODE");
+  daemon->add_option("--rebuild-rate", daemon_args.rebuild_rate,
+                     "Pages a second the background rebuild copies at most, when a lender's "
+                     "death or departure left pages with fewer copies than --redundancy asks "
+                     "(10-10000000, default 5000)")
+      ->type_name("PAGES");
   daemon->add_option("--peer-timeout", daemon_args.peer_timeout,
                      "Milliseconds a lender has to answer each request (10-60000, default 500). "
                      "A write that misses it goes elsewhere (another lender, the backing file), a "

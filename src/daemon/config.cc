@@ -361,6 +361,10 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
     }
     config->peers.push_back(std::move(*peer));
   }
+  if (!ParseCount("--rebuild-rate", args.rebuild_rate, 10, 10000000, &config->rebuild_rate,
+                  error)) {
+    return false;
+  }
   if (args.redundancy.empty()) {
     config->copies = config->peers.size() >= 2 ? 2 : 1;
   } else {

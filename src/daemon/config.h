@@ -48,6 +48,7 @@ struct DaemonConfig {
   // redundancy: 1 is none, N is replicas:N). Decided from --redundancy, else replicas:2 with
   // at least two peers, else none.
   unsigned copies = 1;
+  unsigned rebuild_rate = 5000;         // pages a second the rebuild copies at most
   unsigned peer_timeout_ms = 500;       // each peer request's deadline, and the heartbeat
   unsigned peer_down_after_ms = 5000;   // overdue this long: the peer is down
   double high_watermark = 0.90;         // local-store use that starts eviction
@@ -81,6 +82,7 @@ struct DaemonArgs {
   std::uint32_t busy_poll_us = 50;
   std::vector<std::string> peers;
   std::string redundancy;       // none | replicas:N; empty: decided from the peers
+  std::string rebuild_rate;     // pages per second; empty: the default
   std::string peer_timeout;     // milliseconds; empty: the default
   std::string peer_down_after;  // milliseconds; empty: the default
   std::string high_watermark = "90";

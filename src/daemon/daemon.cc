@@ -77,7 +77,8 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
       peers->Refresh();  // connect and learn free space now; unreachable peers retry later
       peers_ = peers.get();
       cache = &peers->cache();
-      remote = std::make_unique<PlacementStore>(std::move(peers), config.copies);
+      remote = std::make_unique<PlacementStore>(std::move(peers), config.copies,
+                                                config.rebuild_rate);
       placements_ = remote.get();
     }
     std::unique_ptr<DiskStore> disk;

@@ -56,7 +56,7 @@ class PlacementStore final : public PageStore {
   // `default_copies` is what Write and WriteBatch keep (1..kMaxCopies); `rebuild_rate` is
   // pages per second the rebuilder copies at most.
   PlacementStore(std::unique_ptr<peer::PeerStore> peers, unsigned default_copies = 1,
-                 unsigned rebuild_rate = 20000);
+                 unsigned rebuild_rate = 5000);
   // Stops the rebuilder.
   ~PlacementStore() override;
 
