@@ -122,6 +122,9 @@ class PeerStore final : public PageStore {
   // As ReadBatch, with one attempt per page: an overdue read gets -ETIMEDOUT.
   void ReadBatchOnce(std::span<const Slot> slots, std::span<std::byte* const> outs,
                      std::span<int> results) noexcept;
+  // Picks a peer for a new page (power of two choices on free space), or -1 when none can
+  // take one; never one in `exclude`, nor one that is suspect, draining or down.
+  int PickPeer(std::uint64_t hint, const PeerMask* exclude = nullptr) const noexcept;
   // One attempt at Read: 0, -ETIMEDOUT when the peer did not answer in time (it may still),
   // or -EIO when the page is gone (its peer or session ended).
   int ReadOnce(Slot slot, PageSpan out) noexcept;
@@ -243,9 +246,6 @@ class PeerStore final : public PageStore {
                                         std::uint32_t* index) const noexcept;
   // Returns a reserved or stored slot to the free bitmap; frees an emptied superpage.
   void ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) noexcept;
-  // Picks a peer for a new page (power of two choices), or -1 when none can take one;
-  // never one in `exclude`.
-  int PickPeer(std::uint64_t hint, const PeerMask* exclude = nullptr) const noexcept;
   std::shared_ptr<PeerClient> ClientOf(Peer& peer) const;
   void MarkDown(Peer& peer, const std::string& why);
 

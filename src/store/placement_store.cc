@@ -95,8 +95,10 @@ void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
                                       std::span<const std::uint64_t> hints, unsigned copies,
                                       std::span<Slot> slots, std::span<int> results) noexcept {
   copies = std::clamp(copies, 1u, kMaxCopies);
-  for (std::size_t base = 0; base < pages.size(); base += kWindow) {
-    const std::size_t count = std::min(kWindow, pages.size() - base);
+  // Every copy of a window's pages fits one peer store batch.
+  const std::size_t window = kWindow / copies;
+  for (std::size_t base = 0; base < pages.size(); base += window) {
+    const std::size_t count = std::min(window, pages.size() - base);
     std::uint32_t ids[kWindow];
     bool have_id[kWindow];
     Slot got[kWindow][kMaxCopies];
@@ -104,8 +106,43 @@ void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
     peer::PeerStore::PeerMask excludes[kWindow];
     for (std::size_t i = 0; i < count; ++i) have_id[i] = Allocate(&ids[i]);
 
-    // One peer store batch per copy; a page whose earlier copy failed gets no later one.
-    for (unsigned k = 0; k < copies; ++k) {
+    // All copies in one peer store batch, so that they travel to their peers at once: the
+    // peers are chosen first (distinct for each page), and each entry may go only to its own.
+    if (copies > 1) {
+      const std::byte* batch_pages[kWindow];
+      std::uint64_t batch_hints[kWindow];
+      std::uint32_t batch_owners[kWindow];
+      peer::PeerStore::PeerMask batch_only[kWindow];
+      std::size_t batch_index[kWindow];
+      std::size_t n = 0;
+      for (std::size_t i = 0; i < count; ++i) {
+        if (!have_id[i]) continue;
+        peer::PeerStore::PeerMask chosen;
+        for (unsigned k = 0; k < copies; ++k) {
+          const int peer = peers_->PickPeer(hints[base + i] + k, &chosen);
+          if (peer < 0) break;
+          chosen.set(static_cast<std::size_t>(peer));
+          batch_pages[n] = pages[base + i];
+          batch_hints[n] = hints[base + i] + k;
+          batch_owners[n] = ids[i];
+          batch_only[n].set();
+          batch_only[n].reset(static_cast<std::size_t>(peer));  // this peer and no other
+          batch_index[n++] = i;
+        }
+      }
+      Slot batch_slots[kWindow];
+      int batch_results[kWindow];
+      peers_->WriteBatchFor(std::span(batch_pages, n), std::span(batch_hints, n),
+                            std::span(batch_owners, n), std::span(batch_only, n),
+                            std::span(batch_slots, n), std::span(batch_results, n));
+      for (std::size_t j = 0; j < n; ++j) {
+        if (batch_results[j] != 0) continue;
+        const std::size_t i = batch_index[j];
+        got[i][got_count[i]++] = batch_slots[j];
+      }
+    }
+    // One copy: one batch, where the peer store picks each page's peer.
+    for (unsigned k = 0; k < copies && copies == 1; ++k) {
       const std::byte* batch_pages[kWindow];
       std::uint64_t batch_hints[kWindow];
       std::uint32_t batch_owners[kWindow];
