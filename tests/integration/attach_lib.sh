@@ -103,6 +103,8 @@ print(next(d for d in status["devices"] if d["name"] == sys.argv[1])["pages"]["r
   fi
   grep -q "in use" "$workdir/detach.err" || fail "detach while in use: $(cat "$workdir/detach.err")"
   echo "detach while swapped on is refused: $(cat "$workdir/detach.err")"
+  # A test may act here, with the pattern written and not yet read back.
+  if declare -F swap_pattern_midway >/dev/null; then swap_pattern_midway; fi
   touch "$workdir/go"
   wait "$pid" || fail "the pattern program failed (status $?)"
 }

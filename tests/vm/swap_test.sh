@@ -8,6 +8,10 @@
 #             limited to a quarter of what it allocates writes a pattern over 128 MiB, and
 #             before it reads it back /proc/swaps must show the device in use, `memlend status`
 #             pages on the peer, and detach must be refused (attach_lib.sh's swap_cycle).
+#   replicas  as cgroup, with two lenders (128 MiB each) and --redundancy replicas:2; once the
+#             pattern is written, and before it is read back, one lender is killed with
+#             SIGKILL: the pattern must read back intact from the other copies, and status must
+#             count no lost page.
 #   pressure  boot with little RAM (tests/vm/run --mem 512 --disk 1024): a lender of 64 MiB and
 #             a borrower whose backing file is the guest's disk itself; no cgroup: memory_pattern
 #             allocates twice the guest's RAM, so the whole system, the daemons included, is
@@ -23,7 +27,7 @@ mode=${3:-}
 ml_prefix="swap_test.sh: "
 [[ ${MEMLEND_VM:-} == 1 && -n ${MEMLEND_VM_MODDIR:-} ]] ||
   { echo "${ml_prefix}FAIL: this script runs only inside the VM: tests/vm/run ${0##*/} ..." >&2; exit 1; }
-[[ $# -eq 3 ]] || { echo "usage: swap_test.sh MEMLEND ublk|nbd cgroup|pressure" >&2; exit 2; }
+[[ $# -eq 3 ]] || { echo "usage: swap_test.sh MEMLEND ublk|nbd cgroup|replicas|pressure" >&2; exit 2; }
 # shellcheck source=../integration/attach_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../integration/attach_lib.sh" memlend-swap-test
 source "$(dirname "${BASH_SOURCE[0]}")/guest_lib.sh"
@@ -39,6 +43,10 @@ backing=()
 case $mode in
   cgroup)
     lend=256M
+    swap_size=256M
+    ;;
+  replicas)
+    lend=128M
     swap_size=256M
     ;;
   pressure)
@@ -63,7 +71,13 @@ esac
 
 port=$(free_port)
 start_daemon lender --lend "$lend" --listen "127.0.0.1:$port"
-start_daemon borrower --local-store 16M --peer "127.0.0.1:$port" "${backing[@]}"
+peers=(--peer "127.0.0.1:$port")
+if [[ $mode == replicas ]]; then
+  port2=$(free_port)
+  start_daemon lender2 --lend "$lend" --listen "127.0.0.1:$port2"
+  peers+=(--peer "127.0.0.1:$port2" --redundancy replicas:2)
+fi
+start_daemon borrower --local-store 16M "${peers[@]}" "${backing[@]}"
 control=$workdir/borrower.control
 device=$("$memlend" attach swap0 --size "$swap_size" --frontend "$frontend" --control "$control")
 attached_devices+=("$device")
@@ -84,6 +98,36 @@ fi
 case $mode in
   cgroup)
     swap_cycle swap0 "$control" "$device" "$frontend"
+    ;;
+  replicas)
+    # Between the pattern's writing and its reading back (swap_pattern_check's hook): both
+    # lenders hold a copy of every page on them; kill one.
+    swap_pattern_midway() {
+      "$memlend" status --json --control "$control" >"$workdir/before-kill.json"
+      python3 - "$workdir/before-kill.json" <<'EOF' || fail "the pages are not on both lenders"
+import json, sys
+s = json.load(open(sys.argv[1]))
+r = s["remote_store"]
+print(f"before the kill: {r['pages']} remote pages, {r['copies']} copies, "
+      f"{r['degraded_pages']} degraded; lenders hold " +
+      ", ".join(str(p["pages_stored"]) for p in s["peers"]))
+assert r["pages"] > 0 and r["copies"] == 2 * r["pages"] - r["degraded_pages"]
+assert all(p["pages_stored"] > 0 for p in s["peers"])
+EOF
+      kill -KILL "${ml_pids[lender]}"
+      wait "${ml_pids[lender]}" 2>/dev/null || true
+      unset 'ml_pids[lender]'
+      echo "lender killed (-9) with the pattern in swap; reading it back"
+    }
+    swap_cycle swap0 "$control" "$device" "$frontend"
+    "$memlend" status --json --control "$control" >"$workdir/after-kill.json"
+    python3 - "$workdir/after-kill.json" <<'EOF' || fail "pages were lost with the lender"
+import json, sys
+s = json.load(open(sys.argv[1]))
+r = s["remote_store"]
+print(f"after: {r['lost_pages']} pages lost, {r['degraded_pages']} degraded")
+assert r["lost_pages"] == 0
+EOF
     ;;
   pressure)
     mkswap "$device" >/dev/null
@@ -128,5 +172,6 @@ else
   [[ ! -e /sys/block/${device#/dev/}/pid ]] || fail "$device is still connected after detach"
 fi
 stop_daemon borrower
-stop_daemon lender
+[[ -z ${ml_pids[lender]:-} ]] || stop_daemon lender
+[[ -z ${ml_pids[lender2]:-} ]] || stop_daemon lender2
 echo "PASS: swap through a $frontend-attached memlend device ($mode)"
