@@ -103,72 +103,40 @@ void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
     bool have_id[kWindow];
     Slot got[kWindow][kMaxCopies];
     unsigned got_count[kWindow] = {};
-    peer::PeerStore::PeerMask excludes[kWindow];
     for (std::size_t i = 0; i < count; ++i) have_id[i] = Allocate(&ids[i]);
 
     // All copies in one peer store batch, so that they travel to their peers at once: the
     // peers are chosen first (distinct for each page), and each entry may go only to its own.
-    if (copies > 1) {
-      const std::byte* batch_pages[kWindow];
-      std::uint64_t batch_hints[kWindow];
-      std::uint32_t batch_owners[kWindow];
-      peer::PeerStore::PeerMask batch_only[kWindow];
-      std::size_t batch_index[kWindow];
-      std::size_t n = 0;
-      for (std::size_t i = 0; i < count; ++i) {
-        if (!have_id[i]) continue;
-        peer::PeerStore::PeerMask chosen;
-        for (unsigned k = 0; k < copies; ++k) {
-          const int peer = peers_->PickPeer(hints[base + i] + k, &chosen);
-          if (peer < 0) break;
-          chosen.set(static_cast<std::size_t>(peer));
-          batch_pages[n] = pages[base + i];
-          batch_hints[n] = hints[base + i] + k;
-          batch_owners[n] = ids[i];
-          batch_only[n].set();
-          batch_only[n].reset(static_cast<std::size_t>(peer));  // this peer and no other
-          batch_index[n++] = i;
-        }
-      }
-      Slot batch_slots[kWindow];
-      int batch_results[kWindow];
-      peers_->WriteBatchFor(std::span(batch_pages, n), std::span(batch_hints, n),
-                            std::span(batch_owners, n), std::span(batch_only, n),
-                            std::span(batch_slots, n), std::span(batch_results, n));
-      for (std::size_t j = 0; j < n; ++j) {
-        if (batch_results[j] != 0) continue;
-        const std::size_t i = batch_index[j];
-        got[i][got_count[i]++] = batch_slots[j];
-      }
-    }
-    // One copy: one batch, where the peer store picks each page's peer.
-    for (unsigned k = 0; k < copies && copies == 1; ++k) {
-      const std::byte* batch_pages[kWindow];
-      std::uint64_t batch_hints[kWindow];
-      std::uint32_t batch_owners[kWindow];
-      peer::PeerStore::PeerMask batch_excludes[kWindow];
-      std::size_t batch_index[kWindow];
-      std::size_t n = 0;
-      for (std::size_t i = 0; i < count; ++i) {
-        if (!have_id[i] || got_count[i] != k) continue;
+    const std::byte* batch_pages[kWindow];
+    std::uint64_t batch_hints[kWindow];
+    std::uint32_t batch_owners[kWindow];
+    peer::PeerStore::PeerMask batch_only[kWindow];
+    std::size_t batch_index[kWindow];
+    std::size_t n = 0;
+    for (std::size_t i = 0; i < count; ++i) {
+      if (!have_id[i]) continue;
+      peer::PeerStore::PeerMask chosen;
+      for (unsigned k = 0; k < copies; ++k) {
+        const int peer = peers_->PickPeer(hints[base + i] + k, &chosen);
+        if (peer < 0) break;  // no other peer has room: fewer copies (degraded)
+        chosen.set(static_cast<std::size_t>(peer));
         batch_pages[n] = pages[base + i];
         batch_hints[n] = hints[base + i] + k;
         batch_owners[n] = ids[i];
-        batch_excludes[n] = excludes[i];
+        batch_only[n].set();
+        batch_only[n].reset(static_cast<std::size_t>(peer));  // this peer and no other
         batch_index[n++] = i;
       }
-      if (n == 0) break;
-      Slot batch_slots[kWindow];
-      int batch_results[kWindow];
-      peers_->WriteBatchFor(std::span(batch_pages, n), std::span(batch_hints, n),
-                            std::span(batch_owners, n), std::span(batch_excludes, n),
-                            std::span(batch_slots, n), std::span(batch_results, n));
-      for (std::size_t j = 0; j < n; ++j) {
-        if (batch_results[j] != 0) continue;
-        const std::size_t i = batch_index[j];
-        got[i][got_count[i]++] = batch_slots[j];
-        excludes[i].set(peer::PeerStore::PeerIndexOf(batch_slots[j]));
-      }
+    }
+    Slot batch_slots[kWindow];
+    int batch_results[kWindow];
+    peers_->WriteBatchFor(std::span(batch_pages, n), std::span(batch_hints, n),
+                          std::span(batch_owners, n), std::span(batch_only, n),
+                          std::span(batch_slots, n), std::span(batch_results, n));
+    for (std::size_t j = 0; j < n; ++j) {
+      if (batch_results[j] != 0) continue;
+      const std::size_t i = batch_index[j];
+      got[i][got_count[i]++] = batch_slots[j];
     }
 
     for (std::size_t i = 0; i < count; ++i) {

@@ -2,8 +2,8 @@
 // record of the copies one page has on distinct peers (docs/remote-tier.md). A device's
 // page-table entry keeps only the placement id, so several copies cost it nothing.
 //
-// Writes (WriteBatchCopies) put each page on up to `copies` distinct peers, one peer store
-// batch per copy, all acknowledged before the call returns. A page that got fewer copies
+// Writes (WriteBatchCopies) put each page on up to `copies` distinct peers, chosen first and
+// sent in one peer store batch, all acknowledged before the call returns. A page that got fewer copies
 // than asked (too few peers up) is *degraded*; so is one whose copy was on a peer that went
 // down. Reads try the copies on ready peers first; a copy whose peer misses its deadline
 // gives way to the next, and only when no other copy answers is the first one asked again

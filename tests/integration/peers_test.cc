@@ -210,6 +210,49 @@ DaemonOptions Borrower(const std::string& device, const std::string& local_store
   return options;
 }
 
+// `count` lenders of `size` in `dir`, named lender0, lender1...; `extra` replaces Lender()'s
+// extra arguments when given.
+std::vector<std::unique_ptr<MemlendDaemon>> StartLenders(const TempDir& dir, int count,
+                                                         const std::string& size,
+                                                         std::vector<std::string> extra = {}) {
+  std::vector<std::unique_ptr<MemlendDaemon>> lenders;
+  for (int i = 0; i < count; ++i) {
+    DaemonOptions options = Lender(size);
+    if (!extra.empty()) options.extra_args = extra;
+    lenders.push_back(std::make_unique<MemlendDaemon>(dir, options, "lender" + std::to_string(i)));
+  }
+  return lenders;
+}
+
+std::vector<std::string> ListenAddresses(
+    const std::vector<std::unique_ptr<MemlendDaemon>>& lenders) {
+  std::vector<std::string> addresses;
+  for (const auto& lender : lenders) addresses.push_back(lender->ListenAddress());
+  return addresses;
+}
+
+// What reading [0, length) page by page gave: EIO, another error, or other bytes than written.
+struct PageReads {
+  uint64_t eio = 0;
+  uint64_t other_errors = 0;
+  uint64_t wrong = 0;
+};
+PageReads ReadPages(NbdClient& client, const ShadowDevice& shadow, uint64_t length) {
+  PageReads reads;
+  std::vector<uint8_t> page(kPageSize);
+  for (uint64_t offset = 0; offset < length; offset += kPageSize) {
+    const int rc = client.TryRead(page, offset);
+    if (rc == EIO) {
+      ++reads.eio;
+    } else if (rc != 0) {
+      ++reads.other_errors;
+    } else if (!DescribeMismatch(shadow.Range(offset, kPageSize), page, offset).empty()) {
+      ++reads.wrong;
+    }
+  }
+  return reads;
+}
+
 // Checks that the remote accounting of a settled borrower agrees with itself and with its
 // lenders: remote pages = remote_store.pages, remote_store.copies = sum of peers[].pages_stored
 // (copies per page as the redundancy asks: remote_store.degraded_pages counts pages with
@@ -966,35 +1009,19 @@ TEST_SUITE("peers") {
     const uint64_t seed = TestSeed();
     INFO("seed " << seed);
     TempDir dir;
-    std::vector<std::unique_ptr<MemlendDaemon>> lenders;
-    std::vector<std::string> addresses;
-    for (int i = 0; i < 3; ++i) {
-      lenders.push_back(
-          std::make_unique<MemlendDaemon>(dir, Lender("32M"), "lender" + std::to_string(i)));
-      addresses.push_back(lenders.back()->ListenAddress());
-    }
-    DaemonOptions options = Borrower("d0:32M", "4M", addresses);
+    const auto lenders = StartLenders(dir, 3, "32M");
+    DaemonOptions options = Borrower("d0:32M", "4M", ListenAddresses(lenders));
     options.extra_args = {"--redundancy", "replicas:2"};
     MemlendDaemon borrower(dir, options, "borrower");
     auto remote = [](const json& s, const char* key) { return U64(s.at("remote_store"), key); };
     auto state = [](const json& s, int i) { return s.at("peers").at(i).at("state").get<std::string>(); };
     auto read_all = [&](NbdClient& client, const ShadowDevice& shadow, const char* when) {
-      uint64_t eio = 0, other = 0, wrong = 0;
-      std::vector<uint8_t> page(kPageSize);
-      for (uint64_t offset = 0; offset < kWritten; offset += kPageSize) {
-        const int rc = client.TryRead(page, offset);
-        if (rc == EIO) {
-          ++eio;
-        } else if (rc != 0) {
-          ++other;
-        } else if (!DescribeMismatch(shadow.Range(offset, kPageSize), page, offset).empty()) {
-          ++wrong;
-        }
-      }
-      INFO(when << ": " << eio << " EIO, " << other << " other errors, " << wrong << " wrong");
-      CHECK(eio == 0);
-      CHECK(other == 0);
-      CHECK(wrong == 0);
+      const PageReads reads = ReadPages(client, shadow, kWritten);
+      INFO(when << ": " << reads.eio << " EIO, " << reads.other_errors << " other errors, "
+                << reads.wrong << " wrong");
+      CHECK(reads.eio == 0);
+      CHECK(reads.other_errors == 0);
+      CHECK(reads.wrong == 0);
     };
     {
       NbdClient client(borrower.endpoint(), "d0");
@@ -1067,18 +1094,12 @@ TEST_SUITE("peers") {
     const uint64_t seed = TestSeed();
     INFO("seed " << seed);
     TempDir dir;
-    std::vector<std::unique_ptr<MemlendDaemon>> lenders;
-    std::vector<std::string> addresses;
-    for (int i = 0; i < 3; ++i) {
-      lenders.push_back(
-          std::make_unique<MemlendDaemon>(dir, Lender("32M"), "lender" + std::to_string(i)));
-      addresses.push_back(lenders.back()->ListenAddress());
-    }
+    const auto lenders = StartLenders(dir, 3, "32M");
     struct Thaw {
       pid_t pid;
       ~Thaw() { ::kill(pid, SIGCONT); }
     } thaw{lenders[0]->pid()};
-    MemlendDaemon borrower(dir, Borrower("d0:32M", "4M", addresses), "borrower");
+    MemlendDaemon borrower(dir, Borrower("d0:32M", "4M", ListenAddresses(lenders)), "borrower");
     auto remote = [](const json& s, const char* key) { return U64(s.at("remote_store"), key); };
     auto state = [](const json& s) { return s.at("peers").at(0).at("state").get<std::string>(); };
     {
@@ -1160,15 +1181,8 @@ TEST_SUITE("peers") {
       const uint64_t seed = TestSeed();
       INFO("seed " << seed);
       TempDir dir;
-      std::vector<std::unique_ptr<MemlendDaemon>> lenders;
-      std::vector<std::string> addresses;
-      for (int i = 0; i < 3; ++i) {
-        DaemonOptions lender = Lender("32M");
-        lender.extra_args = {"--drain-deadline", "20"};
-        lenders.push_back(std::make_unique<MemlendDaemon>(dir, lender, "lender" + std::to_string(i)));
-        addresses.push_back(lenders.back()->ListenAddress());
-      }
-      DaemonOptions options = Borrower("d0:32M", "4M", addresses);
+      const auto lenders = StartLenders(dir, 3, "32M", {"--drain-deadline", "20"});
+      DaemonOptions options = Borrower("d0:32M", "4M", ListenAddresses(lenders));
       options.extra_args = {"--redundancy", redundancy};
       MemlendDaemon borrower(dir, options, "borrower");
       auto remote = [](const json& s, const char* key) { return U64(s.at("remote_store"), key); };
@@ -1279,23 +1293,12 @@ TEST_SUITE("peers") {
       CheckStatusInvariants(down);
       CHECK(CompareWithShadow(client, shadow, kFirst, 8 * kMiB) == "");
       // The first range: intact, or EIO for exactly the pages that were lost; never wrong data.
-      uint64_t eio = 0, other_errors = 0, wrong = 0;
-      std::vector<uint8_t> page(kPageSize);
-      for (uint64_t offset = 0; offset < kFirst; offset += kPageSize) {
-        const int rc = client.TryRead(page, offset);
-        if (rc == EIO) {
-          ++eio;
-        } else if (rc != 0) {
-          ++other_errors;
-        } else if (!DescribeMismatch(shadow.Range(offset, kPageSize), page, offset).empty()) {
-          ++wrong;
-        }
-      }
-      INFO("reads of the first range: " << eio << " EIO, " << other_errors << " other errors, "
-                                        << wrong << " wrong");
-      CHECK(wrong == 0);
-      CHECK(other_errors == 0);
-      CHECK(eio == lost);
+      const PageReads reads = ReadPages(client, shadow, kFirst);
+      INFO("reads of the first range: " << reads.eio << " EIO, " << reads.other_errors
+                                        << " other errors, " << reads.wrong << " wrong");
+      CHECK(reads.wrong == 0);
+      CHECK(reads.other_errors == 0);
+      CHECK(reads.eio == lost);
 
       // Thawed: the borrower connects again (a new session) and places pages there.
       REQUIRE(::kill(lender.pid(), SIGCONT) == 0);

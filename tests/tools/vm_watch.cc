@@ -56,12 +56,13 @@ long Reread(int fd, char* buffer, std::size_t size) {
   return n;
 }
 
-// Prints the kernel stack of each thread of `pid`, one line per thread.
-void PrintStacks(const char* name, long pid) {
+// Calls fn(tid) for each thread of `pid`; false when the process is gone.
+template <typename Fn>
+bool ForEachThread(long pid, Fn fn) {
   char path[64];
   std::snprintf(path, sizeof(path), "/proc/%ld/task", pid);
   const int dir = ::open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir < 0) return;
+  if (dir < 0) return false;
   alignas(8) char entries[4096];
   long n;
   while ((n = ::syscall(SYS_getdents64, dir, entries, sizeof(entries))) > 0) {
@@ -69,28 +70,36 @@ void PrintStacks(const char* name, long pid) {
       const auto* entry = reinterpret_cast<const dirent64*>(entries + offset);
       offset += entry->d_reclen;
       if (entry->d_name[0] == '.') continue;
-      const long tid = std::strtol(entry->d_name, nullptr, 10);
-      static char stack[4096];
-      char comm[32] = "?";
-      std::snprintf(path, sizeof(path), "/proc/%ld/task/%ld/comm", pid, tid);
-      if (ReadSmall(path, comm, sizeof(comm)) > 0) comm[std::strcspn(comm, "\n")] = '\0';
-      std::snprintf(path, sizeof(path), "/proc/%ld/task/%ld/stack", pid, tid);
-      if (ReadSmall(path, stack, sizeof(stack)) < 0) continue;
-      // One line: the frames' names, without their offsets and the "[<0>] " prefixes.
-      static char frames[2048];
-      frames[0] = '\0';
-      for (char* frame = std::strtok(stack, "\n"); frame != nullptr;
-           frame = std::strtok(nullptr, "\n")) {
-        char* symbol = std::strchr(frame, ' ');
-        symbol = symbol == nullptr ? frame : symbol + 1;
-        symbol[std::strcspn(symbol, "+")] = '\0';
-        if (frames[0] != '\0') std::strncat(frames, "<", sizeof(frames) - std::strlen(frames) - 1);
-        std::strncat(frames, symbol, sizeof(frames) - std::strlen(frames) - 1);
-      }
-      std::printf("  [stack %s %s/%ld: %s]\n", name, comm, tid, frames);
+      fn(std::strtol(entry->d_name, nullptr, 10));
     }
   }
   ::close(dir);
+  return true;
+}
+
+// Prints the kernel stack of each thread of `pid`, one line per thread.
+void PrintStacks(const char* name, long pid) {
+  ForEachThread(pid, [&](long tid) {
+    char path[64];
+    static char stack[4096];
+    char comm[32] = "?";
+    std::snprintf(path, sizeof(path), "/proc/%ld/task/%ld/comm", pid, tid);
+    if (ReadSmall(path, comm, sizeof(comm)) > 0) comm[std::strcspn(comm, "\n")] = '\0';
+    std::snprintf(path, sizeof(path), "/proc/%ld/task/%ld/stack", pid, tid);
+    if (ReadSmall(path, stack, sizeof(stack)) < 0) return;
+    // One line: the frames' names, without their offsets and the "[<0>] " prefixes.
+    static char frames[2048];
+    frames[0] = '\0';
+    for (char* frame = std::strtok(stack, "\n"); frame != nullptr;
+         frame = std::strtok(nullptr, "\n")) {
+      char* symbol = std::strchr(frame, ' ');
+      symbol = symbol == nullptr ? frame : symbol + 1;
+      symbol[std::strcspn(symbol, "+")] = '\0';
+      if (frames[0] != '\0') std::strncat(frames, "<", sizeof(frames) - std::strlen(frames) - 1);
+      std::strncat(frames, symbol, sizeof(frames) - std::strlen(frames) - 1);
+    }
+    std::printf("  [stack %s %s/%ld: %s]\n", name, comm, tid, frames);
+  });
 }
 
 // The value of `key` in /proc/vmstat or /proc/meminfo text (0 if absent).
@@ -106,44 +115,30 @@ std::uint64_t Field(const char* text, const char* key) {
 
 // Appends "NAME/TID:STATE:WCHAN:TICKS" for each thread of `pid` to `line`.
 void DescribeThreads(long pid, char* line, std::size_t size) {
-  char path[64];
-  std::snprintf(path, sizeof(path), "/proc/%ld/task", pid);
-  const int dir = ::open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir < 0) {
-    std::strncat(line, " (gone)", size - std::strlen(line) - 1);
-    return;
-  }
-  alignas(8) char entries[4096];
-  long n;
-  while ((n = ::syscall(SYS_getdents64, dir, entries, sizeof(entries))) > 0) {
-    for (long offset = 0; offset < n;) {
-      const auto* entry = reinterpret_cast<const dirent64*>(entries + offset);
-      offset += entry->d_reclen;
-      if (entry->d_name[0] == '.') continue;
-      const long tid = std::strtol(entry->d_name, nullptr, 10);
-      char stat[512];
-      char wchan[64] = "?";
-      std::snprintf(path, sizeof(path), "/proc/%ld/task/%ld/stat", pid, tid);
-      if (ReadSmall(path, stat, sizeof(stat)) < 0) continue;
-      std::snprintf(path, sizeof(path), "/proc/%ld/task/%ld/wchan", pid, tid);
-      if (ReadSmall(path, wchan, sizeof(wchan)) <= 0) std::strcpy(wchan, "-");
-      // After "(comm) ": state, then 10 fields up to utime and stime.
-      const char* after = std::strrchr(stat, ')');
-      const char* open = std::strchr(stat, '(');
-      if (after == nullptr || open == nullptr) continue;
-      char comm[32];
-      std::snprintf(comm, sizeof(comm), "%.*s", static_cast<int>(after - open - 1), open + 1);
-      char state = after[2];
-      unsigned long utime = 0;
-      unsigned long stime = 0;
-      std::sscanf(after + 4, "%*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime);
-      char part[128];
-      std::snprintf(part, sizeof(part), " %s/%ld:%c:%s:%lu", comm, tid, state, wchan,
-                    utime + stime);
-      std::strncat(line, part, size - std::strlen(line) - 1);
-    }
-  }
-  ::close(dir);
+  const bool alive = ForEachThread(pid, [&](long tid) {
+    char path[64];
+    char stat[512];
+    char wchan[64] = "?";
+    std::snprintf(path, sizeof(path), "/proc/%ld/task/%ld/stat", pid, tid);
+    if (ReadSmall(path, stat, sizeof(stat)) < 0) return;
+    std::snprintf(path, sizeof(path), "/proc/%ld/task/%ld/wchan", pid, tid);
+    if (ReadSmall(path, wchan, sizeof(wchan)) <= 0) std::strcpy(wchan, "-");
+    // After "(comm) ": state, then 10 fields up to utime and stime.
+    const char* after = std::strrchr(stat, ')');
+    const char* open = std::strchr(stat, '(');
+    if (after == nullptr || open == nullptr) return;
+    char comm[32];
+    std::snprintf(comm, sizeof(comm), "%.*s", static_cast<int>(after - open - 1), open + 1);
+    char state = after[2];
+    unsigned long utime = 0;
+    unsigned long stime = 0;
+    std::sscanf(after + 4, "%*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime);
+    char part[128];
+    std::snprintf(part, sizeof(part), " %s/%ld:%c:%s:%lu", comm, tid, state, wchan,
+                  utime + stime);
+    std::strncat(line, part, size - std::strlen(line) - 1);
+  });
+  if (!alive) std::strncat(line, " (gone)", size - std::strlen(line) - 1);
 }
 
 }  // namespace
