@@ -533,6 +533,9 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
           }
         }
       }
+      // A reader that took the old copy from the record before the swap may still be reading
+      // it: that is safe, because a draining peer gets no new pages, so the freed slot is
+      // never reused for another page's bytes (and a later session's slots never match it).
       if (release_old) peers_->Discard(copy.slot);  // its superpage goes back once empty
       if (release_new) peers_->Discard(placed[j]);  // the page changed meanwhile
     }
