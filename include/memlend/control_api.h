@@ -20,12 +20,17 @@
 //              max_borrowers} (zeros when not lending)
 //     nbd: {connections, max_connections} of the --nbd socket, or null without one
 //     peers[]: as for "peers"
-//   "peers": reply field peers[]: {node_id, address, state ("up"|"down"|"refusing"),
-//     pool_total_bytes, pool_free_bytes, pages_stored, superpages_held, pages_lost, rtt_us,
+//   "peers": reply field peers[]: {node_id, address,
+//     state ("up"|"suspect"|"down"|"refusing"|"draining"|"removing"), pool_total_bytes, pool_free_bytes, pages_stored, superpages_held, pages_lost, rtt_us,
 //     error}
 //   "attach" {name, size_bytes, frontend ("auto"|"ublk"|"nbd"|"fuse")}: creates a device
 //     and a block device for it; reply fields path ("/dev/..."), frontend (the kind used)
 //   "detach" {name}: removes the block device and the device; refused while in use
+//   "drain" {deadline_ms}: a lender asks its borrowers to move their pages off, then exits
+//   "peer_add" {address}: a borrower starts using the lender at address ("host:port" or
+//     "unix:PATH"); refused if it is a peer already or the daemon has no remote tier
+//   "peer_remove" {address}: a borrower moves its pages off that lender, then stops using it;
+//     the peer shows "removing" in peers[] until then
 //   status's devices[] also carry frontend and path (null unless attached).
 //   See docs/control.md.
 #pragma once
@@ -40,5 +45,7 @@ inline constexpr char kControlPeers[] = "peers";
 inline constexpr char kControlAttach[] = "attach";
 inline constexpr char kControlDetach[] = "detach";
 inline constexpr char kControlDrain[] = "drain";
+inline constexpr char kControlPeerAdd[] = "peer_add";
+inline constexpr char kControlPeerRemove[] = "peer_remove";
 
 }  // namespace memlend

@@ -181,6 +181,109 @@ int RunDrain(const std::string& control_option, unsigned deadline_s) {
   }
 }
 
+// The entry of `peers` for `address` (as the daemon spells it), or null when it is not a peer.
+nlohmann::json FindPeer(const std::string& control, const std::string& address) {
+  const nlohmann::json reply = memlend::CallControl(control, {{"command", memlend::kControlPeers}});
+  for (const nlohmann::json& peer : reply.value("peers", nlohmann::json::array())) {
+    if (peer.value("address", std::string()) == address) return peer;
+  }
+  return nullptr;
+}
+
+// Sends a membership command; returns the address as the daemon spells it, or "" after
+// saying why it was refused.
+std::string ChangeMembership(const std::string& control, const char* command,
+                             const std::string& address) {
+  const char* verb = command == std::string(memlend::kControlPeerAdd) ? "add" : "remove";
+  try {
+    const nlohmann::json reply =
+        memlend::CallControl(control, {{"command", command}, {"address", address}});
+    if (!reply.value("ok", false)) {
+      memlend::LogError("peer %s: %s", verb, reply.value("error", "no reason given").c_str());
+      return "";
+    }
+    return reply.value("address", address);
+  } catch (const std::exception& e) {
+    memlend::LogError("peer %s: %s", verb, e.what());
+    return "";
+  }
+}
+
+// memlend peer add: the borrower starts using a lender; waits up to `wait_s` for it to come up.
+int RunPeerAdd(const std::string& control_option, const std::string& address_arg,
+               unsigned wait_s) {
+  const std::string control = control_option.empty() ? memlend::DefaultControlPath() : control_option;
+  const std::string address = ChangeMembership(control, memlend::kControlPeerAdd, address_arg);
+  if (address.empty()) return 1;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(wait_s);
+  nlohmann::json peer;
+  for (;;) {
+    try {
+      peer = FindPeer(control, address);
+    } catch (const std::exception& e) {
+      memlend::LogError("peer add: %s", e.what());
+      return 1;
+    }
+    if (!peer.is_null() && peer.value("state", std::string()) == "up") {
+      std::printf("%s added: up, %s free\n", address.c_str(),
+                  memlend::FormatSize(peer.value("pool_free_bytes", std::uint64_t{0})).c_str());
+      return 0;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  // Added all the same: the daemon keeps trying to reach it.
+  const std::string state = peer.is_null() ? "unknown" : peer.value("state", std::string("?"));
+  const std::string why = peer.is_null() ? "" : peer.value("error", std::string());
+  std::printf("%s added, but %s after %u s%s%s; the daemon keeps trying to connect\n",
+              address.c_str(), state.c_str(), wait_s, why.empty() ? "" : ": ", why.c_str());
+  return 0;
+}
+
+// memlend peer remove: the borrower moves its pages off a lender, then stops using it. Shows
+// the pages left there; 0 once the peer is gone, 1 if the deadline passed first (removal
+// goes on in the background; `memlend peer add` of the same address cancels it).
+int RunPeerRemove(const std::string& control_option, const std::string& address_arg,
+                  unsigned deadline_s) {
+  const std::string control = control_option.empty() ? memlend::DefaultControlPath() : control_option;
+  const std::string address = ChangeMembership(control, memlend::kControlPeerRemove, address_arg);
+  if (address.empty()) return 1;
+  const bool tty = ::isatty(STDOUT_FILENO) != 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(deadline_s);
+  std::uint64_t first = 0;
+  std::uint64_t left = 0;
+  for (;;) {
+    nlohmann::json peer;
+    try {
+      peer = FindPeer(control, address);
+    } catch (const std::exception& e) {
+      memlend::LogError("peer remove: %s", e.what());
+      return 1;
+    }
+    if (peer.is_null()) {
+      std::printf("%s%s removed: no page of this host is left there\n", tty ? "\n" : "",
+                  address.c_str());
+      return 0;
+    }
+    left = peer.value("pages_stored", std::uint64_t{0});
+    if (first == 0) first = std::max<std::uint64_t>(left, 1);
+    constexpr std::size_t kWidth = 30;
+    const std::size_t done =
+        static_cast<std::size_t>(kWidth * (first - std::min(first, left)) / first);
+    const std::string line = "[" + std::string(done, '#') + std::string(kWidth - done, ' ') +
+                             "] " + std::to_string(left) + " pages left on " + address;
+    std::printf(tty ? "\r%s   " : "%s\n", line.c_str());
+    std::fflush(stdout);
+    if (std::chrono::steady_clock::now() >= deadline) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  std::printf("%sstill removing %s after %u s: %llu pages have found no room elsewhere yet; "
+              "they move as room appears (`memlend peer add %s` cancels)\n",
+              tty ? "\n" : "", address.c_str(), deadline_s,
+              static_cast<unsigned long long>(left), address.c_str());
+  return 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -398,6 +501,40 @@ int main(int argc, char** argv) {
                 "only when nothing was left behind. SIGTERM to the lender drains the same way, "
                 "with its --drain-deadline.");
 
+  std::string peer_control;
+  std::string peer_address;
+  unsigned peer_add_wait = 10;
+  unsigned peer_remove_deadline = 120;
+  CLI::App* peer = app.add_subcommand(
+      "peer", "Change the lenders a running daemon borrows from (`memlend peers` lists them)");
+  peer->require_subcommand(1);
+  CLI::App* peer_add = peer->add_subcommand(
+      "add", "Start using the lender at ADDR for new pages (it is tried again while down)");
+  peer_add->add_option("ADDR", peer_address, "The lender's --listen address: HOST:PORT or unix:PATH")
+      ->required();
+  peer_add->add_option("--wait", peer_add_wait,
+                       "Seconds to wait for it to come up before returning (0-600, default 10)")
+      ->check(CLI::Range(0, 600))
+      ->default_val(10);
+  CLI::App* peer_remove = peer->add_subcommand(
+      "remove", "Move this host's pages off the lender at ADDR, then stop using it");
+  peer_remove->add_option("ADDR", peer_address, "The lender's address as `memlend peers` shows it")
+      ->required();
+  peer_remove->add_option("--deadline", peer_remove_deadline,
+                          "Seconds to show progress for (1-3600, default 120); removal goes on "
+                          "after that until the last page has moved")
+      ->check(CLI::Range(1, 3600))
+      ->default_val(120);
+  for (CLI::App* sub : {peer_add, peer_remove}) {
+    sub->add_option("--control", peer_control,
+                    "The daemon's control socket (default: " + memlend::DefaultControlPath() + ")")
+        ->type_name("PATH");
+  }
+  peer->footer("Needs a daemon started with --peer (the remote tier). Removing a peer first "
+               "copies each page it holds to another peer (pages with copies elsewhere keep "
+               "them), so nothing is lost; it exits 0 when none is left there. Membership "
+               "changes last until the daemon stops: add the peer to its --peer list too.");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -418,6 +555,10 @@ int main(int argc, char** argv) {
   }
   if (detach->parsed()) return RunDetach(detach_control, detach_name);
   if (drain->parsed()) return RunDrain(drain_control, drain_deadline);
+  if (peer_add->parsed()) return RunPeerAdd(peer_control, peer_address, peer_add_wait);
+  if (peer_remove->parsed()) {
+    return RunPeerRemove(peer_control, peer_address, peer_remove_deadline);
+  }
   if (peers->parsed()) {
     return RunQuery(peers_control, memlend::kControlPeers, peers_json, memlend::FormatPeers);
   }

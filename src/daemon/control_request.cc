@@ -1,5 +1,6 @@
 #include "daemon/control_request.h"
 
+#include <optional>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
@@ -59,6 +60,14 @@ AttachRequest ParseAttach(const json& request) {
   return attach;
 }
 
+Endpoint PeerAddress(const json& request) {
+  const std::string text = StringField(request, "address");
+  std::string reason;
+  std::optional<Endpoint> address = ParseEndpoint(text, &reason);
+  if (!address) throw std::invalid_argument("\"address\" " + Quote(text) + ": " + reason);
+  return std::move(*address);
+}
+
 }  // namespace
 
 ControlRequest ParseControlRequest(std::string_view line) {
@@ -82,6 +91,8 @@ ControlRequest ParseControlRequest(std::string_view line) {
     }
     return drain;
   }
+  if (command == kControlPeerAdd) return PeerAddRequest{PeerAddress(request)};
+  if (command == kControlPeerRemove) return PeerRemoveRequest{PeerAddress(request)};
   throw std::invalid_argument("unknown command " + Quote(command));
 }
 

@@ -9,6 +9,8 @@
 #include <string_view>
 #include <variant>
 
+#include "transport/socket.h"
+
 namespace memlend {
 
 struct StatusRequest {};
@@ -26,8 +28,16 @@ struct DetachRequest {
 struct DrainRequest {
   std::uint64_t deadline_ms = 30000;  // 0 to kMaxDrainDeadlineMs
 };
-using ControlRequest =
-    std::variant<StatusRequest, PeersRequest, AttachRequest, DetachRequest, DrainRequest>;
+// A borrower's membership (docs/remote-tier.md, "Membership"): a lender to use, or one to
+// stop using once its pages have moved elsewhere.
+struct PeerAddRequest {
+  Endpoint address;  // ParseEndpoint
+};
+struct PeerRemoveRequest {
+  Endpoint address;
+};
+using ControlRequest = std::variant<StatusRequest, PeersRequest, AttachRequest, DetachRequest,
+                                    DrainRequest, PeerAddRequest, PeerRemoveRequest>;
 
 inline constexpr std::uint64_t kMaxDrainDeadlineMs = 3600 * 1000;
 

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <utility>
 #include <variant>
 
 #include "common/log.h"
@@ -210,19 +211,31 @@ void Daemon::Stop() {
 }
 
 void Daemon::RefreshLoop() {
-  // Heartbeats every peer timeout; reconnects and free-space queries every kRefreshInterval.
+  // Heartbeats every peer timeout; reconnects and free-space queries every kRefreshInterval,
+  // and at once after a membership change (a peer added connects now).
   const auto tick = peers_->options().request_timeout;
   auto next_refresh = std::chrono::steady_clock::now() + kRefreshInterval;
   std::unique_lock lock(refresh_mu_);
-  while (!refresh_cv_.wait_for(lock, tick, [this] { return stopping_; })) {
+  for (;;) {
+    refresh_cv_.wait_for(lock, tick, [this] { return stopping_ || refresh_now_; });
+    if (stopping_) return;
+    const bool now = std::exchange(refresh_now_, false);
     lock.unlock();
     peers_->Heartbeat();
-    if (std::chrono::steady_clock::now() >= next_refresh) {
+    if (now || std::chrono::steady_clock::now() >= next_refresh) {
       peers_->Refresh();
       next_refresh = std::chrono::steady_clock::now() + kRefreshInterval;
     }
     lock.lock();
   }
+}
+
+void Daemon::RefreshSoon() {
+  {
+    std::lock_guard lock(refresh_mu_);
+    refresh_now_ = true;
+  }
+  refresh_cv_.notify_all();
 }
 
 void Daemon::BlockShutdownSignals() {
@@ -306,6 +319,32 @@ nlohmann::json Daemon::StartDrain(const DrainRequest& request) {
   return {{"ok", true}, {"draining", true}, {"deadline_ms", drain_deadline_ms_.load()}};
 }
 
+nlohmann::json Daemon::AddPeer(const PeerAddRequest& request) {
+  if (peers_ == nullptr) {
+    throw std::runtime_error("this daemon has no remote tier: start it with --local-store and at "
+                             "least one --peer (a lender that is down for now will do)");
+  }
+  const std::string address = request.address.ToString();
+  const int rc = peers_->AddPeer(request.address);
+  if (rc == -EEXIST) throw std::runtime_error(address + " is a peer already");
+  if (rc == -ENOSPC) {
+    throw std::runtime_error("cannot add " + address + ": " +
+                             std::to_string(peer::PeerStore::kMaxPeers) +
+                             " peers were added already");
+  }
+  RefreshSoon();  // connect it now, not at the next refresh
+  return {{"ok", true}, {"address", address}};
+}
+
+nlohmann::json Daemon::RemovePeer(const PeerRemoveRequest& request) {
+  const std::string address = request.address.ToString();
+  if (peers_ == nullptr || peers_->RemovePeer(request.address) != 0) {
+    throw std::runtime_error(address + " is not a peer");
+  }
+  RefreshSoon();
+  return {{"ok", true}, {"address", address}, {"removing", true}};
+}
+
 nlohmann::json Daemon::HandleControl(const ControlRequest& request) {
   struct Dispatch {
     Daemon& daemon;
@@ -314,6 +353,10 @@ nlohmann::json Daemon::HandleControl(const ControlRequest& request) {
     nlohmann::json operator()(const AttachRequest& attach) const { return daemon.Attach(attach); }
     nlohmann::json operator()(const DetachRequest& detach) const { return daemon.Detach(detach); }
     nlohmann::json operator()(const DrainRequest& drain) const { return daemon.StartDrain(drain); }
+    nlohmann::json operator()(const PeerAddRequest& add) const { return daemon.AddPeer(add); }
+    nlohmann::json operator()(const PeerRemoveRequest& remove) const {
+      return daemon.RemovePeer(remove);
+    }
   };
   return std::visit(Dispatch{*this}, request);
 }

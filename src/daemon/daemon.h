@@ -52,6 +52,11 @@ class Daemon {
   nlohmann::json Detach(const DetachRequest& request);
   // Starts a lender's drain (the main thread runs it, then stops the daemon).
   nlohmann::json StartDrain(const DrainRequest& request);
+  // Membership changes of a borrower (peer_add, peer_remove).
+  nlohmann::json AddPeer(const PeerAddRequest& request);
+  nlohmann::json RemovePeer(const PeerRemoveRequest& request);
+  // Wakes the refresher to run Refresh now.
+  void RefreshSoon();
 
   // Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and threads it creates
   // later) so that Run() can wait for them, and ignores SIGPIPE.
@@ -108,6 +113,7 @@ class Daemon {
   std::mutex refresh_mu_;
   std::condition_variable refresh_cv_;
   bool stopping_ = false;  // guarded by refresh_mu_
+  bool refresh_now_ = false;  // guarded by refresh_mu_: RefreshLoop refreshes at once
   // Drain: asked by `memlend drain` (else by SIGTERM), its deadline, and its outcome.
   std::atomic<bool> drain_asked_{false};
   std::atomic<std::uint64_t> drain_deadline_ms_{0};

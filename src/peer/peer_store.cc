@@ -88,6 +88,7 @@ const char* PeerStateName(PeerState state) {
     case PeerState::kRefusing: return "refusing";
     case PeerState::kSuspect: return "suspect";
     case PeerState::kDraining: return "draining";
+    case PeerState::kRemoving: return "removing";
   }
   return "unknown";
 }
@@ -97,15 +98,88 @@ PeerStore::PeerStore(std::uint64_t node_id, const PeerStoreOptions& options)
 
 PeerStore::~PeerStore() = default;
 
-bool PeerStore::AddPeer(const Endpoint& endpoint) {
-  if (peers_.size() >= kMaxPeers) return false;
+int PeerStore::AddPeer(const Endpoint& endpoint) {
+  const std::string address = endpoint.ToString();
+  std::lock_guard lock(membership_mu_);
+  const std::size_t count = peer_count();
+  for (std::size_t i = 0; i < count; ++i) {
+    Peer& peer = *peers_[i];
+    if (peer.endpoint.ToString() != address) continue;
+    if (peer.removing.exchange(false, std::memory_order_acq_rel)) {
+      LogError("peer %s: removal cancelled", address.c_str());
+      return 0;
+    }
+    if (!peer.removed.load(std::memory_order_acquire)) return -EEXIST;
+    peer.removed.store(false, std::memory_order_release);  // the next Refresh connects it
+    return 0;
+  }
+  if (count >= kMaxPeers) return -ENOSPC;
   auto peer = std::make_unique<Peer>();
   peer->endpoint = endpoint;
-  peers_.push_back(std::move(peer));
+  peer->index = count;
+  peers_[count] = std::move(peer);
+  peer_count_.store(count + 1, std::memory_order_release);
+  return 0;
+}
+
+int PeerStore::RemovePeer(const Endpoint& endpoint) {
+  const std::string address = endpoint.ToString();
+  std::lock_guard lock(membership_mu_);
+  for (const auto& peer : PeerList()) {
+    if (peer->endpoint.ToString() != address || peer->removed.load(std::memory_order_acquire)) {
+      continue;
+    }
+    if (!peer->removing.exchange(true, std::memory_order_acq_rel)) {
+      LogError("peer %s: removing: moving its pages elsewhere first", address.c_str());
+    }
+    return 0;
+  }
+  return -ENOENT;
+}
+
+bool PeerStore::Leaving(const Peer& peer) noexcept {
+  return peer.draining.load(std::memory_order_acquire) ||
+         peer.removing.load(std::memory_order_acquire) ||
+         peer.removed.load(std::memory_order_acquire);
+}
+
+bool PeerStore::FinishRemoval(Peer& peer) {
+  std::shared_ptr<PeerClient> client;
+  {
+    std::lock_guard lock(peer.mu);
+    if (!peer.removing.load(std::memory_order_acquire)) return false;
+    // A pinned slot may still be read, and a superpage still holds a page: not yet.
+    if (peer.client && (!peer.superpages.empty() || !peer.pins.empty())) return false;
+    client = std::move(peer.client);
+    peer.superpages.clear();
+    peer.partial.clear();
+    peer.frees_pending.clear();
+    peer.free_slots = 0;
+    peer.pages.store(0, std::memory_order_relaxed);
+    peer.free_pages.store(0, std::memory_order_relaxed);
+    peer.pool_total_bytes = 0;
+    // Cached pages have their copies on disk; slots of this session read as gone now.
+    peer.generation.store((peer.generation.load(std::memory_order_relaxed) + 1) & kGenerationMask,
+                          std::memory_order_release);
+    {
+      std::lock_guard cache_lock(peer.cache_mu);
+      peer.cached.clear();
+    }
+    peer.last_error = "removed";
+    peer.removed.store(true, std::memory_order_release);
+    peer.removing.store(false, std::memory_order_release);
+  }
+  // Ending the session is what makes the lender free everything it granted us.
+  if (client) client->Hangup();
+  LogError("peer %s removed", peer.endpoint.ToString().c_str());
   return true;
 }
 
 void PeerStore::Connect(Peer& peer) {
+  if (peer.removed.load(std::memory_order_acquire) ||
+      peer.removing.load(std::memory_order_acquire)) {
+    return;  // leaving the membership: nothing new goes there
+  }
   {
     std::lock_guard lock(peer.mu);
     if (peer.client && peer.client->connected()) return;
@@ -164,9 +238,7 @@ void PeerStore::MarkDown(Peer& peer, const std::string& why) {
   if (peer.client) peer.client->Hangup();
   // Name every copy that goes with them, for whoever keeps other copies.
   if (!peer.superpages.empty()) {
-    const std::size_t index = static_cast<std::size_t>(
-        std::find_if(peers_.begin(), peers_.end(), [&](const auto& p) { return p.get() == &peer; }) -
-        peers_.begin());
+    const std::size_t index = peer.index;
     const unsigned generation = peer.generation.load(std::memory_order_relaxed);
     std::lock_guard lost_lock(lost_mu_);
     try {
@@ -206,8 +278,9 @@ void PeerStore::MarkDown(Peer& peer, const std::string& why) {
 }
 
 void PeerStore::Refresh() {
-  for (auto& peer_ptr : peers_) {
+  for (const auto& peer_ptr : PeerList()) {
     Peer& peer = *peer_ptr;
+    if (peer.removed.load(std::memory_order_acquire) || FinishRemoval(peer)) continue;
     Connect(peer);
     std::shared_ptr<PeerClient> client = ClientOf(peer);
     if (!client) continue;
@@ -235,8 +308,9 @@ void PeerStore::Heartbeat() {
     PeerClient::Pending pending;
     bool sent = false;
   };
-  std::vector<Probe> probes(peers_.size());
-  for (std::size_t i = 0; i < peers_.size(); ++i) {
+  const std::size_t count = peer_count();
+  std::vector<Probe> probes(count);
+  for (std::size_t i = 0; i < count; ++i) {
     Probe& probe = probes[i];
     probe.peer = peers_[i].get();
     probe.client = ClientOf(*probe.peer);
@@ -274,7 +348,7 @@ int PeerStore::PickPeer(std::uint64_t hint, const PeerMask* exclude) const noexc
   auto room = [this, exclude](std::size_t i) -> std::uint64_t {
     if (exclude != nullptr && exclude->test(i)) return 0;
     const Peer& peer = *peers_[i];
-    if (peer.draining.load(std::memory_order_acquire)) return 0;  // leaving: nothing new
+    if (Leaving(peer)) return 0;  // nothing new goes to a peer that leaves
     std::lock_guard lock(peer.mu);
     if (!peer.client || !peer.client->connected()) return 0;
     // A suspect peer gets no new pages until it answers in time again.
@@ -282,7 +356,7 @@ int PeerStore::PickPeer(std::uint64_t hint, const PeerMask* exclude) const noexc
     const std::uint64_t lender = peer.refusing ? 0 : peer.free_pages.load(std::memory_order_relaxed);
     return lender + peer.free_slots;
   };
-  const std::size_t count = peers_.size();
+  const std::size_t count = peer_count();
   if (count == 0) return -1;
   const std::uint64_t mixed = Mix(hint);
   const std::size_t a = mixed % count;
@@ -408,7 +482,7 @@ void PeerStore::ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) 
 }
 
 int PeerStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept {
-  for (std::size_t attempt = 0; attempt <= peers_.size(); ++attempt) {
+  for (std::size_t attempt = 0; attempt <= peer_count(); ++attempt) {
     const int chosen = PickPeer(hint + attempt);
     if (chosen < 0) return -ENOSPC;
     Peer& peer = *peers_[static_cast<std::size_t>(chosen)];
@@ -437,7 +511,7 @@ std::shared_ptr<PeerClient> PeerStore::ClientFor(Slot slot, std::uint32_t* sid,
                                                  std::uint32_t* index) const noexcept {
   std::size_t peer_index;
   SplitSlot(slot, &peer_index, sid, index);
-  assert(peer_index < peers_.size());
+  assert(peer_index < peer_count());
   const Peer& peer = *peers_[peer_index];
   std::lock_guard lock(peer.mu);
   if (GenerationOf(slot) != peer.generation.load(std::memory_order_relaxed)) return nullptr;
@@ -471,7 +545,7 @@ bool PeerStore::SlotReady(Slot slot) const noexcept {
 
 bool PeerStore::SlotGone(Slot slot) const noexcept {
   const std::size_t peer_index = PeerIndexOf(slot);
-  if (peer_index >= peers_.size()) return true;
+  if (peer_index >= peer_count()) return true;
   const Peer& peer = *peers_[peer_index];
   std::lock_guard lock(peer.mu);
   return GenerationOf(slot) != peer.generation.load(std::memory_order_relaxed) || !peer.client;
@@ -479,9 +553,12 @@ bool PeerStore::SlotGone(Slot slot) const noexcept {
 
 std::vector<PeerStore::LostCopy> PeerStore::CopiesOnDrainingPeers(std::size_t max) {
   std::vector<LostCopy> copies;
-  for (std::size_t index = 0; index < peers_.size() && copies.size() < max; ++index) {
+  for (std::size_t index = 0; index < peer_count() && copies.size() < max; ++index) {
     Peer& peer = *peers_[index];
-    if (!peer.draining.load(std::memory_order_acquire)) continue;
+    if (!peer.draining.load(std::memory_order_acquire) &&
+        !peer.removing.load(std::memory_order_acquire)) {
+      continue;
+    }
     std::lock_guard lock(peer.mu);
     if (!peer.client) continue;
     const unsigned generation = peer.generation.load(std::memory_order_relaxed);
@@ -543,7 +620,7 @@ void PeerStore::ReadBatchOnce(std::span<const Slot> slots, std::span<std::byte* 
     bool current[kWindow];
     for (std::size_t i = 0; i < count; ++i) {
       SplitSlot(slots[base + i], &peer_of[i], &sids[i], &indexes[i]);
-      assert(peer_of[i] < peers_.size());
+      assert(peer_of[i] < peer_count());
       pending[i].out = std::span<std::byte>(outs[base + i], kPageSize);
     }
     // The clients must outlive the waits below (a waiter reads replies through its client).
@@ -682,7 +759,7 @@ void PeerStore::Discard(Slot slot) noexcept {
   std::uint32_t sid;
   std::uint32_t index;
   SplitSlot(slot, &peer_index, &sid, &index);
-  assert(peer_index < peers_.size());
+  assert(peer_index < peer_count());
   Peer& peer = *peers_[peer_index];
   {
     std::lock_guard lock(peer.mu);
@@ -706,7 +783,7 @@ void PeerStore::Discard(Slot slot) noexcept {
 
 StoreStats PeerStore::Stats() const noexcept {
   StoreStats stats;
-  for (const auto& peer : peers_) {
+  for (const auto& peer : PeerList()) {
     std::lock_guard lock(peer->mu);
     stats.pages += peer->pages.load(std::memory_order_relaxed);
     stats.used_bytes += peer->superpages.size() * std::uint64_t{kSuperpageBytes};
@@ -717,13 +794,14 @@ StoreStats PeerStore::Stats() const noexcept {
 
 std::uint64_t PeerStore::lost_pages() const {
   std::uint64_t lost = 0;
-  for (const auto& peer : peers_) lost += peer->lost.load(std::memory_order_relaxed);
+  for (const auto& peer : PeerList()) lost += peer->lost.load(std::memory_order_relaxed);
   return lost;
 }
 
 std::vector<PeerInfo> PeerStore::Peers() const {
   std::vector<PeerInfo> all;
-  for (const auto& peer : peers_) {
+  for (const auto& peer : PeerList()) {
+    if (peer->removed.load(std::memory_order_acquire)) continue;
     std::lock_guard lock(peer->mu);
     PeerInfo info;
     info.address = peer->endpoint.ToString();
@@ -731,7 +809,9 @@ std::vector<PeerInfo> PeerStore::Peers() const {
     const bool overdue =
         up && peer->client->overdue_since() != std::chrono::steady_clock::time_point::min();
     const bool draining = up && peer->draining.load(std::memory_order_acquire);
-    info.state = !up       ? PeerState::kDown
+    const bool removing = peer->removing.load(std::memory_order_acquire);
+    info.state = removing   ? PeerState::kRemoving
+                 : !up      ? PeerState::kDown
                  : draining ? PeerState::kDraining
                  : overdue ? PeerState::kSuspect
                  : peer->refusing ? PeerState::kRefusing
@@ -854,7 +934,7 @@ int PeerStore::Cache::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) 
 
 PeerStore::CacheEntry PeerStore::FindCached(Slot slot) const noexcept {
   const std::size_t peer_index = PeerOf(slot);
-  assert(peer_index < peers_.size());
+  assert(peer_index < peer_count());
   Peer& peer = *peers_[peer_index];
   CacheEntry entry{&peer, slot & kKeyMask, nullptr, false};
   std::lock_guard lock(peer.mu);
@@ -890,7 +970,7 @@ void PeerStore::CacheDiscard(Slot slot) noexcept {
 
 StoreStats PeerStore::Cache::Stats() const noexcept {
   StoreStats stats;
-  for (const auto& peer : store_.peers_) {
+  for (const auto& peer : store_.PeerList()) {
     std::lock_guard lock(peer->cache_mu);
     stats.pages += peer->cached.size();
   }

@@ -34,12 +34,14 @@
 // belong there. Cache slots: generation << 49 | peer index << 41 | key.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <bitset>
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -50,7 +52,7 @@
 
 namespace memlend::peer {
 
-enum class PeerState { kUp, kDown, kRefusing, kSuspect, kDraining };
+enum class PeerState { kUp, kDown, kRefusing, kSuspect, kDraining, kRemoving };
 const char* PeerStateName(PeerState state);
 
 struct PeerInfo {
@@ -89,10 +91,19 @@ class PeerStore final : public PageStore {
   explicit PeerStore(std::uint64_t node_id, const PeerStoreOptions& options = {});
   ~PeerStore() override;
 
-  // Adds a lender and tries to connect (a failure leaves it down, to retry on Refresh;
-  // the reason is logged once). Not thread-safe against other AddPeer calls; call before
-  // serving. Returns false when kMaxPeers are already configured.
-  bool AddPeer(const Endpoint& endpoint);
+  // Membership, at any time and from any thread. AddPeer adds a lender, which the next
+  // Refresh connects (a failure leaves it down, to retry on the Refresh after; the reason is
+  // logged once). Returns 0, -EEXIST when it is a peer already, or -ENOSPC when kMaxPeers
+  // peers were ever added (a removed peer's entry is reused only for the same address, so
+  // that a slot never names another lender's page). Adding a peer that is being removed
+  // cancels the removal.
+  int AddPeer(const Endpoint& endpoint);
+  // Starts removing a peer: it gets no new pages, the placement store moves its copies
+  // elsewhere as for a draining peer (CopiesOnDrainingPeers), and the Refresh after its last
+  // page left ends the session (the lender frees what it granted). Returns 0, or -ENOENT when
+  // it is not a peer. A peer that is down is removed at the next Refresh (its copies were
+  // lost with it and are rebuilt from the others).
+  int RemovePeer(const Endpoint& endpoint);
 
   // Reconnects peers that are down and asks every peer for its free space. The daemon
   // calls it periodically, from one thread (Heartbeat's).
@@ -156,7 +167,8 @@ class PeerStore final : public PageStore {
   // Pages lost with peers that went down and not yet overwritten or trimmed: a device
   // still counts them as remote, and reading them fails with EIO.
   std::uint64_t lost_pages() const;
-  std::size_t peer_count() const { return peers_.size(); }
+  // Entries ever added, removed ones included: slots name peers by their index in it.
+  std::size_t peer_count() const { return peer_count_.load(std::memory_order_acquire); }
 
  private:
   struct Superpage {
@@ -184,6 +196,7 @@ class PeerStore final : public PageStore {
 
   struct Peer {
     Endpoint endpoint;
+    std::size_t index = 0;                // in peers_, as slots name it
     mutable std::mutex mu;
     std::shared_ptr<PeerClient> client;                      // guarded by mu; null: down
     std::unordered_map<std::uint32_t, Superpage> superpages;  // guarded by mu
@@ -203,6 +216,8 @@ class PeerStore final : public PageStore {
     std::atomic<std::uint64_t> lost{0};   // pages of ended sessions still named by devices
     std::atomic<unsigned> generation{0};  // bumped for each new session (7 bits used)
     std::atomic<bool> draining{false};    // the session's lender sent SHUTDOWN
+    std::atomic<bool> removing{false};    // RemovePeer: move everything off, then hang up
+    std::atomic<bool> removed{false};     // gone from the membership; never reconnected
 
     // The ephemeral cache. cache_mu is a leaf lock (the client's reader thread takes it
     // for EVICTED notices, and `mu` may be held while that thread is joined), so nothing
@@ -249,12 +264,24 @@ class PeerStore final : public PageStore {
   std::shared_ptr<PeerClient> ClientOf(Peer& peer) const;
   void MarkDown(Peer& peer, const std::string& why);
 
-  // Constant after the AddPeer calls.
+  // The peers added so far, in order: peers_[0..peer_count_). An entry is never freed or
+  // moved once published, so readers index it without a lock.
+  std::span<const std::unique_ptr<Peer>> PeerList() const noexcept {
+    return {peers_.data(), peer_count()};
+  }
+  // Whether `peer` takes new pages (it is not leaving). Lock-free.
+  static bool Leaving(const Peer& peer) noexcept;
+  // Ends a removing peer's session once nothing of ours is left there; returns whether it
+  // is removed now.
+  bool FinishRemoval(Peer& peer);
+
   const std::uint64_t node_id_;
   const PeerStoreOptions options_;
   std::mutex lost_mu_;  // a leaf lock
   std::vector<LostCopy> lost_copies_;  // guarded by lost_mu_
-  std::vector<std::unique_ptr<Peer>> peers_;
+  std::mutex membership_mu_;  // a leaf lock: serialises AddPeer and RemovePeer
+  std::array<std::unique_ptr<Peer>, kMaxPeers> peers_;  // entries written under membership_mu_
+  std::atomic<std::size_t> peer_count_{0};  // published after its entry
   Cache cache_{*this};
 };
 

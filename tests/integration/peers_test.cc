@@ -1177,7 +1177,7 @@ TEST_SUITE("peers") {
     constexpr uint64_t kDeviceSize = 32 * kMiB;
     constexpr uint64_t kWritten = 16 * kMiB;
     for (const char* redundancy : {"none", "replicas:2"}) {
-      CAPTURE(redundancy);
+      INFO("redundancy " << redundancy);
       const uint64_t seed = TestSeed();
       INFO("seed " << seed);
       TempDir dir;
@@ -1229,6 +1229,93 @@ TEST_SUITE("peers") {
       }
       CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
       CHECK(lenders[2]->Stop() == 0);
+    }
+  }
+
+  // Membership while serving: `memlend peer add` of a lender the daemon was not started with
+  // (used for new pages at once), `memlend peer remove` of one holding pages (they move to the
+  // others first, the lender ends up holding nothing, nothing is lost), adding it back, and the
+  // refusals (a peer twice, one that is not a peer, a malformed address).
+  TEST_CASE("memlend peer add and remove while serving: pages move off first, nothing lost") {
+    constexpr uint64_t kDeviceSize = 32 * kMiB;
+    constexpr uint64_t kWritten = 16 * kMiB;
+    for (const char* redundancy : {"none", "replicas:2"}) {
+      INFO("redundancy " << redundancy);
+      const uint64_t seed = TestSeed();
+      INFO("seed " << seed);
+      TempDir dir;
+      const auto lenders = StartLenders(dir, 3, "32M");
+      const std::vector<std::string> addresses = ListenAddresses(lenders);
+      DaemonOptions options = Borrower("d0:32M", "4M", {addresses[0], addresses[1]});
+      options.extra_args = {"--redundancy", redundancy};
+      MemlendDaemon borrower(dir, options, "borrower");
+      auto peer_command = [&](std::vector<std::string> args) {
+        std::vector<std::string> argv = {MemlendBinary(), "peer"};
+        argv.insert(argv.end(), args.begin(), args.end());
+        argv.insert(argv.end(), {"--control", borrower.control_path()});
+        return RunCommand(argv);
+      };
+      auto peer_of = [](const json& s, const std::string& address) -> json {
+        for (const json& p : s.at("peers")) {
+          if (p.at("address") == address) return p;
+        }
+        return nullptr;
+      };
+      {
+        NbdClient client(borrower.endpoint(), "d0");
+        ShadowDevice shadow(kDeviceSize);
+        std::mt19937_64 rng(seed);
+        WriteRandomRange(client, shadow, rng, 0, kWritten / 2, 256 * kKiB, 0);
+
+        const CommandResult add = peer_command({"add", addresses[2]});
+        INFO("peer add: " << add.stdout_text << add.stderr_text);
+        CHECK(add.exit_status == 0);
+        CHECK(add.stdout_text.find("added: up") != std::string::npos);
+        const CommandResult again = peer_command({"add", addresses[2]});
+        CHECK(again.exit_status == 1);
+        CHECK(again.stderr_text.find("is a peer already") != std::string::npos);
+        const CommandResult bad = peer_command({"add", "no-port-here"});
+        CHECK(bad.exit_status == 1);
+        CHECK(bad.stderr_text.find("address") != std::string::npos);
+        const CommandResult unknown = peer_command({"remove", "127.0.0.1:1"});
+        CHECK(unknown.exit_status == 1);
+        CHECK(unknown.stderr_text.find("is not a peer") != std::string::npos);
+
+        // The new peer takes part of what is written next.
+        WriteRandomRange(client, shadow, rng, kWritten / 2, kWritten, 256 * kKiB, 0);
+        const json settled = WaitEvictionSettled(borrower);
+        INFO("settled status: " << settled.dump());
+        REQUIRE(settled.at("peers").size() == 3);
+        CHECK(U64(peer_of(settled, addresses[2]), "pages_stored") > 0);
+        const uint64_t held = U64(peer_of(settled, addresses[0]), "pages_stored");
+        REQUIRE(held > 0);
+
+        const CommandResult remove = peer_command({"remove", addresses[0], "--deadline", "30"});
+        INFO("peer remove: " << remove.stdout_text << remove.stderr_text);
+        CHECK(remove.exit_status == 0);
+        CHECK(remove.stdout_text.find("removed") != std::string::npos);
+        const json after = borrower.Status();
+        INFO("status after the removal: " << after.dump());
+        CHECK(peer_of(after, addresses[0]).is_null());
+        CHECK(after.at("peers").size() == 2);
+        CHECK(U64(after.at("remote_store"), "lost_pages") == 0);
+        CHECK(U64(after.at("remote_store"), "degraded_pages") == 0);
+        CHECK(U64(after.at("remote_store"), "moved_copies") >= held);
+        // The session ended, so the lender gave back everything it granted us.
+        CHECK(Eventually([&] { return LendingUsed(*lenders[0]) == 0; }, 5000));
+        CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");
+        CheckRemoteAccounting(borrower, {lenders[1].get(), lenders[2].get()});
+
+        // Back again: a new session, used for pages written from now on.
+        const CommandResult readd = peer_command({"add", addresses[0]});
+        INFO("peer add again: " << readd.stdout_text << readd.stderr_text);
+        CHECK(readd.exit_status == 0);
+        const json back = borrower.Status();
+        CHECK(peer_of(back, addresses[0]).value("state", std::string()) == "up");
+        CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");
+      }
+      CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+      for (const auto& lender : lenders) CHECK(lender->Stop() == 0);
     }
   }
 

@@ -33,6 +33,24 @@ TEST_CASE("drain parses, with its deadline bounded") {
         std::string::npos);
 }
 
+TEST_CASE("peer_add and peer_remove parse an address, and refuse a bad one") {
+  const ControlRequest add =
+      ParseControlRequest(R"({"command":"peer_add","address":"10.0.0.7:7700"})");
+  REQUIRE(std::holds_alternative<PeerAddRequest>(add));
+  CHECK(std::get<PeerAddRequest>(add).address.ToString() == "10.0.0.7:7700");
+  const ControlRequest remove =
+      ParseControlRequest(R"({"command":"peer_remove","address":"[::1]:7700"})");
+  REQUIRE(std::holds_alternative<PeerRemoveRequest>(remove));
+  CHECK(std::get<PeerRemoveRequest>(remove).address.ToString() == "[::1]:7700");
+  CHECK(Refusal(R"({"command":"peer_add"})").find("\"address\" must be given") !=
+        std::string::npos);
+  CHECK(Refusal(R"({"command":"peer_add","address":7700})").find("address") != std::string::npos);
+  CHECK(Refusal(R"({"command":"peer_remove","address":"no-port"})").find("no-port") !=
+        std::string::npos);
+  CHECK(Refusal(R"({"command":"peer_add","address":"host:99999"})").find("address") !=
+        std::string::npos);
+}
+
 TEST_CASE("the four commands parse") {
   CHECK(std::holds_alternative<StatusRequest>(ParseControlRequest(R"({"command":"status"})")));
   CHECK(std::holds_alternative<PeersRequest>(ParseControlRequest(R"({"command":"peers"})")));

@@ -56,7 +56,7 @@ TEST_SUITE("peer_store") {
 TEST_CASE("passive pages and cached pages round-trip; discards show on the lender") {
   RunningLender lender(8 * kSuperpage);
   PeerStore store(0x1111);
-  REQUIRE(store.AddPeer(lender.endpoint));
+  REQUIRE(store.AddPeer(lender.endpoint) == 0);
   store.Refresh();
   REQUIRE(store.Peers().at(0).state == PeerState::kUp);
 
@@ -96,7 +96,7 @@ TEST_CASE("passive pages and cached pages round-trip; discards show on the lende
 TEST_CASE("another borrower's allocation evicts cached pages; reads of them miss, others hit") {
   RunningLender lender(2 * kSuperpage);
   PeerStore owner(0x1111);
-  REQUIRE(owner.AddPeer(lender.endpoint));
+  REQUIRE(owner.AddPeer(lender.endpoint) == 0);
   owner.Refresh();
   PageStore& cache = owner.cache();
   // Fill the whole pool with cached pages.
@@ -114,7 +114,7 @@ TEST_CASE("another borrower's allocation evicts cached pages; reads of them miss
 
   // A second borrower needs a superpage for a dirty page: the lender empties one.
   PeerStore other(0x2222);
-  REQUIRE(other.AddPeer(lender.endpoint));
+  REQUIRE(other.AddPeer(lender.endpoint) == 0);
   other.Refresh();
   Slot dirty_slot = 0;
   const std::vector<std::byte> dirty = PageOf(424242);
@@ -152,7 +152,7 @@ TEST_CASE("another borrower's allocation evicts cached pages; reads of them miss
 TEST_CASE("a borrower's own dirty pages take the room of its cached pages") {
   RunningLender lender(2 * kSuperpage);
   PeerStore store(0x1111);
-  REQUIRE(store.AddPeer(lender.endpoint));
+  REQUIRE(store.AddPeer(lender.endpoint) == 0);
   store.Refresh();
   const std::vector<Slot> cached = CachePages(store.cache(), 0, 2 * kPagesPer);
   store.Refresh();  // QUERY: cached pages count as free room for dirty ones
@@ -177,6 +177,62 @@ TEST_CASE("a borrower's own dirty pages take the room of its cached pages") {
   Slot slot = 0;
   CHECK(store.Write(ConstPageSpan(page.data(), kPageSize), 1, &slot) == -ENOSPC);
   CHECK(store.cache().Write(ConstPageSpan(page.data(), kPageSize), 1, &slot) == -ENOSPC);
+}
+
+TEST_CASE("membership: add, remove once nothing is left there, add again") {
+  RunningLender lender(8 * kSuperpage);
+  PeerStore store(0x1111);
+  Endpoint unknown = lender.endpoint;
+  unknown.port = static_cast<std::uint16_t>(unknown.port == 1 ? 2 : 1);
+  CHECK(store.RemovePeer(lender.endpoint) == -ENOENT);
+  REQUIRE(store.AddPeer(lender.endpoint) == 0);
+  CHECK(store.AddPeer(lender.endpoint) == -EEXIST);
+  store.Refresh();
+  REQUIRE(store.Peers().at(0).state == PeerState::kUp);
+  Slot slot = 0;
+  const std::vector<std::byte> page = PageOf(3);
+  REQUIRE(store.Write(ConstPageSpan(page.data(), kPageSize), 3, &slot) == 0);
+
+  CHECK(store.RemovePeer(unknown) == -ENOENT);
+  REQUIRE(store.RemovePeer(lender.endpoint) == 0);
+  CHECK(store.Peers().at(0).state == PeerState::kRemoving);
+  CHECK(store.PickPeer(1) == -1);  // nothing new goes there
+  // Its page is still there and readable, and listed to be moved.
+  std::vector<std::byte> out(kPageSize);
+  CHECK(store.Read(slot, PageSpan(out.data(), kPageSize)) == 0);
+  CHECK(out == page);
+  const auto leaving = store.CopiesOnDrainingPeers(10);
+  REQUIRE(leaving.size() == 1);
+  CHECK(leaving[0].slot == slot);
+  store.Refresh();  // a page is left: not removed yet
+  REQUIRE(store.Peers().size() == 1);
+  CHECK(store.Peers().at(0).state == PeerState::kRemoving);
+
+  store.Discard(slot);  // moved elsewhere, say
+  store.Refresh();
+  CHECK(store.Peers().empty());
+  CHECK(store.SlotGone(slot));
+  CHECK(Eventually([&] { return lender.service->Stats().used_bytes == 0; }));
+  CHECK(store.RemovePeer(lender.endpoint) == -ENOENT);
+
+  // Back, in the same entry (slots name peers by index), with a new session.
+  REQUIRE(store.AddPeer(lender.endpoint) == 0);
+  CHECK(store.peer_count() == 1);
+  store.Refresh();
+  REQUIRE(store.Peers().size() == 1);
+  CHECK(store.Peers().at(0).state == PeerState::kUp);
+  Slot again = 0;
+  REQUIRE(store.Write(ConstPageSpan(page.data(), kPageSize), 3, &again) == 0);
+  CHECK(store.Read(again, PageSpan(out.data(), kPageSize)) == 0);
+  CHECK(out == page);
+  CHECK(store.Read(slot, PageSpan(out.data(), kPageSize)) == -EIO);  // the old session's slot
+
+  // Adding a peer that is being removed cancels the removal.
+  REQUIRE(store.RemovePeer(lender.endpoint) == 0);
+  REQUIRE(store.AddPeer(lender.endpoint) == 0);
+  store.Refresh();
+  CHECK(store.Peers().at(0).state == PeerState::kUp);
+  store.Discard(again);
 }
 
 }  // TEST_SUITE("peer_store")
