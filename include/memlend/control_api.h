@@ -13,7 +13,10 @@
 //                   compression_ratio (stored page bytes / used_bytes; 1 when empty)}
 //     disk_store: {path, pages, used_bytes, total_bytes (0: unbounded)} or null
 //     node_id: this daemon's id (16 hex digits)
-//     remote_store: {pages, lost_pages, used_bytes, total_bytes} or null without --peer;
+//     remote_store: {pages, lost_pages, copies, degraded_pages, rebuilt_copies, moved_copies,
+//                   rebuild_copies_per_s, rebuild_eta_s (null unless pages are degraded; -1
+//                   while no copy can be made), cached_pages, used_bytes, total_bytes} or
+//                   null without --peer;
 //                   devices[].pages.remote sums to pages + lost_pages
 //     lending: {total_bytes, used_bytes, ephemeral_bytes, borrowers (sessions holding
 //              memory), sessions (connections open, with or without HELLO),

@@ -69,7 +69,7 @@ constexpr int kAttachTimeoutMs = 60000;
 
 // `queues` 0: the daemon's default.
 int RunAttach(const std::string& control, const std::string& name, const std::string& size,
-              const std::string& frontend, unsigned queues) {
+              const std::string& frontend, unsigned queues, const std::string& redundancy) {
   const std::optional<std::uint64_t> bytes = memlend::ParseSize(size);
   if (!bytes) {
     memlend::LogError("attach %s: --size '%s' is not a size (use a number with an optional K, M, "
@@ -91,6 +91,7 @@ int RunAttach(const std::string& control, const std::string& name, const std::st
                             {"size_bytes", *bytes},
                             {"frontend", frontend}};
   if (queues != 0) request["queues"] = queues;
+  if (!redundancy.empty()) request["redundancy"] = redundancy;
   try {
     const nlohmann::json reply = memlend::CallControl(
         control.empty() ? memlend::DefaultControlPath() : control, request, kAttachTimeoutMs);
@@ -426,6 +427,7 @@ int main(int argc, char** argv) {
   std::string attach_size;
   std::string attach_frontend = "auto";
   unsigned attach_queues = 0;
+  std::string attach_redundancy;
   CLI::App* attach = app.add_subcommand(
       "attach", "Create a device in the running daemon and attach it as a block device; prints "
                 "its path (e.g. /dev/nbd0)");
@@ -441,6 +443,11 @@ int main(int argc, char** argv) {
                      "first of those this host has")
       ->check(CLI::IsMember({"auto", "ublk", "nbd", "fuse"}))
       ->default_str("auto");
+  attach->add_option("--redundancy", attach_redundancy,
+                     "How many peers keep each page this device evicts: none or replicas:N "
+                     "(N 1-3); default: the daemon's --redundancy (replicas:2 with two or more "
+                     "--peer, else none). Shown in `memlend status`")
+      ->type_name("MODE");
   attach->add_option("--queues", attach_queues,
                      "ublk only: hardware queues, each served by a thread of its own "
                      "(default: one per CPU)")
@@ -551,7 +558,8 @@ int main(int argc, char** argv) {
 
   if (daemon->parsed()) return RunDaemon(daemon_args);
   if (attach->parsed()) {
-    return RunAttach(attach_control, attach_name, attach_size, attach_frontend, attach_queues);
+    return RunAttach(attach_control, attach_name, attach_size, attach_frontend, attach_queues,
+                     attach_redundancy);
   }
   if (detach->parsed()) return RunDetach(detach_control, detach_name);
   if (drain->parsed()) return RunDrain(drain_control, drain_deadline);

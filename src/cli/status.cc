@@ -53,6 +53,27 @@ std::string FormatStatus(const nlohmann::json& status) {
                   static_cast<unsigned long long>(remote.value("cached_pages", std::uint64_t{0})),
                   status.at("peers").size());
     text += line;
+    const std::uint64_t degraded = remote.value("degraded_pages", std::uint64_t{0});
+    const std::uint64_t lost = remote.value("lost_pages", std::uint64_t{0});
+    if (degraded > 0) {
+      const nlohmann::json& eta = remote.value("rebuild_eta_s", nlohmann::json(nullptr));
+      const double seconds = eta.is_number() ? eta.get<double>() : -1;
+      std::snprintf(line, sizeof(line),
+                    "rebuild:     %llu pages short of a copy, %.0f copies/s, %s\n",
+                    static_cast<unsigned long long>(degraded),
+                    remote.value("rebuild_copies_per_s", 0.0),
+                    seconds < 0 ? "waiting for a peer with room"
+                                : ("about " + std::to_string(static_cast<long long>(seconds)) +
+                                   " s left").c_str());
+      text += line;
+    }
+    if (lost > 0) {
+      std::snprintf(line, sizeof(line),
+                    "LOST:        %llu pages had every copy on peers that went down; they read "
+                    "as EIO until rewritten or trimmed\n",
+                    static_cast<unsigned long long>(lost));
+      text += line;
+    }
   }
 
   const nlohmann::json& disk = status.at("disk_store");

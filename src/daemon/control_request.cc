@@ -57,6 +57,14 @@ AttachRequest ParseAttach(const json& request) {
     }
     attach.queues = queues->get<unsigned>();
   }
+  if (request.contains("redundancy")) {
+    const std::string redundancy = StringField(request, "redundancy");
+    std::string reason;
+    attach.copies = ParseRedundancy(redundancy, &reason);
+    if (attach.copies == 0) {
+      throw std::invalid_argument("\"redundancy\" " + Quote(redundancy) + ": " + reason);
+    }
+  }
   return attach;
 }
 

@@ -20,6 +20,7 @@ struct AttachRequest {
   std::uint64_t size_bytes = 0;  // CheckDeviceSize
   std::string frontend = "auto";  // auto, ublk, nbd or fuse
   unsigned queues = 0;      // ublk queues, 1 to kMaxUblkQueues; 0: one per CPU
+  unsigned copies = 0;      // "redundancy" (ParseRedundancy); 0: the daemon's --redundancy
 };
 struct DetachRequest {
   std::string name;

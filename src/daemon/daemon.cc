@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -467,6 +468,11 @@ nlohmann::json Daemon::Status() const {
                               {"degraded_pages", placed.degraded},
                               {"rebuilt_copies", placed.rebuilt},
                               {"moved_copies", placed.moved},
+                              {"rebuild_copies_per_s", std::round(placed.copies_per_s)},
+                              // null while nothing is degraded, -1 while no progress is made
+                              {"rebuild_eta_s", placed.degraded == 0
+                                                    ? nlohmann::json(nullptr)
+                                                    : nlohmann::json(std::ceil(placed.eta_s))},
                               {"cached_pages", cached.pages},
                               {"used_bytes", stats.used_bytes},
                               {"total_bytes", stats.total_bytes}};
@@ -545,8 +551,14 @@ nlohmann::json Daemon::Attach(const AttachRequest& request) {
       throw std::runtime_error("a " + FormatSize(size_bytes) + " device: " + refusal);
     }
   }
+  const unsigned copies = request.copies != 0 ? request.copies : config_.copies;
+  if (copies > 1 && placements_ == nullptr) {
+    throw std::runtime_error("redundancy " + RedundancyName(copies) +
+                             " keeps copies on peers, and this daemon has none (start it with "
+                             "--peer)");
+  }
   auto device = std::make_shared<Device>(name, size_bytes, *tiers_, /*cache_clean_pages=*/true,
-                                         config_.copies);
+                                         copies);
   // The kernel may write pages out through this device when memory is short, so nothing
   // on that path may allocate: the whole page table is allocated now.
   if (!device->AllocatePageTable()) {

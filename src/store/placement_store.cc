@@ -316,7 +316,28 @@ PlacementStats PlacementStore::Placements() const noexcept {
   stats.lost = lost_.load(std::memory_order_relaxed);
   stats.rebuilt = rebuilt_.load(std::memory_order_relaxed);
   stats.moved = moved_.load(std::memory_order_relaxed);
+  stats.copies_per_s = copies_per_s_.load(std::memory_order_relaxed);
+  if (stats.degraded > 0) {
+    stats.eta_s = stats.copies_per_s >= 0.5 ? static_cast<double>(stats.degraded) / stats.copies_per_s
+                                            : -1;
+  }
   return stats;
+}
+
+void PlacementStore::NotePace(std::uint64_t made, double seconds) noexcept {
+  if (seconds <= 0) return;
+  // A second of rounds that made nothing means no progress now (no peer with room, say),
+  // whatever the average of the burst before says.
+  idle_rounds_ = made == 0 ? idle_rounds_ + 1 : 0;
+  if (idle_rounds_ * kRebuildInterval >= std::chrono::seconds(1)) {
+    copies_per_s_.store(0, std::memory_order_relaxed);
+    return;
+  }
+  // An average over about two seconds of rounds: steady enough to read, quick to follow.
+  const double weight = std::min(1.0, seconds / 2.0);
+  const double pace = copies_per_s_.load(std::memory_order_relaxed);
+  const double next = pace + weight * (static_cast<double>(made) / seconds - pace);
+  copies_per_s_.store(next < 0.01 ? 0 : next, std::memory_order_relaxed);
 }
 
 void PlacementStore::DropLostCopies() noexcept {
@@ -554,9 +575,17 @@ void PlacementStore::RebuildRound() noexcept {
 
 void PlacementStore::RebuilderLoop() {
   std::unique_lock lock(rebuilder_mu_);
+  auto last = std::chrono::steady_clock::now();
   while (!rebuilder_cv_.wait_for(lock, kRebuildInterval, [this] { return stopping_; })) {
     lock.unlock();
+    const std::uint64_t before = rebuilt_.load(std::memory_order_relaxed) +
+                                 moved_.load(std::memory_order_relaxed);
     RebuildRound();
+    const auto now = std::chrono::steady_clock::now();
+    NotePace(rebuilt_.load(std::memory_order_relaxed) + moved_.load(std::memory_order_relaxed) -
+                 before,
+             std::chrono::duration<double>(now - last).count());
+    last = now;
     lock.lock();
   }
 }

@@ -47,6 +47,11 @@ struct PlacementStats {
   std::uint64_t lost = 0;           // placements with no copy left
   std::uint64_t rebuilt = 0;        // copies made by the rebuilder since start
   std::uint64_t moved = 0;          // copies moved off draining peers since start
+  // The rebuilder's pace: copies made (rebuilt or moved) per second, averaged over the last
+  // few seconds; and, while pages are degraded, the seconds left at that pace (-1 while it
+  // makes no progress: no peer up with room for another copy).
+  double copies_per_s = 0;
+  double eta_s = 0;
 };
 
 class PlacementStore final : public PageStore {
@@ -119,6 +124,8 @@ class PlacementStore final : public PageStore {
   // Whether a degraded record goes on the rebuild queue. REQUIRES: its stripe lock held.
   void NoteDegradedLocked(std::uint32_t id, const Record& record) noexcept;
   void RebuilderLoop();
+  // Updates copies_per_s_ with `made` copies in `seconds`.
+  void NotePace(std::uint64_t made, double seconds) noexcept;
   // Drops copies lost with peers that went down from their records.
   void DropLostCopies() noexcept;
   // Adds a copy to up to `budget` degraded records; returns how many it tried.
@@ -142,6 +149,8 @@ class PlacementStore final : public PageStore {
   std::atomic<std::uint64_t> lost_{0};
   std::atomic<std::uint64_t> rebuilt_{0};
   std::atomic<std::uint64_t> moved_{0};
+  std::atomic<double> copies_per_s_{0};  // written by the rebuilder only
+  unsigned idle_rounds_ = 0;             // the rebuilder's: rounds in a row that made nothing
 
   std::mutex queue_mu_;                   // a leaf lock
   std::deque<std::uint32_t> rebuild_queue_;  // guarded by queue_mu_: ids that may be degraded

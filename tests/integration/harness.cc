@@ -516,6 +516,10 @@ void CheckStatusInvariants(const nlohmann::json& status) {
       peers_lost += peer.value("pages_lost", uint64_t{0});
     }
     CHECK(peers_lost == lost);
+    // The rebuild's estimate is there exactly while pages are short of a copy.
+    const uint64_t degraded = remote_store.value("degraded_pages", uint64_t{0});
+    CHECK(remote_store.at("rebuild_eta_s").is_number() == (degraded > 0));
+    CHECK(remote_store.at("rebuild_copies_per_s").get<double>() >= 0);
     // Cache entries the lenders dropped are still named by devices until read or rewritten,
     // so the cache holds at most what the devices name.
     const uint64_t cached = remote_store.at("cached_pages").get<uint64_t>();

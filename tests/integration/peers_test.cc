@@ -1075,6 +1075,9 @@ TEST_SUITE("peers") {
       CHECK(remote(degraded, "copies") == remote(degraded, "pages"));
       CHECK(remote(degraded, "pages") == GetDevicePages(degraded, "d0").remote);
       CheckStatusInvariants(degraded);
+      // No peer can take a second copy: the rebuild says it is waiting, not when it ends.
+      CHECK(Eventually(
+          [&] { return borrower.Status().at("remote_store").at("rebuild_eta_s") == -1; }, 5000));
       // Writes go on, with one copy each (degraded) while only one lender is up.
       WriteRandomRange(client, shadow, rng, kWritten, 8 * kMiB, 256 * kKiB, 0);
       CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");

@@ -33,6 +33,18 @@ TEST_CASE("drain parses, with its deadline bounded") {
         std::string::npos);
 }
 
+TEST_CASE("attach takes a redundancy of its own") {
+  const auto attach = [](const char* line) { return std::get<AttachRequest>(ParseControlRequest(line)); };
+  CHECK(attach(R"({"command":"attach","name":"a","size_bytes":4096})").copies == 0);
+  CHECK(attach(R"({"command":"attach","name":"a","size_bytes":4096,"redundancy":"none"})").copies == 1);
+  CHECK(attach(R"({"command":"attach","name":"a","size_bytes":4096,"redundancy":"replicas:3"})")
+            .copies == 3);
+  CHECK(Refusal(R"({"command":"attach","name":"a","size_bytes":4096,"redundancy":"replicas:4"})")
+            .find("from 1 to 3") != std::string::npos);
+  CHECK(Refusal(R"({"command":"attach","name":"a","size_bytes":4096,"redundancy":2})")
+            .find("redundancy") != std::string::npos);
+}
+
 TEST_CASE("peer_add and peer_remove parse an address, and refuse a bad one") {
   const ControlRequest add =
       ParseControlRequest(R"({"command":"peer_add","address":"10.0.0.7:7700"})");

@@ -8,7 +8,8 @@
 #             limited to a quarter of what it allocates writes a pattern over 128 MiB, and
 #             before it reads it back /proc/swaps must show the device in use, `memlend status`
 #             pages on the peer, and detach must be refused (attach_lib.sh's swap_cycle).
-#   replicas  as cgroup, with two lenders (128 MiB each) and --redundancy replicas:2; once the
+#   replicas  as cgroup, with two lenders (128 MiB each), the daemon at --redundancy none and the
+#             device attached with --redundancy replicas:2 (it must say so in status); once the
 #             pattern is written, and before it is read back, one lender is killed with
 #             SIGKILL: the pattern must read back intact from the other copies, and status must
 #             count no lost page.
@@ -40,6 +41,7 @@ case $frontend in
 esac
 
 backing=()
+attach_args=()
 case $mode in
   cgroup)
     lend=256M
@@ -75,11 +77,14 @@ peers=(--peer "127.0.0.1:$port")
 if [[ $mode == replicas ]]; then
   port2=$(free_port)
   start_daemon lender2 --lend "$lend" --listen "127.0.0.1:$port2"
-  peers+=(--peer "127.0.0.1:$port2" --redundancy replicas:2)
+  # The daemon's default for devices is none; this device asks for two copies itself.
+  peers+=(--peer "127.0.0.1:$port2" --redundancy none)
+  attach_args=(--redundancy replicas:2)
 fi
 start_daemon borrower --local-store 16M "${peers[@]}" "${backing[@]}"
 control=$workdir/borrower.control
-device=$("$memlend" attach swap0 --size "$swap_size" --frontend "$frontend" --control "$control")
+device=$("$memlend" attach swap0 --size "$swap_size" --frontend "$frontend" "${attach_args[@]}" \
+  --control "$control")
 attached_devices+=("$device")
 [[ -b $device ]] || fail "attach printed '$device', which is not a block device"
 echo "attached swap0 as $device ($frontend)"
@@ -111,6 +116,7 @@ r = s["remote_store"]
 print(f"before the kill: {r['pages']} remote pages, {r['copies']} copies, "
       f"{r['degraded_pages']} degraded; lenders hold " +
       ", ".join(str(p["pages_stored"]) for p in s["peers"]))
+assert s["devices"][0]["redundancy"] == "replicas:2", s["devices"][0]["redundancy"]
 assert r["pages"] > 0 and r["copies"] == 2 * r["pages"] - r["degraded_pages"]
 assert all(p["pages_stored"] > 0 for p in s["peers"])
 EOF
