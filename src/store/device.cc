@@ -172,7 +172,7 @@ int Device::StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept
     return 0;
   }
   Location placed;
-  const int rc = tiers_.Store(contents, page, old, &placed);
+  const int rc = tiers_.Store(contents, page, old, &placed, copies_);
   SetLocation(page, entry, old, rc == 0 ? placed.WithReferenced(true) : placed);
   return rc;
 }

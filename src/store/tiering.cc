@@ -187,9 +187,20 @@ bool Tiering::CanKeepDiskCopy() const noexcept {
   return free >= local_->Stats().total_bytes;
 }
 
-int Tiering::Demote(ConstPageSpan page, std::uint64_t hint, Location* placed) noexcept {
+int Tiering::RemoteWrite(ConstPageSpan page, std::uint64_t hint, unsigned copies,
+                         Slot* slot) noexcept {
+  if (!remote_) return -ENOSPC;
+  const std::byte* pages[1] = {page.data()};
+  int result = -ENOSPC;
+  remote_->WriteBatchCopies(pages, std::span(&hint, 1), copies, std::span(slot, 1),
+                            std::span(&result, 1));
+  return result;
+}
+
+int Tiering::Demote(ConstPageSpan page, std::uint64_t hint, Location* placed,
+                    unsigned copies) noexcept {
   Slot slot = 0;
-  if (remote_ && remote_->Write(page, hint, &slot) == 0) {
+  if (RemoteWrite(page, hint, copies, &slot) == 0) {
     *placed = Location(Tier::kRemote, slot);
     return 0;
   }
@@ -260,8 +271,8 @@ void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
   }
 }
 
-int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
-                   Location* placed) noexcept {
+int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Location* placed,
+                   unsigned copies) noexcept {
   *placed = old;
   Slot slot = 0;
   const bool was_local = old.tier() == Tier::kLocal;
@@ -315,7 +326,7 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
       return 0;
     }
     Location lower;
-    if (Demote(page, hint, &lower) == 0) {
+    if (Demote(page, hint, &lower, copies) == 0) {
       *placed = lower;
       return 0;
     }
@@ -336,7 +347,7 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
   // first: a peer would be reached through the same stuck connection, while the block
   // layer keeps reserves for writes like this one.
   const bool try_remote_first = remote_ && !(scan_stuck && disk_);
-  if (try_remote_first && remote_->Write(page, hint, &slot) == 0) {
+  if (try_remote_first && RemoteWrite(page, hint, copies, &slot) == 0) {
     Release(old);
     *placed = Location(Tier::kRemote, slot);
     return 0;
@@ -350,7 +361,7 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old,
       *placed = Location(Tier::kDisk, slot);
       return 0;
     }
-    if (rc != -ENOSPC || !remote_ || remote_->Write(page, hint, &slot) != 0) return rc;
+    if (rc != -ENOSPC || RemoteWrite(page, hint, copies, &slot) != 0) return rc;
     Release(old);
     *placed = Location(Tier::kRemote, slot);
     return 0;

@@ -140,11 +140,16 @@ class Tiering {
   // `old` itself, but a full store may have had to move them (or, in a race for the last
   // room, drop them and leave the page unmapped). Either way the caller records *placed.
   // REQUIRES: the caller holds the page's lock (no concurrent use of `old`).
-  int Store(ConstPageSpan page, std::uint64_t hint, Location old, Location* placed) noexcept;
+  // A page that goes to the remote tier gets `copies` copies there (the device's redundancy).
+  int Store(ConstPageSpan page, std::uint64_t hint, Location old, Location* placed,
+            unsigned copies = 1) noexcept;
 
   // Places a page being evicted from the local store in the remote tier, else the disk
   // tier. Returns 0 with *placed set, or -ENOSPC when neither has room.
-  int Demote(ConstPageSpan page, std::uint64_t hint, Location* placed) noexcept;
+  int Demote(ConstPageSpan page, std::uint64_t hint, Location* placed,
+             unsigned copies = 1) noexcept;
+  // One page into the remote tier with `copies` copies; -ENOSPC without a remote tier.
+  int RemoteWrite(ConstPageSpan page, std::uint64_t hint, unsigned copies, Slot* slot) noexcept;
 
   // Demote for a batch. Dirty pages (disk_copies[i] == kNoCopy): the remote tier takes as
   // many as it can in one overlapped round trip, the disk tier the rest. Clean pages: into
