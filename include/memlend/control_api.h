@@ -24,7 +24,8 @@
 //     nbd: {connections, max_connections} of the --nbd socket, or null without one
 //     peers[]: as for "peers"
 //   "peers": reply field peers[]: {node_id, address,
-//     state ("up"|"suspect"|"down"|"refusing"|"draining"|"removing"), pool_total_bytes, pool_free_bytes, pages_stored, superpages_held, pages_lost, rtt_us,
+//     state ("up"|"suspect"|"down"|"refusing"|"draining"|"removing"|"removed"),
+//     pool_total_bytes, pool_free_bytes, pages_stored, superpages_held, pages_lost, rtt_us,
 //     error}
 //   "attach" {name, size_bytes, frontend ("auto"|"ublk"|"nbd"|"fuse")}: creates a device
 //     and a block device for it; reply fields path ("/dev/..."), frontend (the kind used)

@@ -261,7 +261,8 @@ int RunPeerRemove(const std::string& control_option, const std::string& address_
       memlend::LogError("peer remove: %s", e.what());
       return 1;
     }
-    if (peer.is_null()) {
+    if (peer.is_null() || peer.value("state", std::string()) == "removed") {
+      // Listed as removed only while pages lost with it (it went down first) are named.
       std::printf("%s%s removed: no page of this host is left there\n", tty ? "\n" : "",
                   address.c_str());
       return 0;

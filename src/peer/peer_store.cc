@@ -89,6 +89,7 @@ const char* PeerStateName(PeerState state) {
     case PeerState::kSuspect: return "suspect";
     case PeerState::kDraining: return "draining";
     case PeerState::kRemoving: return "removing";
+    case PeerState::kRemoved: return "removed";
   }
   return "unknown";
 }
@@ -801,7 +802,10 @@ std::uint64_t PeerStore::lost_pages() const {
 std::vector<PeerInfo> PeerStore::Peers() const {
   std::vector<PeerInfo> all;
   for (const auto& peer : PeerList()) {
-    if (peer->removed.load(std::memory_order_acquire)) continue;
+    // A removed peer is listed only while pages lost with it are still named (it went down
+    // before its removal), so that the lost pages stay counted where they were.
+    const bool removed = peer->removed.load(std::memory_order_acquire);
+    if (removed && peer->lost.load(std::memory_order_relaxed) == 0) continue;
     std::lock_guard lock(peer->mu);
     PeerInfo info;
     info.address = peer->endpoint.ToString();
@@ -810,7 +814,8 @@ std::vector<PeerInfo> PeerStore::Peers() const {
         up && peer->client->overdue_since() != std::chrono::steady_clock::time_point::min();
     const bool draining = up && peer->draining.load(std::memory_order_acquire);
     const bool removing = peer->removing.load(std::memory_order_acquire);
-    info.state = removing   ? PeerState::kRemoving
+    info.state = removed    ? PeerState::kRemoved
+                 : removing ? PeerState::kRemoving
                  : !up      ? PeerState::kDown
                  : draining ? PeerState::kDraining
                  : overdue ? PeerState::kSuspect

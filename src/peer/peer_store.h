@@ -52,7 +52,7 @@
 
 namespace memlend::peer {
 
-enum class PeerState { kUp, kDown, kRefusing, kSuspect, kDraining, kRemoving };
+enum class PeerState { kUp, kDown, kRefusing, kSuspect, kDraining, kRemoving, kRemoved };
 const char* PeerStateName(PeerState state);
 
 struct PeerInfo {

@@ -12,7 +12,7 @@
 #   membership  three lenders, the borrower started with two; while fio runs: `memlend peer add`
 #               of the third, `memlend peer remove` of the first (which must end with nothing
 #               left there), and `memlend peer add` of the first again.
-#   chaos       four lenders; for $MEMLEND_CHAOS_S seconds (default 40; the full form is 120) a
+#   chaos       four lenders; for $MEMLEND_CHAOS_S seconds (default 30; the full form is 120) a
 #               loop picks a random lender and a random fault (kill -9, kill -STOP for 6 s,
 #               `memlend drain`, SIGTERM), restarts the lender if it exited, and waits until the
 #               borrower shows every lender up and no page degraded before the next fault.
@@ -210,7 +210,7 @@ membership)
   stop_fio
   ;;
 chaos)
-  chaos_s=${MEMLEND_CHAOS_S:-40}
+  chaos_s=${MEMLEND_CHAOS_S:-30}
   seed=${MEMLEND_CHAOS_SEED:-$RANDOM}
   echo "chaos for $chaos_s s, seed $seed (MEMLEND_CHAOS_SEED repeats it)"
   RANDOM=$seed

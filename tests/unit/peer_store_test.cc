@@ -235,6 +235,32 @@ TEST_CASE("membership: add, remove once nothing is left there, add again") {
   store.Discard(again);
 }
 
+TEST_CASE("a peer removed after it went down stays listed while its lost pages are named") {
+  auto lender = std::make_unique<RunningLender>(8 * kSuperpage);
+  const Endpoint endpoint = lender->endpoint;
+  PeerStore store(0x1111);
+  REQUIRE(store.AddPeer(endpoint) == 0);
+  store.Refresh();
+  Slot slot = 0;
+  const std::vector<std::byte> page = PageOf(5);
+  REQUIRE(store.Write(ConstPageSpan(page.data(), kPageSize), 5, &slot) == 0);
+  lender.reset();  // the lender goes away, and the one page with it
+  CHECK(Eventually([&] {
+    store.Heartbeat();
+    return store.Peers().at(0).state == PeerState::kDown;
+  }));
+  CHECK(store.Peers().at(0).pages_lost == 1);
+  REQUIRE(store.RemovePeer(endpoint) == 0);
+  store.Refresh();
+  REQUIRE(store.Peers().size() == 1);
+  CHECK(store.Peers().at(0).state == PeerState::kRemoved);
+  CHECK(store.Peers().at(0).pages_lost == 1);
+  CHECK(store.lost_pages() == 1);
+  store.Discard(slot);  // the page is rewritten elsewhere, say
+  CHECK(store.Peers().empty());
+  CHECK(store.lost_pages() == 0);
+}
+
 }  // TEST_SUITE("peer_store")
 
 }  // namespace

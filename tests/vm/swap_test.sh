@@ -18,17 +18,24 @@
 #             allocates twice the guest's RAM, so the whole system, the daemons included, is
 #             under memory pressure. Pages go to the local store, then the lender, then the
 #             backing file. It must finish with its data intact and no hung task (the harness
-#             fails the run on one); status must show pages on the peer and on disk.
+#             fails the run on one); status must show pages on the peer and on disk. The
+#             pattern covers PERCENT of the guest's RAM (the optional fourth argument; 150 in
+#             the test suite, 200 for the full form:
+#             tests/vm/run --mem 512 --disk 1024 tests/vm/swap_test.sh MEMLEND ublk pressure 200).
 # Then swapoff and detach; the device must be gone and both daemons exit 0 on SIGTERM.
 set -euo pipefail
 
 memlend=${1:-}
 frontend=${2:-}
 mode=${3:-}
+pressure_percent=${4:-150}
 ml_prefix="swap_test.sh: "
 [[ ${MEMLEND_VM:-} == 1 && -n ${MEMLEND_VM_MODDIR:-} ]] ||
   { echo "${ml_prefix}FAIL: this script runs only inside the VM: tests/vm/run ${0##*/} ..." >&2; exit 1; }
-[[ $# -eq 3 ]] || { echo "usage: swap_test.sh MEMLEND ublk|nbd cgroup|replicas|pressure" >&2; exit 2; }
+[[ $# -eq 3 || $# -eq 4 ]] ||
+  { echo "usage: swap_test.sh MEMLEND ublk|nbd cgroup|replicas|pressure [PERCENT]" >&2; exit 2; }
+[[ $pressure_percent =~ ^[0-9]+$ ]] && ((pressure_percent >= 110 && pressure_percent <= 400)) ||
+  { echo "swap_test.sh: PERCENT must be from 110 to 400" >&2; exit 2; }
 # shellcheck source=../integration/attach_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../integration/attach_lib.sh" memlend-swap-test
 source "$(dirname "${BASH_SOURCE[0]}")/guest_lib.sh"
@@ -142,7 +149,7 @@ EOF
     # what the tiers hold, is what keeps writes from failing.
     swapon "$device"
     ram_mib=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
-    size_mib=$((ram_mib * 2))
+    size_mib=$((ram_mib * pressure_percent / 100))
     echo "memory_pattern over $size_mib MiB on a guest with $ram_mib MiB of RAM, no cgroup"
     swapped_before=$(awk '$1 == "pswpout" {print $2}' /proc/vmstat)
     # Every 5 s, swap traffic and each daemon thread's state, wait channel and CPU ticks,
