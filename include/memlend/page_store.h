@@ -29,6 +29,15 @@ using Slot = std::uint64_t;
 inline constexpr unsigned kSlotBits = 56;
 inline constexpr Slot kMaxSlot = (Slot{1} << kSlotBits) - 1;
 
+// What is kept of a page that leaves the host (a device's redundancy, docs/remote-tier.md):
+// `copies` copies on distinct peers and, with `disk`, one in the backing file as well.
+// none is {1, false}, replicas:N {N, false}, disk {0, true}, replicas:N+disk {N, true}.
+struct Redundancy {
+  unsigned copies = 1;
+  bool disk = false;
+  friend bool operator==(const Redundancy&, const Redundancy&) = default;
+};
+
 // A snapshot of a store's occupancy. All figures are bytes unless the name says pages.
 struct StoreStats {
   std::uint64_t pages = 0;        // pages currently stored
@@ -85,12 +94,13 @@ class PageStore {
     }
   }
 
-  // As WriteBatch, keeping `copies` copies of each page where the store can keep several
-  // (the remote tier keeps them on distinct peers: docs/remote-tier.md). A page stored with
-  // fewer copies than asked (too few peers up) still succeeds; the store adds the missing
-  // ones later. Stores with one copy per page ignore `copies`.
+  // As WriteBatch, keeping the copies `redundancy` asks for where the store can keep
+  // several (the remote tier keeps them on distinct peers and, with `disk`, in the backing
+  // file: docs/remote-tier.md). A page stored with fewer copies than asked (too few peers
+  // up) still succeeds; the store adds the missing ones later. Stores with one copy per
+  // page ignore `redundancy`.
   virtual void WriteBatchCopies(std::span<const std::byte* const> pages,
-                                std::span<const std::uint64_t> hints, unsigned /*copies*/,
+                                std::span<const std::uint64_t> hints, Redundancy /*redundancy*/,
                                 std::span<Slot> slots, std::span<int> results) noexcept {
     WriteBatch(pages, hints, slots, results);
   }

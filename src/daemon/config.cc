@@ -93,30 +93,56 @@ std::optional<double> ParsePercent(std::string_view text) {
   return value / 100.0;
 }
 
-std::string RedundancyName(unsigned copies) {
-  return copies <= 1 ? "none" : "replicas:" + std::to_string(copies);
+std::string RedundancyName(Redundancy redundancy) {
+  if (redundancy.copies == 0) return redundancy.disk ? "disk" : "none";
+  if (redundancy.copies == 1 && !redundancy.disk) return "none";
+  std::string name = "replicas:" + std::to_string(redundancy.copies);
+  return redundancy.disk ? name + "+disk" : name;
 }
 
-unsigned ParseRedundancy(const std::string& text, std::string* error) {
-  if (text == "none") return 1;
-  if (text == "disk" || text.ends_with("+disk")) {
-    *error = "keeping evicted pages on the backing file as well is not available yet; use none "
-             "or replicas:N";
-    return 0;
+bool ParseRedundancy(const std::string& text, Redundancy* redundancy, std::string* error) {
+  if (text == "none") {
+    *redundancy = Redundancy{1, false};
+    return true;
+  }
+  if (text == "disk") {
+    *redundancy = Redundancy{0, true};
+    return true;
   }
   constexpr std::string_view kReplicas = "replicas:";
+  constexpr std::string_view kDisk = "+disk";
+  std::string_view rest = text;
+  const bool disk = rest.ends_with(kDisk);
+  if (disk) rest.remove_suffix(kDisk.size());
   unsigned copies = 0;
-  if (text.starts_with(kReplicas)) {
-    const char* begin = text.data() + kReplicas.size();
-    const char* end = text.data() + text.size();
-    const auto [at, ec] = std::from_chars(begin, end, copies);
-    if (ec != std::errc() || at != end) copies = 0;
+  if (rest.starts_with(kReplicas)) {
+    rest.remove_prefix(kReplicas.size());
+    const auto [at, ec] = std::from_chars(rest.data(), rest.data() + rest.size(), copies);
+    if (ec != std::errc() || at != rest.data() + rest.size()) copies = 0;
   }
   if (copies < 1 || copies > 3) {
-    *error = "expected none or replicas:N with N from 1 to 3";
-    return 0;
+    *error = "expected none, disk, replicas:N or replicas:N+disk with N from 1 to 3";
+    return false;
   }
-  return copies;
+  *redundancy = Redundancy{copies, disk};
+  return true;
+}
+
+bool RedundancyFits(Redundancy redundancy, std::size_t peers, bool backing_file,
+                    std::string* error) {
+  if (redundancy.disk && !backing_file) {
+    *error = "redundancy " + RedundancyName(redundancy) +
+             " keeps a copy of each page in the backing file, and there is none "
+             "(start the daemon with --backing-file)";
+    return false;
+  }
+  if (redundancy.copies > 1 && peers < redundancy.copies) {
+    *error = "redundancy " + RedundancyName(redundancy) + " needs at least " +
+             std::to_string(redundancy.copies) + " peers (--peer), and this daemon has " +
+             std::to_string(peers);
+    return false;
+  }
+  return true;
 }
 
 namespace {
@@ -366,17 +392,22 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
     return false;
   }
   if (args.redundancy.empty()) {
-    config->copies = config->peers.size() >= 2 ? 2 : 1;
+    if (config->peers.size() >= 2) {
+      config->redundancy = Redundancy{2, false};
+    } else if (!config->backing_file.empty()) {
+      config->redundancy = Redundancy{0, true};
+    } else {
+      config->redundancy = Redundancy{1, false};
+    }
   } else {
-    config->copies = ParseRedundancy(args.redundancy, &reason);
-    if (config->copies == 0) {
+    config->redundancy_given = true;
+    if (!ParseRedundancy(args.redundancy, &config->redundancy, &reason)) {
       *error = "--redundancy " + Quote(args.redundancy) + ": " + reason;
       return false;
     }
-    if (config->copies > 1 && config->peers.size() < config->copies) {
-      *error = "--redundancy " + args.redundancy + " needs at least " +
-               std::to_string(config->copies) + " --peer lenders, and " +
-               std::to_string(config->peers.size()) + " are given";
+    if (!RedundancyFits(config->redundancy, config->peers.size(),
+                        !config->backing_file.empty(), &reason)) {
+      *error = "--redundancy " + args.redundancy + ": " + reason;
       return false;
     }
   }

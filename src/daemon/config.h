@@ -44,10 +44,11 @@ struct DaemonConfig {
   std::string control_path;
   std::uint32_t busy_poll_us = 50;
   std::vector<Endpoint> peers;          // lenders to borrow from
-  // Copies of each evicted dirty page the remote tier keeps, on distinct peers (the devices'
-  // redundancy: 1 is none, N is replicas:N). Decided from --redundancy, else replicas:2 with
-  // at least two peers, else none.
-  unsigned copies = 1;
+  // What devices keep of each page that leaves the host (their default redundancy).
+  // Decided from --redundancy, else replicas:2 with at least two peers, else disk with a
+  // backing file, else none.
+  Redundancy redundancy;
+  bool redundancy_given = false;        // --redundancy was given (else: the default rule)
   unsigned rebuild_rate = 5000;         // pages a second the rebuild copies at most
   unsigned peer_timeout_ms = 500;       // each peer request's deadline, and the heartbeat
   unsigned peer_down_after_ms = 5000;   // overdue this long: the peer is down
@@ -63,11 +64,15 @@ struct DaemonConfig {
   bool force = false;
 };
 
-// "none" for 1 copy, "replicas:N" for N.
-std::string RedundancyName(unsigned copies);
-// Parses --redundancy: none, replicas:N (1 <= N <= 3). Returns the copies, or 0 with
-// *error set.
-unsigned ParseRedundancy(const std::string& text, std::string* error);
+// "none", "replicas:N", "disk" or "replicas:N+disk".
+std::string RedundancyName(Redundancy redundancy);
+// Parses --redundancy: none, replicas:N, disk, replicas:N+disk (1 <= N <= 3). False with
+// *error set when `text` is none of them.
+bool ParseRedundancy(const std::string& text, Redundancy* redundancy, std::string* error);
+// Whether a daemon with `peers` lenders and (or not) a backing file can keep `redundancy`;
+// false with *error saying what is missing.
+bool RedundancyFits(Redundancy redundancy, std::size_t peers, bool backing_file,
+                    std::string* error);
 
 // The text forms of the options, as given on the command line.
 struct DaemonArgs {
@@ -81,7 +86,7 @@ struct DaemonArgs {
   std::string control;
   std::uint32_t busy_poll_us = 50;
   std::vector<std::string> peers;
-  std::string redundancy;       // none | replicas:N; empty: decided from the peers
+  std::string redundancy;       // none | replicas:N | disk | replicas:N+disk; empty: default
   std::string rebuild_rate;     // pages per second; empty: the default
   std::string peer_timeout;     // milliseconds; empty: the default
   std::string peer_down_after;  // milliseconds; empty: the default

@@ -60,10 +60,11 @@ AttachRequest ParseAttach(const json& request) {
   if (request.contains("redundancy")) {
     const std::string redundancy = StringField(request, "redundancy");
     std::string reason;
-    attach.copies = ParseRedundancy(redundancy, &reason);
-    if (attach.copies == 0) {
+    Redundancy parsed;
+    if (!ParseRedundancy(redundancy, &parsed, &reason)) {
       throw std::invalid_argument("\"redundancy\" " + Quote(redundancy) + ": " + reason);
     }
+    attach.redundancy = parsed;
   }
   return attach;
 }

@@ -5,10 +5,12 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <variant>
 
+#include "memlend/page_store.h"
 #include "transport/socket.h"
 
 namespace memlend {
@@ -20,7 +22,8 @@ struct AttachRequest {
   std::uint64_t size_bytes = 0;  // CheckDeviceSize
   std::string frontend = "auto";  // auto, ublk, nbd or fuse
   unsigned queues = 0;      // ublk queues, 1 to kMaxUblkQueues; 0: one per CPU
-  unsigned copies = 0;      // "redundancy" (ParseRedundancy); 0: the daemon's --redundancy
+  // "redundancy" (ParseRedundancy); none given: the daemon's default.
+  std::optional<Redundancy> redundancy;
 };
 struct DetachRequest {
   std::string name;

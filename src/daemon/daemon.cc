@@ -68,6 +68,11 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
   if (locks_memory_) PrepareForSwap();
   if (serves_devices) {
     auto local = std::make_unique<LocalStore>(config.local_store_bytes, config.compression);
+    std::unique_ptr<DiskStore> disk;
+    if (!config.backing_file.empty()) {
+      disk = std::make_unique<DiskStore>(config.backing_file, config.backing_size_bytes,
+                                         config.backing_direct);
+    }
     std::unique_ptr<PlacementStore> remote;
     PageStore* cache = nullptr;
     if (!config.peers.empty()) {
@@ -79,14 +84,11 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
       peers->Refresh();  // connect and learn free space now; unreachable peers retry later
       peers_ = peers.get();
       cache = &peers->cache();
-      remote = std::make_unique<PlacementStore>(std::move(peers), config.copies,
+      // The placement store keeps disk copies in the disk store (which Tiering owns and
+      // destroys after it), for replicas:N+disk and for pages with nowhere else to go.
+      remote = std::make_unique<PlacementStore>(std::move(peers), disk.get(),
                                                 config.rebuild_rate);
       placements_ = remote.get();
-    }
-    std::unique_ptr<DiskStore> disk;
-    if (!config.backing_file.empty()) {
-      disk = std::make_unique<DiskStore>(config.backing_file, config.backing_size_bytes,
-                                         config.backing_direct);
     }
     TieringOptions options;
     options.high_watermark = config.high_watermark;
@@ -95,7 +97,7 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
                                        options, cache);
     for (const DeviceSpec& spec : config.devices) {
       devices_.Add(std::make_shared<Device>(spec.name, spec.size_bytes, *tiers_,
-                                            spec.cache_clean_pages, config.copies));
+                                            spec.cache_clean_pages, config.redundancy));
     }
     if (config.serve_nbd) {
       nbd::NbdServerOptions options = NbdOptions();
@@ -137,6 +139,21 @@ std::vector<Reservation> Daemon::Reservations() const {
   }
   if (tables > 0) parts.push_back({"attached devices' page tables", tables});
   return parts;
+}
+
+Redundancy Daemon::DefaultRedundancy() const {
+  if (config_.redundancy_given) return config_.redundancy;
+  std::size_t peers = 0;
+  if (peers_ != nullptr) {
+    for (const peer::PeerInfo& peer : peers_->Peers()) {
+      if (peer.state != peer::PeerState::kRemoving && peer.state != peer::PeerState::kRemoved) {
+        ++peers;
+      }
+    }
+  }
+  if (peers >= 2) return Redundancy{2, false};
+  if (tiers_ != nullptr && tiers_->disk() != nullptr) return Redundancy{0, true};
+  return Redundancy{1, false};
 }
 
 void Daemon::PrepareForSwap() {
@@ -435,7 +452,7 @@ nlohmann::json Daemon::Status() const {
                                                       : nlohmann::json(nullptr)},
                                  {"size_bytes", device->size_bytes()},
                                  {"protocol", device->cache_clean_pages() ? "auto" : "passive"},
-                                 {"redundancy", RedundancyName(device->copies())},
+                                 {"redundancy", RedundancyName(device->redundancy())},
                                  {"pages",
                                   {{"total", counts.total},
                                    {"mapped", counts.mapped()},
@@ -468,6 +485,8 @@ nlohmann::json Daemon::Status() const {
                               {"degraded_pages", placed.degraded},
                               {"rebuilt_copies", placed.rebuilt},
                               {"moved_copies", placed.moved},
+                              // pages whose placement has a copy in the backing file too
+                              {"disk_copies", placed.disk_copies},
                               {"rebuild_copies_per_s", std::round(placed.copies_per_s)},
                               // null while nothing is degraded, -1 while no progress is made
                               {"rebuild_eta_s", placed.degraded == 0
@@ -551,14 +570,14 @@ nlohmann::json Daemon::Attach(const AttachRequest& request) {
       throw std::runtime_error("a " + FormatSize(size_bytes) + " device: " + refusal);
     }
   }
-  const unsigned copies = request.copies != 0 ? request.copies : config_.copies;
-  if (copies > 1 && placements_ == nullptr) {
-    throw std::runtime_error("redundancy " + RedundancyName(copies) +
-                             " keeps copies on peers, and this daemon has none (start it with "
-                             "--peer)");
+  const Redundancy redundancy = request.redundancy ? *request.redundancy : DefaultRedundancy();
+  std::string reason;
+  if (!RedundancyFits(redundancy, peers_ == nullptr ? 0 : peers_->peer_count(),
+                      tiers_->disk() != nullptr, &reason)) {
+    throw std::runtime_error(reason);
   }
   auto device = std::make_shared<Device>(name, size_bytes, *tiers_, /*cache_clean_pages=*/true,
-                                         copies);
+                                         redundancy);
   // The kernel may write pages out through this device when memory is short, so nothing
   // on that path may allocate: the whole page table is allocated now.
   if (!device->AllocatePageTable()) {

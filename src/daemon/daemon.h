@@ -83,6 +83,9 @@ class Daemon {
   // not an error; it is kept in swap_warnings_ and printed once startup has succeeded.
   void PrepareForSwap();
   void LockMemory();
+  // The redundancy of a device attached without one: --redundancy, else the default rule
+  // applied to the peers the daemon has now.
+  Redundancy DefaultRedundancy() const;
   // The options every NBD server of this daemon shares.
   nbd::NbdServerOptions NbdOptions() const;
   // What the daemon holds, for CheckReservation: the stores, the heap reserve, the page

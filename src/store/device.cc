@@ -57,13 +57,13 @@ class Device::PageLock {
 };
 
 Device::Device(std::string name, std::uint64_t size_bytes, Tiering& tiers,
-               bool cache_clean_pages, unsigned copies)
+               bool cache_clean_pages, Redundancy redundancy)
     : name_(std::move(name)),
       size_bytes_(size_bytes),
       page_count_(size_bytes / kPageSize),
       tiers_(tiers),
       cache_clean_pages_(cache_clean_pages),
-      copies_(copies == 0 ? 1 : copies) {
+      redundancy_(redundancy.copies == 0 && !redundancy.disk ? Redundancy{} : redundancy) {
   assert(size_bytes > 0 && size_bytes % kPageSize == 0);
   const std::uint64_t chunk_count = (page_count_ + kChunkPages - 1) >> kChunkShift;
   chunks_ = std::make_unique<std::atomic<PageEntry*>[]>(chunk_count);
@@ -172,7 +172,7 @@ int Device::StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept
     return 0;
   }
   Location placed;
-  const int rc = tiers_.Store(contents, page, old, &placed, copies_);
+  const int rc = tiers_.Store(contents, page, old, &placed, redundancy_);
   SetLocation(page, entry, old, rc == 0 ? placed.WithReferenced(true) : placed);
   return rc;
 }
@@ -428,6 +428,7 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
   const std::byte* pages[kBatch];
   std::uint64_t hints[kBatch];
   Slot disk_copies[kBatch];
+  bool dirty[kBatch];
   Location placed[kBatch];
   int results[kBatch];
 
@@ -473,6 +474,7 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
       pages[count] = copy;
       hints[count] = page;
       disk_copies[count] = entry->disk_copy;
+      dirty[count] = entry->disk_copy == kNoCopy;
       mu->unlock();
       ++count;
     }
@@ -480,7 +482,7 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
 
     tiers_.DemoteBatch(std::span(pages, count), std::span(hints, count),
                        std::span(disk_copies, count), cache_clean_pages_,
-                       std::span(placed, count), std::span(results, count), copies_);
+                       std::span(placed, count), std::span(results, count), redundancy_);
     bool out_of_room = false;
     for (std::size_t i = 0; i < count; ++i) {
       if (results[i] != 0) {
@@ -489,15 +491,20 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
       }
       const Candidate& c = candidates[i];
       // Only what this batch created may be released on a change: a clean page's disk
-      // copy (placed kDisk) still belongs to the entry, or to the writer who dropped it.
-      const bool created = disk_copies[i] == kNoCopy || placed[i].tier() == Tier::kCached;
-      if (!c.mu->try_lock()) {
+      // copy (placed kDisk) still belongs to the entry, or to the writer who dropped it; a
+      // dirty page's new disk copy (disk redundancy) is this batch's.
+      const bool created = dirty[i] || placed[i].tier() == Tier::kCached;
+      auto undo = [&] {
         if (created) tiers_.Release(placed[i]);
+        if (dirty[i] && placed[i].tier() == Tier::kCached) tiers_.ReleaseCopy(disk_copies[i]);
+      };
+      if (!c.mu->try_lock()) {
+        undo();
         continue;
       }
       if (c.entry->where.load(std::memory_order_relaxed) != c.where.bits()) {
         c.mu->unlock();
-        if (created) tiers_.Release(placed[i]);
+        undo();
         continue;
       }
       tiers_.Release(c.where);

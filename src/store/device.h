@@ -48,10 +48,9 @@ class Device final : public PageOwner {
  public:
   // REQUIRES: size_bytes is a positive multiple of kPageSize; `tiers` outlives the device.
   // The device registers itself with `tiers` for eviction scans until it is destroyed.
-  // `copies`: how many copies of each of its dirty pages the remote tier keeps (its
-  // redundancy: 1 is none, N is replicas:N).
+  // `redundancy`: what is kept of each of its pages that leave the host (see Redundancy).
   Device(std::string name, std::uint64_t size_bytes, Tiering& tiers,
-         bool cache_clean_pages = true, unsigned copies = 1);
+         bool cache_clean_pages = true, Redundancy redundancy = {});
   ~Device() override;
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
@@ -62,7 +61,7 @@ class Device final : public PageOwner {
 
   const std::string& name() const { return name_; }
   bool cache_clean_pages() const { return cache_clean_pages_; }
-  unsigned copies() const { return copies_; }
+  Redundancy redundancy() const { return redundancy_; }
   std::uint64_t size_bytes() const { return size_bytes_; }
 
   // Every range operation below REQUIRES offset + length <= size_bytes(); the frontend
@@ -170,7 +169,7 @@ class Device final : public PageOwner {
   const std::uint64_t page_count_;
   Tiering& tiers_;
   const bool cache_clean_pages_;
-  const unsigned copies_;
+  const Redundancy redundancy_;
   // Top level; a null pointer is a chunk whose pages are all unmapped. Chunks are created
   // with a compare-and-swap and live until the device is destroyed.
   std::unique_ptr<std::atomic<PageEntry*>[]> chunks_;

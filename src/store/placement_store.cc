@@ -16,10 +16,10 @@ constexpr auto kRebuildInterval = std::chrono::milliseconds(100);
 
 }  // namespace
 
-PlacementStore::PlacementStore(std::unique_ptr<peer::PeerStore> peers, unsigned default_copies,
+PlacementStore::PlacementStore(std::unique_ptr<peer::PeerStore> peers, PageStore* disk,
                                unsigned rebuild_rate)
     : peers_(std::move(peers)),
-      default_copies_(std::clamp(default_copies, 1u, kMaxCopies)),
+      disk_(disk),
       rebuild_rate_(std::max(rebuild_rate, 10u)),
       chunks_(new std::atomic<Record*>[kMaxChunks]),
       rebuild_buffer_(new std::byte[kWindow * kPageSize]) {
@@ -82,7 +82,7 @@ void PlacementStore::Free(std::uint32_t id) noexcept {
 }
 
 void PlacementStore::NoteDegradedLocked(std::uint32_t id, const Record& record) noexcept {
-  if (record.lost || record.count >= record.wanted) return;
+  if (record.lost || !Degraded(record)) return;
   std::lock_guard lock(queue_mu_);
   try {
     rebuild_queue_.push_back(id);
@@ -91,10 +91,25 @@ void PlacementStore::NoteDegradedLocked(std::uint32_t id, const Record& record) 
   }
 }
 
+void PlacementStore::AfterChangeLocked(std::uint32_t id, const Record& record,
+                                       bool was_degraded) noexcept {
+  const bool degraded = Degraded(record);
+  if (was_degraded && !degraded) degraded_.fetch_sub(1, std::memory_order_relaxed);
+  if (!was_degraded && degraded) degraded_.fetch_add(1, std::memory_order_relaxed);
+  if (degraded) NoteDegradedLocked(id, record);
+}
+
+bool PlacementStore::DiskHasRoom() const noexcept {
+  if (disk_ == nullptr) return false;
+  const StoreStats stats = disk_->Stats();
+  return stats.total_bytes == 0 || stats.used_bytes + kPageSize <= stats.total_bytes;
+}
+
 void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
-                                      std::span<const std::uint64_t> hints, unsigned copies,
+                                      std::span<const std::uint64_t> hints, Redundancy redundancy,
                                       std::span<Slot> slots, std::span<int> results) noexcept {
-  copies = std::clamp(copies, 1u, kMaxCopies);
+  const unsigned copies = std::clamp(redundancy.copies, 1u, kMaxCopies);
+  const bool want_disk = redundancy.disk && disk_ != nullptr;
   // Every copy of a window's pages fits one peer store batch.
   const std::size_t window = kWindow / copies;
   for (std::size_t base = 0; base < pages.size(); base += window) {
@@ -103,7 +118,17 @@ void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
     bool have_id[kWindow];
     Slot got[kWindow][kMaxCopies];
     unsigned got_count[kWindow] = {};
-    for (std::size_t i = 0; i < count; ++i) have_id[i] = Allocate(&ids[i]);
+    Slot disk_slots[kWindow];
+    for (std::size_t i = 0; i < count; ++i) {
+      have_id[i] = Allocate(&ids[i]);
+      // The disk copy first: once it is written the page can no longer be lost.
+      disk_slots[i] = kNoDisk;
+      if (have_id[i] && want_disk &&
+          disk_->Write(ConstPageSpan(pages[base + i], kPageSize), hints[base + i],
+                       &disk_slots[i]) != 0) {
+        disk_slots[i] = kNoDisk;
+      }
+    }
 
     // All copies in one peer store batch, so that they travel to their peers at once: the
     // peers are chosen first (distinct for each page), and each entry may go only to its own.
@@ -140,7 +165,7 @@ void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
     }
 
     for (std::size_t i = 0; i < count; ++i) {
-      if (!have_id[i] || got_count[i] == 0) {
+      if (!have_id[i] || (got_count[i] == 0 && disk_slots[i] == kNoDisk)) {
         if (have_id[i]) Free(ids[i]);
         results[base + i] = -ENOSPC;  // the caller places it elsewhere
         continue;
@@ -150,16 +175,16 @@ void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
       ++record.version;
       record.count = static_cast<std::uint8_t>(got_count[i]);
       record.wanted = static_cast<std::uint8_t>(copies);
+      record.want_disk = want_disk;
+      record.disk = disk_slots[i];
       record.pins = 0;
       record.discarded = false;
       record.lost = false;
       std::copy(got[i], got[i] + got_count[i], record.copies);
       pages_.fetch_add(1, std::memory_order_relaxed);
       copies_.fetch_add(got_count[i], std::memory_order_relaxed);
-      if (got_count[i] < copies) {
-        degraded_.fetch_add(1, std::memory_order_relaxed);
-        NoteDegradedLocked(ids[i], record);
-      }
+      if (record.disk != kNoDisk) disk_copies_.fetch_add(1, std::memory_order_relaxed);
+      AfterChangeLocked(ids[i], record, /*was_degraded=*/false);
       slots[base + i] = ids[i];
       results[base + i] = 0;
     }
@@ -169,7 +194,7 @@ void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
 int PlacementStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept {
   const std::byte* pages[1] = {page.data()};
   int result = -ENOSPC;
-  WriteBatchCopies(pages, std::span(&hint, 1), default_copies_, std::span(slot, 1),
+  WriteBatchCopies(pages, std::span(&hint, 1), Redundancy{}, std::span(slot, 1),
                    std::span(&result, 1));
   return result;
 }
@@ -196,19 +221,32 @@ int PlacementStore::ReadCopies(const Slot* copies, unsigned count, PageSpan out)
   return -EIO;
 }
 
+int PlacementStore::ReadRecord(const Slot* copies, unsigned count, Slot disk,
+                               PageSpan out) noexcept {
+  if (disk != kNoDisk) {
+    for (unsigned c = 0; c < count; ++c) {
+      if (peers_->SlotReady(copies[c]) && peers_->ReadOnce(copies[c], out) == 0) return 0;
+    }
+    if (disk_->Read(disk, out) == 0) return 0;
+  }
+  return ReadCopies(copies, count, out);
+}
+
 int PlacementStore::Read(Slot slot, PageSpan out) noexcept {
   const auto id = static_cast<std::uint32_t>(slot);
   Record* record = Find(id);
   if (record == nullptr) return -EIO;
   Slot copies[kMaxCopies];
   unsigned count;
+  Slot disk;
   {
     std::lock_guard lock(LockFor(id));
     if (record->wanted == 0 || record->lost) return -EIO;
     count = record->count;
+    disk = record->disk;
     std::copy(record->copies, record->copies + count, copies);
   }
-  return ReadCopies(copies, count, out);
+  return ReadRecord(copies, count, disk, out);
 }
 
 void PlacementStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
@@ -217,6 +255,8 @@ void PlacementStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte*
     const std::size_t count = std::min(kWindow, slots.size() - base);
     Slot copies[kWindow][kMaxCopies];
     unsigned counts[kWindow];
+    Slot disks[kWindow];
+    bool live[kWindow];
     Slot first[kWindow];
     std::byte* first_outs[kWindow];
     int first_results[kWindow];
@@ -226,12 +266,15 @@ void PlacementStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte*
       const auto id = static_cast<std::uint32_t>(slots[base + i]);
       Record* record = Find(id);
       counts[i] = 0;
+      live[i] = false;
       results[base + i] = -EIO;
       if (record == nullptr) continue;
       {
         std::lock_guard lock(LockFor(id));
         if (record->wanted == 0 || record->lost) continue;
+        live[i] = true;
         counts[i] = record->count;
+        disks[i] = record->disk;
         std::copy(record->copies, record->copies + counts[i], copies[i]);
       }
       // The batch asks each page's first ready copy; the rest are for a retry below.
@@ -246,8 +289,9 @@ void PlacementStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte*
                           std::span(first_results, n));
     for (std::size_t j = 0; j < n; ++j) results[base + first_index[j]] = first_results[j];
     for (std::size_t i = 0; i < count; ++i) {
-      if (results[base + i] == 0 || counts[i] == 0) continue;
-      results[base + i] = ReadCopies(copies[i], counts[i], PageSpan(outs[base + i], kPageSize));
+      if (results[base + i] == 0 || !live[i]) continue;
+      results[base + i] =
+          ReadRecord(copies[i], counts[i], disks[i], PageSpan(outs[base + i], kPageSize));
     }
   }
 }
@@ -291,10 +335,16 @@ void PlacementStore::ReleaseLocked(std::uint32_t id, Record& record) noexcept {
   } else {
     pages_.fetch_sub(1, std::memory_order_relaxed);
     copies_.fetch_sub(record.count, std::memory_order_relaxed);
-    if (record.count < record.wanted) degraded_.fetch_sub(1, std::memory_order_relaxed);
+    if (Degraded(record)) degraded_.fetch_sub(1, std::memory_order_relaxed);
+  }
+  if (record.disk != kNoDisk) {
+    disk_->Discard(record.disk);
+    disk_copies_.fetch_sub(1, std::memory_order_relaxed);
   }
   ++record.version;
   record.wanted = 0;
+  record.want_disk = false;
+  record.disk = kNoDisk;
   record.count = 0;
   record.pins = 0;
   record.discarded = false;
@@ -316,6 +366,7 @@ PlacementStats PlacementStore::Placements() const noexcept {
   stats.lost = lost_.load(std::memory_order_relaxed);
   stats.rebuilt = rebuilt_.load(std::memory_order_relaxed);
   stats.moved = moved_.load(std::memory_order_relaxed);
+  stats.disk_copies = disk_copies_.load(std::memory_order_relaxed);
   stats.copies_per_s = copies_per_s_.load(std::memory_order_relaxed);
   if (stats.degraded > 0) {
     stats.eta_s = stats.copies_per_s >= 0.5 ? static_cast<double>(stats.degraded) / stats.copies_per_s
@@ -357,24 +408,23 @@ void PlacementStore::DropLostCopies() noexcept {
     Slot* at = std::find(record->copies, end, copy.slot);
     if (at == end) continue;  // a slot reserved for a write that never completed
     ++record->version;
-    if (record->count == 1) {
+    const bool was_degraded = Degraded(*record);
+    if (record->count == 1 && record->disk == kNoDisk) {
       // The last copy: the page is lost. The record keeps the copy, so that discarding the
       // page settles the peer's count of lost pages.
       record->lost = true;
-      if (record->count < record->wanted) degraded_.fetch_sub(1, std::memory_order_relaxed);
+      if (was_degraded) degraded_.fetch_sub(1, std::memory_order_relaxed);
       pages_.fetch_sub(1, std::memory_order_relaxed);
       copies_.fetch_sub(1, std::memory_order_relaxed);
       lost_.fetch_add(1, std::memory_order_relaxed);
       ++pages_lost;
       continue;
     }
-    const bool was_degraded = record->count < record->wanted;
     std::copy(at + 1, end, at);
     --record->count;
     copies_.fetch_sub(1, std::memory_order_relaxed);
     peers_->Discard(copy.slot);  // settles the peer's count of lost copies
-    if (!was_degraded) degraded_.fetch_add(1, std::memory_order_relaxed);
-    NoteDegradedLocked(copy.owner, *record);
+    AfterChangeLocked(copy.owner, *record, was_degraded);
   }
   if (pages_lost > 0) {
     LogError("remote tier: %llu page(s) lost: every copy was on peers that went down; reading "
@@ -391,6 +441,9 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
     std::uint32_t versions[kWindow];
     Slot copies[kWindow][kMaxCopies];
     unsigned counts[kWindow];
+    Slot disks[kWindow];
+    bool need_peer[kWindow];
+    bool need_disk[kWindow];
     std::size_t n = 0;
     {
       std::unique_lock queue_lock(queue_mu_);
@@ -402,33 +455,59 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
     }
     if (n == 0) break;
     tried += n;
+    const bool disk_room = DiskHasRoom();
+    bool no_room = false;
     std::size_t kept = 0;
     for (std::size_t i = 0; i < n; ++i) {
       Record* record = Find(ids[i]);
       if (record == nullptr) continue;
       std::lock_guard lock(LockFor(ids[i]));
-      if (record->wanted == 0 || record->lost || record->count >= record->wanted) continue;
+      if (record->wanted == 0 || record->lost || !Degraded(*record)) continue;
+      const bool peer = record->count < record->wanted;
+      const bool disk = record->want_disk && record->disk == kNoDisk && disk_room;
+      if (!peer && !disk) {
+        // Short only of a disk copy, and the disk is full: again when it has room.
+        NoteDegradedLocked(ids[i], *record);
+        no_room = true;
+        continue;
+      }
       ids[kept] = ids[i];
       versions[kept] = record->version;
       counts[kept] = record->count;
+      disks[kept] = record->disk;
+      need_peer[kept] = peer;
+      need_disk[kept] = disk;
       std::copy(record->copies, record->copies + record->count, copies[kept]);
       ++kept;
     }
-    if (kept == 0) continue;
-    // Read each page from a live copy (no lock held), then write one more copy of each.
+    if (kept == 0) {
+      if (no_room) break;
+      continue;
+    }
+    // Read each page from a live copy (no lock held), then write the copies it lacks.
     std::byte* const buffer = rebuild_buffer_.get();
     const std::byte* pages[kWindow];
     std::uint64_t hints[kWindow];
     peer::PeerStore::PeerMask excludes[kWindow];
     std::uint32_t owners[kWindow];
     std::size_t index[kWindow];
+    bool have_page[kWindow];
+    Slot new_disk[kWindow];
     std::size_t m = 0;
     for (std::size_t i = 0; i < kept; ++i) {
-      std::byte* page = buffer + m * kPageSize;
-      if (ReadCopies(copies[i], counts[i], PageSpan(page, kPageSize)) != 0) continue;
+      std::byte* page = buffer + i * kPageSize;
+      new_disk[i] = kNoDisk;
+      have_page[i] = ReadRecord(copies[i], counts[i], disks[i], PageSpan(page, kPageSize)) == 0;
+      if (!have_page[i]) continue;
+      if (need_disk[i] && disk_->Write(ConstPageSpan(page, kPageSize), ids[i], &new_disk[i]) != 0) {
+        new_disk[i] = kNoDisk;
+        no_room = true;
+      }
+      if (!need_peer[i]) continue;
       pages[m] = page;
       hints[m] = ids[i];
       owners[m] = ids[i];
+      excludes[m].reset();
       for (unsigned c = 0; c < counts[i]; ++c) {
         excludes[m].set(peer::PeerStore::PeerIndexOf(copies[i][c]));
       }
@@ -438,36 +517,45 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
     int results[kWindow];
     peers_->WriteBatchFor(std::span(pages, m), std::span(hints, m), std::span(owners, m),
                           std::span(excludes, m), std::span(placed, m), std::span(results, m));
-    bool no_room = false;
+    Slot new_peer[kWindow];
+    for (std::size_t i = 0; i < kept; ++i) new_peer[i] = kNoDisk;
     for (std::size_t j = 0; j < m; ++j) {
-      const std::size_t i = index[j];
-      Record& record = *Find(ids[i]);
-      if (results[j] != 0) {
+      if (results[j] == 0) {
+        new_peer[index[j]] = placed[j];
+      } else {
         no_room = true;
-        std::lock_guard lock(LockFor(ids[i]));
-        NoteDegradedLocked(ids[i], record);  // again later, when a peer has room
-        continue;
       }
-      bool committed = false;
+    }
+    for (std::size_t i = 0; i < kept; ++i) {
+      if (!have_page[i]) continue;
+      Record& record = *Find(ids[i]);
+      bool peer_used = false;
+      bool disk_used = false;
       {
         std::lock_guard lock(LockFor(ids[i]));
-        if (record.version == versions[i] && record.wanted != 0 && !record.lost &&
-            record.count < record.wanted) {
-          record.copies[record.count++] = placed[j];
-          ++record.version;
-          copies_.fetch_add(1, std::memory_order_relaxed);
-          rebuilt_.fetch_add(1, std::memory_order_relaxed);
-          if (record.count == record.wanted) {
-            degraded_.fetch_sub(1, std::memory_order_relaxed);
-          } else {
-            NoteDegradedLocked(ids[i], record);
+        if (record.version == versions[i] && record.wanted != 0 && !record.lost) {
+          const bool was_degraded = Degraded(record);
+          if (new_peer[i] != kNoDisk && record.count < record.wanted) {
+            record.copies[record.count++] = new_peer[i];
+            copies_.fetch_add(1, std::memory_order_relaxed);
+            rebuilt_.fetch_add(1, std::memory_order_relaxed);
+            peer_used = true;
           }
-          committed = true;
+          if (new_disk[i] != kNoDisk && record.disk == kNoDisk) {
+            record.disk = new_disk[i];
+            disk_copies_.fetch_add(1, std::memory_order_relaxed);
+            rebuilt_.fetch_add(1, std::memory_order_relaxed);
+            disk_used = true;
+          }
+          ++record.version;
+          AfterChangeLocked(ids[i], record, was_degraded);  // again later if still short
         }
       }
-      if (!committed) peers_->Discard(placed[j]);  // the page changed meanwhile
+      // What the record did not take: the page changed meanwhile.
+      if (new_peer[i] != kNoDisk && !peer_used) peers_->Discard(new_peer[i]);
+      if (new_disk[i] != kNoDisk && !disk_used) disk_->Discard(new_disk[i]);
     }
-    if (no_room) break;  // no peer takes more now: wait for the next round
+    if (no_room) break;  // no peer (or disk) takes more now: wait for the next round
   }
   return tried;
 }
@@ -486,6 +574,7 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
     std::uint32_t versions[kWindow];
     Slot others[kWindow][kMaxCopies];
     unsigned other_count[kWindow];
+    bool only_copy[kWindow];  // the page has no other copy, on a peer or the disk
     const std::byte* pages[kWindow];
     std::uint64_t hints[kWindow];
     std::uint32_t owners[kWindow];
@@ -496,6 +585,7 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
       const peer::PeerStore::LostCopy& copy = leaving[base + i];
       Record* record = Find(copy.owner);
       if (record == nullptr) continue;
+      Slot disk;
       {
         std::lock_guard lock(LockFor(copy.owner));
         if (record->wanted == 0 || record->lost) continue;
@@ -508,12 +598,14 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
           excludes[n].set(peer::PeerStore::PeerIndexOf(*c));
           if (*c != copy.slot) others[n][other_count[n]++] = *c;
         }
+        disk = record->disk;
+        only_copy[n] = other_count[n] == 0 && disk == kNoDisk;
       }
       std::byte* page = buffer + n * kPageSize;
       // From the leaving peer while it answers, else from another copy.
       if (peers_->ReadOnce(copy.slot, PageSpan(page, kPageSize)) != 0 &&
-          (other_count[n] == 0 ||
-           ReadCopies(others[n], other_count[n], PageSpan(page, kPageSize)) != 0)) {
+          (only_copy[n] ||
+           ReadRecord(others[n], other_count[n], disk, PageSpan(page, kPageSize)) != 0)) {
         continue;
       }
       pages[n] = page;
@@ -525,31 +617,48 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
     int results[kWindow];
     peers_->WriteBatchFor(std::span(pages, n), std::span(hints, n), std::span(owners, n),
                           std::span(excludes, n), std::span(placed, n), std::span(results, n));
+    // A page that is nowhere else and finds no peer with room goes to the disk instead
+    // (repatriation), rather than be lost at the lender's deadline.
+    Slot to_disk[kWindow];
+    for (std::size_t j = 0; j < n; ++j) {
+      to_disk[j] = kNoDisk;
+      if (results[j] != 0 && only_copy[j] && DiskHasRoom() &&
+          disk_->Write(ConstPageSpan(pages[j], kPageSize), hints[j], &to_disk[j]) != 0) {
+        to_disk[j] = kNoDisk;
+      }
+    }
     for (std::size_t j = 0; j < n; ++j) {
       const peer::PeerStore::LostCopy& copy = leaving[index[j]];
       Record& record = *Find(copy.owner);
       bool release_old = false;
       bool release_new = results[j] == 0;
+      bool release_disk = to_disk[j] != kNoDisk;
       {
         std::lock_guard lock(LockFor(copy.owner));
         Slot* end = record.copies + record.count;
         Slot* at = std::find(record.copies, end, copy.slot);
         if (record.version == versions[j] && record.wanted != 0 && !record.lost && at != end) {
+          const bool was_degraded = Degraded(record);
           if (results[j] == 0) {
             *at = placed[j];  // the page now lives there instead
             ++record.version;
             release_old = true;
             release_new = false;
             ++moved;
-          } else if (record.count > 1) {
-            // No room for it anywhere else: the page keeps its other copies.
-            const bool was_degraded = record.count < record.wanted;
+          } else if (record.count > 1 || record.disk != kNoDisk || to_disk[j] != kNoDisk) {
+            // No room for it on another peer: the page keeps its other copies (or the disk
+            // copy just written).
+            if (to_disk[j] != kNoDisk && record.disk == kNoDisk) {
+              record.disk = to_disk[j];
+              disk_copies_.fetch_add(1, std::memory_order_relaxed);
+              release_disk = false;
+              ++moved;
+            }
             std::copy(at + 1, end, at);
             --record.count;
             ++record.version;
             copies_.fetch_sub(1, std::memory_order_relaxed);
-            if (!was_degraded) degraded_.fetch_add(1, std::memory_order_relaxed);
-            NoteDegradedLocked(copy.owner, record);
+            AfterChangeLocked(copy.owner, record, was_degraded);
             release_old = true;
           }
         }
@@ -559,6 +668,7 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
       // never reused for another page's bytes (and a later session's slots never match it).
       if (release_old) peers_->Discard(copy.slot);  // its superpage goes back once empty
       if (release_new) peers_->Discard(placed[j]);  // the page changed meanwhile
+      if (release_disk) disk_->Discard(to_disk[j]);
     }
   }
   moved_.fetch_add(moved, std::memory_order_relaxed);

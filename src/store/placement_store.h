@@ -15,6 +15,13 @@
 // peer's superpages back as they empty, which is what the lender waits for. A copy that finds
 // no room elsewhere is dropped if the page has another copy, else left (lost at the deadline).
 //
+// Disk copies. With a disk store (the backing file), a record may also name one copy there:
+// every page of a replicas:N+disk device has one, written before its peer copies, and a
+// page on a draining peer that finds no room on any other peer moves there (repatriation)
+// rather than be lost at the deadline. A page with a disk copy is never lost; reads try
+// the ready peers once and then the disk, and the rebuilder adds missing peer copies from
+// it (and a missing disk copy from a peer, when the disk had no room at first).
+//
 // The rebuilder (one thread) takes, from the peer store's reverse index, the copies that
 // went down with a peer, drops them from their records, and copies every degraded page from
 // a live copy to another peer, at most rebuild_rate pages a second. It commits a new copy
@@ -47,6 +54,7 @@ struct PlacementStats {
   std::uint64_t lost = 0;           // placements with no copy left
   std::uint64_t rebuilt = 0;        // copies made by the rebuilder since start
   std::uint64_t moved = 0;          // copies moved off draining peers since start
+  std::uint64_t disk_copies = 0;    // placements with a copy in the disk store
   // The rebuilder's pace: copies made (rebuilt or moved) per second, averaged over the last
   // few seconds; and, while pages are degraded, the seconds left at that pace (-1 while it
   // makes no progress: no peer up with room for another copy).
@@ -58,9 +66,10 @@ class PlacementStore final : public PageStore {
  public:
   static constexpr unsigned kMaxCopies = 3;
 
-  // `default_copies` is what Write and WriteBatch keep (1..kMaxCopies); `rebuild_rate` is
-  // pages per second the rebuilder copies at most.
-  PlacementStore(std::unique_ptr<peer::PeerStore> peers, unsigned default_copies = 1,
+  // `disk`, if not null, is where disk copies go; it must outlive this store. Write and
+  // WriteBatch keep one copy (none); `rebuild_rate` is pages per second the rebuilder
+  // copies at most.
+  PlacementStore(std::unique_ptr<peer::PeerStore> peers, PageStore* disk = nullptr,
                  unsigned rebuild_rate = 5000);
   // Stops the rebuilder.
   ~PlacementStore() override;
@@ -77,10 +86,12 @@ class PlacementStore final : public PageStore {
                  std::span<int> results) noexcept override;
   void WriteBatch(std::span<const std::byte* const> pages, std::span<const std::uint64_t> hints,
                   std::span<Slot> slots, std::span<int> results) noexcept override {
-    WriteBatchCopies(pages, hints, default_copies_, slots, results);
+    WriteBatchCopies(pages, hints, Redundancy{}, slots, results);
   }
+  // redundancy.copies is clamped to 1..kMaxCopies; redundancy.disk asks for a disk copy
+  // too (ignored without a disk store).
   void WriteBatchCopies(std::span<const std::byte* const> pages,
-                        std::span<const std::uint64_t> hints, unsigned copies,
+                        std::span<const std::uint64_t> hints, Redundancy redundancy,
                         std::span<Slot> slots, std::span<int> results) noexcept override;
   void Pin(Slot slot) noexcept override;
   void Unpin(Slot slot) noexcept override;
@@ -98,15 +109,27 @@ class PlacementStore final : public PageStore {
   static constexpr std::size_t kMaxChunks = std::size_t{1} << 20;  // 2^32 placements
   static constexpr std::size_t kLockStripes = 1024;
 
+  static constexpr Slot kNoDisk = ~Slot{0};
   struct Record {
     std::uint32_t version = 0;   // changes whenever the record does
-    std::uint8_t count = 0;      // copies[0..count) are the copies
-    std::uint8_t wanted = 0;     // copies asked for; 0: the record is free
+    std::uint8_t count = 0;      // copies[0..count) are the peer copies
+    std::uint8_t wanted = 0;     // peer copies asked for; 0: the record is free
+    bool want_disk = false;      // a disk copy asked for (replicas:N+disk)
     std::uint16_t pins = 0;
     bool discarded = false;      // Discard came while pinned: free at the last Unpin
     bool lost = false;           // every copy is gone
+    Slot disk = kNoDisk;         // the disk copy's slot, if there is one
     Slot copies[kMaxCopies] = {};
   };
+  // Short of a copy it asked for. REQUIRES: a live record, not lost.
+  static bool Degraded(const Record& record) noexcept {
+    return record.count < record.wanted || (record.want_disk && record.disk == kNoDisk);
+  }
+  // Keeps degraded_ in step after a change to a live record that was `was_degraded`, and
+  // queues it for the rebuilder if it still is. REQUIRES: its stripe lock held.
+  void AfterChangeLocked(std::uint32_t id, const Record& record, bool was_degraded) noexcept;
+  // Whether the disk store can take another page now.
+  bool DiskHasRoom() const noexcept;
   struct alignas(64) Stripe {
     std::mutex mu;
   };
@@ -121,6 +144,10 @@ class PlacementStore final : public PageStore {
   void ReleaseLocked(std::uint32_t id, Record& record) noexcept;
   // Reads `copies` in order, ready peers first (see the file comment).
   int ReadCopies(const Slot* copies, unsigned count, PageSpan out) noexcept;
+  // Reads a record's page from its peer copies or its disk copy (kNoDisk: none): with a
+  // disk copy, each ready peer is asked once and then the disk, so nothing waits on a
+  // peer that is late.
+  int ReadRecord(const Slot* copies, unsigned count, Slot disk, PageSpan out) noexcept;
   // Whether a degraded record goes on the rebuild queue. REQUIRES: its stripe lock held.
   void NoteDegradedLocked(std::uint32_t id, const Record& record) noexcept;
   void RebuilderLoop();
@@ -134,7 +161,7 @@ class PlacementStore final : public PageStore {
   std::size_t MoveSome(std::size_t budget) noexcept;
 
   const std::unique_ptr<peer::PeerStore> peers_;
-  const unsigned default_copies_;
+  PageStore* const disk_;  // or null
   const unsigned rebuild_rate_;
 
   const std::unique_ptr<std::atomic<Record*>[]> chunks_;  // kMaxChunks slots, filled as needed
@@ -149,6 +176,7 @@ class PlacementStore final : public PageStore {
   std::atomic<std::uint64_t> lost_{0};
   std::atomic<std::uint64_t> rebuilt_{0};
   std::atomic<std::uint64_t> moved_{0};
+  std::atomic<std::uint64_t> disk_copies_{0};
   std::atomic<double> copies_per_s_{0};  // written by the rebuilder only
   unsigned idle_rounds_ = 0;             // the rebuilder's: rounds in a row that made nothing
 

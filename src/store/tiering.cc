@@ -12,8 +12,8 @@ namespace memlend {
 Tiering::Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<PageStore> remote,
                  std::unique_ptr<DiskStore> disk, TieringOptions options, PageStore* cache)
     : local_(std::move(local)),
-      remote_(std::move(remote)),
       disk_(std::move(disk)),
+      remote_(std::move(remote)),
       options_(options),
       cache_(cache) {
   assert(local_ != nullptr);
@@ -187,24 +187,29 @@ bool Tiering::CanKeepDiskCopy() const noexcept {
   return free >= local_->Stats().total_bytes;
 }
 
-int Tiering::RemoteWrite(ConstPageSpan page, std::uint64_t hint, unsigned copies,
+int Tiering::RemoteWrite(ConstPageSpan page, std::uint64_t hint, Redundancy redundancy,
                          Slot* slot) noexcept {
   if (!remote_) return -ENOSPC;
   const std::byte* pages[1] = {page.data()};
   int result = -ENOSPC;
-  remote_->WriteBatchCopies(pages, std::span(&hint, 1), copies, std::span(slot, 1),
-                            std::span(&result, 1));
+  remote_->WriteBatchCopies(pages, std::span(&hint, 1), RemoteRedundancy(redundancy),
+                            std::span(slot, 1), std::span(&result, 1));
   return result;
 }
 
 int Tiering::Demote(ConstPageSpan page, std::uint64_t hint, Location* placed,
-                    unsigned copies) noexcept {
+                    Redundancy redundancy) noexcept {
   Slot slot = 0;
-  if (RemoteWrite(page, hint, copies, &slot) == 0) {
+  const bool disk_first = redundancy.copies == 0 && disk_;
+  if (disk_first && disk_->Write(page, hint, &slot) == 0) {
+    *placed = Location(Tier::kDisk, slot);
+    return 0;
+  }
+  if (RemoteWrite(page, hint, redundancy, &slot) == 0) {
     *placed = Location(Tier::kRemote, slot);
     return 0;
   }
-  if (disk_) {
+  if (disk_ && !disk_first) {
     const int rc = disk_->Write(page, hint, &slot);
     if (rc == 0) *placed = Location(Tier::kDisk, slot);
     return rc;
@@ -213,9 +218,9 @@ int Tiering::Demote(ConstPageSpan page, std::uint64_t hint, Location* placed,
 }
 
 void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
-                          std::span<const std::uint64_t> hints, std::span<const Slot> disk_copies,
+                          std::span<const std::uint64_t> hints, std::span<Slot> disk_copies,
                           bool use_cache, std::span<Location> placed,
-                          std::span<int> results, unsigned copies) noexcept {
+                          std::span<int> results, Redundancy redundancy) noexcept {
   constexpr std::size_t kMaxBatch = 64;
   assert(pages.size() <= kMaxBatch);
   // Split the batch: dirty pages need a new home, clean ones at most a cache entry.
@@ -227,7 +232,15 @@ void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
   std::uint64_t clean_hints[kMaxBatch];
   std::size_t clean_index[kMaxBatch];
   std::size_t clean = 0;
+  const bool disk_first = redundancy.copies == 0 && disk_;
   for (std::size_t i = 0; i < pages.size(); ++i) {
+    if (disk_copies[i] == kNoCopy && disk_first) {
+      // Disk redundancy: the page is clean once its disk copy is written.
+      Slot slot = 0;
+      if (disk_->Write(ConstPageSpan(pages[i], kPageSize), hints[i], &slot) == 0) {
+        disk_copies[i] = slot;
+      }
+    }
     if (disk_copies[i] == kNoCopy) {
       dirty_pages[dirty] = pages[i];
       dirty_hints[dirty] = hints[i];
@@ -247,13 +260,14 @@ void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
   for (std::size_t d = 0; d < dirty; ++d) dirty_results[d] = -ENOSPC;
   if (remote_ && dirty > 0) {
     remote_->WriteBatchCopies(std::span(dirty_pages, dirty), std::span(dirty_hints, dirty),
-                              copies, std::span(slots, dirty), std::span(dirty_results, dirty));
+                              RemoteRedundancy(redundancy), std::span(slots, dirty),
+                              std::span(dirty_results, dirty));
     for (std::size_t d = 0; d < dirty; ++d) {
       if (dirty_results[d] == 0) placed[dirty_index[d]] = Location(Tier::kRemote, slots[d]);
     }
   }
   for (std::size_t d = 0; d < dirty; ++d) {
-    if (dirty_results[d] != 0 && disk_) {
+    if (dirty_results[d] != 0 && disk_ && !disk_first) {
       dirty_results[d] =
           disk_->Write(ConstPageSpan(dirty_pages[d], kPageSize), dirty_hints[d], &slots[d]);
       if (dirty_results[d] == 0) placed[dirty_index[d]] = Location(Tier::kDisk, slots[d]);
@@ -272,7 +286,7 @@ void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
 }
 
 int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Location* placed,
-                   unsigned copies) noexcept {
+                   Redundancy redundancy) noexcept {
   *placed = old;
   Slot slot = 0;
   const bool was_local = old.tier() == Tier::kLocal;
@@ -326,7 +340,7 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Locatio
       return 0;
     }
     Location lower;
-    if (Demote(page, hint, &lower, copies) == 0) {
+    if (Demote(page, hint, &lower, redundancy) == 0) {
       *placed = lower;
       return 0;
     }
@@ -345,9 +359,11 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Locatio
   // already on disk is rewritten in its own slot when it has to stay there, so a full
   // device can still rewrite the blocks it holds. While scans are stuck, the disk comes
   // first: a peer would be reached through the same stuck connection, while the block
-  // layer keeps reserves for writes like this one.
-  const bool try_remote_first = remote_ && !(scan_stuck && disk_);
-  if (try_remote_first && RemoteWrite(page, hint, copies, &slot) == 0) {
+  // layer keeps reserves for writes like this one. With disk redundancy alone the disk
+  // comes first too: that is where such a device keeps its pages.
+  const bool try_remote_first =
+      remote_ && !(disk_ && (scan_stuck || redundancy.copies == 0));
+  if (try_remote_first && RemoteWrite(page, hint, redundancy, &slot) == 0) {
     Release(old);
     *placed = Location(Tier::kRemote, slot);
     return 0;
@@ -361,7 +377,7 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Locatio
       *placed = Location(Tier::kDisk, slot);
       return 0;
     }
-    if (rc != -ENOSPC || RemoteWrite(page, hint, copies, &slot) != 0) return rc;
+    if (rc != -ENOSPC || RemoteWrite(page, hint, redundancy, &slot) != 0) return rc;
     Release(old);
     *placed = Location(Tier::kRemote, slot);
     return 0;

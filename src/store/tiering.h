@@ -140,26 +140,37 @@ class Tiering {
   // `old` itself, but a full store may have had to move them (or, in a race for the last
   // room, drop them and leave the page unmapped). Either way the caller records *placed.
   // REQUIRES: the caller holds the page's lock (no concurrent use of `old`).
-  // A page that goes to the remote tier gets `copies` copies there (the device's redundancy).
+  // A page that goes below keeps what the device's `redundancy` asks for (see DemoteBatch).
   int Store(ConstPageSpan page, std::uint64_t hint, Location old, Location* placed,
-            unsigned copies = 1) noexcept;
+            Redundancy redundancy = {}) noexcept;
 
   // Places a page being evicted from the local store in the remote tier, else the disk
-  // tier. Returns 0 with *placed set, or -ENOSPC when neither has room.
+  // tier (with disk redundancy: the disk tier, else the remote one). Returns 0 with
+  // *placed set, or -ENOSPC when neither has room.
   int Demote(ConstPageSpan page, std::uint64_t hint, Location* placed,
-             unsigned copies = 1) noexcept;
-  // One page into the remote tier with `copies` copies; -ENOSPC without a remote tier.
-  int RemoteWrite(ConstPageSpan page, std::uint64_t hint, unsigned copies, Slot* slot) noexcept;
+             Redundancy redundancy = {}) noexcept;
+  // One page into the remote tier as RemoteRedundancy(redundancy) says; -ENOSPC without a
+  // remote tier.
+  int RemoteWrite(ConstPageSpan page, std::uint64_t hint, Redundancy redundancy,
+                  Slot* slot) noexcept;
+  // What the remote tier keeps of a page of a device with `redundancy`: as asked, except
+  // that a `disk` page that could not go to disk gets one peer copy and stays short of
+  // its disk copy (degraded) until the rebuild writes it.
+  static Redundancy RemoteRedundancy(Redundancy redundancy) noexcept {
+    return redundancy.copies == 0 ? Redundancy{1, true} : redundancy;
+  }
 
   // Demote for a batch. Dirty pages (disk_copies[i] == kNoCopy): the remote tier takes as
-  // many as it can in one overlapped round trip, the disk tier the rest. Clean pages: into
+  // many as it can in one overlapped round trip, with the copies `redundancy` asks for, and
+  // the disk tier the rest. With `disk` redundancy alone ({0, true}) a dirty page is
+  // written to the disk tier first and then treated as clean: disk_copies[i] is set to its
+  // new disk slot (the remote tier takes it only when the disk cannot). Clean pages: into
   // the cache when `use_cache` and it takes them (kCached), else back to their disk copy
   // (kDisk); they never fail. results[i] is 0 with placed[i] set, or -ENOSPC. The caller
-  // releases the local slots; a clean page's disk copy now belongs to placed[i]. Dirty
-  // pages get `copies` copies in the remote tier (on distinct peers) where it can.
+  // releases the local slots; a clean page's disk copy now belongs to placed[i].
   void DemoteBatch(std::span<const std::byte* const> pages, std::span<const std::uint64_t> hints,
-                   std::span<const Slot> disk_copies, bool use_cache, std::span<Location> placed,
-                   std::span<int> results, unsigned copies = 1) noexcept;
+                   std::span<Slot> disk_copies, bool use_cache, std::span<Location> placed,
+                   std::span<int> results, Redundancy redundancy = {}) noexcept;
 
   // Moves a page that was read from `old` (remote, disk or cached) into the local store
   // when the store is under its low watermark. Returns true and sets *placed if it moved;
@@ -231,8 +242,9 @@ class Tiering {
 
   // Constant after construction.
   const std::unique_ptr<LocalStore> local_;
-  const std::unique_ptr<PageStore> remote_;
+  // The disk store outlives the remote one, which may keep disk copies in it.
   const std::unique_ptr<DiskStore> disk_;
+  const std::unique_ptr<PageStore> remote_;
   const TieringOptions options_;
   PageStore* const cache_;  // owned by remote_, or null
 

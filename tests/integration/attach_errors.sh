@@ -44,8 +44,9 @@ expect_error "not a size" "$memlend" attach a --size 12Q --control "$control"
 expect_error "name" "$memlend" attach 'a/b' --size 16M --control "$control"
 expect_error "frontend" "$memlend" attach a --size 16M --frontend floppy --control "$control"
 expect_error "queues" "$memlend" attach a --size 16M --queues 0 --control "$control"
-expect_error "replicas:N with N from 1 to 3" "$memlend" attach a --size 16M --redundancy replicas:9 --control "$control"
-expect_error "this daemon has none" "$memlend" attach a --size 16M --redundancy replicas:2 --control "$control"
+expect_error "replicas:N or replicas:N\+disk with N from 1 to 3" "$memlend" attach a --size 16M --redundancy replicas:9 --control "$control"
+expect_error "needs at least 2 peers \(--peer\), and this daemon has 0" "$memlend" attach a --size 16M --redundancy replicas:2 --control "$control"
+expect_error "there is none \(start the daemon with --backing-file\)" "$memlend" attach a --size 16M --redundancy disk --control "$control"
 check_nothing_attached "$control"
 
 # The daemon validates on its own too (other clients do not go through the CLI).

@@ -543,7 +543,12 @@ void CheckStatusInvariants(const nlohmann::json& status) {
   if (disk_store.is_null()) {
     CHECK(disk_sum == 0);
   } else {
-    CHECK(disk_store.at("pages").get<uint64_t>() == disk_sum);
+    // Besides the devices' disk pages, the disk copies of remote pages (replicas:N+disk,
+    // or moved there off a leaving lender).
+    const nlohmann::json& remote_store = status.at("remote_store");
+    const uint64_t disk_copies =
+        remote_store.is_null() ? 0 : remote_store.at("disk_copies").get<uint64_t>();
+    CHECK(disk_store.at("pages").get<uint64_t>() == disk_sum + disk_copies);
   }
 }
 

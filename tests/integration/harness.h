@@ -206,7 +206,7 @@ DevicePages GetDevicePages(const nlohmann::json& status, const std::string& name
 
 // Checks (with doctest CHECKs) the invariants every status document must satisfy: per device
 // mapped = zero + local + disk + remote and total = size_bytes / 4096; local_store.pages = sum of
-// local pages; local_store.used_bytes <= total_bytes; disk_store.pages = sum of disk pages;
+// local pages; local_store.used_bytes <= total_bytes; disk_store.pages = sum of disk pages plus remote_store.disk_copies;
 // remote_store.pages + remote_store.lost_pages = sum of remote pages (0 without a remote store)
 // and lost_pages = sum of peers[].pages_lost. A daemon that only lends has no devices and
 // local_store null.

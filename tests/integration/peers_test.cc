@@ -874,6 +874,9 @@ TEST_SUITE("peers") {
     MemlendDaemon lender(dir, Lender("32M"), "lender");
     DaemonOptions options = Borrower("d0:32M", "4M", {lender.ListenAddress()});
     options.backing_file = dir.File("backing.img");
+    // none: evicted pages live on the lender alone (disk, the default with a backing file and
+    // one peer, would keep a copy on disk too).
+    options.extra_args = {"--redundancy", "none"};
     MemlendDaemon borrower(dir, options, "borrower");
     {
       NbdClient client(borrower.endpoint(), "d0");
@@ -1340,7 +1343,8 @@ TEST_SUITE("peers") {
     } thaw{lender.pid()};
     DaemonOptions options = Borrower("d0:32M", "4M", {lender.ListenAddress()});
     options.backing_file = dir.File("backing.img");
-    options.extra_args = {"--peer-timeout", "200", "--peer-down-after", "2000"};
+    options.extra_args = {"--peer-timeout", "200", "--peer-down-after", "2000",
+                          "--redundancy", "none"};  // pages on the lender alone
     MemlendDaemon borrower(dir, options, "borrower");
     auto peer_state = [](const json& s) { return s.at("peers").at(0).at("state").get<std::string>(); };
     {
@@ -1425,6 +1429,8 @@ void CleanPagesScenario(bool passive) {
       Borrower(passive ? "d0:16M:passive" : "d0:16M", "4M", {lender_address});
   options.devices.push_back("d1:16M");
   options.backing_file = dir.File("backing.img");
+  // none: d1's dirty pages go to the lender through the passive protocol, not to disk.
+  options.extra_args = {"--redundancy", "none"};
   MemlendDaemon borrower(dir, options, "borrower");
   std::optional<MemlendDaemon> lender;
   {

@@ -559,32 +559,56 @@ TEST_CASE("BuildDaemonConfig reads the connection bounds, socket access and --fo
   CHECK(config.nbd_access.group == 0);
 }
 
-TEST_CASE("redundancy: replicas:2 with two peers by default, none with one; bad values named") {
+TEST_CASE("redundancy: replicas:2 with two peers, else disk with a backing file, else none") {
   DaemonConfig config;
   std::string error;
   DaemonArgs args = GoodArgs();
+  args.backing_file.clear();
+  args.backing_size.clear();
   args.peers = {"127.0.0.1:7710"};
+  config = DaemonConfig{};
   REQUIRE(BuildDaemonConfig(args, &config, &error));
-  CHECK(config.copies == 1);
+  CHECK(config.redundancy == Redundancy{1, false});
+  CHECK_FALSE(config.redundancy_given);
+  args.backing_file = "/tmp/memlend-config-test";
+  args.backing_size = "1G";
+  config = DaemonConfig{};
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.redundancy == Redundancy{0, true});
+  CHECK(RedundancyName(config.redundancy) == "disk");
   args.peers.push_back("127.0.0.1:7711");
+  config = DaemonConfig{};
   REQUIRE(BuildDaemonConfig(args, &config, &error));
-  CHECK(config.copies == 2);
-  CHECK(RedundancyName(config.copies) == "replicas:2");
+  CHECK(config.redundancy == Redundancy{2, false});
+  CHECK(RedundancyName(config.redundancy) == "replicas:2");
   args.redundancy = "none";
+  config = DaemonConfig{};
   REQUIRE(BuildDaemonConfig(args, &config, &error));
-  CHECK(config.copies == 1);
-  CHECK(RedundancyName(config.copies) == "none");
-  args.redundancy = "replicas:3";
-  CHECK(Contains(BuildError(args), "--redundancy replicas:3 needs at least 3 --peer lenders"));
-  for (const char* bad : {"replicas:0", "replicas:4", "replicas:", "replicas:2x", "two", ""}) {
-    if (*bad == '\0') continue;
-    args.redundancy = bad;
-    CHECK(Contains(BuildError(args), "expected none or replicas:N"));
-  }
-  args.redundancy = "disk";
-  CHECK(Contains(BuildError(args), "not available yet"));
+  CHECK(config.redundancy == Redundancy{1, false});
+  CHECK(config.redundancy_given);
+  CHECK(RedundancyName(config.redundancy) == "none");
   args.redundancy = "replicas:2+disk";
-  CHECK(Contains(BuildError(args), "not available yet"));
+  config = DaemonConfig{};
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.redundancy == Redundancy{2, true});
+  CHECK(RedundancyName(config.redundancy) == "replicas:2+disk");
+  args.redundancy = "disk";
+  config = DaemonConfig{};
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.redundancy == Redundancy{0, true});
+  args.redundancy = "replicas:3";
+  CHECK(Contains(BuildError(args), "--redundancy replicas:3: redundancy replicas:3 needs at least 3 peers (--peer), and this daemon has 2"));
+  args.redundancy = "replicas:1+disk";
+  args.backing_file.clear();
+  args.backing_size.clear();
+  CHECK(Contains(BuildError(args), "there is none (start the daemon with --backing-file)"));
+  args.redundancy = "disk";
+  CHECK(Contains(BuildError(args), "there is none"));
+  for (const char* bad : {"replicas:0", "replicas:4", "replicas:", "replicas:2x", "two",
+                          "+disk", "disk+disk", "replicas:2+", "replicas:4+disk"}) {
+    args.redundancy = bad;
+    CHECK(Contains(BuildError(args), "expected none, disk, replicas:N or replicas:N+disk"));
+  }
 }
 
 TEST_CASE("peer deadlines: defaults, chosen values, and bounds") {

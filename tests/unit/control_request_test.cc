@@ -35,10 +35,16 @@ TEST_CASE("drain parses, with its deadline bounded") {
 
 TEST_CASE("attach takes a redundancy of its own") {
   const auto attach = [](const char* line) { return std::get<AttachRequest>(ParseControlRequest(line)); };
-  CHECK(attach(R"({"command":"attach","name":"a","size_bytes":4096})").copies == 0);
-  CHECK(attach(R"({"command":"attach","name":"a","size_bytes":4096,"redundancy":"none"})").copies == 1);
+  CHECK_FALSE(attach(R"({"command":"attach","name":"a","size_bytes":4096})").redundancy);
+  CHECK(attach(R"({"command":"attach","name":"a","size_bytes":4096,"redundancy":"none"})")
+            .redundancy == Redundancy{1, false});
   CHECK(attach(R"({"command":"attach","name":"a","size_bytes":4096,"redundancy":"replicas:3"})")
-            .copies == 3);
+            .redundancy == Redundancy{3, false});
+  CHECK(attach(R"({"command":"attach","name":"a","size_bytes":4096,"redundancy":"disk"})")
+            .redundancy == Redundancy{0, true});
+  CHECK(attach(R"({"command":"attach","name":"a","size_bytes":4096,
+                   "redundancy":"replicas:2+disk"})")
+            .redundancy == Redundancy{2, true});
   CHECK(Refusal(R"({"command":"attach","name":"a","size_bytes":4096,"redundancy":"replicas:4"})")
             .find("from 1 to 3") != std::string::npos);
   CHECK(Refusal(R"({"command":"attach","name":"a","size_bytes":4096,"redundancy":2})")

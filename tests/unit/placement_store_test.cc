@@ -1,0 +1,205 @@
+// PlacementStore's disk copies, against real LenderServices on loopback and a real backing
+// file: replicas:N+disk pages survive every lender, a page on a leaving lender with no room
+// elsewhere moves to the disk, and a disk copy the full disk could not take comes later.
+
+#include <doctest/doctest.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "peer/peer_store.h"
+#include "running_lender.h"
+#include "store/disk_store.h"
+#include "store/placement_store.h"
+#include "temp_dir.h"
+
+namespace memlend {
+namespace {
+
+using peer::PeerState;
+using peer::PeerStore;
+using peer::testing::Eventually;
+using peer::testing::RunningLender;
+
+constexpr std::uint64_t kSuperpage = 2 * 1024 * 1024;
+
+std::vector<std::byte> PageOf(std::uint64_t seed) {
+  std::vector<std::byte> page(kPageSize);
+  for (std::size_t i = 0; i < kPageSize; i += 8) {
+    const std::uint64_t word = seed * 0x9e3779b97f4a7c15ULL + i;
+    std::memcpy(page.data() + i, &word, 8);
+  }
+  return page;
+}
+
+// Writes pages seeds [0, count) with `redundancy`; REQUIREs each was placed.
+std::vector<Slot> WritePages(PlacementStore& store, std::size_t count, Redundancy redundancy) {
+  std::vector<Slot> slots(count);
+  for (std::size_t base = 0; base < count; base += 64) {
+    const std::size_t n = std::min<std::size_t>(64, count - base);
+    std::vector<std::vector<std::byte>> pages;
+    std::vector<const std::byte*> pointers;
+    std::vector<std::uint64_t> hints;
+    for (std::size_t i = 0; i < n; ++i) {
+      pages.push_back(PageOf(base + i));
+      hints.push_back(base + i);
+    }
+    for (const auto& page : pages) pointers.push_back(page.data());
+    std::vector<int> results(n, -1);
+    store.WriteBatchCopies(pointers, hints, redundancy, std::span(slots).subspan(base, n),
+                           results);
+    for (std::size_t i = 0; i < n; ++i) REQUIRE(results[i] == 0);
+  }
+  return slots;
+}
+
+// How many of the pages read back wrong (each alone, then all in one batch).
+std::size_t BadPages(PlacementStore& store, const std::vector<Slot>& slots) {
+  std::size_t bad = 0;
+  std::vector<std::byte> out(kPageSize);
+  for (std::size_t i = 0; i < slots.size(); ++i) {
+    if (store.Read(slots[i], PageSpan(out.data(), kPageSize)) != 0 || out != PageOf(i)) ++bad;
+  }
+  std::vector<std::byte> all(slots.size() * kPageSize);
+  std::vector<std::byte*> outs;
+  for (std::size_t i = 0; i < slots.size(); ++i) outs.push_back(all.data() + i * kPageSize);
+  std::vector<int> results(slots.size(), -1);
+  store.ReadBatch(slots, outs, results);
+  for (std::size_t i = 0; i < slots.size(); ++i) {
+    const std::vector<std::byte> page = PageOf(i);
+    if (results[i] != 0 || std::memcmp(outs[i], page.data(), kPageSize) != 0) ++bad;
+  }
+  return bad;
+}
+
+TEST_SUITE("placement_store") {
+
+TEST_CASE("replicas:1+disk: pages outlive their lender, read from disk, and get a copy back") {
+  testing::TempDir dir;
+  DiskStore disk(dir.File("backing"), 0);
+  auto doomed = std::make_unique<RunningLender>(8 * kSuperpage);
+  RunningLender spare(8 * kSuperpage);
+  auto peers = std::make_unique<PeerStore>(0x2222);
+  PeerStore& members = *peers;
+  REQUIRE(members.AddPeer(doomed->endpoint) == 0);
+  members.Refresh();
+  PlacementStore store(std::move(peers), &disk);
+
+  constexpr std::size_t kPages = 300;
+  const std::vector<Slot> slots = WritePages(store, kPages, Redundancy{1, true});
+  PlacementStats stats = store.Placements();
+  CHECK(stats.pages == kPages);
+  CHECK(stats.copies == kPages);
+  CHECK(stats.disk_copies == kPages);
+  CHECK(stats.degraded == 0);
+  CHECK(disk.Stats().pages == kPages);
+
+  REQUIRE(members.AddPeer(spare.endpoint) == 0);
+  doomed.reset();  // every peer copy goes with it
+  CHECK(Eventually([&] {
+    members.Heartbeat();
+    return members.Peers().at(0).state == PeerState::kDown;
+  }));
+  members.Refresh();  // connects the spare
+  store.RebuildRound();
+  stats = store.Placements();
+  CHECK(stats.lost == 0);
+  CHECK(stats.pages == kPages);
+  CHECK(BadPages(store, slots) == 0);  // from the disk, or the copies made since
+
+  // The rebuild puts a peer copy back on the spare, from the disk copies.
+  CHECK(Eventually([&] {
+    store.RebuildRound();
+    return store.Placements().degraded == 0;
+  }));
+  stats = store.Placements();
+  CHECK(stats.copies == kPages);
+  CHECK(stats.rebuilt == kPages);
+  CHECK(stats.disk_copies == kPages);
+  CHECK(BadPages(store, slots) == 0);
+
+  for (Slot slot : slots) store.Discard(slot);
+  stats = store.Placements();
+  CHECK(stats.pages == 0);
+  CHECK(stats.disk_copies == 0);
+  CHECK(disk.Stats().pages == 0);
+}
+
+TEST_CASE("a page on a leaving lender with no room on another moves to the disk") {
+  testing::TempDir dir;
+  DiskStore disk(dir.File("backing"), 0);
+  RunningLender lender(8 * kSuperpage);
+  auto peers = std::make_unique<PeerStore>(0x3333);
+  PeerStore& members = *peers;
+  REQUIRE(members.AddPeer(lender.endpoint) == 0);
+  members.Refresh();
+  PlacementStore store(std::move(peers), &disk);
+
+  constexpr std::size_t kPages = 200;
+  const std::vector<Slot> slots = WritePages(store, kPages, Redundancy{1, false});
+  CHECK(store.Placements().disk_copies == 0);
+  CHECK(disk.Stats().pages == 0);
+
+  REQUIRE(members.RemovePeer(lender.endpoint) == 0);
+  CHECK(Eventually([&] {
+    store.RebuildRound();
+    return store.Placements().disk_copies == kPages;
+  }));
+  PlacementStats stats = store.Placements();
+  CHECK(stats.moved == kPages);
+  CHECK(stats.copies == 0);
+  CHECK(stats.lost == 0);
+  CHECK(stats.degraded == kPages);  // none asks for a peer copy, and there is no peer now
+  CHECK(disk.Stats().pages == kPages);
+  // Nothing is left on the lender: its session ends and it frees what it lent.
+  members.Refresh();
+  CHECK(members.Peers().empty());
+  CHECK(Eventually([&] { return lender.service->Stats().used_bytes == 0; }));
+  CHECK(BadPages(store, slots) == 0);
+  for (Slot slot : slots) store.Discard(slot);
+  CHECK(store.Placements().degraded == 0);
+  CHECK(disk.Stats().pages == 0);
+}
+
+TEST_CASE("a disk copy the full disk could not take is written once it has room") {
+  testing::TempDir dir;
+  constexpr std::size_t kDiskPages = 40;
+  DiskStore disk(dir.File("backing"), kDiskPages * kPageSize);
+  RunningLender lender(8 * kSuperpage);
+  auto peers = std::make_unique<PeerStore>(0x4444);
+  REQUIRE(peers->AddPeer(lender.endpoint) == 0);
+  peers->Refresh();
+  PlacementStore store(std::move(peers), &disk);
+
+  // Room on disk for 40 of them; a filler takes 20 of those.
+  std::vector<Slot> filler(20);
+  const std::vector<std::byte> zero(kPageSize);
+  for (Slot& slot : filler) {
+    REQUIRE(disk.Write(ConstPageSpan(zero.data(), kPageSize), 0, &slot) == 0);
+  }
+  constexpr std::size_t kPages = 50;
+  const std::vector<Slot> slots = WritePages(store, kPages, Redundancy{1, true});
+  PlacementStats stats = store.Placements();
+  CHECK(stats.pages == kPages);
+  CHECK(stats.disk_copies == 20);
+  CHECK(stats.degraded == 30);
+  store.RebuildRound();  // the disk is full: nothing changes
+  CHECK(store.Placements().degraded == 30);
+
+  for (Slot slot : filler) disk.Discard(slot);
+  store.RebuildRound();
+  stats = store.Placements();
+  CHECK(stats.disk_copies == 40);
+  CHECK(stats.degraded == 10);
+  CHECK(BadPages(store, slots) == 0);
+  for (Slot slot : slots) store.Discard(slot);
+  CHECK(disk.Stats().pages == 0);
+}
+
+}  // TEST_SUITE("placement_store")
+
+}  // namespace
+}  // namespace memlend
