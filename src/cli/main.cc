@@ -346,10 +346,13 @@ int main(int argc, char** argv) {
       ->type_name("PATH");
 
   daemon->add_option("--redundancy", daemon_args.redundancy,
-                     "How many lenders keep each page this host evicts: none (one lender) or "
-                     "replicas:N (N distinct lenders, 1-3, all acknowledged before the page "
-                     "leaves RAM; a lender's death then loses nothing and its pages are copied "
-                     "again elsewhere). Default: replicas:2 with two or more --peer, else none")
+                     "What is kept of each page that leaves this host's RAM: none (one lender "
+                     "holds it), replicas:N (N distinct lenders, 1-3, all acknowledged before the "
+                     "page leaves RAM: a lender's death loses nothing, and its pages are copied "
+                     "again elsewhere), disk (the backing file holds it, a lender may cache it: "
+                     "nothing is lost with any lender), or replicas:N+disk (both). Default: "
+                     "replicas:2 with two or more --peer, else disk with --backing-file, else "
+                     "none; shown per device in `memlend status`")
       ->type_name("MODE");
   daemon->add_option("--rebuild-rate", daemon_args.rebuild_rate,
                      "Pages a second the background rebuild copies at most, when a lender's "
@@ -445,9 +448,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "ublk", "nbd", "fuse"}))
       ->default_str("auto");
   attach->add_option("--redundancy", attach_redundancy,
-                     "How many peers keep each page this device evicts: none or replicas:N "
-                     "(N 1-3); default: the daemon's --redundancy (replicas:2 with two or more "
-                     "--peer, else none). Shown in `memlend status`")
+                     "What is kept of each page this device evicts: none, replicas:N (N 1-3), "
+                     "disk or replicas:N+disk (see `memlend daemon --help`); default: the "
+                     "daemon's --redundancy, else replicas:2 when the daemon has two or more "
+                     "peers, else disk when it has a backing file, else none. Shown in "
+                     "`memlend status`")
       ->type_name("MODE");
   attach->add_option("--queues", attach_queues,
                      "ublk only: hardware queues, each served by a thread of its own "

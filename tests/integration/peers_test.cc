@@ -1238,6 +1238,53 @@ TEST_SUITE("peers") {
     }
   }
 
+  // Repatriation onto disk: the only lender drains, no other lender has room, and the borrower
+  // has a backing file: every page it kept there moves to the disk, the lender exits 0, and
+  // nothing is lost. The pages stay short of the lender copy `none` asks for (degraded) until
+  // a lender is back.
+  TEST_CASE("memlend drain of the only lender: its pages move to the borrower's backing file") {
+    constexpr uint64_t kDeviceSize = 32 * kMiB;
+    constexpr uint64_t kWritten = 16 * kMiB;
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    const auto lenders = StartLenders(dir, 1, "32M", {"--drain-deadline", "20"});
+    DaemonOptions options = Borrower("d0:32M", "4M", ListenAddresses(lenders));
+    options.backing_file = dir.File("backing.img");
+    options.extra_args = {"--redundancy", "none"};
+    MemlendDaemon borrower(dir, options, "borrower");
+    auto remote = [](const json& s, const char* key) { return U64(s.at("remote_store"), key); };
+    {
+      NbdClient client(borrower.endpoint(), "d0");
+      ShadowDevice shadow(kDeviceSize);
+      std::mt19937_64 rng(seed);
+      WriteRandomRange(client, shadow, rng, 0, kWritten, 256 * kKiB, 0);
+      const json settled = WaitEvictionSettled(borrower);
+      INFO("settled status: " << settled.dump());
+      const uint64_t held = U64(settled.at("peers").at(0), "pages_stored");
+      REQUIRE(held > 0);
+      CHECK(remote(settled, "disk_copies") == 0);
+
+      const CommandResult drain = RunCommand(
+          {MemlendBinary(), "drain", "--deadline", "20", "--control", lenders[0]->control_path()});
+      INFO("memlend drain: " << drain.stdout_text << drain.stderr_text);
+      CHECK(drain.exit_status == 0);
+      CHECK(lenders[0]->Stop() == 0);
+      const json after = WaitForStatus(
+          borrower, [&](const json& s) { return s.at("peers").at(0).at("state") == "down"; },
+          10000);
+      INFO("status after the drain: " << after.dump());
+      CHECK(remote(after, "lost_pages") == 0);
+      CHECK(remote(after, "disk_copies") == held);
+      CHECK(remote(after, "moved_copies") == held);
+      CHECK(remote(after, "copies") == 0);
+      CHECK(remote(after, "degraded_pages") == held);
+      CheckStatusInvariants(after);
+      CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");
+    }
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+  }
+
   // Membership while serving: `memlend peer add` of a lender the daemon was not started with
   // (used for new pages at once), `memlend peer remove` of one holding pages (they move to the
   // others first, the lender ends up holding nothing, nothing is lost), adding it back, and the
