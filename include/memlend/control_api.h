@@ -31,6 +31,11 @@
 //     and a block device for it; reply fields path ("/dev/..."), frontend (the kind used)
 //   "detach" {name}: removes the block device and the device; refused while in use
 //   "drain" {deadline_ms}: a lender asks its borrowers to move their pages off, then exits
+//   "lend" {size_bytes, reclaim_below_bytes, deadline_ms}: a lender's pool at run time: the
+//     size to shrink or grow to (at most its --lend size; pages move off first, with
+//     RECLAIM and `deadline_ms` for borrowers), and the MemAvailable under which it shrinks
+//     (0: never); either may be left out. Reply: target_bytes, total_bytes, max_bytes,
+//     reclaim_below_bytes. Progress in status's lending (total_bytes falls to target_bytes).
 //   "peer_add" {address}: a borrower starts using the lender at address ("host:port" or
 //     "unix:PATH"); refused if it is a peer already or the daemon has no remote tier
 //   "peer_remove" {address}: a borrower moves its pages off that lender, then stops using it;
@@ -49,6 +54,7 @@ inline constexpr char kControlPeers[] = "peers";
 inline constexpr char kControlAttach[] = "attach";
 inline constexpr char kControlDetach[] = "detach";
 inline constexpr char kControlDrain[] = "drain";
+inline constexpr char kControlLend[] = "lend";
 inline constexpr char kControlPeerAdd[] = "peer_add";
 inline constexpr char kControlPeerRemove[] = "peer_remove";
 

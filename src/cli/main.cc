@@ -8,7 +8,9 @@
 #include <thread>
 #include <exception>
 #include <iostream>
+#include <optional>
 #include <string>
+#include <tuple>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -125,6 +127,18 @@ int RunDetach(const std::string& control, const std::string& name) {
   return 0;
 }
 
+// A progress line "[####      ] <left> <what>" for a count that falls from `first` to 0,
+// redrawn in place on a terminal, one line per update otherwise.
+void ShowProgress(bool tty, std::uint64_t first, std::uint64_t left, const std::string& what) {
+  constexpr std::size_t kWidth = 30;
+  first = std::max<std::uint64_t>(first, 1);
+  const std::size_t done = static_cast<std::size_t>(kWidth * (first - std::min(first, left)) / first);
+  const std::string line = "[" + std::string(done, '#') + std::string(kWidth - done, ' ') + "] " +
+                           std::to_string(left) + " " + what;
+  std::printf(tty ? "\r%s   " : "%s\n", line.c_str());
+  std::fflush(stdout);
+}
+
 // memlend drain: asks a lender to leave once its borrowers have moved their pages off, and
 // shows the pages left (per borrower) until it is done. 0 only when nothing was left behind.
 int RunDrain(const std::string& control_option, unsigned deadline_s) {
@@ -158,18 +172,14 @@ int RunDrain(const std::string& control_option, unsigned deadline_s) {
     if (!seen) first = std::max<std::uint64_t>(held, 1);
     seen = true;
     last = held;
-    constexpr std::size_t kWidth = 30;
-    const std::size_t done = static_cast<std::size_t>(kWidth * (first - std::min(first, held)) / first);
-    std::string line = "[" + std::string(done, '#') + std::string(kWidth - done, ' ') + "] " +
-                       std::to_string(held) + " pages left";
+    std::string what = "pages left";
     std::string borrowers;
     for (const auto& holding : lending.value("holdings", nlohmann::json::array())) {
       borrowers += (borrowers.empty() ? "" : ", ") + holding.value("node_id", std::string("?")) +
                    " " + std::to_string(holding.value("pages", std::uint64_t{0}));
     }
-    if (!borrowers.empty()) line += " (by borrower: " + borrowers + ")";
-    std::printf(tty ? "\r%s   " : "%s\n", line.c_str());
-    std::fflush(stdout);
+    if (!borrowers.empty()) what += " (by borrower: " + borrowers + ")";
+    ShowProgress(tty, first, held, what);
     if (lending.value("drain_done", false)) {
       const std::uint64_t left = lending.value("drain_pages_left", std::uint64_t{0});
       std::printf("%s%s\n", tty ? "\n" : "",
@@ -269,13 +279,7 @@ int RunPeerRemove(const std::string& control_option, const std::string& address_
     }
     left = peer.value("pages_stored", std::uint64_t{0});
     if (first == 0) first = std::max<std::uint64_t>(left, 1);
-    constexpr std::size_t kWidth = 30;
-    const std::size_t done =
-        static_cast<std::size_t>(kWidth * (first - std::min(first, left)) / first);
-    const std::string line = "[" + std::string(done, '#') + std::string(kWidth - done, ' ') +
-                             "] " + std::to_string(left) + " pages left on " + address;
-    std::printf(tty ? "\r%s   " : "%s\n", line.c_str());
-    std::fflush(stdout);
+    ShowProgress(tty, first, left, "pages left on " + address);
     if (std::chrono::steady_clock::now() >= deadline) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
@@ -284,6 +288,77 @@ int RunPeerRemove(const std::string& control_option, const std::string& address_
               tty ? "\n" : "", address.c_str(), deadline_s,
               static_cast<unsigned long long>(left), address.c_str());
   return 1;
+}
+
+// memlend lend: a lender's pool at run time. A shrink shows the superpages borrowers still
+// hold until the pool is down to its new size; 0 once it is (at once for a growth).
+int RunLend(const std::string& control_option, const std::string& size_text,
+            const std::string& below_text, unsigned deadline_s) {
+  const std::string control = control_option.empty() ? memlend::DefaultControlPath() : control_option;
+  nlohmann::json request = {{"command", memlend::kControlLend}, {"deadline_ms", deadline_s * 1000ull}};
+  for (const auto& [option, text, field] :
+       {std::tuple{"--size", &size_text, "size_bytes"},
+        std::tuple{"--reclaim-below", &below_text, "reclaim_below_bytes"}}) {
+    if (text->empty()) continue;
+    const std::optional<std::uint64_t> bytes =
+        *text == "off" ? std::optional<std::uint64_t>(0) : memlend::ParseSize(*text);
+    if (!bytes) {
+      memlend::LogError("lend: %s '%s': expected a size such as 512M or 2G", option, text->c_str());
+      return 2;
+    }
+    request[field] = *bytes;
+  }
+  if (size_text.empty() && below_text.empty()) {
+    memlend::LogError("lend: give --size SIZE, --reclaim-below SIZE, or both (see `memlend lend --help`)");
+    return 2;
+  }
+  nlohmann::json reply;
+  try {
+    reply = memlend::CallControl(control, request);
+  } catch (const std::exception& e) {
+    memlend::LogError("lend: %s", e.what());
+    return 1;
+  }
+  if (!reply.value("ok", false)) {
+    memlend::LogError("lend: %s", reply.value("error", "no reason given").c_str());
+    return 1;
+  }
+  const bool tty = ::isatty(STDOUT_FILENO) != 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(deadline_s) +
+                        std::chrono::seconds(2);
+  std::uint64_t first = 0;
+  for (bool shown = false;; shown = true) {
+    nlohmann::json lending;
+    try {
+      lending = memlend::CallControl(control, {{"command", memlend::kControlStatus}}).at("lending");
+    } catch (const std::exception& e) {
+      memlend::LogError("lend: %s", e.what());
+      return 1;
+    }
+    const std::uint64_t total = lending.value("total_bytes", std::uint64_t{0});
+    const std::uint64_t target = lending.value("target_bytes", std::uint64_t{0});
+    const std::uint64_t left = total > target ? (total - target) >> 20 : 0;
+    if (left == 0) {
+      std::printf("%spool: %s (at most %s)%s\n", shown && tty ? "\n" : "",
+                  memlend::FormatSize(total).c_str(),
+                  memlend::FormatSize(lending.value("max_bytes", std::uint64_t{0})).c_str(),
+                  lending.value("reclaim_below_bytes", std::uint64_t{0}) > 0
+                      ? (", shrinking while MemAvailable is under " +
+                         memlend::FormatSize(lending.value("reclaim_below_bytes", std::uint64_t{0})))
+                            .c_str()
+                      : "");
+      return 0;
+    }
+    if (first == 0) first = left;
+    ShowProgress(tty, first, left, "MiB still held by borrowers, moving them off");
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::printf("%sthe deadline passed with %llu MiB still held by borrowers; the pool stays "
+                  "larger than asked until they give it back\n",
+                  tty ? "\n" : "", static_cast<unsigned long long>(left));
+      return 1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
 }
 
 }  // namespace
@@ -403,6 +478,11 @@ int main(int argc, char** argv) {
                      "Seconds a lender given SIGTERM waits for its borrowers to move their pages "
                      "elsewhere before it exits (0-3600, default 30; see `memlend drain`)")
       ->type_name("S");
+  daemon->add_option("--reclaim-below", daemon_args.reclaim_below,
+                     "Shrink the lent pool while this host's MemAvailable is under SIZE "
+                     "(borrowers move their pages off first), and grow it back, up to --lend, "
+                     "once there is room again (default: never; `memlend lend` changes it)")
+      ->type_name("SIZE");
   daemon->add_option("--max-borrowers", daemon_args.max_borrowers,
                      "Borrower connections served at once; more are refused with a message "
                      "saying so (each may hold up to 7.3 MiB of locked memory while it is "
@@ -514,6 +594,32 @@ int main(int argc, char** argv) {
                 "only when nothing was left behind. SIGTERM to the lender drains the same way, "
                 "with its --drain-deadline.");
 
+  std::string lend_control;
+  std::string lend_size;
+  std::string lend_below;
+  unsigned lend_deadline = 30;
+  CLI::App* lend = app.add_subcommand(
+      "lend", "Shrink or grow a running lender's pool, or set when it shrinks by itself");
+  lend->add_option("--size", lend_size,
+                   "The pool's new size, up to the daemon's --lend size; a shrink gives free "
+                   "and cached memory back at once and asks borrowers (RECLAIM) for the rest")
+      ->type_name("SIZE");
+  lend->add_option("--reclaim-below", lend_below,
+                   "Shrink the pool while the host's MemAvailable is under SIZE, and grow it "
+                   "back once there is room again; off (or 0) stops that")
+      ->type_name("SIZE|off");
+  lend->add_option("--deadline", lend_deadline,
+                   "Seconds borrowers have to move their pages off a shrinking pool (0-3600, "
+                   "default 30)")
+      ->check(CLI::Range(0, 3600))
+      ->default_val(30);
+  lend->add_option("--control", lend_control,
+                   "The lender's control socket (default: " + memlend::DefaultControlPath() + ")")
+      ->type_name("PATH");
+  lend->footer("Shows what borrowers still hold until the pool is down to its new size; exits "
+               "0 once it is, 1 if the deadline passes first (the pool then stays larger until "
+               "they give it back). Pages a borrower put persistently are never dropped.");
+
   std::string peer_control;
   std::string peer_address;
   unsigned peer_add_wait = 10;
@@ -569,6 +675,7 @@ int main(int argc, char** argv) {
   }
   if (detach->parsed()) return RunDetach(detach_control, detach_name);
   if (drain->parsed()) return RunDrain(drain_control, drain_deadline);
+  if (lend->parsed()) return RunLend(lend_control, lend_size, lend_below, lend_deadline);
   if (peer_add->parsed()) return RunPeerAdd(peer_control, peer_address, peer_add_wait);
   if (peer_remove->parsed()) {
     return RunPeerRemove(peer_control, peer_address, peer_remove_deadline);

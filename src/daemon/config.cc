@@ -195,7 +195,19 @@ bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* err
       *error = "--drain-deadline applies to lent memory: give --lend SIZE too";
       return false;
     }
+    if (!args.reclaim_below.empty()) {
+      *error = "--reclaim-below applies to lent memory: give --lend SIZE too";
+      return false;
+    }
     return true;
+  }
+  if (!args.reclaim_below.empty()) {
+    const std::optional<std::uint64_t> below = ParseSize(args.reclaim_below);
+    if (!below) {
+      *error = "--reclaim-below " + Quote(args.reclaim_below) + ": expected a size (0: never)";
+      return false;
+    }
+    config->reclaim_below_bytes = *below;
   }
   if (!ParseCount("--max-borrowers", args.max_borrowers, 1, 4096, &config->max_borrowers,
                   error)) {

@@ -60,6 +60,9 @@ struct DaemonConfig {
   unsigned max_borrowers = 32;          // borrower connections at once
   // How long a lender leaving (SIGTERM) waits for its borrowers to move their pages off.
   std::uint64_t drain_deadline_ms = 30000;
+  // Shrink the pool while the host's MemAvailable is under this (0: never); see
+  // docs/remote-tier.md, "Reclaim".
+  std::uint64_t reclaim_below_bytes = 0;
   // Reserve memory even past what the host can hold (see host_memory.h). --force.
   bool force = false;
 };
@@ -99,6 +102,7 @@ struct DaemonArgs {
   std::string max_connections;  // empty: the default
   std::string max_borrowers;    // empty: the default
   std::string drain_deadline;   // seconds; empty: the default
+  std::string reclaim_below;    // a size; empty: never
   std::string socket_mode;      // octal; empty: 0600
   std::string socket_group;     // a group name or number; empty: the daemon's
   bool force = false;

@@ -77,6 +77,35 @@ Endpoint PeerAddress(const json& request) {
   return std::move(*address);
 }
 
+// The deadline_ms field of drain and lend, if present: 0 to kMaxDrainDeadlineMs.
+std::optional<std::uint64_t> DeadlineField(const json& request) {
+  const auto deadline = request.find("deadline_ms");
+  if (deadline == request.end()) return std::nullopt;
+  if (!deadline->is_number_unsigned() || deadline->get<std::uint64_t>() > kMaxDrainDeadlineMs) {
+    throw std::invalid_argument("\"deadline_ms\" must be an integer from 0 to " +
+                                std::to_string(kMaxDrainDeadlineMs));
+  }
+  return deadline->get<std::uint64_t>();
+}
+
+LendRequest ParseLend(const json& request) {
+  LendRequest lend;
+  for (const char* field : {"size_bytes", "reclaim_below_bytes"}) {
+    const auto value = request.find(field);
+    if (value == request.end()) continue;
+    if (!value->is_number_unsigned()) {
+      throw std::invalid_argument("\"" + std::string(field) + "\" must be a byte count");
+    }
+    (std::string(field) == "size_bytes" ? lend.size_bytes : lend.reclaim_below_bytes) =
+        value->get<std::uint64_t>();
+  }
+  if (!lend.size_bytes && !lend.reclaim_below_bytes) {
+    throw std::invalid_argument("lend needs \"size_bytes\" or \"reclaim_below_bytes\"");
+  }
+  if (const auto deadline = DeadlineField(request)) lend.deadline_ms = *deadline;
+  return lend;
+}
+
 }  // namespace
 
 ControlRequest ParseControlRequest(std::string_view line) {
@@ -91,15 +120,10 @@ ControlRequest ParseControlRequest(std::string_view line) {
   if (command == kControlDetach) return DetachRequest{DeviceName(request)};
   if (command == kControlDrain) {
     DrainRequest drain;
-    if (const auto deadline = request.find("deadline_ms"); deadline != request.end()) {
-      if (!deadline->is_number_unsigned() || deadline->get<std::uint64_t>() > kMaxDrainDeadlineMs) {
-        throw std::invalid_argument("\"deadline_ms\" must be an integer from 0 to " +
-                                    std::to_string(kMaxDrainDeadlineMs));
-      }
-      drain.deadline_ms = deadline->get<std::uint64_t>();
-    }
+    if (const auto deadline = DeadlineField(request)) drain.deadline_ms = *deadline;
     return drain;
   }
+  if (command == kControlLend) return ParseLend(request);
   if (command == kControlPeerAdd) return PeerAddRequest{PeerAddress(request)};
   if (command == kControlPeerRemove) return PeerRemoveRequest{PeerAddress(request)};
   throw std::invalid_argument("unknown command " + Quote(command));

@@ -40,8 +40,14 @@ struct PeerAddRequest {
 struct PeerRemoveRequest {
   Endpoint address;
 };
+// A lender's pool at run time (docs/remote-tier.md, "Reclaim"): at least one of the two.
+struct LendRequest {
+  std::optional<std::uint64_t> size_bytes;           // shrink or grow to this
+  std::optional<std::uint64_t> reclaim_below_bytes;  // shrink while MemAvailable is under it
+  std::uint64_t deadline_ms = 30000;  // for borrowers to give superpages back; 0 to kMaxDrainDeadlineMs
+};
 using ControlRequest = std::variant<StatusRequest, PeersRequest, AttachRequest, DetachRequest,
-                                    DrainRequest, PeerAddRequest, PeerRemoveRequest>;
+                                    DrainRequest, PeerAddRequest, PeerRemoveRequest, LendRequest>;
 
 inline constexpr std::uint64_t kMaxDrainDeadlineMs = 3600 * 1000;
 

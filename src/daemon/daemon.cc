@@ -111,6 +111,11 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
     options.realtime = locks_memory_;  // replies may be what a swapping host waits for
     lender_ = std::make_unique<peer::LenderService>(config.listen, config.lend_bytes,
                                                     config.node_id, options);
+    lender_->SetLockMemory(locks_memory_);
+    lend_size_bytes_.store(lender_->Stats().max_bytes);
+    pressure_size_bytes_ = lender_->Stats().max_bytes;
+    reclaim_below_bytes_.store(config.reclaim_below_bytes);
+    reclaim_deadline_ms_.store(config.drain_deadline_ms);
   }
   control_ = std::make_unique<ControlServer>(
       config.control_path, [this](const ControlRequest& request) { return HandleControl(request); });
@@ -218,7 +223,9 @@ void Daemon::Stop() {
     stopping_ = true;
   }
   refresh_cv_.notify_all();
+  reclaim_cv_.notify_all();
   if (refresher_.joinable()) refresher_.join();
+  if (reclaimer_.joinable()) reclaimer_.join();
   if (control_) control_->Stop();
   // Block devices first: their last requests still reach the NBD servers.
   DetachAll();
@@ -246,6 +253,81 @@ void Daemon::RefreshLoop() {
     }
     lock.lock();
   }
+}
+
+void Daemon::ReclaimLoop() {
+  std::unique_lock lock(refresh_mu_);
+  while (!stopping_) {
+    lock.unlock();
+    AdjustPool();
+    lock.lock();
+    reclaim_cv_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; });
+  }
+}
+
+void Daemon::AdjustPool() {
+  // Pressure lets the pool grow back only with this much to spare above the threshold,
+  // so that it does not shrink and grow by turns around it.
+  constexpr std::uint64_t kSlack = 64ull << 20;
+  constexpr std::uint64_t kSuperpage = peer::kSuperpageBytes;
+  std::lock_guard lock(adjust_mu_);
+  const peer::LendingStats stats = lender_->Stats();
+  const std::uint64_t size = lend_size_bytes_.load(std::memory_order_acquire);
+  const std::uint64_t below = reclaim_below_bytes_.load(std::memory_order_acquire);
+  const std::optional<std::uint64_t> available = below > 0 ? ReadMemAvailable() : std::nullopt;
+  if (below == 0) {
+    pressure_size_bytes_ = stats.max_bytes;
+    pressure_logged_ = false;
+  } else if (available && *available < below) {
+    // Short of memory: give back what the host lacks, once the last shrink is done (a
+    // shrink under way frees memory that MemAvailable does not show yet).
+    if (stats.total_bytes <= stats.target_bytes) {
+      const std::uint64_t short_by = (below - *available + kSuperpage - 1) / kSuperpage * kSuperpage;
+      const std::uint64_t pressure = stats.total_bytes > short_by ? stats.total_bytes - short_by : 0;
+      if (pressure < pressure_size_bytes_) {
+        pressure_size_bytes_ = pressure;
+        LogError("lender: MemAvailable %s is under --reclaim-below %s: shrinking the pool to %s",
+                 FormatSize(*available).c_str(), FormatSize(below).c_str(),
+                 FormatSize(std::min(size, pressure)).c_str());
+        pressure_logged_ = true;
+      }
+    }
+  } else if (available && *available >= below + kSlack && pressure_size_bytes_ < stats.max_bytes) {
+    const std::uint64_t spare = (*available - below - kSlack) / kSuperpage * kSuperpage;
+    pressure_size_bytes_ = std::min(stats.max_bytes, pressure_size_bytes_ + spare);
+    if (pressure_logged_ && pressure_size_bytes_ >= size) {
+      LogError("lender: MemAvailable %s: the pool grows back to %s", FormatSize(*available).c_str(),
+               FormatSize(size).c_str());
+      pressure_logged_ = false;
+    }
+  }
+  const std::uint64_t target = std::min(size, pressure_size_bytes_) / kSuperpage * kSuperpage;
+  if (target != stats.target_bytes) {
+    lender_->Resize(target,
+                    std::chrono::milliseconds(reclaim_deadline_ms_.load(std::memory_order_acquire)));
+  }
+}
+
+nlohmann::json Daemon::Lend(const LendRequest& request) {
+  if (!lender_) throw std::runtime_error("this daemon lends nothing (no --lend): no pool to resize");
+  const std::uint64_t max = lender_->Stats().max_bytes;
+  if (request.size_bytes && *request.size_bytes > max) {
+    throw std::runtime_error("the pool can grow to " + FormatSize(max) +
+                             " at most (its --lend size); start the daemon with a larger --lend "
+                             "to lend more");
+  }
+  reclaim_deadline_ms_.store(request.deadline_ms, std::memory_order_release);
+  if (request.size_bytes) lend_size_bytes_.store(*request.size_bytes, std::memory_order_release);
+  if (request.reclaim_below_bytes) {
+    reclaim_below_bytes_.store(*request.reclaim_below_bytes, std::memory_order_release);
+  }
+  AdjustPool();
+  const peer::LendingStats stats = lender_->Stats();
+  return {{"ok", true},
+          {"target_bytes", stats.target_bytes},
+          {"total_bytes", stats.total_bytes},
+          {"max_bytes", stats.max_bytes},
+          {"reclaim_below_bytes", reclaim_below_bytes_.load(std::memory_order_acquire)}};
 }
 
 void Daemon::RefreshSoon() {
@@ -277,7 +359,13 @@ void Daemon::Run() {
     });
   }
   if (nbd_) nbd_->Start();
-  if (lender_) lender_->Start();
+  if (lender_) {
+    lender_->Start();
+    reclaimer_ = std::thread([this] {
+      SetThreadName("ml-reclaim");
+      ReclaimLoop();
+    });
+  }
   control_->Start();
   std::string what;
   if (nbd_) {
@@ -372,6 +460,7 @@ nlohmann::json Daemon::HandleControl(const ControlRequest& request) {
     nlohmann::json operator()(const DetachRequest& detach) const { return daemon.Detach(detach); }
     nlohmann::json operator()(const DrainRequest& drain) const { return daemon.StartDrain(drain); }
     nlohmann::json operator()(const PeerAddRequest& add) const { return daemon.AddPeer(add); }
+    nlohmann::json operator()(const LendRequest& lend) const { return daemon.Lend(lend); }
     nlohmann::json operator()(const PeerRemoveRequest& remove) const {
       return daemon.RemovePeer(remove);
     }
@@ -409,6 +498,10 @@ nlohmann::json Daemon::Status() const {
                            {"peers", PeersJson()["peers"]}};
   const peer::LendingStats lending = lender_ ? lender_->Stats() : peer::LendingStats{};
   status["lending"] = {{"total_bytes", lending.total_bytes},
+                       {"target_bytes", lending.target_bytes},
+                       {"max_bytes", lending.max_bytes},
+                       {"reclaiming_bytes", lending.reclaiming_bytes},
+                       {"reclaim_below_bytes", reclaim_below_bytes_.load(std::memory_order_relaxed)},
                        {"used_bytes", lending.used_bytes},
                        {"ephemeral_bytes", lending.ephemeral_bytes},
                        {"borrowers", lending.borrowers},

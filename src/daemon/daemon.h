@@ -52,6 +52,8 @@ class Daemon {
   nlohmann::json Detach(const DetachRequest& request);
   // Starts a lender's drain (the main thread runs it, then stops the daemon).
   nlohmann::json StartDrain(const DrainRequest& request);
+  // A lender's pool at run time (lend): its size and --reclaim-below. Control thread only.
+  nlohmann::json Lend(const LendRequest& request);
   // Membership changes of a borrower (peer_add, peer_remove).
   nlohmann::json AddPeer(const PeerAddRequest& request);
   nlohmann::json RemovePeer(const PeerRemoveRequest& request);
@@ -66,6 +68,11 @@ class Daemon {
   nlohmann::json HandleControl(const ControlRequest& request);
   // Asks the peers for their free space every few seconds and reconnects lost ones.
   void RefreshLoop();
+  // A lender's watch over its pool's size: every second, and when `lend` changes it.
+  void ReclaimLoop();
+  // Sets the pool's target: the size asked for (--lend, `lend`), less what --reclaim-below
+  // asks while MemAvailable is under it. Any thread.
+  void AdjustPool();
   void Stop();
   // Detaches every attached block device (forcibly if still in use), newest first.
   void DetachAll();
@@ -117,6 +124,15 @@ class Daemon {
   std::condition_variable refresh_cv_;
   bool stopping_ = false;  // guarded by refresh_mu_
   bool refresh_now_ = false;  // guarded by refresh_mu_: RefreshLoop refreshes at once
+  // A lender's pool size (AdjustPool).
+  std::thread reclaimer_;
+  std::condition_variable reclaim_cv_;    // with refresh_mu_ and stopping_
+  std::mutex adjust_mu_;                  // one AdjustPool at a time
+  std::atomic<std::uint64_t> lend_size_bytes_{0};      // asked for: --lend, then `lend`
+  std::atomic<std::uint64_t> reclaim_below_bytes_{0};  // --reclaim-below, then `lend`
+  std::atomic<std::uint64_t> reclaim_deadline_ms_{30000};
+  std::uint64_t pressure_size_bytes_ = 0;  // guarded by adjust_mu_: what pressure allows
+  bool pressure_logged_ = false;           // guarded by adjust_mu_
   // Drain: asked by `memlend drain` (else by SIGTERM), its deadline, and its outcome.
   std::atomic<bool> drain_asked_{false};
   std::atomic<std::uint64_t> drain_deadline_ms_{0};

@@ -48,6 +48,18 @@ HostMemory ReadHostMemory() {
   return host;
 }
 
+std::optional<std::uint64_t> ReadMemAvailable() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  std::uint64_t value = 0;
+  std::string unit;
+  while (meminfo >> key >> value) {
+    std::getline(meminfo, unit);
+    if (key == "MemAvailable:") return value * 1024;
+  }
+  return std::nullopt;
+}
+
 std::uint64_t HostMargin(const HostMemory& host) {
   if (host.total_bytes == kNoLimit) return 0;
   return std::min(std::max<std::uint64_t>(std::uint64_t{1} << 30, host.total_bytes / 10),

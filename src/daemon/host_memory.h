@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -27,6 +28,10 @@ struct HostMemory {
 // Reads MemTotal (/proc/meminfo), RLIMIT_MEMLOCK and this process's capabilities. A value
 // that cannot be read is left at "no limit".
 HostMemory ReadHostMemory();
+
+// MemAvailable (/proc/meminfo): what the host can still give without swapping; nullopt
+// when it cannot be read.
+std::optional<std::uint64_t> ReadMemAvailable();
 
 // True when the process has CAP_IPC_LOCK in its effective set.
 bool HasCapIpcLock();

@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <bit>
 #include <cassert>
 #include <cerrno>
@@ -32,6 +33,9 @@ LenderPool::LenderPool(std::uint64_t pool_bytes) {
   for (std::uint32_t i = superpage_count_; i > 0; --i) free_superpages_.push_back(i - 1);
   for (std::vector<std::uint32_t>& partial : partial_) partial.reserve(superpage_count_);
   ephemeral_.reserve(superpage_count_);
+  retired_.reserve(superpage_count_);
+  target_superpages_ = superpage_count_;
+  live_superpages_.store(superpage_count_, std::memory_order_relaxed);
 
   // Map one superpage more than needed and trim, so the arena starts on a 2 MiB boundary
   // and each superpage can be one transparent huge page.
@@ -216,7 +220,8 @@ Status LenderPool::Put(SessionId session, const HandleBody& handle, bool ephemer
         evicted_count = ReclaimEphemeralLocked(evicted);
         if (evicted_count > 0) slot = TakeSlotLocked(false);
       }
-      assert(evicted_count == 0 || slot != kNone);
+      // (An emptied superpage may have been retired instead, while the pool shrinks.)
+      assert(evicted_count == 0 || slot != kNone || !retired_.empty());
       // Evictions (RemovePageLocked) never erase a session or pool: `state` and `pool`
       // still stand.
       if (slot != kNone) {
@@ -317,7 +322,10 @@ void LenderPool::ReleaseSession(SessionId session) noexcept {
 LenderPoolStats LenderPool::Stats(SessionId caller) const noexcept {
   std::lock_guard lock(mu_);
   LenderPoolStats stats;
-  stats.total_pages = total_pages();
+  stats.total_pages = std::uint64_t{LiveLocked()} * kPagesPerSuperpage;
+  stats.target_pages = std::uint64_t{target_superpages_} * kPagesPerSuperpage;
+  stats.max_pages = std::uint64_t{superpage_count_} * kPagesPerSuperpage;
+  stats.reclaiming_pages = std::uint64_t{reclaiming_} * kPagesPerSuperpage;
   // Slots holding nothing at all; ephemeral pages count as free for QUERY only.
   const std::uint64_t empty_pages =
       std::uint64_t{free_superpages_.size()} * kPagesPerSuperpage + active_free_slots_;
@@ -428,6 +436,8 @@ void LenderPool::RemoveEphemeralLocked(std::uint32_t superpage) noexcept {
 
 void LenderPool::ReleaseSuperpageLocked(std::uint32_t superpage) noexcept {
   SuperpageMeta& meta = superpages_[superpage];
+  if (meta.reclaiming) --reclaiming_;
+  meta.reclaiming = false;
   meta.state = State::kFree;
   meta.ephemeral = false;
   meta.owner = kNoSession;
@@ -435,7 +445,75 @@ void LenderPool::ReleaseSuperpageLocked(std::uint32_t superpage) noexcept {
   meta.used_slots = 0;
   meta.partial_pos = kNone;
   meta.ephemeral_pos = kNone;
+  if (LiveLocked() > target_superpages_) {
+    RetireLocked(superpage);  // the pool is shrinking
+    return;
+  }
   free_superpages_.push_back(superpage);  // capacity reserved for every superpage
+}
+
+void LenderPool::RetireLocked(std::uint32_t superpage) noexcept {
+  superpages_[superpage].state = State::kRetired;
+  retired_.push_back(superpage);  // capacity reserved for every superpage
+  live_superpages_.store(LiveLocked(), std::memory_order_relaxed);
+  // Back to the host: unlocked first, since locked pages cannot be dropped.
+  std::byte* const address = SuperpageAddress(superpage);
+  ::munlock(address, kSuperpageBytes);
+  ::madvise(address, kSuperpageBytes, MADV_DONTNEED);
+}
+
+std::vector<ReclaimRequest> LenderPool::Resize(std::uint32_t superpages) {
+  std::vector<Eviction> evicted;
+  std::vector<ReclaimRequest> requests;
+  {
+    std::lock_guard lock(mu_);
+    target_superpages_ = std::min(superpages, superpage_count_);
+    // Growing: retired superpages go back into service.
+    while (LiveLocked() < target_superpages_ && !retired_.empty()) {
+      const std::uint32_t superpage = retired_.back();
+      retired_.pop_back();
+      // Best effort, as the daemon's mlockall is: a page that is not locked still works.
+      if (lock_memory_) ::mlock(SuperpageAddress(superpage), kSuperpageBytes);
+      superpages_[superpage].state = State::kFree;
+      free_superpages_.push_back(superpage);
+      live_superpages_.store(LiveLocked(), std::memory_order_relaxed);
+    }
+    // Shrinking: free superpages first, then ephemeral ones (cached copies, which their
+    // owners have elsewhere; ReleaseSuperpageLocked retires each as it empties).
+    while (LiveLocked() > target_superpages_ && !free_superpages_.empty()) {
+      const std::uint32_t superpage = free_superpages_.back();
+      free_superpages_.pop_back();
+      RetireLocked(superpage);
+    }
+    std::array<Eviction, kPagesPerSuperpage> batch;
+    while (LiveLocked() > target_superpages_ && !ephemeral_.empty()) {
+      const std::size_t count = ReclaimEphemeralLocked(batch);
+      evicted.insert(evicted.end(), batch.begin(), batch.begin() + static_cast<long>(count));
+    }
+    // Last, granted superpages: their borrowers move the pages off and free them.
+    const std::uint32_t excess = LiveLocked() > target_superpages_
+                                     ? LiveLocked() - target_superpages_ : 0;
+    std::uint32_t wanted = excess > reclaiming_ ? excess - reclaiming_ : 0;
+    for (auto it = grants_.begin(); it != grants_.end() && wanted > 0; ++it) {
+      SuperpageMeta& meta = superpages_[it->second];
+      if (meta.reclaiming) continue;
+      auto request = std::find_if(requests.begin(), requests.end(),
+                                  [&](const ReclaimRequest& r) { return r.owner == meta.owner; });
+      if (request == requests.end()) {
+        requests.push_back({meta.owner, {}});
+        request = requests.end() - 1;
+      }
+      request->sids.push_back(it->first);
+      meta.reclaiming = true;
+      ++reclaiming_;
+      --wanted;
+    }
+  }
+  for (std::size_t base = 0; base < evicted.size(); base += kPagesPerSuperpage) {
+    Report(std::span<const Eviction>(evicted).subspan(
+        base, std::min<std::size_t>(kPagesPerSuperpage, evicted.size() - base)));
+  }
+  return requests;
 }
 
 void LenderPool::RemovePageLocked(Session& session, Pool& pool, PageMap::iterator page) noexcept {
@@ -486,9 +564,11 @@ std::size_t LenderPool::ReclaimEphemeralLocked(
       evicted[count++] = EvictLocked(meta.fifo_of_slot[index]);
     }
   }
-  // Its last page gone, the superpage went back to the free stack, on top.
+  // Its last page gone, the superpage went back to the free stack, on top (or was retired,
+  // the pool being over its size).
   assert(count > 0);
-  assert(meta.state == State::kFree && free_superpages_.back() == victim);
+  assert(meta.state == State::kRetired ||
+         (meta.state == State::kFree && free_superpages_.back() == victim));
   return count;
 }
 

@@ -60,12 +60,25 @@
 // the passive protocol; a freed superpage keeps its old contents resident until it is
 // granted again.
 //
+// Resizing (Resize: `memlend lend --size`, and the daemon's --reclaim-below watch). The
+// mapping keeps the size the pool was made with, its most; the pool's *size* is how many of
+// its superpages are in service, and the others are *retired*: their memory is handed back
+// to the host (munlock, MADV_DONTNEED) and no one can be granted them. Shrinking retires
+// free superpages at once, then empties ephemeral superpages (their pages are evicted and
+// reported, as for an allocation) and retires those, and last asks borrowers for granted
+// superpages back: Resize returns which, per session, for RECLAIM notices; each retires
+// when its borrower frees it (or its session ends). Persistent pages are never dropped: a
+// superpage holding them retires only once they are gone, so a persistent GET after a
+// successful PUT still succeeds. Growing puts retired superpages back in service (locked
+// again when the pool's memory is locked: SetLockMemory).
+//
 // Metadata: about 100 bytes per superpage, plus 4 KiB (8 bytes a slot) for each
 // superpage that has ever been ephemeral, kept for reuse; per active page about 55 bytes
 // (persistent: a hash map node) or 110 bytes (ephemeral: also a FIFO node).
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -86,7 +99,10 @@ using SessionId = std::uint64_t;
 inline constexpr SessionId kNoSession = 0;
 
 struct LenderPoolStats {
-  std::uint64_t total_pages = 0;
+  std::uint64_t total_pages = 0;      // pages of the superpages in service (not retired)
+  std::uint64_t target_pages = 0;     // what Resize asked for (total_pages once reached)
+  std::uint64_t max_pages = 0;        // the mapping's: the most Resize can grow to
+  std::uint64_t reclaiming_pages = 0; // pages of granted superpages asked back, not yet freed
   // What QUERY reports as free: pages in free superpages, free slots of active superpages
   // and every page of ephemeral superpages (any allocation may evict those). That is,
   // total_pages minus granted superpages' pages minus persistent pages.
@@ -97,6 +113,12 @@ struct LenderPoolStats {
   // Bytes holding data now: granted superpages, persistent and ephemeral pages. Equals
   // (total_pages - free_pages + ephemeral_pages) * kPageBytes.
   std::uint64_t used_bytes = 0;
+};
+
+// Granted superpages a borrower is asked to give back (a RECLAIM notice).
+struct ReclaimRequest {
+  SessionId owner;
+  std::vector<std::uint32_t> sids;
 };
 
 // One page the pool dropped: `owner` lost the ephemeral page `handle`.
@@ -177,8 +199,22 @@ class LenderPool {
   // A consistent snapshot; caller_pages counts what `caller` holds (0 for kNoSession).
   LenderPoolStats Stats(SessionId caller = kNoSession) const noexcept;
 
-  std::uint64_t total_pages() const { return std::uint64_t{superpage_count_} * kPagesPerSuperpage; }
-  std::uint64_t pool_bytes() const { return std::uint64_t{superpage_count_} * kSuperpageBytes; }
+  // Sets the pool's size to `superpages` (at most the mapping's) and does what it can at
+  // once (see "Resizing" above): evictions go to the eviction handler, and the granted
+  // superpages to ask back are returned, each named once across calls. May throw
+  // std::bad_alloc (nothing is changed then... except what was already retired).
+  std::vector<ReclaimRequest> Resize(std::uint32_t superpages);
+  // Whether superpages put back in service are locked in memory (mlock), as the rest of a
+  // locked daemon's memory is. REQUIRES: no other call in progress.
+  void SetLockMemory(bool lock) { lock_memory_ = lock; }
+
+  // Pages and bytes of the superpages in service now (Resize changes them).
+  std::uint64_t total_pages() const {
+    return std::uint64_t{live_superpages_.load(std::memory_order_relaxed)} * kPagesPerSuperpage;
+  }
+  std::uint64_t pool_bytes() const { return total_pages() * kPageBytes; }
+  // The mapping's size: what the pool was made with.
+  std::uint64_t max_bytes() const { return std::uint64_t{superpage_count_} * kSuperpageBytes; }
 
  private:
   static constexpr std::uint32_t kNone = ~std::uint32_t{0};
@@ -187,7 +223,7 @@ class LenderPool {
   // An ephemeral page's place on the eviction FIFO names its owner and handle.
   using FifoIterator = std::list<Eviction>::iterator;
 
-  enum class State : std::uint8_t { kFree, kGranted, kActive };
+  enum class State : std::uint8_t { kFree, kGranted, kActive, kRetired };
   struct SuperpageMeta {
     SessionId owner = kNoSession;  // kGranted
     // kActive: bit i set when slot i is free; its place in partial_[ephemeral] while any
@@ -203,6 +239,7 @@ class LenderPool {
     std::uint32_t ephemeral_pos = kNone;  // kActive and ephemeral: its place in ephemeral_
     State state = State::kFree;
     bool ephemeral = false;  // kActive: holds only ephemeral pages, else only persistent
+    bool reclaiming = false; // kGranted: its borrower was asked to give it back
   };
 
   struct PageKey {
@@ -251,7 +288,14 @@ class LenderPool {
   }
   void RemovePartialLocked(std::uint32_t superpage) noexcept;
   void RemoveEphemeralLocked(std::uint32_t superpage) noexcept;
+  // Makes an emptied superpage free, or retires it while the pool is over its size.
   void ReleaseSuperpageLocked(std::uint32_t superpage) noexcept;
+  // Hands a superpage's memory back to the host and marks it retired. REQUIRES: it is
+  // free and off the free stack.
+  void RetireLocked(std::uint32_t superpage) noexcept;
+  std::uint32_t LiveLocked() const noexcept {
+    return superpage_count_ - static_cast<std::uint32_t>(retired_.size());
+  }
   // Removes one page of `pool`, freeing its slot.
   void RemovePageLocked(Session& session, Pool& pool, PageMap::iterator page) noexcept;
   // Evicts the ephemeral page at `fifo` and returns whom it belonged to.
@@ -270,6 +314,7 @@ class LenderPool {
   std::size_t mapping_bytes_ = 0;
   std::uint32_t superpage_count_ = 0;
   EvictionHandler on_evicted_;  // set before use
+  bool lock_memory_ = false;    // set before use
 
   mutable std::mutex mu_;
   // Everything below is guarded by mu_.
@@ -284,6 +329,10 @@ class LenderPool {
   std::uint64_t next_sid_ = 1;
   std::unordered_map<SessionId, Session> sessions_;
   std::list<Eviction> fifo_;  // ephemeral pages, oldest PUT first
+  std::uint32_t target_superpages_ = 0;    // the size Resize asked for
+  std::vector<std::uint32_t> retired_;     // superpages out of service (capacity reserved)
+  std::uint32_t reclaiming_ = 0;           // granted superpages with `reclaiming` set
+  std::atomic<std::uint32_t> live_superpages_{0};  // superpage_count_ - retired_.size()
 };
 
 }  // namespace memlend::peer

@@ -596,6 +596,45 @@ std::uint64_t LenderService::Drain(std::chrono::steady_clock::time_point deadlin
   }
 }
 
+void LenderService::Resize(std::uint64_t bytes, std::chrono::milliseconds deadline) {
+  const auto superpages =
+      static_cast<std::uint32_t>(std::min<std::uint64_t>(bytes / kSuperpageBytes, UINT32_MAX));
+  for (const ReclaimRequest& request : pool_.Resize(superpages)) {
+    NotifyReclaim(request.owner, request.sids, deadline);
+  }
+}
+
+void LenderService::NotifyReclaim(SessionId owner, std::span<const std::uint32_t> sids,
+                                  std::chrono::milliseconds deadline) noexcept {
+  std::shared_ptr<Session> session;
+  {
+    std::lock_guard lock(mu_);
+    const auto it = sessions_.find(owner);
+    if (it != sessions_.end()) session = it->second;
+  }
+  if (!session || session->finished.load(std::memory_order_acquire)) return;
+  // A notice names at most kReclaimBatch superpages (4 KiB of SIDs).
+  constexpr std::size_t kReclaimBatch = 1024;
+  std::byte notice[kHeaderBytes + sizeof(ReclaimBody) + kReclaimBatch * sizeof(std::uint32_t)];
+  const auto deadline_ms =
+      static_cast<std::uint32_t>(std::clamp<long long>(deadline.count(), 0, 1 << 30));
+  std::lock_guard send_lock(session->send_mu);
+  for (std::size_t base = 0; base < sids.size(); base += kReclaimBatch) {
+    const std::size_t count = std::min(kReclaimBatch, sids.size() - base);
+    const auto payload =
+        static_cast<std::uint32_t>(sizeof(ReclaimBody) + count * sizeof(std::uint32_t));
+    EncodeHeader(MessageType::kReclaim, false, 0, Status::kOk, 0, payload, HeaderSpan(notice));
+    EncodeBody(ReclaimBody{deadline_ms, static_cast<std::uint32_t>(count)},
+               notice + kHeaderBytes);
+    std::memcpy(notice + kHeaderBytes + sizeof(ReclaimBody), sids.data() + base,
+                count * sizeof(std::uint32_t));
+    if (WriteFull(session->fd.get(), notice, kHeaderBytes + payload) != 0) {
+      ::shutdown(session->fd.get(), SHUT_RDWR);  // out of step: end the session
+      return;
+    }
+  }
+}
+
 std::vector<BorrowerHolding> LenderService::Holdings() const {
   std::vector<std::shared_ptr<Session>> open;
   {
@@ -613,7 +652,10 @@ std::vector<BorrowerHolding> LenderService::Holdings() const {
 
 LendingStats LenderService::Stats() const {
   const LenderPoolStats stats = pool_.Stats();
-  return LendingStats{.total_bytes = pool_.pool_bytes(),
+  return LendingStats{.total_bytes = stats.total_pages * kPageBytes,
+                      .target_bytes = stats.target_pages * kPageBytes,
+                      .max_bytes = stats.max_pages * kPageBytes,
+                      .reclaiming_bytes = stats.reclaiming_pages * kPageBytes,
                       .used_bytes = stats.used_bytes,
                       .ephemeral_bytes = stats.ephemeral_pages * kPageBytes,
                       .borrowers = stats.borrowers,

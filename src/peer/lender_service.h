@@ -49,7 +49,11 @@ namespace memlend::peer {
 
 // What `memlend status` shows under "lending".
 struct LendingStats {
-  std::uint64_t total_bytes = 0;  // the pool's size
+  std::uint64_t total_bytes = 0;  // the pool's size now (superpages in service)
+  std::uint64_t target_bytes = 0; // the size asked for (Resize); total_bytes once reached
+  std::uint64_t max_bytes = 0;    // what the pool was made with (--lend): the most it grows to
+  // Granted superpages' bytes that borrowers were asked to give back (RECLAIM) and still hold.
+  std::uint64_t reclaiming_bytes = 0;
   std::uint64_t used_bytes = 0;   // bytes granted or holding active pages (both kinds)
   // The part of used_bytes that holds ephemeral pages: cached data the lender drops for
   // any allocation, so QUERY reports it as free.
@@ -118,6 +122,16 @@ class LenderService {
   // still held. Stop() comes after it. Thread-safe; a second call waits as the first.
   std::uint64_t Drain(std::chrono::steady_clock::time_point deadline);
 
+  // Reclaim and growth: sets the pool's size to `bytes` (rounded down to superpages, at most
+  // what it was made with), hands free and cached memory back at once (EVICTED notices for
+  // cached pages), and sends RECLAIM with `deadline` to borrowers for the granted
+  // superpages it still needs back. Returns without waiting: Stats() shows the progress
+  // (total_bytes falls to target_bytes as borrowers free them). Thread-safe.
+  void Resize(std::uint64_t bytes, std::chrono::milliseconds deadline);
+  // Whether superpages put back in service are locked in memory (the daemon locked its
+  // memory). REQUIRES: before Start().
+  void SetLockMemory(bool lock) { pool_.SetLockMemory(lock); }
+
   // A snapshot of the pool's use. Thread-safe.
   LendingStats Stats() const;
   // What each session holds now, for sessions holding anything. Thread-safe.
@@ -147,6 +161,9 @@ class LenderService {
   // Answers a connection the lender will not serve with a failed HELLO reply (tag 0)
   // saying why, without reading from it, and closes it; logs it now and then.
   void Refuse(UniqueFd fd, const std::string& why) noexcept;
+  // Sends RECLAIM notices for `sids` to session `owner`, if it is still connected.
+  void NotifyReclaim(SessionId owner, std::span<const std::uint32_t> sids,
+                     std::chrono::milliseconds deadline) noexcept;
   // Sends an EVICTED notice for each eviction to its owner, if it is still connected;
   // one owner's notices go out together. REQUIRES: evictions.size() <= kPagesPerSuperpage.
   void NotifyEvicted(std::span<const Eviction> evictions) noexcept;

@@ -55,6 +55,9 @@ void CompleteNow(PeerClient::Pending& pending, int error) {
 
 // Batched calls keep at most this many requests in flight.
 constexpr std::size_t kWindow = 64;
+// SIDs of RECLAIM notices a peer may have waiting to be applied: more than a lender of the
+// largest pool could grant (8 TiB / 2 MiB), so a lender only bounds what it can make us hold.
+constexpr std::size_t kMaxReclaims = std::size_t{1} << 22;
 
 std::uint64_t Mix(std::uint64_t x) {
   x ^= x >> 33;
@@ -156,6 +159,7 @@ bool PeerStore::FinishRemoval(Peer& peer) {
     peer.partial.clear();
     peer.frees_pending.clear();
     peer.free_slots = 0;
+    peer.reclaimed = 0;
     peer.pages.store(0, std::memory_order_relaxed);
     peer.free_pages.store(0, std::memory_order_relaxed);
     peer.pool_total_bytes = 0;
@@ -259,6 +263,11 @@ void PeerStore::MarkDown(Peer& peer, const std::string& why) {
   peer.partial.clear();
   peer.frees_pending.clear();
   peer.free_slots = 0;
+  peer.reclaimed = 0;
+  {
+    std::lock_guard reclaim_lock(peer.reclaim_mu);
+    peer.reclaims.clear();
+  }
   peer.pins.clear();
   peer.lost.fetch_add(peer.pages.load(std::memory_order_relaxed), std::memory_order_relaxed);
   // Slots of the ended session read as lost from now on, and a later session's slots
@@ -381,8 +390,9 @@ int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
   while (!peer.partial.empty()) {
     const std::uint32_t candidate = peer.partial.back();
     const auto it = peer.superpages.find(candidate);
-    if (it == peer.superpages.end() || it->second.used == kPagesPerSuperpage) {
-      peer.partial.pop_back();  // stale entry
+    if (it == peer.superpages.end() || it->second.used == kPagesPerSuperpage ||
+        it->second.reclaimed) {
+      peer.partial.pop_back();  // stale entry, or a superpage its lender wants back
       continue;
     }
     Superpage& superpage = it->second;
@@ -450,13 +460,20 @@ void PeerStore::ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) 
     const std::uint64_t bit = std::uint64_t{1} << (index % 64);
     assert(superpage.used_mask[index / 64] & bit);
     superpage.used_mask[index / 64] &= ~bit;
-    ++peer.free_slots;
+    // A reclaimed superpage's slots are not free for new pages: it goes back once empty.
+    if (!superpage.reclaimed) ++peer.free_slots;
     if (--superpage.used > 0) {
-      if (superpage.used == kPagesPerSuperpage - 1) peer.partial.push_back(sid);
+      if (superpage.used == kPagesPerSuperpage - 1 && !superpage.reclaimed) {
+        peer.partial.push_back(sid);
+      }
       return;
     }
+    if (superpage.reclaimed) {
+      --peer.reclaimed;
+    } else {
+      peer.free_slots -= kPagesPerSuperpage;
+    }
     peer.superpages.erase(it);
-    peer.free_slots -= kPagesPerSuperpage;
     client = peer.client;
   }
   // The superpage is empty: give it back so the lender's count drops, without waiting for
@@ -556,22 +573,45 @@ std::vector<PeerStore::LostCopy> PeerStore::CopiesOnDrainingPeers(std::size_t ma
   std::vector<LostCopy> copies;
   for (std::size_t index = 0; index < peer_count() && copies.size() < max; ++index) {
     Peer& peer = *peers_[index];
-    if (!peer.draining.load(std::memory_order_acquire) &&
-        !peer.removing.load(std::memory_order_acquire)) {
-      continue;
-    }
     std::lock_guard lock(peer.mu);
-    if (!peer.client) continue;
+    ApplyReclaimsLocked(peer);
+    const bool leaving = peer.draining.load(std::memory_order_acquire) ||
+                         peer.removing.load(std::memory_order_acquire);
+    if (!peer.client || (!leaving && peer.reclaimed == 0)) continue;
     const unsigned generation = peer.generation.load(std::memory_order_relaxed);
     for (const auto& [sid, superpage] : peer.superpages) {
+      if (!leaving && !superpage.reclaimed) continue;
       for (std::uint32_t page = 0; page < kPagesPerSuperpage && copies.size() < max; ++page) {
         if ((superpage.used_mask[page / 64] >> (page % 64) & 1) == 0) continue;
-        copies.push_back({superpage.owner[page], MakeSlot(index, generation, sid, page)});
+        copies.push_back({superpage.owner[page], MakeSlot(index, generation, sid, page),
+                          /*reclaim=*/!leaving});
       }
       if (copies.size() >= max) break;
     }
   }
   return copies;
+}
+
+void PeerStore::ApplyReclaimsLocked(Peer& peer) {
+  std::vector<std::uint32_t> sids;
+  {
+    std::lock_guard reclaim_lock(peer.reclaim_mu);
+    if (peer.reclaims.empty()) return;
+    sids.swap(peer.reclaims);
+  }
+  std::size_t marked = 0;
+  for (const std::uint32_t sid : sids) {
+    const auto it = peer.superpages.find(sid);
+    if (it == peer.superpages.end() || it->second.reclaimed) continue;  // freed already, say
+    it->second.reclaimed = true;
+    ++peer.reclaimed;
+    peer.free_slots -= kPagesPerSuperpage - it->second.used;
+    ++marked;
+  }
+  if (marked > 0) {
+    LogError("peer %s asks for %zu superpage(s) back: moving their pages elsewhere",
+             peer.endpoint.ToString().c_str(), marked);
+  }
 }
 
 std::vector<PeerStore::LostCopy> PeerStore::TakeLostCopies() {
@@ -833,6 +873,7 @@ std::vector<PeerInfo> PeerStore::Peers() const {
       info.pages_cached = peer->cached.size();
     }
     info.superpages_held = peer->superpages.size();
+    info.superpages_reclaimed = peer->reclaimed;
     info.pages_lost = peer->lost.load(std::memory_order_relaxed);
     info.last_error = peer->last_error;
     if (overdue) {
@@ -864,7 +905,27 @@ void PeerStore::OnNotice(Peer& peer, const Message& notice,
     LogError("peer %s is shutting down: moving its pages elsewhere within %u ms",
              peer.endpoint.ToString().c_str(), shutdown.deadline_ms);
   }
-  // RECLAIM of chosen superpages is a later capability.
+  ReclaimBody reclaim{};
+  if (notice.type == MessageType::kReclaim && DecodeBody(payload, &reclaim)) {
+    // The lender wants these superpages back by the deadline. Checked against the payload,
+    // and bounded: a lender can ask for what it granted, not make us hold more.
+    const std::size_t sids = (payload.size() - sizeof(ReclaimBody)) / sizeof(std::uint32_t);
+    if (reclaim.count != sids ||
+        payload.size() != sizeof(ReclaimBody) + sids * sizeof(std::uint32_t)) {
+      return;
+    }
+    std::lock_guard lock(peer.reclaim_mu);
+    try {
+      for (std::size_t i = 0; i < sids && peer.reclaims.size() < kMaxReclaims; ++i) {
+        std::uint32_t sid;
+        std::memcpy(&sid, payload.data() + sizeof(ReclaimBody) + i * sizeof(std::uint32_t),
+                    sizeof(sid));
+        peer.reclaims.push_back(sid);
+      }
+    } catch (const std::bad_alloc&) {
+      // The rest stay; the lender's deadline passes and it keeps them.
+    }
+  }
 }
 
 void PeerStore::CacheWriteBatch(std::span<const std::byte* const> pages,

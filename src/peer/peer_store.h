@@ -64,6 +64,7 @@ struct PeerInfo {
   std::uint64_t pool_free_bytes = 0;
   std::uint64_t pages_stored = 0;      // pages this host keeps there
   std::uint64_t superpages_held = 0;   // superpages granted to this host
+  std::uint64_t superpages_reclaimed = 0;  // of those, the ones the lender asked back
   std::uint64_t pages_lost = 0;        // pages that were there when it went down
   std::uint64_t rtt_us = 0;
   std::string last_error;              // why it is down, suspect or refusing, if it is
@@ -85,6 +86,9 @@ class PeerStore final : public PageStore {
   struct LostCopy {
     std::uint32_t owner;
     Slot slot;
+    // On a superpage its lender asked back (RECLAIM), the lender staying: the page may move
+    // to another superpage of the same lender.
+    bool reclaim = false;
   };
 
   // `node_id` is this daemon's identity in HELLO.
@@ -148,8 +152,9 @@ class PeerStore final : public PageStore {
   bool SlotGone(Slot slot) const noexcept;
   // The copies that were on peers that went down since the last call, with their owners.
   std::vector<LostCopy> TakeLostCopies();
-  // Up to `max` copies stored on peers that are draining (they sent SHUTDOWN: their pages
-  // must move elsewhere before their deadline), with their owners.
+  // Up to `max` copies that must move: those on peers that are draining (they sent SHUTDOWN,
+  // or are being removed) and those on superpages their lender asked back (RECLAIM), with
+  // their owners.
   std::vector<LostCopy> CopiesOnDrainingPeers(std::size_t max);
   void Pin(Slot slot) noexcept override;
   void Unpin(Slot slot) noexcept override;
@@ -174,6 +179,7 @@ class PeerStore final : public PageStore {
   struct Superpage {
     std::uint64_t used_mask[kPagesPerSuperpage / 64] = {};
     std::uint32_t used = 0;
+    bool reclaimed = false;  // the lender asked for it back: no new pages, the old ones move
     std::uint32_t owner[kPagesPerSuperpage] = {};  // the reverse index: who stored each page
   };
   // The cache() view: forwards to the Cache* methods below.
@@ -201,7 +207,8 @@ class PeerStore final : public PageStore {
     std::shared_ptr<PeerClient> client;                      // guarded by mu; null: down
     std::unordered_map<std::uint32_t, Superpage> superpages;  // guarded by mu
     std::vector<std::uint32_t> partial;  // guarded by mu: SIDs with a free slot (may be stale)
-    std::uint64_t free_slots = 0;        // guarded by mu: free slots in `superpages`
+    std::uint64_t free_slots = 0;        // guarded by mu: free slots of superpages not reclaimed
+    std::size_t reclaimed = 0;           // guarded by mu: superpages with `reclaimed` set
     std::vector<std::uint32_t> frees_pending;  // guarded by mu: emptied SIDs Refresh frees
     std::string last_error;              // guarded by mu
     bool refusing = false;               // guarded by mu
@@ -218,6 +225,11 @@ class PeerStore final : public PageStore {
     std::atomic<bool> draining{false};    // the session's lender sent SHUTDOWN
     std::atomic<bool> removing{false};    // RemovePeer: move everything off, then hang up
     std::atomic<bool> removed{false};     // gone from the membership; never reconnected
+
+    // SIDs of RECLAIM notices, for CopiesOnDrainingPeers to mark (the notice comes on the
+    // client's reader thread, which may not take `mu`). reclaim_mu is a leaf lock.
+    std::mutex reclaim_mu;
+    std::vector<std::uint32_t> reclaims;  // guarded by reclaim_mu; at most kMaxReclaims
 
     // The ephemeral cache. cache_mu is a leaf lock (the client's reader thread takes it
     // for EVICTED notices, and `mu` may be held while that thread is joined), so nothing
@@ -263,6 +275,9 @@ class PeerStore final : public PageStore {
   void ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) noexcept;
   std::shared_ptr<PeerClient> ClientOf(Peer& peer) const;
   void MarkDown(Peer& peer, const std::string& why);
+  // Marks the superpages named by RECLAIM notices since the last call: no new pages go
+  // there, and CopiesOnDrainingPeers lists their pages. REQUIRES: peer.mu held.
+  void ApplyReclaimsLocked(Peer& peer);
 
   // The peers added so far, in order: peers_[0..peer_count_). An entry is never freed or
   // moved once published, so readers index it without a lock.

@@ -600,6 +600,9 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
         }
         disk = record->disk;
         only_copy[n] = other_count[n] == 0 && disk == kNoDisk;
+        // A superpage its lender asked back (the lender stays): another superpage of the
+        // same lender will do.
+        if (copy.reclaim) excludes[n].reset(peer::PeerStore::PeerIndexOf(copy.slot));
       }
       std::byte* page = buffer + n * kPageSize;
       // From the leaving peer while it answers, else from another copy.

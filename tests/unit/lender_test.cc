@@ -395,6 +395,109 @@ TEST_CASE("an ephemeral put into a full pool evicts the oldest ephemeral page, o
   CheckAccounting(pool, 0, 0, kPagesPerSuperpage);
 }
 
+TEST_CASE("Resize: free superpages retire at once, and growing puts them back in service") {
+  LenderPool pool(8 * kSuperpageBytes);
+  CHECK(pool.Resize(3).empty());  // nothing is granted: nobody to ask
+  LenderPoolStats stats = pool.Stats();
+  CHECK(stats.total_pages == 3 * kPagesPerSuperpage);
+  CHECK(stats.target_pages == 3 * kPagesPerSuperpage);
+  CHECK(stats.max_pages == 8 * kPagesPerSuperpage);
+  CHECK(stats.free_pages == 3 * kPagesPerSuperpage);
+  CHECK(pool.pool_bytes() == 3 * kSuperpageBytes);
+  CHECK(pool.max_bytes() == 8 * kSuperpageBytes);
+  std::uint32_t sid = 0;
+  for (int i = 0; i < 3; ++i) REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
+  CHECK(pool.AllocSuperpage(1, &sid) == Status::kNoSpace);
+  CHECK(pool.Resize(100).empty());  // at most what the pool was made with
+  stats = pool.Stats();
+  CHECK(stats.total_pages == 8 * kPagesPerSuperpage);
+  CHECK(stats.target_pages == 8 * kPagesPerSuperpage);
+  // Superpages back in service read as zeros like any other.
+  for (int i = 0; i < 5; ++i) {
+    REQUIRE(pool.AllocSuperpage(2, &sid) == Status::kOk);
+    std::vector<std::byte> whole(kSuperpageBytes, std::byte{0x5a});
+    REQUIRE(ReadRange(pool, 2, sid, 0, whole) == Status::kOk);
+    CHECK(AllZero(whole));
+  }
+  CHECK(pool.AllocSuperpage(2, &sid) == Status::kNoSpace);
+  CheckAccounting(pool, 8, 0, 0);
+}
+
+TEST_CASE("a shrink evicts cached pages, then asks for granted superpages back; each retires "
+          "when freed") {
+  LenderPool pool(6 * kSuperpageBytes);
+  EvictionLog log;
+  log.Attach(pool);
+  std::vector<std::uint32_t> sids(3);
+  for (std::uint32_t& sid : sids) REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
+  for (std::uint32_t i = 0; i < kPagesPerSuperpage + 10; ++i) {  // two ephemeral superpages
+    REQUIRE(PutPage(pool, 2, Handle(1, i, 0), true, MakePage(i)) == Status::kOk);
+  }
+  // Six in service: 3 granted, 2 cached, 1 free. Down to 1: the free one and both cached ones
+  // go at once, and two of the granted ones are asked back.
+  const std::vector<ReclaimRequest> asked = pool.Resize(1);
+  CHECK(log.entries.size() == kPagesPerSuperpage + 10);
+  for (const std::size_t call : log.calls) CHECK(call <= kPagesPerSuperpage);
+  for (const Eviction& e : log.entries) CHECK(e.owner == 2);
+  REQUIRE(asked.size() == 1);
+  CHECK(asked[0].owner == 1);
+  REQUIRE(asked[0].sids.size() == 2);
+  LenderPoolStats stats = pool.Stats();
+  CHECK(stats.total_pages == 3 * kPagesPerSuperpage);
+  CHECK(stats.target_pages == 1 * kPagesPerSuperpage);
+  CHECK(stats.reclaiming_pages == 2 * kPagesPerSuperpage);
+  CHECK(stats.free_pages == 0);
+  CHECK(stats.ephemeral_pages == 0);
+  // Nothing new is granted or cached while the pool is over its size.
+  std::uint32_t sid = 0;
+  CHECK(pool.AllocSuperpage(3, &sid) == Status::kNoSpace);
+  CHECK(PutPage(pool, 2, Handle(1, 9999, 0), true, MakePage(1)) == Status::kNoSpace);
+  // Asked once: a second Resize to the same size asks nothing more.
+  CHECK(pool.Resize(1).empty());
+  // The borrower frees what it was asked for: each retires.
+  for (const std::uint32_t asked_sid : asked[0].sids) {
+    REQUIRE(pool.FreeSuperpage(1, asked_sid) == Status::kOk);
+  }
+  stats = pool.Stats();
+  CHECK(stats.total_pages == 1 * kPagesPerSuperpage);
+  CHECK(stats.reclaiming_pages == 0);
+  CheckAccounting(pool, 1, 0, 0);
+  // The one left is still the borrower's, data and all.
+  const std::uint32_t kept = sids[0] == asked[0].sids[0] || sids[0] == asked[0].sids[1]
+                                 ? (sids[1] == asked[0].sids[0] || sids[1] == asked[0].sids[1]
+                                        ? sids[2] : sids[1])
+                                 : sids[0];
+  const std::vector<std::byte> data = MakeBytes(kSuperpageBytes, 5);
+  REQUIRE(WriteRange(pool, 1, kept, 0, data) == Status::kOk);
+  // A session that ends gives back what it held: to 0 now.
+  CHECK(pool.Resize(0).size() == 1);
+  pool.ReleaseSession(1);
+  CHECK(pool.Stats().total_pages == 0);
+  CHECK(pool.AllocSuperpage(1, &sid) == Status::kNoSpace);
+  CHECK(pool.Resize(6).empty());
+  CHECK(pool.Stats().free_pages == 6 * kPagesPerSuperpage);
+}
+
+TEST_CASE("a shrink never drops persistent pages: their superpage retires once they are gone") {
+  LenderPool pool(2 * kSuperpageBytes);
+  for (std::uint32_t i = 0; i < 20; ++i) {
+    REQUIRE(PutPage(pool, 1, Handle(7, i, 0), false, MakePage(i)) == Status::kOk);
+  }
+  CHECK(pool.Resize(0).empty());  // persistent pages are not asked back: they stay
+  LenderPoolStats stats = pool.Stats();
+  CHECK(stats.total_pages == kPagesPerSuperpage);
+  CHECK(stats.target_pages == 0);
+  for (std::uint32_t i = 0; i < 20; ++i) {
+    CAPTURE(i);
+    CHECK(GetPage(pool, 1, Handle(7, i, 0)) == MakePage(i));  // a get after a put succeeds
+  }
+  // A rewrite in place needs no room and still works.
+  CHECK(PutPage(pool, 1, Handle(7, 3, 0), false, MakePage(33)) == Status::kOk);
+  CHECK(GetPage(pool, 1, Handle(7, 3, 0)) == MakePage(33));
+  for (std::uint32_t i = 0; i < 20; ++i) REQUIRE(pool.Flush(1, Handle(7, i, 0)) == Status::kOk);
+  CHECK(pool.Stats().total_pages == 0);
+}
+
 TEST_CASE("ALLOC_SUPERPAGE reclaims the ephemeral superpage with the fewest pages") {
   constexpr std::uint32_t kSuperpages = 4;
   LenderPool pool(kSuperpages * kSuperpageBytes);
