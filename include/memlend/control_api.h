@@ -18,14 +18,17 @@
 //                   while no copy can be made), cached_pages, used_bytes, total_bytes} or
 //                   null without --peer;
 //                   devices[].pages.remote sums to pages + lost_pages
-//     lending: {total_bytes, used_bytes, ephemeral_bytes, borrowers (sessions holding
+//     lending: {total_bytes (the pool's size now), target_bytes (asked for; total_bytes falls
+//              to it as borrowers give superpages back), max_bytes (--lend), reclaiming_bytes,
+//              reclaim_below_bytes, used_bytes, ephemeral_bytes, borrowers (sessions holding
 //              memory), sessions (connections open, with or without HELLO),
 //              max_borrowers} (zeros when not lending)
 //     nbd: {connections, max_connections} of the --nbd socket, or null without one
 //     peers[]: as for "peers"
 //   "peers": reply field peers[]: {node_id, address,
 //     state ("up"|"suspect"|"down"|"refusing"|"draining"|"removing"|"removed"),
-//     pool_total_bytes, pool_free_bytes, pages_stored, superpages_held, pages_lost, rtt_us,
+//     pool_total_bytes, pool_free_bytes, pages_stored, superpages_held, superpages_reclaimed
+//     (asked back by the lender, pages moving off), pages_lost, rtt_us,
 //     error}
 //   "attach" {name, size_bytes, frontend ("auto"|"ublk"|"nbd"|"fuse")}: creates a device
 //     and a block device for it; reply fields path ("/dev/..."), frontend (the kind used)

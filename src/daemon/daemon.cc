@@ -480,6 +480,7 @@ nlohmann::json Daemon::PeersJson() const {
                        {"pages_stored", info.pages_stored},
                        {"pages_cached", info.pages_cached},
                        {"superpages_held", info.superpages_held},
+                       {"superpages_reclaimed", info.superpages_reclaimed},
                        {"pages_lost", info.pages_lost},
                        {"rtt_us", info.rtt_us},
                        {"error", info.last_error}});

@@ -552,6 +552,15 @@ void CheckStatusInvariants(const nlohmann::json& status) {
   }
 }
 
+uint64_t ProcStatusNumber(pid_t pid, const std::string& field) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::stoull(line.substr(field.size() + 1));
+  }
+  throw std::runtime_error("no " + field + " in /proc/" + std::to_string(pid) + "/status");
+}
+
 nlohmann::json WaitForStatus(const MemlendDaemon& daemon,
                              const std::function<bool(const nlohmann::json&)>& done,
                              int timeout_ms) {

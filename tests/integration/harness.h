@@ -201,6 +201,10 @@ struct DevicePages {
   uint64_t clean = 0;   // of the local pages, those with a disk copy
 };
 
+// A number of /proc/PID/status: in KiB for "VmLck", "VmRSS", "VmSize", a count for
+// "Threads"; throws if absent.
+uint64_t ProcStatusNumber(pid_t pid, const std::string& field);
+
 // Returns the pages of the device called name in status; throws if there is no such device.
 DevicePages GetDevicePages(const nlohmann::json& status, const std::string& name);
 

@@ -1285,6 +1285,99 @@ TEST_SUITE("peers") {
     CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
   }
 
+  // Reclaim: a lender's pool shrinks at run time (`memlend lend --size`, and --reclaim-below
+  // as if the host were short of memory: set far above MemAvailable). The lender hands free
+  // memory back at once and asks its borrower for granted superpages (RECLAIM); the borrower
+  // moves those pages to the other lender or to other superpages of the same one, and frees
+  // them; `memlend lend` exits 0 once the pool is down to its size. Nothing is lost, and the
+  // pools grow back.
+  TEST_CASE("memlend lend --size and --reclaim-below shrink a lender: pages move, nothing lost") {
+    constexpr uint64_t kDeviceSize = 32 * kMiB;
+    constexpr uint64_t kPagesPer2M = 512;
+    constexpr uint64_t kWritten = 16 * kMiB;
+    const uint64_t seed = TestSeed();
+    INFO("seed " << seed);
+    TempDir dir;
+    const auto lenders = StartLenders(dir, 2, "32M");
+    DaemonOptions options = Borrower("d0:32M", "4M", ListenAddresses(lenders));
+    options.extra_args = {"--redundancy", "none"};
+    MemlendDaemon borrower(dir, options, "borrower");
+    auto remote = [](const json& s, const char* key) { return U64(s.at("remote_store"), key); };
+    auto lending = [](MemlendDaemon& d, const char* key) { return U64(d.Status().at("lending"), key); };
+    auto lend = [&](MemlendDaemon& lender, std::vector<std::string> args) {
+      std::vector<std::string> command = {MemlendBinary(), "lend"};
+      command.insert(command.end(), args.begin(), args.end());
+      command.insert(command.end(), {"--deadline", "20", "--control", lender.control_path()});
+      return RunCommand(command);
+    };
+    {
+      NbdClient client(borrower.endpoint(), "d0");
+      ShadowDevice shadow(kDeviceSize);
+      std::mt19937_64 rng(seed);
+      WriteRandomRange(client, shadow, rng, 0, kWritten, 256 * kKiB, 0);
+      const json settled = WaitEvictionSettled(borrower);
+      INFO("settled status: " << settled.dump());
+      const uint64_t on_first = U64(settled.at("peers").at(0), "pages_stored");
+      REQUIRE(on_first > kPagesPer2M);  // more than the one superpage it will keep
+
+      // Down to one superpage; the memory goes back to the host.
+      const uint64_t rss_before = ProcStatusNumber(lenders[0]->pid(), "VmRSS");
+      CommandResult result = lend(*lenders[0], {"--size", "2M"});
+      INFO("memlend lend --size 2M: " << result.stdout_text << result.stderr_text);
+      CHECK(result.exit_status == 0);
+      CHECK(lending(*lenders[0], "total_bytes") == 2 * kMiB);
+      CHECK(lending(*lenders[0], "target_bytes") == 2 * kMiB);
+      CHECK(lending(*lenders[0], "max_bytes") == 32 * kMiB);
+      // At least the three superpages it held besides the one kept (all 15 when its memory
+      // is locked, hence resident).
+      const uint64_t rss_after = ProcStatusNumber(lenders[0]->pid(), "VmRSS");
+      CHECK(rss_before >= rss_after + 3 * 2048);
+      MESSAGE("lender RSS " << rss_before << " KiB before the shrink to 2M, " << rss_after
+                            << " KiB after");
+      json after = WaitForStatus(
+          borrower,
+          [&](const json& s) { return U64(s.at("peers").at(0), "superpages_held") <= 1; }, 10000);
+      INFO("status after the shrink: " << after.dump());
+      CHECK(U64(after.at("peers").at(0), "pages_stored") <= kPagesPer2M);
+      CHECK(U64(after.at("peers").at(0), "superpages_reclaimed") == 0);
+      CHECK(remote(after, "lost_pages") == 0);
+      CHECK(remote(after, "moved_copies") > 0);
+      CheckStatusInvariants(after);
+      CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");
+
+      // Past what it was made with: refused, naming the most.
+      result = lend(*lenders[0], {"--size", "64M"});
+      CHECK(result.exit_status == 1);
+      CHECK(result.stderr_text.find("32.0 MiB at most") != std::string::npos);
+      // Back to its whole size, at once.
+      result = lend(*lenders[0], {"--size", "32M"});
+      INFO("memlend lend --size 32M: " << result.stdout_text << result.stderr_text);
+      CHECK(result.exit_status == 0);
+      CHECK(lending(*lenders[0], "total_bytes") == 32 * kMiB);
+
+      // "Memory pressure" on the second lender: everything it holds moves to the first.
+      result = lend(*lenders[1], {"--reclaim-below", "1T"});
+      INFO("memlend lend --reclaim-below 1T: " << result.stdout_text << result.stderr_text);
+      CHECK(result.exit_status == 0);
+      CHECK(lending(*lenders[1], "total_bytes") == 0);
+      after = WaitForStatus(
+          borrower, [&](const json& s) { return U64(s.at("peers").at(1), "pages_stored") == 0; },
+          10000);
+      INFO("status after the pressure: " << after.dump());
+      CHECK(U64(after.at("peers").at(1), "pages_stored") == 0);
+      CHECK(remote(after, "lost_pages") == 0);
+      CheckStatusInvariants(after);
+      CHECK(CompareWithShadow(client, shadow, 0, kDeviceSize) == "");
+      // The pressure is gone: the pool grows back.
+      result = lend(*lenders[1], {"--reclaim-below", "off"});
+      CHECK(result.exit_status == 0);
+      CHECK(lending(*lenders[1], "total_bytes") == 32 * kMiB);
+      CHECK(lending(*lenders[1], "reclaim_below_bytes") == 0);
+    }
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+    for (const auto& lender : lenders) CHECK(lender->Stop() == 0);
+  }
+
   // Membership while serving: `memlend peer add` of a lender the daemon was not started with
   // (used for new pages at once), `memlend peer remove` of one holding pages (they move to the
   // others first, the lender ends up holding nothing, nothing is lost), adding it back, and the

@@ -40,17 +40,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-// A number of /proc/PID/status: in KiB for "VmLck", "VmRSS", "VmSize", a count for
-// "Threads"; throws if absent.
-uint64_t ProcStatusNumber(pid_t pid, const std::string& field) {
-  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind(field + ":", 0) == 0) return std::stoull(line.substr(field.size() + 1));
-  }
-  throw std::runtime_error("no " + field + " in /proc/" + std::to_string(pid) + "/status");
-}
-
 // What the daemon holds in memory that matters here: its locked memory (it locks it, as
 // users run it as root).
 uint64_t HeldKiB(pid_t pid) { return ProcStatusNumber(pid, "VmLck"); }
