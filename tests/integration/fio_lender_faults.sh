@@ -2,7 +2,7 @@
 # fio_lender_faults.sh — lenders frozen, removed, added, killed, drained and restarted while fio
 # writes and verifies (crc32c) through a borrower with --redundancy replicas:2, run after run.
 #
-# Usage: fio_lender_faults.sh PATH_TO_MEMLEND freeze|membership|chaos
+# Usage: fio_lender_faults.sh PATH_TO_MEMLEND freeze|membership|reclaim|chaos
 #
 #   freeze      three lenders; lender1 gets kill -STOP for $MEMLEND_FREEZE_S seconds (default 10;
 #               the full form is 30) while fio runs. The borrower must show it suspect, then
@@ -12,6 +12,11 @@
 #   membership  three lenders, the borrower started with two; while fio runs: `memlend peer add`
 #               of the third, `memlend peer remove` of the first (which must end with nothing
 #               left there), and `memlend peer add` of the first again.
+#   reclaim     three lenders; while fio runs: `memlend lend --size 8M` of lender1 (its
+#               borrower moves the pages off the superpages it asks back; the command exits 0
+#               once the pool is down to 8 MiB), growth back to 64 MiB, then "memory pressure"
+#               on lender2 (`memlend lend --reclaim-below 1T`: far above MemAvailable, so its
+#               pool shrinks to nothing and everything there moves) and its end (`off`).
 #   chaos       four lenders; for $MEMLEND_CHAOS_S seconds (default 30; the full form is 120) a
 #               loop picks a random lender and a random fault (kill -9, kill -STOP for 6 s,
 #               `memlend drain`, SIGTERM), restarts the lender if it exited, and waits until the
@@ -22,12 +27,12 @@
 # without the nbd engine, or python3 missing).
 set -euo pipefail
 
-memlend=${1:?usage: fio_lender_faults.sh PATH_TO_MEMLEND freeze|membership|chaos}
-mode=${2:?usage: fio_lender_faults.sh PATH_TO_MEMLEND freeze|membership|chaos}
+memlend=${1:?usage: fio_lender_faults.sh PATH_TO_MEMLEND freeze|membership|reclaim|chaos}
+mode=${2:?usage: fio_lender_faults.sh PATH_TO_MEMLEND freeze|membership|reclaim|chaos}
 ml_prefix="fio_lender_faults.sh ($mode): "
 # shellcheck source=fio_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/fio_lib.sh" memlend-fio-faults
-case $mode in freeze | membership | chaos) ;; *) fail "unknown mode '$mode'" ;; esac
+case $mode in freeze | membership | reclaim | chaos) ;; *) fail "unknown mode '$mode'" ;; esac
 
 lender_count=3
 [[ $mode != chaos ]] || lender_count=4
@@ -207,6 +212,37 @@ membership)
   "$memlend" peer add "127.0.0.1:${ports[0]}" --control "$workdir/borrower.control" ||
     fail "peer add of lender1 again failed"
   wait_for 60 "pages reaching lender1 again" "next(p['pages_stored'] for p in s['peers'] if p['address'].endswith(':${ports[0]}')) > 0"
+  stop_fio
+  ;;
+reclaim)
+  # lending_field N FIELD: FIELD of lenderN's own lending status.
+  lending_field() {
+    status_json "lender$1" | python3 -c "import json,sys; print(json.load(sys.stdin)['lending']['$2'])"
+  }
+  # lend N ARGS...: memlend lend on lenderN; it must end with the pool at its new size.
+  lend() {
+    local n=$1
+    shift
+    echo "memlend lend $* on lender$n (the borrower keeps $(peer_field "$n" pages_stored) copies there)"
+    "$memlend" lend "$@" --deadline 30 --control "$workdir/lender$n.control" | tail -n 1 ||
+      fail "memlend lend $* on lender$n did not end with the pool at its size"
+  }
+  start_fio
+  wait_for 60 "pages reaching every lender" "all(p['pages_stored'] > 500 for p in s['peers'])"
+  lend 1 --size 8M
+  (($(lending_field 1 total_bytes) == 8 << 20)) || fail "lender1's pool is not 8 MiB"
+  wait_for 10 "the borrower freeing what lender1 asked back" \
+    "next(p['superpages_held'] for p in s['peers'] if p['address'].endswith(':${ports[0]}')) <= 4"
+  echo "  lender1 lends 8 MiB; the borrower keeps $(peer_field 1 pages_stored) copies there"
+  lend 1 --size 64M
+  lend 2 --reclaim-below 1T
+  (($(lending_field 2 total_bytes) == 0)) || fail "lender2's pool did not shrink to nothing"
+  wait_for 10 "every copy leaving lender2" \
+    "next(p['pages_stored'] for p in s['peers'] if p['address'].endswith(':${ports[1]}')) == 0"
+  lend 2 --reclaim-below off
+  (($(lending_field 2 total_bytes) == 64 << 20)) || fail "lender2's pool did not grow back"
+  wait_for 60 "pages reaching lender2 again" \
+    "next(p['pages_stored'] for p in s['peers'] if p['address'].endswith(':${ports[1]}')) > 0"
   stop_fio
   ;;
 chaos)
