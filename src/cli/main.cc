@@ -618,7 +618,7 @@ int main(int argc, char** argv) {
       ->type_name("PATH");
   lend->footer("Shows what borrowers still hold until the pool is down to its new size; exits "
                "0 once it is, 1 if the deadline passes first (the pool then stays larger until "
-               "they give it back). Pages a borrower put persistently are never dropped.");
+               "they give it back). A page that is a borrower's only copy is never dropped.");
 
   std::string peer_control;
   std::string peer_address;

@@ -31,8 +31,8 @@ LenderPool::LenderPool(std::uint64_t pool_bytes) {
   superpages_.resize(superpage_count_);
   free_superpages_.reserve(superpage_count_);
   for (std::uint32_t i = superpage_count_; i > 0; --i) free_superpages_.push_back(i - 1);
-  for (std::vector<std::uint32_t>& partial : partial_) partial.reserve(superpage_count_);
-  ephemeral_.reserve(superpage_count_);
+  partial_.reserve(superpage_count_);
+  active_.reserve(superpage_count_);
   retired_.reserve(superpage_count_);
   target_superpages_ = superpage_count_;
   live_superpages_.store(superpage_count_, std::memory_order_relaxed);
@@ -76,7 +76,7 @@ Status LenderPool::AllocSuperpage(SessionId session, std::uint32_t* sid) noexcep
       status = Status::kNoSpace;
     } else {
       // Cached (ephemeral) pages yield to passive superpages.
-      if (free_superpages_.empty()) evicted_count = ReclaimEphemeralLocked(evicted);
+      if (free_superpages_.empty()) evicted_count = ReclaimActiveLocked(evicted);
       if (free_superpages_.empty()) status = Status::kNoSpace;
     }
     if (status == Status::kOk) {
@@ -171,13 +171,12 @@ Status LenderPool::Read(SessionId session, const RangeBody& range,
 
 // ---- Active protocol ----
 
-Status LenderPool::Put(SessionId session, const HandleBody& handle, bool ephemeral,
+Status LenderPool::Put(SessionId session, const HandleBody& handle,
                        std::span<const std::byte, kPageBytes> page) noexcept {
   const PageKey key{handle.object, handle.index};
-  // Up to a superpage's worth, when a persistent page reclaims an ephemeral superpage.
-  std::array<Eviction, kPagesPerSuperpage> evicted;
-  std::size_t evicted_count = 0;
-  std::byte* at = nullptr;
+  Eviction evicted;
+  bool did_evict = false;
+  bool stored = false;
   {
     std::lock_guard lock(mu_);
     Pool* pool;
@@ -190,51 +189,38 @@ Status LenderPool::Put(SessionId session, const HandleBody& handle, bool ephemer
         // Every pool costs metadata, whatever it holds: a borrower gets a few.
         if (state->pools.size() >= kMaxPoolsPerSession) return Status::kNoSpace;
         it = state->pools.try_emplace(handle.pool).first;
-        it->second.ephemeral = ephemeral;  // the first PUT fixes the kind
         created = true;
       }
       pool = &it->second;
     } catch (const std::bad_alloc&) {
       return Status::kNoSpace;
     }
+    std::byte* at = nullptr;
     auto found = pool->pages.find(key);
-    if (pool->ephemeral != ephemeral) {
-      // The put fails; it must not leave the old contents readable.
-      if (found != pool->pages.end()) RemovePageLocked(*state, *pool, found);
-      return Status::kInvalid;
-    }
     if (found != pool->pages.end()) {
-      // Rewrite in place; an ephemeral page becomes the newest.
-      if (ephemeral) fifo_.splice(fifo_.end(), fifo_, FifoOfSlotLocked(found->second));
+      // Rewrite in place; the page becomes the newest.
+      fifo_.splice(fifo_.end(), fifo_, FifoOfSlotLocked(found->second));
       at = SlotAddress(found->second);
     } else {
-      SlotNumber slot = TakeSlotLocked(ephemeral);
-      if (slot == kNone && ephemeral) {
-        // Make room among the ephemeral pages only: one slot is all this needs.
-        if (EvictOldestLocked(&evicted[0])) {
-          evicted_count = 1;
-          slot = TakeSlotLocked(true);
-        }
-      } else if (slot == kNone) {
-        // Persistent pages never share a superpage with ephemeral ones: empty one.
-        evicted_count = ReclaimEphemeralLocked(evicted);
-        if (evicted_count > 0) slot = TakeSlotLocked(false);
+      SlotNumber slot = TakeSlotLocked();
+      // Make room among the cached pages: one slot is all this needs. (An emptied
+      // superpage may be retired instead, while the pool shrinks.)
+      if (slot == kNone && EvictOldestLocked(&evicted)) {
+        did_evict = true;
+        slot = TakeSlotLocked();
       }
-      // (An emptied superpage may have been retired instead, while the pool shrinks.)
-      assert(evicted_count == 0 || slot != kNone || !retired_.empty());
       // Evictions (RemovePageLocked) never erase a session or pool: `state` and `pool`
       // still stand.
       if (slot != kNone) {
         try {
-          FifoIterator fifo{};
-          if (ephemeral) fifo = fifo_.insert(fifo_.end(), Eviction{session, handle});
+          const FifoIterator fifo = fifo_.insert(fifo_.end(), Eviction{session, handle});
           try {
             pool->pages.emplace(key, slot);
           } catch (const std::bad_alloc&) {
-            if (ephemeral) fifo_.erase(fifo);
+            fifo_.erase(fifo);
             throw;
           }
-          if (ephemeral) FifoOfSlotLocked(slot) = fifo;
+          FifoOfSlotLocked(slot) = fifo;
           ++state->active_pages;
           at = SlotAddress(slot);
         } catch (const std::bad_alloc&) {
@@ -242,21 +228,18 @@ Status LenderPool::Put(SessionId session, const HandleBody& handle, bool ephemer
         }
       }
     }
-    // Any session's request may evict an ephemeral page, so its copy stays under the lock.
-    if (at != nullptr && ephemeral) std::memcpy(at, page.data(), kPageBytes);
+    // Any session's request may evict the page, so its copy stays under the lock.
+    if (at != nullptr) std::memcpy(at, page.data(), kPageBytes);
+    stored = at != nullptr;
     // A PUT that found no room leaves no pool behind.
-    if (at == nullptr && created) state->pools.erase(handle.pool);
+    if (!stored && created) state->pools.erase(handle.pool);
   }
-  // A persistent page can only be removed by its own session, which is busy here, and its
-  // superpage is never reclaimed.
-  if (at != nullptr && !ephemeral) std::memcpy(at, page.data(), kPageBytes);
-  Report(std::span<const Eviction>(evicted.data(), evicted_count));
-  return at != nullptr ? Status::kOk : Status::kNoSpace;
+  if (did_evict) Report(std::span<const Eviction>(&evicted, 1));
+  return stored ? Status::kOk : Status::kNoSpace;
 }
 
 Status LenderPool::Get(SessionId session, const HandleBody& handle,
                        std::span<std::byte, kPageBytes> out) noexcept {
-  const std::byte* at;
   {
     std::lock_guard lock(mu_);
     const auto state = sessions_.find(session);
@@ -265,13 +248,9 @@ Status LenderPool::Get(SessionId session, const HandleBody& handle,
     if (pool == state->second.pools.end()) return Status::kNotFound;
     const auto found = pool->second.pages.find(PageKey{handle.object, handle.index});
     if (found == pool->second.pages.end()) return Status::kNotFound;
-    at = SlotAddress(found->second);
-    if (pool->second.ephemeral) {
-      std::memcpy(out.data(), at, kPageBytes);
-      return Status::kOk;
-    }
+    // Any session's request may evict it: copied under the lock.
+    std::memcpy(out.data(), SlotAddress(found->second), kPageBytes);
   }
-  std::memcpy(out.data(), at, kPageBytes);
   return Status::kOk;
 }
 
@@ -344,34 +323,31 @@ LenderPoolStats LenderPool::Stats(SessionId caller) const noexcept {
 
 // ---- Slots ----
 
-LenderPool::SlotNumber LenderPool::TakeSlotLocked(bool ephemeral) noexcept {
-  std::vector<std::uint32_t>& partial = partial_[ephemeral];
+LenderPool::SlotNumber LenderPool::TakeSlotLocked() noexcept {
+  std::vector<std::uint32_t>& partial = partial_;
   if (partial.empty()) {
     if (free_superpages_.empty()) return kNone;
     const std::uint32_t superpage = free_superpages_.back();
     SuperpageMeta& meta = superpages_[superpage];
     assert(meta.state == State::kFree);
-    if (ephemeral && !meta.fifo_of_slot) {
+    if (!meta.fifo_of_slot) {
       meta.fifo_of_slot.reset(new (std::nothrow) FifoIterator[kPagesPerSuperpage]);
       if (!meta.fifo_of_slot) return kNone;
     }
     free_superpages_.pop_back();
     meta.state = State::kActive;
-    meta.ephemeral = ephemeral;
     meta.free_mask.fill(~std::uint64_t{0});
     meta.used_slots = 0;
     meta.partial_pos = static_cast<std::uint32_t>(partial.size());
     partial.push_back(superpage);  // capacity reserved for every superpage
     active_free_slots_ += kPagesPerSuperpage;
-    if (ephemeral) {
-      meta.ephemeral_pos = static_cast<std::uint32_t>(ephemeral_.size());
-      ephemeral_.push_back(superpage);  // capacity reserved for every superpage
-    }
+    meta.active_pos = static_cast<std::uint32_t>(active_.size());
+    active_.push_back(superpage);  // capacity reserved for every superpage
   }
   // Fill the most recently opened superpage first, so older ones can empty out.
   const std::uint32_t superpage = partial.back();
   SuperpageMeta& meta = superpages_[superpage];
-  assert(meta.state == State::kActive && meta.ephemeral == ephemeral);
+  assert(meta.state == State::kActive);
   std::uint32_t slot = kNone;
   for (std::size_t word = 0; word < kMaskWords; ++word) {
     if (meta.free_mask[word] != 0) {
@@ -384,7 +360,7 @@ LenderPool::SlotNumber LenderPool::TakeSlotLocked(bool ephemeral) noexcept {
   assert(slot != kNone);
   ++meta.used_slots;
   --active_free_slots_;
-  if (ephemeral) ++ephemeral_pages_;
+  ++ephemeral_pages_;
   if (meta.used_slots == kPagesPerSuperpage) RemovePartialLocked(superpage);
   return superpage * kPagesPerSuperpage + slot;
 }
@@ -397,17 +373,15 @@ void LenderPool::ReleaseSlotLocked(SlotNumber slot) noexcept {
   assert((meta.free_mask[index / 64] & (std::uint64_t{1} << (index % 64))) == 0);
   meta.free_mask[index / 64] |= std::uint64_t{1} << (index % 64);
   ++active_free_slots_;
-  if (meta.ephemeral) --ephemeral_pages_;
+  --ephemeral_pages_;
   if (meta.used_slots-- == kPagesPerSuperpage) {
-    std::vector<std::uint32_t>& partial = partial_[meta.ephemeral];
-    meta.partial_pos = static_cast<std::uint32_t>(partial.size());
-    partial.push_back(superpage);
+    meta.partial_pos = static_cast<std::uint32_t>(partial_.size());
+    partial_.push_back(superpage);
   }
   if (meta.used_slots == 0) {
-    // Empty: hand the whole superpage back, so passive allocations or the other kind can
-    // have it.
+    // Empty: hand the whole superpage back, so passive allocations can have it.
     RemovePartialLocked(superpage);
-    if (meta.ephemeral) RemoveEphemeralLocked(superpage);
+    RemoveActiveLocked(superpage);
     active_free_slots_ -= kPagesPerSuperpage;
     ReleaseSuperpageLocked(superpage);
   }
@@ -415,7 +389,7 @@ void LenderPool::ReleaseSlotLocked(SlotNumber slot) noexcept {
 
 void LenderPool::RemovePartialLocked(std::uint32_t superpage) noexcept {
   SuperpageMeta& meta = superpages_[superpage];
-  std::vector<std::uint32_t>& partial = partial_[meta.ephemeral];
+  std::vector<std::uint32_t>& partial = partial_;
   assert(meta.partial_pos != kNone && partial[meta.partial_pos] == superpage);
   const std::uint32_t last = partial.back();
   partial[meta.partial_pos] = last;
@@ -424,14 +398,14 @@ void LenderPool::RemovePartialLocked(std::uint32_t superpage) noexcept {
   meta.partial_pos = kNone;
 }
 
-void LenderPool::RemoveEphemeralLocked(std::uint32_t superpage) noexcept {
+void LenderPool::RemoveActiveLocked(std::uint32_t superpage) noexcept {
   SuperpageMeta& meta = superpages_[superpage];
-  assert(meta.ephemeral_pos != kNone && ephemeral_[meta.ephemeral_pos] == superpage);
-  const std::uint32_t last = ephemeral_.back();
-  ephemeral_[meta.ephemeral_pos] = last;
-  superpages_[last].ephemeral_pos = meta.ephemeral_pos;
-  ephemeral_.pop_back();
-  meta.ephemeral_pos = kNone;
+  assert(meta.active_pos != kNone && active_[meta.active_pos] == superpage);
+  const std::uint32_t last = active_.back();
+  active_[meta.active_pos] = last;
+  superpages_[last].active_pos = meta.active_pos;
+  active_.pop_back();
+  meta.active_pos = kNone;
 }
 
 void LenderPool::ReleaseSuperpageLocked(std::uint32_t superpage) noexcept {
@@ -439,12 +413,11 @@ void LenderPool::ReleaseSuperpageLocked(std::uint32_t superpage) noexcept {
   if (meta.reclaiming) --reclaiming_;
   meta.reclaiming = false;
   meta.state = State::kFree;
-  meta.ephemeral = false;
   meta.owner = kNoSession;
   meta.sid = 0;
   meta.used_slots = 0;
   meta.partial_pos = kNone;
-  meta.ephemeral_pos = kNone;
+  meta.active_pos = kNone;
   if (LiveLocked() > target_superpages_) {
     RetireLocked(superpage);  // the pool is shrinking
     return;
@@ -486,8 +459,8 @@ std::vector<ReclaimRequest> LenderPool::Resize(std::uint32_t superpages) {
       RetireLocked(superpage);
     }
     std::array<Eviction, kPagesPerSuperpage> batch;
-    while (LiveLocked() > target_superpages_ && !ephemeral_.empty()) {
-      const std::size_t count = ReclaimEphemeralLocked(batch);
+    while (LiveLocked() > target_superpages_ && !active_.empty()) {
+      const std::size_t count = ReclaimActiveLocked(batch);
       evicted.insert(evicted.end(), batch.begin(), batch.begin() + static_cast<long>(count));
     }
     // Last, granted superpages: their borrowers move the pages off and free them.
@@ -518,8 +491,7 @@ std::vector<ReclaimRequest> LenderPool::Resize(std::uint32_t superpages) {
 
 void LenderPool::RemovePageLocked(Session& session, Pool& pool, PageMap::iterator page) noexcept {
   const SlotNumber slot = page->second;
-  assert(superpages_[slot / kPagesPerSuperpage].ephemeral == pool.ephemeral);
-  if (pool.ephemeral) fifo_.erase(FifoOfSlotLocked(slot));
+  fifo_.erase(FifoOfSlotLocked(slot));
   ReleaseSlotLocked(slot);
   pool.pages.erase(page);
   --session.active_pages;
@@ -545,12 +517,12 @@ bool LenderPool::EvictOldestLocked(Eviction* evicted) noexcept {
   return true;
 }
 
-std::size_t LenderPool::ReclaimEphemeralLocked(
+std::size_t LenderPool::ReclaimActiveLocked(
     std::span<Eviction, kPagesPerSuperpage> evicted) noexcept {
-  if (ephemeral_.empty()) return 0;
+  if (active_.empty()) return 0;
   // The fewest pages: the least cached data lost and the fewest notices to send.
-  std::uint32_t victim = ephemeral_.front();
-  for (const std::uint32_t superpage : ephemeral_) {
+  std::uint32_t victim = active_.front();
+  for (const std::uint32_t superpage : active_) {
     if (superpages_[superpage].used_slots < superpages_[victim].used_slots) victim = superpage;
   }
   SuperpageMeta& meta = superpages_[victim];

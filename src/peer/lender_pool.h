@@ -3,78 +3,68 @@
 // the unit tests call in directly. docs/peer-protocol.md is the behaviour this implements.
 //
 // Design. The pool is one anonymous mapping, aligned to and cut into 2 MiB superpages
-// (madvised for transparent huge pages). Each superpage is in one of three states:
+// (madvised for transparent huge pages). Each superpage is in one of four states:
 //   free     on the free stack;
 //   granted  to one session for the passive protocol (ALLOC_SUPERPAGE), named by a SID;
-//   active   carved into 512 slots of 4 KiB for the active protocol (PUT/GET). An active
-//            superpage holds either only ephemeral or only persistent pages (of any
-//            session), and goes back to free when its last slot empties.
+//   active   carved into 512 slots of 4 KiB for the active protocol (PUT/GET) of any
+//            session, and back to free when its last slot empties;
+//   retired  out of service while the pool is smaller than its mapping (see Resizing).
 // SIDs are a counter: increasing, never reused while the pool lives, so a stale SID can
 // never name someone else's superpage. A superpage is zeroed (ZeroMemory) when it is
 // granted, so a borrower never reads what an earlier borrower left there; active slots
 // need no zeroing because a PUT overwrites the whole slot before anyone can GET it.
 //
-// Ephemeral pages are a cache: borrowers keep clean pages there (pages with a copy on
-// their disk), and the memory must always yield to what cannot be dropped — granted
-// superpages (dirty pages, passive protocol) and persistent pages. Hence the split by
-// kind: emptying an ephemeral superpage never touches persistent data. An ALLOC_SUPERPAGE,
-// or a persistent PUT that finds no free persistent slot, takes a free superpage, else
-// *reclaims* an ephemeral one: the ephemeral superpage with the fewest used slots (the
-// least cached data lost, the fewest notices to send), each of its pages evicted and
-// reported, the superpage made free and then taken. An ephemeral PUT takes a free
-// ephemeral slot, else a free superpage (ALLOC can take it back), else evicts the oldest
-// ephemeral page of any session (at most one page: one freed slot is all a PUT needs); it
-// never uses a persistent superpage's slot, so it may be refused while persistent
-// superpages have free slots. Every eviction is reported through the eviction handler so
-// each owner can be told. QUERY counts the pages of ephemeral superpages (used
-// or not) as free: any allocation may evict them. Stats keeps the honest figure apart:
-// used_bytes still includes ephemeral pages, and ephemeral_pages says how many of them
-// there are.
+// Two kinds of data, two protocols. Pages that are a borrower's only copy live in granted
+// superpages: the lender never drops them (a shrink asks for them back and waits). The
+// active protocol holds *ephemeral* pages only: a cache of clean pages that have a copy on
+// the borrower's disk (PUT with the EPHEMERAL flag; a PUT without it is refused, see
+// docs/placement.md for why there are no persistent active pools), and the memory always
+// yields to granted superpages. An ALLOC_SUPERPAGE takes a free superpage, else *reclaims*
+// an active one: the active superpage with the fewest used slots (the least cached data
+// lost, the fewest notices to send), each of its pages evicted and reported, the superpage
+// made free and then taken. A PUT takes a free slot of an active superpage, else a free
+// superpage (ALLOC can take it back), else evicts the oldest page of any session (at most
+// one page: one freed slot is all a PUT needs). Every eviction is reported through the
+// eviction handler so each owner can be told. QUERY counts the pages of active superpages
+// (used or not) as free: any allocation may evict them. Stats keeps the honest figure
+// apart: used_bytes still includes cached pages, and ephemeral_pages says how many of
+// them there are.
 //
-// Active pages are kept per (session, pool) in hash maps. Ephemeral pages also sit on one
-// FIFO across all sessions, ordered by their last PUT; each slot of an ephemeral
-// superpage keeps its page's FIFO position (8 bytes), which names the owner and handle,
-// so a reclaim can find every page of a superpage without a search. A PUT to a handle
-// that already holds a page rewrites its slot in place, so it never needs room; the
-// protocol's "a failed PUT removes the old page" therefore applies to the refusals a
-// rewrite can still meet (a PUT whose kind disagrees with the pool's).
+// Active pages are kept per (session, pool) in hash maps, and on one FIFO across all
+// sessions, ordered by their last PUT; each slot of an active superpage keeps its page's
+// FIFO position (8 bytes), which names the owner and handle, so a reclaim can find every
+// page of a superpage without a search. A PUT to a handle that already holds a page
+// rewrites its slot in place, so it never needs room.
 //
-// Locking. One mutex guards all metadata. Copies of page data happen outside it where
-// that is safe: a passive WRITE or READ looks up the superpage's address under the lock
-// and copies after releasing it, and so does a GET or PUT of a persistent page. That is
-// safe because only the owning session can free a superpage or a persistent page (a
-// reclaim empties only ephemeral superpages), and a session's requests are served one at
-// a time by its own thread (REQUIRES below), so nothing can free the memory while its own
-// copy is in flight. Ephemeral pages can be evicted by any session's request at any
-// moment, so their copies stay under the lock (4 KiB, well under a microsecond). The
-// eviction handler runs after the lock is released. Alternatives: sharding the metadata
-// by superpage (the local store's approach) would let sessions allocate in parallel, but
-// a lender serves a handful of borrowers and its per-request cost is dominated by the
-// network, so one lock is kept until a benchmark shows contention. Choosing what to
-// reclaim scans the ephemeral superpages (a bucket per used-slot count would make it
-// O(1)); the scan is cheaper than the up to 512 evictions that follow it. Known
-// weaknesses: a reclaim for one persistent page evicts a whole ephemeral superpage (up to
-// 511 more pages than the put needs), which is the price of never mixing the kinds; free
-// slots of persistent superpages serve only persistent PUTs, yet QUERY counts them as free
-// (ALLOC_SUPERPAGE needs a whole superpage), so QUERY's free_pages is an upper bound for
-// the passive protocol; a freed superpage keeps its old contents resident until it is
-// granted again.
+// Locking. One mutex guards all metadata. Passive WRITE and READ look up the superpage's
+// address under the lock and copy after releasing it. That is safe because only the owning
+// session can free a superpage, and a session's requests are served one at a time by its
+// own thread (REQUIRES below), so nothing can free the memory while its own copy is in
+// flight. Active pages can be evicted by any session's request at any moment, so their
+// copies stay under the lock (4 KiB, well under a microsecond). The eviction handler runs
+// after the lock is released. Alternatives: sharding the metadata by superpage (the local
+// store's approach) would let sessions allocate in parallel, but a lender serves a handful
+// of borrowers and its per-request cost is dominated by the network, so one lock is kept
+// until a benchmark shows contention. Choosing what to reclaim scans the active
+// superpages (a bucket per used-slot count would make it O(1)); the scan is cheaper than
+// the up to 512 evictions that follow it. Known weakness: a freed superpage keeps its old
+// contents resident until it is granted again (or retired).
 //
 // Resizing (Resize: `memlend lend --size`, and the daemon's --reclaim-below watch). The
 // mapping keeps the size the pool was made with, its most; the pool's *size* is how many of
 // its superpages are in service, and the others are *retired*: their memory is handed back
 // to the host (munlock, MADV_DONTNEED) and no one can be granted them. Shrinking retires
-// free superpages at once, then empties ephemeral superpages (their pages are evicted and
-// reported, as for an allocation) and retires those, and last asks borrowers for granted
-// superpages back: Resize returns which, per session, for RECLAIM notices; each retires
-// when its borrower frees it (or its session ends). Persistent pages are never dropped: a
-// superpage holding them retires only once they are gone, so a persistent GET after a
-// successful PUT still succeeds. Growing puts retired superpages back in service (locked
-// again when the pool's memory is locked: SetLockMemory).
+// free superpages at once, then empties active superpages (their cached pages are evicted
+// and reported, as for an allocation) and retires those, and last asks borrowers for
+// granted superpages back: Resize returns which, per session, for RECLAIM notices; each
+// retires when its borrower frees it (or its session ends). A granted superpage is never
+// taken from its borrower: what it holds comes back until the borrower gives it up.
+// Growing puts retired superpages back in service (locked again when the pool's memory is
+// locked: SetLockMemory).
 //
 // Metadata: about 100 bytes per superpage, plus 4 KiB (8 bytes a slot) for each
-// superpage that has ever been ephemeral, kept for reuse; per active page about 55 bytes
-// (persistent: a hash map node) or 110 bytes (ephemeral: also a FIFO node).
+// superpage that has ever been active, kept for reuse; per active page about 110 bytes (a
+// hash map node and a FIFO node).
 #pragma once
 
 #include <array>
@@ -103,14 +93,13 @@ struct LenderPoolStats {
   std::uint64_t target_pages = 0;     // what Resize asked for (total_pages once reached)
   std::uint64_t max_pages = 0;        // the mapping's: the most Resize can grow to
   std::uint64_t reclaiming_pages = 0; // pages of granted superpages asked back, not yet freed
-  // What QUERY reports as free: pages in free superpages, free slots of active superpages
-  // and every page of ephemeral superpages (any allocation may evict those). That is,
-  // total_pages minus granted superpages' pages minus persistent pages.
+  // What QUERY reports as free: pages in free and active superpages (any allocation may
+  // evict active pages). That is, total_pages minus granted superpages' pages.
   std::uint64_t free_pages = 0;
   std::uint64_t caller_pages = 0;     // pages the session passed to Stats() holds
   std::uint32_t borrowers = 0;        // sessions holding any memory
   std::uint64_t ephemeral_pages = 0;  // ephemeral pages stored, of every session
-  // Bytes holding data now: granted superpages, persistent and ephemeral pages. Equals
+  // Bytes holding data now: granted superpages and ephemeral pages. Equals
   // (total_pages - free_pages + ephemeral_pages) * kPageBytes.
   std::uint64_t used_bytes = 0;
 };
@@ -156,9 +145,9 @@ class LenderPool {
   // may run in parallel.
 
   // Grants a superpage to `session` and sets *sid. Its contents read as zeros. Takes a
-  // free superpage, else reclaims the ephemeral superpage with the fewest pages (evicting
-  // and reporting them). kNoSpace when every superpage is granted or holds persistent
-  // pages (or SIDs ran out).
+  // free superpage, else reclaims the active superpage with the fewest pages (evicting
+  // and reporting them). kNoSpace when every superpage is granted (or SIDs ran out, or the
+  // pool is shrinking).
   Status AllocSuperpage(SessionId session, std::uint32_t* sid) noexcept;
   // Returns superpage `sid` to the pool. kNotPermitted if it is unknown or not the
   // caller's.
@@ -173,16 +162,13 @@ class LenderPool {
                std::span<const std::byte> data) noexcept;
   Status Read(SessionId session, const RangeBody& range, std::span<std::byte> out) noexcept;
 
-  // Stores `page` under `handle` in the caller's pool handle.pool. The first PUT into a
-  // pool fixes its kind (`ephemeral` or persistent); a PUT of the other kind gets kInvalid
-  // and removes any page the handle held. A handle that holds a page is rewritten in
-  // place. A new page takes a free slot of a superpage of its own kind, else a free
-  // superpage; else an ephemeral page evicts the oldest ephemeral page of any session,
-  // and a persistent page reclaims a whole ephemeral superpage as AllocSuperpage does
-  // (evictions are reported); if there is nothing ephemeral to evict, kNoSpace. A PUT that
-  // would make the session's kMaxPoolsPerSession + 1st pool gets kNoSpace too, and a
-  // failed PUT never leaves a new pool behind.
-  Status Put(SessionId session, const HandleBody& handle, bool ephemeral,
+  // Stores the ephemeral `page` under `handle` in the caller's pool handle.pool. A handle
+  // that holds a page is rewritten in place. A new page takes a free slot of an active
+  // superpage, else a free superpage, else evicts the oldest page of any session
+  // (reported); kNoSpace when there is nothing to evict. A PUT that would make the
+  // session's kMaxPoolsPerSession + 1st pool gets kNoSpace too, and a failed PUT never
+  // leaves a new pool behind. (The service refuses PUTs without the EPHEMERAL flag.)
+  Status Put(SessionId session, const HandleBody& handle,
              std::span<const std::byte, kPageBytes> page) noexcept;
   // Copies the page under `handle` into `out`; kNotFound if there is none.
   Status Get(SessionId session, const HandleBody& handle,
@@ -220,25 +206,22 @@ class LenderPool {
   static constexpr std::uint32_t kNone = ~std::uint32_t{0};
   static constexpr std::size_t kMaskWords = kPagesPerSuperpage / 64;
 
-  // An ephemeral page's place on the eviction FIFO names its owner and handle.
+  // An active page's place on the eviction FIFO names its owner and handle.
   using FifoIterator = std::list<Eviction>::iterator;
 
   enum class State : std::uint8_t { kFree, kGranted, kActive, kRetired };
   struct SuperpageMeta {
     SessionId owner = kNoSession;  // kGranted
-    // kActive: bit i set when slot i is free; its place in partial_[ephemeral] while any
-    // bit is set.
+    // kActive: bit i set when slot i is free; its place in partial_ while any bit is set.
     std::array<std::uint64_t, kMaskWords> free_mask{};
-    // kActive and ephemeral: entry i is the FIFO position of the page in slot i (valid
-    // while slot i is used). Allocated the first time the superpage turns ephemeral and
-    // kept for reuse.
+    // kActive: entry i is the FIFO position of the page in slot i (valid while slot i is
+    // used). Allocated the first time the superpage turns active and kept for reuse.
     std::unique_ptr<FifoIterator[]> fifo_of_slot;
     std::uint32_t sid = 0;  // kGranted
     std::uint32_t used_slots = 0;
     std::uint32_t partial_pos = kNone;
-    std::uint32_t ephemeral_pos = kNone;  // kActive and ephemeral: its place in ephemeral_
+    std::uint32_t active_pos = kNone;  // kActive: its place in active_
     State state = State::kFree;
-    bool ephemeral = false;  // kActive: holds only ephemeral pages, else only persistent
     bool reclaiming = false; // kGranted: its borrower was asked to give it back
   };
 
@@ -252,12 +235,11 @@ class LenderPool {
       return std::hash<std::uint64_t>()(key.object * 0x9e3779b97f4a7c15ULL ^ key.index);
     }
   };
-  // A page's slot: superpage * kPagesPerSuperpage + slot within it. An ephemeral page's
+  // A page's slot: superpage * kPagesPerSuperpage + slot within it. A page's
   // FIFO position is in its superpage's fifo_of_slot.
   using SlotNumber = std::uint32_t;
   using PageMap = std::unordered_map<PageKey, SlotNumber, PageKeyHash>;
   struct Pool {
-    bool ephemeral = false;
     PageMap pages;
   };
   struct Session {
@@ -278,16 +260,16 @@ class LenderPool {
   Status ResolveRange(SessionId session, const RangeBody& range, std::byte** at) noexcept;
 
   // The rest REQUIRE: mu_ held.
-  // Takes a free slot of an active superpage of the kind `ephemeral`, turning a free
-  // superpage active if needed; kNone if there is none (or, for the first ephemeral use of
+  // Takes a free slot of an active superpage, turning a free superpage active if needed;
+  // kNone if there is none (or, for the first use of
   // a superpage, no memory for its fifo_of_slot).
-  SlotNumber TakeSlotLocked(bool ephemeral) noexcept;
+  SlotNumber TakeSlotLocked() noexcept;
   void ReleaseSlotLocked(SlotNumber slot) noexcept;
   FifoIterator& FifoOfSlotLocked(SlotNumber slot) noexcept {
     return superpages_[slot / kPagesPerSuperpage].fifo_of_slot[slot % kPagesPerSuperpage];
   }
   void RemovePartialLocked(std::uint32_t superpage) noexcept;
-  void RemoveEphemeralLocked(std::uint32_t superpage) noexcept;
+  void RemoveActiveLocked(std::uint32_t superpage) noexcept;
   // Makes an emptied superpage free, or retires it while the pool is over its size.
   void ReleaseSuperpageLocked(std::uint32_t superpage) noexcept;
   // Hands a superpage's memory back to the host and marks it retired. REQUIRES: it is
@@ -298,14 +280,14 @@ class LenderPool {
   }
   // Removes one page of `pool`, freeing its slot.
   void RemovePageLocked(Session& session, Pool& pool, PageMap::iterator page) noexcept;
-  // Evicts the ephemeral page at `fifo` and returns whom it belonged to.
+  // Evicts the page at `fifo` and returns whom it belonged to.
   Eviction EvictLocked(FifoIterator fifo) noexcept;
-  // Evicts the oldest ephemeral page. Returns false if there is none; else sets *evicted.
+  // Evicts the oldest active page. Returns false if there is none; else sets *evicted.
   bool EvictOldestLocked(Eviction* evicted) noexcept;
-  // Empties the ephemeral superpage with the fewest used slots, evicting its pages into
+  // Empties the active superpage with the fewest used slots, evicting its pages into
   // evicted[0..n), and returns n; the superpage is then on the free stack (on top). 0 if
-  // there is no ephemeral superpage.
-  std::size_t ReclaimEphemeralLocked(std::span<Eviction, kPagesPerSuperpage> evicted) noexcept;
+  // there is no active superpage.
+  std::size_t ReclaimActiveLocked(std::span<Eviction, kPagesPerSuperpage> evicted) noexcept;
   // Reports evictions to the handler. REQUIRES: mu_ not held.
   void Report(std::span<const Eviction> evictions) const noexcept;
 
@@ -320,15 +302,14 @@ class LenderPool {
   // Everything below is guarded by mu_.
   std::vector<SuperpageMeta> superpages_;
   std::vector<std::uint32_t> free_superpages_;  // a stack; lowest index on top at first
-  // Active superpages with a free slot: [0] persistent, [1] ephemeral.
-  std::array<std::vector<std::uint32_t>, 2> partial_;
-  std::vector<std::uint32_t> ephemeral_;  // every ephemeral active superpage
+  std::vector<std::uint32_t> partial_;    // active superpages with a free slot
+  std::vector<std::uint32_t> active_;     // every active superpage
   std::uint64_t active_free_slots_ = 0;   // free slots in active superpages
-  std::uint64_t ephemeral_pages_ = 0;     // used slots of ephemeral superpages
+  std::uint64_t ephemeral_pages_ = 0;     // used slots of active superpages
   std::unordered_map<std::uint32_t, std::uint32_t> grants_;  // SID -> superpage
   std::uint64_t next_sid_ = 1;
   std::unordered_map<SessionId, Session> sessions_;
-  std::list<Eviction> fifo_;  // ephemeral pages, oldest PUT first
+  std::list<Eviction> fifo_;  // active pages, oldest PUT first
   std::uint32_t target_superpages_ = 0;    // the size Resize asked for
   std::vector<std::uint32_t> retired_;     // superpages out of service (capacity reserved)
   std::uint32_t reclaiming_ = 0;           // granted superpages with `reclaiming` set

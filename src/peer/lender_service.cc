@@ -424,14 +424,15 @@ class LenderService::Connection {
     }
     HandleBody handle;
     DecodeBody(Payload(request), &handle);
-    const bool ephemeral = (request.flags & kPutEphemeral) != 0;
-    const Status status = service_.pool_.Put(
-        session_.id, handle, ephemeral,
-        std::span<const std::byte, kPageBytes>(payload_ + sizeof(HandleBody), kPageBytes));
-    if (status == Status::kInvalid) {
-      return Refuse(request, status, "pool %u is not %s", handle.pool,
-                    ephemeral ? "ephemeral" : "persistent");
+    if ((request.flags & kPutEphemeral) == 0) {
+      // Pages that must not be dropped belong in granted superpages (the passive protocol).
+      return Refuse(request, Status::kUnsupported,
+                    "persistent pools are not served: PUT takes the EPHEMERAL flag; keep "
+                    "pages that must come back in granted superpages");
     }
+    const Status status = service_.pool_.Put(
+        session_.id, handle,
+        std::span<const std::byte, kPageBytes>(payload_ + sizeof(HandleBody), kPageBytes));
     if (status != Status::kOk) {
       return Refuse(request, status, "no room for the page (or the session has %zu pools, the "
                     "most a lender keeps for one borrower)", LenderPool::kMaxPoolsPerSession);

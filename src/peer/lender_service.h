@@ -60,7 +60,7 @@ struct LendingStats {
   std::uint64_t ephemeral_bytes = 0;
   std::uint64_t borrowers = 0;    // sessions holding memory now
   // Pages borrowers must move off before this lender may leave: granted superpages' pages
-  // and persistent pages (ephemeral ones are copies and may just go).
+  // (cached ones are copies and may just go).
   std::uint64_t held_pages = 0;
   bool draining = false;          // Drain has begun
 };

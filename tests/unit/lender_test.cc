@@ -64,9 +64,8 @@ HandleBody Handle(std::uint32_t pool, std::uint64_t object, std::uint32_t index)
   return HandleBody{pool, index, object};
 }
 
-Status PutPage(LenderPool& pool, SessionId session, const HandleBody& handle, bool ephemeral,
-               const Page& page) {
-  return pool.Put(session, handle, ephemeral, std::span<const std::byte, kPageBytes>(page));
+Status PutPage(LenderPool& pool, SessionId session, const HandleBody& handle, const Page& page) {
+  return pool.Put(session, handle, std::span<const std::byte, kPageBytes>(page));
 }
 
 // Gets a page; nullopt on any status but kOk.
@@ -107,15 +106,15 @@ struct EvictionLog {
 };
 
 // What the pool must report about itself, given what the test knows it holds: QUERY's
-// free pages leave out only granted superpages and persistent pages; used bytes count
-// every page that holds data, ephemeral ones too.
+// free pages leave out only granted superpages; used bytes count every page that holds
+// data, cached ones too.
 void CheckAccounting(const LenderPool& pool, std::uint64_t granted_superpages,
-                     std::uint64_t persistent_pages, std::uint64_t ephemeral_pages) {
+                     std::uint64_t ephemeral_pages) {
   const LenderPoolStats stats = pool.Stats();
   const std::uint64_t granted_pages = granted_superpages * kPagesPerSuperpage;
-  CHECK(stats.free_pages == stats.total_pages - granted_pages - persistent_pages);
+  CHECK(stats.free_pages == stats.total_pages - granted_pages);
   CHECK(stats.ephemeral_pages == ephemeral_pages);
-  CHECK(stats.used_bytes == (granted_pages + persistent_pages + ephemeral_pages) * kPageBytes);
+  CHECK(stats.used_bytes == (granted_pages + ephemeral_pages) * kPageBytes);
 }
 
 }  // namespace
@@ -270,18 +269,18 @@ TEST_CASE("ranges that are unaligned, empty or past the superpage are invalid") 
 }
 
 TEST_CASE("ReleaseSession frees superpages and pages of that session only") {
-  // Two granted, one of persistent and one of ephemeral pages, one for session 2.
+  // Two granted and one of cached pages, one for session 2.
   LenderPool pool(5 * kSuperpageBytes);
   std::uint32_t sid = 0;
   REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
   REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
   for (std::uint64_t i = 0; i < 10; ++i) {
-    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), false, MakePage(i)) == Status::kOk);
-    REQUIRE(PutPage(pool, 1, Handle(2, i, 0), true, MakePage(i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), MakePage(i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 1, Handle(2, i, 0), MakePage(i)) == Status::kOk);
   }
   std::uint32_t other = 0;
   REQUIRE(pool.AllocSuperpage(2, &other) == Status::kOk);
-  REQUIRE(PutPage(pool, 2, Handle(1, 5, 0), false, MakePage(55)) == Status::kOk);
+  REQUIRE(PutPage(pool, 2, Handle(1, 5, 0), MakePage(55)) == Status::kOk);
 
   LenderPoolStats stats = pool.Stats(1);
   CHECK(stats.caller_pages == 2 * kPagesPerSuperpage + 20);
@@ -291,7 +290,8 @@ TEST_CASE("ReleaseSession frees superpages and pages of that session only") {
   stats = pool.Stats(1);
   CHECK(stats.caller_pages == 0);
   CHECK(stats.borrowers == 1);
-  CHECK(stats.free_pages == stats.total_pages - kPagesPerSuperpage - 1);
+  CHECK(stats.free_pages == stats.total_pages - kPagesPerSuperpage);  // cached: free
+  CHECK(stats.ephemeral_pages == 1);
   CHECK_FALSE(GetPage(pool, 1, Handle(1, 3, 0)));
   CHECK(GetPage(pool, 2, Handle(1, 5, 0)) == MakePage(55));
   // A released session starts from nothing; its old SIDs are dead.
@@ -304,41 +304,43 @@ TEST_CASE("ReleaseSession frees superpages and pages of that session only") {
 }
 
 TEST_CASE("a session has at most kMaxPoolsPerSession pools; a failed PUT leaves none behind") {
-  LenderPool pool(kSuperpageBytes);  // 512 slots
+  LenderPool pool(2 * kSuperpageBytes);
   const SessionId session = 1;
   const Page page = MakePage(3);
-  // 63 pools of one page each, then pool 0 filled until the superpage is full.
-  for (std::uint32_t id = 0; id + 1 < LenderPool::kMaxPoolsPerSession; ++id) {
-    REQUIRE(pool.Put(session, HandleBody{id, 0, 1}, false, page) == Status::kOk);
+  for (std::uint32_t id = 0; id < LenderPool::kMaxPoolsPerSession; ++id) {
+    REQUIRE(pool.Put(session, HandleBody{id, 0, 1}, page) == Status::kOk);
   }
-  std::uint32_t index = 1;
-  while (pool.Put(session, HandleBody{0, index, 1}, false, page) == Status::kOk) ++index;
-  REQUIRE(index == kPagesPerSuperpage - (LenderPool::kMaxPoolsPerSession - 1) + 1);
-  // PUTs into new pools that fail for want of room: none may count as a pool.
-  for (std::uint32_t id = 1000; id < 1100; ++id) {
-    CHECK(pool.Put(session, HandleBody{id, 0, 1}, false, page) == Status::kNoSpace);
-  }
-  REQUIRE(pool.Flush(session, HandleBody{0, 1, 1}) == Status::kOk);
-  CHECK(pool.Put(session, HandleBody{2000, 0, 1}, false, page) == Status::kOk);  // the 64th
-  REQUIRE(pool.Flush(session, HandleBody{0, 2, 1}) == Status::kOk);
-  CHECK(pool.Put(session, HandleBody{3000, 0, 1}, false, page) == Status::kNoSpace);  // 65th
-  CHECK(pool.Put(session, HandleBody{2000, 1, 1}, false, page) == Status::kOk);  // room there
+  CHECK(pool.Put(session, HandleBody{1000, 0, 1}, page) == Status::kNoSpace);  // the 65th
+  CHECK(pool.Put(session, HandleBody{5, 1, 1}, page) == Status::kOk);  // into one it has
   // Destroying a pool makes room for another.
   REQUIRE(pool.DestroyPool(session, 5) == Status::kOk);
-  CHECK(pool.Put(session, HandleBody{3000, 0, 1}, false, page) == Status::kOk);
+  CHECK(pool.Put(session, HandleBody{1000, 0, 1}, page) == Status::kOk);
+  // With every superpage granted there is no room, and PUTs into new pools that fail for
+  // want of it leave no pool behind.
+  pool.ReleaseSession(session);
+  std::uint32_t sid = 0;
+  REQUIRE(pool.AllocSuperpage(2, &sid) == Status::kOk);
+  REQUIRE(pool.AllocSuperpage(2, &sid) == Status::kOk);
+  for (std::uint32_t id = 0; id < 100; ++id) {
+    CHECK(pool.Put(session, HandleBody{id, 0, 1}, page) == Status::kNoSpace);
+  }
+  REQUIRE(pool.FreeSuperpage(2, sid) == Status::kOk);
+  for (std::uint32_t id = 0; id < LenderPool::kMaxPoolsPerSession; ++id) {
+    CHECK(pool.Put(session, HandleBody{id + 100, 0, 1}, page) == Status::kOk);
+  }
 }
 
-TEST_CASE("persistent pages round-trip, rewrite in place, and miss when absent") {
+TEST_CASE("cached pages round-trip, rewrite in place, and miss when absent") {
   LenderPool pool(kSuperpageBytes);
   for (std::uint64_t i = 0; i < 100; ++i) {
-    REQUIRE(PutPage(pool, 1, Handle(7, i / 10, static_cast<std::uint32_t>(i % 10)), false,
+    REQUIRE(PutPage(pool, 1, Handle(7, i / 10, static_cast<std::uint32_t>(i % 10)),
                     MakePage(i)) == Status::kOk);
   }
   for (std::uint64_t i = 0; i < 100; ++i) {
     CHECK(GetPage(pool, 1, Handle(7, i / 10, static_cast<std::uint32_t>(i % 10))) ==
           MakePage(i));
   }
-  REQUIRE(PutPage(pool, 1, Handle(7, 0, 0), false, MakePage(1000)) == Status::kOk);
+  REQUIRE(PutPage(pool, 1, Handle(7, 0, 0), MakePage(1000)) == Status::kOk);
   CHECK(GetPage(pool, 1, Handle(7, 0, 0)) == MakePage(1000));
   CHECK(pool.Stats(1).caller_pages == 100);  // rewritten, not added
 
@@ -350,9 +352,9 @@ TEST_CASE("persistent pages round-trip, rewrite in place, and miss when absent")
 }
 
 TEST_CASE("pools are per session: the same handle in two sessions is two pages") {
-  LenderPool pool(2 * kSuperpageBytes);  // a superpage holds pages of one kind
-  REQUIRE(PutPage(pool, 1, Handle(1, 1, 1), false, MakePage(1)) == Status::kOk);
-  REQUIRE(PutPage(pool, 2, Handle(1, 1, 1), true, MakePage(2)) == Status::kOk);  // own kind
+  LenderPool pool(kSuperpageBytes);
+  REQUIRE(PutPage(pool, 1, Handle(1, 1, 1), MakePage(1)) == Status::kOk);
+  REQUIRE(PutPage(pool, 2, Handle(1, 1, 1), MakePage(2)) == Status::kOk);
   CHECK(GetPage(pool, 1, Handle(1, 1, 1)) == MakePage(1));
   CHECK(GetPage(pool, 2, Handle(1, 1, 1)) == MakePage(2));
   CHECK(pool.Flush(2, Handle(1, 1, 1)) == Status::kOk);
@@ -366,15 +368,15 @@ TEST_CASE("an ephemeral put into a full pool evicts the oldest ephemeral page, o
   EvictionLog log;
   log.Attach(pool);
   for (std::uint32_t i = 0; i < kPagesPerSuperpage; ++i) {
-    REQUIRE(PutPage(pool, 1, Handle(3, i, 0), true, MakePage(i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 1, Handle(3, i, 0), MakePage(i)) == Status::kOk);
   }
   CHECK(log.entries.empty());
-  CheckAccounting(pool, 0, 0, kPagesPerSuperpage);
+  CheckAccounting(pool, 0, kPagesPerSuperpage);
   // Re-putting page 0 makes it the newest, so page 1 is now the oldest.
-  REQUIRE(PutPage(pool, 1, Handle(3, 0, 0), true, MakePage(1000)) == Status::kOk);
+  REQUIRE(PutPage(pool, 1, Handle(3, 0, 0), MakePage(1000)) == Status::kOk);
   CHECK(log.entries.empty());
 
-  REQUIRE(PutPage(pool, 2, Handle(10, 1, 0), true, MakePage(5)) == Status::kOk);
+  REQUIRE(PutPage(pool, 2, Handle(10, 1, 0), MakePage(5)) == Status::kOk);
   REQUIRE(log.entries.size() == 1);
   CHECK(log.entries[0].owner == 1);
   CHECK(log.entries[0].handle.pool == 3);
@@ -385,14 +387,14 @@ TEST_CASE("an ephemeral put into a full pool evicts the oldest ephemeral page, o
   CHECK(GetPage(pool, 1, Handle(3, 2, 0)) == MakePage(2));
   CHECK(GetPage(pool, 2, Handle(10, 1, 0)) == MakePage(5));
   // The next one evicts the next oldest.
-  REQUIRE(PutPage(pool, 2, Handle(10, 2, 0), true, MakePage(6)) == Status::kOk);
+  REQUIRE(PutPage(pool, 2, Handle(10, 2, 0), MakePage(6)) == Status::kOk);
   REQUIRE(log.entries.size() == 2);
   CHECK(log.entries[1].owner == 1);
   CHECK(log.entries[1].handle.object == 2);
   CHECK(log.calls == std::vector<std::size_t>{1, 1});
   CHECK(pool.Stats(1).caller_pages == kPagesPerSuperpage - 2);
   CHECK(pool.Stats(2).caller_pages == 2);
-  CheckAccounting(pool, 0, 0, kPagesPerSuperpage);
+  CheckAccounting(pool, 0, kPagesPerSuperpage);
 }
 
 TEST_CASE("Resize: free superpages retire at once, and growing puts them back in service") {
@@ -420,7 +422,7 @@ TEST_CASE("Resize: free superpages retire at once, and growing puts them back in
     CHECK(AllZero(whole));
   }
   CHECK(pool.AllocSuperpage(2, &sid) == Status::kNoSpace);
-  CheckAccounting(pool, 8, 0, 0);
+  CheckAccounting(pool, 8, 0);
 }
 
 TEST_CASE("a shrink evicts cached pages, then asks for granted superpages back; each retires "
@@ -431,7 +433,7 @@ TEST_CASE("a shrink evicts cached pages, then asks for granted superpages back; 
   std::vector<std::uint32_t> sids(3);
   for (std::uint32_t& sid : sids) REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
   for (std::uint32_t i = 0; i < kPagesPerSuperpage + 10; ++i) {  // two ephemeral superpages
-    REQUIRE(PutPage(pool, 2, Handle(1, i, 0), true, MakePage(i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 2, Handle(1, i, 0), MakePage(i)) == Status::kOk);
   }
   // Six in service: 3 granted, 2 cached, 1 free. Down to 1: the free one and both cached ones
   // go at once, and two of the granted ones are asked back.
@@ -451,7 +453,7 @@ TEST_CASE("a shrink evicts cached pages, then asks for granted superpages back; 
   // Nothing new is granted or cached while the pool is over its size.
   std::uint32_t sid = 0;
   CHECK(pool.AllocSuperpage(3, &sid) == Status::kNoSpace);
-  CHECK(PutPage(pool, 2, Handle(1, 9999, 0), true, MakePage(1)) == Status::kNoSpace);
+  CHECK(PutPage(pool, 2, Handle(1, 9999, 0), MakePage(1)) == Status::kNoSpace);
   // Asked once: a second Resize to the same size asks nothing more.
   CHECK(pool.Resize(1).empty());
   // The borrower frees what it was asked for: each retires.
@@ -461,7 +463,7 @@ TEST_CASE("a shrink evicts cached pages, then asks for granted superpages back; 
   stats = pool.Stats();
   CHECK(stats.total_pages == 1 * kPagesPerSuperpage);
   CHECK(stats.reclaiming_pages == 0);
-  CheckAccounting(pool, 1, 0, 0);
+  CheckAccounting(pool, 1, 0);
   // The one left is still the borrower's, data and all.
   const std::uint32_t kept = sids[0] == asked[0].sids[0] || sids[0] == asked[0].sids[1]
                                  ? (sids[1] == asked[0].sids[0] || sids[1] == asked[0].sids[1]
@@ -478,26 +480,6 @@ TEST_CASE("a shrink evicts cached pages, then asks for granted superpages back; 
   CHECK(pool.Stats().free_pages == 6 * kPagesPerSuperpage);
 }
 
-TEST_CASE("a shrink never drops persistent pages: their superpage retires once they are gone") {
-  LenderPool pool(2 * kSuperpageBytes);
-  for (std::uint32_t i = 0; i < 20; ++i) {
-    REQUIRE(PutPage(pool, 1, Handle(7, i, 0), false, MakePage(i)) == Status::kOk);
-  }
-  CHECK(pool.Resize(0).empty());  // persistent pages are not asked back: they stay
-  LenderPoolStats stats = pool.Stats();
-  CHECK(stats.total_pages == kPagesPerSuperpage);
-  CHECK(stats.target_pages == 0);
-  for (std::uint32_t i = 0; i < 20; ++i) {
-    CAPTURE(i);
-    CHECK(GetPage(pool, 1, Handle(7, i, 0)) == MakePage(i));  // a get after a put succeeds
-  }
-  // A rewrite in place needs no room and still works.
-  CHECK(PutPage(pool, 1, Handle(7, 3, 0), false, MakePage(33)) == Status::kOk);
-  CHECK(GetPage(pool, 1, Handle(7, 3, 0)) == MakePage(33));
-  for (std::uint32_t i = 0; i < 20; ++i) REQUIRE(pool.Flush(1, Handle(7, i, 0)) == Status::kOk);
-  CHECK(pool.Stats().total_pages == 0);
-}
-
 TEST_CASE("ALLOC_SUPERPAGE reclaims the ephemeral superpage with the fewest pages") {
   constexpr std::uint32_t kSuperpages = 4;
   LenderPool pool(kSuperpages * kSuperpageBytes);
@@ -507,17 +489,17 @@ TEST_CASE("ALLOC_SUPERPAGE reclaims the ephemeral superpage with the fewest page
   // one superpage before the next, so handles [512k, 512k + 512) share superpage k.
   constexpr std::uint32_t kPages = kSuperpages * kPagesPerSuperpage;
   for (std::uint32_t i = 0; i < kPages; ++i) {
-    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), true, MakePage(i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), MakePage(i)) == Status::kOk);
   }
   CHECK(log.entries.empty());
-  CheckAccounting(pool, 0, 0, kPages);
+  CheckAccounting(pool, 0, kPages);
   // Superpage 2 is the emptiest: 412 pages.
   std::set<std::uint64_t> flushed;
   for (std::uint32_t i = 2 * kPagesPerSuperpage; i < 2 * kPagesPerSuperpage + 100; ++i) {
     REQUIRE(pool.Flush(1, Handle(1, i, 0)) == Status::kOk);
     flushed.insert(i);
   }
-  CheckAccounting(pool, 0, 0, kPages - 100);
+  CheckAccounting(pool, 0, kPages - 100);
 
   // Session 2 needs a superpage for dirty pages: it gets one, at the cache's expense.
   std::uint32_t dirty_sid = 0;
@@ -542,7 +524,7 @@ TEST_CASE("ALLOC_SUPERPAGE reclaims the ephemeral superpage with the fewest page
       CHECK(got == MakePage(i));
     }
   }
-  CheckAccounting(pool, 1, 0, kPages - kPagesPerSuperpage);
+  CheckAccounting(pool, 1, kPages - kPagesPerSuperpage);
   CHECK(pool.Stats(1).caller_pages == kPages - kPagesPerSuperpage);
   CHECK(pool.Stats(2).caller_pages == kPagesPerSuperpage);
 
@@ -559,262 +541,42 @@ TEST_CASE("ALLOC_SUPERPAGE reclaims the ephemeral superpage with the fewest page
     log.Clear();
     REQUIRE(pool.AllocSuperpage(2 + n, &sid) == Status::kOk);
     CHECK(log.calls == std::vector<std::size_t>{kPagesPerSuperpage});
-    CheckAccounting(pool, 1 + n, 0, kPages - (1 + n) * kPagesPerSuperpage);
+    CheckAccounting(pool, 1 + n, kPages - (1 + n) * kPagesPerSuperpage);
   }
   log.Clear();
   CHECK(pool.AllocSuperpage(9, &sid) == Status::kNoSpace);
   CHECK(log.entries.empty());
   CHECK(pool.Stats(1).caller_pages == 0);
-  CHECK(PutPage(pool, 1, Handle(1, 0, 0), true, MakePage(0)) == Status::kNoSpace);
+  CHECK(PutPage(pool, 1, Handle(1, 0, 0), MakePage(0)) == Status::kNoSpace);
   // The dirty pages were never touched by any of that.
   REQUIRE(ReadRange(pool, 2, dirty_sid, 0, whole) == Status::kOk);
   CHECK(whole == dirty);
 }
 
-TEST_CASE("a persistent put reclaims an ephemeral superpage when nothing else is free") {
+TEST_CASE("granted superpages leave no room for pages; cached pages yield to superpages") {
   LenderPool pool(2 * kSuperpageBytes);
-  EvictionLog log;
-  log.Attach(pool);
-  for (std::uint32_t i = 0; i < 2 * kPagesPerSuperpage; ++i) {
-    REQUIRE(PutPage(pool, 1, Handle(3, i, 0), true, MakePage(i)) == Status::kOk);
-  }
-  // Superpage 1 (handles 512..1023) is the emptier: 500 pages.
-  for (std::uint32_t i = kPagesPerSuperpage; i < kPagesPerSuperpage + 12; ++i) {
-    REQUIRE(pool.Flush(1, Handle(3, i, 0)) == Status::kOk);
-  }
-  REQUIRE(PutPage(pool, 2, Handle(9, 42, 4), false, MakePage(4242)) == Status::kOk);
-  REQUIRE(log.calls == std::vector<std::size_t>{500});
-  for (const Eviction& e : log.entries) {
-    CHECK(e.owner == 1);
-    CHECK(e.handle.object >= kPagesPerSuperpage + 12);
-    CHECK(e.handle.object < 2 * kPagesPerSuperpage);
-  }
-  CHECK(GetPage(pool, 2, Handle(9, 42, 4)) == MakePage(4242));
-  CheckAccounting(pool, 0, 1, kPagesPerSuperpage);
-
-  // The reclaimed superpage is persistent now: 511 more persistent pages fit without
-  // evicting anything, and the cache keeps its other superpage whole.
-  log.Clear();
-  for (std::uint32_t i = 0; i < kPagesPerSuperpage - 1; ++i) {
-    REQUIRE(PutPage(pool, 2, Handle(9, i, 0), false, MakePage(10000 + i)) == Status::kOk);
-  }
-  CHECK(log.entries.empty());
-  for (std::uint32_t i = 0; i < kPagesPerSuperpage; ++i) {
-    CHECK(GetPage(pool, 1, Handle(3, i, 0)) == MakePage(i));
-  }
-  CheckAccounting(pool, 0, kPagesPerSuperpage, kPagesPerSuperpage);
-
-  // The next persistent page takes the last cached superpage.
-  REQUIRE(PutPage(pool, 2, Handle(9, 7777, 0), false, MakePage(7777)) == Status::kOk);
-  CHECK(log.calls == std::vector<std::size_t>{kPagesPerSuperpage});
-  CHECK(pool.Stats(1).caller_pages == 0);
-  CheckAccounting(pool, 0, kPagesPerSuperpage + 1, 0);
-  // Nothing is ephemeral now, so nothing more can be had: not for pages of either kind,
-  // though the persistent superpage has free slots, and not for superpages.
-  log.Clear();
-  CHECK(PutPage(pool, 1, Handle(3, 0, 0), true, MakePage(0)) == Status::kNoSpace);
-  std::uint32_t sid = 0;
-  CHECK(pool.AllocSuperpage(3, &sid) == Status::kNoSpace);
-  CHECK(log.entries.empty());
-  CHECK(GetPage(pool, 2, Handle(9, 42, 4)) == MakePage(4242));
-  for (std::uint32_t i = 0; i < kPagesPerSuperpage - 1; ++i) {
-    CHECK(GetPage(pool, 2, Handle(9, i, 0)) == MakePage(10000 + i));
-  }
-  CHECK(GetPage(pool, 2, Handle(9, 7777, 0)) == MakePage(7777));
-}
-
-TEST_CASE("a pool of persistent pages and granted superpages refuses ALLOC with NO_SPACE") {
-  LenderPool pool(3 * kSuperpageBytes);
   EvictionLog log;
   log.Attach(pool);
   std::uint32_t sid = 0;
   REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
-  // 513 persistent pages: one full superpage and one with a single page.
-  for (std::uint32_t i = 0; i <= kPagesPerSuperpage; ++i) {
-    REQUIRE(PutPage(pool, 2, Handle(1, i, 0), false, MakePage(i)) == Status::kOk);
-  }
-  CHECK(pool.AllocSuperpage(1, &sid) == Status::kNoSpace);
-  CHECK(pool.AllocSuperpage(3, &sid) == Status::kNoSpace);
-  // Free slots of a persistent superpage serve persistent pages only.
-  CHECK(PutPage(pool, 3, Handle(1, 1, 0), true, MakePage(1)) == Status::kNoSpace);
-  REQUIRE(PutPage(pool, 3, Handle(2, 1, 0), false, MakePage(1)) == Status::kOk);
-  CHECK(log.entries.empty());
-  CheckAccounting(pool, 1, kPagesPerSuperpage + 2, 0);
-  CHECK(pool.Stats().free_pages == kPagesPerSuperpage - 2);
-  for (std::uint32_t i = 0; i <= kPagesPerSuperpage; ++i) {
-    CHECK(GetPage(pool, 2, Handle(1, i, 0)) == MakePage(i));
-  }
-}
-
-TEST_CASE("ephemeral and persistent pages never share a superpage") {
-  LenderPool pool(4 * kSuperpageBytes);
-  EvictionLog log;
-  log.Attach(pool);
-  // Interleaved puts of both kinds, from two sessions.
-  for (std::uint32_t i = 0; i < 100; ++i) {
-    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), true, MakePage(i)) == Status::kOk);
-    REQUIRE(PutPage(pool, 2, Handle(2, i, 0), false, MakePage(1000 + i)) == Status::kOk);
-    REQUIRE(PutPage(pool, 2, Handle(3, i, 0), true, MakePage(2000 + i)) == Status::kOk);
-    REQUIRE(PutPage(pool, 1, Handle(4, i, 0), false, MakePage(3000 + i)) == Status::kOk);
-  }
-  CheckAccounting(pool, 0, 200, 200);
-  // One superpage of each kind is active; the other two are still free.
-  std::uint32_t sid = 0;
-  REQUIRE(pool.AllocSuperpage(3, &sid) == Status::kOk);
-  REQUIRE(pool.AllocSuperpage(3, &sid) == Status::kOk);
-  CHECK(log.entries.empty());
-  // Reclaiming the ephemeral one evicts exactly the 200 ephemeral pages and nothing else.
-  REQUIRE(pool.AllocSuperpage(3, &sid) == Status::kOk);
-  REQUIRE(log.calls == std::vector<std::size_t>{200});
-  std::set<std::pair<SessionId, std::uint32_t>> pools;
-  for (const Eviction& e : log.entries) pools.insert({e.owner, e.handle.pool});
-  CHECK(pools == std::set<std::pair<SessionId, std::uint32_t>>{{1, 1}, {2, 3}});
-  for (std::uint32_t i = 0; i < 100; ++i) {
-    CHECK_FALSE(GetPage(pool, 1, Handle(1, i, 0)));
-    CHECK_FALSE(GetPage(pool, 2, Handle(3, i, 0)));
-    CHECK(GetPage(pool, 2, Handle(2, i, 0)) == MakePage(1000 + i));
-    CHECK(GetPage(pool, 1, Handle(4, i, 0)) == MakePage(3000 + i));
-  }
-  // What is left holds persistent pages only: no more superpages.
-  log.Clear();
-  CHECK(pool.AllocSuperpage(3, &sid) == Status::kNoSpace);
-  CHECK(log.entries.empty());
-  CheckAccounting(pool, 3, 200, 0);
-}
-
-TEST_CASE("persistent pages survive heavy churn of cached pages and superpages") {
-  LenderPool pool(6 * kSuperpageBytes);
-  std::vector<Eviction> evictions;
-  std::uint64_t evicted_total = 0;
-  pool.SetEvictionHandler([&](std::span<const Eviction> batch) {
-    evictions.insert(evictions.end(), batch.begin(), batch.end());
-    evicted_total += batch.size();
-  });
-  // Session 1 keeps 1000 persistent pages (two superpages, 24 slots to spare), rewriting
-  // some as it goes.
-  constexpr std::uint32_t kPersistent = 1000;
-  std::vector<std::uint64_t> persistent_seed(kPersistent);
-  for (std::uint32_t i = 0; i < kPersistent; ++i) {
-    persistent_seed[i] = i;
-    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), false, MakePage(i)) == Status::kOk);
-  }
-  // Sessions 2 and 3 cache pages and take and give back superpages at random; session 2
-  // also keeps a few persistent pages of its own, which may reclaim cached superpages.
-  std::mt19937_64 rng(12345);
-  std::map<std::pair<SessionId, std::uint64_t>, std::uint64_t> cached;  // -> seed
-  std::vector<std::pair<SessionId, std::uint32_t>> grants;
-  std::uint64_t persistent2 = 0;
-  std::uint64_t seed = 100000;
-  for (int step = 0; step < 20000; ++step) {
-    const SessionId session = 2 + rng() % 2;
-    const unsigned what = rng() % 100;
-    if (what < 70) {
-      const std::uint64_t object = rng() % 3000;
-      ++seed;
-      if (PutPage(pool, session, Handle(7, object, 0), true, MakePage(seed)) == Status::kOk) {
-        cached[{session, object}] = seed;
-      }
-    } else if (what < 80) {
-      const std::uint64_t object = rng() % 3000;
-      const std::optional<Page> got = GetPage(pool, session, Handle(7, object, 0));
-      const auto it = cached.find({session, object});
-      if (got) {
-        REQUIRE(it != cached.end());
-        CHECK(*got == MakePage(it->second));
-      }
-    } else if (what < 88) {
-      std::uint32_t sid = 0;
-      if (pool.AllocSuperpage(session, &sid) == Status::kOk) grants.push_back({session, sid});
-    } else if (what < 96) {
-      if (!grants.empty()) {
-        const std::size_t k = rng() % grants.size();
-        REQUIRE(pool.FreeSuperpage(grants[k].first, grants[k].second) == Status::kOk);
-        grants.erase(grants.begin() + static_cast<std::ptrdiff_t>(k));
-      }
-    } else if (what < 98) {
-      if (persistent2 < 300 &&
-          PutPage(pool, 2, Handle(8, persistent2, 0), false, MakePage(500000 + persistent2)) ==
-              Status::kOk) {
-        ++persistent2;
-      }
-    } else {
-      const std::uint32_t i = static_cast<std::uint32_t>(rng() % kPersistent);
-      persistent_seed[i] = ++seed;
-      REQUIRE(PutPage(pool, 1, Handle(1, i, 0), false, MakePage(seed)) == Status::kOk);
-    }
-    // Whatever was evicted is gone for good; no persistent page is ever named.
-    for (const Eviction& e : evictions) {
-      REQUIRE(e.handle.pool == 7);
-      REQUIRE(cached.erase({e.owner, e.handle.object}) == 1);
-    }
-    evictions.clear();
-    if (step % 1000 == 0) {
-      for (std::uint32_t i = 0; i < kPersistent; ++i) {
-        REQUIRE(GetPage(pool, 1, Handle(1, i, 0)) == MakePage(persistent_seed[i]));
-      }
-      CheckAccounting(pool, grants.size(), kPersistent + persistent2, cached.size());
-    }
-  }
-  for (std::uint32_t i = 0; i < kPersistent; ++i) {
-    CHECK(GetPage(pool, 1, Handle(1, i, 0)) == MakePage(persistent_seed[i]));
-  }
-  for (std::uint64_t i = 0; i < persistent2; ++i) {
-    CHECK(GetPage(pool, 2, Handle(8, i, 0)) == MakePage(500000 + i));
-  }
-  for (const auto& [key, page_seed] : cached) {
-    CHECK(GetPage(pool, key.first, Handle(7, key.second, 0)) == MakePage(page_seed));
-  }
-  // The churn really did push cached pages out, and session 2's persistent pages needed a
-  // third persistent superpage.
-  CHECK(evicted_total > 0);
-  CHECK(persistent2 > 24);
-  CheckAccounting(pool, grants.size(), kPersistent + persistent2, cached.size());
-}
-
-TEST_CASE("a persistent put into a pool full of persistent pages fails with no space") {
-  LenderPool pool(kSuperpageBytes);
-  EvictionLog log;
-  log.Attach(pool);
-  for (std::uint32_t i = 0; i < kPagesPerSuperpage; ++i) {
-    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), false, MakePage(i)) == Status::kOk);
-  }
-  CHECK(PutPage(pool, 1, Handle(1, 9999, 0), false, MakePage(1)) == Status::kNoSpace);
-  CHECK(PutPage(pool, 2, Handle(1, 9999, 0), false, MakePage(1)) == Status::kNoSpace);
-  CHECK(PutPage(pool, 2, Handle(2, 1, 0), true, MakePage(1)) == Status::kNoSpace);
-  CHECK_FALSE(GetPage(pool, 1, Handle(1, 9999, 0)));
-  CHECK(log.entries.empty());
-  // A handle that already holds a page is rewritten in place, so it needs no room.
-  REQUIRE(PutPage(pool, 1, Handle(1, 5, 0), false, MakePage(500)) == Status::kOk);
-  CHECK(GetPage(pool, 1, Handle(1, 5, 0)) == MakePage(500));
-  // A failed put never leaves the handle's old page readable: a put of the wrong kind
-  // fails and removes it ("turns into a flush and fails").
-  CHECK(PutPage(pool, 1, Handle(1, 6, 0), true, MakePage(600)) == Status::kInvalid);
-  CHECK_FALSE(GetPage(pool, 1, Handle(1, 6, 0)));
-  CHECK(pool.Stats(1).caller_pages == kPagesPerSuperpage - 1);
-  // That freed one slot, and only one.
-  CHECK(PutPage(pool, 2, Handle(1, 1, 0), false, MakePage(1)) == Status::kOk);
-  CHECK(PutPage(pool, 2, Handle(1, 2, 0), false, MakePage(2)) == Status::kNoSpace);
-}
-
-TEST_CASE("granted superpages leave no room for pages, and pages none for superpages") {
-  LenderPool pool(2 * kSuperpageBytes);
-  std::uint32_t sid = 0;
-  REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
-  REQUIRE(PutPage(pool, 2, Handle(1, 1, 0), false, MakePage(1)) == Status::kOk);
-  // The second superpage is active now, with 511 free slots, but not whole.
-  CHECK(pool.AllocSuperpage(1, &sid) == Status::kNoSpace);
-  CHECK(pool.Stats().free_pages == kPagesPerSuperpage - 1);
+  REQUIRE(PutPage(pool, 2, Handle(1, 1, 0), MakePage(1)) == Status::kOk);
+  // The second superpage is active now; QUERY counts all of it as free, cached page and all.
+  CHECK(pool.Stats().free_pages == kPagesPerSuperpage);
   // Its last page gone, the superpage goes back to the free pool.
   REQUIRE(pool.Flush(2, Handle(1, 1, 0)) == Status::kOk);
+  REQUIRE(PutPage(pool, 2, Handle(1, 2, 0), MakePage(2)) == Status::kOk);
+  // An allocation takes the active superpage, evicting the cached page (reported).
   CHECK(pool.AllocSuperpage(1, &sid) == Status::kOk);
-  CHECK(PutPage(pool, 2, Handle(1, 1, 0), false, MakePage(1)) == Status::kNoSpace);
+  CHECK(log.entries.size() == 1);
+  CHECK_FALSE(GetPage(pool, 2, Handle(1, 2, 0)));
+  CHECK(PutPage(pool, 2, Handle(1, 1, 0), MakePage(1)) == Status::kNoSpace);
   CHECK(pool.Stats().free_pages == 0);
 }
 
 TEST_CASE("flush removes a page and frees its slot; flushing nothing is fine") {
   LenderPool pool(kSuperpageBytes);
-  REQUIRE(PutPage(pool, 1, Handle(1, 1, 1), false, MakePage(1)) == Status::kOk);
-  REQUIRE(PutPage(pool, 1, Handle(1, 1, 2), false, MakePage(2)) == Status::kOk);
+  REQUIRE(PutPage(pool, 1, Handle(1, 1, 1), MakePage(1)) == Status::kOk);
+  REQUIRE(PutPage(pool, 1, Handle(1, 1, 2), MakePage(2)) == Status::kOk);
   CHECK(pool.Stats(1).caller_pages == 2);
   CHECK(pool.Flush(1, Handle(1, 1, 1)) == Status::kOk);
   CHECK_FALSE(GetPage(pool, 1, Handle(1, 1, 1)));
@@ -823,14 +585,15 @@ TEST_CASE("flush removes a page and frees its slot; flushing nothing is fine") {
   CHECK(pool.Flush(1, Handle(1, 1, 1)) == Status::kOk);  // already gone
   CHECK(pool.Flush(1, Handle(5, 1, 1)) == Status::kOk);  // no such pool
   CHECK(pool.Flush(9, Handle(1, 1, 1)) == Status::kOk);  // no such session
-  CHECK(pool.Stats().free_pages == pool.total_pages() - 1);
+  CHECK(pool.Stats().free_pages == pool.total_pages());  // cached pages count as free
+  CHECK(pool.Stats().ephemeral_pages == 1);
 }
 
-TEST_CASE("destroying a pool frees its pages and forgets its kind") {
-  LenderPool pool(2 * kSuperpageBytes);  // a superpage holds pages of one kind
+TEST_CASE("destroying a pool frees its pages and no other pool's") {
+  LenderPool pool(2 * kSuperpageBytes);
   for (std::uint32_t i = 0; i < 20; ++i) {
-    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), true, MakePage(i)) == Status::kOk);
-    REQUIRE(PutPage(pool, 1, Handle(2, i, 0), false, MakePage(100 + i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 1, Handle(1, i, 0), MakePage(i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 1, Handle(2, i, 0), MakePage(100 + i)) == Status::kOk);
   }
   CHECK(pool.DestroyPool(1, 1) == Status::kOk);
   CHECK(pool.Stats(1).caller_pages == 20);
@@ -838,23 +601,11 @@ TEST_CASE("destroying a pool frees its pages and forgets its kind") {
     CHECK_FALSE(GetPage(pool, 1, Handle(1, i, 0)));
     CHECK(GetPage(pool, 1, Handle(2, i, 0)) == MakePage(100 + i));
   }
-  // Pool 1 was ephemeral; a new pool 1 can be persistent.
-  CHECK(PutPage(pool, 1, Handle(1, 0, 0), false, MakePage(7)) == Status::kOk);
+  // A new pool 1 starts empty.
+  CHECK(PutPage(pool, 1, Handle(1, 0, 0), MakePage(7)) == Status::kOk);
+  CHECK(pool.Stats(1).caller_pages == 21);
   CHECK(pool.DestroyPool(1, 77) == Status::kOk);  // never existed
   CHECK(pool.DestroyPool(5, 1) == Status::kOk);   // a session with nothing
-}
-
-TEST_CASE("the first put fixes a pool's kind; the other kind is invalid") {
-  LenderPool pool(2 * kSuperpageBytes);  // a superpage holds pages of one kind
-  REQUIRE(PutPage(pool, 1, Handle(1, 0, 0), false, MakePage(1)) == Status::kOk);
-  CHECK(PutPage(pool, 1, Handle(1, 1, 0), true, MakePage(2)) == Status::kInvalid);
-  CHECK_FALSE(GetPage(pool, 1, Handle(1, 1, 0)));
-  REQUIRE(PutPage(pool, 1, Handle(2, 0, 0), true, MakePage(3)) == Status::kOk);
-  CHECK(PutPage(pool, 1, Handle(2, 1, 0), false, MakePage(4)) == Status::kInvalid);
-  CHECK(pool.Stats(1).caller_pages == 2);
-  // A pool whose pages were all flushed keeps its kind.
-  REQUIRE(pool.Flush(1, Handle(2, 0, 0)) == Status::kOk);
-  CHECK(PutPage(pool, 1, Handle(2, 0, 0), false, MakePage(5)) == Status::kInvalid);
 }
 
 TEST_CASE("stats add up: free plus every session's pages, less cached ones, is the total") {
@@ -862,12 +613,12 @@ TEST_CASE("stats add up: free plus every session's pages, less cached ones, is t
   std::uint32_t sid = 0;
   REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
   REQUIRE(pool.AllocSuperpage(2, &sid) == Status::kOk);
-  // Two pools, one of each kind; 600 pages spill into a second active superpage.
+  // Two pools; 600 pages spill into a second active superpage.
   for (std::uint32_t i = 0; i < 600; ++i) {
-    REQUIRE(PutPage(pool, 3, Handle(i % 2, i, 0), i % 2 == 0, MakePage(i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 3, Handle(i % 2, i, 0), MakePage(i)) == Status::kOk);
   }
   for (std::uint32_t i = 0; i < 30; ++i) {
-    REQUIRE(PutPage(pool, 1, Handle(4, i, 0), false, MakePage(i)) == Status::kOk);
+    REQUIRE(PutPage(pool, 1, Handle(4, i, 0), MakePage(i)) == Status::kOk);
   }
   const LenderPoolStats stats = pool.Stats();
   const std::uint64_t held =
@@ -875,8 +626,8 @@ TEST_CASE("stats add up: free plus every session's pages, less cached ones, is t
   CHECK(pool.Stats(1).caller_pages == kPagesPerSuperpage + 30);
   CHECK(pool.Stats(2).caller_pages == kPagesPerSuperpage);
   CHECK(pool.Stats(3).caller_pages == 600);
-  // QUERY counts the 300 ephemeral pages as free; used_bytes counts them as used.
-  CHECK(stats.ephemeral_pages == 300);
+  // QUERY counts the 630 cached pages as free; used_bytes counts them as used.
+  CHECK(stats.ephemeral_pages == 630);
   CHECK(stats.free_pages + held - stats.ephemeral_pages == stats.total_pages);
   CHECK(stats.used_bytes == held * kPageBytes);
   CHECK(stats.borrowers == 3);
@@ -910,17 +661,13 @@ TEST_CASE("sessions working in parallel keep their data apart") {
             std::memcmp(out.data(), page.data(), kPageBytes) != 0) {
           failures.fetch_add(1);
         }
-        // Persistent pages must always come back; ephemeral ones may be evicted.
-        if (PutPage(pool, session, Handle(1, round, 0), false, page) != Status::kOk ||
-            GetPage(pool, session, Handle(1, round, 0)) != page) {
-          failures.fetch_add(1);
-        }
-        if (PutPage(pool, session, Handle(2, round, 0), true, page) != Status::kOk) {
+        // Cached pages may be evicted, but never read back wrong.
+        if (PutPage(pool, session, Handle(2, round, 0), page) != Status::kOk) {
           failures.fetch_add(1);
         }
         const std::optional<Page> got = GetPage(pool, session, Handle(2, round % 50, 0));
         if (got && *got != MakePage(session * 1000000 + round % 50)) failures.fetch_add(1);
-        if (round % 7 == 0) pool.Flush(session, Handle(1, round / 2, 0));
+        if (round % 7 == 0) pool.Flush(session, Handle(2, round / 2, 0));
         (void)pool.Stats(session);
       }
       pool.ReleaseSession(session);
@@ -933,9 +680,9 @@ TEST_CASE("sessions working in parallel keep their data apart") {
   CHECK(stats.borrowers == 0);
 }
 
-TEST_CASE("reclaims racing with cached, persistent and passive traffic lose nothing else") {
-  // 8 superpages: two dirty sessions hold up to three grants each and one persistent
-  // superpage is shared, so an allocation always finds a free or an ephemeral superpage.
+TEST_CASE("reclaims racing with cached and passive traffic lose nothing else") {
+  // 8 superpages: two dirty sessions hold up to three grants each, so an allocation always
+  // finds a free or an active superpage.
   // The dirty sessions start once the caches fill at least four superpages, and the
   // caches keep refilling what is reclaimed until the dirty sessions are done.
   LenderPool pool(8 * kSuperpageBytes);
@@ -944,7 +691,7 @@ TEST_CASE("reclaims racing with cached, persistent and passive traffic lose noth
   pool.SetEvictionHandler([&](std::span<const Eviction> batch) {
     if (batch.size() > 1) reclaims.fetch_add(1);
     for (const Eviction& e : batch) {
-      if (e.handle.pool != 7) evicted.fetch_add(1ULL << 32);  // never a persistent page
+      if (e.handle.pool != 7) evicted.fetch_add(1ULL << 32);  // only the caches' pages
     }
     evicted.fetch_add(batch.size());
   });
@@ -961,7 +708,7 @@ TEST_CASE("reclaims racing with cached, persistent and passive traffic lose noth
         const std::uint64_t object = rng() % last.size();
         if (rng() % 3 != 0) {
           const std::uint64_t seed = cache * 1000000000 + round;
-          if (PutPage(pool, cache, Handle(7, object, 0), true, MakePage(seed)) == Status::kOk) {
+          if (PutPage(pool, cache, Handle(7, object, 0), MakePage(seed)) == Status::kOk) {
             last[object] = seed;
           }
         } else {
@@ -982,7 +729,6 @@ TEST_CASE("reclaims racing with cached, persistent and passive traffic lose noth
         std::this_thread::yield();
       }
       std::vector<std::pair<std::uint32_t, std::uint64_t>> held;  // sid, seed
-      std::vector<bool> stored(200, false);  // persistent pages put
       std::vector<std::byte> out(kSuperpageBytes);
       const std::vector<std::byte> zeros(kSuperpageBytes);
       for (std::uint64_t round = 1; round <= 60; ++round) {
@@ -1000,15 +746,6 @@ TEST_CASE("reclaims racing with cached, persistent and passive traffic lose noth
           failures.fetch_add(1);
         }
         held.push_back({sid, seed});
-        for (std::uint32_t i = 0; i < 2; ++i) {
-          const std::uint64_t object = (round * 2 + i) % 200;
-          const Page page = MakePage(dirty * 1000000 + object);
-          if (PutPage(pool, dirty, Handle(1, object, 0), false, page) != Status::kOk ||
-              GetPage(pool, dirty, Handle(1, object, 0)) != page) {
-            failures.fetch_add(1);
-          }
-          stored[object] = true;
-        }
         if (held.size() > 2) {
           const auto [old_sid, old_seed] = held.front();
           if (ReadRange(pool, dirty, old_sid, 0, out) != Status::kOk ||
@@ -1023,12 +760,6 @@ TEST_CASE("reclaims racing with cached, persistent and passive traffic lose noth
           held.erase(held.begin());
         }
       }
-      for (std::uint64_t object = 0; object < 200; ++object) {
-        if (stored[object] &&
-            GetPage(pool, dirty, Handle(1, object, 0)) != MakePage(dirty * 1000000 + object)) {
-          failures.fetch_add(1);
-        }
-      }
       pool.ReleaseSession(dirty);
     });
   }
@@ -1036,9 +767,9 @@ TEST_CASE("reclaims racing with cached, persistent and passive traffic lose noth
   dirty_done.store(true);
   for (std::thread& t : caches) t.join();
   CHECK(failures.load() == 0);
-  const std::uint64_t persistent_evicted = evicted.load() >> 32;
+  const std::uint64_t others_evicted = evicted.load() >> 32;
   const std::uint64_t pages_evicted = evicted.load() & 0xffffffffULL;
-  CHECK(persistent_evicted == 0);
+  CHECK(others_evicted == 0);
   CHECK(pages_evicted > 0);
   CHECK(reclaims.load() > 0);
   const LenderPoolStats stats = pool.Stats();
@@ -1113,13 +844,13 @@ TEST_CASE("QUERY reports total, free and the caller's pages and the borrowers") 
   AllocOverWire(a);
   const Page page = MakePage(1);
   const std::optional<TestMessage> put =
-      b.Call(MessageType::kPut, 0, Handle(1, 1, 1), page);
+      b.Call(MessageType::kPut, kPutEphemeral, Handle(1, 1, 1), page);
   REQUIRE(put);
   REQUIRE(put->status() == Status::kOk);
   q = a.Query();
   REQUIRE(q);
   CHECK(q->caller_pages == kPagesPerSuperpage);
-  CHECK(q->free_pages == 3 * kPagesPerSuperpage - 1);
+  CHECK(q->free_pages == 3 * kPagesPerSuperpage);  // a cached page counts as free
   CHECK(q->borrowers == 2);
   q = b.Query();
   REQUIRE(q);
@@ -1367,7 +1098,16 @@ TEST_CASE("passive and active data round-trip over the wire") {
   CHECK(reply->payload.size() == 4 * kPageBytes);
 
   const Page page = MakePage(9);
+  // Without the EPHEMERAL flag: persistent pools are not served.
   reply = client.Call(MessageType::kPut, 0, Handle(2, 3, 4), page);
+  REQUIRE(reply);
+  CHECK(reply->status() == Status::kUnsupported);
+  CHECK(std::string(reinterpret_cast<const char*>(reply->payload.data()), reply->payload.size())
+            .find("persistent pools are not served") != std::string::npos);
+  reply = client.Call(MessageType::kGet, 0, Handle(2, 3, 4));
+  REQUIRE(reply);
+  CHECK(reply->status() == Status::kNotFound);
+  reply = client.Call(MessageType::kPut, kPutEphemeral, Handle(2, 3, 4), page);
   REQUIRE(reply);
   REQUIRE(reply->status() == Status::kOk);
   reply = client.Call(MessageType::kGet, 0, Handle(2, 3, 4));
@@ -1431,12 +1171,14 @@ TEST_CASE("a session's memory is freed when its connection closes") {
     AllocOverWire(leaver);
     AllocOverWire(leaver);
     const Page page = MakePage(1);
-    std::optional<TestMessage> reply = leaver.Call(MessageType::kPut, 0, Handle(1, 1, 1), page);
+    std::optional<TestMessage> reply =
+        leaver.Call(MessageType::kPut, kPutEphemeral, Handle(1, 1, 1), page);
     REQUIRE(reply);
     REQUIRE(reply->status() == Status::kOk);
     std::optional<QueryReply> q = watcher.Query();
     REQUIRE(q);
-    CHECK(q->free_pages == 2 * kPagesPerSuperpage - 1);
+    CHECK(q->free_pages == 2 * kPagesPerSuperpage);  // the cached page counts as free
+    CHECK(lender.service->Stats().used_bytes == (2 * kPagesPerSuperpage + 1) * kPageBytes);
     CHECK(q->borrowers == 1);
   }
   CHECK(Eventually([&] {
@@ -1490,30 +1232,15 @@ TEST_CASE("an evicted page's owner gets an EVICTED notice") {
   REQUIRE(reply);
   CHECK(reply->status() == Status::kNotFound);
 
-  // A persistent page takes the whole superpage: the 511 cached pages left go, and so
-  // does the store's own cached page, each owner told about its own.
+  // A PUT without the EPHEMERAL flag is refused, and evicts nothing.
   reply = store.Call(MessageType::kPut, 0, Handle(2, 1, 1), MakePage(200));
   REQUIRE(reply);
-  REQUIRE(reply->status() == Status::kOk);
-  REQUIRE(store.notices().size() == 1);
-  HandleBody own{};
-  REQUIRE(store.notices()[0].As(&own));
-  CHECK(own.pool == 1);
-  CHECK(own.object == 1);
-  const std::set<std::uint64_t> evicted =
-      ReadEvictedNotices(cache, kPagesPerSuperpage - 1, 6, 2);
-  CHECK(evicted.size() == kPagesPerSuperpage - 1);
-  CHECK(evicted.count(0) == 0);
+  CHECK(reply->status() == Status::kUnsupported);
+  CHECK(store.notices().empty());
   reply = cache.Call(MessageType::kGet, 0, Handle(6, 7, 2));
   REQUIRE(reply);
-  CHECK(reply->status() == Status::kNotFound);
+  CHECK(reply->status() == Status::kOk);
   CHECK(cache.notices().empty());
-  reply = store.Call(MessageType::kGet, 0, Handle(2, 1, 1));
-  REQUIRE(reply);
-  REQUIRE(reply->status() == Status::kOk);
-  const Page expected = MakePage(200);
-  CHECK(std::equal(reply->payload.begin(), reply->payload.end(), expected.begin(),
-                   expected.end()));
 }
 
 TEST_CASE("another borrower's ALLOC_SUPERPAGE evicts cached pages; their owner is told") {
