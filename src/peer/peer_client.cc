@@ -270,7 +270,7 @@ std::uint64_t PeerClient::Register(Pending* pending) noexcept {
   }
   std::lock_guard lock(pending_mu_);
   if (!connected()) return fail(-ENOTCONN);
-  pending->client = this;
+  pending->transport = this;
   try {
     pending_.emplace(tag, pending);
   } catch (const std::bad_alloc&) {
@@ -279,62 +279,53 @@ std::uint64_t PeerClient::Register(Pending* pending) noexcept {
   return tag;
 }
 
-void PeerClient::Batch::AddRead(std::uint32_t sid, std::uint32_t offset,
-                                Pending* pending) noexcept {
-  const RangeBody body{sid, offset, static_cast<std::uint32_t>(pending->out.size()), 0};
-  Add(MessageType::kRead, 0, &body, {}, pending);
-}
-
-void PeerClient::Batch::AddWrite(std::uint32_t sid, std::uint32_t offset,
-                                 std::span<const std::byte> data, Pending* pending) noexcept {
-  pending->spin = false;
-  const RangeBody body{sid, offset, static_cast<std::uint32_t>(data.size()), 0};
-  Add(MessageType::kWrite, 0, &body, data, pending);
-}
-
-void PeerClient::Batch::AddPut(const HandleBody& handle, std::uint32_t flags,
-                               std::span<const std::byte> page, Pending* pending) noexcept {
-  pending->spin = false;
-  Add(MessageType::kPut, flags, &handle, page, pending);
-}
-
-void PeerClient::Batch::AddGet(const HandleBody& handle, Pending* pending) noexcept {
-  Add(MessageType::kGet, 0, &handle, {}, pending);
-}
-
-void PeerClient::Batch::Add(MessageType type, std::uint32_t flags, const void* body,
-                            std::span<const std::byte> data, Pending* pending) noexcept {
-  assert(count_ < kMaxRequests);
-  const std::uint64_t tag = client_.Register(pending);
-  if (tag == 0) return;
-  Wire& wire = wire_[count_];
-  EncodeHeader(type, false, flags, Status::kOk, tag,
-               static_cast<std::uint32_t>(kBodyBytes + data.size()), wire.header);
-  std::memcpy(wire.body, body, kBodyBytes);
-  data_[count_] = data;
-  ++count_;
-}
-
-void PeerClient::Batch::Send() noexcept {
-  if (count_ == 0) return;
-  iovec parts[2 * kMaxRequests];
+void PeerClient::SubmitBatch(std::span<const BatchedRequest> requests) noexcept {
+  // Every request a batch carries has a 16-byte body (RangeBody or HandleBody).
+  constexpr std::size_t kBodyBytes = 16;
+  static_assert(sizeof(RangeBody) == kBodyBytes && sizeof(HandleBody) == kBodyBytes);
+  struct Wire {
+    std::byte header[sizeof(Header)];
+    std::byte body[kBodyBytes];
+  };
+  static_assert(sizeof(Wire) == sizeof(Header) + kBodyBytes);
+  assert(requests.size() <= RequestBatch::kMaxRequests);
+  Wire wire[RequestBatch::kMaxRequests];
+  iovec parts[2 * RequestBatch::kMaxRequests];
   int used = 0;
-  for (std::size_t i = 0; i < count_; ++i) {
-    static_assert(sizeof(Wire) == sizeof(Header) + kBodyBytes);
-    parts[used++] = {&wire_[i], sizeof(Wire)};
-    if (!data_[i].empty()) {
-      parts[used++] = {const_cast<std::byte*>(data_[i].data()), data_[i].size()};
+  for (std::size_t i = 0; i < requests.size(); ++i) {
+    const BatchedRequest& request = requests[i];
+    const std::uint64_t tag = Register(request.pending);
+    if (tag == 0) continue;  // completed with the error already
+    const bool range = request.type == MessageType::kRead || request.type == MessageType::kWrite;
+    EncodeHeader(request.type, false, request.flags, Status::kOk, tag,
+                 static_cast<std::uint32_t>(kBodyBytes + request.data.size()), wire[i].header);
+    if (range) {
+      std::memcpy(wire[i].body, &request.range, kBodyBytes);
+    } else {
+      std::memcpy(wire[i].body, &request.handle, kBodyBytes);
+    }
+    parts[used++] = {&wire[i], sizeof(Wire)};
+    if (!request.data.empty()) {
+      parts[used++] = {const_cast<std::byte*>(request.data.data()), request.data.size()};
     }
   }
+  if (used == 0) return;
   int rc;
   {
-    std::lock_guard lock(client_.send_mu_);
-    rc = SendParts(client_.fd_.get(), parts, used);
+    std::lock_guard lock(send_mu_);
+    rc = SendParts(fd_.get(), parts, used);
   }
   // On failure the stream may hold half a message: hang up; the reader thread fails
   // every registered request, so each Wait still returns.
-  if (rc != 0) ::shutdown(client_.fd_.get(), SHUT_RDWR);
-  count_ = 0;
+  if (rc != 0) ::shutdown(fd_.get(), SHUT_RDWR);
+}
+
+std::shared_ptr<PeerTransport> ConnectTcp(const TransportParams& params) {
+  PeerClientOptions options;
+  options.connect_timeout = params.connect_timeout;
+  options.request_timeout = params.request_timeout;
+  options.stall_timeout = params.stall_timeout;
+  return std::make_shared<PeerClient>(params.endpoint, params.node_id, params.on_notice, options);
 }
 
 int PeerClient::Submit(MessageType type, std::uint32_t flags, std::span<const std::byte> body,

@@ -1,4 +1,5 @@
-// PeerClient: the borrower's connection to one lender.
+// PeerClient: the borrower's connection to one lender over TCP (or a unix socket): the
+// PeerTransport (peer_transport.h) memlend uses today.
 //
 // Requests are pipelined: any number of threads may call at once; each call sends its
 // request (tag, header, body, data) under a send lock, then waits for the reply with its
@@ -35,6 +36,7 @@
 
 #include "common/unique_fd.h"
 #include "peer/codec.h"
+#include "peer/peer_transport.h"
 #include "transport/socket.h"
 
 namespace memlend::peer {
@@ -45,11 +47,10 @@ struct PeerClientOptions {
   std::chrono::milliseconds stall_timeout{5000};    // the rest of a message, once begun
 };
 
-class PeerClient {
+class PeerClient final : public PeerTransport {
  public:
-  // Runs on the reading thread for each notice; must not call back into this client, and
-  // may run while the thread that reads holds its own locks, so it takes only leaf locks.
-  using NoticeHandler = std::function<void(const Message& notice, std::span<const std::byte>)>;
+  using Pending = PendingRequest;
+  using Batch = RequestBatch;
 
   // Connects to `endpoint` and exchanges HELLO, waiting at most `timeout`. Throws
   // std::runtime_error with a one-line reason on failure: unreachable, a lender of another
@@ -61,113 +62,57 @@ class PeerClient {
       : PeerClient(endpoint, node_id, std::move(on_notice), PeerClientOptions{timeout}) {}
   // Hangs up and joins the background thread; pending calls fail with -ENOTCONN.
   // REQUIRES: no thread is inside a call or a Wait on this client.
-  ~PeerClient();
+  ~PeerClient() override;
   PeerClient(const PeerClient&) = delete;
   PeerClient& operator=(const PeerClient&) = delete;
 
   // Each call returns 0 or a negative errno: the lender's refusal (StatusToErrno, e.g.
   // -ENOSPC, -EPERM), -ENOTCONN when the connection is gone, or -ETIMEDOUT when no reply
   // came by the request's deadline. Thread-safe.
-  int Query(QueryReply* reply) noexcept;
-  int AllocSuperpage(std::uint32_t* sid) noexcept;
-  int Write(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data) noexcept;
-  int Read(std::uint32_t sid, std::uint32_t offset, std::span<std::byte> out) noexcept;
+  int Query(QueryReply* reply) noexcept override;
+  int AllocSuperpage(std::uint32_t* sid) noexcept override;
+  int Write(std::uint32_t sid, std::uint32_t offset,
+            std::span<const std::byte> data) noexcept override;
+  int Read(std::uint32_t sid, std::uint32_t offset, std::span<std::byte> out) noexcept override;
   // Active protocol: PUT stores one page under `handle` (kPutEphemeral in `flags` for an
   // ephemeral pool); GET returns -ENOENT on a miss.
-  int Put(const HandleBody& handle, std::uint32_t flags, std::span<const std::byte> page) noexcept;
-  int Get(const HandleBody& handle, std::span<std::byte> out) noexcept;
+  int Put(const HandleBody& handle, std::uint32_t flags,
+          std::span<const std::byte> page) noexcept override;
+  int Get(const HandleBody& handle, std::span<std::byte> out) noexcept override;
   // Sends FLUSH without waiting for (or wanting) its reply: the lender answers every FLUSH
   // with ok, and this connection's later requests are served after it. Returns 0, or
   // -ENOTCONN when the connection is gone (and so is the page).
-  int FlushNoReply(const HandleBody& handle) noexcept;
+  int FlushNoReply(const HandleBody& handle) noexcept override;
 
   // Sends FREE_SUPERPAGE without waiting for its reply (the lender's later replies come
   // after it). With `wait_to_send` false it does not wait for the connection either:
   // -EAGAIN when another thread is sending. Returns 0 or -ENOTCONN.
-  int FreeSuperpageNoReply(std::uint32_t sid, bool wait_to_send) noexcept;
+  int FreeSuperpageNoReply(std::uint32_t sid, bool wait_to_send) noexcept override;
 
-  // Pipelined reads: Submit sends a READ and returns at once; Wait blocks until its reply
-  // is in `out` and returns 0 or -errno. Every successful Submit must be Waited for
-  // before the Pending (and `out`) goes away, and the client must outlive the Wait. A
-  // caller submits a batch, then waits for each, so the whole batch costs about one
-  // round trip.
-  struct Pending {
-    std::span<std::byte> out;  // where the reply payload goes (exact size expected)
-    std::atomic<bool> done{false};
-    int result = 0;
-    PeerClient* client = nullptr;  // set when registered: who reads the reply
-    // Whether a thread waiting for this reply busy-polls the socket for up to kReplySpin
-    // before sleeping. Good for a reply someone waits on now (a read); batched writes
-    // (evictions) turn it off, since spinning takes the CPU the lender needs on a
-    // crowded host.
-    bool spin = true;
-    // Set when registered.
-    std::uint64_t tag = 0;
-    std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
-  };
-  int SubmitRead(std::uint32_t sid, std::uint32_t offset, Pending* pending) noexcept;
-  // As SubmitRead, for a QUERY whose reply (a QueryReply) goes to pending->out.
-  int SubmitQuery(Pending* pending) noexcept;
-  // As SubmitRead, for a WRITE of `data`, which must stay valid until Wait returns.
+  // Pipelined requests (see PeerTransport): Submit sends a request and returns at once;
+  // Wait blocks until its reply is in `out`.
+  int SubmitRead(std::uint32_t sid, std::uint32_t offset, Pending* pending) noexcept override;
+  int SubmitQuery(Pending* pending) noexcept override;
   int SubmitWrite(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data,
-                  Pending* pending) noexcept;
-  static int Wait(Pending* pending) noexcept {
-    if (!pending->done.load(std::memory_order_acquire)) pending->client->AwaitReply(pending);
-    return pending->result;
-  }
+                  Pending* pending) noexcept override;
+  // Every request of the batch goes out with one system call.
+  void SubmitBatch(std::span<const BatchedRequest> requests) noexcept override;
 
-  // Collects up to kMaxRequests READs and WRITEs and sends them with one system call.
-  // One caller's object, not shared between threads. Requests added are registered at
-  // once; nothing goes out until Send (or the destructor). Wait for each Pending after
-  // Send, as for SubmitRead.
-  class Batch {
-   public:
-    static constexpr std::size_t kMaxRequests = 64;
-    explicit Batch(PeerClient& client) : client_(client) {}
-    ~Batch() { Send(); }
-    Batch(const Batch&) = delete;
-    Batch& operator=(const Batch&) = delete;
-
-    bool full() const { return count_ == kMaxRequests; }
-    // REQUIRES: !full(). On failure `pending` is completed with the error.
-    void AddRead(std::uint32_t sid, std::uint32_t offset, Pending* pending) noexcept;
-    void AddWrite(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data,
-                  Pending* pending) noexcept;
-    void AddPut(const HandleBody& handle, std::uint32_t flags, std::span<const std::byte> page,
-                Pending* pending) noexcept;
-    void AddGet(const HandleBody& handle, Pending* pending) noexcept;
-    // Sends everything added so far.
-    void Send() noexcept;
-
-   private:
-    // Every request a batch carries has a 16-byte body (RangeBody or HandleBody).
-    static constexpr std::size_t kBodyBytes = 16;
-    static_assert(sizeof(RangeBody) == kBodyBytes && sizeof(HandleBody) == kBodyBytes);
-    void Add(MessageType type, std::uint32_t flags, const void* body,
-             std::span<const std::byte> data, Pending* pending) noexcept;
-
-    PeerClient& client_;
-    std::size_t count_ = 0;
-    struct Wire {
-      std::byte header[sizeof(Header)];
-      std::byte body[kBodyBytes];
-    } wire_[kMaxRequests];
-    std::span<const std::byte> data_[kMaxRequests];
-  };
-
-  bool connected() const { return connected_.load(std::memory_order_acquire); }
+  bool connected() const noexcept override { return connected_.load(std::memory_order_acquire); }
   // Ends the connection now: every pending and later call fails with -ENOTCONN.
-  void Hangup() noexcept;
-  const Endpoint& endpoint() const { return endpoint_; }
+  void Hangup() noexcept override;
+  const Endpoint& endpoint() const noexcept override { return endpoint_; }
   // The lender's HELLO reply. Constant after construction.
-  const HelloBody& lender() const { return lender_; }
+  const HelloBody& lender() const noexcept override { return lender_; }
   // The round-trip time of the most recent QUERY, in microseconds.
-  std::uint64_t last_rtt_us() const { return last_rtt_us_.load(std::memory_order_relaxed); }
+  std::uint64_t last_rtt_us() const noexcept override {
+    return last_rtt_us_.load(std::memory_order_relaxed);
+  }
   // Since when a request has been overdue with no reply in time after it (see Deadlines),
   // or time_point::min() when none is.
-  std::chrono::steady_clock::time_point overdue_since() const noexcept;
+  std::chrono::steady_clock::time_point overdue_since() const noexcept override;
   // When the last message (reply or notice) arrived; the HELLO reply at first.
-  std::chrono::steady_clock::time_point last_heard() const noexcept;
+  std::chrono::steady_clock::time_point last_heard() const noexcept override;
 
  private:
   // Registers `pending` under a new tag; returns the tag, or 0 (with `pending` completed
@@ -185,7 +130,7 @@ class PeerClient {
   int SendNoReply(MessageType type, std::span<const std::byte> body, bool wait_to_send) noexcept;
   // Waits for `pending` (reading replies and notices as the reader when nobody else is)
   // until it is done or its deadline passes, then withdraws it with -ETIMEDOUT.
-  void AwaitReply(Pending* pending) noexcept;
+  void AwaitReply(Pending* pending) noexcept override;
   // Removes `pending` from the table and completes it with `error`, unless a reader has
   // taken it already (then it is being completed; returns false). REQUIRES: pending_mu_.
   bool WithdrawLocked(Pending* pending, int error) noexcept;

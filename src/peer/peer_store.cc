@@ -48,7 +48,7 @@ std::size_t PeerOf(Slot slot) { return static_cast<std::size_t>((slot >> kKeyBit
 HandleBody CacheHandle(std::uint64_t key) { return HandleBody{kCachePool, 0, key}; }
 
 // Completes a request that was never sent, so that waiting for it returns `error` at once.
-void CompleteNow(PeerClient::Pending& pending, int error) {
+void CompleteNow(PendingRequest& pending, int error) {
   pending.result = error;
   pending.done.store(true, std::memory_order_release);
 }
@@ -148,7 +148,7 @@ bool PeerStore::Leaving(const Peer& peer) noexcept {
 }
 
 bool PeerStore::FinishRemoval(Peer& peer) {
-  std::shared_ptr<PeerClient> client;
+  std::shared_ptr<PeerTransport> client;
   {
     std::lock_guard lock(peer.mu);
     if (!peer.removing.load(std::memory_order_acquire)) return false;
@@ -192,19 +192,19 @@ void PeerStore::Connect(Peer& peer) {
   }
   // Connect and HELLO with no lock held: a lender that does not answer must not stall the
   // threads that read, write or release slots meanwhile.
-  std::shared_ptr<PeerClient> client;
+  std::shared_ptr<PeerTransport> client;
   std::string error;
   try {
-    PeerClientOptions options;
-    options.connect_timeout = options_.connect_timeout;
-    options.request_timeout = options_.request_timeout;
-    options.stall_timeout = options_.down_after;
-    client = std::make_shared<PeerClient>(
-        peer.endpoint, node_id_,
-        [this, &peer](const Message& notice, std::span<const std::byte> payload) {
-          OnNotice(peer, notice, payload);
-        },
-        options);
+    TransportParams params;
+    params.endpoint = peer.endpoint;
+    params.node_id = node_id_;
+    params.on_notice = [this, &peer](const Message& notice, std::span<const std::byte> payload) {
+      OnNotice(peer, notice, payload);
+    };
+    params.connect_timeout = options_.connect_timeout;
+    params.request_timeout = options_.request_timeout;
+    params.stall_timeout = options_.down_after;
+    client = options_.connect(params);
   } catch (const std::exception& e) {
     error = e.what();
   }
@@ -226,13 +226,13 @@ void PeerStore::Connect(Peer& peer) {
   peer.refusing = false;
 }
 
-bool PeerStore::OverdueTooLong(const PeerClient& client) const noexcept {
+bool PeerStore::OverdueTooLong(const PeerTransport& client) const noexcept {
   const auto since = client.overdue_since();
   return since != std::chrono::steady_clock::time_point::min() &&
          std::chrono::steady_clock::now() - since >= options_.down_after;
 }
 
-void PeerStore::MarkDownIf(Peer& peer, const PeerClient* client, const std::string& why) {
+void PeerStore::MarkDownIf(Peer& peer, const PeerTransport* client, const std::string& why) {
   std::lock_guard lock(peer.mu);
   if (peer.client.get() == client && client != nullptr) MarkDown(peer, why);
 }
@@ -292,7 +292,7 @@ void PeerStore::Refresh() {
     Peer& peer = *peer_ptr;
     if (peer.removed.load(std::memory_order_acquire) || FinishRemoval(peer)) continue;
     Connect(peer);
-    std::shared_ptr<PeerClient> client = ClientOf(peer);
+    std::shared_ptr<PeerTransport> client = ClientOf(peer);
     if (!client) continue;
     std::vector<std::uint32_t> frees;
     {
@@ -313,9 +313,9 @@ void PeerStore::Heartbeat() {
   const auto now = std::chrono::steady_clock::now();
   struct Probe {
     Peer* peer;
-    std::shared_ptr<PeerClient> client;
+    std::shared_ptr<PeerTransport> client;
     QueryReply reply{};
-    PeerClient::Pending pending;
+    PendingRequest pending;
     bool sent = false;
   };
   const std::size_t count = peer_count();
@@ -340,7 +340,7 @@ void PeerStore::Heartbeat() {
     probe.sent = probe.client->SubmitQuery(&probe.pending) == 0;
   }
   for (Probe& probe : probes) {
-    if (!probe.sent || PeerClient::Wait(&probe.pending) != 0) continue;
+    if (!probe.sent || PeerTransport::Wait(&probe.pending) != 0) continue;
     std::lock_guard lock(probe.peer->mu);
     if (probe.peer->client != probe.client) continue;
     probe.peer->free_pages.store(probe.reply.free_pages, std::memory_order_relaxed);
@@ -348,7 +348,7 @@ void PeerStore::Heartbeat() {
   }
 }
 
-std::shared_ptr<PeerClient> PeerStore::ClientOf(Peer& peer) const {
+std::shared_ptr<PeerTransport> PeerStore::ClientOf(Peer& peer) const {
   std::lock_guard lock(peer.mu);
   return peer.client;
 }
@@ -413,7 +413,7 @@ int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
   // Ask for another superpage, once per 512 pages, without holding the peer's lock for the
   // round trip: a slow or stuck connection must not stall the threads that only release
   // slots (a write over a remote page, a trim).
-  const std::shared_ptr<PeerClient> client = peer.client;
+  const std::shared_ptr<PeerTransport> client = peer.client;
   const unsigned session = *generation;
   lock.unlock();
   std::uint32_t granted = 0;
@@ -451,7 +451,7 @@ int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
 }
 
 void PeerStore::ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) noexcept {
-  std::shared_ptr<PeerClient> client;
+  std::shared_ptr<PeerTransport> client;
   {
     std::lock_guard lock(peer.mu);
     const auto it = peer.superpages.find(sid);
@@ -508,7 +508,7 @@ int PeerStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcep
     std::uint32_t index = 0;
     unsigned generation = 0;
     if (ReserveSlot(peer, &sid, &index, &generation) != 0) continue;
-    std::shared_ptr<PeerClient> client = ClientOf(peer);
+    std::shared_ptr<PeerTransport> client = ClientOf(peer);
     const int rc = client ? client->Write(sid, index * kPageBytes, page) : -ENOTCONN;
     if (rc != 0) {
       ReleaseSlot(peer, sid, index);
@@ -525,7 +525,7 @@ int PeerStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcep
   return -ENOSPC;
 }
 
-std::shared_ptr<PeerClient> PeerStore::ClientFor(Slot slot, std::uint32_t* sid,
+std::shared_ptr<PeerTransport> PeerStore::ClientFor(Slot slot, std::uint32_t* sid,
                                                  std::uint32_t* index) const noexcept {
   std::size_t peer_index;
   SplitSlot(slot, &peer_index, sid, index);
@@ -539,7 +539,7 @@ std::shared_ptr<PeerClient> PeerStore::ClientFor(Slot slot, std::uint32_t* sid,
 int PeerStore::ReadOnce(Slot slot, PageSpan out) noexcept {
   std::uint32_t sid;
   std::uint32_t index;
-  std::shared_ptr<PeerClient> client = ClientFor(slot, &sid, &index);
+  std::shared_ptr<PeerTransport> client = ClientFor(slot, &sid, &index);
   if (!client) return -EIO;  // the peer, or the session holding the page, is gone
   const int rc = client->Read(sid, index * kPageBytes, out);
   return rc == 0 || rc == -ETIMEDOUT ? rc : -EIO;
@@ -556,7 +556,7 @@ std::size_t PeerStore::PeerIndexOf(Slot slot) noexcept {
 bool PeerStore::SlotReady(Slot slot) const noexcept {
   std::uint32_t sid;
   std::uint32_t index;
-  const std::shared_ptr<PeerClient> client = ClientFor(slot, &sid, &index);
+  const std::shared_ptr<PeerTransport> client = ClientFor(slot, &sid, &index);
   return client && client->connected() &&
          client->overdue_since() == std::chrono::steady_clock::time_point::min();
 }
@@ -625,7 +625,7 @@ int PeerStore::Read(Slot slot, PageSpan out) noexcept {
   std::uint32_t sid;
   std::uint32_t index;
   for (;;) {
-    std::shared_ptr<PeerClient> client = ClientFor(slot, &sid, &index);
+    std::shared_ptr<PeerTransport> client = ClientFor(slot, &sid, &index);
     if (!client) return -EIO;  // the peer, or the session holding the page, is gone
     const int rc = client->Read(sid, index * kPageBytes, out);
     if (rc == 0) return 0;
@@ -654,7 +654,7 @@ void PeerStore::ReadBatchOnce(std::span<const Slot> slots, std::span<std::byte* 
                               std::span<int> results) noexcept {
   for (std::size_t base = 0; base < slots.size(); base += kWindow) {
     const std::size_t count = std::min(kWindow, slots.size() - base);
-    PeerClient::Pending pending[kWindow];
+    PendingRequest pending[kWindow];
     std::size_t peer_of[kWindow];
     std::uint32_t sids[kWindow];
     std::uint32_t indexes[kWindow];
@@ -665,10 +665,10 @@ void PeerStore::ReadBatchOnce(std::span<const Slot> slots, std::span<std::byte* 
       pending[i].out = std::span<std::byte>(outs[base + i], kPageSize);
     }
     // The clients must outlive the waits below (a waiter reads replies through its client).
-    std::shared_ptr<PeerClient> clients[kWindow];
+    std::shared_ptr<PeerTransport> clients[kWindow];
     std::size_t client_count = 0;
     ForEachPeerGroup(peer_of, count, [&](std::size_t peer, std::span<const std::size_t> group) {
-      std::shared_ptr<PeerClient> client;
+      std::shared_ptr<PeerTransport> client;
       unsigned generation;
       {
         std::lock_guard lock(peers_[peer]->mu);
@@ -676,7 +676,7 @@ void PeerStore::ReadBatchOnce(std::span<const Slot> slots, std::span<std::byte* 
         generation = peers_[peer]->generation.load(std::memory_order_relaxed);
       }
       for (const std::size_t i : group) current[i] = GenerationOf(slots[base + i]) == generation;
-      std::optional<PeerClient::Batch> batch;
+      std::optional<RequestBatch> batch;
       if (client) batch.emplace(*client);
       clients[client_count++] = client;
       for (const std::size_t i : group) {
@@ -688,7 +688,7 @@ void PeerStore::ReadBatchOnce(std::span<const Slot> slots, std::span<std::byte* 
       }
     });  // each batch is sent as it goes out of scope
     for (std::size_t i = 0; i < count; ++i) {
-      const int rc = PeerClient::Wait(&pending[i]);
+      const int rc = PeerTransport::Wait(&pending[i]);
       results[base + i] = rc == 0 || rc == -ETIMEDOUT ? rc : -EIO;
     }
   }
@@ -701,7 +701,7 @@ void PeerStore::WriteBatchFor(std::span<const std::byte* const> pages,
                               std::span<int> results) noexcept {
   for (std::size_t base = 0; base < pages.size(); base += kWindow) {
     const std::size_t count = std::min(kWindow, pages.size() - base);
-    PeerClient::Pending pending[kWindow];
+    PendingRequest pending[kWindow];
     int chosen[kWindow];
     std::uint32_t sids[kWindow];
     std::uint32_t indexes[kWindow];
@@ -721,12 +721,12 @@ void PeerStore::WriteBatchFor(std::span<const std::byte* const> pages,
       peer_of[i] = chosen[i] < 0 ? kMaxPeers : static_cast<std::size_t>(chosen[i]);
     }
     // The clients must outlive the waits below (a waiter reads replies through its client).
-    std::shared_ptr<PeerClient> clients[kWindow];
+    std::shared_ptr<PeerTransport> clients[kWindow];
     std::size_t client_count = 0;
     ForEachPeerGroup(peer_of, count, [&](std::size_t peer, std::span<const std::size_t> group) {
       if (peer == kMaxPeers) return;
-      std::shared_ptr<PeerClient> client = ClientOf(*peers_[peer]);
-      std::optional<PeerClient::Batch> batch;
+      std::shared_ptr<PeerTransport> client = ClientOf(*peers_[peer]);
+      std::optional<RequestBatch> batch;
       if (client) batch.emplace(*client);
       clients[client_count++] = client;
       for (const std::size_t i : group) {
@@ -739,7 +739,7 @@ void PeerStore::WriteBatchFor(std::span<const std::byte* const> pages,
       }
     });
     for (std::size_t i = 0; i < count; ++i) {
-      int rc = PeerClient::Wait(&pending[i]);
+      int rc = PeerTransport::Wait(&pending[i]);
       if (chosen[i] >= 0) {
         Peer& peer = *peers_[static_cast<std::size_t>(chosen[i])];
         if (rc == 0) {
@@ -933,7 +933,7 @@ void PeerStore::CacheWriteBatch(std::span<const std::byte* const> pages,
                                 std::span<int> results) noexcept {
   for (std::size_t base = 0; base < pages.size(); base += kWindow) {
     const std::size_t count = std::min(kWindow, pages.size() - base);
-    PeerClient::Pending pending[kWindow];
+    PendingRequest pending[kWindow];
     std::size_t peer_of[kWindow];
     std::uint64_t keys[kWindow];
     unsigned generations[kWindow];
@@ -959,12 +959,12 @@ void PeerStore::CacheWriteBatch(std::span<const std::byte* const> pages,
     }
     HandleBody handles[kWindow];
     // The clients must outlive the waits below (a waiter reads replies through its client).
-    std::shared_ptr<PeerClient> clients[kWindow];
+    std::shared_ptr<PeerTransport> clients[kWindow];
     std::size_t client_count = 0;
     ForEachPeerGroup(peer_of, count, [&](std::size_t peer, std::span<const std::size_t> group) {
       if (peer == kMaxPeers) return;
-      std::shared_ptr<PeerClient> client = ClientOf(*peers_[peer]);
-      std::optional<PeerClient::Batch> batch;
+      std::shared_ptr<PeerTransport> client = ClientOf(*peers_[peer]);
+      std::optional<RequestBatch> batch;
       if (client) batch.emplace(*client);
       clients[client_count++] = client;
       for (const std::size_t i : group) {
@@ -978,7 +978,7 @@ void PeerStore::CacheWriteBatch(std::span<const std::byte* const> pages,
       }
     });
     for (std::size_t i = 0; i < count; ++i) {
-      const int rc = PeerClient::Wait(&pending[i]);
+      const int rc = PeerTransport::Wait(&pending[i]);
       if (rc == 0) {
         slots[base + i] = MakeCacheSlot(peer_of[i], generations[i], keys[i]);
       } else if (peer_of[i] != kMaxPeers) {

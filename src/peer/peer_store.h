@@ -48,7 +48,7 @@
 #include <vector>
 
 #include "memlend/page_store.h"
-#include "peer/peer_client.h"
+#include "peer/peer_transport.h"
 
 namespace memlend::peer {
 
@@ -74,6 +74,8 @@ struct PeerStoreOptions {
   std::chrono::milliseconds request_timeout{500};
   std::chrono::milliseconds down_after{5000};
   std::chrono::milliseconds connect_timeout{2000};
+  // How sessions are made: TCP (or unix sockets) by default. A test may wrap it.
+  TransportFactory connect = ConnectTcp;
 };
 
 class PeerStore final : public PageStore {
@@ -204,7 +206,7 @@ class PeerStore final : public PageStore {
     Endpoint endpoint;
     std::size_t index = 0;                // in peers_, as slots name it
     mutable std::mutex mu;
-    std::shared_ptr<PeerClient> client;                      // guarded by mu; null: down
+    std::shared_ptr<PeerTransport> client;  // guarded by mu; null: down
     std::unordered_map<std::uint32_t, Superpage> superpages;  // guarded by mu
     std::vector<std::uint32_t> partial;  // guarded by mu: SIDs with a free slot (may be stale)
     std::uint64_t free_slots = 0;        // guarded by mu: free slots of superpages not reclaimed
@@ -249,7 +251,7 @@ class PeerStore final : public PageStore {
   struct CacheEntry {
     Peer* peer;
     std::uint64_t key;
-    std::shared_ptr<PeerClient> client;
+    std::shared_ptr<PeerTransport> client;
     bool current;
   };
   CacheEntry FindCached(Slot slot) const noexcept;
@@ -260,20 +262,20 @@ class PeerStore final : public PageStore {
   // Connects `peer` if it is down, holding no lock while it connects.
   void Connect(Peer& peer);
   // Whether `client` has had a request overdue for down_after.
-  bool OverdueTooLong(const PeerClient& client) const noexcept;
+  bool OverdueTooLong(const PeerTransport& client) const noexcept;
   // Marks `peer` down for `why` if `client` is still its client.
-  void MarkDownIf(Peer& peer, const PeerClient* client, const std::string& why);
+  void MarkDownIf(Peer& peer, const PeerTransport* client, const std::string& why);
   // Reserves a free slot on `peer`, allocating a superpage if needed. Returns 0 and sets
   // *sid and *index, or -ENOSPC / -ENOTCONN.
   int ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index, unsigned* generation,
                   std::uint32_t owner = 0) noexcept;
   // The client to reach `slot` through, or null when its peer is down or the session
   // that held the slot has ended. Sets *sid and *index.
-  std::shared_ptr<PeerClient> ClientFor(Slot slot, std::uint32_t* sid,
+  std::shared_ptr<PeerTransport> ClientFor(Slot slot, std::uint32_t* sid,
                                         std::uint32_t* index) const noexcept;
   // Returns a reserved or stored slot to the free bitmap; frees an emptied superpage.
   void ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) noexcept;
-  std::shared_ptr<PeerClient> ClientOf(Peer& peer) const;
+  std::shared_ptr<PeerTransport> ClientOf(Peer& peer) const;
   void MarkDown(Peer& peer, const std::string& why);
   // Marks the superpages named by RECLAIM notices since the last call: no new pages go
   // there, and CopiesOnDrainingPeers lists their pages. REQUIRES: peer.mu held.

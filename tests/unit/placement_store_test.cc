@@ -4,6 +4,7 @@
 
 #include <doctest/doctest.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "peer/peer_store.h"
+#include "peer/peer_transport.h"
 #include "running_lender.h"
 #include "store/disk_store.h"
 #include "store/placement_store.h"
@@ -55,6 +57,89 @@ std::vector<Slot> WritePages(PlacementStore& store, std::size_t count, Redundanc
   }
   return slots;
 }
+
+// A transport in front of a real one that, while `late` is set, answers no page read: each
+// gets -ETIMEDOUT at once, as from a lender that missed its deadline. Everything else goes
+// through.
+class LateReads final : public peer::PeerTransport {
+ public:
+  LateReads(std::shared_ptr<peer::PeerTransport> inner, std::atomic<bool>* late)
+      : inner_(std::move(inner)), late_(late) {}
+  int Query(peer::QueryReply* reply) noexcept override { return inner_->Query(reply); }
+  int AllocSuperpage(std::uint32_t* sid) noexcept override { return inner_->AllocSuperpage(sid); }
+  int FreeSuperpageNoReply(std::uint32_t sid, bool wait) noexcept override {
+    return inner_->FreeSuperpageNoReply(sid, wait);
+  }
+  int Write(std::uint32_t sid, std::uint32_t offset,
+            std::span<const std::byte> data) noexcept override {
+    return inner_->Write(sid, offset, data);
+  }
+  int Read(std::uint32_t sid, std::uint32_t offset, std::span<std::byte> out) noexcept override {
+    if (late_->load()) return -ETIMEDOUT;
+    return inner_->Read(sid, offset, out);
+  }
+  int Put(const peer::HandleBody& handle, std::uint32_t flags,
+          std::span<const std::byte> page) noexcept override {
+    return inner_->Put(handle, flags, page);
+  }
+  int Get(const peer::HandleBody& handle, std::span<std::byte> out) noexcept override {
+    return inner_->Get(handle, out);
+  }
+  int FlushNoReply(const peer::HandleBody& handle) noexcept override {
+    return inner_->FlushNoReply(handle);
+  }
+  int SubmitRead(std::uint32_t sid, std::uint32_t offset,
+                 peer::PendingRequest* pending) noexcept override {
+    if (late_->load()) return Late(pending);
+    return inner_->SubmitRead(sid, offset, pending);
+  }
+  int SubmitQuery(peer::PendingRequest* pending) noexcept override {
+    return inner_->SubmitQuery(pending);
+  }
+  int SubmitWrite(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data,
+                  peer::PendingRequest* pending) noexcept override {
+    return inner_->SubmitWrite(sid, offset, data, pending);
+  }
+  void SubmitBatch(std::span<const peer::BatchedRequest> requests) noexcept override {
+    std::vector<peer::BatchedRequest> through;
+    for (const peer::BatchedRequest& request : requests) {
+      if (request.type == peer::MessageType::kRead && late_->load()) {
+        Late(request.pending);
+      } else {
+        through.push_back(request);
+      }
+    }
+    if (!through.empty()) inner_->SubmitBatch(through);
+  }
+  bool connected() const noexcept override { return inner_->connected(); }
+  void Hangup() noexcept override { inner_->Hangup(); }
+  const Endpoint& endpoint() const noexcept override { return inner_->endpoint(); }
+  const peer::HelloBody& lender() const noexcept override { return inner_->lender(); }
+  std::uint64_t last_rtt_us() const noexcept override { return inner_->last_rtt_us(); }
+  std::chrono::steady_clock::time_point overdue_since() const noexcept override {
+    return inner_->overdue_since();
+  }
+  std::chrono::steady_clock::time_point last_heard() const noexcept override {
+    return inner_->last_heard();
+  }
+
+ private:
+  int Late(peer::PendingRequest* pending) noexcept {
+    ++late_reads;
+    pending->transport = this;
+    pending->result = -ETIMEDOUT;
+    pending->done.store(true);
+    return -ETIMEDOUT;
+  }
+  void AwaitReply(peer::PendingRequest*) noexcept override {}  // done when made
+
+ public:
+  std::atomic<int> late_reads{0};
+
+ private:
+  const std::shared_ptr<peer::PeerTransport> inner_;
+  std::atomic<bool>* const late_;
+};
 
 // How many of the pages read back wrong (each alone, then all in one batch).
 std::size_t BadPages(PlacementStore& store, const std::vector<Slot>& slots) {
@@ -197,6 +282,50 @@ TEST_CASE("a disk copy the full disk could not take is written once it has room"
   CHECK(BadPages(store, slots) == 0);
   for (Slot slot : slots) store.Discard(slot);
   CHECK(disk.Stats().pages == 0);
+}
+
+TEST_CASE("a lender that misses its deadlines: reads go to the other copy, or the disk copy") {
+  testing::TempDir dir;
+  DiskStore disk(dir.File("backing"), 0);
+  RunningLender slow_lender(8 * kSuperpage);
+  RunningLender other_lender(8 * kSuperpage);
+  std::atomic<bool> late{false};
+  std::vector<std::shared_ptr<LateReads>> made;
+  peer::PeerStoreOptions options;
+  options.connect = [&](const peer::TransportParams& params) -> std::shared_ptr<peer::PeerTransport> {
+    std::shared_ptr<peer::PeerTransport> real = peer::ConnectTcp(params);
+    if (params.endpoint.port != slow_lender.endpoint.port) return real;
+    auto wrapped = std::make_shared<LateReads>(std::move(real), &late);
+    made.push_back(wrapped);
+    return wrapped;
+  };
+  auto peers = std::make_unique<PeerStore>(0x5555, options);
+  PeerStore& members = *peers;
+  REQUIRE(members.AddPeer(slow_lender.endpoint) == 0);
+  members.Refresh();
+  PlacementStore store(std::move(peers), &disk);
+  REQUIRE(made.size() == 1);
+
+  // On the slow lender alone, with a disk copy: every read is the disk's.
+  const std::vector<Slot> backed = WritePages(store, 100, Redundancy{1, true});
+  late = true;
+  CHECK(BadPages(store, backed) == 0);
+  CHECK(made[0]->late_reads.load() > 0);
+  for (Slot slot : backed) store.Discard(slot);
+
+  // Two copies, one on each lender: the other one answers.
+  late = false;
+  REQUIRE(members.AddPeer(other_lender.endpoint) == 0);
+  members.Refresh();
+  const std::vector<Slot> replicated = WritePages(store, 100, Redundancy{2, false});
+  CHECK(store.Placements().degraded == 0);
+  late = true;
+  const int before = made[0]->late_reads.load();
+  CHECK(BadPages(store, replicated) == 0);
+  CHECK(made[0]->late_reads.load() > before);  // some reads went there first, and gave way
+  CHECK(store.Placements().lost == 0);
+  late = false;
+  for (Slot slot : replicated) store.Discard(slot);
 }
 
 }  // TEST_SUITE("placement_store")
