@@ -9,11 +9,24 @@
 
 namespace memlend {
 
+namespace {
+
+std::unique_ptr<PageStore> Wrapped(const TierWrapper& wrap, Tier tier,
+                                   std::unique_ptr<PageStore> store) {
+  if (!store || !wrap) return store;
+  return wrap(tier, std::move(store));
+}
+
+}  // namespace
+
 Tiering::Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<PageStore> remote,
-                 std::unique_ptr<DiskStore> disk, TieringOptions options, PageStore* cache)
-    : local_(std::move(local)),
-      disk_(std::move(disk)),
-      remote_(std::move(remote)),
+                 std::unique_ptr<DiskStore> disk, TieringOptions options, PageStore* cache,
+                 const TierWrapper& wrap)
+    : local_store_(local.get()),
+      disk_store_(disk.get()),
+      local_(Wrapped(wrap, Tier::kLocal, std::move(local))),
+      disk_(Wrapped(wrap, Tier::kDisk, std::move(disk))),
+      remote_(Wrapped(wrap, Tier::kRemote, std::move(remote))),
       options_(options),
       cache_(cache) {
   assert(local_ != nullptr);

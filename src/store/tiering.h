@@ -38,6 +38,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <mutex>
@@ -104,6 +105,12 @@ class PageOwner {
   virtual std::size_t DemoteColdPages(std::size_t want) noexcept = 0;
 };
 
+// What stands between Tiering and a tier, for tests (a fault-injecting wrapper, say): given
+// the tier and its store, returns the store Tiering reads and writes through, which owns
+// the one it was given. Tiering sees every tier only through PageStore.
+using TierWrapper =
+    std::function<std::unique_ptr<PageStore>(Tier tier, std::unique_ptr<PageStore> store)>;
+
 struct TieringOptions {
   double high_watermark = 0.90;  // fraction of the local store that wakes the evictor
   double low_watermark = 0.80;   // the evictor stops below this
@@ -115,10 +122,11 @@ class Tiering {
  public:
   // `remote` and `disk` may be null (no peers, no backing file). `cache`, if not null,
   // holds clean pages and is owned by `remote` (it is used only with a disk store).
+  // `wrap`, if set, is put in front of each tier (see TierWrapper).
   // REQUIRES: 0 < low_watermark <= high_watermark <= 1.
   Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<PageStore> remote,
           std::unique_ptr<DiskStore> disk, TieringOptions options = {},
-          PageStore* cache = nullptr);
+          PageStore* cache = nullptr, const TierWrapper& wrap = {});
   // Without a remote tier.
   Tiering(std::unique_ptr<LocalStore> local, std::unique_ptr<DiskStore> disk)
       : Tiering(std::move(local), nullptr, std::move(disk)) {}
@@ -203,9 +211,10 @@ class Tiering {
   // Frees whatever room `location` holds (nothing for zero tiers).
   void Release(Location location) noexcept;
 
-  LocalStore& local() { return *local_; }
-  const LocalStore& local() const { return *local_; }
-  const DiskStore* disk() const { return disk_.get(); }
+  // The local and disk stores themselves (behind any wrapper), for their own figures.
+  LocalStore& local() { return *local_store_; }
+  const LocalStore& local() const { return *local_store_; }
+  const DiskStore* disk() const { return disk_store_; }
   const PageStore* remote() const { return remote_.get(); }
   const PageStore* cache() const { return cache_; }
   const TieringOptions& options() const { return options_; }
@@ -241,9 +250,12 @@ class Tiering {
   void WakeEvictorIfHigh() noexcept;
 
   // Constant after construction.
-  const std::unique_ptr<LocalStore> local_;
+  LocalStore* const local_store_;
+  DiskStore* const disk_store_;  // or null
+  // What Tiering reads and writes each tier through: the stores, or wrappers owning them.
+  const std::unique_ptr<PageStore> local_;
   // The disk store outlives the remote one, which may keep disk copies in it.
-  const std::unique_ptr<DiskStore> disk_;
+  const std::unique_ptr<PageStore> disk_;
   const std::unique_ptr<PageStore> remote_;
   const TieringOptions options_;
   PageStore* const cache_;  // owned by remote_, or null

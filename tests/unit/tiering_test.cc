@@ -1,5 +1,6 @@
 // The tiering policy: CLOCK eviction order, direct reclaim, the background evictor's
-// watermarks, and promotion of lower-tier pages on read. Disk is the lower tier here;
+// watermarks, promotion of lower-tier pages on read, and failing tiers (a fault-injecting
+// wrapper in front of one). Disk is the lower tier here;
 // the remote tier follows the same paths and is exercised by the integration tests.
 #include "store/tiering.h"
 
@@ -7,6 +8,7 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <functional>
@@ -274,5 +276,107 @@ TEST_CASE("The background evictor brings the local store under the low watermark
     CHECK(counts.local + counts.disk == 48);
     CHECK(tiers->local().Stats().pages == counts.local);
     for (std::uint64_t page = 0; page < 48; ++page) CHECK(ReadsBack(device, page, page));
+  }
+}
+
+namespace {
+
+// A tier behind a switch: while `fail_writes` (or `fail_reads`) is not 0, writes (reads)
+// return it instead of reaching the store. Everything else goes through.
+class FaultyStore final : public PageStore {
+ public:
+  explicit FaultyStore(std::unique_ptr<PageStore> inner) : inner_(std::move(inner)) {}
+  std::atomic<int> fail_writes{0};
+  std::atomic<int> fail_reads{0};
+
+  int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override {
+    if (const int rc = fail_writes.load()) return rc;
+    return inner_->Write(page, hint, slot);
+  }
+  int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept override {
+    if (const int rc = fail_writes.load()) return rc;
+    return inner_->Rewrite(slot, page, hint, placed);
+  }
+  int Read(Slot slot, PageSpan out) noexcept override {
+    if (const int rc = fail_reads.load()) return rc;
+    return inner_->Read(slot, out);
+  }
+  void Discard(Slot slot) noexcept override { inner_->Discard(slot); }
+  StoreStats Stats() const noexcept override { return inner_->Stats(); }
+
+ private:
+  const std::unique_ptr<PageStore> inner_;
+};
+
+// Tiers of `local_pages` pages of RAM and a backing file, with a FaultyStore in front of
+// the tier `faulty`, which *faults is set to.
+std::unique_ptr<Tiering> MakeFaultyTiers(std::uint64_t local_pages, const TempFile& file,
+                                         Tier faulty, FaultyStore** faults) {
+  TierWrapper wrap = [&](Tier tier, std::unique_ptr<PageStore> store) -> std::unique_ptr<PageStore> {
+    if (tier != faulty) return store;
+    auto wrapper = std::make_unique<FaultyStore>(std::move(store));
+    *faults = wrapper.get();
+    return wrapper;
+  };
+  return std::make_unique<Tiering>(
+      std::make_unique<LocalStore>(local_pages * kPageSize, Compression::kNone), nullptr,
+      std::make_unique<DiskStore>(file.Path(), 0), TieringOptions{}, nullptr, wrap);
+}
+
+}  // namespace
+
+TEST_CASE("A disk tier that fails: the writer gets its error, and nothing else is touched") {
+  TempFile file;
+  FaultyStore* disk = nullptr;
+  auto tiers = MakeFaultyTiers(4, file, Tier::kDisk, &disk);
+  REQUIRE(disk != nullptr);
+  {
+    Device device("d", 16 * kPageSize, *tiers);
+    for (std::uint64_t page = 0; page < 8; ++page) {
+      REQUIRE(device.Write(page * kPageSize, PageOf(page)) == 0);
+    }
+    DevicePageCounts counts = device.Counts();
+    REQUIRE(counts.disk == 4);  // four in RAM, four spilled
+    // Writes to the disk fail: a new page finds RAM full and nowhere below to go.
+    disk->fail_writes = -EIO;
+    CHECK(device.Write(8 * kPageSize, PageOf(8)) == -EIO);
+    // Reads of the disk fail: a page there gives EIO; pages in RAM read as ever.
+    disk->fail_reads = -EIO;
+    std::vector<std::byte> out(kPageSize);
+    std::size_t failed = 0;
+    for (std::uint64_t page = 0; page < 8; ++page) {
+      if (device.TierOf(page) == Tier::kDisk) {
+        CHECK(device.Read(page * kPageSize, out) == -EIO);
+        ++failed;
+      } else {
+        CHECK(ReadsBack(device, page, page));
+      }
+    }
+    CHECK(failed == 4);
+    counts = device.Counts();
+    CHECK(counts.local + counts.disk == 8);  // the failed write mapped nothing
+    // The disk recovers: everything reads back, and the new page goes in.
+    disk->fail_reads = 0;
+    disk->fail_writes = 0;
+    for (std::uint64_t page = 0; page < 8; ++page) CHECK(ReadsBack(device, page, page));
+    REQUIRE(device.Write(8 * kPageSize, PageOf(8)) == 0);
+    CHECK(ReadsBack(device, 8, 8));
+  }
+}
+
+TEST_CASE("A local tier that fails reads: the reader gets EIO, the page is kept") {
+  TempFile file;
+  FaultyStore* local = nullptr;
+  auto tiers = MakeFaultyTiers(8, file, Tier::kLocal, &local);
+  REQUIRE(local != nullptr);
+  {
+    Device device("d", 16 * kPageSize, *tiers);
+    REQUIRE(device.Write(0, PageOf(1)) == 0);
+    local->fail_reads = -EIO;
+    std::vector<std::byte> out(kPageSize);
+    CHECK(device.Read(0, out) == -EIO);
+    local->fail_reads = 0;
+    CHECK(ReadsBack(device, 0, 1));
+    CHECK(device.Counts().local == 1);
   }
 }
