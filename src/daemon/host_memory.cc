@@ -26,20 +26,26 @@ bool HasCapIpcLock() {
   return false;
 }
 
-HostMemory ReadHostMemory() {
-  HostMemory host;
-  host.total_bytes = kNoLimit;
+namespace {
+
+// A field of /proc/meminfo ("MemTotal:", say) in bytes, or nullopt.
+std::optional<std::uint64_t> MeminfoBytes(const std::string& field) {
   std::ifstream meminfo("/proc/meminfo");
   std::string key;
   std::uint64_t value = 0;
   std::string unit;
   while (meminfo >> key >> value) {
     std::getline(meminfo, unit);
-    if (key == "MemTotal:") {
-      host.total_bytes = value * 1024;  // the kernel's "kB" are KiB
-      break;
-    }
+    if (key == field) return value * 1024;  // the kernel's "kB" are KiB
   }
+  return std::nullopt;
+}
+
+}  // namespace
+
+HostMemory ReadHostMemory() {
+  HostMemory host;
+  host.total_bytes = MeminfoBytes("MemTotal:").value_or(kNoLimit);
   rlimit limit{};
   if (!HasCapIpcLock() && ::getrlimit(RLIMIT_MEMLOCK, &limit) == 0 &&
       limit.rlim_cur != RLIM_INFINITY) {
@@ -48,17 +54,7 @@ HostMemory ReadHostMemory() {
   return host;
 }
 
-std::optional<std::uint64_t> ReadMemAvailable() {
-  std::ifstream meminfo("/proc/meminfo");
-  std::string key;
-  std::uint64_t value = 0;
-  std::string unit;
-  while (meminfo >> key >> value) {
-    std::getline(meminfo, unit);
-    if (key == "MemAvailable:") return value * 1024;
-  }
-  return std::nullopt;
-}
+std::optional<std::uint64_t> ReadMemAvailable() { return MeminfoBytes("MemAvailable:"); }
 
 std::uint64_t HostMargin(const HostMemory& host) {
   if (host.total_bytes == kNoLimit) return 0;

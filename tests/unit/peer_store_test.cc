@@ -11,6 +11,7 @@
 
 #include "peer/peer_store.h"
 #include "running_lender.h"
+#include "seeded_page.h"
 
 namespace memlend::peer {
 namespace {
@@ -21,15 +22,7 @@ using testing::RunningLender;
 constexpr std::uint64_t kSuperpage = 2 * 1024 * 1024;
 constexpr std::size_t kPagesPer = kSuperpage / kPageSize;
 
-// A page whose every 8-byte word is derived from `seed`.
-std::vector<std::byte> PageOf(std::uint64_t seed) {
-  std::vector<std::byte> page(kPageSize);
-  for (std::size_t i = 0; i < kPageSize; i += 8) {
-    const std::uint64_t word = seed * 0x9e3779b97f4a7c15ULL + i;
-    std::memcpy(page.data() + i, &word, 8);
-  }
-  return page;
-}
+using memlend::testing::PageOf;
 
 // Puts pages seeds [first, first + count) into `cache`, in batches of 64. CHECKs each went in.
 std::vector<Slot> CachePages(PageStore& cache, std::uint64_t first, std::size_t count) {

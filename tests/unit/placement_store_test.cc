@@ -14,6 +14,7 @@
 #include "peer/peer_store.h"
 #include "peer/peer_transport.h"
 #include "running_lender.h"
+#include "seeded_page.h"
 #include "store/disk_store.h"
 #include "store/placement_store.h"
 #include "temp_dir.h"
@@ -28,14 +29,7 @@ using peer::testing::RunningLender;
 
 constexpr std::uint64_t kSuperpage = 2 * 1024 * 1024;
 
-std::vector<std::byte> PageOf(std::uint64_t seed) {
-  std::vector<std::byte> page(kPageSize);
-  for (std::size_t i = 0; i < kPageSize; i += 8) {
-    const std::uint64_t word = seed * 0x9e3779b97f4a7c15ULL + i;
-    std::memcpy(page.data() + i, &word, 8);
-  }
-  return page;
-}
+using memlend::testing::PageOf;
 
 // Writes pages seeds [0, count) with `redundancy`; REQUIREs each was placed.
 std::vector<Slot> WritePages(PlacementStore& store, std::size_t count, Redundancy redundancy) {
