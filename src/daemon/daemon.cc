@@ -259,7 +259,11 @@ void Daemon::ReclaimLoop() {
   std::unique_lock lock(refresh_mu_);
   while (!stopping_) {
     lock.unlock();
-    AdjustPool();
+    try {
+      AdjustPool();
+    } catch (const std::exception& e) {  // out of memory for the lists of what to ask back
+      LogError("lender: resizing the pool failed: %s; trying again in a second", e.what());
+    }
     lock.lock();
     reclaim_cv_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; });
   }

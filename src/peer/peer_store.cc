@@ -55,9 +55,10 @@ void CompleteNow(PendingRequest& pending, int error) {
 
 // Batched calls keep at most this many requests in flight.
 constexpr std::size_t kWindow = 64;
-// SIDs of RECLAIM notices a peer may have waiting to be applied: more than a lender of the
-// largest pool could grant (8 TiB / 2 MiB), so a lender only bounds what it can make us hold.
-constexpr std::size_t kMaxReclaims = std::size_t{1} << 22;
+// SIDs of RECLAIM notices a peer may have waiting to be applied (the rebuild round applies
+// them every 100 ms): 256 KiB, a 128 GiB lender's worth of superpages. SIDs past it are
+// dropped; the lender's shrink then stops short of its size, which it shows.
+constexpr std::size_t kMaxReclaims = std::size_t{1} << 16;
 
 std::uint64_t Mix(std::uint64_t x) {
   x ^= x >> 33;

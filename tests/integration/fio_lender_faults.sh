@@ -19,7 +19,8 @@
 #               pool shrinks to nothing and everything there moves) and its end (`off`).
 #   chaos       four lenders; for $MEMLEND_CHAOS_S seconds (default 30; the full form is 120) a
 #               loop picks a random lender and a random fault (kill -9, kill -STOP for 6 s,
-#               `memlend drain`, SIGTERM), restarts the lender if it exited, and waits until the
+#               `memlend drain`, SIGTERM, a shrink to 16 MiB and back with `memlend lend`),
+#               restarts the lender if it exited, and waits until the
 #               borrower shows every lender up and no page degraded before the next fault.
 # Every mode: every fio run and a final verify-only pass are clean, no page is lost, and the
 # borrower's books add up (two copies of each remote page, as many as its peers hold, and the
@@ -256,7 +257,7 @@ chaos)
   faults=0
   while ((SECONDS - started < chaos_s)); do
     n=$((RANDOM % lender_count + 1))
-    fault=$((RANDOM % 4))
+    fault=$((RANDOM % 5))
     faults=$((faults + 1))
     case $fault in
     0)
@@ -280,6 +281,13 @@ chaos)
       echo "  fault $faults: SIGTERM lender$n"
       stop_daemon "lender$n"
       start_daemon "lender$n" --lend 64M --listen "127.0.0.1:${ports[n - 1]}"
+      ;;
+    4)
+      echo "  fault $faults: memlend lend --size 16M on lender$n, then back to 64M"
+      "$memlend" lend --size 16M --deadline 30 --control "$workdir/lender$n.control" | tail -n 1 ||
+        fail "lender$n's pool did not shrink to 16 MiB"
+      "$memlend" lend --size 64M --control "$workdir/lender$n.control" | tail -n 1 ||
+        fail "lender$n's pool did not grow back"
       ;;
     esac
     wait_for 90 "recovery from fault $faults" "$settled"
