@@ -102,7 +102,7 @@ LendRequest ParseLend(const json& request) {
   if (!lend.size_bytes && !lend.reclaim_below_bytes) {
     throw std::invalid_argument("lend needs \"size_bytes\" or \"reclaim_below_bytes\"");
   }
-  if (const auto deadline = DeadlineField(request)) lend.deadline_ms = *deadline;
+  lend.deadline_ms = DeadlineField(request);
   return lend;
 }
 

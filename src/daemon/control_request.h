@@ -44,7 +44,9 @@ struct PeerRemoveRequest {
 struct LendRequest {
   std::optional<std::uint64_t> size_bytes;           // shrink or grow to this
   std::optional<std::uint64_t> reclaim_below_bytes;  // shrink while MemAvailable is under it
-  std::uint64_t deadline_ms = 30000;  // for borrowers to give superpages back; 0 to kMaxDrainDeadlineMs
+  // For borrowers to give superpages back, 0 to kMaxDrainDeadlineMs; none: the last one
+  // given, else --drain-deadline.
+  std::optional<std::uint64_t> deadline_ms;
 };
 using ControlRequest = std::variant<StatusRequest, PeersRequest, AttachRequest, DetachRequest,
                                     DrainRequest, PeerAddRequest, PeerRemoveRequest, LendRequest>;

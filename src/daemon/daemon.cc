@@ -297,8 +297,12 @@ void Daemon::AdjustPool() {
       }
     }
   } else if (available && *available >= below + kSlack && pressure_size_bytes_ < stats.max_bytes) {
+    // Room comes back as what is in use plus what the host can spare now: superpages put
+    // back in service do not lower MemAvailable until borrowers fill them, so growing by
+    // the spare room every second would overshoot.
     const std::uint64_t spare = (*available - below - kSlack) / kSuperpage * kSuperpage;
-    pressure_size_bytes_ = std::min(stats.max_bytes, pressure_size_bytes_ + spare);
+    pressure_size_bytes_ = std::min(stats.max_bytes,
+                                    std::max(pressure_size_bytes_, stats.used_bytes + spare));
     if (pressure_logged_ && pressure_size_bytes_ >= size) {
       LogError("lender: MemAvailable %s: the pool grows back to %s", FormatSize(*available).c_str(),
                FormatSize(size).c_str());
@@ -320,7 +324,9 @@ nlohmann::json Daemon::Lend(const LendRequest& request) {
                              " at most (its --lend size); start the daemon with a larger --lend "
                              "to lend more");
   }
-  reclaim_deadline_ms_.store(request.deadline_ms, std::memory_order_release);
+  if (request.deadline_ms) {
+    reclaim_deadline_ms_.store(*request.deadline_ms, std::memory_order_release);
+  }
   if (request.size_bytes) lend_size_bytes_.store(*request.size_bytes, std::memory_order_release);
   if (request.reclaim_below_bytes) {
     reclaim_below_bytes_.store(*request.reclaim_below_bytes, std::memory_order_release);

@@ -410,7 +410,8 @@ void LenderPool::RemoveActiveLocked(std::uint32_t superpage) noexcept {
 
 void LenderPool::ReleaseSuperpageLocked(std::uint32_t superpage) noexcept {
   SuperpageMeta& meta = superpages_[superpage];
-  if (meta.reclaiming) --reclaiming_;
+  const bool asked = meta.reclaiming;
+  if (asked) --reclaiming_;
   meta.reclaiming = false;
   meta.state = State::kFree;
   meta.owner = kNoSession;
@@ -418,8 +419,10 @@ void LenderPool::ReleaseSuperpageLocked(std::uint32_t superpage) noexcept {
   meta.used_slots = 0;
   meta.partial_pos = kNone;
   meta.active_pos = kNone;
-  if (LiveLocked() > target_superpages_) {
-    RetireLocked(superpage);  // the pool is shrinking
+  // The pool is shrinking: retire it, unless the superpages asked back (which will come)
+  // bring it down to its size without this one.
+  if (LiveLocked() > target_superpages_ + (asked ? 0 : reclaiming_)) {
+    RetireLocked(superpage);
     return;
   }
   free_superpages_.push_back(superpage);  // capacity reserved for every superpage
@@ -451,22 +454,25 @@ std::vector<ReclaimRequest> LenderPool::Resize(std::uint32_t superpages) {
       free_superpages_.push_back(superpage);
       live_superpages_.store(LiveLocked(), std::memory_order_relaxed);
     }
-    // Shrinking: free superpages first, then ephemeral ones (cached copies, which their
-    // owners have elsewhere; ReleaseSuperpageLocked retires each as it empties).
-    while (LiveLocked() > target_superpages_ && !free_superpages_.empty()) {
+    // Shrinking, by what the superpages already asked back will not cover: free superpages
+    // first, then ephemeral ones (cached copies, which their owners have elsewhere;
+    // ReleaseSuperpageLocked retires each as it empties).
+    const auto excess = [this] {
+      const std::uint32_t covered = target_superpages_ + reclaiming_;
+      return LiveLocked() > covered ? LiveLocked() - covered : 0;
+    };
+    while (excess() > 0 && !free_superpages_.empty()) {
       const std::uint32_t superpage = free_superpages_.back();
       free_superpages_.pop_back();
       RetireLocked(superpage);
     }
     std::array<Eviction, kPagesPerSuperpage> batch;
-    while (LiveLocked() > target_superpages_ && !active_.empty()) {
+    while (excess() > 0 && !active_.empty()) {
       const std::size_t count = ReclaimActiveLocked(batch);
       evicted.insert(evicted.end(), batch.begin(), batch.begin() + static_cast<long>(count));
     }
     // Last, granted superpages: their borrowers move the pages off and free them.
-    const std::uint32_t excess = LiveLocked() > target_superpages_
-                                     ? LiveLocked() - target_superpages_ : 0;
-    std::uint32_t wanted = excess > reclaiming_ ? excess - reclaiming_ : 0;
+    std::uint32_t wanted = excess();
     for (auto it = grants_.begin(); it != grants_.end() && wanted > 0; ++it) {
       SuperpageMeta& meta = superpages_[it->second];
       if (meta.reclaiming) continue;

@@ -453,6 +453,7 @@ int PeerStore::ReserveSlot(Peer& peer, std::uint32_t* sid, std::uint32_t* index,
 
 void PeerStore::ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) noexcept {
   std::shared_ptr<PeerTransport> client;
+  bool reclaimed = false;
   {
     std::lock_guard lock(peer.mu);
     const auto it = peer.superpages.find(sid);
@@ -469,6 +470,7 @@ void PeerStore::ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) 
       }
       return;
     }
+    reclaimed = superpage.reclaimed;
     if (superpage.reclaimed) {
       --peer.reclaimed;
     } else {
@@ -494,7 +496,8 @@ void PeerStore::ReleaseSlot(Peer& peer, std::uint32_t sid, std::uint32_t index) 
     }
     return;
   }
-  if (rc == 0) {
+  // (One its lender asked back leaves the lender's pool: no room comes of it.)
+  if (rc == 0 && !reclaimed) {
     peer.refusing = false;
     peer.free_pages.fetch_add(kPagesPerSuperpage, std::memory_order_relaxed);
   }
@@ -572,10 +575,15 @@ bool PeerStore::SlotGone(Slot slot) const noexcept {
 
 std::vector<PeerStore::LostCopy> PeerStore::CopiesOnDrainingPeers(std::size_t max) {
   std::vector<LostCopy> copies;
-  for (std::size_t index = 0; index < peer_count() && copies.size() < max; ++index) {
+  // Every peer's RECLAIMs are applied, however many copies the first peers fill `max` with.
+  for (std::size_t index = 0; index < peer_count(); ++index) {
     Peer& peer = *peers_[index];
     std::lock_guard lock(peer.mu);
     ApplyReclaimsLocked(peer);
+  }
+  for (std::size_t index = 0; index < peer_count() && copies.size() < max; ++index) {
+    Peer& peer = *peers_[index];
+    std::lock_guard lock(peer.mu);
     const bool leaving = peer.draining.load(std::memory_order_acquire) ||
                          peer.removing.load(std::memory_order_acquire);
     if (!peer.client || (!leaving && peer.reclaimed == 0)) continue;

@@ -466,9 +466,9 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
       const bool peer = record->count < record->wanted;
       const bool disk = record->want_disk && record->disk == kNoDisk && disk_room;
       if (!peer && !disk) {
-        // Short only of a disk copy, and the disk is full: again when it has room.
+        // Short only of a disk copy, and the disk is full: again when it has room (the
+        // round goes on for pages short of a peer copy).
         NoteDegradedLocked(ids[i], *record);
-        no_room = true;
         continue;
       }
       ids[kept] = ids[i];
@@ -480,10 +480,7 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
       std::copy(record->copies, record->copies + record->count, copies[kept]);
       ++kept;
     }
-    if (kept == 0) {
-      if (no_room) break;
-      continue;
-    }
+    if (kept == 0) continue;
     // Read each page from a live copy (no lock held), then write the copies it lacks.
     std::byte* const buffer = rebuild_buffer_.get();
     const std::byte* pages[kWindow];
@@ -498,10 +495,15 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
       std::byte* page = buffer + i * kPageSize;
       new_disk[i] = kNoDisk;
       have_page[i] = ReadRecord(copies[i], counts[i], disks[i], PageSpan(page, kPageSize)) == 0;
-      if (!have_page[i]) continue;
+      if (!have_page[i]) {
+        // No copy answered now (a peer late, say): again in a later round.
+        Record& record = *Find(ids[i]);
+        std::lock_guard lock(LockFor(ids[i]));
+        if (record.version == versions[i]) NoteDegradedLocked(ids[i], record);
+        continue;
+      }
       if (need_disk[i] && disk_->Write(ConstPageSpan(page, kPageSize), ids[i], &new_disk[i]) != 0) {
-        new_disk[i] = kNoDisk;
-        no_room = true;
+        new_disk[i] = kNoDisk;  // the disk filled meanwhile: the commit below queues it again
       }
       if (!need_peer[i]) continue;
       pages[m] = page;

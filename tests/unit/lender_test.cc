@@ -6,6 +6,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -478,6 +479,33 @@ TEST_CASE("a shrink evicts cached pages, then asks for granted superpages back; 
   CHECK(pool.AllocSuperpage(1, &sid) == Status::kNoSpace);
   CHECK(pool.Resize(6).empty());
   CHECK(pool.Stats().free_pages == 6 * kPagesPerSuperpage);
+}
+
+TEST_CASE("a superpage freed while the ones asked back cover the shrink stays in service") {
+  LenderPool pool(4 * kSuperpageBytes);
+  std::vector<std::uint32_t> sids(4);
+  for (std::uint32_t& sid : sids) REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
+  const std::vector<ReclaimRequest> asked = pool.Resize(2);
+  REQUIRE(asked.size() == 1);
+  REQUIRE(asked[0].sids.size() == 2);
+  std::uint32_t other = 0;
+  for (const std::uint32_t sid : sids) {
+    if (std::find(asked[0].sids.begin(), asked[0].sids.end(), sid) == asked[0].sids.end()) {
+      other = sid;
+    }
+  }
+  // Freed though not asked: the two asked back bring the pool to its size without it.
+  REQUIRE(pool.FreeSuperpage(1, other) == Status::kOk);
+  CHECK(pool.Stats().total_pages == 4 * kPagesPerSuperpage);
+  CHECK(pool.Stats().free_pages == kPagesPerSuperpage);
+  for (const std::uint32_t sid : asked[0].sids) REQUIRE(pool.FreeSuperpage(1, sid) == Status::kOk);
+  const LenderPoolStats stats = pool.Stats();
+  CHECK(stats.total_pages == 2 * kPagesPerSuperpage);
+  CHECK(stats.reclaiming_pages == 0);
+  CHECK(stats.free_pages == kPagesPerSuperpage);
+  std::uint32_t sid = 0;
+  CHECK(pool.AllocSuperpage(2, &sid) == Status::kOk);  // the one kept in service
+  CHECK(pool.AllocSuperpage(2, &sid) == Status::kNoSpace);
 }
 
 TEST_CASE("ALLOC_SUPERPAGE reclaims the ephemeral superpage with the fewest pages") {
