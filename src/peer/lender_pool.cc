@@ -439,13 +439,20 @@ void LenderPool::RetireLocked(std::uint32_t superpage) noexcept {
 }
 
 std::vector<ReclaimRequest> LenderPool::Resize(std::uint32_t superpages) {
+  // Superpages mlocked, retired or emptied per hold of the pool's lock: each costs a system
+  // call or up to 512 evictions, and sessions wait on the lock meanwhile (a shrink of tens
+  // of GiB in one hold would stall them for seconds).
+  constexpr std::uint32_t kPerHold = 32;
   std::vector<Eviction> evicted;
   std::vector<ReclaimRequest> requests;
-  {
+  bool first = true;
+  for (bool more = true; more;) {
     std::lock_guard lock(mu_);
-    target_superpages_ = std::min(superpages, superpage_count_);
+    if (first) target_superpages_ = std::min(superpages, superpage_count_);
+    first = false;
+    std::uint32_t done = 0;
     // Growing: retired superpages go back into service.
-    while (LiveLocked() < target_superpages_ && !retired_.empty()) {
+    while (LiveLocked() < target_superpages_ && !retired_.empty() && done < kPerHold) {
       const std::uint32_t superpage = retired_.back();
       retired_.pop_back();
       // Best effort, as the daemon's mlockall is: a page that is not locked still works.
@@ -453,6 +460,7 @@ std::vector<ReclaimRequest> LenderPool::Resize(std::uint32_t superpages) {
       superpages_[superpage].state = State::kFree;
       free_superpages_.push_back(superpage);
       live_superpages_.store(LiveLocked(), std::memory_order_relaxed);
+      ++done;
     }
     // Shrinking, by what the superpages already asked back will not cover: free superpages
     // first, then ephemeral ones (cached copies, which their owners have elsewhere;
@@ -461,16 +469,20 @@ std::vector<ReclaimRequest> LenderPool::Resize(std::uint32_t superpages) {
       const std::uint32_t covered = target_superpages_ + reclaiming_;
       return LiveLocked() > covered ? LiveLocked() - covered : 0;
     };
-    while (excess() > 0 && !free_superpages_.empty()) {
+    while (excess() > 0 && !free_superpages_.empty() && done < kPerHold) {
       const std::uint32_t superpage = free_superpages_.back();
       free_superpages_.pop_back();
       RetireLocked(superpage);
+      ++done;
     }
     std::array<Eviction, kPagesPerSuperpage> batch;
-    while (excess() > 0 && !active_.empty()) {
+    while (excess() > 0 && !active_.empty() && done < kPerHold) {
       const std::size_t count = ReclaimActiveLocked(batch);
       evicted.insert(evicted.end(), batch.begin(), batch.begin() + static_cast<long>(count));
+      ++done;
     }
+    if (done == kPerHold) continue;  // let sessions in, then go on
+    more = false;
     // Last, granted superpages: their borrowers move the pages off and free them.
     std::uint32_t wanted = excess();
     for (auto it = grants_.begin(); it != grants_.end() && wanted > 0; ++it) {

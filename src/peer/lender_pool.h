@@ -60,7 +60,9 @@
 // retires when its borrower frees it (or its session ends). A granted superpage is never
 // taken from its borrower: what it holds comes back until the borrower gives it up.
 // Growing puts retired superpages back in service (locked again when the pool's memory is
-// locked: SetLockMemory).
+// locked: SetLockMemory). Resize takes the pool's lock for 32 superpages' work at a time
+// (each an mlock, a munlock + madvise, or up to 512 evictions), so sessions are served
+// between, however large the change.
 //
 // Metadata: about 100 bytes per superpage, plus 4 KiB (8 bytes a slot) for each
 // superpage that has ever been active, kept for reuse; per active page about 110 bytes (a

@@ -481,6 +481,45 @@ TEST_CASE("a shrink evicts cached pages, then asks for granted superpages back; 
   CHECK(pool.Stats().free_pages == 6 * kPagesPerSuperpage);
 }
 
+TEST_CASE("a resize of more superpages than one lock hold does them all, in one call") {
+  // 100 superpages: 40 granted, 45 cached (one page each), 15 free. Work is done 32
+  // superpages per lock hold: the shrink to 10 retires the free ones and empties the cached
+  // ones over several holds, then asks 30 granted ones back.
+  LenderPool pool(100 * kSuperpageBytes);
+  EvictionLog log;
+  log.Attach(pool);
+  std::uint32_t sid = 0;
+  for (int i = 0; i < 40; ++i) REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
+  // A cached superpage fills before the next is taken: 45 superpages' worth, less one page.
+  const std::uint32_t cached = 45 * kPagesPerSuperpage - 1;
+  for (std::uint32_t i = 0; i < cached; ++i) {
+    REQUIRE(PutPage(pool, 2, Handle(1, i, 0), MakePage(i)) == Status::kOk);
+  }
+  CheckAccounting(pool, 40, cached);
+  const std::vector<ReclaimRequest> asked = pool.Resize(10);
+  CHECK(log.entries.size() == cached);  // every cached page went, each reported once
+  REQUIRE(asked.size() == 1);
+  CHECK(asked[0].sids.size() == 30);
+  LenderPoolStats stats = pool.Stats();
+  CHECK(stats.total_pages == 40 * kPagesPerSuperpage);
+  CHECK(stats.reclaiming_pages == 30 * kPagesPerSuperpage);
+  CHECK(stats.ephemeral_pages == 0);
+  CHECK(stats.free_pages == 0);
+  for (const std::uint32_t asked_sid : asked[0].sids) {
+    REQUIRE(pool.FreeSuperpage(1, asked_sid) == Status::kOk);
+  }
+  CHECK(pool.Stats().total_pages == 10 * kPagesPerSuperpage);
+  CheckAccounting(pool, 10, 0);
+  // Growing back past one hold's worth: all 90 return, and can be granted.
+  CHECK(pool.Resize(100).empty());
+  stats = pool.Stats();
+  CHECK(stats.total_pages == 100 * kPagesPerSuperpage);
+  CHECK(stats.free_pages == 90 * kPagesPerSuperpage);
+  for (int i = 0; i < 90; ++i) REQUIRE(pool.AllocSuperpage(3, &sid) == Status::kOk);
+  CHECK(pool.AllocSuperpage(3, &sid) == Status::kNoSpace);
+  CheckAccounting(pool, 100, 0);
+}
+
 TEST_CASE("a superpage freed while the ones asked back cover the shrink stays in service") {
   LenderPool pool(4 * kSuperpageBytes);
   std::vector<std::uint32_t> sids(4);
