@@ -483,6 +483,12 @@ int main(int argc, char** argv) {
                      "(borrowers move their pages off first), and grow it back, up to --lend, "
                      "once there is room again (default: never; `memlend lend` changes it)")
       ->type_name("SIZE");
+  daemon->add_option("--reclaim-pressure", daemon_args.reclaim_pressure,
+                     "Shrink the lent pool by a quarter every 10 s while this host's memory "
+                     "pressure (PSI, /proc/pressure/memory: the share of the last 10 s in which "
+                     "some task waited for memory) is at least PCT percent, and grow it back by "
+                     "an eighth every 10 s once it is under half of that (default: never)")
+      ->type_name("PCT");
   daemon->add_option("--max-borrowers", daemon_args.max_borrowers,
                      "Borrower connections served at once; more are refused with a message "
                      "saying so (each may hold up to 7.3 MiB of locked memory while it is "

@@ -195,8 +195,9 @@ bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* err
       *error = "--drain-deadline applies to lent memory: give --lend SIZE too";
       return false;
     }
-    if (!args.reclaim_below.empty()) {
-      *error = "--reclaim-below applies to lent memory: give --lend SIZE too";
+    if (!args.reclaim_below.empty() || !args.reclaim_pressure.empty()) {
+      *error = std::string(args.reclaim_below.empty() ? "--reclaim-pressure" : "--reclaim-below") +
+               " applies to lent memory: give --lend SIZE too";
       return false;
     }
     return true;
@@ -208,6 +209,19 @@ bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* err
       return false;
     }
     config->reclaim_below_bytes = *below;
+  }
+  if (!args.reclaim_pressure.empty()) {
+    const std::string& text = args.reclaim_pressure;
+    char* end = nullptr;
+    const double percent = std::strtod(text.c_str(), &end);
+    const bool starts_as_number = (text[0] >= '0' && text[0] <= '9') || text[0] == '.';
+    if (!starts_as_number || end == text.c_str() || *end != '\0' || !(percent >= 0) ||
+        percent > 100) {
+      *error = "--reclaim-pressure " + Quote(text) +
+               ": expected a percentage of time from 0 to 100 (0: never)";
+      return false;
+    }
+    config->reclaim_pressure = percent;
   }
   if (!ParseCount("--max-borrowers", args.max_borrowers, 1, 4096, &config->max_borrowers,
                   error)) {

@@ -63,6 +63,9 @@ struct DaemonConfig {
   // Shrink the pool while the host's MemAvailable is under this (0: never); see
   // docs/remote-tier.md, "Reclaim".
   std::uint64_t reclaim_below_bytes = 0;
+  // Shrink the pool while the host's memory pressure (PSI "some avg10", percent) is at or
+  // above this (0: never).
+  double reclaim_pressure = 0;
   // Reserve memory even past what the host can hold (see host_memory.h). --force.
   bool force = false;
 };
@@ -103,6 +106,7 @@ struct DaemonArgs {
   std::string max_borrowers;    // empty: the default
   std::string drain_deadline;   // seconds; empty: the default
   std::string reclaim_below;    // a size; empty: never
+  std::string reclaim_pressure; // a percentage; empty: never
   std::string socket_mode;      // octal; empty: 0600
   std::string socket_group;     // a group name or number; empty: the daemon's
   bool force = false;

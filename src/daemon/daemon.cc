@@ -115,6 +115,12 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
     lend_size_bytes_.store(lender_->Stats().max_bytes);
     pressure_size_bytes_ = lender_->Stats().max_bytes;
     reclaim_below_bytes_.store(config.reclaim_below_bytes);
+    if (config.reclaim_pressure > 0 && !ReadMemoryPressure()) {
+      throw std::runtime_error(
+          "--reclaim-pressure: this kernel reports no memory pressure (/proc/pressure/memory "
+          "is missing or unreadable: it needs CONFIG_PSI, and psi=1 where it is off by default); "
+          "use --reclaim-below SIZE instead");
+    }
     reclaim_deadline_ms_.store(config.drain_deadline_ms);
   }
   control_ = std::make_unique<ControlServer>(
@@ -278,35 +284,76 @@ void Daemon::AdjustPool() {
   const peer::LendingStats stats = lender_->Stats();
   const std::uint64_t size = lend_size_bytes_.load(std::memory_order_acquire);
   const std::uint64_t below = reclaim_below_bytes_.load(std::memory_order_acquire);
-  const std::optional<std::uint64_t> available = below > 0 ? ReadMemAvailable() : std::nullopt;
-  if (below == 0) {
+  const std::optional<std::uint64_t> available_read =
+      below > 0 ? ReadMemAvailable() : std::nullopt;
+  const bool have_available = available_read.has_value();
+  const std::uint64_t available = available_read.value_or(0);
+  // PSI moves slowly (an average over 10 s), so its steps are 10 s apart: each then sees
+  // what the last one did.
+  const double psi_limit = config_.reclaim_pressure;
+  const std::optional<double> psi_read = psi_limit > 0 ? ReadMemoryPressure() : std::nullopt;
+  const bool have_psi = psi_read.has_value();
+  const double psi = psi_read.value_or(0);
+  const auto now = std::chrono::steady_clock::now();
+  const bool psi_step_due = now - psi_step_at_ >= std::chrono::seconds(10);
+  const bool short_of_memory = below > 0 && have_available && available < below;
+  const bool under_pressure = have_psi && psi >= psi_limit;
+  if (below == 0 && psi_limit == 0) {
     pressure_size_bytes_ = stats.max_bytes;
     pressure_logged_ = false;
-  } else if (available && *available < below) {
-    // Short of memory: give back what the host lacks, once the last shrink is done (a
-    // shrink under way frees memory that MemAvailable does not show yet).
+  } else if (short_of_memory || under_pressure) {
+    // Short of memory: give back what the host lacks (MemAvailable), or a quarter of the
+    // pool (PSI), once the last shrink is done (a shrink under way frees memory that
+    // neither shows yet).
     if (stats.total_bytes <= stats.target_bytes) {
-      const std::uint64_t short_by = (below - *available + kSuperpage - 1) / kSuperpage * kSuperpage;
+      std::uint64_t short_by = 0;
+      if (short_of_memory) {
+        short_by = (below - available + kSuperpage - 1) / kSuperpage * kSuperpage;
+      }
+      if (under_pressure && psi_step_due) {
+        short_by = std::max({short_by, kSuperpage, stats.total_bytes / 4 / kSuperpage * kSuperpage});
+        psi_step_at_ = now;
+      }
       const std::uint64_t pressure = stats.total_bytes > short_by ? stats.total_bytes - short_by : 0;
-      if (pressure < pressure_size_bytes_) {
+      if (short_by > 0 && pressure < pressure_size_bytes_) {
         pressure_size_bytes_ = pressure;
-        LogError("lender: MemAvailable %s is under --reclaim-below %s: shrinking the pool to %s",
-                 FormatSize(*available).c_str(), FormatSize(below).c_str(),
-                 FormatSize(std::min(size, pressure)).c_str());
+        if (short_of_memory) {
+          LogError("lender: MemAvailable %s is under --reclaim-below %s: shrinking the pool to %s",
+                   FormatSize(available).c_str(), FormatSize(below).c_str(),
+                   FormatSize(std::min(size, pressure)).c_str());
+        } else {
+          LogError("lender: memory pressure %.2f%% is at least --reclaim-pressure %.2f%%: "
+                   "shrinking the pool to %s",
+                   psi, psi_limit, FormatSize(std::min(size, pressure)).c_str());
+        }
         pressure_logged_ = true;
       }
     }
-  } else if (available && *available >= below + kSlack && pressure_size_bytes_ < stats.max_bytes) {
+  } else if (pressure_size_bytes_ < stats.max_bytes) {
     // Room comes back as what is in use plus what the host can spare now: superpages put
     // back in service do not lower MemAvailable until borrowers fill them, so growing by
-    // the spare room every second would overshoot.
-    const std::uint64_t spare = (*available - below - kSlack) / kSuperpage * kSuperpage;
-    pressure_size_bytes_ = std::min(stats.max_bytes,
-                                    std::max(pressure_size_bytes_, stats.used_bytes + spare));
-    if (pressure_logged_ && pressure_size_bytes_ >= size) {
-      LogError("lender: MemAvailable %s: the pool grows back to %s", FormatSize(*available).c_str(),
-               FormatSize(size).c_str());
-      pressure_logged_ = false;
+    // the spare room every second would overshoot. Under PSI, by an eighth of the most the
+    // pool can be, every 10 s, once pressure is under half the threshold (a host without
+    // a reading counts as calm).
+    const bool memory_calm = below == 0 || (have_available && available >= below + kSlack);
+    const bool pressure_calm = psi_limit == 0 || !have_psi || psi < psi_limit / 2;
+    if (memory_calm && pressure_calm && (psi_limit == 0 || psi_step_due)) {
+      std::uint64_t grown = stats.max_bytes;
+      if (below > 0) {
+        const std::uint64_t spare = (available - below - kSlack) / kSuperpage * kSuperpage;
+        grown = std::max(pressure_size_bytes_, stats.used_bytes + spare);
+      }
+      if (psi_limit > 0) {
+        grown = std::min(grown, pressure_size_bytes_ +
+                                    std::max(kSuperpage, stats.max_bytes / 8 / kSuperpage * kSuperpage));
+        psi_step_at_ = now;
+      }
+      pressure_size_bytes_ = std::min(stats.max_bytes, grown);
+      if (pressure_logged_ && pressure_size_bytes_ >= size) {
+        LogError("lender: memory is no longer short: the pool grows back to %s",
+                 FormatSize(size).c_str());
+        pressure_logged_ = false;
+      }
     }
   }
   const std::uint64_t target = std::min(size, pressure_size_bytes_) / kSuperpage * kSuperpage;
@@ -513,6 +560,7 @@ nlohmann::json Daemon::Status() const {
                        {"max_bytes", lending.max_bytes},
                        {"reclaiming_bytes", lending.reclaiming_bytes},
                        {"reclaim_below_bytes", reclaim_below_bytes_.load(std::memory_order_relaxed)},
+                       {"reclaim_pressure_percent", config_.reclaim_pressure},
                        {"used_bytes", lending.used_bytes},
                        {"ephemeral_bytes", lending.ephemeral_bytes},
                        {"borrowers", lending.borrowers},

@@ -133,6 +133,8 @@ class Daemon {
   std::atomic<std::uint64_t> reclaim_deadline_ms_{30000};
   std::uint64_t pressure_size_bytes_ = 0;  // guarded by adjust_mu_: what pressure allows
   bool pressure_logged_ = false;           // guarded by adjust_mu_
+  // The last step --reclaim-pressure took (shrink or growth); guarded by adjust_mu_.
+  std::chrono::steady_clock::time_point psi_step_at_{};
   // Drain: asked by `memlend drain` (else by SIGTERM), its deadline, and its outcome.
   std::atomic<bool> drain_asked_{false};
   std::atomic<std::uint64_t> drain_deadline_ms_{0};

@@ -3,6 +3,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -55,6 +56,33 @@ HostMemory ReadHostMemory() {
 }
 
 std::optional<std::uint64_t> ReadMemAvailable() { return MeminfoBytes("MemAvailable:"); }
+
+std::optional<double> ParseMemoryPressure(std::string_view text) {
+  // "some avg10=1.23 avg60=0.50 avg300=0.10 total=12345"
+  std::istringstream lines{std::string(text)};
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.rfind("some ", 0) != 0) continue;
+    const std::size_t field = line.find(" avg10=");
+    if (field == std::string::npos) return std::nullopt;
+    const char* const start = line.c_str() + field + 7;
+    char* end = nullptr;
+    const double percent = std::strtod(start, &end);
+    if (end == start || (*end != ' ' && *end != '\0') || !(percent >= 0) || percent > 100) {
+      return std::nullopt;
+    }
+    return percent;
+  }
+  return std::nullopt;
+}
+
+std::optional<double> ReadMemoryPressure() {
+  std::ifstream file("/proc/pressure/memory");
+  if (!file) return std::nullopt;
+  std::ostringstream text;
+  text << file.rdbuf();
+  return ParseMemoryPressure(text.str());
+}
 
 std::uint64_t HostMargin(const HostMemory& host) {
   if (host.total_bytes == kNoLimit) return 0;

@@ -33,6 +33,13 @@ HostMemory ReadHostMemory();
 // when it cannot be read.
 std::optional<std::uint64_t> ReadMemAvailable();
 
+// Memory pressure (PSI, /proc/pressure/memory): the share of the last 10 s, in percent, in
+// which some task waited for memory ("some avg10"). ParseMemoryPressure reads it from the
+// file's text; nullopt when the line is missing or malformed (a kernel without PSI has no
+// file at all: ReadMemoryPressure returns nullopt then too).
+std::optional<double> ParseMemoryPressure(std::string_view text);
+std::optional<double> ReadMemoryPressure();
+
 // True when the process has CAP_IPC_LOCK in its effective set.
 bool HasCapIpcLock();
 

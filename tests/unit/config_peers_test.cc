@@ -130,3 +130,31 @@ TEST_CASE("Both halves together, and node ids") {
   CHECK(ParsePercent("100") == doctest::Approx(1.0));
   CHECK_FALSE(ParsePercent("1000").has_value());
 }
+
+TEST_CASE("--reclaim-below and --reclaim-pressure belong to a lender and are checked") {
+  DaemonArgs args = Lender();
+  args.reclaim_below = "512M";
+  args.reclaim_pressure = "12.5";
+  DaemonConfig config;
+  std::string error;
+  REQUIRE(BuildDaemonConfig(args, &config, &error));
+  CHECK(config.reclaim_below_bytes == 512u << 20);
+  CHECK(config.reclaim_pressure == 12.5);
+  DaemonConfig plain;
+  REQUIRE(BuildDaemonConfig(Lender(), &plain, &error));
+  CHECK(plain.reclaim_pressure == 0);  // off unless given
+
+  for (const char* bad : {"x", "-1", "101", "5%", "nan", "1e400", " 5"}) {
+    CAPTURE(bad);
+    DaemonArgs wrong = Lender();
+    wrong.reclaim_pressure = bad;
+    const std::string message = ErrorOf(wrong);
+    CHECK(Has(message, "--reclaim-pressure"));
+    CHECK(Has(message, "percentage"));
+  }
+  DaemonArgs borrower = Borrower();
+  borrower.reclaim_pressure = "10";
+  const std::string message = ErrorOf(borrower);
+  CHECK(Has(message, "--reclaim-pressure"));
+  CHECK(Has(message, "--lend"));
+}

@@ -64,5 +64,25 @@ TEST_CASE("ReadHostMemory reads this host's MemTotal") {
   CHECK(host.total_bytes != kNoLimit);
 }
 
+TEST_CASE("memory pressure is the 'some avg10' of /proc/pressure/memory, checked") {
+  CHECK(ParseMemoryPressure("some avg10=12.50 avg60=3.00 avg300=0.70 total=81234\n"
+                            "full avg10=1.00 avg60=0.00 avg300=0.00 total=1000\n") == 12.5);
+  CHECK(ParseMemoryPressure("full avg10=9.00 avg60=0.00 avg300=0.00 total=1\n"
+                            "some avg10=0.00 avg60=0.00 avg300=0.00 total=0") == 0.0);
+  CHECK_FALSE(ParseMemoryPressure("").has_value());
+  CHECK_FALSE(ParseMemoryPressure("full avg10=1.00 avg60=0 avg300=0 total=0\n").has_value());
+  CHECK_FALSE(ParseMemoryPressure("some avg60=1.00 total=0\n").has_value());
+  CHECK_FALSE(ParseMemoryPressure("some avg10=abc avg60=0\n").has_value());
+  CHECK_FALSE(ParseMemoryPressure("some avg10=1.5x avg60=0\n").has_value());
+  CHECK_FALSE(ParseMemoryPressure("some avg10=-1 avg60=0\n").has_value());
+  CHECK_FALSE(ParseMemoryPressure("some avg10=101 avg60=0\n").has_value());
+  CHECK_FALSE(ParseMemoryPressure("some avg10=nan avg60=0\n").has_value());
+  // This host's, when it has PSI: a share of time.
+  if (const std::optional<double> here = ReadMemoryPressure()) {
+    CHECK(*here >= 0);
+    CHECK(*here <= 100);
+  }
+}
+
 }  // namespace
 }  // namespace memlend
