@@ -270,6 +270,7 @@ void Daemon::ReclaimLoop() {
     } catch (const std::exception& e) {  // out of memory for the lists of what to ask back
       LogError("lender: resizing the pool failed: %s; trying again in a second", e.what());
     }
+    lender_->SendPendingReclaims();  // to borrowers whose sockets were full
     lock.lock();
     reclaim_cv_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; });
   }

@@ -600,13 +600,14 @@ std::uint64_t LenderService::Drain(std::chrono::steady_clock::time_point deadlin
 void LenderService::Resize(std::uint64_t bytes, std::chrono::milliseconds deadline) {
   const auto superpages =
       static_cast<std::uint32_t>(std::min<std::uint64_t>(bytes / kSuperpageBytes, UINT32_MAX));
+  const auto until = std::chrono::steady_clock::now() + deadline;
   for (const ReclaimRequest& request : pool_.Resize(superpages)) {
-    NotifyReclaim(request.owner, request.sids, deadline);
+    NotifyReclaim(request.owner, request.sids, until);
   }
 }
 
 void LenderService::NotifyReclaim(SessionId owner, std::span<const std::uint32_t> sids,
-                                  std::chrono::milliseconds deadline) noexcept {
+                                  std::chrono::steady_clock::time_point deadline) {
   std::shared_ptr<Session> session;
   {
     std::lock_guard lock(mu_);
@@ -614,26 +615,64 @@ void LenderService::NotifyReclaim(SessionId owner, std::span<const std::uint32_t
     if (it != sessions_.end()) session = it->second;
   }
   if (!session || session->finished.load(std::memory_order_acquire)) return;
+  {
+    // Bounded: the SIDs are of superpages granted to this session, each asked back once.
+    std::lock_guard lock(session->reclaim_mu);
+    session->reclaims_unsent.insert(session->reclaims_unsent.end(), sids.begin(), sids.end());
+    session->reclaim_deadline = deadline;
+  }
+  SendReclaims(*session);
+}
+
+void LenderService::SendPendingReclaims() noexcept {
+  std::vector<std::shared_ptr<Session>> open;
+  try {
+    std::lock_guard lock(mu_);
+    for (const auto& [id, session] : sessions_) open.push_back(session);
+  } catch (const std::bad_alloc&) {
+    return;  // again in a second
+  }
+  for (const std::shared_ptr<Session>& session : open) {
+    if (!session->finished.load(std::memory_order_acquire)) SendReclaims(*session);
+  }
+}
+
+void LenderService::SendReclaims(Session& session) noexcept {
+  // A thread writing a reply may be stuck on a full socket: then so would this one be.
+  std::unique_lock send_lock(session.send_mu, std::try_to_lock);
+  if (!send_lock.owns_lock()) return;
+  std::lock_guard lock(session.reclaim_mu);
   // A notice names at most kReclaimBatch superpages (4 KiB of SIDs).
   constexpr std::size_t kReclaimBatch = 1024;
   std::byte notice[kHeaderBytes + sizeof(ReclaimBody) + kReclaimBatch * sizeof(std::uint32_t)];
-  const auto deadline_ms =
-      static_cast<std::uint32_t>(std::clamp<long long>(deadline.count(), 0, 1 << 30));
-  std::lock_guard send_lock(session->send_mu);
-  for (std::size_t base = 0; base < sids.size(); base += kReclaimBatch) {
-    const std::size_t count = std::min(kReclaimBatch, sids.size() - base);
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      session.reclaim_deadline - std::chrono::steady_clock::now());
+  const auto deadline_ms = static_cast<std::uint32_t>(std::clamp<long long>(left.count(), 0, 1 << 30));
+  std::vector<std::uint32_t>& sids = session.reclaims_unsent;
+  std::size_t sent = 0;
+  while (sent < sids.size()) {
+    const std::size_t count = std::min(kReclaimBatch, sids.size() - sent);
     const auto payload =
         static_cast<std::uint32_t>(sizeof(ReclaimBody) + count * sizeof(std::uint32_t));
     EncodeHeader(MessageType::kReclaim, false, 0, Status::kOk, 0, payload, HeaderSpan(notice));
     EncodeBody(ReclaimBody{deadline_ms, static_cast<std::uint32_t>(count)},
                notice + kHeaderBytes);
-    std::memcpy(notice + kHeaderBytes + sizeof(ReclaimBody), sids.data() + base,
+    std::memcpy(notice + kHeaderBytes + sizeof(ReclaimBody), sids.data() + sent,
                 count * sizeof(std::uint32_t));
-    if (WriteFull(session->fd.get(), notice, kHeaderBytes + payload) != 0) {
-      ::shutdown(session->fd.get(), SHUT_RDWR);  // out of step: end the session
+    const std::size_t length = kHeaderBytes + payload;
+    const ssize_t n = ::send(session.fd.get(), notice, length, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) break;  // later
+    // A notice half sent must be finished, or the stream is out of step: the rest goes with
+    // the blocking send (its send timeout ends a session that stopped reading).
+    if (n < 0 || (static_cast<std::size_t>(n) < length &&
+                  WriteFull(session.fd.get(), notice + n, length - static_cast<std::size_t>(n)) != 0)) {
+      ::shutdown(session.fd.get(), SHUT_RDWR);
+      sids.clear();
       return;
     }
+    sent += count;
   }
+  sids.erase(sids.begin(), sids.begin() + static_cast<std::ptrdiff_t>(sent));
 }
 
 std::vector<BorrowerHolding> LenderService::Holdings() const {

@@ -128,6 +128,10 @@ class LenderService {
   // superpages it still needs back. Returns without waiting: Stats() shows the progress
   // (total_bytes falls to target_bytes as borrowers free them). Thread-safe.
   void Resize(std::uint64_t bytes, std::chrono::milliseconds deadline);
+  // Sends the RECLAIM notices Resize could not send at once (a borrower's socket was full,
+  // or its thread was writing a reply): the daemon calls it every second. Never blocks on a
+  // full socket. Thread-safe.
+  void SendPendingReclaims() noexcept;
   // Whether superpages put back in service are locked in memory (the daemon locked its
   // memory). REQUIRES: before Start().
   void SetLockMemory(bool lock) { pool_.SetLockMemory(lock); }
@@ -148,6 +152,10 @@ class LenderService {
     std::atomic<bool> finished{false};
     std::atomic<std::uint64_t> node_id{0};  // the borrower's, from its HELLO
     std::mutex send_mu;  // held for each whole message written to fd
+    // SIDs asked back and not yet sent, with the deadline they were asked for; a leaf lock.
+    std::mutex reclaim_mu;
+    std::vector<std::uint32_t> reclaims_unsent;
+    std::chrono::steady_clock::time_point reclaim_deadline{};
   };
   // Sends `notice` (a whole message) to every live session, best effort: skips a session
   // whose socket is busy for more than kShutdownNoticeWait, never blocks on a full one.
@@ -161,9 +169,13 @@ class LenderService {
   // Answers a connection the lender will not serve with a failed HELLO reply (tag 0)
   // saying why, without reading from it, and closes it; logs it now and then.
   void Refuse(UniqueFd fd, const std::string& why) noexcept;
-  // Sends RECLAIM notices for `sids` to session `owner`, if it is still connected.
+  // Queues RECLAIM for `sids` to session `owner`, if it is still connected, and sends what
+  // its socket takes now (SendReclaims).
   void NotifyReclaim(SessionId owner, std::span<const std::uint32_t> sids,
-                     std::chrono::milliseconds deadline) noexcept;
+                     std::chrono::steady_clock::time_point deadline);
+  // Sends the session's queued RECLAIMs, whole notices only, as far as its socket takes
+  // them without waiting; the rest stay queued. Skips a session whose thread is writing.
+  void SendReclaims(Session& session) noexcept;
   // Sends an EVICTED notice for each eviction to its owner, if it is still connected;
   // one owner's notices go out together. REQUIRES: evictions.size() <= kPagesPerSuperpage.
   void NotifyEvicted(std::span<const Eviction> evictions) noexcept;

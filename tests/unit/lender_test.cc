@@ -2,6 +2,7 @@
 // accounting) called directly, and LenderService over real loopback TCP driven by
 // PeerTestClient.
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <doctest/doctest.h>
@@ -1379,6 +1380,68 @@ TEST_CASE("another borrower's ALLOC_SUPERPAGE evicts cached pages; their owner i
   REQUIRE(reply);
   REQUIRE(reply->status() == Status::kOk);
   CHECK(AllZero(reply->payload));
+}
+
+TEST_CASE("RECLAIM for a borrower whose socket is full waits for room, not the resize") {
+  RunningLender lender(4 * kSuperpageBytes);
+  PeerTestClient client = lender.Connect();
+  REQUIRE(client.Hello());
+  const std::uint32_t first = AllocOverWire(client);
+  const std::uint32_t second = AllocOverWire(client);
+  // 32 reads of a whole superpage, none of whose replies is read yet: 64 MiB, more than the
+  // loopback socket buffers hold, so the session's thread is stuck writing a reply.
+  constexpr int kReads = 32;
+  for (int i = 0; i < kReads; ++i) {
+    const RangeBody range{first, 0, kSuperpageBytes, 0};
+    REQUIRE(client.Send(MessageType::kRead, 1000 + static_cast<std::uint64_t>(i), 0,
+                        std::as_bytes(std::span<const RangeBody, 1>(&range, 1))));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // let it fill (not a bound)
+  // Down to 1: the two free superpages retire, and one granted one is asked back. This
+  // returns with the notice queued: before, it waited on the stuck session (up to its 30 s
+  // send timeout, which then ended the session).
+  lender.service->Resize(kSuperpageBytes, std::chrono::milliseconds(20000));
+  lender.service->SendPendingReclaims();
+  // Read everything: the replies, then (sent by a later round, as the daemon's every second
+  // would) the one RECLAIM, naming one of the two superpages.
+  int replies = 0;
+  std::optional<TestMessage> reclaim;
+  for (int rounds = 0; rounds < 2000 && (replies < kReads || !reclaim); ++rounds) {
+    if (replies == kReads) {
+      lender.service->SendPendingReclaims();
+      pollfd ready{client.fd(), POLLIN, 0};
+      if (::poll(&ready, 1, 10) != 1) continue;  // the session's thread still held the socket
+    }
+    std::optional<TestMessage> message = client.ReadMessage();
+    REQUIRE(message);
+    if (message->header.reply) {
+      CHECK(message->status() == Status::kOk);
+      CHECK(message->payload.size() == kSuperpageBytes);
+      ++replies;
+    } else {
+      REQUIRE(message->header.type == MessageType::kReclaim);
+      CHECK_FALSE(reclaim);  // once
+      reclaim = std::move(message);
+    }
+  }
+  REQUIRE(replies == kReads);
+  REQUIRE(reclaim);
+  ReclaimBody body{};
+  REQUIRE(reclaim->As(&body));
+  CHECK(body.count == 1);
+  CHECK(body.deadline_ms > 0);
+  CHECK(body.deadline_ms <= 20000);
+  REQUIRE(reclaim->payload.size() == sizeof(ReclaimBody) + sizeof(std::uint32_t));
+  std::uint32_t sid = 0;
+  std::memcpy(&sid, reclaim->payload.data() + sizeof(ReclaimBody), sizeof(sid));
+  CHECK((sid == first || sid == second));
+  // The session is alive: the superpage goes back, and the pool is down to its size.
+  std::optional<TestMessage> reply =
+      client.Call(MessageType::kFreeSuperpage, 0, SuperpageBody{sid});
+  REQUIRE(reply);
+  CHECK(reply->status() == Status::kOk);
+  CHECK(lender.service->Stats().total_bytes == kSuperpageBytes);
+  CHECK(lender.service->Stats().reclaiming_bytes == 0);
 }
 
 TEST_CASE("Stop sends SHUTDOWN, hangs up every session and is idempotent") {
