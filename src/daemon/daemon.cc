@@ -113,7 +113,7 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
                                                     config.node_id, options);
     lender_->SetLockMemory(locks_memory_);
     lend_size_bytes_.store(lender_->Stats().max_bytes);
-    pressure_size_bytes_ = lender_->Stats().max_bytes;
+    pressure_ = std::make_unique<PoolPressure>(lender_->Stats().max_bytes);
     reclaim_below_bytes_.store(config.reclaim_below_bytes);
     if (config.reclaim_pressure > 0 && !ReadMemoryPressure()) {
       throw std::runtime_error(
@@ -277,87 +277,24 @@ void Daemon::ReclaimLoop() {
 }
 
 void Daemon::AdjustPool() {
-  // Pressure lets the pool grow back only with this much to spare above the threshold,
-  // so that it does not shrink and grow by turns around it.
-  constexpr std::uint64_t kSlack = 64ull << 20;
-  constexpr std::uint64_t kSuperpage = peer::kSuperpageBytes;
   std::lock_guard lock(adjust_mu_);
   const peer::LendingStats stats = lender_->Stats();
   const std::uint64_t size = lend_size_bytes_.load(std::memory_order_acquire);
-  const std::uint64_t below = reclaim_below_bytes_.load(std::memory_order_acquire);
-  const std::optional<std::uint64_t> available_read =
-      below > 0 ? ReadMemAvailable() : std::nullopt;
-  const bool have_available = available_read.has_value();
-  const std::uint64_t available = available_read.value_or(0);
-  // PSI moves slowly (an average over 10 s), so its steps are 10 s apart: each then sees
-  // what the last one did.
-  const double psi_limit = config_.reclaim_pressure;
-  const std::optional<double> psi_read = psi_limit > 0 ? ReadMemoryPressure() : std::nullopt;
-  const bool have_psi = psi_read.has_value();
-  const double psi = psi_read.value_or(0);
-  const auto now = std::chrono::steady_clock::now();
-  const bool psi_step_due = now - psi_step_at_ >= std::chrono::seconds(10);
-  const bool short_of_memory = below > 0 && have_available && available < below;
-  const bool under_pressure = have_psi && psi >= psi_limit;
-  if (below == 0 && psi_limit == 0) {
-    pressure_size_bytes_ = stats.max_bytes;
-    pressure_logged_ = false;
-  } else if (short_of_memory || under_pressure) {
-    // Short of memory: give back what the host lacks (MemAvailable), or a quarter of the
-    // pool (PSI), once the last shrink is done (a shrink under way frees memory that
-    // neither shows yet).
-    if (stats.total_bytes <= stats.target_bytes) {
-      std::uint64_t short_by = 0;
-      if (short_of_memory) {
-        short_by = (below - available + kSuperpage - 1) / kSuperpage * kSuperpage;
-      }
-      if (under_pressure && psi_step_due) {
-        short_by = std::max({short_by, kSuperpage, stats.total_bytes / 4 / kSuperpage * kSuperpage});
-        psi_step_at_ = now;
-      }
-      const std::uint64_t pressure = stats.total_bytes > short_by ? stats.total_bytes - short_by : 0;
-      if (short_by > 0 && pressure < pressure_size_bytes_) {
-        pressure_size_bytes_ = pressure;
-        if (short_of_memory) {
-          LogError("lender: MemAvailable %s is under --reclaim-below %s: shrinking the pool to %s",
-                   FormatSize(available).c_str(), FormatSize(below).c_str(),
-                   FormatSize(std::min(size, pressure)).c_str());
-        } else {
-          LogError("lender: memory pressure %.2f%% is at least --reclaim-pressure %.2f%%: "
-                   "shrinking the pool to %s",
-                   psi, psi_limit, FormatSize(std::min(size, pressure)).c_str());
-        }
-        pressure_logged_ = true;
-      }
-    }
-  } else if (pressure_size_bytes_ < stats.max_bytes) {
-    // Room comes back as what is in use plus what the host can spare now: superpages put
-    // back in service do not lower MemAvailable until borrowers fill them, so growing by
-    // the spare room every second would overshoot. Under PSI, by an eighth of the most the
-    // pool can be, every 10 s, once pressure is under half the threshold (a host without
-    // a reading counts as calm).
-    const bool memory_calm = below == 0 || (have_available && available >= below + kSlack);
-    const bool pressure_calm = psi_limit == 0 || !have_psi || psi < psi_limit / 2;
-    if (memory_calm && pressure_calm && (psi_limit == 0 || psi_step_due)) {
-      std::uint64_t grown = stats.max_bytes;
-      if (below > 0) {
-        const std::uint64_t spare = (available - below - kSlack) / kSuperpage * kSuperpage;
-        grown = std::max(pressure_size_bytes_, stats.used_bytes + spare);
-      }
-      if (psi_limit > 0) {
-        grown = std::min(grown, pressure_size_bytes_ +
-                                    std::max(kSuperpage, stats.max_bytes / 8 / kSuperpage * kSuperpage));
-        psi_step_at_ = now;
-      }
-      pressure_size_bytes_ = std::min(stats.max_bytes, grown);
-      if (pressure_logged_ && pressure_size_bytes_ >= size) {
-        LogError("lender: memory is no longer short: the pool grows back to %s",
-                 FormatSize(size).c_str());
-        pressure_logged_ = false;
-      }
-    }
+  PoolReading reading;
+  reading.total_bytes = stats.total_bytes;
+  reading.target_bytes = stats.target_bytes;
+  reading.max_bytes = stats.max_bytes;
+  reading.used_bytes = stats.used_bytes;
+  reading.reclaim_below_bytes = reclaim_below_bytes_.load(std::memory_order_acquire);
+  if (reading.reclaim_below_bytes > 0) reading.available_bytes = ReadMemAvailable();
+  reading.reclaim_pressure = config_.reclaim_pressure;
+  if (reading.reclaim_pressure > 0) reading.pressure = ReadMemoryPressure();
+  reading.now = std::chrono::steady_clock::now();
+  if (const std::string line = pressure_->Update(reading, size); !line.empty()) {
+    LogError("%s", line.c_str());
   }
-  const std::uint64_t target = std::min(size, pressure_size_bytes_) / kSuperpage * kSuperpage;
+  const std::uint64_t target =
+      std::min(size, pressure_->allowed_bytes()) / peer::kSuperpageBytes * peer::kSuperpageBytes;
   if (target != stats.target_bytes) {
     lender_->Resize(target,
                     std::chrono::milliseconds(reclaim_deadline_ms_.load(std::memory_order_acquire)));

@@ -18,6 +18,7 @@
 #include "frontend/block_frontend.h"
 #include "nbd/server.h"
 #include "peer/lender_service.h"
+#include "daemon/pool_pressure.h"
 #include "peer/peer_store.h"
 #include "store/device_table.h"
 #include "store/placement_store.h"
@@ -131,10 +132,7 @@ class Daemon {
   std::atomic<std::uint64_t> lend_size_bytes_{0};      // asked for: --lend, then `lend`
   std::atomic<std::uint64_t> reclaim_below_bytes_{0};  // --reclaim-below, then `lend`
   std::atomic<std::uint64_t> reclaim_deadline_ms_{30000};
-  std::uint64_t pressure_size_bytes_ = 0;  // guarded by adjust_mu_: what pressure allows
-  bool pressure_logged_ = false;           // guarded by adjust_mu_
-  // The last step --reclaim-pressure took (shrink or growth); guarded by adjust_mu_.
-  std::chrono::steady_clock::time_point psi_step_at_{};
+  std::unique_ptr<PoolPressure> pressure_;  // guarded by adjust_mu_: what the host allows
   // Drain: asked by `memlend drain` (else by SIGTERM), its deadline, and its outcome.
   std::atomic<bool> drain_asked_{false};
   std::atomic<std::uint64_t> drain_deadline_ms_{0};
