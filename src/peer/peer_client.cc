@@ -486,6 +486,26 @@ PeerClient::ReadOutcome PeerClient::ReadMessageLocked(
     }
   }
   if (pending == nullptr) {  // nobody waits for it (withdrawn, or a no-reply request)
+    if (message.type == MessageType::kAllocSuperpage && message.tag != 0 &&
+        message.status == Status::kOk && message.payload_bytes == sizeof(SuperpageBody)) {
+      // A grant that came after its waiter gave up: the superpage is ours and unused.
+      SuperpageBody body{};
+      if (!stream.Read(std::as_writable_bytes(std::span<SuperpageBody, 1>(&body, 1)))) {
+        return ReadOutcome::kEnd;
+      }
+      {
+        std::lock_guard lock(late_mu_);
+        if (late_grants_.size() < kMaxLateGrants) {
+          try {
+            late_grants_.push_back(body.sid);
+          } catch (const std::bad_alloc&) {
+            // It stays granted, and unused, until the session ends.
+          }
+        }
+      }
+      ReturnLateGrants(/*wait_to_send=*/false);
+      return ReadOutcome::kMessage;
+    }
     return stream.Skip(message.payload_bytes) ? ReadOutcome::kMessage : ReadOutcome::kEnd;
   }
   if (arrived <= pending->deadline) overdue_since_ns_.store(0, std::memory_order_relaxed);
@@ -511,7 +531,26 @@ void PeerClient::FailAllLocked(int error) {
   pending_.clear();
 }
 
+void PeerClient::ReturnLateGrants(bool wait_to_send) noexcept {
+  std::vector<std::uint32_t> sids;
+  {
+    std::lock_guard lock(late_mu_);
+    if (late_grants_.empty()) return;
+    sids.swap(late_grants_);
+  }
+  std::size_t sent = 0;
+  while (sent < sids.size() && FreeSuperpageNoReply(sids[sent], wait_to_send) == 0) ++sent;
+  if (sent == sids.size()) return;
+  std::lock_guard lock(late_mu_);  // the socket was busy: again later
+  try {
+    late_grants_.insert(late_grants_.end(), sids.begin() + static_cast<std::ptrdiff_t>(sent),
+                        sids.end());
+  } catch (const std::bad_alloc&) {
+  }
+}
+
 int PeerClient::Query(QueryReply* reply) noexcept {
+  ReturnLateGrants(/*wait_to_send=*/true);
   const auto start = std::chrono::steady_clock::now();
   const int rc = Call(MessageType::kQuery, 0, {}, {},
                       std::as_writable_bytes(std::span<QueryReply, 1>(reply, 1)));

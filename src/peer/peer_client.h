@@ -172,6 +172,14 @@ class PeerClient final : public PeerTransport {
   std::unique_ptr<class StreamReader> stream_;  // guarded by recv_mu_
   bool ended_ = false;                          // guarded by recv_mu_
   std::vector<std::byte> notice_;               // guarded by recv_mu_
+  // Superpages granted after their ALLOC_SUPERPAGE gave up waiting: nobody uses them, so
+  // they go back (FREE_SUPERPAGE) from the reader, or, when the socket was busy, with the
+  // next Query. A leaf lock; at most kMaxLateGrants (the rest stay unused until the end).
+  static constexpr std::size_t kMaxLateGrants = 1024;
+  std::mutex late_mu_;
+  std::vector<std::uint32_t> late_grants_;  // guarded by late_mu_
+  // Gives back late grants; with `wait_to_send`, waits for the socket to do so.
+  void ReturnLateGrants(bool wait_to_send) noexcept;
   std::atomic<bool> stopping_{false};
   std::mutex idle_mu_;
   std::condition_variable idle_wake_;  // the destructor wakes the idle reader's wait

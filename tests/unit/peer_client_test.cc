@@ -105,6 +105,67 @@ TEST_CASE("a reply that misses its deadline: -ETIMEDOUT, overdue, skipped when i
   lender.join();
 }
 
+TEST_CASE("a superpage granted after its ALLOC_SUPERPAGE gave up is given back") {
+  SocketDir dir;
+  std::string error;
+  const auto endpoint = ParseEndpoint("unix:" + dir.path + "/lender.sock", &error);
+  REQUIRE(endpoint);
+  UniqueFd listener = ListenOn(*endpoint);
+  std::promise<void> given_up;
+  std::future<void> grant_late = given_up.get_future();
+  std::atomic<std::uint32_t> freed{0};
+  std::thread lender([&] {
+    UniqueFd fd(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    REQUIRE(fd.valid());
+    Message hello;
+    REQUIRE(ReadRequest(fd.get(), &hello));
+    Reply(fd.get(), MessageType::kHello, hello.tag,
+          HelloBody{0x1e4de7, 64 << 20, kSuperpageBytes, kCapPassive | kCapActive});
+    Message alloc;
+    REQUIRE(ReadRequest(fd.get(), &alloc));
+    REQUIRE(alloc.type == MessageType::kAllocSuperpage);
+    grant_late.wait();
+    Reply(fd.get(), MessageType::kAllocSuperpage, alloc.tag, SuperpageBody{77});
+    // The client gives it back, without a reply wanted, and asks a QUERY: in either order
+    // (the QUERY may go out before the grant is read).
+    for (int message = 0; message < 2; ++message) {
+      std::byte wire[sizeof(Header)];
+      REQUIRE(ReadFull(fd.get(), wire, sizeof(wire)) == 0);
+      Message request;
+      REQUIRE(DecodeHeader(wire, &request) == HeaderCheck::kOk);
+      if (request.type == MessageType::kQuery) {
+        Reply(fd.get(), MessageType::kQuery, request.tag, QueryReply{3, 3, 0, 1, 512});
+        continue;
+      }
+      CHECK(request.type == MessageType::kFreeSuperpage);
+      CHECK(request.tag == 0);  // no reply wanted
+      REQUIRE(request.payload_bytes == sizeof(SuperpageBody));
+      SuperpageBody body{};
+      REQUIRE(ReadFull(fd.get(), &body, sizeof(body)) == 0);
+      freed.store(body.sid);
+    }
+    Message end;
+    CHECK_FALSE(ReadRequest(fd.get(), &end));
+  });
+  {
+    PeerClientOptions options;
+    options.request_timeout = std::chrono::milliseconds(100);
+    PeerClient client(*endpoint, 0xb1, nullptr, options);
+    std::uint32_t sid = 0;
+    CHECK(client.AllocSuperpage(&sid) == -ETIMEDOUT);
+    given_up.set_value();
+    // The late grant is read (by the idle reader or the QUERY's waiter) and freed.
+    QueryReply reply{};
+    CHECK(client.Query(&reply) == 0);
+    CHECK(reply.total_pages == 3);
+    for (int wait = 0; wait < 500 && freed.load() == 0; ++wait) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  lender.join();
+  CHECK(freed.load() == 77);
+}
+
 TEST_CASE("a connect to an address that does not answer gives up at its deadline") {
   // 192.0.2.0/24 (TEST-NET-1) is never routed; where the host has no route at all the connect
   // fails at once instead, which is as good: either way it does not hang.
