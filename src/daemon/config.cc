@@ -214,8 +214,10 @@ bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* err
     const std::string& text = args.reclaim_pressure;
     char* end = nullptr;
     const double percent = std::strtod(text.c_str(), &end);
-    const bool starts_as_number = (text[0] >= '0' && text[0] <= '9') || text[0] == '.';
-    if (!starts_as_number || end == text.c_str() || *end != '\0' || !(percent >= 0) ||
+    // Digits and at most one point: no sign, exponent, hex or blanks.
+    const bool plain = text.find_first_not_of("0123456789.") == std::string::npos &&
+                       text.find('.') == text.rfind('.');
+    if (!plain || end == text.c_str() || *end != '\0' || !(percent >= 0) ||
         percent > 100) {
       *error = "--reclaim-pressure " + Quote(text) +
                ": expected a percentage of time from 0 to 100 (0: never)";

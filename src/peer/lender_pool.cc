@@ -75,8 +75,12 @@ Status LenderPool::AllocSuperpage(SessionId session, std::uint32_t* sid) noexcep
     if (next_sid_ > std::numeric_limits<std::uint32_t>::max()) {
       status = Status::kNoSpace;
     } else {
+      // Nothing new while a shrink has superpages to retire (between its lock holds).
+      if (ShrinkingLocked()) status = Status::kNoSpace;
       // Cached (ephemeral) pages yield to passive superpages.
-      if (free_superpages_.empty()) evicted_count = ReclaimActiveLocked(evicted);
+      if (status == Status::kOk && free_superpages_.empty()) {
+        evicted_count = ReclaimActiveLocked(evicted);
+      }
       if (free_superpages_.empty()) status = Status::kNoSpace;
     }
     if (status == Status::kOk) {
@@ -326,7 +330,7 @@ LenderPoolStats LenderPool::Stats(SessionId caller) const noexcept {
 LenderPool::SlotNumber LenderPool::TakeSlotLocked() noexcept {
   std::vector<std::uint32_t>& partial = partial_;
   if (partial.empty()) {
-    if (free_superpages_.empty()) return kNone;
+    if (free_superpages_.empty() || ShrinkingLocked()) return kNone;
     const std::uint32_t superpage = free_superpages_.back();
     SuperpageMeta& meta = superpages_[superpage];
     assert(meta.state == State::kFree);
@@ -447,7 +451,7 @@ std::vector<ReclaimRequest> LenderPool::Resize(std::uint32_t superpages) {
   std::vector<ReclaimRequest> requests;
   bool first = true;
   for (bool more = true; more;) {
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(mu_);
     if (first) target_superpages_ = std::min(superpages, superpage_count_);
     first = false;
     std::uint32_t done = 0;
@@ -481,28 +485,32 @@ std::vector<ReclaimRequest> LenderPool::Resize(std::uint32_t superpages) {
       evicted.insert(evicted.end(), batch.begin(), batch.begin() + static_cast<long>(count));
       ++done;
     }
-    if (done == kPerHold) continue;  // let sessions in, then go on
-    more = false;
-    // Last, granted superpages: their borrowers move the pages off and free them.
-    std::uint32_t wanted = excess();
-    for (auto it = grants_.begin(); it != grants_.end() && wanted > 0; ++it) {
-      SuperpageMeta& meta = superpages_[it->second];
-      if (meta.reclaiming) continue;
-      auto request = std::find_if(requests.begin(), requests.end(),
-                                  [&](const ReclaimRequest& r) { return r.owner == meta.owner; });
-      if (request == requests.end()) {
-        requests.push_back({meta.owner, {}});
-        request = requests.end() - 1;
+    if (done < kPerHold) {
+      more = false;
+      // Last, granted superpages: their borrowers move the pages off and free them.
+      std::uint32_t wanted = excess();
+      for (auto it = grants_.begin(); it != grants_.end() && wanted > 0; ++it) {
+        SuperpageMeta& meta = superpages_[it->second];
+        if (meta.reclaiming) continue;
+        auto request = std::find_if(requests.begin(), requests.end(),
+                                    [&](const ReclaimRequest& r) { return r.owner == meta.owner; });
+        if (request == requests.end()) {
+          requests.push_back({meta.owner, {}});
+          request = requests.end() - 1;
+        }
+        request->sids.push_back(it->first);
+        meta.reclaiming = true;
+        ++reclaiming_;
+        --wanted;
       }
-      request->sids.push_back(it->first);
-      meta.reclaiming = true;
-      ++reclaiming_;
-      --wanted;
     }
-  }
-  for (std::size_t base = 0; base < evicted.size(); base += kPagesPerSuperpage) {
-    Report(std::span<const Eviction>(evicted).subspan(
-        base, std::min<std::size_t>(kPagesPerSuperpage, evicted.size() - base)));
+    lock.unlock();
+    // This hold's evictions, with no lock held (the handler may call the pool).
+    for (std::size_t base = 0; base < evicted.size(); base += kPagesPerSuperpage) {
+      Report(std::span<const Eviction>(evicted).subspan(
+          base, std::min<std::size_t>(kPagesPerSuperpage, evicted.size() - base)));
+    }
+    evicted.clear();
   }
   return requests;
 }

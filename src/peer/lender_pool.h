@@ -280,6 +280,11 @@ class LenderPool {
   std::uint32_t LiveLocked() const noexcept {
     return superpage_count_ - static_cast<std::uint32_t>(retired_.size());
   }
+  // Whether superpages in service exceed the size plus those asked back: a shrink has more
+  // to retire, so no free superpage may be granted or filled meanwhile.
+  bool ShrinkingLocked() const noexcept {
+    return LiveLocked() > target_superpages_ + reclaiming_;
+  }
   // Removes one page of `pool`, freeing its slot.
   void RemovePageLocked(Session& session, Pool& pool, PageMap::iterator page) noexcept;
   // Evicts the page at `fifo` and returns whom it belonged to.

@@ -183,6 +183,11 @@ class LenderService::Connection {
   bool Flush() noexcept {
     if (replies_.empty()) return true;
     std::lock_guard lock(session_.send_mu);  // notices from other threads share the socket
+    // A notice half sent goes first (none is sent before HELLO).
+    if (SendTailLocked(session_, /*wait=*/true) != 0) {
+      replies_.Clear();
+      return false;
+    }
     const int rc = hello_ ? WriteFull(fd_, replies_.data(), replies_.size())
                           : WriteFullBefore(fd_, replies_.data(), replies_.size(), hello_deadline_);
     replies_.Clear();
@@ -571,9 +576,18 @@ void LenderService::NotifyAll(std::span<const std::byte> notice) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
       lock.try_lock();
     }
-    if (lock.owns_lock()) {
-      [[maybe_unused]] const ssize_t sent =
-          ::send(session->fd.get(), notice.data(), notice.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (!lock.owns_lock()) continue;
+    // After what is left of a notice half sent; what the socket does not take now stays
+    // for whoever writes next, so the stream keeps whole messages.
+    try {
+      session->unsent_tail.insert(session->unsent_tail.end(), notice.begin(), notice.end());
+    } catch (const std::bad_alloc&) {
+      continue;
+    }
+    if (const int rc = SendTailLocked(*session, /*wait=*/false); rc == -EAGAIN) {
+      session->notices_waiting.store(true, std::memory_order_release);  // SendPendingReclaims
+    } else if (rc != 0) {
+      ::shutdown(session->fd.get(), SHUT_RDWR);
     }
   }
 }
@@ -607,7 +621,7 @@ void LenderService::Resize(std::uint64_t bytes, std::chrono::milliseconds deadli
 }
 
 void LenderService::NotifyReclaim(SessionId owner, std::span<const std::uint32_t> sids,
-                                  std::chrono::steady_clock::time_point deadline) {
+                                  std::chrono::steady_clock::time_point deadline) noexcept {
   std::shared_ptr<Session> session;
   {
     std::lock_guard lock(mu_);
@@ -618,61 +632,118 @@ void LenderService::NotifyReclaim(SessionId owner, std::span<const std::uint32_t
   {
     // Bounded: the SIDs are of superpages granted to this session, each asked back once.
     std::lock_guard lock(session->reclaim_mu);
-    session->reclaims_unsent.insert(session->reclaims_unsent.end(), sids.begin(), sids.end());
-    session->reclaim_deadline = deadline;
+    try {
+      session->reclaims_unsent.reserve(session->reclaims_unsent.size() + sids.size());
+    } catch (const std::bad_alloc&) {
+      // Asked back and never told: the pool stays over its size until the session ends.
+      LogError("lender: out of memory queueing RECLAIM for %zu superpage(s) of a borrower",
+               sids.size());
+      return;
+    }
+    for (const std::uint32_t sid : sids) session->reclaims_unsent.push_back({sid, deadline});
+    session->notices_waiting.store(true, std::memory_order_release);
   }
   SendReclaims(*session);
 }
 
 void LenderService::SendPendingReclaims() noexcept {
-  std::vector<std::shared_ptr<Session>> open;
+  std::vector<std::shared_ptr<Session>> waiting;
   try {
     std::lock_guard lock(mu_);
-    for (const auto& [id, session] : sessions_) open.push_back(session);
+    for (const auto& [id, session] : sessions_) {
+      if (session->notices_waiting.load(std::memory_order_acquire)) waiting.push_back(session);
+    }
   } catch (const std::bad_alloc&) {
     return;  // again in a second
   }
-  for (const std::shared_ptr<Session>& session : open) {
+  for (const std::shared_ptr<Session>& session : waiting) {
     if (!session->finished.load(std::memory_order_acquire)) SendReclaims(*session);
   }
+}
+
+int LenderService::SendTailLocked(Session& session, bool wait) noexcept {
+  std::vector<std::byte>& tail = session.unsent_tail;
+  if (tail.empty()) return 0;
+  if (wait) {
+    const int rc = WriteFull(session.fd.get(), tail.data(), tail.size());
+    tail.clear();
+    return rc;
+  }
+  std::size_t sent = 0;
+  while (sent < tail.size()) {
+    const ssize_t n =
+        ::send(session.fd.get(), tail.data() + sent, tail.size() - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
+      break;
+    }
+    sent += static_cast<std::size_t>(n);
+  }
+  tail.erase(tail.begin(), tail.begin() + static_cast<std::ptrdiff_t>(sent));
+  return tail.empty() ? 0 : -EAGAIN;
 }
 
 void LenderService::SendReclaims(Session& session) noexcept {
   // A thread writing a reply may be stuck on a full socket: then so would this one be.
   std::unique_lock send_lock(session.send_mu, std::try_to_lock);
   if (!send_lock.owns_lock()) return;
+  if (const int rc = SendTailLocked(session, /*wait=*/false); rc != 0) {
+    if (rc != -EAGAIN) ::shutdown(session.fd.get(), SHUT_RDWR);
+    return;  // still full: the notices wait
+  }
   std::lock_guard lock(session.reclaim_mu);
-  // A notice names at most kReclaimBatch superpages (4 KiB of SIDs).
+  // A notice names at most kReclaimBatch superpages (4 KiB of SIDs), all asked back with
+  // the same deadline.
   constexpr std::size_t kReclaimBatch = 1024;
   std::byte notice[kHeaderBytes + sizeof(ReclaimBody) + kReclaimBatch * sizeof(std::uint32_t)];
-  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-      session.reclaim_deadline - std::chrono::steady_clock::now());
-  const auto deadline_ms = static_cast<std::uint32_t>(std::clamp<long long>(left.count(), 0, 1 << 30));
-  std::vector<std::uint32_t>& sids = session.reclaims_unsent;
+  std::vector<Session::AskedBack>& asked = session.reclaims_unsent;
+  const auto now = std::chrono::steady_clock::now();
   std::size_t sent = 0;
-  while (sent < sids.size()) {
-    const std::size_t count = std::min(kReclaimBatch, sids.size() - sent);
+  bool full = false;
+  while (sent < asked.size() && !full) {
+    const auto deadline = asked[sent].deadline;
+    std::size_t count = 0;
+    std::byte* const sids = notice + kHeaderBytes + sizeof(ReclaimBody);
+    while (count < kReclaimBatch && sent + count < asked.size() &&
+           asked[sent + count].deadline == deadline) {
+      std::memcpy(sids + count * sizeof(std::uint32_t), &asked[sent + count].sid,
+                  sizeof(std::uint32_t));
+      ++count;
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now);
+    const auto deadline_ms =
+        static_cast<std::uint32_t>(std::clamp<long long>(left.count(), 0, 1 << 30));
     const auto payload =
         static_cast<std::uint32_t>(sizeof(ReclaimBody) + count * sizeof(std::uint32_t));
     EncodeHeader(MessageType::kReclaim, false, 0, Status::kOk, 0, payload, HeaderSpan(notice));
     EncodeBody(ReclaimBody{deadline_ms, static_cast<std::uint32_t>(count)},
                notice + kHeaderBytes);
-    std::memcpy(notice + kHeaderBytes + sizeof(ReclaimBody), sids.data() + sent,
-                count * sizeof(std::uint32_t));
     const std::size_t length = kHeaderBytes + payload;
     const ssize_t n = ::send(session.fd.get(), notice, length, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) break;  // later
-    // A notice half sent must be finished, or the stream is out of step: the rest goes with
-    // the blocking send (its send timeout ends a session that stopped reading).
-    if (n < 0 || (static_cast<std::size_t>(n) < length &&
-                  WriteFull(session.fd.get(), notice + n, length - static_cast<std::size_t>(n)) != 0)) {
-      ::shutdown(session.fd.get(), SHUT_RDWR);
-      sids.clear();
-      return;
+    if (n < 0) {
+      ::shutdown(session.fd.get(), SHUT_RDWR);  // the stream broke: the session ends
+      asked.clear();
+      break;
+    }
+    if (static_cast<std::size_t>(n) < length) {
+      // Half sent: the rest goes first next time (or with the next reply), so no other
+      // message comes between.
+      try {
+        session.unsent_tail.assign(notice + n, notice + length);
+      } catch (const std::bad_alloc&) {
+        ::shutdown(session.fd.get(), SHUT_RDWR);  // out of step: end the session
+        asked.clear();
+        break;
+      }
+      full = true;
     }
     sent += count;
   }
-  sids.erase(sids.begin(), sids.begin() + static_cast<std::ptrdiff_t>(sent));
+  asked.erase(asked.begin(), asked.begin() + static_cast<std::ptrdiff_t>(std::min(sent, asked.size())));
+  session.notices_waiting.store(!asked.empty() || !session.unsent_tail.empty(),
+                                 std::memory_order_release);
 }
 
 std::vector<BorrowerHolding> LenderService::Holdings() const {
@@ -826,7 +897,8 @@ void LenderService::NotifyEvicted(std::span<const Eviction> evictions) noexcept 
     std::size_t queued = 0;
     const auto send_queued = [&] {
       if (!send_lock.owns_lock()) send_lock = std::unique_lock(session->send_mu);
-      if (WriteFull(session->fd.get(), batch, queued * kNoticeBytes) != 0) {
+      if (SendTailLocked(*session, /*wait=*/true) != 0 ||
+          WriteFull(session->fd.get(), batch, queued * kNoticeBytes) != 0) {
         // Maybe half a message went out: the stream is out of step, so end the session.
         ::shutdown(session->fd.get(), SHUT_RDWR);
         live = false;

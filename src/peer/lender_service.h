@@ -129,8 +129,8 @@ class LenderService {
   // (total_bytes falls to target_bytes as borrowers free them). Thread-safe.
   void Resize(std::uint64_t bytes, std::chrono::milliseconds deadline);
   // Sends the RECLAIM notices Resize could not send at once (a borrower's socket was full,
-  // or its thread was writing a reply): the daemon calls it every second. Never blocks on a
-  // full socket. Thread-safe.
+  // or its thread was writing a reply), and the rest of any notice sent in part: the daemon
+  // calls it every second. Never blocks on a full socket. Thread-safe.
   void SendPendingReclaims() noexcept;
   // Whether superpages put back in service are locked in memory (the daemon locked its
   // memory). REQUIRES: before Start().
@@ -152,11 +152,23 @@ class LenderService {
     std::atomic<bool> finished{false};
     std::atomic<std::uint64_t> node_id{0};  // the borrower's, from its HELLO
     std::mutex send_mu;  // held for each whole message written to fd
-    // SIDs asked back and not yet sent, with the deadline they were asked for; a leaf lock.
+    // The rest of a notice that went out only in part (the socket was full), guarded by
+    // send_mu: whoever writes next sends it first, so messages never interleave.
+    std::vector<std::byte> unsent_tail;
+    // SIDs asked back and not yet sent, each with the deadline it was asked for; a leaf
+    // lock. `notices_waiting`: there are some, or an unsent tail (checked without a lock).
+    struct AskedBack {
+      std::uint32_t sid;
+      std::chrono::steady_clock::time_point deadline;
+    };
     std::mutex reclaim_mu;
-    std::vector<std::uint32_t> reclaims_unsent;
-    std::chrono::steady_clock::time_point reclaim_deadline{};
+    std::vector<AskedBack> reclaims_unsent;
+    std::atomic<bool> notices_waiting{false};
   };
+  // Sends what is left of a notice sent in part: waiting for the socket with `wait`, else
+  // as far as it takes without waiting. 0 when nothing is left, -EAGAIN when some is, or
+  // another -errno when the stream broke. REQUIRES: session.send_mu held.
+  static int SendTailLocked(Session& session, bool wait) noexcept;
   // Sends `notice` (a whole message) to every live session, best effort: skips a session
   // whose socket is busy for more than kShutdownNoticeWait, never blocks on a full one.
   void NotifyAll(std::span<const std::byte> notice);
@@ -172,9 +184,10 @@ class LenderService {
   // Queues RECLAIM for `sids` to session `owner`, if it is still connected, and sends what
   // its socket takes now (SendReclaims).
   void NotifyReclaim(SessionId owner, std::span<const std::uint32_t> sids,
-                     std::chrono::steady_clock::time_point deadline);
-  // Sends the session's queued RECLAIMs, whole notices only, as far as its socket takes
-  // them without waiting; the rest stay queued. Skips a session whose thread is writing.
+                     std::chrono::steady_clock::time_point deadline) noexcept;
+  // Sends the session's queued RECLAIMs as far as its socket takes them without waiting (a
+  // notice half sent is finished first, the next time); the rest stay queued. Skips a
+  // session whose thread is writing.
   void SendReclaims(Session& session) noexcept;
   // Sends an EVICTED notice for each eviction to its owner, if it is still connected;
   // one owner's notices go out together. REQUIRES: evictions.size() <= kPagesPerSuperpage.

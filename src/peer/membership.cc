@@ -41,6 +41,20 @@ const char* PeerStateName(PeerState state) {
 Membership::Membership(std::uint64_t node_id, const PeerStoreOptions& options)
     : node_id_(node_id), options_(options) {}
 
+Membership::~Membership() { EndAll(); }
+
+void Membership::EndAll() noexcept {
+  for (const auto& peer : List()) {
+    std::shared_ptr<PeerTransport> transport;
+    {
+      std::lock_guard lock(peer->mu);
+      transport = std::move(peer->transport);
+    }
+    if (transport) transport->Hangup();
+    transport.reset();  // the last reference: joins the transport's reader
+  }
+}
+
 int Membership::Add(const Endpoint& endpoint) {
   const std::string address = endpoint.ToString();
   std::lock_guard lock(add_mu_);

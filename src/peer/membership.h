@@ -105,7 +105,7 @@ class Membership {
     std::atomic<bool> removing{false};         // Remove: move everything off, then hang up
     std::atomic<bool> removed{false};          // gone from the membership; never reconnected
 
-    // SIDs of RECLAIM notices for ApplyReclaims (the notice comes on the transport's
+    // SIDs of RECLAIM notices for ApplyReclaimsLocked (the notice comes on the transport's
     // reader thread, which may not take `mu`). A leaf lock.
     std::mutex reclaim_mu;
     std::vector<std::uint32_t> reclaims;
@@ -124,6 +124,8 @@ class Membership {
   };
 
   Membership(std::uint64_t node_id, const PeerStoreOptions& options);
+  // Ends every session first (EndAll), so no notice comes in while the rest goes.
+  ~Membership();
   Membership(const Membership&) = delete;
   Membership& operator=(const Membership&) = delete;
   // Set before any peer is added; lives as long as this Membership.
@@ -137,6 +139,11 @@ class Membership {
   // Starts removing a peer (see above). Returns 0, or -ENOENT when it is not a peer. A peer
   // that is down is removed at the next Refresh.
   int Remove(const Endpoint& endpoint);
+
+  // Hangs up every session and waits for its transport's threads: no notice (and no
+  // observer call) comes after it returns. Whoever owns the observer calls it before the
+  // observer goes. REQUIRES: no other call in progress or to come but destruction.
+  void EndAll() noexcept;
 
   // From one thread, periodically (the daemon's refresher).
   void Refresh();

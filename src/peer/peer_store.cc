@@ -13,7 +13,8 @@ namespace memlend::peer {
 PeerStore::PeerStore(std::uint64_t node_id, const PeerStoreOptions& options)
     : members_(node_id, options) {}
 
-PeerStore::~PeerStore() = default;
+// The cache observes the sessions and goes first: end them before it does.
+PeerStore::~PeerStore() { members_.EndAll(); }
 
 std::vector<PeerInfo> PeerStore::Peers() const {
   std::vector<PeerInfo> all = members_.Peers();

@@ -107,7 +107,7 @@ class PeerStore final : public PageStore {
  private:
   using Member = Membership::Member;
   // Reserves a free slot on `peer`, allocating a superpage if needed. Returns 0 and sets
-  // *sid, *index and *generation, or -ENOSPC / -ENOTCONN.
+  // *sid, *index and *generation, or -ENOSPC / -ENOTCONN / -ENOMEM.
   int ReserveSlot(Member& peer, std::uint32_t* sid, std::uint32_t* index, unsigned* generation,
                   std::uint32_t owner = 0) noexcept;
   // Returns a reserved or stored slot; gives an emptied superpage back to its lender.

@@ -26,7 +26,8 @@ class SlotAllocator {
   // when there is none (the caller asks the lender for another superpage).
   bool Take(std::uint32_t owner, std::uint32_t* sid, std::uint32_t* index) noexcept;
   // Adds a superpage just granted and takes its first slot for `owner`. Returns false when
-  // out of memory (the superpage then stays granted and unused until the session ends).
+  // out of memory, or when `sid` is held already (a lender that granted it twice); the
+  // superpage then stays granted and unused until the session ends.
   bool AddGranted(std::uint32_t sid, std::uint32_t owner) noexcept;
 
   enum class Released {

@@ -144,7 +144,7 @@ TEST_CASE("--reclaim-below and --reclaim-pressure belong to a lender and are che
   REQUIRE(BuildDaemonConfig(Lender(), &plain, &error));
   CHECK(plain.reclaim_pressure == 0);  // off unless given
 
-  for (const char* bad : {"x", "-1", "101", "5%", "nan", "1e400", " 5"}) {
+  for (const char* bad : {"x", "-1", "101", "5%", "nan", "1e400", " 5", "0x1A", "1e1", "1.2.3"}) {
     CAPTURE(bad);
     DaemonArgs wrong = Lender();
     wrong.reclaim_pressure = bad;
