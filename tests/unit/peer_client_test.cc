@@ -44,12 +44,30 @@ void Reply(int fd, MessageType type, std::uint64_t tag, const Body& body) {
   REQUIRE(WriteFull(fd, wire, sizeof(wire)) == 0);
 }
 
+// Accepts the client's connection on `listener` and answers its HELLO.
+UniqueFd AcceptAndGreet(int listener) {
+  UniqueFd fd(::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC));
+  REQUIRE(fd.valid());
+  Message hello;
+  REQUIRE(ReadRequest(fd.get(), &hello));
+  Reply(fd.get(), MessageType::kHello, hello.tag,
+        HelloBody{0x1e4de7, 64 << 20, kSuperpageBytes, kCapPassive | kCapActive});
+  return fd;
+}
+
 struct SocketDir {
   std::string path;
   SocketDir() {
     char pattern[] = "/tmp/memlend-peer-client-XXXXXX";
     REQUIRE(::mkdtemp(pattern) != nullptr);
     path = pattern;
+  }
+  // The scripted lender's address in it.
+  memlend::Endpoint Endpoint() const {
+    std::string error;
+    const auto endpoint = ParseEndpoint("unix:" + path + "/lender.sock", &error);
+    REQUIRE(endpoint);
+    return *endpoint;
   }
   ~SocketDir() {
     ::unlink((path + "/lender.sock").c_str());
@@ -59,19 +77,12 @@ struct SocketDir {
 
 TEST_CASE("a reply that misses its deadline: -ETIMEDOUT, overdue, skipped when it comes late") {
   SocketDir dir;
-  std::string error;
-  const auto endpoint = ParseEndpoint("unix:" + dir.path + "/lender.sock", &error);
-  REQUIRE(endpoint);
-  UniqueFd listener = ListenOn(*endpoint);
+  const Endpoint endpoint = dir.Endpoint();
+  UniqueFd listener = ListenOn(endpoint);
   std::promise<void> first_given_up;
   std::future<void> answer_late = first_given_up.get_future();
   std::thread lender([&] {
-    UniqueFd fd(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    REQUIRE(fd.valid());
-    Message hello;
-    REQUIRE(ReadRequest(fd.get(), &hello));
-    Reply(fd.get(), MessageType::kHello, hello.tag,
-          HelloBody{0x1e4de7, 64 << 20, kSuperpageBytes, kCapPassive | kCapActive});
+    UniqueFd fd = AcceptAndGreet(listener.get());
     Message first;
     REQUIRE(ReadRequest(fd.get(), &first));
     answer_late.wait();  // the client has given up on it
@@ -86,7 +97,7 @@ TEST_CASE("a reply that misses its deadline: -ETIMEDOUT, overdue, skipped when i
   {
     PeerClientOptions options;
     options.request_timeout = std::chrono::milliseconds(100);
-    PeerClient client(*endpoint, 0xb0, nullptr, options);
+    PeerClient client(endpoint, 0xb0, nullptr, options);
     CHECK(client.overdue_since() == Clock::time_point::min());
     QueryReply reply{};
     const auto start = Clock::now();
@@ -107,20 +118,13 @@ TEST_CASE("a reply that misses its deadline: -ETIMEDOUT, overdue, skipped when i
 
 TEST_CASE("a superpage granted after its ALLOC_SUPERPAGE gave up is given back") {
   SocketDir dir;
-  std::string error;
-  const auto endpoint = ParseEndpoint("unix:" + dir.path + "/lender.sock", &error);
-  REQUIRE(endpoint);
-  UniqueFd listener = ListenOn(*endpoint);
+  const Endpoint endpoint = dir.Endpoint();
+  UniqueFd listener = ListenOn(endpoint);
   std::promise<void> given_up;
   std::future<void> grant_late = given_up.get_future();
   std::atomic<std::uint32_t> freed{0};
   std::thread lender([&] {
-    UniqueFd fd(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    REQUIRE(fd.valid());
-    Message hello;
-    REQUIRE(ReadRequest(fd.get(), &hello));
-    Reply(fd.get(), MessageType::kHello, hello.tag,
-          HelloBody{0x1e4de7, 64 << 20, kSuperpageBytes, kCapPassive | kCapActive});
+    UniqueFd fd = AcceptAndGreet(listener.get());
     Message alloc;
     REQUIRE(ReadRequest(fd.get(), &alloc));
     REQUIRE(alloc.type == MessageType::kAllocSuperpage);
@@ -150,7 +154,7 @@ TEST_CASE("a superpage granted after its ALLOC_SUPERPAGE gave up is given back")
   {
     PeerClientOptions options;
     options.request_timeout = std::chrono::milliseconds(100);
-    PeerClient client(*endpoint, 0xb1, nullptr, options);
+    PeerClient client(endpoint, 0xb1, nullptr, options);
     std::uint32_t sid = 0;
     CHECK(client.AllocSuperpage(&sid) == -ETIMEDOUT);
     given_up.set_value();
