@@ -149,25 +149,40 @@ void Queue::PrepareCommand(unsigned tag, bool commit, int result) noexcept {
   ++outstanding_;
 }
 
-int Queue::Serve(unsigned tag) noexcept {
-  // Read the shared descriptor once; only this copy is checked and used.
-  ublksrv_io_desc desc;
-  std::memcpy(&desc, &descriptors_[tag], sizeof(desc));
-  DescriptorCheck check = CheckDescriptor(desc, {device_sectors_, max_io_bytes_});
-  if (check.error != 0) {
-    stats_.errors.fetch_add(1, std::memory_order_relaxed);
-    return check.error;
+void Queue::ServeReady() noexcept {
+  unsigned count = 0;
+  for (unsigned i = 0; i < ready_count_; ++i) {
+    const unsigned tag = ready_[i];
+    // Read the shared descriptor once; only this copy is checked and used.
+    ublksrv_io_desc desc;
+    std::memcpy(&desc, &descriptors_[tag], sizeof(desc));
+    DescriptorCheck check = CheckDescriptor(desc, {device_sectors_, max_io_bytes_});
+    if (check.error != 0) {
+      stats_.errors.fetch_add(1, std::memory_order_relaxed);
+      PrepareCommand(tag, true, check.error);
+      continue;
+    }
+    IoRequest& request = batch_[count];
+    request = check.request;
+    request.queue = queue_id_;
+    if (request.op == IoOp::kRead || request.op == IoOp::kWrite) {
+      request.buffer = {buffers_ + std::size_t{tag} * max_io_bytes_,
+                        std::size_t{request.sector_count} << kSectorShift};
+    }
+    batch_tags_[count++] = tag;
   }
-  IoRequest& request = check.request;
-  request.queue = queue_id_;
-  const std::uint32_t bytes = (request.op == IoOp::kRead || request.op == IoOp::kWrite)
-                                  ? request.sector_count << kSectorShift
-                                  : 0;
-  if (bytes != 0) request.buffer = {buffers_ + std::size_t{tag} * max_io_bytes_, bytes};
-  const int result = CommitResult(request.op, bytes, target_.HandleIo(request));
-  stats_.requests.fetch_add(1, std::memory_order_relaxed);
-  if (result < 0) stats_.errors.fetch_add(1, std::memory_order_relaxed);
-  return result;
+  ready_count_ = 0;
+  if (count == 0) return;
+  target_.HandleBatch(std::span<const IoRequest>(batch_.get(), count),
+                      std::span<int>(results_.get(), count));
+  for (unsigned i = 0; i < count; ++i) {
+    const IoRequest& request = batch_[i];
+    const std::uint32_t bytes = static_cast<std::uint32_t>(request.buffer.size());
+    const int result = CommitResult(request.op, bytes, results_[i]);
+    stats_.requests.fetch_add(1, std::memory_order_relaxed);
+    if (result < 0) stats_.errors.fetch_add(1, std::memory_order_relaxed);
+    PrepareCommand(batch_tags_[i], true, result);
+  }
 }
 
 void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
@@ -189,6 +204,16 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
   }
   if (ret < 0) {
     started.set_value(ret);
+    return;
+  }
+  try {
+    ready_ = std::make_unique<unsigned[]>(depth_);
+    batch_ = std::make_unique<IoRequest[]>(depth_);
+    batch_tags_ = std::make_unique<unsigned[]>(depth_);
+    results_ = std::make_unique<int[]>(depth_);
+  } catch (const std::bad_alloc&) {
+    io_uring_queue_exit(&ring_);
+    started.set_value(-ENOMEM);
     return;
   }
   // Tried once before the first wait, so that Start's caller knows whether it holds.
@@ -249,8 +274,13 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
       }
       --outstanding_;
       if (cqe->res == UBLK_IO_RES_OK) {
-        // A request is waiting in the tag: serve it, then commit and fetch the next.
-        PrepareCommand(tag, true, Serve(tag));
+        // A request is waiting in the tag: it is served with the others of this pass,
+        // then committed, which also fetches the tag's next one.
+        if (ready_count_ < depth_) {
+          ready_[ready_count_++] = tag;
+        } else {  // the same tag twice in one pass: the kernel would never do that
+          stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
+        }
       } else if (cqe->res != UBLK_IO_RES_ABORT) {
         // The kernel refused the command (e.g. a queue being torn down): the tag is idle.
         stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
@@ -258,6 +288,7 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
       // UBLK_IO_RES_ABORT: the device is stopping; the tag fetches nothing more.
     }
     io_uring_cq_advance(&ring_, seen);
+    ServeReady();
   }
 
   target_.QueueStopped(queue_id_);

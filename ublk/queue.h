@@ -2,10 +2,13 @@
 // descriptor array the kernel shares with it.
 //
 // The thread owns everything that changes on the I/O path: it creates the ring itself
-// (SINGLE_ISSUER where the kernel has it), submits FETCH_REQ for every tag, and then for
-// each completion reads the tag's descriptor, has the target serve it into or out of the
-// tag's buffer, and answers with COMMIT_AND_FETCH_REQ, which both completes the request
-// and fetches the tag's next one. Nothing is allocated and nothing is logged per request.
+// (SINGLE_ISSUER where the kernel has it) and submits FETCH_REQ for every tag. Then, each
+// time it wakes, it takes every completion the ring holds, reads the descriptors of the
+// tags that got a request, has the target serve those requests as one batch
+// (Target::HandleBatch) into or out of the tags' buffers, and answers each with
+// COMMIT_AND_FETCH_REQ, which both completes the request and fetches the tag's next one;
+// the commits of a batch go to the kernel in one submit. Nothing is allocated and nothing
+// is logged per request.
 //
 // Teardown: STOP_DEV (sent by the control thread) makes the kernel complete each fetch
 // with UBLK_IO_RES_ABORT; the loop ends when no tag has a command outstanding. Wake() is
@@ -20,6 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <future>
+#include <memory>
 #include <string>
 #include <thread>
 
@@ -74,8 +78,9 @@ class Queue {
   bool UseRealtime(bool on) noexcept;
   // Queue thread: adds a FETCH_REQ or COMMIT_AND_FETCH_REQ for `tag` to the ring.
   void PrepareCommand(unsigned tag, bool commit, int result) noexcept;
-  // Queue thread: serves the request now in `tag`'s descriptor; returns what to commit.
-  int Serve(unsigned tag) noexcept;
+  // Queue thread: serves the requests now in the descriptors of ready_[0, ready_count_)
+  // as one batch and prepares their commits.
+  void ServeReady() noexcept;
 
   // Constant after construction.
   const unsigned queue_id_;
@@ -102,6 +107,13 @@ class Queue {
   // Queue thread only.
   io_uring ring_{};
   unsigned outstanding_ = 0;      // tags with a command in the kernel
+  // Tags whose request arrived in this pass over the completions, and the batch built from
+  // them (depth_ entries each, allocated when the thread starts).
+  std::unique_ptr<unsigned[]> ready_;
+  unsigned ready_count_ = 0;
+  std::unique_ptr<IoRequest[]> batch_;
+  std::unique_ptr<unsigned[]> batch_tags_;
+  std::unique_ptr<int[]> results_;
   std::uint64_t wake_value_ = 0;  // the eventfd read's buffer
 };
 

@@ -47,6 +47,17 @@ class Target {
   // Must not throw; should not block for long, since the queue's other requests wait.
   virtual int HandleIo(const IoRequest& request) noexcept = 0;
 
+  // Optional. Serves the requests that reached one queue together (every tag whose request
+  // the kernel delivered in one pass over the queue's completions), so that a target can
+  // serve them as one: e.g. fetch every remote page they read in one round trip. Sets
+  // results[i] to what HandleIo(requests[i]) would return. Requests in one batch were all
+  // in flight at once, so the block layer gives them no order among themselves. Called on
+  // the queue's thread like HandleIo; the default serves them one at a time.
+  // REQUIRES: results.size() == requests.size().
+  virtual void HandleBatch(std::span<const IoRequest> requests, std::span<int> results) noexcept {
+    for (std::size_t i = 0; i < requests.size(); ++i) results[i] = HandleIo(requests[i]);
+  }
+
   // Optional. Runs on queue `queue`'s thread before its first request and after its last
   // one (e.g. for per-thread state). Must not throw.
   virtual void QueueStarted(unsigned /*queue*/) noexcept {}

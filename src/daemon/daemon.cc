@@ -533,6 +533,7 @@ nlohmann::json Daemon::Status() const {
   }
   for (const auto& device : devices_.List()) {
     const DevicePageCounts counts = device->Counts();
+    const DeviceIoCounts io = device->IoCounts();
     const auto frontend = attached.find(device->name());
     const bool is_attached = frontend != attached.end();
     status["devices"].push_back({{"name", device->name()},
@@ -551,7 +552,13 @@ nlohmann::json Daemon::Status() const {
                                    {"disk", counts.disk},
                                    {"remote", counts.remote},
                                    {"cached", counts.cached},
-                                   {"clean", counts.clean}}}});
+                                   {"clean", counts.clean}}},
+                                 {"io",
+                                  {{"remote_reads", io.remote_reads},
+                                   {"remote_read_trips", io.remote_read_trips},
+                                   {"remote_writes", io.remote_writes},
+                                   {"remote_write_trips", io.remote_write_trips},
+                                   {"promotions", io.promotions}}}});
   }
   const StoreStats local = tiers_->local().Stats();
   const double ratio = local.used_bytes == 0

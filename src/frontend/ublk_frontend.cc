@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "common/log.h"
 #include "frontend/host_tools.h"
@@ -47,6 +48,10 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
       LogDebug("ublk: %s: cannot turn off its I/O scheduler: %s", path_.c_str(),
                std::strerror(-ret));
     }
+    if (const int ret = frontend::UseNoWritebackThrottling(path_); ret < 0) {
+      LogDebug("ublk: %s: cannot turn off writeback throttling: %s", path_.c_str(),
+               std::strerror(-ret));
+    }
     LogDebug("ublk: %s serves device %s with %u queue(s) of depth %u%s", path_.c_str(),
              device_->name().c_str(), server_->config().queues, server_->config().queue_depth,
              server_->legacy_encoding() ? " (legacy opcodes)" : "");
@@ -71,6 +76,10 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
  private:
   int HandleIo(const ublk::IoRequest& request) noexcept override {
     return ServeUblkRequest(*device_, request);
+  }
+  void HandleBatch(std::span<const ublk::IoRequest> requests,
+                   std::span<int> results) noexcept override {
+    ServeUblkBatch(*device_, requests, results);
   }
 
   const std::shared_ptr<Device> device_;
@@ -116,6 +125,40 @@ int ServeUblkRequest(Device& device, const ublk::IoRequest& request) noexcept {
       break;
   }
   return -EOPNOTSUPP;
+}
+
+void ServeUblkBatch(Device& device, std::span<const ublk::IoRequest> requests,
+                    std::span<int> results) noexcept {
+  // Per queue thread, kept between batches: at most one entry per tag.
+  thread_local std::vector<Device::ReadRequest> reads;
+  thread_local std::vector<std::size_t> read_index;
+  reads.clear();
+  read_index.clear();
+  for (std::size_t i = 0; i < requests.size(); ++i) {
+    const ublk::IoRequest& request = requests[i];
+    if (request.op != ublk::IoOp::kRead) {
+      results[i] = ServeUblkRequest(device, request);
+      continue;
+    }
+    const std::optional<ByteRange> range =
+        SectorsToBytes(request.start_sector, request.sector_count, device.size_bytes());
+    if (!range || request.buffer.size() != range->length) {
+      results[i] = -EINVAL;
+      continue;
+    }
+    try {
+      reads.push_back({range->offset, request.buffer, 0});
+      read_index.push_back(i);
+    } catch (const std::bad_alloc&) {
+      results[i] = ServeUblkRequest(device, request);  // served alone, without the batch
+    }
+  }
+  if (reads.empty()) return;
+  device.ReadMany(reads);
+  for (std::size_t r = 0; r < reads.size(); ++r) {
+    results[read_index[r]] =
+        reads[r].result < 0 ? reads[r].result : static_cast<int>(reads[r].out.size());
+  }
 }
 
 std::unique_ptr<BlockFrontend> AttachUblk(std::shared_ptr<Device> device,

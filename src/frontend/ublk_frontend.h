@@ -4,7 +4,8 @@
 //
 // Threads: AttachUblk and Detach run on the control thread; each of the device's ublk
 // queues has a thread of its own (started by the ublk library) that calls
-// ServeUblkRequest, so the Device sees concurrent calls from all queues.
+// ServeUblkBatch with the requests that reached it together, so the Device sees
+// concurrent calls from all queues.
 #pragma once
 
 #include <cstdint>
@@ -63,5 +64,14 @@ std::optional<ByteRange> SectorsToBytes(std::uint64_t start_sector, std::uint32_
 // the device or whose buffer does not match its sectors returns -EINVAL without touching
 // the device. Runs on a ublk queue thread; never throws.
 int ServeUblkRequest(Device& device, const ublk::IoRequest& request) noexcept;
+
+// Serves requests that reached one queue together: results[i] is what ServeUblkRequest
+// would return for requests[i]. Every read among them goes to Device::ReadMany at once, so
+// their remote pages (a swap readahead cluster, or the pages of one large read) cost one
+// round trip to the peers instead of one each; the other requests are served first, one
+// at a time. Runs on a ublk queue thread; never throws.
+// REQUIRES: results.size() == requests.size().
+void ServeUblkBatch(Device& device, std::span<const ublk::IoRequest> requests,
+                    std::span<int> results) noexcept;
 
 }  // namespace memlend

@@ -10,6 +10,10 @@
 namespace memlend {
 namespace {
 
+void Count(std::atomic<std::uint64_t>& counter, std::uint64_t n = 1) noexcept {
+  counter.fetch_add(n, std::memory_order_relaxed);
+}
+
 bool IsAllZero(const std::byte* data, std::size_t length) noexcept {
   // Word-at-a-time scan; memcpy keeps it free of alignment assumptions and compiles to
   // plain loads.
@@ -173,6 +177,10 @@ int Device::StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept
   }
   Location placed;
   const int rc = tiers_.Store(contents, page, old, &placed, redundancy_);
+  if (rc == 0 && placed.tier() == Tier::kRemote) {
+    Count(io_.remote_writes);
+    Count(io_.remote_write_trips);
+  }
   SetLocation(page, entry, old, rc == 0 ? placed.WithReferenced(true) : placed);
   return rc;
 }
@@ -208,6 +216,10 @@ int Device::ReadPageLocked(std::uint64_t page, PageEntry* entry, std::size_t in_
   std::byte* contents = count == kPageSize ? dest : buffer;
   Location where;
   const int rc = LoadLocked(page, entry, PageSpan(contents, kPageSize), &where);
+  if (where.tier() == Tier::kRemote) {
+    Count(io_.remote_reads);
+    Count(io_.remote_read_trips);
+  }
   if (rc != 0) return rc;
   FinishRead(page, entry, where, contents);
   if (contents == buffer) std::memcpy(dest, buffer + in_page, count);
@@ -223,6 +235,7 @@ void Device::FinishRead(std::uint64_t page, PageEntry* entry, Location where,
     if (tiers_.MaybePromote(ConstPageSpan(contents, kPageSize), page, where, entry->disk_copy,
                             &promoted, &disk_copy)) {
       SetLocation(page, entry, where, promoted, disk_copy);
+      Count(io_.promotions);
     }
   }
   Touch(&entry->where);
@@ -299,6 +312,8 @@ void Device::ReadMany(std::span<ReadRequest> requests) noexcept {
                                              : partial_pages.data() + kPageSize * next_partial++;
   }
   tiers_.LoadRemoteBatch(slots, outs, results);
+  Count(io_.remote_read_trips);
+  Count(io_.remote_reads, deferred.size());
 
   // Phase 3: copy partial pages out, unpin, and mark (or promote) pages still in place.
   for (std::size_t i = 0; i < deferred.size(); ++i) {
@@ -483,6 +498,14 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
     tiers_.DemoteBatch(std::span(pages, count), std::span(hints, count),
                        std::span(disk_copies, count), cache_clean_pages_,
                        std::span(placed, count), std::span(results, count), redundancy_);
+    std::uint64_t remote = 0;
+    for (std::size_t i = 0; i < count; ++i) {
+      if (results[i] == 0 && placed[i].tier() == Tier::kRemote) ++remote;
+    }
+    if (remote > 0) {
+      Count(io_.remote_write_trips);
+      Count(io_.remote_writes, remote);
+    }
     bool out_of_room = false;
     for (std::size_t i = 0; i < count; ++i) {
       if (results[i] != 0) {
@@ -531,6 +554,12 @@ std::uint64_t Device::NextLocalPage(std::uint64_t from) const noexcept {
     bits = local_bits_[word].load(std::memory_order_acquire);
   }
   return std::min(page_count_, word * 64 + static_cast<std::uint64_t>(std::countr_zero(bits)));
+}
+
+DeviceIoCounts Device::IoCounts() const noexcept {
+  auto get = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+  return {get(io_.remote_reads), get(io_.remote_read_trips), get(io_.remote_writes),
+          get(io_.remote_write_trips), get(io_.promotions)};
 }
 
 DevicePageCounts Device::Counts() const noexcept {

@@ -44,6 +44,17 @@ struct DevicePageCounts {
   std::uint64_t mapped() const { return zero + local + disk + remote; }
 };
 
+// What a device's reads and writes cost in the remote tier since it was made. A trip is one
+// request (or one batch of requests sent together) to the peers and the wait for its
+// replies: a batch of 8 remote pages read together is 1 trip and 8 pages.
+struct DeviceIoCounts {
+  std::uint64_t remote_reads = 0;        // pages read from peers
+  std::uint64_t remote_read_trips = 0;
+  std::uint64_t remote_writes = 0;       // pages written to peers (evictions and spills)
+  std::uint64_t remote_write_trips = 0;
+  std::uint64_t promotions = 0;          // pages read from below and moved into the local store
+};
+
 class Device final : public PageOwner {
  public:
   // REQUIRES: size_bytes is a positive multiple of kPageSize; `tiers` outlives the device.
@@ -94,6 +105,7 @@ class Device final : public PageOwner {
   int Flush() noexcept { return 0; }
 
   DevicePageCounts Counts() const noexcept;
+  DeviceIoCounts IoCounts() const noexcept;
   // The tier holding `page` now. REQUIRES: page < size_bytes() / kPageSize.
   Tier TierOf(std::uint64_t page) noexcept;
 
@@ -178,6 +190,15 @@ class Device final : public PageOwner {
   std::atomic<std::uint64_t> clock_hand_{0};
   std::array<std::atomic<std::int64_t>, kTierCount> tier_pages_{};
   std::atomic<std::int64_t> clean_pages_{0};  // kLocal pages with a disk copy
+  // DeviceIoCounts, as atomics (relaxed: figures for status, not for synchronisation).
+  struct IoCounters {
+    std::atomic<std::uint64_t> remote_reads{0};
+    std::atomic<std::uint64_t> remote_read_trips{0};
+    std::atomic<std::uint64_t> remote_writes{0};
+    std::atomic<std::uint64_t> remote_write_trips{0};
+    std::atomic<std::uint64_t> promotions{0};
+  };
+  IoCounters io_;
   // One bit per page, set while the page is kLocal (changed under the page's lock), so
   // the eviction scan skips 64 pages that are elsewhere with one load: on a big device
   // whose pages are mostly remote, local pages are rare.
