@@ -10,6 +10,8 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <string_view>
 #include <stdexcept>
 
 extern char** environ;
@@ -113,15 +115,30 @@ bool PathExists(const std::string& path) noexcept {
   return ::stat(path.c_str(), &st) == 0;
 }
 
-int UseNoIoScheduler(const std::string& path) noexcept {
+namespace {
+
+// Writes `value` to /sys/block/NAME/queue/KNOB for the block device at `path` (/dev/NAME).
+int WriteQueueKnob(const std::string& path, const char* knob, std::string_view value) noexcept {
   const std::size_t slash = path.rfind('/');
   const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
-  const std::string knob = "/sys/block/" + name + "/queue/scheduler";
-  const int fd = ::open(knob.c_str(), O_WRONLY | O_CLOEXEC);
+  const std::string file = "/sys/block/" + name + "/queue/" + knob;
+  const int fd = ::open(file.c_str(), O_WRONLY | O_CLOEXEC);
   if (fd < 0) return -errno;
-  const int ret = ::write(fd, "none", 4) == 4 ? 0 : -errno;
+  const ssize_t n = ::write(fd, value.data(), value.size());
+  const int ret = n == static_cast<ssize_t>(value.size()) ? 0 : (n < 0 ? -errno : -EIO);
   ::close(fd);
   return ret;
+}
+
+}  // namespace
+
+int UseNoIoScheduler(const std::string& path) noexcept {
+  return WriteQueueKnob(path, "scheduler", "none");
+}
+
+int UseNoWritebackThrottling(const std::string& path) noexcept {
+  const int ret = WriteQueueKnob(path, "wbt_lat_usec", "0");
+  return ret == -ENOENT ? 0 : ret;  // a kernel built without writeback throttling
 }
 
 }  // namespace memlend::frontend

@@ -36,6 +36,14 @@ int CheckNotHeld(const std::string& path) noexcept;
 // kernel NBD 25% of their IOPS at depth 32). Returns 0 or -errno.
 int UseNoIoScheduler(const std::string& path) noexcept;
 
+// Turns off the block layer's writeback throttling (wbt_lat_usec = 0) for the block device at
+// `path`. It holds writes back while reads take longer than its target (2 ms on a device that
+// does not rotate); a page read from a peer can take that long, and then swap-out writes,
+// which free the memory everyone waits for, are throttled: in the VM swap benchmark a process
+// spent a fifth of its time in wbt_wait. zram and brd have no such throttle. Returns 0 (also
+// on a kernel without it) or -errno.
+int UseNoWritebackThrottling(const std::string& path) noexcept;
+
 // True when `path` exists.
 bool PathExists(const std::string& path) noexcept;
 

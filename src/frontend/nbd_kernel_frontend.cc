@@ -80,6 +80,10 @@ class NbdKernelFrontend final : public BlockFrontend {
       LogDebug("nbd: %s: cannot turn off its I/O scheduler: %s", path_.c_str(),
                std::strerror(-error));
     }
+    if (const int error = frontend::UseNoWritebackThrottling(path_); error < 0) {
+      LogDebug("nbd: %s: cannot turn off writeback throttling: %s", path_.c_str(),
+               std::strerror(-error));
+    }
     return 0;
   }
 
