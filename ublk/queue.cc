@@ -41,6 +41,7 @@ Queue::~Queue() {
   }
   if (buffers_ != nullptr) ::munmap(buffers_, buffers_length_);
   if (wake_fd_ >= 0) ::close(wake_fd_);
+  if (completed_fd_ >= 0) ::close(completed_fd_);
 }
 
 int Queue::Map(int char_fd, bool lock_memory, std::string* error) noexcept {
@@ -73,7 +74,8 @@ int Queue::Map(int char_fd, bool lock_memory, std::string* error) noexcept {
   }
 
   wake_fd_ = ::eventfd(0, EFD_CLOEXEC);
-  if (wake_fd_ < 0) {
+  completed_fd_ = ::eventfd(0, EFD_CLOEXEC);
+  if (wake_fd_ < 0 || completed_fd_ < 0) {
     const int err = errno;
     *error = Reason("eventfd", err);
     return -err;
@@ -165,6 +167,8 @@ void Queue::ServeReady() noexcept {
     IoRequest& request = batch_[count];
     request = check.request;
     request.queue = queue_id_;
+    request.tag = tag;
+    request.completer = this;
     if (request.op == IoOp::kRead || request.op == IoOp::kWrite) {
       request.buffer = {buffers_ + std::size_t{tag} * max_io_bytes_,
                         std::size_t{request.sector_count} << kSectorShift};
@@ -178,11 +182,72 @@ void Queue::ServeReady() noexcept {
   for (unsigned i = 0; i < count; ++i) {
     const IoRequest& request = batch_[i];
     const std::uint32_t bytes = static_cast<std::uint32_t>(request.buffer.size());
+    if (results_[i] == kIoDeferred) {
+      tag_state_[batch_tags_[i]] = {true, request.op, bytes};
+      ++deferred_;
+      stats_.deferred.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
     const int result = CommitResult(request.op, bytes, results_[i]);
     stats_.requests.fetch_add(1, std::memory_order_relaxed);
     if (result < 0) stats_.errors.fetch_add(1, std::memory_order_relaxed);
     PrepareCommand(batch_tags_[i], true, result);
   }
+}
+
+void Queue::Complete(unsigned tag, int result) noexcept {
+  bool first;
+  {
+    std::lock_guard lock(completed_mu_);
+    if (completed_count_ == depth_) {  // more completions than tags: a target's bug
+      stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    completed_[completed_count_++] = {static_cast<std::uint16_t>(tag), result};
+    first = completed_count_ == 1;
+  }
+  if (first) {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] const ssize_t n = ::write(completed_fd_, &one, sizeof(one));
+  }
+}
+
+void Queue::CommitCompleted() noexcept {
+  unsigned count;
+  {
+    std::lock_guard lock(completed_mu_);
+    count = completed_count_;
+    std::memcpy(taken_.get(), completed_.get(), count * sizeof(Completion));
+    completed_count_ = 0;
+  }
+  for (unsigned i = 0; i < count; ++i) {
+    const unsigned tag = taken_[i].tag;
+    if (tag >= depth_ || !tag_state_[tag].deferred) {  // not a request the target holds
+      stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
+    DeferredTag& state = tag_state_[tag];
+    state.deferred = false;
+    --deferred_;
+    const int result = CommitResult(state.op, state.bytes, taken_[i].result);
+    stats_.requests.fetch_add(1, std::memory_order_relaxed);
+    if (result < 0) stats_.errors.fetch_add(1, std::memory_order_relaxed);
+    PrepareCommand(tag, true, result);
+  }
+}
+
+void Queue::PrepareEventRead(int fd, std::uint64_t* value, UserDataCommand command) noexcept {
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  if (sqe == nullptr) {
+    io_uring_submit(&ring_);
+    sqe = io_uring_get_sqe(&ring_);
+    if (sqe == nullptr) {
+      stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+  }
+  io_uring_prep_read(sqe, fd, value, sizeof(*value), 0);
+  sqe->user_data = EncodeUserData({0, command});
 }
 
 void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
@@ -193,14 +258,14 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
   if (pin) pthread_setaffinity_np(pthread_self(), sizeof(cpus), &cpus);
   pthread_setname_np(pthread_self(), ("ublk-queue" + std::to_string(queue_id_)).c_str());
 
-  // One entry per tag plus the wake-up read: never more SQEs prepared at once.
+  // One entry per tag plus the two eventfd reads: never more SQEs prepared at once.
   io_uring_params params;
   std::memset(&params, 0, sizeof(params));
   params.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN;
-  int ret = io_uring_queue_init_params(depth_ + 1, &ring_, &params);
+  int ret = io_uring_queue_init_params(depth_ + 2, &ring_, &params);
   if (ret == -EINVAL) {  // a kernel without SINGLE_ISSUER / COOP_TASKRUN
     std::memset(&params, 0, sizeof(params));
-    ret = io_uring_queue_init_params(depth_ + 1, &ring_, &params);
+    ret = io_uring_queue_init_params(depth_ + 2, &ring_, &params);
   }
   if (ret < 0) {
     started.set_value(ret);
@@ -211,6 +276,9 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
     batch_ = std::make_unique<IoRequest[]>(depth_);
     batch_tags_ = std::make_unique<unsigned[]>(depth_);
     results_ = std::make_unique<int[]>(depth_);
+    tag_state_ = std::make_unique<DeferredTag[]>(depth_);
+    completed_ = std::make_unique<Completion[]>(depth_);
+    taken_ = std::make_unique<Completion[]>(depth_);
   } catch (const std::bad_alloc&) {
     io_uring_queue_exit(&ring_);
     started.set_value(-ENOMEM);
@@ -220,9 +288,8 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
   if (UseRealtime(true)) UseRealtime(false);
   target_.QueueStarted(queue_id_);
 
-  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-  io_uring_prep_read(sqe, wake_fd_, &wake_value_, sizeof(wake_value_), 0);
-  sqe->user_data = EncodeUserData({0, UserDataCommand::kWake});
+  PrepareEventRead(wake_fd_, &wake_value_, UserDataCommand::kWake);
+  PrepareEventRead(completed_fd_, &completed_value_, UserDataCommand::kCompleted);
   for (unsigned tag = 0; tag < depth_; ++tag) PrepareCommand(tag, false, 0);
   do {
     ret = io_uring_submit(&ring_);
@@ -231,7 +298,7 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
 
   bool stopping = false;
   auto deadline = std::chrono::steady_clock::time_point::max();
-  while (ret >= 0 && outstanding_ > 0) {
+  while (ret >= 0 && (outstanding_ > 0 || deferred_ > 0)) {
     if (stopping) {
       if (std::chrono::steady_clock::now() >= deadline) break;
       __kernel_timespec wait{0, 100 * 1000 * 1000};
@@ -254,6 +321,7 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
 
     unsigned head;
     unsigned seen = 0;
+    bool completions = false;
     io_uring_cqe* cqe;
     io_uring_for_each_cqe(&ring_, head, cqe) {
       ++seen;
@@ -265,6 +333,10 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
       if (data->command == UserDataCommand::kWake) {
         stopping = true;
         deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(kStopGraceMs);
+        continue;
+      }
+      if (data->command == UserDataCommand::kCompleted) {
+        completions = true;
         continue;
       }
       const unsigned tag = data->tag;
@@ -289,6 +361,10 @@ void Queue::Run(cpu_set_t cpus, bool pin, std::promise<int> started) noexcept {
     }
     io_uring_cq_advance(&ring_, seen);
     ServeReady();
+    if (completions) {
+      CommitCompleted();
+      PrepareEventRead(completed_fd_, &completed_value_, UserDataCommand::kCompleted);
+    }
   }
 
   target_.QueueStopped(queue_id_);

@@ -10,10 +10,17 @@
 // the commits of a batch go to the kernel in one submit. Nothing is allocated and nothing
 // is logged per request.
 //
+// Asynchronous serving: the target may defer a request (kIoDeferred) and complete it later
+// from another thread through the queue's IoCompleter. Complete() puts (tag, result) on a
+// short list under a leaf lock and, when the list was empty, writes an eventfd whose read
+// the ring keeps posted; the thread wakes, takes the whole list and commits each request
+// as above. Only the queue's thread talks to the ublk driver, as the driver requires.
+//
 // Teardown: STOP_DEV (sent by the control thread) makes the kernel complete each fetch
-// with UBLK_IO_RES_ABORT; the loop ends when no tag has a command outstanding. Wake() is
-// the fallback: after it, the loop waits at most kStopGraceMs more for aborts and then ends
-// anyway; closing the ring cancels whatever is left.
+// with UBLK_IO_RES_ABORT; the loop ends when no tag has a command outstanding and no
+// deferred request is left. Wake() is the fallback: after it, the loop waits at most
+// kStopGraceMs more for aborts and completions and then ends anyway; closing the ring
+// cancels whatever is left.
 #pragma once
 
 #include <liburing.h>
@@ -24,16 +31,18 @@
 #include <cstdint>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
 #include "ublk/params.h"
 #include "ublk/target.h"
 #include "ublk/uapi.h"
+#include "ublk/user_data.h"
 
 namespace memlend::ublk {
 
-class Queue {
+class Queue final : private IoCompleter {
  public:
   static constexpr int kStopGraceMs = 2000;
 
@@ -42,6 +51,7 @@ class Queue {
     std::atomic<std::uint64_t> requests{0};
     std::atomic<std::uint64_t> errors{0};      // requests completed with -errno
     std::atomic<std::uint64_t> bad_events{0};  // completions that made no sense
+    std::atomic<std::uint64_t> deferred{0};    // requests the target completed later
   };
 
   Queue(unsigned queue_id, unsigned depth, std::uint32_t max_io_bytes, std::uint64_t device_sectors,
@@ -79,8 +89,14 @@ class Queue {
   // Queue thread: adds a FETCH_REQ or COMMIT_AND_FETCH_REQ for `tag` to the ring.
   void PrepareCommand(unsigned tag, bool commit, int result) noexcept;
   // Queue thread: serves the requests now in the descriptors of ready_[0, ready_count_)
-  // as one batch and prepares their commits.
+  // as one batch and prepares their commits (or notes them as deferred).
   void ServeReady() noexcept;
+  // Queue thread: adds the read of `fd` into *value with `command` as its user_data.
+  void PrepareEventRead(int fd, std::uint64_t* value, UserDataCommand command) noexcept;
+  // Queue thread: prepares the commits of the deferred requests completed so far.
+  void CommitCompleted() noexcept;
+  // IoCompleter, any thread.
+  void Complete(unsigned tag, int result) noexcept override;
 
   // Constant after construction.
   const unsigned queue_id_;
@@ -98,7 +114,8 @@ class Queue {
   std::byte* buffers_ = nullptr;
   std::size_t buffers_length_ = 0;
 
-  int wake_fd_ = -1;  // eventfd; written by Wake, read through the ring
+  int wake_fd_ = -1;       // eventfd; written by Wake, read through the ring
+  int completed_fd_ = -1;  // eventfd; written by Complete, read through the ring
   bool realtime_ = false;  // set by Start before the thread starts; then the thread's
   std::atomic<bool> realtime_refused_{false};
   std::thread thread_;
@@ -115,6 +132,26 @@ class Queue {
   std::unique_ptr<unsigned[]> batch_tags_;
   std::unique_ptr<int[]> results_;
   std::uint64_t wake_value_ = 0;  // the eventfd read's buffer
+  // What a deferred request needs at its commit, by tag.
+  struct DeferredTag {
+    bool deferred = false;
+    IoOp op = IoOp::kRead;
+    std::uint32_t bytes = 0;
+  };
+  std::unique_ptr<DeferredTag[]> tag_state_;
+  unsigned deferred_ = 0;             // requests the target holds now
+  std::uint64_t completed_value_ = 0;  // the completion eventfd read's buffer
+
+  // Deferred requests completed and not yet committed (at most depth_: each tag once).
+  struct Completion {
+    std::uint16_t tag;
+    int result;
+  };
+  std::mutex completed_mu_;  // a leaf lock
+  std::unique_ptr<Completion[]> completed_;  // guarded by completed_mu_; depth_ entries
+  unsigned completed_count_ = 0;             // guarded by completed_mu_
+  // The queue thread's copy of the list, taken in one go.
+  std::unique_ptr<Completion[]> taken_;
 };
 
 }  // namespace memlend::ublk

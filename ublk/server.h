@@ -12,9 +12,10 @@
 // unmapped, /dev/ublkcN closed -> DEL_DEV (waits until the kernel has released the
 // device) -> /dev/ublk-control closed.
 //
-// Known weaknesses: a request is served synchronously on its queue's thread, so one slow
-// target call delays that queue's other requests; there is no user recovery yet (a server
-// that dies takes its device with it).
+// A target serves a request on its queue's thread or defers it and completes it later from
+// any thread (target.h, kIoDeferred), so a slow request need not delay the queue's others.
+// Known weakness: there is no user recovery yet (a server that dies takes its device with
+// it).
 //
 // Thread safety: Start, Stop, the destructor and requests()/errors() run on one control
 // thread at a time; the other accessors may be called from any thread once Start returned.

@@ -5,6 +5,7 @@
 // what a target stores.
 #pragma once
 
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -22,6 +23,24 @@ enum class IoOp : std::uint8_t {
   kWriteZeroes,  // the sectors must read as zeros; buffer empty
 };
 
+// What HandleBatch sets as a request's result to say that it will complete the request
+// later, from any thread, through request.completer.
+inline constexpr int kIoDeferred = INT_MIN;
+
+// Completes requests a target deferred. One per queue, owned by the library; valid from the
+// queue's QueueStarted until its QueueStopped returns.
+class IoCompleter {
+ public:
+  // Any thread, any time before QueueStopped returns: completes the deferred request `tag`
+  // of this queue with `result`, as HandleIo would have returned it. Each deferred request
+  // is completed exactly once; its buffer may be used until then and not after. Never
+  // blocks for long (a short lock, an eventfd write) and never allocates.
+  virtual void Complete(unsigned tag, int result) noexcept = 0;
+
+ protected:
+  ~IoCompleter() = default;
+};
+
 // One request, validated by the library before the target sees it: the op is one of the
 // five above, start_sector + sector_count <= the device's sectors, and for kRead/kWrite
 // buffer.size() == sector_count * kSectorSize (never 0) and fits the per-tag buffer.
@@ -32,6 +51,8 @@ struct IoRequest {
   std::uint32_t sector_count = 0;
   std::span<std::byte> buffer;  // the tag's buffer; empty unless kRead or kWrite
   unsigned queue = 0;           // the hardware queue the request came on
+  unsigned tag = 0;             // its tag in that queue
+  IoCompleter* completer = nullptr;  // the queue's, for a deferred request
 };
 
 class Target {
@@ -50,16 +71,21 @@ class Target {
   // Optional. Serves the requests that reached one queue together (every tag whose request
   // the kernel delivered in one pass over the queue's completions), so that a target can
   // serve them as one: e.g. fetch every remote page they read in one round trip. Sets
-  // results[i] to what HandleIo(requests[i]) would return. Requests in one batch were all
-  // in flight at once, so the block layer gives them no order among themselves. Called on
-  // the queue's thread like HandleIo; the default serves them one at a time.
+  // results[i] to what HandleIo(requests[i]) would return, or to kIoDeferred for a request
+  // it will complete later through requests[i].completer (asynchronous serving: a request
+  // that must wait, for a peer say, does not hold up the queue's other tags). Requests in
+  // one batch, like any requests in flight together, have no order among themselves.
+  // Called on the queue's thread like HandleIo; the default serves them one at a time.
   // REQUIRES: results.size() == requests.size().
   virtual void HandleBatch(std::span<const IoRequest> requests, std::span<int> results) noexcept {
     for (std::size_t i = 0; i < requests.size(); ++i) results[i] = HandleIo(requests[i]);
   }
 
   // Optional. Runs on queue `queue`'s thread before its first request and after its last
-  // one (e.g. for per-thread state). Must not throw.
+  // one (e.g. for per-thread state). Must not throw. When QueueStopped runs, every deferred
+  // request of the queue has been completed or, the device having been stopped by force,
+  // abandoned: the target must make sure no Complete for this queue runs after QueueStopped
+  // returns (e.g. by joining the thread that would call it).
   virtual void QueueStarted(unsigned /*queue*/) noexcept {}
   virtual void QueueStopped(unsigned /*queue*/) noexcept {}
 };

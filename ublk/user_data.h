@@ -3,7 +3,7 @@
 // is decoded in one place and never mistaken for another tag's.
 //
 // Layout (bit 0 is the least significant):
-//   bits  0-15  tag (< UBLK_MAX_QUEUE_DEPTH; unused for kWake)
+//   bits  0-15  tag (< UBLK_MAX_QUEUE_DEPTH; unused for kWake and kCompleted)
 //   bits 16-23  command: one of UserDataCommand
 //   bits 24-31  kUserDataMagic, so that a stray or corrupted value is recognised
 //   bits 32-63  zero
@@ -21,6 +21,7 @@ enum class UserDataCommand : std::uint8_t {
   kFetch = UBLK_IO_FETCH_REQ,                      // FETCH_REQ for a tag
   kCommitAndFetch = UBLK_IO_COMMIT_AND_FETCH_REQ,  // COMMIT_AND_FETCH_REQ for a tag
   kWake = 0x7f,                                    // the queue's wake-up eventfd read
+  kCompleted = 0x7e,  // the eventfd read that says deferred requests were completed
 };
 
 inline constexpr std::uint64_t kUserDataMagic = 0xb1;
@@ -34,7 +35,8 @@ struct IoUserData {
 constexpr bool IsKnownCommand(std::uint8_t value) noexcept {
   return value == static_cast<std::uint8_t>(UserDataCommand::kFetch) ||
          value == static_cast<std::uint8_t>(UserDataCommand::kCommitAndFetch) ||
-         value == static_cast<std::uint8_t>(UserDataCommand::kWake);
+         value == static_cast<std::uint8_t>(UserDataCommand::kWake) ||
+         value == static_cast<std::uint8_t>(UserDataCommand::kCompleted);
 }
 
 // REQUIRES: tag < UBLK_MAX_QUEUE_DEPTH.

@@ -32,7 +32,8 @@ ublksrv_io_desc Desc(std::uint8_t op, std::uint64_t start, std::uint32_t count,
 TEST_CASE("user_data round-trips every tag and command") {
   for (unsigned tag : {0u, 1u, 127u, 128u, 4095u}) {
     for (UserDataCommand command :
-         {UserDataCommand::kFetch, UserDataCommand::kCommitAndFetch, UserDataCommand::kWake}) {
+         {UserDataCommand::kFetch, UserDataCommand::kCommitAndFetch, UserDataCommand::kWake,
+          UserDataCommand::kCompleted}) {
       const IoUserData data{static_cast<std::uint16_t>(tag), command};
       const std::uint64_t packed = EncodeUserData(data);
       CHECK((packed >> 32) == 0);
