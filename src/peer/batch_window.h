@@ -10,8 +10,10 @@
 
 namespace memlend::peer {
 
-// Batched calls keep at most this many requests in flight.
-inline constexpr std::size_t kWindow = 64;
+// Batched calls keep at most this many requests in flight: a batch that big costs one
+// round trip (a swap-out of 64 pages with two copies each, or a read with the pages
+// fetched ahead of it).
+inline constexpr std::size_t kWindow = 256;
 
 // Completes a request that was never sent, so that waiting for it returns `error` at once.
 inline void CompleteNow(PendingRequest& pending, int error) {

@@ -70,6 +70,7 @@ Status LenderPool::AllocSuperpage(SessionId session, std::uint32_t* sid) noexcep
   Status status = Status::kOk;
   std::uint32_t superpage = kNone;
   std::uint32_t granted = 0;
+  bool must_zero = false;
   {
     std::lock_guard lock(mu_);
     if (next_sid_ > std::numeric_limits<std::uint32_t>::max()) {
@@ -107,13 +108,15 @@ Status LenderPool::AllocSuperpage(SessionId session, std::uint32_t* sid) noexcep
       meta.state = State::kGranted;
       meta.owner = session;
       meta.sid = granted;
+      must_zero = meta.dirty;
+      meta.dirty = true;
     }
   }
   Report(std::span<const Eviction>(evicted.data(), evicted_count));
   if (status != Status::kOk) return status;
   // Outside the lock: the superpage is the caller's now, and the caller does not know its
   // SID yet, so nothing else can touch it.
-  ZeroMemory(SuperpageAddress(superpage), kSuperpageBytes);
+  if (must_zero) ZeroMemory(SuperpageAddress(superpage), kSuperpageBytes);
   *sid = granted;
   return Status::kOk;
 }
@@ -340,6 +343,7 @@ LenderPool::SlotNumber LenderPool::TakeSlotLocked() noexcept {
     }
     free_superpages_.pop_back();
     meta.state = State::kActive;
+    meta.dirty = true;
     meta.free_mask.fill(~std::uint64_t{0});
     meta.used_slots = 0;
     meta.partial_pos = static_cast<std::uint32_t>(partial.size());
@@ -439,7 +443,7 @@ void LenderPool::RetireLocked(std::uint32_t superpage) noexcept {
   // Back to the host: unlocked first, since locked pages cannot be dropped.
   std::byte* const address = SuperpageAddress(superpage);
   ::munlock(address, kSuperpageBytes);
-  ::madvise(address, kSuperpageBytes, MADV_DONTNEED);
+  superpages_[superpage].dirty = ::madvise(address, kSuperpageBytes, MADV_DONTNEED) != 0;
 }
 
 std::vector<ReclaimRequest> LenderPool::Resize(std::uint32_t superpages) {

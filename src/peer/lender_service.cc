@@ -207,7 +207,10 @@ class LenderService::Connection {
 
   // Compacts the input buffer and blocks until more bytes arrive. False on hang-up.
   bool Receive() noexcept {
-    if (input_begin_ > 0) {
+    // Compacted only when the largest message might not fit behind what is buffered: a
+    // large WRITE that comes in pieces is then never moved, piece after piece.
+    if (input_begin_ > 0 &&
+        (input_begin_ == input_end_ || input_.capacity() - input_end_ < kHeaderBytes + kMaxPayload)) {
       const std::size_t pending = input_end_ - input_begin_;
       std::memmove(input_.data(), input_.data() + input_begin_, pending);
       input_begin_ = 0;

@@ -191,6 +191,7 @@ void PeerStore::ReadBatchOnce(std::span<const Slot> slots, std::span<std::byte* 
     PendingRequest pending[kWindow];
     std::size_t peer_of[kWindow];
     SlotParts parts[kWindow];
+    std::size_t leader[kWindow];  // the request whose READ carries this page
     for (std::size_t i = 0; i < count; ++i) {
       parts[i] = SplitSlot(slots[base + i]);
       peer_of[i] = parts[i].peer;
@@ -212,16 +213,34 @@ void PeerStore::ReadBatchOnce(std::span<const Slot> slots, std::span<std::byte* 
       std::optional<RequestBatch> batch;
       if (transport) batch.emplace(*transport);
       transports[transport_count++] = transport;
+      // Pages next to each other both in a superpage and in memory go as one READ.
+      std::size_t run = kWindow;  // the first request of the run being built, if any
+      auto end_run = [&] {
+        if (run == kWindow) return;
+        batch->AddRead(parts[run].sid, parts[run].index * kPageBytes, &pending[run]);
+        run = kWindow;
+      };
       for (const std::size_t i : group) {
-        if (batch && GenerationOf(slots[base + i]) == generation) {
-          batch->AddRead(parts[i].sid, parts[i].index * kPageBytes, &pending[i]);
-        } else {
+        leader[i] = i;
+        if (!batch || GenerationOf(slots[base + i]) != generation) {
           CompleteNow(pending[i], -EIO);
+          continue;
         }
+        if (run != kWindow && parts[i].sid == parts[run].sid &&
+            pending[run].out.data() + pending[run].out.size() == outs[base + i] &&
+            parts[i].index == parts[run].index + pending[run].out.size() / kPageBytes) {
+          pending[run].out = std::span<std::byte>(pending[run].out.data(),
+                                                  pending[run].out.size() + kPageBytes);
+          leader[i] = run;
+          continue;
+        }
+        end_run();
+        run = i;
       }
+      end_run();
     });  // each batch is sent as it goes out of scope
     for (std::size_t i = 0; i < count; ++i) {
-      const int rc = PeerTransport::Wait(&pending[i]);
+      const int rc = PeerTransport::Wait(&pending[leader[i]]);
       results[base + i] = rc == 0 || rc == -ETIMEDOUT ? rc : -EIO;
     }
   }
@@ -253,23 +272,44 @@ void PeerStore::WriteBatchFor(std::span<const std::byte* const> pages,
     // The transports must outlive the waits below (a waiter reads replies through them).
     std::shared_ptr<PeerTransport> transports[kWindow];
     std::size_t transport_count = 0;
+    std::size_t leader[kWindow];  // the request whose WRITE carries this page
+    std::size_t run_pages[kWindow];
+    for (std::size_t i = 0; i < count; ++i) leader[i] = i;
     ForEachPeerGroup(peer_of, count, [&](std::size_t index, std::span<const std::size_t> group) {
       if (index == kNone) return;
       std::shared_ptr<PeerTransport> transport = members_.TransportOf(members_.at(index));
       std::optional<RequestBatch> batch;
       if (transport) batch.emplace(*transport);
       transports[transport_count++] = transport;
-      for (const std::size_t i : group) {
-        if (batch) {
-          batch->AddWrite(sids[i], indexes[i] * kPageBytes,
-                          std::span<const std::byte>(pages[base + i], kPageSize), &pending[i]);
-        } else {
-          CompleteNow(pending[i], -ENOTCONN);
-        }
+      if (!batch) {
+        for (const std::size_t i : group) CompleteNow(pending[i], -ENOTCONN);
+        return;
       }
+      // Pages next to each other both in memory and in a superpage go as one WRITE.
+      std::size_t run = kWindow;
+      auto end_run = [&] {
+        if (run == kWindow) return;
+        batch->AddWrite(sids[run], indexes[run] * kPageBytes,
+                        std::span<const std::byte>(pages[base + run], run_pages[run] * kPageSize),
+                        &pending[run]);
+        run = kWindow;
+      };
+      for (const std::size_t i : group) {
+        if (run != kWindow && sids[i] == sids[run] && generations[i] == generations[run] &&
+            indexes[i] == indexes[run] + run_pages[run] &&
+            pages[base + i] == pages[base + run] + run_pages[run] * kPageSize) {
+          ++run_pages[run];
+          leader[i] = run;
+          continue;
+        }
+        end_run();
+        run = i;
+        run_pages[i] = 1;
+      }
+      end_run();
     });
     for (std::size_t i = 0; i < count; ++i) {
-      const int rc = PeerTransport::Wait(&pending[i]);
+      const int rc = PeerTransport::Wait(&pending[leader[i]]);
       if (peer_of[i] != kNone) {
         Member& peer = members_.at(peer_of[i]);
         if (rc == 0) {

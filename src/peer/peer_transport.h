@@ -153,7 +153,7 @@ class RequestBatch {
   RequestBatch& operator=(const RequestBatch&) = delete;
 
   bool full() const { return count_ == kMaxRequests; }
-  // REQUIRES: !full().
+  // When the batch is full, what it holds is sent first.
   void AddRead(std::uint32_t sid, std::uint32_t offset, PendingRequest* pending) noexcept {
     BatchedRequest& r = Next(MessageType::kRead, pending);
     r.range = RangeBody{sid, offset, static_cast<std::uint32_t>(pending->out.size()), 0};
@@ -185,6 +185,7 @@ class RequestBatch {
 
  private:
   BatchedRequest& Next(MessageType type, PendingRequest* pending) noexcept {
+    if (full()) Send();  // a larger batch goes out in parts
     BatchedRequest& r = requests_[count_++];
     r = BatchedRequest{};
     r.type = type;
