@@ -165,7 +165,8 @@ status_json() {
 #   - the device's page counts add up: mapped = zero + local + disk + remote (and = PAGES if given);
 #   - more pages are remote than local, none on disk, the local store is under its high watermark;
 #   - every lender holds some of the borrower's pages;
-#   - the borrower's books agree with the lenders': its remote pages = remote_store.pages, its
+#   - the borrower's books agree with the lenders': its remote pages (and local pages fetched
+#     ahead, which keep their remote slots) = remote_store.pages, its
 #     copies of them (as many per page as the redundancy asks, none degraded) = the sum of its
 #     peers' pages, and the bytes of superpages it holds = what the lenders say they lend.
 # Prints one summary line and each check (ok, or not (yet) true); returns 1 unless all hold.
@@ -199,7 +200,8 @@ checks.update({
     "remote > local": pages["remote"] > pages["local"],
     "no pages on disk": pages["disk"] == 0,
     "local store under the high watermark": local["used_bytes"] * 100 <= local["total_bytes"] * 90,
-    "remote pages = remote_store.pages": pages["remote"] == remote["pages"],
+    "remote pages = remote_store.pages":
+        pages["remote"] + pages["remote_copies"] == remote["pages"],
     "remote_store.copies = sum of peers' pages_stored":
         remote["copies"] == sum(p["pages_stored"] for p in b["peers"]),
     "no degraded page": remote["degraded_pages"] == 0,

@@ -112,6 +112,11 @@ class PageStore {
   virtual void Pin(Slot /*slot*/) noexcept {}
   virtual void Unpin(Slot /*slot*/) noexcept {}
 
+  // Whether the page in live `slot` can still be read: false once the store knows that
+  // every copy of it is lost (a remote page whose lenders died). A caller that holds the
+  // page's contents elsewhere (a clean copy in RAM) then keeps them. Thread-safe.
+  virtual bool Holds(Slot /*slot*/) const noexcept { return true; }
+
   // Releases `slot`; its room can be reused at once. Never fails.
   // REQUIRES: `slot` is live, and no other thread reads or discards it concurrently.
   virtual void Discard(Slot slot) noexcept = 0;

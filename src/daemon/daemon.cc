@@ -552,13 +552,19 @@ nlohmann::json Daemon::Status() const {
                                    {"disk", counts.disk},
                                    {"remote", counts.remote},
                                    {"cached", counts.cached},
-                                   {"clean", counts.clean}}},
+                                   {"clean", counts.clean},
+                                   {"remote_copies", counts.remote_copies}}},
                                  {"io",
                                   {{"remote_reads", io.remote_reads},
                                    {"remote_read_trips", io.remote_read_trips},
                                    {"remote_writes", io.remote_writes},
                                    {"remote_write_trips", io.remote_write_trips},
-                                   {"promotions", io.promotions}}}});
+                                   {"written_around", io.written_around},
+                                   {"promotions", io.promotions},
+                                   {"prefetched", io.prefetched},
+                                   {"prefetch_hits", io.prefetch_hits},
+                                   {"prefetch_wasted", io.prefetch_wasted},
+                                   {"read_ahead_trips", io.read_ahead_trips}}}});
   }
   const StoreStats local = tiers_->local().Stats();
   const double ratio = local.used_bytes == 0

@@ -119,10 +119,17 @@ bool Device::AllocatePageTable() noexcept {
 void Device::SetLocation(std::uint64_t page, PageEntry* entry, Location from, Location to,
                          Slot disk_copy) noexcept {
   entry->where.store(to.bits(), std::memory_order_relaxed);
-  const bool was_clean = from.tier() == Tier::kLocal && entry->disk_copy != kNoCopy;
-  const bool is_clean = to.tier() == Tier::kLocal && disk_copy != kNoCopy;
+  const bool was_local = from.tier() == Tier::kLocal;
+  const bool is_local = to.tier() == Tier::kLocal;
+  const bool was_clean = was_local && entry->disk_copy != kNoCopy && !IsRemoteCopy(entry->disk_copy);
+  const bool is_clean = is_local && disk_copy != kNoCopy && !IsRemoteCopy(disk_copy);
+  const bool was_copy = was_local && IsRemoteCopy(entry->disk_copy);
+  const bool is_copy = is_local && IsRemoteCopy(disk_copy);
   entry->disk_copy = disk_copy;
   if (was_clean != is_clean) clean_pages_.fetch_add(is_clean ? 1 : -1, std::memory_order_relaxed);
+  if (was_copy != is_copy) {
+    remote_copy_pages_.fetch_add(is_copy ? 1 : -1, std::memory_order_relaxed);
+  }
   if (from.tier() == to.tier()) return;
   if (from.tier() == Tier::kLocal || to.tier() == Tier::kLocal) {
     const std::uint64_t bit = std::uint64_t{1} << (page & 63);
@@ -136,11 +143,31 @@ void Device::SetLocation(std::uint64_t page, PageEntry* entry, Location from, Lo
   tier_pages_[static_cast<int>(to.tier())].fetch_add(1, std::memory_order_relaxed);
 }
 
-void Device::ReleaseAndSet(std::uint64_t page, PageEntry* entry, Location to) noexcept {
+void Device::ReleaseAndSet(std::uint64_t page, PageEntry* entry, Location to,
+                           Slot copy) noexcept {
   const Location old = Location::FromBits(entry->where.load(std::memory_order_relaxed));
+  NoteUnreadPrefetch(old);
   tiers_.Release(old);
   tiers_.ReleaseCopy(entry->disk_copy);
-  SetLocation(page, entry, old, to);
+  SetLocation(page, entry, old, to, copy);
+}
+
+void Device::NoteUnreadPrefetch(Location where) noexcept {
+  if (where.tier() == Tier::kLocal && where.prefetched()) Count(io_.prefetch_wasted);
+}
+
+bool Device::DropLocalCopy(std::uint64_t page, PageEntry* entry, Location where) noexcept {
+  assert(where.tier() == Tier::kLocal && IsRemoteCopy(entry->disk_copy));
+  const Slot remote = RemoteCopySlot(entry->disk_copy);
+  if (!tiers_.RemoteHolds(remote)) {
+    // Its lenders are gone: the copy in RAM is the page now.
+    tiers_.ReleaseCopy(entry->disk_copy);
+    SetLocation(page, entry, where, where.WithPrefetched(false));
+    return false;
+  }
+  tiers_.Release(where);
+  SetLocation(page, entry, where, Location(Tier::kRemote, remote));
+  return true;
 }
 
 void Device::MakeDirty(std::uint64_t page, PageEntry* entry) noexcept {
@@ -150,8 +177,9 @@ void Device::MakeDirty(std::uint64_t page, PageEntry* entry) noexcept {
     tiers_.Release(where);  // the cache entry; the disk copy is now the page
     SetLocation(page, entry, where, Location(Tier::kDisk, entry->disk_copy));
   } else {
+    NoteUnreadPrefetch(where);
     tiers_.ReleaseCopy(entry->disk_copy);
-    SetLocation(page, entry, where, where);
+    SetLocation(page, entry, where, where.WithPrefetched(false));
   }
 }
 
@@ -221,8 +249,20 @@ int Device::ReadPageLocked(std::uint64_t page, PageEntry* entry, std::size_t in_
     Count(io_.remote_read_trips);
   }
   if (rc != 0) return rc;
-  FinishRead(page, entry, where, contents);
   if (contents == buffer) std::memcpy(dest, buffer + in_page, count);
+  if (where.tier() == Tier::kLocal && where.prefetched()) {
+    // Fetched ahead for this read. Read whole, it is the reader's to keep now.
+    Count(io_.prefetch_hits);
+    if (where.trigger()) QueueReadAhead(prefetch_.OnTrigger(page));
+    if (count == kPageSize && IsRemoteCopy(entry->disk_copy)) {
+      DropLocalCopy(page, entry, where);
+    } else {
+      SetLocation(page, entry, where, where.WithPrefetched(false).WithReferenced(true),
+                  entry->disk_copy);
+    }
+    return 0;
+  }
+  FinishRead(page, entry, where, contents);
   return 0;
 }
 
@@ -241,30 +281,45 @@ void Device::FinishRead(std::uint64_t page, PageEntry* entry, Location where,
   Touch(&entry->where);
 }
 
+namespace {
+
+// Per-thread scratch of ReadMany and RunReadAhead, which keeps its capacity between calls.
+struct ReadScratch {
+  std::vector<Slot> slots;
+  std::vector<std::byte*> outs;
+  std::vector<int> results;
+  std::unique_ptr<std::byte[]> pages;  // scratch pages, not zeroed
+  std::size_t page_capacity = 0;
+  // Runs of pages (first, end) of requests that missed, for the prefetch decision.
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> missed;
+
+  // Room for `count` scratch pages. False when it cannot be had.
+  bool ReservePages(std::size_t count) noexcept {
+    if (count <= page_capacity) return true;
+    std::byte* fresh = new (std::nothrow) std::byte[count * kPageSize];
+    if (fresh == nullptr) return false;
+    pages.reset(fresh);
+    page_capacity = count;
+    return true;
+  }
+};
+thread_local ReadScratch t_read;
+
+}  // namespace
+
 void Device::ReadMany(std::span<ReadRequest> requests) noexcept {
-  // A page of a request whose remote read was put off until the whole batch is known.
-  struct Deferred {
-    std::size_t request;
-    std::uint64_t page;
-    Location where;
-    std::byte* dest;
-    std::size_t in_page;
-    std::size_t count;
-  };
-  // Per-thread scratch that keeps its capacity between calls.
-  thread_local std::vector<Deferred> deferred;
-  thread_local std::vector<Slot> slots;
-  thread_local std::vector<std::byte*> outs;
-  thread_local std::vector<int> results;
-  thread_local std::vector<std::byte> partial_pages;
-  deferred.clear();
+  thread_local std::vector<RemoteRead> reads;
+  reads.clear();
+  auto& missed = t_read.missed;
+  missed.clear();
 
   // Phase 1: under each page's lock, serve what is at hand and pin the remote pages.
-  std::size_t partial_count = 0;
+  std::size_t scratch_count = 0;
   for (std::size_t r = 0; r < requests.size(); ++r) {
     ReadRequest& request = requests[r];
     assert(request.offset + request.out.size() <= size_bytes_);
     request.result = 0;
+    const std::size_t deferred_before = reads.size();
     for (std::size_t done = 0; done < request.out.size() && request.result == 0;) {
       const std::uint64_t position = request.offset + done;
       const std::uint64_t page = position >> kPageShift;
@@ -277,59 +332,278 @@ void Device::ReadMany(std::span<ReadRequest> requests) noexcept {
           entry ? Location::FromBits(entry->where.load(std::memory_order_relaxed)) : Location();
       if (where.tier() == Tier::kRemote) {
         try {
-          deferred.push_back({r, page, where, dest, in_page, count});
+          reads.push_back({r, page, where, dest, in_page, count});
         } catch (const std::bad_alloc&) {
           request.result = -ENOMEM;
           break;
         }
         tiers_.PinRemote(where);
-        if (count != kPageSize) ++partial_count;
+        if (count != kPageSize) ++scratch_count;
       } else {
         request.result = ReadPageLocked(page, entry, in_page, count, dest);
       }
       done += count;
     }
+    if (reads.size() != deferred_before && !request.out.empty()) {
+      try {
+        missed.emplace_back(request.offset >> kPageShift,
+                            ((request.offset + request.out.size() - 1) >> kPageShift) + 1);
+      } catch (const std::bad_alloc&) {
+      }
+    }
   }
-  if (deferred.empty()) return;
+  if (reads.empty()) return;
 
-  // Phase 2: fetch every pinned page in one batch; partial pages land in scratch pages.
-  try {
-    slots.resize(deferred.size());
-    outs.resize(deferred.size());
-    results.resize(deferred.size());
-    partial_pages.resize(partial_count * kPageSize);
-  } catch (const std::bad_alloc&) {
-    for (const Deferred& d : deferred) {
+  // Prefetch: after each run of missed pages that continues an earlier run, the pages that
+  // follow it, as far as the local store has room for them.
+  std::size_t room = missed.empty() ? 0 : tiers_.PrefetchRoom(SequentialPrefetch::kMaxPages);
+  if (room > 0) {
+    std::sort(missed.begin(), missed.end());
+    for (std::size_t m = 0; m < missed.size() && room > 0;) {
+      // Merge the runs that touch.
+      const std::uint64_t first = missed[m].first;
+      std::uint64_t end = missed[m].second;
+      for (++m; m < missed.size() && missed[m].first <= end; ++m) {
+        end = std::max(end, missed[m].second);
+      }
+      std::uint64_t ahead = prefetch_.OnMiss(first, end - first);
+      // Not into the next run of this batch (read anyway) nor past the device.
+      const std::uint64_t limit = m < missed.size() ? missed[m].first : page_count_;
+      ahead = std::min<std::uint64_t>({ahead, room, limit > end ? limit - end : 0});
+      if (ahead == 0) continue;
+      const std::size_t added = AddPrefetch(end, ahead, reads);
+      scratch_count += added;
+      room -= std::min(room, added);
+    }
+  }
+  FetchPinned(requests, reads, scratch_count);
+}
+
+void Device::FetchPinned(std::span<ReadRequest> requests, std::vector<RemoteRead>& reads,
+                         std::size_t scratch_count) noexcept {
+  // Phase 2: fetch every pinned page in one batch; partial pages and prefetched ones land
+  // in scratch pages.
+  ReadScratch& scratch = t_read;
+  bool ok = scratch.ReservePages(scratch_count);
+  if (ok) {
+    try {
+      scratch.slots.resize(reads.size());
+      scratch.outs.resize(reads.size());
+      scratch.results.resize(reads.size());
+    } catch (const std::bad_alloc&) {
+      ok = false;
+    }
+  }
+  if (!ok) {
+    for (const RemoteRead& d : reads) {
       tiers_.UnpinRemote(d.where);
-      requests[d.request].result = -ENOMEM;
+      if (d.request != kPrefetch) requests[d.request].result = -ENOMEM;
     }
     return;
   }
-  std::size_t next_partial = 0;
-  for (std::size_t i = 0; i < deferred.size(); ++i) {
-    slots[i] = deferred[i].where.slot();
-    outs[i] = deferred[i].count == kPageSize ? deferred[i].dest
-                                             : partial_pages.data() + kPageSize * next_partial++;
+  std::size_t next_scratch = 0;
+  for (std::size_t i = 0; i < reads.size(); ++i) {
+    scratch.slots[i] = reads[i].where.slot();
+    scratch.outs[i] = reads[i].request != kPrefetch && reads[i].count == kPageSize
+                          ? reads[i].dest
+                          : scratch.pages.get() + kPageSize * next_scratch++;
   }
-  tiers_.LoadRemoteBatch(slots, outs, results);
+  tiers_.LoadRemoteBatch(scratch.slots, scratch.outs, scratch.results);
   Count(io_.remote_read_trips);
-  Count(io_.remote_reads, deferred.size());
+  Count(io_.remote_reads, reads.size());
 
-  // Phase 3: copy partial pages out, unpin, and mark (or promote) pages still in place.
-  for (std::size_t i = 0; i < deferred.size(); ++i) {
-    const Deferred& d = deferred[i];
-    ReadRequest& request = requests[d.request];
-    tiers_.UnpinRemote(d.where);
-    if (results[i] != 0) {
-      if (request.result == 0) request.result = results[i];
+  // Phase 3: copy partial pages out; mark (or promote) pages still in place, and put the
+  // prefetched ones in the local store; unpin. The entry is compared under the page's lock
+  // before the pin goes, so the slot it names cannot have been reused meanwhile.
+  for (std::size_t i = 0; i < reads.size(); ++i) {
+    const RemoteRead& d = reads[i];
+    const bool prefetch = d.request == kPrefetch;
+    std::byte* const out = scratch.outs[i];
+    if (scratch.results[i] != 0) {
+      tiers_.UnpinRemote(d.where);
+      if (!prefetch && requests[d.request].result == 0) {
+        requests[d.request].result = scratch.results[i];
+      }
       continue;
     }
-    if (d.count != kPageSize) std::memcpy(d.dest, outs[i] + d.in_page, d.count);
+    if (!prefetch && d.count != kPageSize) std::memcpy(d.dest, out + d.in_page, d.count);
     PageLock lock(LockFor(d.page));
     PageEntry* entry = Entry(d.page, /*create=*/false);
     const Location now = Location::FromBits(entry->where.load(std::memory_order_relaxed));
     if (now.WithReferenced(false).bits() == d.where.WithReferenced(false).bits()) {
-      FinishRead(d.page, entry, now, outs[i]);
+      if (!prefetch) {
+        FinishRead(d.page, entry, now, out);
+      } else {
+        Location placed;
+        if (tiers_.StorePrefetched(ConstPageSpan(out, kPageSize), d.page, &placed)) {
+          SetLocation(d.page, entry, now,
+                      placed.WithPrefetched(true, d.trigger).WithReferenced(true),
+                      RemoteCopy(now.slot()));
+          Count(io_.prefetched);
+        }
+      }
+    }
+    tiers_.UnpinRemote(d.where);
+  }
+}
+
+void Device::QueueReadAhead(SequentialPrefetch::Range range) noexcept {
+  if (range.count == 0) return;
+  std::lock_guard lock(ahead_mu_);
+  unsigned count = ahead_count_.load(std::memory_order_relaxed);
+  if (count == kMaxReadAhead) {  // forget the oldest
+    std::move(ahead_.begin() + 1, ahead_.end(), ahead_.begin());
+    --count;
+  }
+  ahead_[count++] = range;
+  ahead_count_.store(count, std::memory_order_relaxed);
+}
+
+bool Device::RunReadAhead() noexcept {
+  thread_local std::vector<RemoteRead> reads;
+  bool any = false;
+  for (;;) {
+    SequentialPrefetch::Range range;
+    {
+      std::lock_guard lock(ahead_mu_);
+      const unsigned count = ahead_count_.load(std::memory_order_relaxed);
+      if (count == 0) return any;
+      range = ahead_[0];
+      std::move(ahead_.begin() + 1, ahead_.begin() + count, ahead_.begin());
+      ahead_count_.store(count - 1, std::memory_order_relaxed);
+    }
+    any = true;
+    const std::size_t room = tiers_.PrefetchRoom(range.count);
+    if (room == 0) continue;
+    reads.clear();
+    const std::size_t added =
+        AddPrefetch(range.first, std::min<std::uint64_t>(range.count, room), reads);
+    if (added == 0) continue;
+    Count(io_.read_ahead_trips);
+    FetchPinned({}, reads, added);
+  }
+}
+
+std::size_t Device::AddPrefetch(std::uint64_t from, std::uint64_t count,
+                                std::vector<RemoteRead>& reads) noexcept {
+  std::size_t added = 0;
+  const std::uint64_t end = std::min(page_count_, from + count);
+  for (std::uint64_t page = from; page < end; ++page) {
+    PageLock lock(LockFor(page));
+    PageEntry* entry = Entry(page, /*create=*/false);
+    if (entry == nullptr) {  // a chunk never written: skip it whole
+      page |= kChunkPages - 1;
+      continue;
+    }
+    const Location where = Location::FromBits(entry->where.load(std::memory_order_relaxed));
+    if (where.tier() != Tier::kRemote) continue;
+    try {
+      reads.push_back({kPrefetch, page, where, nullptr, 0, kPageSize, added == 0});
+    } catch (const std::bad_alloc&) {
+      break;
+    }
+    tiers_.PinRemote(where);
+    ++added;
+  }
+  return added;
+}
+
+bool Device::ReadIsAtHand(std::uint64_t offset, std::uint64_t length) const noexcept {
+  if (length == 0) return true;
+  const std::uint64_t last = (offset + length - 1) >> kPageShift;
+  for (std::uint64_t page = offset >> kPageShift; page <= last; ++page) {
+    const PageEntry* chunk = chunks_[page >> kChunkShift].load(std::memory_order_acquire);
+    if (chunk == nullptr) {
+      page |= kChunkPages - 1;  // unmapped, all of it
+      continue;
+    }
+    const Tier tier =
+        Location::FromBits(chunk[page & (kChunkPages - 1)].where.load(std::memory_order_relaxed))
+            .tier();
+    if (tier != Tier::kUnmapped && tier != Tier::kZero && tier != Tier::kLocal) return false;
+  }
+  return true;
+}
+
+void Device::WriteMany(std::span<WriteRequest> requests) noexcept {
+  // Pages that go around the local store, gathered from all requests.
+  struct Around {
+    std::size_t request;
+    std::uint64_t page;
+    const std::byte* data;
+  };
+  constexpr std::size_t kBatch = Tiering::kMaxDemoteBatch;
+  thread_local std::vector<Around> around;
+  around.clear();
+  for (std::size_t r = 0; r < requests.size(); ++r) {
+    WriteRequest& request = requests[r];
+    assert(request.offset + request.data.size() <= size_bytes_);
+    request.result = 0;
+    const bool go_around = tiers_.WritesGoAround();
+    std::size_t done = 0;
+    while (done < request.data.size() && request.result == 0) {
+      const std::uint64_t position = request.offset + done;
+      const std::size_t in_page = position & (kPageSize - 1);
+      const std::size_t count = std::min(kPageSize - in_page, request.data.size() - done);
+      const std::byte* source = request.data.data() + done;
+      if (go_around && count == kPageSize && !IsAllZero(source, kPageSize)) {
+        try {
+          around.push_back({r, position >> kPageShift, source});
+          done += count;
+          continue;
+        } catch (const std::bad_alloc&) {
+        }
+      }
+      request.result = Write(position, std::span(source, count));
+      done += count;
+    }
+  }
+
+  for (std::size_t base = 0; base < around.size(); base += kBatch) {
+    const std::size_t count = std::min(kBatch, around.size() - base);
+    const std::byte* pages[kBatch];
+    std::uint64_t hints[kBatch];
+    Slot copies[kBatch];
+    Location placed[kBatch];
+    int results[kBatch];
+    for (std::size_t i = 0; i < count; ++i) {
+      pages[i] = around[base + i].data;
+      hints[i] = around[base + i].page;
+      copies[i] = kNoCopy;
+    }
+    tiers_.DemoteBatch(std::span(pages, count), std::span(hints, count), std::span(copies, count),
+                       cache_clean_pages_, std::span(placed, count), std::span(results, count),
+                       redundancy_);
+    std::uint64_t remote = 0;
+    for (std::size_t i = 0; i < count; ++i) {
+      const Around& a = around[base + i];
+      WriteRequest& request = requests[a.request];
+      if (results[i] != 0) {
+        // No tier below has room: the page is written as Write would, into the local
+        // store if anything can make room there.
+        if (request.result == 0) {
+          request.result = Write(a.page << kPageShift, std::span(a.data, kPageSize));
+        }
+        continue;
+      }
+      if (placed[i].tier() == Tier::kRemote) ++remote;
+      PageLock lock(LockFor(a.page));
+      PageEntry* entry = Entry(a.page, /*create=*/true);
+      if (entry == nullptr) {
+        tiers_.Release(placed[i]);
+        if (placed[i].tier() == Tier::kCached) tiers_.ReleaseCopy(copies[i]);
+        if (request.result == 0) request.result = -ENOMEM;
+        continue;
+      }
+      // Whatever the page held before goes; a clean page's new disk copy stays beside a
+      // kCached placement (kDisk names it).
+      ReleaseAndSet(a.page, entry, placed[i],
+                    placed[i].tier() == Tier::kCached ? copies[i] : kNoCopy);
+    }
+    if (remote > 0) {
+      Count(io_.remote_write_trips);
+      Count(io_.remote_writes, remote);
+      Count(io_.written_around, remote);
     }
   }
 }
@@ -455,9 +729,8 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
   std::uint64_t scanned = 0;
   std::uint64_t hand = clock_hand_.load(std::memory_order_relaxed) % page_count_;
   while (demoted < want && scanned < limit) {
-    const std::size_t batch_want = std::min(kBatch, want - demoted);
     std::size_t count = 0;
-    while (scanned < limit && count < batch_want) {
+    while (scanned < limit && count < kBatch && demoted + count < want) {
       const std::uint64_t page = NextLocalPage(hand);
       if (page == page_count_) {  // none up to the end: wrap around
         scanned += page_count_ - hand;
@@ -476,6 +749,13 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
       std::mutex* mu = &LockFor(page);
       if (mu == t_held_stripe || !mu->try_lock()) continue;
       const Location where = Location::FromBits(entry->where.load(std::memory_order_relaxed));
+      if (where.tier() == Tier::kLocal && !where.referenced() && IsRemoteCopy(entry->disk_copy)) {
+        // A clean page whose remote copy stays: dropping it costs nothing.
+        NoteUnreadPrefetch(where);
+        if (DropLocalCopy(page, entry, where)) ++demoted;
+        mu->unlock();
+        continue;
+      }
       std::byte* copy = buffer.data() + count * kPageSize;
       if (where.tier() != Tier::kLocal || where.referenced() ||
           tiers_.Load(where, PageSpan(copy, kPageSize)) != 0) {
@@ -558,8 +838,18 @@ std::uint64_t Device::NextLocalPage(std::uint64_t from) const noexcept {
 
 DeviceIoCounts Device::IoCounts() const noexcept {
   auto get = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
-  return {get(io_.remote_reads), get(io_.remote_read_trips), get(io_.remote_writes),
-          get(io_.remote_write_trips), get(io_.promotions)};
+  DeviceIoCounts counts;
+  counts.remote_reads = get(io_.remote_reads);
+  counts.remote_read_trips = get(io_.remote_read_trips);
+  counts.remote_writes = get(io_.remote_writes);
+  counts.remote_write_trips = get(io_.remote_write_trips);
+  counts.written_around = get(io_.written_around);
+  counts.promotions = get(io_.promotions);
+  counts.prefetched = get(io_.prefetched);
+  counts.prefetch_hits = get(io_.prefetch_hits);
+  counts.prefetch_wasted = get(io_.prefetch_wasted);
+  counts.read_ahead_trips = get(io_.read_ahead_trips);
+  return counts;
 }
 
 DevicePageCounts Device::Counts() const noexcept {
@@ -577,6 +867,8 @@ DevicePageCounts Device::Counts() const noexcept {
   counts.disk += counts.cached;  // a cached page's one sure copy is on disk
   counts.clean = static_cast<std::uint64_t>(
       std::max<std::int64_t>(clean_pages_.load(std::memory_order_relaxed), 0));
+  counts.remote_copies = static_cast<std::uint64_t>(
+      std::max<std::int64_t>(remote_copy_pages_.load(std::memory_order_relaxed), 0));
   return counts;
 }
 

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "store/prefetch.h"
 #include "store/tiering.h"
 
 namespace memlend {
@@ -41,6 +42,9 @@ struct DevicePageCounts {
   std::uint64_t remote = 0;
   std::uint64_t cached = 0;  // of the disk pages, those with a copy in a peer's cache
   std::uint64_t clean = 0;   // of the local pages, those with a valid disk copy
+  // Of the local pages, those that keep their slot in the remote tier (fetched ahead of
+  // reads): the remote tier holds remote + remote_copies of the device's pages.
+  std::uint64_t remote_copies = 0;
   std::uint64_t mapped() const { return zero + local + disk + remote; }
 };
 
@@ -48,11 +52,16 @@ struct DevicePageCounts {
 // request (or one batch of requests sent together) to the peers and the wait for its
 // replies: a batch of 8 remote pages read together is 1 trip and 8 pages.
 struct DeviceIoCounts {
-  std::uint64_t remote_reads = 0;        // pages read from peers
+  std::uint64_t remote_reads = 0;        // pages read from peers (prefetched ones included)
   std::uint64_t remote_read_trips = 0;
-  std::uint64_t remote_writes = 0;       // pages written to peers (evictions and spills)
+  std::uint64_t remote_writes = 0;       // pages written to peers (evictions, spills, write-around)
   std::uint64_t remote_write_trips = 0;
-  std::uint64_t promotions = 0;          // pages read from below and moved into the local store
+  std::uint64_t written_around = 0;      // of those, written straight from a request (WriteMany)
+  std::uint64_t promotions = 0;          // pages read from below and kept in the local store
+  std::uint64_t prefetched = 0;          // pages fetched ahead of reads into the local store
+  std::uint64_t prefetch_hits = 0;       // of those, read before they left it
+  std::uint64_t prefetch_wasted = 0;     // of those, dropped, rewritten or trimmed unread
+  std::uint64_t read_ahead_trips = 0;    // trips that fetched ahead in the background
 };
 
 class Device final : public PageOwner {
@@ -92,7 +101,40 @@ class Device final : public PageOwner {
     std::span<std::byte> out;
     int result = 0;
   };
+  //
+  // Prefetch: when some of the batch's pages were on peers and the reads continue a run
+  // (SequentialPrefetch), the pages right after the run that are on peers come in the same
+  // round trip and go into the local store as clean pages (their remote copies stay), as
+  // far as it has room under its high watermark. A prefetched page that is read whole is
+  // dropped from the local store again (the reader, the kernel's page or swap cache,
+  // keeps it now); one never read is dropped at no cost when room is needed.
   void ReadMany(std::span<ReadRequest> requests) noexcept;
+  // Fetches ahead the windows that reads of trigger pages asked for (see ReadMany): a
+  // reader that keeps going finds them in RAM. Blocks for a round trip per call; a caller
+  // runs it after completing the requests at hand. Returns whether there was any.
+  bool RunReadAhead() noexcept;
+  // Whether RunReadAhead has something to do (a hint, no lock).
+  bool ReadAheadWanted() const noexcept {
+    return ahead_count_.load(std::memory_order_relaxed) > 0;
+  }
+  // Whether reading [offset, offset + length) needs no lower tier right now: every page is
+  // unmapped, zero or in the local store. A hint (no lock is taken): a page may move
+  // before the read, which then still works, at a lower tier's speed.
+  bool ReadIsAtHand(std::uint64_t offset, std::uint64_t length) const noexcept;
+
+  // Several writes at once: each request's `result` gets what Write would return. While
+  // the local store is at or above its low watermark and there is a remote tier
+  // (Tiering::WritesGoAround), whole pages go to the remote tier together, straight from
+  // the requests' buffers (one round trip for the batch); the others are written as Write
+  // does. REQUIRES: every request's data stays valid until the call returns.
+  struct WriteRequest {
+    std::uint64_t offset = 0;
+    std::span<const std::byte> data;
+    int result = 0;
+  };
+  void WriteMany(std::span<WriteRequest> requests) noexcept;
+  // Whether WriteMany would send whole pages around the local store now (a hint).
+  bool WritesGoAround() const noexcept { return tiers_.WritesGoAround(); }
   // Writes `data` at `offset`; partial pages are read-modify-written.
   int Write(std::uint64_t offset, std::span<const std::byte> data) noexcept;
   // Make [offset, offset + length) read as zeros. Whole pages become unmapped (Trim) or
@@ -142,9 +184,40 @@ class Device final : public PageOwner {
   // Replaces the page's location and disk copy under its lock, keeping the counts in step.
   void SetLocation(std::uint64_t page, PageEntry* entry, Location from, Location to,
                    Slot disk_copy = kNoCopy) noexcept;
-  // Releases everything the page holds (its location's room and its disk copy) and makes
-  // it `to`. REQUIRES: the page's lock is held.
-  void ReleaseAndSet(std::uint64_t page, PageEntry* entry, Location to) noexcept;
+  // Releases everything the page holds (its location's room and its copy below) and makes
+  // it `to`, with `copy` beside it. REQUIRES: the page's lock is held.
+  void ReleaseAndSet(std::uint64_t page, PageEntry* entry, Location to,
+                     Slot copy = kNoCopy) noexcept;
+  // A clean kLocal page `where` whose copy below is a remote copy leaves the local store:
+  // it becomes kRemote again (nothing is copied). If the remote tier has lost that copy,
+  // the page stays local (and dirty) instead; returns whether it left.
+  // REQUIRES: the page's lock is held and its entry holds `where`.
+  bool DropLocalCopy(std::uint64_t page, PageEntry* entry, Location where) noexcept;
+  // Counts a prefetched page that goes unread (its kPrefetchedBit is set).
+  void NoteUnreadPrefetch(Location where) noexcept;
+  // A page of a ReadMany batch that is read from the remote tier after phase 1: of a
+  // request (request < kPrefetch), or fetched ahead (request == kPrefetch).
+  static constexpr std::size_t kPrefetch = ~std::size_t{0};
+  struct RemoteRead {
+    std::size_t request;
+    std::uint64_t page;
+    Location where;  // as pinned
+    std::byte* dest;
+    std::size_t in_page;
+    std::size_t count;
+    bool trigger = false;  // a prefetch that is to carry kTriggerBit
+  };
+  // Pins the pages of [from, from + count) that are on peers now and adds them to `reads`
+  // as prefetches, the first one with the trigger. Returns how many were added.
+  std::size_t AddPrefetch(std::uint64_t from, std::uint64_t count,
+                          std::vector<RemoteRead>& reads) noexcept;
+  // ReadMany's phases 2 and 3: fetches every page of `reads` (pinned) in one batch, gives
+  // the requests' pages to their requests and puts the prefetched ones in the local store.
+  // `scratch_count`: how many of them need a scratch page (partial and prefetched pages).
+  void FetchPinned(std::span<ReadRequest> requests, std::vector<RemoteRead>& reads,
+                   std::size_t scratch_count) noexcept;
+  // Notes a window to fetch in the background (RunReadAhead).
+  void QueueReadAhead(SequentialPrefetch::Range range) noexcept;
   // Copies the whole page into `out` from whatever tier holds it. A kCached page whose
   // cache entry is gone is read from its disk copy, and becomes kDisk. Sets *where to
   // where the page was read from. REQUIRES: the page's lock is held; entry may be null.
@@ -190,15 +263,27 @@ class Device final : public PageOwner {
   std::atomic<std::uint64_t> clock_hand_{0};
   std::array<std::atomic<std::int64_t>, kTierCount> tier_pages_{};
   std::atomic<std::int64_t> clean_pages_{0};  // kLocal pages with a disk copy
+  std::atomic<std::int64_t> remote_copy_pages_{0};  // kLocal pages with a remote copy
   // DeviceIoCounts, as atomics (relaxed: figures for status, not for synchronisation).
   struct IoCounters {
     std::atomic<std::uint64_t> remote_reads{0};
     std::atomic<std::uint64_t> remote_read_trips{0};
     std::atomic<std::uint64_t> remote_writes{0};
     std::atomic<std::uint64_t> remote_write_trips{0};
+    std::atomic<std::uint64_t> written_around{0};
     std::atomic<std::uint64_t> promotions{0};
+    std::atomic<std::uint64_t> prefetched{0};
+    std::atomic<std::uint64_t> prefetch_hits{0};
+    std::atomic<std::uint64_t> prefetch_wasted{0};
+    std::atomic<std::uint64_t> read_ahead_trips{0};
   };
   IoCounters io_;
+  SequentialPrefetch prefetch_;
+  // Windows to fetch in the background. A leaf lock; when full, the oldest is forgotten.
+  static constexpr std::size_t kMaxReadAhead = 8;
+  std::mutex ahead_mu_;
+  std::array<SequentialPrefetch::Range, kMaxReadAhead> ahead_{};  // guarded by ahead_mu_
+  std::atomic<unsigned> ahead_count_{0};  // changed under ahead_mu_
   // One bit per page, set while the page is kLocal (changed under the page's lock), so
   // the eviction scan skips 64 pages that are elsewhere with one load: on a big device
   // whose pages are mostly remote, local pages are rare.

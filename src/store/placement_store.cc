@@ -11,7 +11,7 @@
 namespace memlend {
 namespace {
 
-constexpr std::size_t kWindow = 64;  // pages per peer store batch
+constexpr std::size_t kWindow = 256;  // pages per peer store batch (peer::kWindow)
 constexpr auto kRebuildInterval = std::chrono::milliseconds(100);
 
 }  // namespace
@@ -311,6 +311,14 @@ void PlacementStore::Unpin(Slot slot) noexcept {
   std::lock_guard lock(LockFor(id));
   if (record->wanted == 0 || record->pins == 0) return;
   if (--record->pins == 0 && record->discarded) ReleaseLocked(id, *record);
+}
+
+bool PlacementStore::Holds(Slot slot) const noexcept {
+  const auto id = static_cast<std::uint32_t>(slot);
+  Record* record = Find(id);
+  if (record == nullptr) return false;
+  std::lock_guard lock(LockFor(id));
+  return record->wanted != 0 && !record->lost;
 }
 
 void PlacementStore::Discard(Slot slot) noexcept {

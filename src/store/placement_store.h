@@ -95,6 +95,8 @@ class PlacementStore final : public PageStore {
                         std::span<Slot> slots, std::span<int> results) noexcept override;
   void Pin(Slot slot) noexcept override;
   void Unpin(Slot slot) noexcept override;
+  // False once every copy of the page is lost (its lenders went down).
+  bool Holds(Slot slot) const noexcept override;
   void Discard(Slot slot) noexcept override;
   // pages: placements with a live copy; used_bytes and total_bytes: the peers'.
   StoreStats Stats() const noexcept override;
@@ -136,7 +138,7 @@ class PlacementStore final : public PageStore {
 
   // The record of `id`, or nullptr if `id` was never allocated.
   Record* Find(std::uint32_t id) const noexcept;
-  std::mutex& LockFor(std::uint32_t id) noexcept { return stripes_[id % kLockStripes].mu; }
+  std::mutex& LockFor(std::uint32_t id) const noexcept { return stripes_[id % kLockStripes].mu; }
   // Takes a free id (growing the table if needed); false when memory ran out.
   bool Allocate(std::uint32_t* id) noexcept;
   void Free(std::uint32_t id) noexcept;
@@ -165,7 +167,7 @@ class PlacementStore final : public PageStore {
   const unsigned rebuild_rate_;
 
   const std::unique_ptr<std::atomic<Record*>[]> chunks_;  // kMaxChunks slots, filled as needed
-  std::array<Stripe, kLockStripes> stripes_;
+  mutable std::array<Stripe, kLockStripes> stripes_;  // mutable: Holds locks one
   std::mutex table_mu_;                    // a leaf lock
   std::vector<std::uint32_t> free_ids_;    // guarded by table_mu_
   std::size_t chunk_count_ = 0;            // guarded by table_mu_

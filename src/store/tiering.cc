@@ -98,7 +98,8 @@ void Tiering::EvictorLoop() {
       return evictor_stop_ || !evictor_idle_.load(std::memory_order_relaxed);
     });
     if (evictor_stop_) return;
-    if (LocalUse() < options_.high_watermark) continue;
+    const bool room_wanted = room_wanted_.exchange(false, std::memory_order_relaxed);
+    if (LocalUse() < options_.high_watermark && !room_wanted) continue;
     lock.unlock();
     while (LocalUse() >= options_.low_watermark) {
       // Let a RemoveOwner waiting for the owners lock have it first.
@@ -234,7 +235,7 @@ void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
                           std::span<const std::uint64_t> hints, std::span<Slot> disk_copies,
                           bool use_cache, std::span<Location> placed,
                           std::span<int> results, Redundancy redundancy) noexcept {
-  constexpr std::size_t kMaxBatch = 64;
+  constexpr std::size_t kMaxBatch = kMaxDemoteBatch;
   assert(pages.size() <= kMaxBatch);
   // Split the batch: dirty pages need a new home, clean ones at most a cache entry.
   const std::byte* dirty_pages[kMaxBatch];
@@ -435,6 +436,32 @@ bool Tiering::MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old,
       break;
   }
   return true;
+}
+
+bool Tiering::StorePrefetched(ConstPageSpan page, std::uint64_t hint, Location* placed) noexcept {
+  Slot slot = 0;
+  if (local_->Write(page, hint, &slot) != 0) return false;
+  *placed = Location(Tier::kLocal, slot);
+  return true;
+}
+
+std::size_t Tiering::PrefetchRoom(std::size_t wanted) noexcept {
+  if (remote_ == nullptr) return 0;
+  const StoreStats stats = local_->Stats();
+  const auto limit = static_cast<std::uint64_t>(static_cast<double>(stats.total_bytes) *
+                                                options_.high_watermark);
+  const std::size_t room = stats.used_bytes >= limit ? 0 : (limit - stats.used_bytes) / kPageSize;
+  if (wanted > room) WantRoom();
+  return room;
+}
+
+void Tiering::WantRoom() noexcept {
+  if (!evictor_.joinable() || room_wanted_.exchange(true, std::memory_order_relaxed)) return;
+  {
+    std::lock_guard lock(evictor_mu_);
+    evictor_idle_.store(false, std::memory_order_relaxed);
+  }
+  evictor_cv_.notify_one();
 }
 
 int Tiering::Load(Location location, PageSpan out) noexcept {

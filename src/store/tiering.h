@@ -29,6 +29,20 @@
 // simply dropped from RAM and becomes kDisk again. A kCached page is read from the cache
 // and, when the lender has dropped it meanwhile, from its disk copy.
 //
+// A page fetched from the remote tier ahead of the reads that are expected next (prefetch,
+// see Device::ReadMany) keeps its remote slot the same way, as a *remote copy*
+// (RemoteCopy). Dropping it from RAM costs nothing: it becomes kRemote again, with no round
+// trip and nothing copied. (A page promoted by a read moves instead: its remote slot is
+// released. In the swap benchmark promotions were rare, a few per thousand reads, since the
+// store is seldom under its low watermark while pages are on peers.)
+//
+// Writes that find the local store at or above its low watermark while there is a remote
+// tier may go around it (Device::WriteMany, used by the asynchronous ublk frontend): the
+// pages go to the remote tier in one batch straight from the request's buffer, instead of
+// into the local store and out again through the evictor. Swapped-out pages are cold by
+// the kernel's own judgement, and the local store's room is worth more to pages fetched
+// ahead of reads; the evictor still keeps the store under its high watermark.
+//
 // A Location is what a device's page table keeps for one page: a tier tag, the Slot that
 // tier issued and the referenced bit, packed into 64 bits. A kCached page's disk slot,
 // and a clean local page's, are kept beside it by the device.
@@ -61,14 +75,26 @@ enum class Tier : std::uint8_t {
 };
 inline constexpr int kTierCount = 6;
 
-// "No disk copy", for the disk-copy slot a device keeps beside a page's Location.
+// "No copy", for the copy slot a device keeps beside a page's Location.
 inline constexpr Slot kNoCopy = ~Slot{0};
+// A clean kLocal page's copy below is a disk slot, or a remote-tier slot marked with this
+// bit (slots of every tier are under 2^56; see "Clean pages").
+inline constexpr Slot kRemoteCopyBit = Slot{1} << 62;
+constexpr Slot RemoteCopy(Slot remote_slot) { return remote_slot | kRemoteCopyBit; }
+constexpr bool IsRemoteCopy(Slot copy) { return copy != kNoCopy && (copy & kRemoteCopyBit) != 0; }
+// The remote-tier slot of a remote copy. REQUIRES: IsRemoteCopy(copy).
+constexpr Slot RemoteCopySlot(Slot copy) { return copy & ~kRemoteCopyBit; }
 
 // One page-table entry. Bits 0..55 hold the Slot, bits 56..59 the Tier, bit 60 the
 // CLOCK referenced bit.
 class Location {
  public:
   static constexpr std::uint64_t kReferencedBit = std::uint64_t{1} << 60;
+  // On a kLocal page fetched ahead of any read (prefetch) and not read since.
+  static constexpr std::uint64_t kPrefetchedBit = std::uint64_t{1} << 61;
+  // On the first such page of a window fetched ahead: reading it has the next window
+  // fetched (SequentialPrefetch::OnTrigger). Only with kPrefetchedBit.
+  static constexpr std::uint64_t kTriggerBit = std::uint64_t{1} << 62;
 
   constexpr Location() = default;
   constexpr Location(Tier tier, Slot slot)
@@ -85,6 +111,13 @@ class Location {
   constexpr bool referenced() const { return (bits_ & kReferencedBit) != 0; }
   constexpr Location WithReferenced(bool on) const {
     return FromBits(on ? bits_ | kReferencedBit : bits_ & ~kReferencedBit);
+  }
+  constexpr bool prefetched() const { return (bits_ & kPrefetchedBit) != 0; }
+  constexpr bool trigger() const { return (bits_ & kTriggerBit) != 0; }
+  // Off, it takes the trigger with it.
+  constexpr Location WithPrefetched(bool on, bool trigger = false) const {
+    return FromBits(on ? bits_ | kPrefetchedBit | (trigger ? kTriggerBit : 0)
+                       : bits_ & ~(kPrefetchedBit | kTriggerBit));
   }
   // True when the page has no stored bytes (unmapped or all-zero).
   constexpr bool reads_as_zero() const {
@@ -168,6 +201,8 @@ class Tiering {
     return redundancy.copies == 0 ? Redundancy{1, true} : redundancy;
   }
 
+  // The most pages DemoteBatch takes at once.
+  static constexpr std::size_t kMaxDemoteBatch = 256;
   // Demote for a batch. Dirty pages (disk_copies[i] == kNoCopy): the remote tier takes as
   // many as it can in one overlapped round trip, with the copies `redundancy` asks for, and
   // the disk tier the rest. With `disk` redundancy alone ({0, true}) a dirty page is
@@ -188,9 +223,37 @@ class Tiering {
   bool MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old, Slot old_copy,
                     Location* placed, Slot* disk_copy) noexcept;
 
-  // Releases a disk copy (the page was modified or discarded). kNoCopy does nothing.
-  void ReleaseCopy(Slot disk_copy) noexcept {
-    if (disk_copy != kNoCopy) disk_->Discard(disk_copy);
+  // Puts a page fetched ahead of reads from remote slot `remote` into the local store, as
+  // a clean page whose copy is RemoteCopy(remote). False (nothing changed) when the store
+  // has no room.
+  bool StorePrefetched(ConstPageSpan page, std::uint64_t hint, Location* placed) noexcept;
+  // How many pages may be fetched ahead into the local store now: its room under the high
+  // watermark. 0 without a remote tier. With `wanted` more than that, the evictor is asked
+  // to bring the store down to its low watermark (WantRoom), so that the next windows find
+  // room: pages fetched ahead and never read, and other clean pages, go at no cost.
+  std::size_t PrefetchRoom(std::size_t wanted = 0) noexcept;
+  // Has the evictor bring the local store down to its low watermark now, even if it is not
+  // over its high one.
+  void WantRoom() noexcept;
+  // Whether the remote tier still holds the page in `remote_slot` (PageStore::Holds).
+  bool RemoteHolds(Slot remote_slot) const noexcept {
+    return remote_ != nullptr && remote_->Holds(remote_slot);
+  }
+  // Whether a write should go around the local store (see the file comment): there is a
+  // remote tier and the store is at or above its low watermark.
+  bool WritesGoAround() const noexcept {
+    return remote_ != nullptr && LocalUse() >= options_.low_watermark;
+  }
+
+  // Releases a copy below (the page was modified or discarded): a disk slot, or a remote
+  // copy. kNoCopy does nothing.
+  void ReleaseCopy(Slot copy) noexcept {
+    if (copy == kNoCopy) return;
+    if (IsRemoteCopy(copy)) {
+      remote_->Discard(RemoteCopySlot(copy));
+    } else {
+      disk_->Discard(copy);
+    }
   }
   // Whether devices may put clean pages into the cache (there is one, and a disk store).
   bool has_cache() const { return cache_ != nullptr && disk_ != nullptr; }
@@ -275,6 +338,7 @@ class Tiering {
   std::condition_variable evictor_cv_;
   bool evictor_stop_ = false;       // guarded by evictor_mu_
   std::atomic<bool> evictor_idle_{true};
+  std::atomic<bool> room_wanted_{false};  // WantRoom asked; the evictor takes it
   std::thread evictor_;
   std::atomic<std::uint64_t> evicted_{0};
 };

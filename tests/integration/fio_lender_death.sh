@@ -113,7 +113,7 @@ print(f"  after the rebuild: {r['pages']} remote pages, {r['copies']} copies, "
 assert device["redundancy"] == mode, device["redundancy"]
 assert r["lost_pages"] == 0, "pages were lost"
 assert r["degraded_pages"] == 0, "the rebuild did not finish"
-assert r["pages"] == pages["remote"]
+assert r["pages"] == pages["remote"] + pages["remote_copies"]
 assert r["copies"] == sum(p["pages_stored"] for p in s["peers"])
 assert s["disk_store"]["pages"] == pages["disk"] + pages["clean"] + r["disk_copies"]
 if mode == "replicas:2":

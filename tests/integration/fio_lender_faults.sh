@@ -144,7 +144,7 @@ print(f"  status: {r['pages']} remote pages, {r['copies']} copies, {r['degraded_
       f"{r['lost_pages']} lost, {r['rebuilt_copies']} rebuilt, {r['moved_copies']} moved; "
       f"lenders lend {int(sys.argv[2])} bytes to it")
 assert r["lost_pages"] == 0, "pages were lost"
-assert r["pages"] == pages["remote"], "remote pages disagree with the device's"
+assert r["pages"] == pages["remote"] + pages["remote_copies"], "remote pages disagree with the device's"
 assert pages["mapped"] == pages["zero"] + pages["local"] + pages["disk"] + pages["remote"]
 assert r["copies"] == 2 * r["pages"], "not two copies of every remote page"
 assert r["copies"] == sum(p["pages_stored"] for p in s["peers"]), "copies disagree with peers'"

@@ -480,6 +480,7 @@ DevicePages GetDevicePages(const nlohmann::json& status, const std::string& name
     result.remote = pages.at("remote").get<uint64_t>();
     result.cached = pages.at("cached").get<uint64_t>();
     result.clean = pages.at("clean").get<uint64_t>();
+    result.remote_copies = pages.at("remote_copies").get<uint64_t>();
     return result;
   }
   throw std::runtime_error("status has no device named " + name + ": " + status.dump());
@@ -497,11 +498,12 @@ void CheckStatusInvariants(const nlohmann::json& status) {
     CHECK(pages.total == pages.size_bytes / kPageSize);
     CHECK(pages.mapped <= pages.total);
     CHECK(pages.cached <= pages.disk);
-    CHECK(pages.clean <= pages.local);
+    CHECK(pages.clean + pages.remote_copies <= pages.local);
     local_sum += pages.local;
     // Disk slots hold disk pages and the copies of clean local pages.
     disk_sum += pages.disk + pages.clean;
-    remote_sum += pages.remote;
+    // The remote tier holds remote pages and those fetched ahead into the local store.
+    remote_sum += pages.remote + pages.remote_copies;
     cached_sum += pages.cached;
   }
   const nlohmann::json& remote_store = status.at("remote_store");

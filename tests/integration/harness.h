@@ -199,6 +199,7 @@ struct DevicePages {
   uint64_t remote = 0;
   uint64_t cached = 0;  // of the disk pages, those also cached on a peer
   uint64_t clean = 0;   // of the local pages, those with a disk copy
+  uint64_t remote_copies = 0;  // of the local pages, those fetched ahead (a remote copy kept)
 };
 
 // A number of /proc/PID/status: in KiB for "VmLck", "VmRSS", "VmSize", a count for
