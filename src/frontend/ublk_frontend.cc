@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "common/log.h"
+#include "frontend/deferred_io.h"
 #include "frontend/host_tools.h"
 #include "ublk/server.h"
 
@@ -30,7 +33,21 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
   std::string Attach(const UblkOptions& options) {
     ublk::DeviceConfig config;
     config.size_bytes = device_->size_bytes();
+    // The queue count is settled here, so that each queue has its DeferredIo.
+    const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
     config.queues = options.queues;
+    config.queues = ublk::ResolveQueueCount(config, cpus > 0 ? static_cast<unsigned>(cpus) : 1);
+    queue_count_ = config.queues;
+    try {
+      deferred_ = std::make_unique<DeferredIo>(
+          *device_, static_cast<unsigned>(std::min<std::uint64_t>(
+                        std::uint64_t{config.queues} * options.queue_depth, 1u << 20)),
+          options.realtime);
+    } catch (const std::exception& e) {
+      // The queues then serve every request themselves.
+      LogError("warning: ublk: requests that wait for peers are served on the queues' own "
+               "threads: %s", e.what());
+    }
     config.queue_depth = options.queue_depth;
     config.max_io_bytes = options.max_io_bytes;
     config.lock_memory = options.lock_memory;
@@ -77,12 +94,46 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
   int HandleIo(const ublk::IoRequest& request) noexcept override {
     return ServeUblkRequest(*device_, request);
   }
+  // Requests that can be served from the local store are served now; the others go to the
+  // queue's DeferredIo, which completes them when their pages have come (or gone).
   void HandleBatch(std::span<const ublk::IoRequest> requests,
                    std::span<int> results) noexcept override {
-    ServeUblkBatch(*device_, requests, results);
+    DeferredIo* deferred = deferred_.get();
+    ublk::IoRequest waiting[kMaxDeferredBatch];
+    std::size_t waiting_count = 0;
+    for (std::size_t i = 0; i < requests.size(); ++i) {
+      if (deferred != nullptr && waiting_count < kMaxDeferredBatch &&
+          UblkRequestMustWait(*device_, requests[i])) {
+        waiting[waiting_count++] = requests[i];
+        results[i] = ublk::kIoDeferred;
+        if (waiting_count == kMaxDeferredBatch) {
+          deferred->Submit(std::span(waiting, waiting_count));
+          waiting_count = 0;
+        }
+        continue;
+      }
+      results[i] = ServeUblkRequest(*device_, requests[i]);
+    }
+    if (waiting_count > 0) deferred->Submit(std::span(waiting, waiting_count));
+    // A read of a trigger page asked for pages to be fetched ahead: that is the queue's
+    // second thread's work too.
+    if (deferred != nullptr && device_->ReadAheadWanted()) deferred->Kick();
+  }
+  void QueueStopped(unsigned /*queue*/) noexcept override {
+    // Every queue has stopped handing over requests once its last one stops; then the
+    // requests still held are served and completed and the thread ends. The last queue
+    // does it while the others' IoCompleters are still there.
+    if (stopped_queues_.fetch_add(1) + 1 == queue_count_) deferred_.reset();
   }
 
+  static constexpr std::size_t kMaxDeferredBatch = 64;  // handed over per Submit
   const std::shared_ptr<Device> device_;
+  unsigned queue_count_ = 0;
+  std::atomic<unsigned> stopped_queues_{0};
+  // Serves, for every queue, the requests that wait for a lower tier. Made before the
+  // queues start; ended by the last queue to stop (or, if the server never started, with
+  // the frontend).
+  std::unique_ptr<DeferredIo> deferred_;
   std::unique_ptr<ublk::UblkServer> server_;
   std::string path_;
 };
@@ -129,14 +180,18 @@ int ServeUblkRequest(Device& device, const ublk::IoRequest& request) noexcept {
 
 void ServeUblkBatch(Device& device, std::span<const ublk::IoRequest> requests,
                     std::span<int> results) noexcept {
-  // Per queue thread, kept between batches: at most one entry per tag.
+  // Per thread, kept between batches: at most one entry per tag.
   thread_local std::vector<Device::ReadRequest> reads;
   thread_local std::vector<std::size_t> read_index;
+  thread_local std::vector<Device::WriteRequest> writes;
+  thread_local std::vector<std::size_t> write_index;
   reads.clear();
   read_index.clear();
+  writes.clear();
+  write_index.clear();
   for (std::size_t i = 0; i < requests.size(); ++i) {
     const ublk::IoRequest& request = requests[i];
-    if (request.op != ublk::IoOp::kRead) {
+    if (request.op != ublk::IoOp::kRead && request.op != ublk::IoOp::kWrite) {
       results[i] = ServeUblkRequest(device, request);
       continue;
     }
@@ -147,18 +202,38 @@ void ServeUblkBatch(Device& device, std::span<const ublk::IoRequest> requests,
       continue;
     }
     try {
-      reads.push_back({range->offset, request.buffer, 0});
-      read_index.push_back(i);
+      if (request.op == ublk::IoOp::kRead) {
+        reads.push_back({range->offset, request.buffer, 0});
+        read_index.push_back(i);
+      } else {
+        writes.push_back({range->offset, request.buffer, 0});
+        write_index.push_back(i);
+      }
     } catch (const std::bad_alloc&) {
       results[i] = ServeUblkRequest(device, request);  // served alone, without the batch
     }
   }
-  if (reads.empty()) return;
-  device.ReadMany(reads);
+  // Reads first: someone usually waits for them (a page fault), while writes (swap-out,
+  // writeback) are waited for by nobody in particular.
+  if (!reads.empty()) device.ReadMany(reads);
   for (std::size_t r = 0; r < reads.size(); ++r) {
     results[read_index[r]] =
         reads[r].result < 0 ? reads[r].result : static_cast<int>(reads[r].out.size());
   }
+  if (!writes.empty()) device.WriteMany(writes);
+  for (std::size_t w = 0; w < writes.size(); ++w) {
+    results[write_index[w]] =
+        writes[w].result < 0 ? writes[w].result : static_cast<int>(writes[w].data.size());
+  }
+}
+
+bool UblkRequestMustWait(const Device& device, const ublk::IoRequest& request) noexcept {
+  if (request.op != ublk::IoOp::kRead && request.op != ublk::IoOp::kWrite) return false;
+  const std::optional<ByteRange> range =
+      SectorsToBytes(request.start_sector, request.sector_count, device.size_bytes());
+  if (!range) return false;  // refused at once
+  return request.op == ublk::IoOp::kRead ? !device.ReadIsAtHand(range->offset, range->length)
+                                         : device.WritesGoAround();
 }
 
 std::unique_ptr<BlockFrontend> AttachUblk(std::shared_ptr<Device> device,

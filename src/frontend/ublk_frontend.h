@@ -3,9 +3,11 @@
 // requests (sector ranges and operations) onto Device calls.
 //
 // Threads: AttachUblk and Detach run on the control thread; each of the device's ublk
-// queues has a thread of its own (started by the ublk library) that calls
-// ServeUblkBatch with the requests that reached it together, so the Device sees
-// concurrent calls from all queues.
+// queues has a thread of its own (started by the ublk library) that serves at once the
+// requests the local store can serve (ServeUblkRequest), and hands the others, those that
+// must wait for a peer or the disk (UblkRequestMustWait), to a second thread of the queue
+// (DeferredIo, deferred_io.h), which serves them in batches (ServeUblkBatch) and completes
+// them through the library. The Device sees concurrent calls from all these threads.
 #pragma once
 
 #include <cstdint>
@@ -65,13 +67,17 @@ std::optional<ByteRange> SectorsToBytes(std::uint64_t start_sector, std::uint32_
 // the device. Runs on a ublk queue thread; never throws.
 int ServeUblkRequest(Device& device, const ublk::IoRequest& request) noexcept;
 
-// Serves requests that reached one queue together: results[i] is what ServeUblkRequest
-// would return for requests[i]. Every read among them goes to Device::ReadMany at once, so
-// their remote pages (a swap readahead cluster, or the pages of one large read) cost one
-// round trip to the peers instead of one each; the other requests are served first, one
-// at a time. Runs on a ublk queue thread; never throws.
-// REQUIRES: results.size() == requests.size().
+// Serves requests together: results[i] is what ServeUblkRequest would return for
+// requests[i]. Every read among them goes to one Device::ReadMany and every write to one
+// Device::WriteMany, so their pages on peers (swap readahead clusters, swap-out writes)
+// cost one round trip for the batch instead of one each; the other requests are served
+// first, one at a time. Never throws. REQUIRES: results.size() == requests.size().
 void ServeUblkBatch(Device& device, std::span<const ublk::IoRequest> requests,
                     std::span<int> results) noexcept;
+
+// Whether `request` would wait for a lower tier: a read of a page that is not in the local
+// store (Device::ReadIsAtHand), or a write while writes go around the local store
+// (Device::WritesGoAround). A hint, read without locks.
+bool UblkRequestMustWait(const Device& device, const ublk::IoRequest& request) noexcept;
 
 }  // namespace memlend
