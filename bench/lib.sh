@@ -4,8 +4,14 @@
 #
 # A benchmark sources it, may define bench_extra_option (see bench_parse_args), then calls
 #     bench_parse_args "$@"; bench_check
-# and after starting its servers sets memlend_uri and nbdkit_uri and calls bench_prefill,
-# bench_measure, bench_print_machine and bench_print_table.
+# and after starting its servers sets memlend_uri and nbdkit_uri (and memlend_processes, the
+# names under which start_daemon started every memlend daemon of the setup, for the CPU
+# figures) and calls bench_prefill, bench_measure, bench_print_machine and bench_print_table.
+#
+# CPU per I/O: around each fio run, the user and system time of the server's processes (every
+# memlend daemon of the setup, or nbdkit) is read from /proc/PID/stat; their sum over the run
+# divided by the I/Os the run completed (its IOPS times its runtime, ramp included) is the
+# server's CPU time per I/O. fio's own CPU is not counted.
 
 ml_prefix="${0##*/}: "
 # shellcheck source=../scripts/lib.sh
@@ -77,15 +83,34 @@ to_bytes() {
   esac
 }
 
+# bench_cpu_ticks SERVER: the user + system clock ticks so far of SERVER's processes (every
+# daemon named in memlend_processes, or nbdkit).
+bench_cpu_ticks() {
+  local names=(nbdkit) name total=0 stat fields
+  [[ $1 != memlend ]] || names=("${memlend_processes[@]:-memlend}")
+  for name in "${names[@]}"; do
+    stat=$(cat "/proc/${ml_pids[$name]:?no process named $name}/stat")
+    # Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    read -r -a fields <<<"${stat##*) }"
+    total=$((total + fields[11] + fields[12]))
+  done
+  echo "$total"
+}
+
 # bench_run_fio SERVER RESULT FIO_OPTIONS...: one fio job with the nbd ioengine against SERVER
-# (memlend or nbdkit: $memlend_uri or $nbdkit_uri); its JSON goes to $workdir/RESULT.json.
+# (memlend or nbdkit: $memlend_uri or $nbdkit_uri); its JSON goes to $workdir/RESULT.json and
+# the server's CPU seconds during it to $workdir/RESULT.cpu.
 bench_run_fio() {
-  local server=$1 result=$2 uri=${nbdkit_uri:?}
+  local server=$1 result=$2 uri=${nbdkit_uri:?} before after
   shift 2
   [[ $server != memlend ]] || uri=${memlend_uri:?}
+  before=$(bench_cpu_ticks "$server")
   fio --name="$result" --ioengine=nbd --uri="$uri" --output-format=json \
     --output="$workdir/$result.json" "$@" 2>"$workdir/$result.stderr" ||
     fail "fio failed for $result: $(cat "$workdir/$result.stderr")"
+  after=$(bench_cpu_ticks "$server")
+  awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f\n", t / hz}' \
+    >"$workdir/$result.cpu"
 }
 
 # Writes both whole devices once, sequentially, so that reads hit real data.
@@ -131,38 +156,46 @@ bench_print_machine() {
 # their ratios.
 bench_print_table() {
   echo
-  python3 - "$workdir" "$repeat" "${measurements[@]}" <<'EOF'
+  python3 - "$workdir" "$repeat" "$runtime" "${measurements[@]}" <<'EOF'
 import json
 import statistics
 import sys
 
-workdir, repeat, measurements = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+workdir, repeat, runtime, measurements = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+ramp = 1 if runtime >= 5 else 0  # as bench_measure
 
 def one_run(workload, qd, server, rep):
-    """Returns (IOPS, mean total latency in microseconds: submission + completion) of one fio run."""
-    with open(f"{workdir}/{workload}-qd{qd}-{server}-{rep}.json") as f:
+    """Returns (IOPS, mean total latency in microseconds: submission + completion, server CPU
+    microseconds per I/O) of one fio run."""
+    name = f"{workdir}/{workload}-qd{qd}-{server}-{rep}"
+    with open(f"{name}.json") as f:
         text = f.read()
     job = json.loads(text[text.index("{"):])["jobs"][0]  # fio may print notes before the JSON
     side = job["read" if workload.endswith("read") else "write"]
-    return side["iops"], side["lat_ns"]["mean"] / 1000.0
+    with open(f"{name}.cpu") as f:
+        cpu_s = float(f.read())
+    ios = side["iops"] * (runtime + ramp)
+    return side["iops"], side["lat_ns"]["mean"] / 1000.0, cpu_s * 1e6 / ios if ios else 0.0
 
 def result(workload, qd, server):
-    """Returns the median IOPS and median mean latency over the repeated runs."""
+    """Returns the medians of IOPS, mean latency and CPU per I/O over the repeated runs."""
     runs = [one_run(workload, qd, server, rep) for rep in range(1, repeat + 1)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    return tuple(statistics.median(r[i] for r in runs) for i in range(3))
 
 def ratio(a, b):
     return f"{a / b:.2f}" if b else "n/a"
 
 header = ("workload", "qd", "memlend IOPS", "nbdkit IOPS", "IOPS ratio",
-          "memlend lat us", "nbdkit lat us", "lat ratio")
+          "memlend lat us", "nbdkit lat us", "lat ratio",
+          "memlend CPU us/IO", "nbdkit CPU us/IO", "CPU ratio")
 rows = []
 for measurement in measurements:
     workload, qd = measurement.split(":")
-    m_iops, m_lat = result(workload, qd, "memlend")
-    n_iops, n_lat = result(workload, qd, "nbdkit")
+    m_iops, m_lat, m_cpu = result(workload, qd, "memlend")
+    n_iops, n_lat, n_cpu = result(workload, qd, "nbdkit")
     rows.append((workload, qd, f"{m_iops:.0f}", f"{n_iops:.0f}", ratio(m_iops, n_iops),
-                 f"{m_lat:.1f}", f"{n_lat:.1f}", ratio(m_lat, n_lat)))
+                 f"{m_lat:.1f}", f"{n_lat:.1f}", ratio(m_lat, n_lat),
+                 f"{m_cpu:.2f}", f"{n_cpu:.2f}", ratio(m_cpu, n_cpu)))
 
 widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
 def line(row):
@@ -175,6 +208,8 @@ for row in rows:
     print(line(row))
 print()
 print("IOPS ratio = memlend / nbdkit (above 1: memlend faster); "
-      "lat ratio = memlend / nbdkit (below 1: memlend faster).")
+      "lat ratio = memlend / nbdkit (below 1: memlend faster);")
+print("CPU us/IO = the server's user + system time per I/O, fio's own not counted "
+      "(CPU ratio below 1: memlend uses less).")
 EOF
 }

@@ -15,8 +15,9 @@
 # random writes at queue depth 1 and 32, one job each, time based, alternating between the two
 # servers (and swapping who goes first from one workload to the next, so neither always runs on
 # a warmer machine). Each cell is measured --repeat times, the two servers taking turns, and the
-# table shows the median of each: on a shared machine single runs swing by tens of percent. It compares IOPS and mean completion latency; a ratio above 1 means
-# memlend has more IOPS, or a higher latency.
+# table shows the median of each: on a shared machine single runs swing by tens of percent. It
+# compares IOPS, mean completion latency and each server's CPU time (user + system, from /proc)
+# per I/O; a ratio above 1 means memlend has more IOPS, a higher latency, or uses more CPU.
 #
 # Requires fio with the nbd engine, nbdkit and python3; exits 77 (skipped) with a message if one
 # is missing. Everything started is stopped on exit, including on Ctrl-C.
@@ -55,9 +56,10 @@ else
   nbdkit_address=127.0.0.1:$nbdkit_port
 fi
 
-start_daemon memlend --device "bench:$size_bytes" --nbd "$memlend_nbd" \
+start_daemon memlend --device "bench:$size_bytes" --nbd "$memlend_nbd" ${MEMLEND_BENCH_DAEMON_ARGS:-} \
   --local-store "$local_store_bytes" --compress none
 start_server nbdkit "$nbdkit_address" nbdkit -f "${nbdkit_listen[@]}" memory "$size_bytes"
+memlend_processes=(memlend)
 
 # --- Prefill and measure -----------------------------------------------------------------------
 

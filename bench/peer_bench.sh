@@ -26,7 +26,8 @@
 # random write lands in the local store and pushes a cold page out to a lender.
 #
 # IOPS ratio = memlend / nbdkit (above 1: memlend faster); lat ratio = memlend / nbdkit (below
-# 1: memlend faster).
+# 1: memlend faster); CPU us/IO: user + system time per I/O of the three memlend daemons
+# together, and of nbdkit (bench/lib.sh).
 #
 # Requires fio with the nbd engine, nbdkit and python3; exits 77 (skipped) with a message if one
 # is missing. Everything started is stopped on exit, including on Ctrl-C.
@@ -62,6 +63,7 @@ start_daemon borrower --device "bench:$size_bytes" --nbd "unix:$workdir/memlend.
 start_server nbdkit "$workdir/nbdkit.sock" nbdkit -f -U "$workdir/nbdkit.sock" memory "$size_bytes"
 
 memlend_uri="nbd+unix:///bench?socket=$workdir/memlend.sock"
+memlend_processes=(borrower lender1 lender2)  # memlend's CPU is all three daemons'
 nbdkit_uri="nbd+unix:///bench?socket=$workdir/nbdkit.sock"
 
 # One line on where the borrower's pages are, from `memlend status --json`.
