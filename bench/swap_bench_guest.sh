@@ -13,6 +13,7 @@
 # none), lenders2 (two lenders, replicas:2), nbdkit (kernel NBD to `nbdkit memory`; not locked
 # in memory, so it may hang as swap: it runs with the hung-task check off and gives up after
 # 300 s, reported as ok=0).
+# With MEMLEND_SWAP_DISCARD=pages|once|both, every device is swapon'd with --discard=that.
 # With MEMLEND_SWAP_PERF=1, each memlend row's single workload runs under `perf record -a -g`
 # (software clock sampling: TCG has no PMU) and a report by process and symbol follows it;
 # with MEMLEND_SWAP_PERF=sched, under `perf sched record`, and the time each thread spent
@@ -120,13 +121,16 @@ run_workload() {
 }
 
 measure() {
-  local row=$1 deadline=${2:-1200}
+  local row=$1 deadline=${2:-1200} t0 discard=()
+  [[ -z ${MEMLEND_SWAP_DISCARD:-} ]] || discard=("--discard=$MEMLEND_SWAP_DISCARD")
   mkswap "$swap_device" >/dev/null
-  swapon "$swap_device"
+  swapon "${discard[@]}" "$swap_device"
   echo "$row: swap on $swap_device ($(awk -v d="$swap_device" '$1 == d {print $3}' /proc/swaps) KiB)"
   run_workload "$row" single "$deadline" "$size_mib" 1 || return 1
   run_workload "$row" 4proc "$deadline" $((size_mib / 4)) 4 || return 1
+  t0=$(date +%s.%N)
   swapoff "$swap_device"
+  echo "$row: swapoff took $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s"
   swap_device=
 }
 
