@@ -163,6 +163,13 @@ class LenderPool {
   Status Write(SessionId session, const RangeBody& range,
                std::span<const std::byte> data) noexcept;
   Status Read(SessionId session, const RangeBody& range, std::span<std::byte> out) noexcept;
+  // As Read and Write, without the copy: sets *at to the range's bytes in the pool, for a
+  // reply sent from there or a WRITE received straight into it. They stay the session's, and
+  // nobody else changes them, as long as the session's thread is on this request (only the
+  // session frees or writes its superpages).
+  Status Locate(SessionId session, const RangeBody& range, std::byte** at) noexcept {
+    return ResolveRange(session, range, at);
+  }
 
   // Stores the ephemeral `page` under `handle` in the caller's pool handle.pool. A handle
   // that holds a page is rewritten in place. A new page takes a free slot of an active

@@ -138,7 +138,16 @@ class LenderService::Connection {
         return;
       }
       if (input_end_ - input_begin_ < kHeaderBytes + request.payload_bytes) {
-        if (!Flush() || !Receive()) return;  // the rest of this request is on its way
+        if (!Flush()) return;
+        if (request.type == MessageType::kWrite) {
+          const DirectWrite direct = ReceiveWriteIntoPool(request);
+          if (direct == DirectWrite::kBroken) return;
+          if (direct == DirectWrite::kDone) {
+            ++served_since_receive_;
+            continue;
+          }
+        }
+        if (!Receive()) return;  // the rest of this request is on its way
         continue;
       }
       payload_ = input_.data() + input_begin_ + kHeaderBytes;
@@ -151,12 +160,16 @@ class LenderService::Connection {
       if (request.type == MessageType::kRead || request.type == MessageType::kGet) {
         read_since_receive_ = true;
       }
+      // READ replies queued to go out from the pool are sent before anything else is
+      // served: a later request of this session (a WRITE, a FREE_SUPERPAGE) may change or
+      // free what they point at.
+      if (request.type != MessageType::kRead && pool_body_count_ > 0 && !Flush()) return;
       if (!Serve(request)) {
         Flush();
         return;
       }
       // Before HELLO, every reply goes out at once: the buffer holds one.
-      if ((!hello_ || replies_.size() >= kReplyFlushBytes) && !Flush()) return;
+      if ((!hello_ || RepliesFull()) && !Flush()) return;
     }
   }
 
@@ -185,13 +198,70 @@ class LenderService::Connection {
     std::lock_guard lock(session_.send_mu);  // notices from other threads share the socket
     // A notice half sent goes first (none is sent before HELLO).
     if (SendTailLocked(session_, /*wait=*/true) != 0) {
-      replies_.Clear();
+      ClearReplies();
       return false;
     }
-    const int rc = hello_ ? WriteFull(fd_, replies_.data(), replies_.size())
-                          : WriteFullBefore(fd_, replies_.data(), replies_.size(), hello_deadline_);
-    replies_.Clear();
+    int rc;
+    if (pool_body_count_ == 0) {
+      rc = hello_ ? WriteFull(fd_, replies_.data(), replies_.size())
+                  : WriteFullBefore(fd_, replies_.data(), replies_.size(), hello_deadline_);
+    } else {
+      // The queued bytes, with each READ's body taken from the pool where it goes.
+      iovec parts[2 * kMaxPoolBodies + 1];
+      int count = 0;
+      std::size_t done = 0;
+      for (std::size_t i = 0; i < pool_body_count_; ++i) {
+        const PoolBody& body = pool_bodies_[i];
+        if (body.at > done) parts[count++] = {replies_.data() + done, body.at - done};
+        parts[count++] = {const_cast<std::byte*>(body.data), body.length};
+        done = body.at;
+      }
+      if (replies_.size() > done) parts[count++] = {replies_.data() + done, replies_.size() - done};
+      rc = WriteVectorFull(fd_, parts, count);
+    }
+    ClearReplies();
     return rc == 0;
+  }
+
+  // A large WRITE whose data is still on its way is received straight into the pool (one
+  // copy less than through the input buffer), once its range has been found to be the
+  // session's. kNotDone: not such a WRITE (a small one, a range that is refused, or its
+  // range not received yet), served the usual way.
+  enum class DirectWrite { kDone, kNotDone, kBroken };
+  static constexpr std::size_t kDirectWriteBytes = 16 * 1024;
+  DirectWrite ReceiveWriteIntoPool(const Message& request) noexcept {
+    const std::size_t buffered = input_end_ - input_begin_ - kHeaderBytes;
+    if (!hello_ || request.flags != 0 || buffered < sizeof(RangeBody) ||
+        request.payload_bytes - buffered < kDirectWriteBytes) {
+      return DirectWrite::kNotDone;
+    }
+    RangeBody range;
+    DecodeBody(std::span<const std::byte>(input_.data() + input_begin_ + kHeaderBytes,
+                                          sizeof(RangeBody)),
+               &range);
+    std::byte* at = nullptr;
+    if (std::uint64_t{request.payload_bytes} != sizeof(RangeBody) + std::uint64_t{range.length} ||
+        service_.pool_.Locate(session_.id, range, &at) != Status::kOk) {
+      return DirectWrite::kNotDone;  // refused by Write, the usual way
+    }
+    const std::size_t have = buffered - sizeof(RangeBody);
+    std::memcpy(at, input_.data() + input_begin_ + kHeaderBytes + sizeof(RangeBody), have);
+    input_begin_ = input_end_ = 0;  // everything buffered was this request's
+    if (ReadFull(fd_, at + have, range.length - have) != 0) return DirectWrite::kBroken;
+    Send(request, Status::kOk, 0);
+    return RepliesFull() && !Flush() ? DirectWrite::kBroken : DirectWrite::kDone;
+  }
+
+  void ClearReplies() noexcept {
+    replies_.Clear();
+    pool_body_count_ = 0;
+    pool_bytes_ = 0;
+  }
+
+  // Whether the queued replies should go out now: enough bytes, or as many READs sent from
+  // the pool as one send takes.
+  bool RepliesFull() const noexcept {
+    return replies_.size() + pool_bytes_ >= kReplyFlushBytes || pool_body_count_ == kMaxPoolBodies;
   }
 
   // A borrower that sends one request at a time (low queue depth, latency bound) sends
@@ -416,13 +486,16 @@ class LenderService::Connection {
     }
     RangeBody range;
     DecodeBody(Payload(request), &range);
-    // Checked before the length is trusted as a size: the reply buffer holds a superpage.
-    const Status status = range.length <= kSuperpageBytes
-                              ? service_.pool_.Read(session_.id, range,
-                                                    std::span<std::byte>(Body(), range.length))
-                              : service_.pool_.Read(session_.id, range, {});
+    // The reply's body is sent from the pool itself (Flush), not copied here first.
+    std::byte* at = nullptr;
+    const Status status = service_.pool_.Locate(session_.id, range, &at);
     if (status != Status::kOk) return RefuseRange(request, status, range);
-    return Send(request, Status::kOk, range.length);
+    std::byte* header = replies_.Extend(kHeaderBytes);
+    EncodeHeader(request.type, true, 0, Status::kOk, request.tag, range.length,
+                 HeaderSpan(header));
+    pool_bodies_[pool_body_count_++] = {replies_.size(), at, range.length};
+    pool_bytes_ += range.length;
+    return true;
   }
 
   bool Put(const Message& request) noexcept {
@@ -512,6 +585,17 @@ class LenderService::Connection {
   bool read_since_receive_ = false;    // and whether a READ or GET was among them
   const std::byte* payload_ = nullptr;  // the current request's payload, inside input_
   ByteBuffer replies_;                  // replies built and not yet sent
+  // READ replies whose body goes out straight from the pool: the body follows byte `at` of
+  // replies_ (the end of its header). Sent by Flush before any other request is served.
+  struct PoolBody {
+    std::size_t at;
+    const std::byte* data;
+    std::size_t length;
+  };
+  static constexpr std::size_t kMaxPoolBodies = 256;
+  std::array<PoolBody, kMaxPoolBodies> pool_bodies_{};
+  std::size_t pool_body_count_ = 0;
+  std::size_t pool_bytes_ = 0;  // their bodies' bytes
   bool hello_ = false;
 };
 

@@ -70,6 +70,14 @@ class PeerTestClient {
   bool Send(MessageType type, std::uint64_t tag, std::uint32_t flags,
             std::span<const std::byte> body, std::span<const std::byte> data = {},
             std::uint16_t version = kVersion, bool reply = false) {
+    return SendRaw(Encode(type, tag, flags, body, data, version, reply));
+  }
+
+  // The bytes Send would send (for tests that send several requests in one write).
+  static std::vector<std::byte> Encode(MessageType type, std::uint64_t tag, std::uint32_t flags,
+                                       std::span<const std::byte> body,
+                                       std::span<const std::byte> data = {},
+                                       std::uint16_t version = kVersion, bool reply = false) {
     std::vector<std::byte> wire(sizeof(Header) + body.size() + data.size());
     EncodeHeader(type, reply, flags, Status::kOk, tag,
                  static_cast<std::uint32_t>(body.size() + data.size()),
@@ -79,7 +87,7 @@ class PeerTestClient {
     if (!data.empty()) {
       std::memcpy(wire.data() + sizeof(Header) + body.size(), data.data(), data.size());
     }
-    return SendRaw(wire);
+    return wire;
   }
 
   // Reads the next message, whatever it is. nullopt when the stream ended or failed, or

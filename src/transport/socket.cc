@@ -306,6 +306,29 @@ int WriteFull(int fd, const void* data, std::size_t length) noexcept {
   return 0;
 }
 
+int WriteVectorFull(int fd, iovec* parts, int count) noexcept {
+  while (count > 0) {
+    msghdr message{};
+    message.msg_iov = parts;
+    message.msg_iovlen = static_cast<std::size_t>(count);
+    ssize_t sent = ::sendmsg(fd, &message, MSG_NOSIGNAL);
+    if (sent < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    while (count > 0 && static_cast<std::size_t>(sent) >= parts->iov_len) {
+      sent -= static_cast<ssize_t>(parts->iov_len);
+      ++parts;
+      --count;
+    }
+    if (count > 0) {
+      parts->iov_base = static_cast<std::byte*>(parts->iov_base) + sent;
+      parts->iov_len -= static_cast<std::size_t>(sent);
+    }
+  }
+  return 0;
+}
+
 int ReadFull(int fd, void* data, std::size_t length) noexcept {
   auto* bytes = static_cast<std::byte*>(data);
   while (length > 0) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include <chrono>
 #include <cstddef>
@@ -54,6 +55,9 @@ UniqueFd ConnectTo(const Endpoint& endpoint, std::string* error,
 // Sends or receives exactly `length` bytes, retrying on EINTR and short transfers.
 // Return 0, -errno, or (ReadFull) -ECONNRESET when the peer closed the stream early.
 int WriteFull(int fd, const void* data, std::size_t length) noexcept;
+// As WriteFull, for the bytes of `parts` in order (one sendmsg per try); advances `parts` as
+// it goes. REQUIRES: count <= IOV_MAX.
+int WriteVectorFull(int fd, struct iovec* parts, int count) noexcept;
 int ReadFull(int fd, void* data, std::size_t length) noexcept;
 
 // A point in time by which a whole exchange must be done (a handshake, say).

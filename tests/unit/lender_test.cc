@@ -1198,6 +1198,66 @@ TEST_CASE("passive and active data round-trip over the wire") {
   CHECK(lender.service->Stats().used_bytes == 0);
 }
 
+TEST_CASE("pipelined READs, a WRITE over them and READs again are answered in order") {
+  // READ replies go out from the pool itself, after the requests that came with them are
+  // served: a WRITE among them must not change what an earlier READ returns.
+  RunningLender lender(2 * kSuperpageBytes);
+  PeerTestClient client = lender.Connect();
+  REQUIRE(client.Hello());
+  const std::uint32_t sid = AllocOverWire(client);
+  const std::vector<std::byte> before = MakeBytes(16 * kPageBytes, 1);
+  const std::vector<std::byte> after = MakeBytes(16 * kPageBytes, 2);
+  std::optional<TestMessage> reply =
+      client.Call(MessageType::kWrite, 0, RangeBody{sid, 0, 16 * kPageBytes, 0}, before);
+  REQUIRE(reply);
+  REQUIRE(reply->status() == Status::kOk);
+  const RangeBody range{sid, 0, 16 * kPageBytes, 0};
+  const auto body = std::as_bytes(std::span(&range, 1));
+  // One send: READ (tag 1), READ (2), WRITE (3), READ (4).
+  std::vector<std::byte> wire;
+  for (const auto& part : {PeerTestClient::Encode(MessageType::kRead, 1, 0, body),
+                           PeerTestClient::Encode(MessageType::kRead, 2, 0, body),
+                           PeerTestClient::Encode(MessageType::kWrite, 3, 0, body, after),
+                           PeerTestClient::Encode(MessageType::kRead, 4, 0, body)}) {
+    wire.insert(wire.end(), part.begin(), part.end());
+  }
+  REQUIRE(client.SendRaw(wire));
+  for (std::uint64_t tag = 1; tag <= 4; ++tag) {
+    reply = client.ReadMessage();
+    REQUIRE(reply);
+    CHECK(reply->header.tag == tag);
+    REQUIRE(reply->status() == Status::kOk);
+    if (tag == 3) continue;
+    CHECK(reply->payload == (tag < 3 ? before : after));
+  }
+}
+
+TEST_CASE("a large WRITE into another session's superpage is refused and the stream goes on") {
+  RunningLender lender(2 * kSuperpageBytes);
+  PeerTestClient owner = lender.Connect();
+  PeerTestClient other = lender.Connect();
+  REQUIRE(owner.Hello());
+  REQUIRE(other.Hello());
+  const std::uint32_t sid = AllocOverWire(owner);
+  const std::vector<std::byte> mine = MakeBytes(kSuperpageBytes, 5);
+  std::optional<TestMessage> reply =
+      owner.Call(MessageType::kWrite, 0, RangeBody{sid, 0, kSuperpageBytes, 0}, mine);
+  REQUIRE(reply);
+  REQUIRE(reply->status() == Status::kOk);
+  // A whole superpage of someone else's: refused, and its bytes are not taken for requests.
+  reply = other.Call(MessageType::kWrite, 0, RangeBody{sid, 0, kSuperpageBytes, 0},
+                     MakeBytes(kSuperpageBytes, 6));
+  REQUIRE(reply);
+  CHECK(reply->status() == Status::kNotPermitted);
+  reply = other.Call(MessageType::kQuery);
+  REQUIRE(reply);
+  CHECK(reply->status() == Status::kOk);
+  reply = owner.Call(MessageType::kRead, 0, RangeBody{sid, 0, kSuperpageBytes, 0});
+  REQUIRE(reply);
+  REQUIRE(reply->status() == Status::kOk);
+  CHECK(reply->payload == mine);
+}
+
 TEST_CASE("a second session may not touch the first one's superpage") {
   RunningLender lender(2 * kSuperpageBytes);
   PeerTestClient owner = lender.Connect();
