@@ -2,13 +2,14 @@
 # swap_bench.sh — swap in a real kernel: memlend against zram, brd and kernel NBD to nbdkit,
 # in the same boot.
 #
-# Usage: bench/swap_bench.sh [--boots N] [--size MIB] [--limit MIB] [--rows LIST] [--memlend PATH]
+# Usage: bench/swap_bench.sh [--boots N] [--size MIB] [--limit MIB] [--rows LIST] [--memlend PATH] [--logs DIR]
 #   --boots N      guest boots; each runs every row once, and the table shows medians (default 1)
 #   --size MIB     memory the workload writes and verifies (default 384)
 #   --limit MIB    the memory cgroup's memory.high (default 96)
 #   --rows LIST    comma-separated, from zram,brd,local,lender,lenders2,nbdkit (default all;
 #                  zram is always run first, as the reference)
 #   --memlend PATH memlend binary (default build/src/memlend next to this script)
+#   --logs DIR     keep each boot's whole console log in DIR (boot-N.log)
 #
 # Each row is a swap device of 2 x SIZE: zram (lz4), brd (the kernel's RAM disk), memlend ublk
 # with every page in its local store ("local"), with a 16 MiB local store and one lender in the
@@ -26,6 +27,7 @@ size=384
 limit=96
 rows=zram,brd,local,lender,lenders2,nbdkit
 memlend=$here/../build/src/memlend
+logs=
 while [[ $# -gt 0 ]]; do
   case $1 in
     --boots) boots=${2:?}; shift 2 ;;
@@ -33,6 +35,7 @@ while [[ $# -gt 0 ]]; do
     --limit) limit=${2:?}; shift 2 ;;
     --rows) rows=${2:?}; shift 2 ;;
     --memlend) memlend=${2:?}; shift 2 ;;
+    --logs) logs=${2:?}; shift 2 ;;
     -h | --help) sed -n '/^# Usage:/,/^#$/{/^#$/d;s/^# \{0,1\}//;p;}' "$0"; exit 0 ;;
     *) echo "swap_bench.sh: unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -59,7 +62,13 @@ for ((boot = 1; boot <= boots; boot++)); do
   bash "$here/../tests/vm/run" --mem "$mem" --timeout 3600 \
     "$here/swap_bench_guest.sh" "$memlend" "$size" "$limit" "$rows" | tee "$out/boot-$boot.log" |
     grep --line-buffered -E '^SWAPBENCH|^PERF|^[a-z0-9]+: |status:|FAIL' >&2 || true
-  [[ ${PIPESTATUS[0]} -ne 77 ]] || exit 77
+  status=${PIPESTATUS[0]}
+  [[ $status -ne 77 ]] || exit 77
+  if [[ -n $logs ]]; then
+    mkdir -p "$logs"
+    cp "$out/boot-$boot.log" "$logs/"
+  fi
+  ((status == 0)) || echo "boot $boot: the guest script failed (status $status)${logs:+; its log is $logs/boot-$boot.log}" >&2
 done
 
 python3 - "$out" "$boots" "$rows" "$size" "$limit" <<'EOF'
@@ -77,7 +86,8 @@ names = {"zram": "zram (lz4)", "brd": "brd (kernel RAM disk)", "local": "memlend
          "nbdkit": "kernel NBD to nbdkit memory"}
 print(f"\nswap: memory_pattern over {size} MiB in a cgroup with memory.high = {limit} MiB; "
       f"median of {boots} boot(s); guest: 2 vCPUs on one TCG thread")
-header = ("device", "workload", "seconds", "vs zram", "swapped in", "swapped out", "trips/page", "runs")
+header = ("device", "workload", "seconds", "vs zram", "write s", "read s", "swapped in", "swapped out",
+          "trips/page", "runs")
 table = []
 for workload in ("single", "4proc"):
     ref = None
@@ -85,10 +95,12 @@ for workload in ("single", "4proc"):
         fs = runs.get((row, workload), [])
         done = [f for f in fs if f.get("ok") == "1"]
         if not fs or fs[0].get("skipped"):
-            table.append((names.get(row, row), workload, "skipped", "", "", "", "", fs[0]["skipped"] if fs else "not run"))
+            table.append((names.get(row, row), workload, "skipped", "", "", "", "", "", "",
+                          fs[0]["skipped"] if fs else "not run"))
             continue
         if not done:
-            table.append((names.get(row, row), workload, "did not finish", "", "", "", "", f"0/{len(fs)}"))
+            table.append((names.get(row, row), workload, "did not finish", "", "", "", "", "", "",
+                          f"0/{len(fs)}"))
             continue
         sec = statistics.median(float(f["seconds"]) for f in done)
         if row == "zram":
@@ -96,7 +108,10 @@ for workload in ("single", "4proc"):
         sin = statistics.median(int(f["swapin"]) for f in done)
         sout = statistics.median(int(f["swapout"]) for f in done)
         trips = [int(f["trips"]) / max(1, int(f["swapin"]) + int(f["swapout"])) for f in done if f["trips"] != "-"]
+        phase = lambda key: (f"{statistics.median(float(f[key]) for f in done):.1f}"
+                             if all(key in f for f in done) else "-")
         table.append((names.get(row, row), workload, f"{sec:.1f}", f"{sec / ref:.2f}" if ref else "n/a",
+                      phase("write_s"), phase("read_s"),
                       f"{sin:.0f}", f"{sout:.0f}", f"{statistics.median(trips):.3f}" if trips else "-",
                       f"{len(done)}/{len(fs)}"))
 widths = [max(len(r[i]) for r in [header] + table) for i in range(len(header))]

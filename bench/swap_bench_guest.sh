@@ -6,15 +6,17 @@
 # memory cgroup with memory.high = LIMIT_MIB: memory_pattern writing and verifying SIZE_MIB in
 # one process ("single"), then 4 processes of SIZE_MIB / 4 each at once ("4proc"). Prints one
 # machine-readable line per measurement:
-#     SWAPBENCH row=ROW workload=W seconds=S swapin=PAGES swapout=PAGES trips=N ok=0|1
-# (trips: memlend's peer round trips during the workload, - for other devices).
+#     SWAPBENCH row=ROW workload=W seconds=S swapin=PAGES swapout=PAGES trips=N write_s=S read_s=S ok=0|1
+# (trips: memlend's peer round trips during the workload, - for other devices; write_s and
+# read_s: how long the pattern took to write its memory and to read it back, the slowest
+# process's).
 # Rows: zram (lz4), brd (the kernel's RAM disk), local (memlend ublk, every page in its local
 # store), lender (memlend ublk, 16 MiB local store, one lender in the guest, --redundancy
 # none), lenders2 (two lenders, replicas:2), nbdkit (kernel NBD to `nbdkit memory`; not locked
 # in memory, so it may hang as swap: it runs with the hung-task check off and gives up after
 # 300 s, reported as ok=0).
 # With MEMLEND_SWAP_DISCARD=pages|once|both, every device is swapon'd with --discard=that.
-# With MEMLEND_SWAP_PERF=1, each memlend row's single workload runs under `perf record -a -g`
+# With MEMLEND_SWAP_PERF=1, each memlend row's single workload (and nbdkit's) runs under `perf record -a -g`
 # (software clock sampling: TCG has no PMU) and a report by process and symbol follows it;
 # with MEMLEND_SWAP_PERF=sched, under `perf sched record`, and the time each thread spent
 # asleep is summed by the kernel stack it slept in.
@@ -69,7 +71,8 @@ run_workload() {
   out0=$(vmstat_field pswpout)
   t0=$(trips)
   local perf_mode=${MEMLEND_SWAP_PERF:-0}
-  if [[ $perf_mode != 0 && $name == single && $t0 != - ]] && command -v perf >/dev/null; then
+  rm -f "$workdir"/pattern.*
+  if [[ $perf_mode != 0 && $name == single && ($t0 != - || $row == nbdkit) ]] && command -v perf >/dev/null; then
     if [[ $perf_mode == sched ]]; then
       perf sched record -g -o "$workdir/perf.data" >/dev/null 2>"$workdir/perf.log" &
     else
@@ -113,7 +116,12 @@ run_workload() {
   fi
   t1=$(trips)
   [[ $t0 == - ]] || t1=$((t1 - t0))
-  echo "SWAPBENCH row=$row workload=$name seconds=$(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}') swapin=$(($(vmstat_field pswpin) - in0)) swapout=$(($(vmstat_field pswpout) - out0)) trips=$t1 ok=$ok"
+  # The pattern's two phases (the slowest process's, for several): writing (swap-out) and
+  # reading back (swap-in).
+  local phases
+  phases=$(sed -n 's/.*(writing \([0-9.]*\) s, reading back \([0-9.]*\) s).*/\1 \2/p' "$workdir"/pattern.* |
+    awk 'BEGIN {w = 0; r = 0} {if ($1 > w) w = $1; if ($2 > r) r = $2} END {printf "write_s=%.1f read_s=%.1f", w, r}')
+  echo "SWAPBENCH row=$row workload=$name seconds=$(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}') swapin=$(($(vmstat_field pswpin) - in0)) swapout=$(($(vmstat_field pswpout) - out0)) trips=$t1 $phases ok=$ok"
   if ((ok == 0)); then
     cat "$workdir"/pattern.* >&2 || true
     return 1
@@ -151,6 +159,9 @@ for row in "${rows[@]}"; do
       vm_wait_path /dev/ram0 || fail "no /dev/ram0"
       swap_device=/dev/ram0
       measure brd
+      # The RAM disk keeps every page written to it until the module goes: give it back
+      # before the next rows lock their memory.
+      vm_modprobe -r brd || echo "brd: could not unload it; its pages stay in use"
       ;;
     local | lender | lenders2)
       vm_require_module ublk_drv
