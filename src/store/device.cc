@@ -287,6 +287,7 @@ namespace {
 struct ReadScratch {
   std::vector<Slot> slots;
   std::vector<std::byte*> outs;
+  std::vector<Location> frames;  // local frames taken for pages fetched ahead
   std::vector<int> results;
   std::unique_ptr<std::byte[]> pages;  // scratch pages, not zeroed
   std::size_t page_capacity = 0;
@@ -389,6 +390,7 @@ void Device::FetchPinned(std::span<ReadRequest> requests, std::vector<RemoteRead
     try {
       scratch.slots.resize(reads.size());
       scratch.outs.resize(reads.size());
+      scratch.frames.resize(reads.size());
       scratch.results.resize(reads.size());
     } catch (const std::bad_alloc&) {
       ok = false;
@@ -401,12 +403,21 @@ void Device::FetchPinned(std::span<ReadRequest> requests, std::vector<RemoteRead
     }
     return;
   }
+  // A page fetched ahead goes straight into a frame of the local store taken for it
+  // (frames_[i]: its place; kLocal, or unmapped when it goes through a scratch page).
   std::size_t next_scratch = 0;
   for (std::size_t i = 0; i < reads.size(); ++i) {
-    scratch.slots[i] = reads[i].where.slot();
-    scratch.outs[i] = reads[i].request != kPrefetch && reads[i].count == kPageSize
-                          ? reads[i].dest
-                          : scratch.pages.get() + kPageSize * next_scratch++;
+    RemoteRead& d = reads[i];
+    scratch.slots[i] = d.where.slot();
+    scratch.frames[i] = Location();
+    if (d.request != kPrefetch && d.count == kPageSize) {
+      scratch.outs[i] = d.dest;
+    } else if (d.request == kPrefetch &&
+               tiers_.ReserveLocalFrame(d.page, &scratch.frames[i], &scratch.outs[i])) {
+      // received into the frame
+    } else {
+      scratch.outs[i] = scratch.pages.get() + kPageSize * next_scratch++;
+    }
   }
   tiers_.LoadRemoteBatch(scratch.slots, scratch.outs, scratch.results);
   Count(io_.remote_read_trips);
@@ -419,8 +430,10 @@ void Device::FetchPinned(std::span<ReadRequest> requests, std::vector<RemoteRead
     const RemoteRead& d = reads[i];
     const bool prefetch = d.request == kPrefetch;
     std::byte* const out = scratch.outs[i];
+    const Location frame = scratch.frames[i];
     if (scratch.results[i] != 0) {
       tiers_.UnpinRemote(d.where);
+      tiers_.Release(frame);
       if (!prefetch && requests[d.request].result == 0) {
         requests[d.request].result = scratch.results[i];
       }
@@ -434,15 +447,19 @@ void Device::FetchPinned(std::span<ReadRequest> requests, std::vector<RemoteRead
       if (!prefetch) {
         FinishRead(d.page, entry, now, out);
       } else {
-        Location placed;
-        if (tiers_.StorePrefetched(ConstPageSpan(out, kPageSize), d.page, &placed)) {
+        Location placed = frame;
+        if (placed.tier() == Tier::kLocal ||
+            tiers_.StorePrefetched(ConstPageSpan(out, kPageSize), d.page, &placed)) {
           SetLocation(d.page, entry, now,
                       placed.WithPrefetched(true, d.trigger).WithReferenced(true),
                       RemoteCopy(now.slot()));
           Count(io_.prefetched);
+          tiers_.UnpinRemote(d.where);
+          continue;
         }
       }
     }
+    tiers_.Release(frame);  // the page changed meanwhile: its frame goes unused
     tiers_.UnpinRemote(d.where);
   }
 }

@@ -280,6 +280,13 @@ int LocalStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexce
   return 0;
 }
 
+int LocalStore::ReserveFrame(std::uint64_t hint, Slot* slot, std::byte** frame) noexcept {
+  const int rc = Allocate(kRawClass, hint, slot);
+  if (rc != 0) return rc;
+  *frame = ChunkAddress(*slot);
+  return 0;
+}
+
 int LocalStore::Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint,
                         Slot* placed) noexcept {
   alignas(8) std::byte buffer[kLengthBytes + kMaxCompressedBytes];

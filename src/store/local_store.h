@@ -48,6 +48,10 @@ class LocalStore final : public PageStore {
   int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept override;
   int Read(Slot slot, PageSpan out) noexcept override;
   void Discard(Slot slot) noexcept override;
+  // Takes a whole frame for a page that the caller copies into it itself (a page received
+  // straight from a peer): on success sets *slot, and *frame to the frame's kPageSize bytes,
+  // which the caller must fill before the slot is read, or Discard. 0 or -ENOSPC.
+  int ReserveFrame(std::uint64_t hint, Slot* slot, std::byte** frame) noexcept;
   // pages: live pages; used_bytes: frames in use * kPageSize; total_bytes: arena size.
   StoreStats Stats() const noexcept override;
 

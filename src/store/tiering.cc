@@ -445,6 +445,14 @@ bool Tiering::StorePrefetched(ConstPageSpan page, std::uint64_t hint, Location* 
   return true;
 }
 
+bool Tiering::ReserveLocalFrame(std::uint64_t hint, Location* placed, std::byte** frame) noexcept {
+  if (local_.get() != local_store_) return false;  // a wrapper sees every page it stores
+  Slot slot = 0;
+  if (local_store_->ReserveFrame(hint, &slot, frame) != 0) return false;
+  *placed = Location(Tier::kLocal, slot);
+  return true;
+}
+
 std::size_t Tiering::PrefetchRoom(std::size_t wanted) noexcept {
   if (remote_ == nullptr) return 0;
   const StoreStats stats = local_->Stats();

@@ -223,10 +223,13 @@ class Tiering {
   bool MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old, Slot old_copy,
                     Location* placed, Slot* disk_copy) noexcept;
 
-  // Puts a page fetched ahead of reads from remote slot `remote` into the local store, as
-  // a clean page whose copy is RemoteCopy(remote). False (nothing changed) when the store
-  // has no room.
+  // Puts a page fetched ahead of reads into the local store (the caller keeps its remote
+  // slot beside it as its copy). False (nothing changed) when the store has no room.
   bool StorePrefetched(ConstPageSpan page, std::uint64_t hint, Location* placed) noexcept;
+  // Room in the local store for a page fetched ahead, to be received straight into it: sets
+  // *placed (kLocal) and *frame, which the caller fills, then keeps or Releases. False when
+  // the store has no room, or stands behind a TierWrapper (then StorePrefetched copies).
+  bool ReserveLocalFrame(std::uint64_t hint, Location* placed, std::byte** frame) noexcept;
   // How many pages may be fetched ahead into the local store now: its room under the high
   // watermark. 0 without a remote tier. With `wanted` more than that, the evictor is asked
   // to bring the store down to its low watermark (WantRoom), so that the next windows find
