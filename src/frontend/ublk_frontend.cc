@@ -33,7 +33,7 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
   std::string Attach(const UblkOptions& options) {
     ublk::DeviceConfig config;
     config.size_bytes = device_->size_bytes();
-    // The queue count is settled here, so that each queue has its DeferredIo.
+    // The queue count is settled here, so that the DeferredIo's inbox holds every tag.
     const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
     config.queues = options.queues;
     config.queues = ublk::ResolveQueueCount(config, cpus > 0 ? static_cast<unsigned>(cpus) : 1);
@@ -95,15 +95,14 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
     return ServeUblkRequest(*device_, request);
   }
   // Requests that can be served from the local store are served now; the others go to the
-  // queue's DeferredIo, which completes them when their pages have come (or gone).
+  // device's DeferredIo, which completes them when their pages have come (or gone).
   void HandleBatch(std::span<const ublk::IoRequest> requests,
                    std::span<int> results) noexcept override {
     DeferredIo* deferred = deferred_.get();
     ublk::IoRequest waiting[kMaxDeferredBatch];
     std::size_t waiting_count = 0;
     for (std::size_t i = 0; i < requests.size(); ++i) {
-      if (deferred != nullptr && waiting_count < kMaxDeferredBatch &&
-          UblkRequestMustWait(*device_, requests[i])) {
+      if (deferred != nullptr && UblkRequestMustWait(*device_, requests[i])) {
         waiting[waiting_count++] = requests[i];
         results[i] = ublk::kIoDeferred;
         if (waiting_count == kMaxDeferredBatch) {
@@ -115,8 +114,8 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
       results[i] = ServeUblkRequest(*device_, requests[i]);
     }
     if (waiting_count > 0) deferred->Submit(std::span(waiting, waiting_count));
-    // A read of a trigger page asked for pages to be fetched ahead: that is the queue's
-    // second thread's work too.
+    // A read of a trigger page asked for pages to be fetched ahead: that is the DeferredIo
+    // thread's work too.
     if (deferred != nullptr && device_->ReadAheadWanted()) deferred->Kick();
   }
   void QueueStopped(unsigned /*queue*/) noexcept override {
