@@ -109,16 +109,37 @@ print(next(d for d in status["devices"] if d["name"] == sys.argv[1])["pages"]["r
   wait "$pid" || fail "the pattern program failed (status $?)"
 }
 
-# swap_cycle NAME CONTROL DEVICE FRONTEND: the swap check every frontend gets. `memlend status`
-# must show NAME attached as DEVICE through FRONTEND; then mkswap and swapon on DEVICE,
-# swap_pattern_check over 128 MiB in a 32 MiB memory cgroup, swapoff and detach.
+# swap_cycle NAME CONTROL DEVICE FRONTEND [discard]: the swap check every frontend gets.
+# `memlend status` must show NAME attached as DEVICE through FRONTEND; then mkswap and swapon
+# on DEVICE, swap_pattern_check over 128 MiB in a 32 MiB memory cgroup, swapoff and detach.
+# With `discard`, swapon --discard=pages, and once the pattern program has exited (its swap
+# slots freed) the device must let go of its pages within 20 s: the kernel's discards of the
+# freed clusters reach memlend, which frees their pages. (Not every page: the kernel keeps a
+# few clusters it was filling, about 10 MiB in the VM, undiscarded; without discards all of
+# the pattern's 24,000 or more swapped pages would stay mapped.)
 swap_cycle() {
-  local name=$1 control=$2 device=$3 frontend=$4
+  local name=$1 control=$2 device=$3 frontend=$4 discard=${5:-} mapped=
   "$memlend" status --control "$control" | grep -E "^$name .*$device \($frontend\)" ||
     fail "status does not show $name attached: $("$memlend" status --control "$control")"
   mkswap "$device" >/dev/null
-  swapon "$device"
+  if [[ $discard == discard ]]; then
+    swapon --discard=pages "$device"
+  else
+    swapon "$device"
+  fi
   swap_pattern_check "$name" "$control" "$device" 128 32
+  if [[ $discard == discard ]]; then
+    for _ in $(seq 200); do
+      mapped=$("$memlend" status --json --control "$control" | python3 -c '
+import json, sys
+status = json.load(sys.stdin)
+print(next(d for d in status["devices"] if d["name"] == sys.argv[1])["pages"]["mapped"])' "$name")
+      ((mapped < 8192)) && break
+      sleep 0.1
+    done
+    echo "after the pattern program exited: $name maps $mapped pages (swapon --discard=pages)"
+    ((mapped < 8192)) || fail "the freed swap slots were not discarded: $mapped pages still mapped"
+  fi
   swapoff "$device"
   "$memlend" detach "$name" --control "$control"
   attached_devices=()

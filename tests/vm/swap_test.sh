@@ -7,7 +7,8 @@
 #             the device is attached, mkswap, swapon; a process in a cgroup-v2 memory cgroup
 #             limited to a quarter of what it allocates writes a pattern over 128 MiB, and
 #             before it reads it back /proc/swaps must show the device in use, `memlend status`
-#             pages on the peer, and detach must be refused (attach_lib.sh's swap_cycle).
+#             pages on the peer, and detach must be refused (attach_lib.sh's swap_cycle); swap is
+#             on with --discard=pages, and once the pattern is gone its pages must be too.
 #   replicas  as cgroup, with two lenders (128 MiB each), the daemon at --redundancy none and the
 #             device attached with --redundancy replicas:2 (it must say so in status); once the
 #             pattern is written, and before it is read back, one lender is killed with
@@ -98,6 +99,11 @@ echo "attached swap0 as $device ($frontend)"
 block=${device#/dev/}
 grep -q '\[none\]' "/sys/block/$block/queue/scheduler" ||
   fail "$device's I/O scheduler is $(cat "/sys/block/$block/queue/scheduler"), not none"
+# Writeback throttling off too: it held swap-out back while reads from a peer were slow.
+if [[ -e /sys/block/$block/queue/wbt_lat_usec ]]; then
+  [[ $(cat "/sys/block/$block/queue/wbt_lat_usec") -eq 0 ]] ||
+    fail "$device's writeback throttling is on (wbt_lat_usec $(cat "/sys/block/$block/queue/wbt_lat_usec"))"
+fi
 if [[ $frontend == ublk ]]; then
   # One hardware queue per CPU, each with its own thread in the daemon.
   queues=$(find "/sys/block/$block/mq" -mindepth 1 -maxdepth 1 | wc -l)
@@ -109,7 +115,7 @@ fi
 
 case $mode in
   cgroup)
-    swap_cycle swap0 "$control" "$device" "$frontend"
+    swap_cycle swap0 "$control" "$device" "$frontend" discard
     ;;
   replicas)
     # Between the pattern's writing and its reading back (swap_pattern_check's hook): both
