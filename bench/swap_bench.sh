@@ -16,8 +16,10 @@
 # guest at --redundancy none ("lender"), with two lenders and replicas:2 ("lenders2"), and the
 # kernel's NBD client to `nbdkit memory` ("nbdkit"; not locked in memory, it may hang as swap,
 # and gives up after 300 s). Two workloads in a memory cgroup: memory_pattern writing and
-# verifying SIZE in one process ("single"), and 4 processes of SIZE/4 at once ("4proc"). Prints
-# seconds, the ratio to zram's, pages swapped, and memlend's peer round trips per swapped page.
+# verifying SIZE in one thread ("single"), and 4 threads of one process, each on its own quarter,
+# at once ("4threads"). Prints
+# seconds, the ratio to zram's, how long the pattern took to write its memory and to read it
+# back, pages swapped, and memlend's peer round trips per swapped page.
 # The guest runs under TCG emulation, its 2 vCPUs on one host thread: absolute times are far above a real
 # machine's; compare the ratios. Exits 77 (skipped) when the VM harness cannot run.
 set -euo pipefail
@@ -89,7 +91,7 @@ print(f"\nswap: memory_pattern over {size} MiB in a cgroup with memory.high = {l
 header = ("device", "workload", "seconds", "vs zram", "write s", "read s", "swapped in", "swapped out",
           "trips/page", "runs")
 table = []
-for workload in ("single", "4proc"):
+for workload in ("single", "4threads"):
     ref = None
     for row in rows:
         fs = runs.get((row, workload), [])

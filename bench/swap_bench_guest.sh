@@ -4,8 +4,8 @@
 # For each row of ROWS (comma-separated, from: zram brd local lender lenders2 nbdkit) makes a
 # swap device of 2 x SIZE_MIB, swapon's it alone, and times two workloads in a cgroup-v2
 # memory cgroup with memory.high = LIMIT_MIB: memory_pattern writing and verifying SIZE_MIB in
-# one process ("single"), then 4 processes of SIZE_MIB / 4 each at once ("4proc"). Prints one
-# machine-readable line per measurement:
+# one thread ("single"), then the same with 4 threads, each on its own quarter, faulting at
+# once ("4threads"). Prints one machine-readable line per measurement:
 #     SWAPBENCH row=ROW workload=W seconds=S swapin=PAGES swapout=PAGES trips=N write_s=S read_s=S ok=0|1
 # (trips: memlend's peer round trips during the workload, - for other devices; write_s and
 # read_s: how long the pattern took to write its memory and to read it back, the slowest
@@ -65,7 +65,7 @@ print(sum(d["io"]["remote_read_trips"] + d["io"]["remote_write_trips"] for d in 
 # run_workload ROW NAME DEADLINE_S COMMAND...: runs COMMAND (which starts the pattern
 # processes) in the memory cgroup, times it, and prints the SWAPBENCH line.
 run_workload() {
-  local row=$1 name=$2 deadline=$3 per=$4 count=$5 start end in0 out0 t0 t1 ok=1 pids=() pid
+  local row=$1 name=$2 deadline=$3 per=$4 count=$5 threads=${6:-1} start end in0 out0 t0 t1 ok=1 pids=() pid
   local perf_pid= watchdog
   in0=$(vmstat_field pswpin)
   out0=$(vmstat_field pswpout)
@@ -83,7 +83,7 @@ run_workload() {
   fi
   start=$(date +%s.%N)
   for ((i = 0; i < count; i++)); do
-    bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$memcg" "$pattern" "$per" $((i + 1)) >"$workdir/pattern.$i" 2>&1 &
+    bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$memcg" "$pattern" "$per" $((i + 1)) 1 "$threads" >"$workdir/pattern.$i" 2>&1 &
     pids+=($!)
   done
   # No polling loop (a process started every 0.2 s costs the guest's one emulated CPU
@@ -135,7 +135,7 @@ measure() {
   swapon "${discard[@]}" "$swap_device"
   echo "$row: swap on $swap_device ($(awk -v d="$swap_device" '$1 == d {print $3}' /proc/swaps) KiB)"
   run_workload "$row" single "$deadline" "$size_mib" 1 || return 1
-  run_workload "$row" 4proc "$deadline" $((size_mib / 4)) 4 || return 1
+  run_workload "$row" 4threads "$deadline" "$size_mib" 1 4 || return 1
   t0=$(date +%s.%N)
   swapoff "$swap_device"
   echo "$row: swapoff took $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s"
