@@ -122,18 +122,21 @@ void Queue::Join() noexcept {
   if (thread_.joinable()) thread_.join();
 }
 
-void Queue::PrepareCommand(unsigned tag, bool commit, int result) noexcept {
+io_uring_sqe* Queue::NextSqe() noexcept {
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
   if (sqe == nullptr) {
     // Only if more commands were prepared than the ring has entries, which the sizing in
     // Run rules out; submitting frees the slots anyway.
     io_uring_submit(&ring_);
     sqe = io_uring_get_sqe(&ring_);
-    if (sqe == nullptr) {
-      stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
-      return;
-    }
+    if (sqe == nullptr) stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
   }
+  return sqe;
+}
+
+void Queue::PrepareCommand(unsigned tag, bool commit, int result) noexcept {
+  io_uring_sqe* sqe = NextSqe();
+  if (sqe == nullptr) return;
   std::memset(sqe, 0, sizeof(*sqe));
   sqe->opcode = IORING_OP_URING_CMD;
   sqe->fd = char_fd_;
@@ -237,15 +240,8 @@ void Queue::CommitCompleted() noexcept {
 }
 
 void Queue::PrepareEventRead(int fd, std::uint64_t* value, UserDataCommand command) noexcept {
-  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-  if (sqe == nullptr) {
-    io_uring_submit(&ring_);
-    sqe = io_uring_get_sqe(&ring_);
-    if (sqe == nullptr) {
-      stats_.bad_events.fetch_add(1, std::memory_order_relaxed);
-      return;
-    }
-  }
+  io_uring_sqe* sqe = NextSqe();
+  if (sqe == nullptr) return;
   io_uring_prep_read(sqe, fd, value, sizeof(*value), 0);
   sqe->user_data = EncodeUserData({0, command});
 }

@@ -86,6 +86,9 @@ class Queue final : private IoCompleter {
   // Queue thread: switches between SCHED_FIFO (serving) and SCHED_OTHER (waiting) when
   // realtime_ is on. Returns false (and turns realtime_ off) when the kernel refuses.
   bool UseRealtime(bool on) noexcept;
+  // Queue thread: the ring's next free SQE (submitting what is prepared if none is free),
+  // or nullptr, counted as a bad event.
+  io_uring_sqe* NextSqe() noexcept;
   // Queue thread: adds a FETCH_REQ or COMMIT_AND_FETCH_REQ for `tag` to the ring.
   void PrepareCommand(unsigned tag, bool commit, int result) noexcept;
   // Queue thread: serves the requests now in the descriptors of ready_[0, ready_count_)

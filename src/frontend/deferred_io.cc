@@ -73,7 +73,8 @@ void DeferredIo::Run(bool realtime) noexcept {
       if (inbox_count_ == 0) {
         if (stop_) return;  // nothing left
         lock.unlock();
-        device_.RunReadAhead();
+        // One window; then the inbox again before the next one.
+        if (device_.RunReadAhead()) Kick();
         continue;
       }
       count = inbox_count_;
@@ -93,7 +94,7 @@ void DeferredIo::Run(bool realtime) noexcept {
     ServeUblkBatch(device_, std::span<const ublk::IoRequest>(batch.get(), count),
                    std::span<int>(results.get(), count));
     for (unsigned i = 0; i < count; ++i) batch[i].completer->Complete(batch[i].tag, results[i]);
-    device_.RunReadAhead();
+    if (device_.RunReadAhead()) Kick();
   }
 }
 

@@ -33,11 +33,11 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
   std::string Attach(const UblkOptions& options) {
     ublk::DeviceConfig config;
     config.size_bytes = device_->size_bytes();
-    // The queue count is settled here, so that the DeferredIo's inbox holds every tag.
+    // The queue count is settled here, so that the DeferredIo's inbox holds every tag (the
+    // kernel may grant fewer queues and a lower depth, never more).
     const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
     config.queues = options.queues;
     config.queues = ublk::ResolveQueueCount(config, cpus > 0 ? static_cast<unsigned>(cpus) : 1);
-    queue_count_ = config.queues;
     try {
       deferred_ = std::make_unique<DeferredIo>(
           *device_, static_cast<unsigned>(std::min<std::uint64_t>(
@@ -118,16 +118,19 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
     // thread's work too.
     if (deferred != nullptr && device_->ReadAheadWanted()) deferred->Kick();
   }
+  // Every queue that started runs QueueStarted before Start returns, and QueueStopped only
+  // once the device is stopping; the kernel may have granted fewer queues than asked.
+  void QueueStarted(unsigned /*queue*/) noexcept override { started_queues_.fetch_add(1); }
   void QueueStopped(unsigned /*queue*/) noexcept override {
-    // Every queue has stopped handing over requests once its last one stops; then the
-    // requests still held are served and completed and the thread ends. The last queue
-    // does it while the others' IoCompleters are still there.
-    if (stopped_queues_.fetch_add(1) + 1 == queue_count_) deferred_.reset();
+    // Every queue has stopped handing over requests once the last one stops; then the
+    // requests still held are served and completed and the thread ends, while every
+    // queue's IoCompleter is still there (UblkServer::Stop frees them after the threads).
+    if (stopped_queues_.fetch_add(1) + 1 == started_queues_.load()) deferred_.reset();
   }
 
   static constexpr std::size_t kMaxDeferredBatch = 64;  // handed over per Submit
   const std::shared_ptr<Device> device_;
-  unsigned queue_count_ = 0;
+  std::atomic<unsigned> started_queues_{0};
   std::atomic<unsigned> stopped_queues_{0};
   // Serves, for every queue, the requests that wait for a lower tier. Made before the
   // queues start; ended by the last queue to stop (or, if the server never started, with

@@ -1,5 +1,6 @@
 #include "nbd/transmission.h"
 
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -54,6 +55,11 @@ class Connection {
     for (;;) {
       if (!ServeBuffered()) return;
       if (!SendReplies()) return;
+      // With every reply out and no request on its way, fetch ahead one window of what
+      // this client's sequential reads asked for (Device::RunReadAhead).
+      if (device_.ReadAheadWanted() && input_end_ == input_begin_ && !InputWaiting()) {
+        device_.RunReadAhead();
+      }
       if (!Receive()) return;
     }
   }
@@ -278,6 +284,12 @@ class Connection {
     const int rc = WriteFull(fd_, replies_.data(), replies_.size());
     replies_.Clear();
     return rc == 0;
+  }
+
+  // Whether the client has sent bytes not yet received.
+  bool InputWaiting() const noexcept {
+    pollfd ready{fd_, POLLIN, 0};
+    return ::poll(&ready, 1, 0) != 0;
   }
 
   // Compacts the input buffer and blocks until more bytes arrive.

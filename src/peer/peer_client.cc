@@ -127,34 +127,6 @@ class StreamReader {
   std::size_t end_ = 0;
 };
 
-namespace {
-
-// Sends all of `parts` as one message, retrying short writes. Returns 0 or -errno.
-int SendParts(int fd, iovec* parts, int count) noexcept {
-  while (count > 0) {
-    msghdr message{};
-    message.msg_iov = parts;
-    message.msg_iovlen = static_cast<std::size_t>(count);
-    ssize_t sent = ::sendmsg(fd, &message, MSG_NOSIGNAL);
-    if (sent < 0) {
-      if (errno == EINTR) continue;
-      return -errno;
-    }
-    while (count > 0 && static_cast<std::size_t>(sent) >= parts->iov_len) {
-      sent -= static_cast<ssize_t>(parts->iov_len);
-      ++parts;
-      --count;
-    }
-    if (count > 0) {
-      parts->iov_base = static_cast<char*>(parts->iov_base) + sent;
-      parts->iov_len -= static_cast<std::size_t>(sent);
-    }
-  }
-  return 0;
-}
-
-}  // namespace
-
 PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHandler on_notice,
                        const PeerClientOptions& options)
     : endpoint_(endpoint), on_notice_(std::move(on_notice)), options_(options) {
@@ -317,7 +289,7 @@ void PeerClient::SubmitBatch(std::span<const BatchedRequest> requests) noexcept 
   int rc;
   {
     std::lock_guard lock(send_mu_);
-    rc = SendParts(fd_.get(), parts, used);
+    rc = WriteVectorFull(fd_.get(), parts, used);
   }
   // On failure the stream may hold half a message: hang up; the reader thread fails
   // every registered request, so each Wait still returns.
@@ -346,7 +318,7 @@ int PeerClient::Submit(MessageType type, std::uint32_t flags, std::span<const st
   int rc;
   {
     std::lock_guard lock(send_mu_);
-    rc = SendParts(fd_.get(), parts, data.empty() ? (body.empty() ? 1 : 2) : 3);
+    rc = WriteVectorFull(fd_.get(), parts, data.empty() ? (body.empty() ? 1 : 2) : 3);
   }
   if (rc != 0) {
     // The stream may hold half a message now: hang up; the reader fails everyone,
@@ -615,7 +587,7 @@ int PeerClient::SendNoReply(MessageType type, std::span<const std::byte> body,
   } else if (!lock.try_lock()) {
     return -EAGAIN;
   }
-  const int rc = SendParts(fd_.get(), &part, 1);
+  const int rc = WriteVectorFull(fd_.get(), &part, 1);
   lock.unlock();
   if (rc != 0) ::shutdown(fd_.get(), SHUT_RDWR);
   return rc == 0 ? 0 : -ENOTCONN;

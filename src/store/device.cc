@@ -357,25 +357,28 @@ void Device::ReadMany(std::span<ReadRequest> requests) noexcept {
 
   // Prefetch: after each run of missed pages that continues an earlier run, the pages that
   // follow it, as far as the local store has room for them.
-  std::size_t room = missed.empty() ? 0 : tiers_.PrefetchRoom(SequentialPrefetch::kMaxPages);
-  if (room > 0) {
-    std::sort(missed.begin(), missed.end());
-    for (std::size_t m = 0; m < missed.size() && room > 0;) {
-      // Merge the runs that touch.
-      const std::uint64_t first = missed[m].first;
-      std::uint64_t end = missed[m].second;
-      for (++m; m < missed.size() && missed[m].first <= end; ++m) {
-        end = std::max(end, missed[m].second);
-      }
-      std::uint64_t ahead = prefetch_.OnMiss(first, end - first);
-      // Not into the next run of this batch (read anyway) nor past the device.
-      const std::uint64_t limit = m < missed.size() ? missed[m].first : page_count_;
-      ahead = std::min<std::uint64_t>({ahead, room, limit > end ? limit - end : 0});
-      if (ahead == 0) continue;
-      const std::size_t added = AddPrefetch(end, ahead, reads);
-      scratch_count += added;
-      room -= std::min(room, added);
+  // The room is asked for only once a run wants a window: scattered misses must not make
+  // the evictor bring the store down (and write pages out) for nothing.
+  constexpr std::size_t kUnknown = ~std::size_t{0};
+  std::size_t room = kUnknown;
+  std::sort(missed.begin(), missed.end());
+  for (std::size_t m = 0; m < missed.size() && room > 0;) {
+    // Merge the runs that touch.
+    const std::uint64_t first = missed[m].first;
+    std::uint64_t end = missed[m].second;
+    for (++m; m < missed.size() && missed[m].first <= end; ++m) {
+      end = std::max(end, missed[m].second);
     }
+    std::uint64_t ahead = prefetch_.OnMiss(first, end - first);
+    if (ahead == 0) continue;
+    if (room == kUnknown) room = tiers_.PrefetchRoom(SequentialPrefetch::kMaxPages);
+    // Not into the next run of this batch (read anyway) nor past the device.
+    const std::uint64_t limit = m < missed.size() ? missed[m].first : page_count_;
+    ahead = std::min<std::uint64_t>({ahead, room, limit > end ? limit - end : 0});
+    if (ahead == 0) continue;
+    const std::size_t added = AddPrefetch(end, ahead, reads);
+    scratch_count += added;
+    room -= std::min(room, added);
   }
   FetchPinned(requests, reads, scratch_count);
 }
@@ -478,26 +481,25 @@ void Device::QueueReadAhead(SequentialPrefetch::Range range) noexcept {
 
 bool Device::RunReadAhead() noexcept {
   thread_local std::vector<RemoteRead> reads;
-  bool any = false;
   for (;;) {
     SequentialPrefetch::Range range;
     {
       std::lock_guard lock(ahead_mu_);
       const unsigned count = ahead_count_.load(std::memory_order_relaxed);
-      if (count == 0) return any;
+      if (count == 0) return false;
       range = ahead_[0];
       std::move(ahead_.begin() + 1, ahead_.begin() + count, ahead_.begin());
       ahead_count_.store(count - 1, std::memory_order_relaxed);
     }
-    any = true;
     const std::size_t room = tiers_.PrefetchRoom(range.count);
     if (room == 0) continue;
     reads.clear();
     const std::size_t added =
         AddPrefetch(range.first, std::min<std::uint64_t>(range.count, room), reads);
-    if (added == 0) continue;
+    if (added == 0) continue;  // nothing of it is on a peer: the next one, without a trip
     Count(io_.read_ahead_trips);
     FetchPinned({}, reads, added);
+    return ReadAheadWanted();
   }
 }
 

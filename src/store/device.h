@@ -109,9 +109,10 @@ class Device final : public PageOwner {
   // dropped from the local store again (the reader, the kernel's page or swap cache,
   // keeps it now); one never read is dropped at no cost when room is needed.
   void ReadMany(std::span<ReadRequest> requests) noexcept;
-  // Fetches ahead the windows that reads of trigger pages asked for (see ReadMany): a
-  // reader that keeps going finds them in RAM. Blocks for a round trip per call; a caller
-  // runs it after completing the requests at hand. Returns whether there was any.
+  // Fetches ahead the next window that reads of trigger pages asked for (see ReadMany): a
+  // reader that keeps going finds it in RAM. One window per call, one round trip at most,
+  // so that a caller with requests waiting serves them in between; a caller runs it after
+  // completing the requests at hand. Returns whether more windows wait.
   bool RunReadAhead() noexcept;
   // Whether RunReadAhead has something to do (a hint, no lock).
   bool ReadAheadWanted() const noexcept {

@@ -318,7 +318,14 @@ bool PlacementStore::Holds(Slot slot) const noexcept {
   Record* record = Find(id);
   if (record == nullptr) return false;
   std::lock_guard lock(LockFor(id));
-  return record->wanted != 0 && !record->lost;
+  if (record->wanted == 0 || record->lost) return false;
+  if (record->disk != kNoDisk) return true;
+  // A copy counts only on a session that still lives: the rebuilder marks a record lost a
+  // little after its lenders went down, and a page in RAM must not be dropped meanwhile.
+  for (unsigned c = 0; c < record->count; ++c) {
+    if (!peers_->SlotGone(record->copies[c])) return true;
+  }
+  return false;
 }
 
 void PlacementStore::Discard(Slot slot) noexcept {

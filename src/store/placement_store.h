@@ -95,7 +95,8 @@ class PlacementStore final : public PageStore {
                         std::span<Slot> slots, std::span<int> results) noexcept override;
   void Pin(Slot slot) noexcept override;
   void Unpin(Slot slot) noexcept override;
-  // False once every copy of the page is lost (its lenders went down).
+  // False once every copy of the page is lost: its lenders went down (whether or not the
+  // rebuilder has marked the record lost yet) and it has no disk copy.
   bool Holds(Slot slot) const noexcept override;
   void Discard(Slot slot) noexcept override;
   // pages: placements with a live copy; used_bytes and total_bytes: the peers'.

@@ -95,7 +95,8 @@ void Tiering::EvictorLoop() {
     evictor_idle_.store(true, std::memory_order_relaxed);
     // Wake on demand, and every 100 ms in case a wake-up raced with going idle.
     evictor_cv_.wait_for(lock, std::chrono::milliseconds(100), [this] {
-      return evictor_stop_ || !evictor_idle_.load(std::memory_order_relaxed);
+      return evictor_stop_ || !evictor_idle_.load(std::memory_order_relaxed) ||
+             room_wanted_.load(std::memory_order_relaxed);
     });
     if (evictor_stop_) return;
     const bool room_wanted = room_wanted_.exchange(false, std::memory_order_relaxed);
