@@ -153,7 +153,10 @@ void Device::ReleaseAndSet(std::uint64_t page, PageEntry* entry, Location to,
 }
 
 void Device::NoteUnreadPrefetch(Location where) noexcept {
-  if (where.tier() == Tier::kLocal && where.prefetched()) Count(io_.prefetch_wasted);
+  if (where.tier() == Tier::kLocal && where.prefetched()) {
+    Count(io_.prefetch_wasted);
+    prefetch_.NoteWasted();
+  }
 }
 
 bool Device::DropLocalCopy(std::uint64_t page, PageEntry* entry, Location where) noexcept {
@@ -253,6 +256,7 @@ int Device::ReadPageLocked(std::uint64_t page, PageEntry* entry, std::size_t in_
   if (where.tier() == Tier::kLocal && where.prefetched()) {
     // Fetched ahead for this read. Read whole, it is the reader's to keep now.
     Count(io_.prefetch_hits);
+    prefetch_.NoteRead();
     if (where.trigger()) QueueReadAhead(prefetch_.OnTrigger(page));
     if (count == kPageSize && IsRemoteCopy(entry->disk_copy)) {
       DropLocalCopy(page, entry, where);

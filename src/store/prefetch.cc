@@ -7,6 +7,7 @@ namespace memlend {
 std::uint64_t SequentialPrefetch::OnMiss(std::uint64_t first, std::uint64_t count) noexcept {
   std::lock_guard lock(mu_);
   ++clock_;
+  const bool paying = AgeAndCheck();
   const std::uint64_t end = first + count;
   Stream* match = nullptr;
   Stream* oldest = &streams_[0];
@@ -27,6 +28,13 @@ std::uint64_t SequentialPrefetch::OnMiss(std::uint64_t first, std::uint64_t coun
     *oldest = Stream{end, end, 0, clock_};
     return 0;
   }
+  if (!paying && ++probe_ % kProbeEvery != 0) {
+    // Followed, but nothing fetched; its window grows on the next probe as if it had been.
+    match->start = end;
+    match->next = end;
+    match->used = clock_;
+    return 0;
+  }
   match->window = match->window == 0 ? kMinPages : std::min(kMaxPages, match->window * 2);
   match->start = end;
   match->next = end + match->window;
@@ -37,6 +45,7 @@ std::uint64_t SequentialPrefetch::OnMiss(std::uint64_t first, std::uint64_t coun
 SequentialPrefetch::Range SequentialPrefetch::OnTrigger(std::uint64_t page) noexcept {
   std::lock_guard lock(mu_);
   ++clock_;
+  if (!AgeAndCheck()) return {};
   for (Stream& stream : streams_) {
     if (stream.used == 0 || stream.window == 0 || page < stream.start || page >= stream.next) {
       continue;
@@ -48,6 +57,21 @@ SequentialPrefetch::Range SequentialPrefetch::OnTrigger(std::uint64_t page) noex
     return {stream.start, stream.window};
   }
   return {};
+}
+
+bool SequentialPrefetch::AgeAndCheck() noexcept {
+  const std::uint64_t read = read_.load(std::memory_order_relaxed);
+  const std::uint64_t wasted = wasted_.load(std::memory_order_relaxed);
+  if (read + wasted >= kHistory) {
+    read_.store(read / 2, std::memory_order_relaxed);
+    wasted_.store(wasted / 2, std::memory_order_relaxed);
+  }
+  return Paying();
+}
+
+bool SequentialPrefetch::Paying() const noexcept {
+  const std::uint64_t wasted = wasted_.load(std::memory_order_relaxed);
+  return wasted < kMinEvidence || wasted <= read_.load(std::memory_order_relaxed);
 }
 
 }  // namespace memlend

@@ -204,6 +204,50 @@ TEST_CASE("SequentialPrefetch: a trigger in the last window fetches the next one
   CHECK(prefetch.OnTrigger(100000).count == 0);
 }
 
+TEST_CASE("SequentialPrefetch stops fetching while most of what it fetched goes unread") {
+  SequentialPrefetch prefetch;
+  CHECK(prefetch.Paying());
+  // Too little evidence yet: wasted pages alone do not stop it.
+  for (std::uint64_t i = 0; i + 1 < SequentialPrefetch::kMinEvidence; ++i) prefetch.NoteWasted();
+  CHECK(prefetch.Paying());
+  prefetch.NoteWasted();
+  CHECK_FALSE(prefetch.Paying());
+  // A run is still followed, but its continuations fetch nothing, except one probe in
+  // kProbeEvery; triggers fetch nothing.
+  CHECK(prefetch.OnMiss(1000, 8) == 0);
+  std::uint64_t next = 1008;
+  unsigned fetched = 0;
+  for (unsigned i = 0; i < SequentialPrefetch::kProbeEvery; ++i) {
+    const std::uint64_t window = prefetch.OnMiss(next, 8);
+    CHECK((window == 0 || window == SequentialPrefetch::kMinPages));
+    fetched += window != 0;
+    next += 8 + window;
+  }
+  CHECK(fetched == 1);
+  CHECK(prefetch.OnTrigger(next - SequentialPrefetch::kMinPages).count == 0);
+  // Reads of fetched pages outweigh the waste: windows again.
+  for (std::uint64_t i = 0; i < SequentialPrefetch::kMinEvidence; ++i) prefetch.NoteRead();
+  CHECK(prefetch.Paying());
+  CHECK(prefetch.OnMiss(next, 8) != 0);
+}
+
+TEST_CASE("SequentialPrefetch forgets old waste") {
+  SequentialPrefetch prefetch;
+  for (std::uint64_t i = 0; i < 4 * SequentialPrefetch::kMinEvidence; ++i) prefetch.NoteWasted();
+  REQUIRE_FALSE(prefetch.Paying());
+  // Pages read since then outweigh it once the old counts have been halved.
+  for (std::uint64_t i = 0; i < SequentialPrefetch::kHistory; ++i) {
+    prefetch.NoteRead();
+    prefetch.OnMiss(1000000 + 1000 * i, 1);
+  }
+  CHECK(prefetch.Paying());
+  for (std::uint64_t i = 0; i < 2 * SequentialPrefetch::kHistory; ++i) {
+    prefetch.NoteWasted();
+    prefetch.OnMiss(1000, 1);
+  }
+  CHECK_FALSE(prefetch.Paying());
+}
+
 TEST_CASE("SequentialPrefetch follows several runs at once") {
   SequentialPrefetch prefetch;
   const std::uint64_t starts[] = {0, 100000, 200000, 300000};
