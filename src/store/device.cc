@@ -153,10 +153,7 @@ void Device::ReleaseAndSet(std::uint64_t page, PageEntry* entry, Location to,
 }
 
 void Device::NoteUnreadPrefetch(Location where) noexcept {
-  if (where.tier() == Tier::kLocal && where.prefetched()) {
-    Count(io_.prefetch_wasted);
-    prefetch_.NoteWasted();
-  }
+  if (where.tier() == Tier::kLocal && where.prefetched()) prefetch_.NoteWasted();
 }
 
 bool Device::DropLocalCopy(std::uint64_t page, PageEntry* entry, Location where) noexcept {
@@ -255,7 +252,6 @@ int Device::ReadPageLocked(std::uint64_t page, PageEntry* entry, std::size_t in_
   if (contents == buffer) std::memcpy(dest, buffer + in_page, count);
   if (where.tier() == Tier::kLocal && where.prefetched()) {
     // Fetched ahead for this read. Read whole, it is the reader's to keep now.
-    Count(io_.prefetch_hits);
     prefetch_.NoteRead();
     if (where.trigger()) QueueReadAhead(prefetch_.OnTrigger(page));
     if (count == kPageSize && IsRemoteCopy(entry->disk_copy)) {
@@ -869,8 +865,8 @@ DeviceIoCounts Device::IoCounts() const noexcept {
   counts.written_around = get(io_.written_around);
   counts.promotions = get(io_.promotions);
   counts.prefetched = get(io_.prefetched);
-  counts.prefetch_hits = get(io_.prefetch_hits);
-  counts.prefetch_wasted = get(io_.prefetch_wasted);
+  counts.prefetch_hits = prefetch_.pages_read();
+  counts.prefetch_wasted = prefetch_.pages_wasted();
   counts.read_ahead_trips = get(io_.read_ahead_trips);
   return counts;
 }

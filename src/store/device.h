@@ -274,8 +274,6 @@ class Device final : public PageOwner {
     std::atomic<std::uint64_t> written_around{0};
     std::atomic<std::uint64_t> promotions{0};
     std::atomic<std::uint64_t> prefetched{0};
-    std::atomic<std::uint64_t> prefetch_hits{0};
-    std::atomic<std::uint64_t> prefetch_wasted{0};
     std::atomic<std::uint64_t> read_ahead_trips{0};
   };
   IoCounters io_;

@@ -60,18 +60,20 @@ SequentialPrefetch::Range SequentialPrefetch::OnTrigger(std::uint64_t page) noex
 }
 
 bool SequentialPrefetch::AgeAndCheck() noexcept {
-  const std::uint64_t read = read_.load(std::memory_order_relaxed);
-  const std::uint64_t wasted = wasted_.load(std::memory_order_relaxed);
+  std::uint64_t read = pages_read() - read_base_;
+  std::uint64_t wasted = pages_wasted() - wasted_base_;
   if (read + wasted >= kHistory) {
-    read_.store(read / 2, std::memory_order_relaxed);
-    wasted_.store(wasted / 2, std::memory_order_relaxed);
+    read_base_ += read / 2;
+    wasted_base_ += wasted / 2;
+    read -= read / 2;
+    wasted -= wasted / 2;
   }
-  return Paying();
+  return wasted < kMinEvidence || wasted <= read;
 }
 
-bool SequentialPrefetch::Paying() const noexcept {
-  const std::uint64_t wasted = wasted_.load(std::memory_order_relaxed);
-  return wasted < kMinEvidence || wasted <= read_.load(std::memory_order_relaxed);
+bool SequentialPrefetch::Paying() noexcept {
+  std::lock_guard lock(mu_);
+  return AgeAndCheck();
 }
 
 }  // namespace memlend

@@ -22,7 +22,8 @@
 // half of them, and at least kMinEvidence, were wasted, runs are still followed (and their
 // windows still grow) but only one continuation in kProbeEvery fetches its window and no
 // trigger fetches the next, so that a reader that turns sequential again shows it soon.
-// Both counts halve once they reach kHistory together, so old history fades. (Measured:
+// What counts is the history since two baselines, which move halfway up whenever it
+// reaches kHistory pages, so old history fades. (Measured:
 // random reads at depth 32 through peers matched a run by chance often enough to fetch
 // thousands of windows, 90% of their pages never read, and each window's request for room
 // made the evictor write pages out that reads then promoted back: 0.4x nbdkit's IOPS
@@ -65,15 +66,20 @@ class SequentialPrefetch {
   // next window (count 0: none, the page belongs to no run followed now) and notes it.
   Range OnTrigger(std::uint64_t page) noexcept;
 
-  // A page fetched ahead was read / was dropped unread. Any thread, no lock.
+  // A page fetched ahead was read / was dropped unread (the device's prefetch_hits and
+  // prefetch_wasted). Any thread, no lock.
   void NoteRead() noexcept { read_.fetch_add(1, std::memory_order_relaxed); }
   void NoteWasted() noexcept { wasted_.fetch_add(1, std::memory_order_relaxed); }
-  // Whether windows are fetched now (a hint for tests and status).
-  bool Paying() const noexcept;
+  std::uint64_t pages_read() const noexcept { return read_.load(std::memory_order_relaxed); }
+  std::uint64_t pages_wasted() const noexcept {
+    return wasted_.load(std::memory_order_relaxed);
+  }
+  // Whether windows are fetched now.
+  bool Paying() noexcept;
 
  private:
-  // Ages the counts (one call of OnMiss or OnTrigger); whether fetching ahead pays.
-  // REQUIRES: mu_ held.
+  // Ages the recent history (one call of OnMiss or OnTrigger); whether fetching ahead
+  // pays. REQUIRES: mu_ held.
   bool AgeAndCheck() noexcept;
 
   struct Stream {
@@ -87,10 +93,12 @@ class SequentialPrefetch {
   std::array<Stream, kStreams> streams_{};  // guarded by mu_
   std::uint64_t clock_ = 0;                 // guarded by mu_
   unsigned probe_ = 0;                      // guarded by mu_
-  // Pages fetched ahead that were read, and that were dropped unread. Halved under mu_
-  // (an increment racing with the halving may be lost: these are estimates).
+  // Pages fetched ahead that were read, and that were dropped unread, since the start.
   std::atomic<std::uint64_t> read_{0};
   std::atomic<std::uint64_t> wasted_{0};
+  // The recent history is what came after these.
+  std::uint64_t read_base_ = 0;    // guarded by mu_
+  std::uint64_t wasted_base_ = 0;  // guarded by mu_
 };
 
 }  // namespace memlend

@@ -1232,13 +1232,22 @@ TEST_CASE("pipelined READs, a WRITE over them and READs again are answered in or
   }
 }
 
-TEST_CASE("a large WRITE into another session's superpage is refused and the stream goes on") {
-  RunningLender lender(2 * kSuperpageBytes);
+// A lender with two sessions, `owner` holding superpage `sid`, and `other`.
+struct TwoSessions {
+  RunningLender lender{2 * kSuperpageBytes};
   PeerTestClient owner = lender.Connect();
   PeerTestClient other = lender.Connect();
-  REQUIRE(owner.Hello());
-  REQUIRE(other.Hello());
-  const std::uint32_t sid = AllocOverWire(owner);
+  std::uint32_t sid = 0;
+
+  TwoSessions() {
+    REQUIRE(owner.Hello());
+    REQUIRE(other.Hello());
+    sid = AllocOverWire(owner);
+  }
+};
+
+TEST_CASE_FIXTURE(TwoSessions,
+                  "a large WRITE into another session's superpage is refused and the stream goes on") {
   const std::vector<std::byte> mine = MakeBytes(kSuperpageBytes, 5);
   std::optional<TestMessage> reply =
       owner.Call(MessageType::kWrite, 0, RangeBody{sid, 0, kSuperpageBytes, 0}, mine);
@@ -1258,13 +1267,7 @@ TEST_CASE("a large WRITE into another session's superpage is refused and the str
   CHECK(reply->payload == mine);
 }
 
-TEST_CASE("a second session may not touch the first one's superpage") {
-  RunningLender lender(2 * kSuperpageBytes);
-  PeerTestClient owner = lender.Connect();
-  PeerTestClient other = lender.Connect();
-  REQUIRE(owner.Hello());
-  REQUIRE(other.Hello());
-  const std::uint32_t sid = AllocOverWire(owner);
+TEST_CASE_FIXTURE(TwoSessions, "a second session may not touch the first one's superpage") {
   const Page page = MakePage(1);
   std::optional<TestMessage> reply =
       owner.Call(MessageType::kWrite, 0, RangeBody{sid, 0, kPageBytes, 0}, page);
