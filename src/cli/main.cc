@@ -495,6 +495,12 @@ int main(int argc, char** argv) {
                      "open)")
       ->type_name("N")
       ->default_str("32");
+  daemon->add_option("--borrower-grace", daemon_args.borrower_grace,
+                     "Seconds a borrower's memory is kept after its connection ends (0-86400), "
+                     "for it to reconnect and resume its session with the secret it was given; "
+                     "then it is zeroed and freed. 0 frees it at once")
+      ->type_name("S")
+      ->default_str("60");
   daemon->add_option("--node-id", daemon_args.node_id,
                      "This daemon's identity among peers, 1-16 hex digits (default: random)")
       ->type_name("HEX");

@@ -27,6 +27,16 @@ std::string FormatStatus(const nlohmann::json& status) {
                   FormatSize(U64(lending, "total_bytes")).c_str(),
                   static_cast<unsigned long long>(U64(lending, "borrowers")));
     text += line;
+    if (lending.contains("parked")) {
+      for (const nlohmann::json& parked : lending.at("parked")) {
+        std::snprintf(line, sizeof(line),
+                      "             kept for node %s: %s, freed in %llu s unless it comes back\n",
+                      parked.value("node_id", "?").c_str(),
+                      FormatSize(U64(parked, "pages") * 4096).c_str(),
+                      static_cast<unsigned long long>(U64(parked, "seconds_left")));
+        text += line;
+      }
+    }
   }
 
   const nlohmann::json& local = status.at("local_store");

@@ -195,6 +195,10 @@ bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* err
       *error = "--drain-deadline applies to lent memory: give --lend SIZE too";
       return false;
     }
+    if (!args.borrower_grace.empty()) {
+      *error = "--borrower-grace applies to lent memory: give --lend SIZE too";
+      return false;
+    }
     if (!args.reclaim_below.empty() || !args.reclaim_pressure.empty()) {
       *error = std::string(args.reclaim_below.empty() ? "--reclaim-pressure" : "--reclaim-below") +
                " applies to lent memory: give --lend SIZE too";
@@ -232,6 +236,11 @@ bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* err
   unsigned drain_s = static_cast<unsigned>(config->drain_deadline_ms / 1000);
   if (!ParseCount("--drain-deadline", args.drain_deadline, 0, 3600, &drain_s, error)) return false;
   config->drain_deadline_ms = std::uint64_t{drain_s} * 1000;
+  unsigned grace_s = static_cast<unsigned>(config->borrower_grace_ms / 1000);
+  if (!ParseCount("--borrower-grace", args.borrower_grace, 0, 86400, &grace_s, error)) {
+    return false;
+  }
+  config->borrower_grace_ms = std::uint64_t{grace_s} * 1000;
   const std::optional<std::uint64_t> lend = ParseSize(args.lend);
   if (!lend || *lend < (2u << 20)) {
     *error = "--lend " + Quote(args.lend) + ": expected a size of at least 2M (one superpage)";

@@ -58,6 +58,8 @@ struct DaemonConfig {
   std::uint64_t lend_bytes = 0;
   Endpoint listen;                      // where lenders serve the peer protocol
   unsigned max_borrowers = 32;          // borrower connections at once
+  // How long a lender keeps a borrower's memory after its connection ends, for it to resume.
+  std::uint64_t borrower_grace_ms = 60000;
   // How long a lender leaving (SIGTERM) waits for its borrowers to move their pages off.
   std::uint64_t drain_deadline_ms = 30000;
   // Shrink the pool while the host's MemAvailable is under this (0: never); see
@@ -105,6 +107,7 @@ struct DaemonArgs {
   std::string max_connections;  // empty: the default
   std::string max_borrowers;    // empty: the default
   std::string drain_deadline;   // seconds; empty: the default
+  std::string borrower_grace;   // seconds; empty: the default
   std::string reclaim_below;    // a size; empty: never
   std::string reclaim_pressure; // a percentage; empty: never
   std::string socket_mode;      // octal; empty: 0600

@@ -108,6 +108,7 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
   if (config.lend_bytes > 0) {
     peer::LenderOptions options;
     options.max_borrowers = config.max_borrowers;
+    options.borrower_grace = std::chrono::milliseconds(config.borrower_grace_ms);
     options.realtime = locks_memory_;  // replies may be what a swapping host waits for
     lender_ = std::make_unique<peer::LenderService>(config.listen, config.lend_bytes,
                                                     config.node_id, options);
@@ -271,6 +272,7 @@ void Daemon::ReclaimLoop() {
       LogError("lender: resizing the pool failed: %s; trying again in a second", e.what());
     }
     lender_->SendPendingReclaims();  // to borrowers whose sockets were full
+    lender_->ExpireParked();         // borrowers that did not come back in time
     lock.lock();
     reclaim_cv_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; });
   }
@@ -505,7 +507,17 @@ nlohmann::json Daemon::Status() const {
                        {"sessions", lender_ ? lender_->sessions() : 0},
                        {"max_borrowers", lender_ ? config_.max_borrowers : 0},
                        {"held_pages", lending.held_pages},
-                       {"draining", lending.draining}};
+                       {"draining", lending.draining},
+                       {"borrower_grace_s", lender_ ? config_.borrower_grace_ms / 1000 : 0}};
+  if (lender_) {
+    nlohmann::json parked = nlohmann::json::array();
+    for (const peer::ParkedSession& session : lender_->Parked()) {
+      parked.push_back({{"node_id", Hex(session.node_id)},
+                        {"pages", session.pages},
+                        {"seconds_left", (session.left.count() + 999) / 1000}});
+    }
+    status["lending"]["parked"] = std::move(parked);
+  }
   if (lending.draining) {
     nlohmann::json holdings = nlohmann::json::array();
     for (const peer::BorrowerHolding& holding : lender_->Holdings()) {

@@ -286,7 +286,27 @@ Status LenderPool::DestroyPool(SessionId session, std::uint32_t pool) noexcept {
 
 // ---- Sessions and accounting ----
 
-void LenderPool::ReleaseSession(SessionId session) noexcept {
+void LenderPool::ReleaseSession(SessionId session, bool scrub) noexcept {
+  if (scrub) {
+    // Zeroed outside the lock: nobody but the session (which makes no request now) uses
+    // its superpages until they are released below. Without memory for the list, they are
+    // zeroed when next granted, as any released superpage is.
+    std::vector<std::uint32_t> held;
+    try {
+      std::lock_guard lock(mu_);
+      const auto state = sessions_.find(session);
+      if (state != sessions_.end()) {
+        for (const std::uint32_t sid : state->second.sids) held.push_back(grants_.at(sid));
+      }
+    } catch (const std::exception&) {
+      held.clear();
+    }
+    for (const std::uint32_t superpage : held) {
+      ZeroMemory(SuperpageAddress(superpage), kSuperpageBytes);
+    }
+    std::lock_guard lock(mu_);
+    for (const std::uint32_t superpage : held) superpages_[superpage].dirty = false;
+  }
   std::lock_guard lock(mu_);
   const auto state = sessions_.find(session);
   if (state == sessions_.end()) return;
@@ -303,6 +323,23 @@ void LenderPool::ReleaseSession(SessionId session) noexcept {
   }
   assert(doomed.active_pages == 0);
   sessions_.erase(state);
+}
+
+std::uint32_t LenderPool::SuperpagesOf(SessionId session) const noexcept {
+  std::lock_guard lock(mu_);
+  const auto state = sessions_.find(session);
+  return state == sessions_.end() ? 0 : static_cast<std::uint32_t>(state->second.sids.size());
+}
+
+std::vector<std::uint32_t> LenderPool::ReclaimingOf(SessionId session) const {
+  std::vector<std::uint32_t> sids;
+  std::lock_guard lock(mu_);
+  const auto state = sessions_.find(session);
+  if (state == sessions_.end()) return sids;
+  for (const std::uint32_t sid : state->second.sids) {
+    if (superpages_[grants_.at(sid)].reclaiming) sids.push_back(sid);
+  }
+  return sids;
 }
 
 LenderPoolStats LenderPool::Stats(SessionId caller) const noexcept {

@@ -188,8 +188,14 @@ class LenderPool {
   Status DestroyPool(SessionId session, std::uint32_t pool) noexcept;
 
   // Frees everything `session` holds: its superpages, pools and pages. Call when its
-  // connection ends.
-  void ReleaseSession(SessionId session) noexcept;
+  // connection ends, or when a parked session's grace period does. With `scrub`, its
+  // granted superpages are zeroed now rather than when next granted, so that what a borrower
+  // that is gone kept does not stay in memory. REQUIRES: no request of `session` in progress.
+  void ReleaseSession(SessionId session, bool scrub = false) noexcept;
+  // The superpages `session` holds, and those of them asked back (RECLAIM) and not yet
+  // freed (for a session resumed after its notices could not reach it).
+  std::uint32_t SuperpagesOf(SessionId session) const noexcept;
+  std::vector<std::uint32_t> ReclaimingOf(SessionId session) const;
 
   // A consistent snapshot; caller_pages counts what `caller` holds (0 for kNoSession).
   LenderPoolStats Stats(SessionId caller = kNoSession) const noexcept;

@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -53,6 +54,26 @@ Status CheckPayload(const Message& request, std::size_t expected) {
   if (request.payload_bytes < expected) return Status::kInvalid;
   if (request.payload_bytes > expected) return Status::kTooBig;
   return Status::kOk;
+}
+
+// Compares two secrets in time that does not depend on where they differ.
+bool SameSecret(const std::array<std::uint8_t, kSecretBytes>& a,
+                const std::array<std::uint8_t, kSecretBytes>& b) noexcept {
+  std::uint8_t difference = 0;
+  for (std::size_t i = 0; i < kSecretBytes; ++i) difference |= a[i] ^ b[i];
+  return difference == 0;
+}
+
+// Fills `secret` from the kernel's random source; false if it has none to give now.
+bool NewSecret(std::array<std::uint8_t, kSecretBytes>* secret) noexcept {
+  std::size_t done = 0;
+  while (done < secret->size()) {
+    const ssize_t n = ::getrandom(secret->data() + done, secret->size() - done, GRND_NONBLOCK);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    done += static_cast<std::size_t>(n);
+  }
+  return true;
 }
 
 const char* RequestName(MessageType type) {
@@ -174,7 +195,7 @@ class LenderService::Connection {
   }
 
  private:
-  unsigned long long Id() const { return session_.id; }
+  unsigned long long Id() const { return session_.id.load(std::memory_order_relaxed); }
   std::span<const std::byte> Payload(const Message& request) const {
     return {payload_, request.payload_bytes};
   }
@@ -184,9 +205,10 @@ class LenderService::Connection {
 
   // Queues the reply to `request` whose body (of `body_bytes`) is already at Body(). It
   // goes out with the next Flush. Always returns true.
-  bool Send(const Message& request, Status status, std::size_t body_bytes) noexcept {
+  bool Send(const Message& request, Status status, std::size_t body_bytes,
+            std::uint32_t flags = 0) noexcept {
     std::byte* header = replies_.Extend(kHeaderBytes + body_bytes);
-    EncodeHeader(request.type, true, 0, status, request.tag,
+    EncodeHeader(request.type, true, flags, status, request.tag,
                  static_cast<std::uint32_t>(body_bytes), HeaderSpan(header));
     return true;
   }
@@ -355,7 +377,9 @@ class LenderService::Connection {
     if (!hello_ && type != MessageType::kHello) {
       return Refuse(request, Status::kProtocol, "send HELLO before %s", RequestName(type));
     }
-    const std::uint32_t allowed_flags = type == MessageType::kPut ? kPutEphemeral : 0;
+    const std::uint32_t allowed_flags = type == MessageType::kPut     ? kPutEphemeral
+                                        : type == MessageType::kHello ? kHelloResume
+                                                                      : 0;
     switch (type) {
       case MessageType::kHello:
       case MessageType::kQuery:
@@ -391,21 +415,48 @@ class LenderService::Connection {
     }
   }
 
+  // HELLO: the first one greets (a new session with its secret, or a parked one resumed);
+  // a later one is answered again, without RESUME.
   bool Hello(const Message& request) noexcept {
-    if (const Status s = CheckPayload(request, sizeof(HelloBody)); s != Status::kOk) {
-      return RefuseLength(request, s, sizeof(HelloBody));
+    const bool resume = (request.flags & kHelloResume) != 0;
+    const std::size_t expected = sizeof(HelloBody) + (resume ? sizeof(ResumeBody) : 0);
+    if (const Status s = CheckPayload(request, expected); s != Status::kOk) {
+      return RefuseLength(request, s, expected);
+    }
+    if (resume && hello_) {
+      return Refuse(request, Status::kInvalid, "RESUME is only for a connection's first HELLO");
     }
     HelloBody borrower;
     DecodeBody(Payload(request), &borrower);
+    bool resumed = false;
+    std::uint32_t superpages = 0;
     if (!hello_) {
       LogDebug("peer session %llu: borrower node %016llx", Id(),
                static_cast<unsigned long long>(borrower.node_id));
-      session_.node_id.store(borrower.node_id, std::memory_order_relaxed);
+      std::array<std::uint8_t, kSecretBytes> secret{};
+      if (resume) {
+        ResumeBody body;
+        DecodeBody(Payload(request).subspan(sizeof(HelloBody)), &body);
+        std::memcpy(secret.data(), body.secret, kSecretBytes);
+      }
+      std::string refusal;
+      try {
+        resumed = service_.Greet(session_, borrower.node_id, resume ? &secret : nullptr,
+                                 &superpages, &refusal);
+      } catch (const std::exception&) {  // std::bad_alloc
+        refusal = "the lender has no memory for another session";
+      }
+      if (!refusal.empty()) {
+        Refuse(request, Status::kTooManyBorrowers, "%s", refusal.c_str());
+        return false;
+      }
       if (!GrowBuffers()) {
         LogError("lender: no memory for the buffers of session %llu, hanging up", Id());
         Refuse(request, Status::kNoSpace, "the lender has no memory for another session");
         return false;
       }
+    } else {
+      superpages = service_.pool_.SuperpagesOf(session_.id.load(std::memory_order_relaxed));
     }
     if (!hello_ && service_.options_.realtime) {
       realtime_ = true;
@@ -414,15 +465,27 @@ class LenderService::Connection {
     hello_ = true;
     const HelloBody reply{service_.node_id_, service_.pool_.pool_bytes(), kSuperpageBytes,
                           kCapPassive | kCapActive};
+    SessionTicket ticket{};
+    {
+      std::lock_guard lock(service_.mu_);
+      if (session_.has_secret) {
+        std::memcpy(ticket.secret, session_.secret.data(), kSecretBytes);
+        ticket.grace_ms = static_cast<std::uint32_t>(std::min<std::int64_t>(
+            service_.options_.borrower_grace.count(), UINT32_MAX));
+      }
+    }
+    ticket.superpages = superpages;
     EncodeBody(reply, Body());
-    return Send(request, Status::kOk, sizeof(reply));
+    EncodeBody(ticket, Body() + sizeof(reply));
+    return Send(request, Status::kOk, sizeof(reply) + sizeof(ticket),
+                resumed ? kHelloResumed : 0);
   }
 
   bool Query(const Message& request) noexcept {
     if (const Status s = CheckPayload(request, 0); s != Status::kOk) {
       return RefuseLength(request, s, 0);
     }
-    const LenderPoolStats stats = service_.pool_.Stats(session_.id);
+    const LenderPoolStats stats = service_.pool_.Stats(session_.id.load(std::memory_order_relaxed));
     const QueryReply reply{stats.total_pages, stats.free_pages, stats.caller_pages,
                            stats.borrowers, kPagesPerSuperpage};
     EncodeBody(reply, Body());
@@ -841,11 +904,129 @@ std::vector<BorrowerHolding> LenderService::Holdings() const {
   }
   std::vector<BorrowerHolding> holdings;
   for (const std::shared_ptr<Session>& session : open) {
-    const std::uint64_t pages = pool_.Stats(session->id).caller_pages;
+    const std::uint64_t pages = pool_.Stats(session->id.load()).caller_pages;
     if (pages == 0) continue;
     holdings.push_back({session->node_id.load(std::memory_order_relaxed), pages});
   }
+  for (const ParkedSession& parked : Parked()) {
+    if (parked.pages > 0) holdings.push_back({parked.node_id, parked.pages});
+  }
   return holdings;
+}
+
+std::vector<ParkedSession> LenderService::Parked() const {
+  std::vector<std::pair<SessionId, ParkedSession>> parked;
+  {
+    std::lock_guard lock(mu_);
+    const auto now = std::chrono::steady_clock::now();
+    for (const auto& [id, entry] : parked_) {
+      parked.push_back({id, ParkedSession{entry.node_id, 0,
+                                          std::chrono::duration_cast<std::chrono::milliseconds>(
+                                              std::max(entry.deadline - now,
+                                                       std::chrono::steady_clock::duration{}))}});
+    }
+  }
+  std::vector<ParkedSession> result;
+  for (auto& [id, session] : parked) {
+    session.pages = pool_.Stats(id).caller_pages;
+    result.push_back(session);
+  }
+  return result;
+}
+
+std::size_t LenderService::ExpireParked() {
+  std::vector<std::pair<SessionId, std::uint64_t>> expired;
+  {
+    std::lock_guard lock(mu_);
+    const auto now = std::chrono::steady_clock::now();
+    for (auto it = parked_.begin(); it != parked_.end();) {
+      if (it->second.deadline > now) {
+        ++it;
+        continue;
+      }
+      expired.push_back({it->first, it->second.node_id});  // reserved: at most max_borrowers
+      it = parked_.erase(it);
+    }
+  }
+  for (const auto& [id, node_id] : expired) {
+    const std::uint32_t superpages = pool_.SuperpagesOf(id);
+    pool_.ReleaseSession(id, /*scrub=*/true);
+    LogError("lender %s: borrower node %016llx did not come back within %lld s; freed its %u "
+             "superpages (zeroed)",
+             endpoint_.ToString().c_str(), static_cast<unsigned long long>(node_id),
+             static_cast<long long>(options_.borrower_grace.count() / 1000), superpages);
+  }
+  return expired.size();
+}
+
+bool LenderService::Greet(Session& session, std::uint64_t node_id,
+                          const std::array<std::uint8_t, kSecretBytes>* resume,
+                          std::uint32_t* superpages, std::string* refusal) {
+  *superpages = 0;
+  std::unique_lock lock(mu_);
+  session.node_id.store(node_id, std::memory_order_relaxed);
+  session.said_hello = true;
+  if (resume != nullptr) {
+    // A live session with this secret: its borrower lost its side of the connection and is
+    // back before the lender noticed. Hang it up and wait for its thread to park it.
+    for (const auto& [id, other] : sessions_) {
+      if (other.get() == &session || !other->said_hello || !other->has_secret ||
+          other->node_id.load(std::memory_order_relaxed) != node_id ||
+          !SameSecret(other->secret, *resume)) {
+        continue;
+      }
+      const SessionId old = id;
+      const std::shared_ptr<Session> held = other;
+      held->taken_over = true;
+      ::shutdown(held->fd.get(), SHUT_RDWR);
+      parked_cv_.wait_for(lock, kTakeOverWait, [&] {
+        return parked_.count(old) != 0 || held->finished.load(std::memory_order_acquire);
+      });
+      break;  // sessions_ may have changed meanwhile
+    }
+    const auto now = std::chrono::steady_clock::now();
+    for (auto it = parked_.begin(); it != parked_.end(); ++it) {
+      if (it->second.node_id != node_id || !SameSecret(it->second.secret, *resume) ||
+          it->second.deadline <= now) {
+        continue;
+      }
+      // Take it over: this connection becomes that session, with its id in the pool.
+      const SessionId fresh = session.id.load(std::memory_order_relaxed);
+      const SessionId parked = it->first;
+      auto node = sessions_.extract(fresh);  // re-keyed in place: nothing to allocate
+      assert(!node.empty());
+      node.key() = parked;
+      session.id.store(parked, std::memory_order_relaxed);
+      session.secret = it->second.secret;
+      session.has_secret = true;
+      parked_.erase(it);
+      sessions_.insert(std::move(node));
+      lock.unlock();
+      *superpages = pool_.SuperpagesOf(parked);
+      // RECLAIMs it missed while parked are asked again; they go out after the HELLO reply
+      // (SendPendingReclaims), never before it.
+      const std::vector<std::uint32_t> asked = pool_.ReclaimingOf(parked);
+      if (!asked.empty()) {
+        const auto deadline = std::chrono::steady_clock::now() + kResumedReclaimDeadline;
+        std::lock_guard reclaim_lock(session.reclaim_mu);
+        for (const std::uint32_t sid : asked) session.reclaims_unsent.push_back({sid, deadline});
+        session.notices_waiting.store(true, std::memory_order_release);
+      }
+      LogError("lender %s: borrower node %016llx resumed its session (%u superpages)",
+               endpoint_.ToString().c_str(), static_cast<unsigned long long>(node_id),
+               *superpages);
+      return true;
+    }
+  }
+  // A new session. With sessions parked, Accept let this connection in in case it resumed.
+  if (sessions_.size() + parked_.size() > options_.max_borrowers) {
+    *refusal = "this lender serves at most " + std::to_string(options_.max_borrowers) +
+               " borrowers, counting those it keeps memory for until they come back "
+               "(--max-borrowers); try again later";
+    return false;
+  }
+  session.has_secret = NewSecret(&session.secret);
+  return false;
 }
 
 LendingStats LenderService::Stats() const {
@@ -873,7 +1054,10 @@ void LenderService::Accept(UniqueFd fd) {
   {
     std::lock_guard lock(mu_);
     if (stopping_) return;
-    if (sessions_.size() >= options_.max_borrowers) {
+    // Parked sessions count; with some parked, a connection that may resume one is let in
+    // up to the live limit, and refused at HELLO if it does not resume (Greet).
+    if (sessions_.size() >= options_.max_borrowers ||
+        (parked_.empty() && sessions_.size() + parked_.size() >= options_.max_borrowers)) {
       refusal = "this lender serves at most " + std::to_string(options_.max_borrowers) +
                 " borrower connections at once (--max-borrowers); try again later";
     } else {
@@ -886,7 +1070,7 @@ void LenderService::Accept(UniqueFd fd) {
       };
       try {
         session = std::make_shared<Session>();
-        session->id = next_session_++;
+        session->id.store(next_session_++, std::memory_order_relaxed);
         session->fd = std::move(fd);
         sessions_.emplace(session->id, session);
         // The thread's only reference is ServeSession's own, so the descriptor closes
@@ -935,24 +1119,62 @@ void LenderService::Refuse(UniqueFd fd, const std::string& why) noexcept {
 
 void LenderService::ServeSession(std::shared_ptr<Session> session) {
   char name[16];
-  std::snprintf(name, sizeof(name), "ml-lend-%llu", static_cast<unsigned long long>(session->id));
+  std::snprintf(name, sizeof(name), "ml-lend-%llu",
+                static_cast<unsigned long long>(session->id.load()));
   SetThreadName(name);
-  LogDebug("lender: session %llu opened", static_cast<unsigned long long>(session->id));
+  LogDebug("lender: session %llu opened", static_cast<unsigned long long>(session->id.load()));
   try {
     Connection connection(this, session.get());
     connection.Run();
   } catch (const std::bad_alloc&) {
     LogError("lender: out of memory for session %llu's buffers, hanging up",
-             static_cast<unsigned long long>(session->id));
+             static_cast<unsigned long long>(session->id.load()));
   }
-  // Hang up now and free what the session held; the descriptor itself is closed when the
-  // last reference goes, so neither Stop() nor a notice touches a reused number.
+  // Hang up now and free what the session held, or park it for its borrower to resume; the
+  // descriptor itself is closed when the last reference goes, so neither Stop() nor a
+  // notice touches a reused number.
   ::shutdown(session->fd.get(), SHUT_RDWR);
-  pool_.ReleaseSession(session->id);
-  LogDebug("lender: session %llu closed", static_cast<unsigned long long>(session->id));
+  const SessionId id = session->id.load(std::memory_order_relaxed);
+  const bool holds = pool_.Stats(id).caller_pages > 0;
+  bool parked = false;
+  bool taken_over = false;
+  {
+    std::lock_guard lock(mu_);
+    taken_over = session->taken_over;
+    if (holds && !stopping_ && session->has_secret &&
+        (options_.borrower_grace.count() > 0 || taken_over)) {
+      // Taken over with no grace period: only for the resume that waits for it.
+      const auto grace = options_.borrower_grace.count() > 0
+                             ? options_.borrower_grace
+                             : std::chrono::duration_cast<std::chrono::milliseconds>(kTakeOverWait);
+      try {
+        parked_.emplace(id, ParkedEntry{session->node_id.load(std::memory_order_relaxed),
+                                   session->secret, std::chrono::steady_clock::now() + grace});
+        parked = true;
+      } catch (const std::bad_alloc&) {
+      }
+    }
+    if (parked) {
+      // In the same hold as parking: a resume may re-key the id to its own session as soon
+      // as mu_ is released.
+      session->finished.store(true, std::memory_order_release);
+      sessions_.erase(id);
+      parked_cv_.notify_all();
+    }
+  }
+  if (!parked) pool_.ReleaseSession(id);
+  if (parked && !taken_over) {
+    LogError("lender %s: borrower node %016llx hung up; keeping its memory for %lld s for it to "
+             "come back",
+             endpoint_.ToString().c_str(),
+             static_cast<unsigned long long>(session->node_id.load(std::memory_order_relaxed)),
+             static_cast<long long>(options_.borrower_grace.count() / 1000));
+  }
+  LogDebug("lender: session %llu closed", static_cast<unsigned long long>(id));
   session->finished.store(true, std::memory_order_release);
   std::lock_guard lock(mu_);
-  sessions_.erase(session->id);
+  if (!parked) sessions_.erase(id);
+  parked_cv_.notify_all();
   session.reset();  // the descriptor closes here, unless a notice is being sent on it
   --threads_;
   // Notified under mu_, and nothing of the service is touched once mu_ is released: from

@@ -28,12 +28,14 @@
 // whose thread cannot be started. A session's thread removes it when it ends.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <span>
 #include <vector>
 #include <unordered_map>
@@ -71,6 +73,13 @@ struct BorrowerHolding {
   std::uint64_t pages = 0;    // granted superpages' pages and active pages it holds
 };
 
+// A session kept after its connection ended, for its borrower to resume (docs/restart.md).
+struct ParkedSession {
+  std::uint64_t node_id = 0;
+  std::uint64_t pages = 0;                  // what it holds, as BorrowerHolding::pages
+  std::chrono::milliseconds left{0};        // until it is freed
+};
+
 struct LenderOptions {
   // Sessions at once, before and after HELLO; more connections are refused.
   unsigned max_borrowers = 32;
@@ -78,6 +87,9 @@ struct LenderOptions {
   std::chrono::milliseconds hello_timeout{5000};
   // Who may connect, for a unix socket.
   UnixSocketAccess access;
+  // How long a session that holds memory is kept after its connection ends, for its
+  // borrower to resume with the session's secret (docs/restart.md). 0: freed at once.
+  std::chrono::milliseconds borrower_grace{60000};
   // Serve a session's requests under SCHED_FIFO (lowest priority), waiting for them under
   // the ordinary policy: each reply is a socket send that allocates kernel memory, and a
   // real-time thread may allocate a little below the min watermark, so replies still go out
@@ -95,6 +107,10 @@ class LenderService {
   static constexpr std::chrono::seconds kSendTimeout{30};
   // How long Stop() waits for a session's socket to be free to send it SHUTDOWN.
   static constexpr std::chrono::milliseconds kShutdownNoticeWait{100};
+  // How long a resume waits for the session it takes over to let go of its connection.
+  static constexpr std::chrono::milliseconds kTakeOverWait{2000};
+  // The deadline of RECLAIM notices asked again of a session that resumes.
+  static constexpr std::chrono::seconds kResumedReclaimDeadline{10};
 
   // Reserves a pool of `pool_bytes` (rounded down to whole 2 MiB superpages) and binds and
   // listens on `listen`. `node_id` is sent in HELLO replies. Throws std::runtime_error
@@ -136,6 +152,12 @@ class LenderService {
   // memory). REQUIRES: before Start().
   void SetLockMemory(bool lock) { pool_.SetLockMemory(lock); }
 
+  // Frees the parked sessions whose grace period has ended (their superpages zeroed) and
+  // returns how many. The daemon calls it every second. Thread-safe.
+  std::size_t ExpireParked();
+  // The sessions parked now. Thread-safe.
+  std::vector<ParkedSession> Parked() const;
+
   // A snapshot of the pool's use. Thread-safe.
   LendingStats Stats() const;
   // What each session holds now, for sessions holding anything. Thread-safe.
@@ -147,10 +169,16 @@ class LenderService {
 
  private:
   struct Session {
-    SessionId id = kNoSession;
+    // Changes once at most, when the session resumes a parked one (under mu_).
+    std::atomic<SessionId> id{kNoSession};
     UniqueFd fd;  // closed when the last reference goes, after the thread ended
     std::atomic<bool> finished{false};
     std::atomic<std::uint64_t> node_id{0};  // the borrower's, from its HELLO
+    // Set by the session's thread at its first HELLO; read under mu_ by others.
+    bool said_hello = false;            // guarded by mu_
+    bool has_secret = false;            // guarded by mu_: getrandom gave one
+    std::array<std::uint8_t, kSecretBytes> secret{};  // guarded by mu_ once said_hello
+    bool taken_over = false;            // guarded by mu_: a resume is taking it over
     std::mutex send_mu;  // held for each whole message written to fd
     // The rest of a notice that went out only in part (the socket was full), guarded by
     // send_mu: whoever writes next sends it first, so messages never interleave.
@@ -173,6 +201,20 @@ class LenderService {
   // whose socket is busy for more than kShutdownNoticeWait, never blocks on a full one.
   void NotifyAll(std::span<const std::byte> notice);
   class Connection;  // one session's request loop (lender_service.cc)
+
+  // A parked session: its id in the pool, whose it is, and when it goes.
+  struct ParkedEntry {
+    std::uint64_t node_id = 0;
+    std::array<std::uint8_t, kSecretBytes> secret{};
+    std::chrono::steady_clock::time_point deadline;
+  };
+  // HELLO: gives `session` its secret, or (`resume`) the parked session that `node_id` and
+  // `secret` name, taking over a live one first. Returns whether it resumed one; sets
+  // *superpages to what the session holds. Refuses a new session past max_borrowers
+  // (parked ones count) with *refusal set. Called on the session's own thread.
+  bool Greet(Session& session, std::uint64_t node_id,
+             const std::array<std::uint8_t, kSecretBytes>* resume, std::uint32_t* superpages,
+             std::string* refusal);
 
   // Runs on the acceptor thread: starts a session thread for the connection, or refuses it.
   void Accept(UniqueFd fd);
@@ -204,6 +246,8 @@ class LenderService {
   std::atomic<bool> draining_{false};       // set by Drain()
   mutable std::mutex mu_;
   std::unordered_map<SessionId, std::shared_ptr<Session>> sessions_;  // guarded by mu_
+  std::unordered_map<SessionId, ParkedEntry> parked_;                       // guarded by mu_
+  std::condition_variable parked_cv_;  // a session was parked or ended
   SessionId next_session_ = 1;                                          // guarded by mu_
   unsigned threads_ = 0;  // session threads still running; guarded by mu_
   std::condition_variable threads_done_;  // threads_ fell to 0

@@ -34,6 +34,7 @@ const char* PeerStateName(PeerState state) {
     case PeerState::kDraining: return "draining";
     case PeerState::kRemoving: return "removing";
     case PeerState::kRemoved: return "removed";
+    case PeerState::kResuming: return "resuming";
   }
   return "unknown";
 }
@@ -102,6 +103,8 @@ bool Membership::Leaving(const Member& peer) noexcept {
 
 void Membership::EndSessionLocked(Member& peer) {
   peer.transport.reset();
+  peer.secret.reset();
+  peer.resuming = false;
   peer.slots.Clear();
   peer.frees_pending.clear();
   {
@@ -124,6 +127,8 @@ bool Membership::FinishRemoval(Member& peer) {
     if (!peer.removing.load(std::memory_order_acquire)) return false;
     // A pinned slot may still be read, and a superpage still holds a page: not yet.
     if (peer.transport && !peer.slots.idle()) return false;
+    // Waiting to resume: what it holds there is lost with it, as with a peer that is down.
+    if (peer.resuming) MarkDownLocked(peer, "removed while its session waited to resume");
     transport = peer.transport;
     EndSessionLocked(peer);
     peer.pool_total_bytes = 0;
@@ -142,19 +147,23 @@ void Membership::Connect(Member& peer) {
       peer.removing.load(std::memory_order_acquire)) {
     return;  // leaving the membership: nothing new goes there
   }
+  std::optional<SessionSecret> resume;
   {
     std::lock_guard lock(peer.mu);
     if (peer.transport && peer.transport->connected()) return;
-    if (peer.transport) MarkDownLocked(peer, "connection lost");
+    if (peer.transport) BreakLocked(peer, "connection lost");
+    if (peer.resuming) resume = peer.secret;
   }
   // Connect and HELLO with no lock held: a lender that does not answer must not stall the
   // threads that read, write or release slots meanwhile.
   std::shared_ptr<PeerTransport> transport;
   std::string error;
+  bool gone = false;  // nothing listens there: the lender's process, and our session, are gone
   try {
     TransportParams params;
     params.endpoint = peer.endpoint;
     params.node_id = node_id_;
+    params.resume = resume;
     params.on_notice = [this, &peer](const Message& notice, std::span<const std::byte> payload) {
       OnNotice(peer, notice, payload);
     };
@@ -162,16 +171,52 @@ void Membership::Connect(Member& peer) {
     params.request_timeout = options_.request_timeout;
     params.stall_timeout = options_.down_after;
     transport = options_.connect(params);
+  } catch (const NothingListening& e) {
+    error = e.what();
+    gone = true;
   } catch (const std::exception& e) {
     error = e.what();
   }
   std::lock_guard lock(peer.mu);
   if (!transport) {
+    if (peer.resuming && (gone || std::chrono::steady_clock::now() >= peer.resume_until)) {
+      MarkDownLocked(peer, "its session could not be resumed in time: " + error);
+      return;
+    }
     if (peer.last_error != error) LogError("%s", error.c_str());
     peer.last_error = error;
     return;
   }
+  const SessionGrant& grant = transport->session();
+  if (peer.resuming) {
+    if (grant.resumed && grant.superpages == peer.slots.superpages()) {
+      // The same session: its slots, superpages and generation stay.
+      peer.resuming = false;
+      peer.transport = std::move(transport);
+      peer.pool_total_bytes = peer.transport->lender().pool_bytes;
+      LogError("peer %s is up: session resumed with its %zu superpages",
+               peer.endpoint.ToString().c_str(), peer.slots.superpages());
+      peer.last_error.clear();
+      peer.refusing = false;
+      return;
+    }
+    const std::string why =
+        grant.resumed ? "the lender resumed a session of " + std::to_string(grant.superpages) +
+                            " superpages, this host held " +
+                            std::to_string(peer.slots.superpages())
+                      : std::string("the lender no longer had its session");
+    MarkDownLocked(peer, why);
+    if (grant.resumed) {
+      // Not the session we knew: hang up, and the lender frees it after its grace period.
+      transport->Hangup();
+      return;
+    }
+  }
   peer.transport = std::move(transport);
+  if (grant.grace.count() > 0) {
+    peer.secret = grant.secret;
+    peer.grace = grant.grace;
+  }
   // A new session: slots of an earlier one must never name this session's superpages.
   peer.generation.store(NextGeneration(peer.generation.load(std::memory_order_relaxed)),
                         std::memory_order_release);
@@ -225,6 +270,35 @@ void Membership::MarkDownLocked(Member& peer, const std::string& why) {
   peer.last_error = why;
 }
 
+void Membership::BreakLocked(Member& peer, const std::string& why) {
+  // A lender that said SHUTDOWN freed everything when it left.
+  if (!peer.secret || peer.slots.superpages() == 0 ||
+      peer.removing.load(std::memory_order_acquire) ||
+      peer.draining.load(std::memory_order_acquire)) {
+    MarkDownLocked(peer, why);
+    return;
+  }
+  if (peer.transport) peer.transport->Hangup();
+  peer.transport.reset();
+  peer.free_pages.store(0, std::memory_order_relaxed);
+  peer.resuming = true;
+  peer.resume_until = std::chrono::steady_clock::now() + std::min(options_.down_after, peer.grace);
+  peer.last_error = why + "; resuming its session";
+  LogError("peer %s: %s", peer.endpoint.ToString().c_str(), peer.last_error.c_str());
+}
+
+void Membership::Resume() {
+  for (const auto& peer_ptr : List()) {
+    Member& peer = *peer_ptr;
+    bool resuming = false;
+    {
+      std::lock_guard lock(peer.mu);
+      resuming = peer.resuming;
+    }
+    if (resuming) Connect(peer);
+  }
+}
+
 void Membership::Refresh() {
   for (const auto& peer_ptr : List()) {
     Member& peer = *peer_ptr;
@@ -266,8 +340,10 @@ void Membership::Heartbeat() {
     probe.transport = TransportOf(*probe.peer);
     if (!probe.transport) continue;
     if (!probe.transport->connected()) {
-      // Take it down now, not at the next reconnect: its copies are to be made again.
-      MarkDownIf(*probe.peer, probe.transport.get(), "connection lost");
+      // Now, not at the next reconnect: its copies are to be made again, unless its
+      // session can be resumed.
+      std::lock_guard lock(probe.peer->mu);
+      if (probe.peer->transport == probe.transport) BreakLocked(*probe.peer, "connection lost");
       continue;
     }
     if (OverdueTooLong(*probe.transport)) {
@@ -284,7 +360,8 @@ void Membership::Heartbeat() {
     if (probe.peer->transport != probe.transport) continue;
     probe.peer->free_pages.store(probe.reply.free_pages, std::memory_order_relaxed);
     if (probe.reply.free_pages > 0) probe.peer->refusing = false;
-  }
+  }  // Connections that broke since the last heartbeat are resumed as soon as they can be.
+  Resume();
 }
 
 std::shared_ptr<PeerTransport> Membership::TransportOf(const Member& peer) const {
@@ -392,9 +469,10 @@ std::vector<PeerInfo> Membership::Peers() const {
         up && transport->overdue_since() != std::chrono::steady_clock::time_point::min();
     const bool draining = up && peer->draining.load(std::memory_order_acquire);
     const bool removing = peer->removing.load(std::memory_order_acquire);
-    info.state = removed    ? PeerState::kRemoved
-                 : removing ? PeerState::kRemoving
-                 : !up      ? PeerState::kDown
+    info.state = removed           ? PeerState::kRemoved
+                 : removing        ? PeerState::kRemoving
+                 : peer->resuming  ? PeerState::kResuming
+                 : !up             ? PeerState::kDown
                  : draining ? PeerState::kDraining
                  : overdue ? PeerState::kSuspect
                  : peer->refusing ? PeerState::kRefusing

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -42,7 +43,7 @@
 
 namespace memlend::peer {
 
-enum class PeerState { kUp, kDown, kRefusing, kSuspect, kDraining, kRemoving, kRemoved };
+enum class PeerState { kUp, kDown, kRefusing, kSuspect, kDraining, kRemoving, kRemoved, kResuming };
 const char* PeerStateName(PeerState state);
 
 struct PeerInfo {
@@ -104,6 +105,14 @@ class Membership {
     std::atomic<bool> draining{false};         // the session's lender sent SHUTDOWN
     std::atomic<bool> removing{false};         // Remove: move everything off, then hang up
     std::atomic<bool> removed{false};          // gone from the membership; never reconnected
+    // The session the lender gave, for resuming it (docs/restart.md); guarded by mu. Set when
+    // the lender keeps sessions after a disconnect (its grace period is not 0).
+    std::optional<SessionSecret> secret;
+    std::chrono::milliseconds grace{0};
+    // The connection broke and the session's slots wait for it to be resumed, until
+    // resume_until; guarded by mu (no transport meanwhile).
+    bool resuming = false;
+    std::chrono::steady_clock::time_point resume_until;
 
     // SIDs of RECLAIM notices for ApplyReclaimsLocked (the notice comes on the transport's
     // reader thread, which may not take `mu`). A leaf lock.
@@ -168,6 +177,11 @@ class Membership {
   bool OverdueTooLong(const PeerTransport& transport) const noexcept;
   // Ends `peer`'s session for `why`: hangs up, lists its copies as lost. REQUIRES: peer.mu.
   void MarkDownLocked(Member& peer, const std::string& why);
+  // For a connection that broke: keeps the session's slots for a resume if its lender keeps
+  // sessions (see "resuming" in docs/restart.md), else MarkDownLocked. REQUIRES: peer.mu.
+  void BreakLocked(Member& peer, const std::string& why);
+  // Reconnects the peers that are resuming (the refresher, at every heartbeat).
+  void Resume();
   // The same, if `transport` is still its session's.
   void MarkDownIf(Member& peer, const PeerTransport* transport, const std::string& why);
   // "no reply in time for <down_after> ms"

@@ -134,17 +134,29 @@ PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHa
   const std::chrono::milliseconds timeout = options.connect_timeout;
   std::string reason;
   fd_ = ConnectTo(endpoint, &reason, std::chrono::steady_clock::now() + timeout);
-  if (!fd_.valid()) throw std::runtime_error(name + " is unreachable: " + reason);
+  if (!fd_.valid()) {
+    if (reason == std::strerror(ECONNREFUSED) || reason == std::strerror(ENOENT)) {
+      throw NothingListening(name + " is unreachable: " + reason);
+    }
+    throw std::runtime_error(name + " is unreachable: " + reason);
+  }
 
   // HELLO, synchronously, before the reader thread exists.
   SetReceiveTimeout(fd_.get(), timeout);
   SetTimeout(fd_.get(), SO_SNDTIMEO, timeout);
-  std::byte request[sizeof(Header) + sizeof(HelloBody)];
+  std::byte request[sizeof(Header) + sizeof(HelloBody) + sizeof(ResumeBody)];
   const HelloBody hello{node_id, 0, kSuperpageBytes, kCapPassive | kCapActive};
-  EncodeHeader(MessageType::kHello, false, 0, Status::kOk, 0, sizeof(HelloBody),
+  const std::size_t body_bytes = sizeof(HelloBody) + (options.resume ? sizeof(ResumeBody) : 0);
+  EncodeHeader(MessageType::kHello, false, options.resume ? kHelloResume : 0, Status::kOk, 0,
+               static_cast<std::uint32_t>(body_bytes),
                std::span<std::byte, sizeof(Header)>(request, sizeof(Header)));
   EncodeBody(hello, request + sizeof(Header));
-  if (WriteFull(fd_.get(), request, sizeof(request)) != 0) {
+  if (options.resume) {
+    ResumeBody resume{};
+    std::memcpy(resume.secret, options.resume->data(), kSecretBytes);
+    EncodeBody(resume, request + sizeof(Header) + sizeof(HelloBody));
+  }
+  if (WriteFull(fd_.get(), request, sizeof(Header) + body_bytes) != 0) {
     throw std::runtime_error(name + " hung up during HELLO");
   }
   std::byte wire[sizeof(Header)];
@@ -175,6 +187,14 @@ PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHa
   if (!reply.reply || reply.type != MessageType::kHello ||
       !DecodeBody(std::span<const std::byte>(payload), &lender_)) {
     throw std::runtime_error(name + " sent a malformed HELLO reply");
+  }
+  // A lender that keeps no session after a disconnect sends no ticket.
+  if (SessionTicket ticket; DecodeBody(std::span<const std::byte>(payload).subspan(sizeof(HelloBody)),
+                                       &ticket)) {
+    std::memcpy(session_.secret.data(), ticket.secret, kSecretBytes);
+    session_.grace = std::chrono::milliseconds(ticket.grace_ms);
+    session_.resumed = options.resume && (reply.flags & kHelloResumed) != 0;
+    session_.superpages = ticket.superpages;
   }
   if (lender_.superpage_bytes != kSuperpageBytes) {
     throw std::runtime_error(name + " uses superpages of " +
@@ -301,6 +321,7 @@ std::shared_ptr<PeerTransport> ConnectTcp(const TransportParams& params) {
   options.connect_timeout = params.connect_timeout;
   options.request_timeout = params.request_timeout;
   options.stall_timeout = params.stall_timeout;
+  options.resume = params.resume;
   return std::make_shared<PeerClient>(params.endpoint, params.node_id, params.on_notice, options);
 }
 

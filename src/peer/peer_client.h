@@ -28,6 +28,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
@@ -45,7 +46,13 @@ struct PeerClientOptions {
   std::chrono::milliseconds connect_timeout{3000};  // connect and HELLO, together
   std::chrono::milliseconds request_timeout{0};     // each request's deadline; 0: none
   std::chrono::milliseconds stall_timeout{5000};    // the rest of a message, once begun
+  std::optional<SessionSecret> resume;              // a session to resume at HELLO
 };
+inline PeerClientOptions WithTimeout(std::chrono::milliseconds connect_timeout) {
+  PeerClientOptions options;
+  options.connect_timeout = connect_timeout;
+  return options;
+}
 
 class PeerClient final : public PeerTransport {
  public:
@@ -59,7 +66,7 @@ class PeerClient final : public PeerTransport {
              const PeerClientOptions& options);
   PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHandler on_notice,
              std::chrono::milliseconds timeout = std::chrono::milliseconds(3000))
-      : PeerClient(endpoint, node_id, std::move(on_notice), PeerClientOptions{timeout}) {}
+      : PeerClient(endpoint, node_id, std::move(on_notice), WithTimeout(timeout)) {}
   // Hangs up and joins the background thread; pending calls fail with -ENOTCONN.
   // REQUIRES: no thread is inside a call or a Wait on this client.
   ~PeerClient() override;
@@ -104,6 +111,7 @@ class PeerClient final : public PeerTransport {
   const Endpoint& endpoint() const noexcept override { return endpoint_; }
   // The lender's HELLO reply. Constant after construction.
   const HelloBody& lender() const noexcept override { return lender_; }
+  const SessionGrant& session() const noexcept override { return session_; }
   // The round-trip time of the most recent QUERY, in microseconds.
   std::uint64_t last_rtt_us() const noexcept override {
     return last_rtt_us_.load(std::memory_order_relaxed);
@@ -159,6 +167,7 @@ class PeerClient final : public PeerTransport {
   const PeerClientOptions options_;
   UniqueFd fd_;
   HelloBody lender_{};
+  SessionGrant session_{};
 
   std::atomic<bool> connected_{false};
   std::atomic<std::uint64_t> next_tag_{1};

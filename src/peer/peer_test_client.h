@@ -145,6 +145,31 @@ class PeerTestClient {
     return body;
   }
 
+  // HELLO that reads the session ticket too, resuming the session `resume` names if given.
+  // nullopt on any failure; *resumed says whether the lender resumed it.
+  std::optional<SessionTicket> HelloSession(std::uint64_t node_id,
+                                            const SessionTicket* resume = nullptr,
+                                            bool* resumed = nullptr) {
+    std::byte body[sizeof(HelloBody) + sizeof(ResumeBody)];
+    const HelloBody hello{node_id, 0, kSuperpageBytes, kCapPassive | kCapActive};
+    std::memcpy(body, &hello, sizeof(hello));
+    std::size_t length = sizeof(hello);
+    if (resume != nullptr) {
+      std::memcpy(body + length, resume->secret, kSecretBytes);
+      length += kSecretBytes;
+    }
+    std::optional<TestMessage> reply = Call(MessageType::kHello, resume ? kHelloResume : 0,
+                                            std::span<const std::byte>(body, length));
+    if (!reply || reply->status() != Status::kOk ||
+        reply->payload.size() != sizeof(HelloBody) + sizeof(SessionTicket)) {
+      return std::nullopt;
+    }
+    SessionTicket ticket{};
+    std::memcpy(&ticket, reply->payload.data() + sizeof(HelloBody), sizeof(ticket));
+    if (resumed != nullptr) *resumed = (reply->header.flags & kHelloResumed) != 0;
+    return ticket;
+  }
+
   // QUERY; nullopt on any failure.
   std::optional<QueryReply> Query() {
     std::optional<TestMessage> reply = Call(MessageType::kQuery);

@@ -20,18 +20,31 @@
 // Thread-safe: any number of threads may submit and wait at once.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
+#include <stdexcept>
 
 #include "peer/codec.h"
 #include "transport/socket.h"
 
 namespace memlend::peer {
+
+using SessionSecret = std::array<std::uint8_t, kSecretBytes>;
+
+// What a lender's HELLO reply says of the session (wire.h, SessionTicket).
+struct SessionGrant {
+  SessionSecret secret{};                // names the session, for a later resume
+  std::chrono::milliseconds grace{0};    // how long the lender keeps it; 0: not at all
+  bool resumed = false;                  // this connection resumed the session asked for
+  std::uint32_t superpages = 0;          // what the session holds (when resumed)
+};
 
 class PeerTransport;
 
@@ -110,6 +123,8 @@ class PeerTransport {
   virtual const Endpoint& endpoint() const noexcept = 0;
   // The lender's HELLO reply. Constant for the transport's life.
   virtual const HelloBody& lender() const noexcept = 0;
+  // The session the lender gave at HELLO (docs/restart.md). Constant for the transport's life.
+  virtual const SessionGrant& session() const noexcept = 0;
   // The round-trip time of the most recent QUERY, in microseconds.
   virtual std::uint64_t last_rtt_us() const noexcept = 0;
   // Since when a request has been overdue with no reply in time after it, or
@@ -130,12 +145,19 @@ class PeerTransport {
 struct TransportParams {
   Endpoint endpoint;
   std::uint64_t node_id = 0;
+  // The secret of a session to resume (SessionGrant::secret of an earlier connection).
+  std::optional<SessionSecret> resume;
   PeerTransport::NoticeHandler on_notice;
   std::chrono::milliseconds connect_timeout{3000};
   std::chrono::milliseconds request_timeout{0};
   // How long the rest of a message may take once it has begun (a link that stalls inside
   // a message is taken for broken).
   std::chrono::milliseconds stall_timeout{5000};
+};
+// Thrown by a TransportFactory when nothing listens at the peer's address (the connection
+// was refused): the lender's process is gone, and every session it kept went with it.
+struct NothingListening : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 using TransportFactory = std::function<std::shared_ptr<PeerTransport>(const TransportParams&)>;
 

@@ -90,6 +90,25 @@ static_assert(sizeof(HelloBody) == 24);
 inline constexpr std::uint32_t kCapPassive = 1 << 0;
 inline constexpr std::uint32_t kCapActive = 1 << 1;
 
+// Sessions that outlive their connection (docs/restart.md). A lender's HELLO reply carries
+// a SessionTicket after the HelloBody (a lender without parking sends only the HelloBody).
+// A HELLO request with flag kHelloResume carries a ResumeBody after its HelloBody and asks
+// for the parked session that secret names; the reply has flag kHelloResumed if it was
+// given, and the ticket's `superpages` is then what the session holds.
+inline constexpr std::uint32_t kSecretBytes = 32;
+inline constexpr std::uint32_t kHelloResume = 1 << 0;   // HELLO request flag
+inline constexpr std::uint32_t kHelloResumed = 1 << 0;  // HELLO reply flag
+struct ResumeBody {
+  std::uint8_t secret[kSecretBytes];
+};
+static_assert(sizeof(ResumeBody) == 32);
+struct SessionTicket {
+  std::uint8_t secret[kSecretBytes];  // names the session for a later resume
+  std::uint32_t grace_ms;             // how long the lender keeps it after a disconnect; 0: not
+  std::uint32_t superpages;           // superpages the session holds now
+};
+static_assert(sizeof(SessionTicket) == 40);
+
 // QUERY reply (the request has no payload).
 struct QueryReply {
   std::uint64_t total_pages;

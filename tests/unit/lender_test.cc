@@ -846,6 +846,21 @@ TEST_CASE("reclaims racing with cached and passive traffic lose nothing else") {
   CHECK(stats.borrowers == 0);
 }
 
+TEST_CASE("releasing a session with scrub zeroes its superpages at once") {
+  LenderPool pool(2 * kSuperpageBytes);
+  std::uint32_t sid = 0;
+  REQUIRE(pool.AllocSuperpage(1, &sid) == Status::kOk);
+  const std::vector<std::byte> data = MakeBytes(kSuperpageBytes, 9);
+  const RangeBody whole{sid, 0, kSuperpageBytes, 0};
+  REQUIRE(pool.Write(1, whole, data) == Status::kOk);
+  std::byte* at = nullptr;
+  REQUIRE(pool.Locate(1, whole, &at) == Status::kOk);
+  pool.ReleaseSession(1, /*scrub=*/true);
+  CHECK(pool.Stats().used_bytes == 0);
+  // The memory is still mapped (free, not retired): what the session kept is gone from it.
+  CHECK(std::all_of(at, at + kSuperpageBytes, [](std::byte b) { return b == std::byte{0}; }));
+}
+
 }  // TEST_SUITE("lender_pool")
 
 namespace {
@@ -888,7 +903,7 @@ TEST_CASE("HELLO returns the lender's identity and geometry") {
   CHECK(reply->status() == Status::kOk);
   HelloBody hello{};
   REQUIRE(reply->As(&hello));
-  CHECK(reply->payload.size() == sizeof(HelloBody));
+  CHECK(reply->payload.size() == sizeof(HelloBody) + sizeof(SessionTicket));
   CHECK(hello.node_id == 0x1234abcdULL);
   CHECK(hello.pool_bytes == 4 * kMiB);
   CHECK(hello.superpage_bytes == kSuperpageBytes);
@@ -1292,8 +1307,10 @@ TEST_CASE_FIXTURE(TwoSessions, "a second session may not touch the first one's s
   CHECK(std::equal(reply->payload.begin(), reply->payload.end(), page.begin(), page.end()));
 }
 
-TEST_CASE("a session's memory is freed when its connection closes") {
-  RunningLender lender(4 * kSuperpageBytes);
+TEST_CASE("with no grace period a session's memory is freed when its connection closes") {
+  LenderOptions options;
+  options.borrower_grace = std::chrono::milliseconds(0);
+  RunningLender lender(4 * kSuperpageBytes, 0xfeedULL, options);
   PeerTestClient watcher = lender.Connect();
   REQUIRE(watcher.Hello());
   {
@@ -1525,6 +1542,228 @@ TEST_CASE("Stop sends SHUTDOWN, hangs up every session and is idempotent") {
   lender.service->Stop();
   std::string error;
   CHECK_FALSE(ConnectTo(lender.endpoint, &error).valid());
+}
+
+// A borrower's session on a lender with a grace period: one superpage holding `page` at
+// offset 0, and the ticket its HELLO got.
+struct ParkedSessionFixture {
+  static LenderOptions Options(std::chrono::milliseconds grace, unsigned max_borrowers = 32) {
+    LenderOptions options;
+    options.borrower_grace = grace;
+    options.max_borrowers = max_borrowers;
+    return options;
+  }
+  explicit ParkedSessionFixture(std::chrono::milliseconds grace = std::chrono::seconds(60),
+                                unsigned max_borrowers = 32)
+      : lender(4 * kSuperpageBytes, 0xfeedULL, Options(grace, max_borrowers)) {}
+
+  // Connects as node 7, takes a superpage, writes `page` there and hangs up.
+  void Leave() {
+    PeerTestClient client = lender.Connect();
+    std::optional<SessionTicket> got = client.HelloSession(7);
+    REQUIRE(got);
+    ticket = *got;
+    sid = AllocOverWire(client);
+    std::optional<TestMessage> reply =
+        client.Call(MessageType::kWrite, 0, RangeBody{sid, 0, kPageBytes, 0}, page);
+    REQUIRE(reply);
+    REQUIRE(reply->status() == Status::kOk);
+  }
+  bool Parked() {
+    return Eventually([&] { return lender.service->Parked().size() == 1; });
+  }
+  // Reads the page at offset 0 of `sid` over `client`: the reply's status and data.
+  std::pair<Status, std::vector<std::byte>> ReadBack(PeerTestClient& client) {
+    std::optional<TestMessage> reply =
+        client.Call(MessageType::kRead, 0, RangeBody{sid, 0, kPageBytes, 0});
+    REQUIRE(reply);
+    return {reply->status(), reply->payload};
+  }
+
+  RunningLender lender;
+  const Page page = MakePage(42);
+  SessionTicket ticket{};
+  std::uint32_t sid = 0;
+};
+
+TEST_CASE("every session gets its own secret and the lender's grace period") {
+  ParkedSessionFixture f;
+  PeerTestClient a = f.lender.Connect();
+  PeerTestClient b = f.lender.Connect();
+  const std::optional<SessionTicket> ta = a.HelloSession(1);
+  const std::optional<SessionTicket> tb = b.HelloSession(1);
+  REQUIRE(ta);
+  REQUIRE(tb);
+  CHECK(ta->grace_ms == 60000);
+  CHECK(ta->superpages == 0);
+  CHECK(std::memcmp(ta->secret, tb->secret, kSecretBytes) != 0);
+  const std::uint8_t zeros[kSecretBytes] = {};
+  CHECK(std::memcmp(ta->secret, zeros, kSecretBytes) != 0);
+}
+
+TEST_CASE_FIXTURE(ParkedSessionFixture,
+                  "a session that hangs up is kept, and its borrower resumes it with the secret") {
+  Leave();
+  REQUIRE(Parked());
+  const std::vector<ParkedSession> parked = lender.service->Parked();
+  CHECK(parked.at(0).node_id == 7);
+  CHECK(parked.at(0).pages == kPagesPerSuperpage);
+  CHECK(parked.at(0).left > std::chrono::seconds(50));
+  CHECK(lender.service->Stats().borrowers == 1);  // its memory still counts
+  CHECK(lender.service->Stats().used_bytes == kSuperpageBytes);
+
+  PeerTestClient back = lender.Connect();
+  bool resumed = false;
+  const std::optional<SessionTicket> again = back.HelloSession(7, &ticket, &resumed);
+  REQUIRE(again);
+  CHECK(resumed);
+  CHECK(again->superpages == 1);
+  CHECK(std::memcmp(again->secret, ticket.secret, kSecretBytes) == 0);  // the same session
+  const auto [status, data] = ReadBack(back);
+  CHECK(status == Status::kOk);
+  CHECK(std::equal(data.begin(), data.end(), page.begin(), page.end()));
+  CHECK(lender.service->Parked().empty());
+  // It is the session's in every way: it frees the superpage, and the pool is empty again.
+  std::optional<TestMessage> reply = back.Call(MessageType::kFreeSuperpage, 0, SuperpageBody{sid});
+  REQUIRE(reply);
+  CHECK(reply->status() == Status::kOk);
+  CHECK(lender.service->Stats().used_bytes == 0);
+}
+
+TEST_CASE_FIXTURE(ParkedSessionFixture,
+                  "a wrong secret, or the right one from another node, resumes nothing") {
+  Leave();
+  REQUIRE(Parked());
+  SessionTicket wrong = ticket;
+  wrong.secret[kSecretBytes - 1] ^= 1;
+  PeerTestClient guesser = lender.Connect();
+  bool resumed = true;
+  std::optional<SessionTicket> got = guesser.HelloSession(7, &wrong, &resumed);
+  REQUIRE(got);
+  CHECK_FALSE(resumed);
+  CHECK(got->superpages == 0);
+  CHECK(ReadBack(guesser).first == Status::kNotPermitted);
+
+  PeerTestClient other_node = lender.Connect();
+  resumed = true;
+  got = other_node.HelloSession(8, &ticket, &resumed);
+  REQUIRE(got);
+  CHECK_FALSE(resumed);
+  CHECK(ReadBack(other_node).first == Status::kNotPermitted);
+  CHECK(lender.service->Parked().size() == 1);  // still there for its own borrower
+
+  // RESUME only on a connection's first HELLO, and its body must be whole.
+  std::optional<TestMessage> reply = guesser.Call(
+      MessageType::kHello, kHelloResume, HelloBody{7, 0, kSuperpageBytes, kCapPassive});
+  REQUIRE(reply);
+  CHECK(reply->status() == Status::kInvalid);
+  PeerTestClient short_body = lender.Connect();
+  reply = short_body.Call(MessageType::kHello, kHelloResume,
+                          HelloBody{7, 0, kSuperpageBytes, kCapPassive});
+  REQUIRE(reply);
+  CHECK(reply->status() == Status::kInvalid);
+}
+
+TEST_CASE("a session not resumed within the grace period is freed, its superpages zeroed") {
+  ParkedSessionFixture f(std::chrono::milliseconds(300));
+  f.Leave();
+  REQUIRE(f.Parked());
+  CHECK(f.lender.service->ExpireParked() == 0);  // not yet
+  std::this_thread::sleep_for(std::chrono::milliseconds(350));
+  CHECK(f.lender.service->ExpireParked() == 1);
+  CHECK(f.lender.service->Parked().empty());
+  CHECK(f.lender.service->Stats().used_bytes == 0);
+  CHECK(f.lender.service->Stats().borrowers == 0);
+  PeerTestClient late = f.lender.Connect();
+  bool resumed = true;
+  REQUIRE(late.HelloSession(7, &f.ticket, &resumed));
+  CHECK_FALSE(resumed);
+  // A new borrower's superpage reads as zeros.
+  const std::uint32_t sid = AllocOverWire(late);
+  std::optional<TestMessage> reply =
+      late.Call(MessageType::kRead, 0, RangeBody{sid, 0, kSuperpageBytes, 0});
+  REQUIRE(reply);
+  REQUIRE(reply->status() == Status::kOk);
+  CHECK(std::all_of(reply->payload.begin(), reply->payload.end(),
+                    [](std::byte b) { return b == std::byte{0}; }));
+}
+
+TEST_CASE_FIXTURE(ParkedSessionFixture,
+                  "a resume takes over a session whose connection is still open") {
+  PeerTestClient stale = lender.Connect();
+  std::optional<SessionTicket> got = stale.HelloSession(7);
+  REQUIRE(got);
+  ticket = *got;
+  sid = AllocOverWire(stale);
+  std::optional<TestMessage> reply =
+      stale.Call(MessageType::kWrite, 0, RangeBody{sid, 0, kPageBytes, 0}, page);
+  REQUIRE(reply);
+  REQUIRE(reply->status() == Status::kOk);
+  // The borrower came back on a new connection; the old one is still open here.
+  PeerTestClient fresh = lender.Connect();
+  bool resumed = false;
+  got = fresh.HelloSession(7, &ticket, &resumed);
+  REQUIRE(got);
+  CHECK(resumed);
+  CHECK(got->superpages == 1);
+  CHECK(stale.WaitClosed());
+  const auto [status, data] = ReadBack(fresh);
+  CHECK(status == Status::kOk);
+  CHECK(std::equal(data.begin(), data.end(), page.begin(), page.end()));
+  CHECK(lender.service->Parked().empty());
+  CHECK(lender.service->sessions() == 1);
+}
+
+TEST_CASE("parked sessions count against max_borrowers, but their own borrower gets back in") {
+  ParkedSessionFixture f(std::chrono::seconds(60), /*max_borrowers=*/2);
+  f.Leave();
+  REQUIRE(f.Parked());
+  PeerTestClient live = f.lender.Connect();
+  REQUIRE(live.HelloSession(1));
+  // One live and one parked: a new borrower is refused at HELLO, saying why.
+  PeerTestClient newcomer = f.lender.Connect();
+  std::optional<TestMessage> reply =
+      newcomer.Call(MessageType::kHello, 0, HelloBody{2, 0, kSuperpageBytes, kCapPassive});
+  REQUIRE(reply);
+  CHECK(reply->status() == Status::kTooManyBorrowers);
+  const std::string text(reinterpret_cast<const char*>(reply->payload.data()),
+                         reply->payload.size());
+  CHECK(text.find("--max-borrowers") != std::string::npos);
+  CHECK(newcomer.WaitClosed());
+  // The parked session's borrower is let in.
+  CHECK(Eventually([&] { return f.lender.service->sessions() == 1; }));
+  PeerTestClient back = f.lender.Connect();
+  bool resumed = false;
+  REQUIRE(back.HelloSession(7, &f.ticket, &resumed));
+  CHECK(resumed);
+  CHECK(f.ReadBack(back).first == Status::kOk);
+}
+
+TEST_CASE_FIXTURE(ParkedSessionFixture,
+                  "a superpage asked back while its session was parked is asked again on resume") {
+  Leave();
+  REQUIRE(Parked());
+  lender.service->Resize(0, std::chrono::milliseconds(20000));
+  CHECK(lender.service->Stats().reclaiming_bytes == kSuperpageBytes);
+  PeerTestClient back = lender.Connect();
+  bool resumed = false;
+  REQUIRE(back.HelloSession(7, &ticket, &resumed));
+  REQUIRE(resumed);
+  lender.service->SendPendingReclaims();
+  std::optional<TestMessage> notice = back.ReadMessage();
+  REQUIRE(notice);
+  REQUIRE(notice->header.type == MessageType::kReclaim);
+  ReclaimBody body{};
+  REQUIRE(notice->As(&body));
+  CHECK(body.count == 1);
+  std::uint32_t asked = 0;
+  REQUIRE(notice->payload.size() == sizeof(ReclaimBody) + sizeof(asked));
+  std::memcpy(&asked, notice->payload.data() + sizeof(ReclaimBody), sizeof(asked));
+  CHECK(asked == sid);
+  // Its page is still there to be moved off.
+  const auto [status, data] = ReadBack(back);
+  CHECK(status == Status::kOk);
+  CHECK(std::equal(data.begin(), data.end(), page.begin(), page.end()));
 }
 
 }  // TEST_SUITE("lender_service")

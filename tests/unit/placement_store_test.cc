@@ -109,6 +109,7 @@ class LateReads final : public peer::PeerTransport {
   void Hangup() noexcept override { inner_->Hangup(); }
   const Endpoint& endpoint() const noexcept override { return inner_->endpoint(); }
   const peer::HelloBody& lender() const noexcept override { return inner_->lender(); }
+  const peer::SessionGrant& session() const noexcept override { return inner_->session(); }
   std::uint64_t last_rtt_us() const noexcept override { return inner_->last_rtt_us(); }
   std::chrono::steady_clock::time_point overdue_since() const noexcept override {
     return inner_->overdue_since();
