@@ -79,6 +79,7 @@ bool NewSecret(std::array<std::uint8_t, kSecretBytes>* secret) noexcept {
 const char* RequestName(MessageType type) {
   switch (type) {
     case MessageType::kHello: return "HELLO";
+    case MessageType::kGoodbye: return "GOODBYE";
     case MessageType::kQuery: return "QUERY";
     case MessageType::kAllocSuperpage: return "ALLOC_SUPERPAGE";
     case MessageType::kFreeSuperpage: return "FREE_SUPERPAGE";
@@ -378,7 +379,7 @@ class LenderService::Connection {
       return Refuse(request, Status::kProtocol, "send HELLO before %s", RequestName(type));
     }
     const std::uint32_t allowed_flags = type == MessageType::kPut     ? kPutEphemeral
-                                        : type == MessageType::kHello ? kHelloResume
+                                        : type == MessageType::kHello ? kHelloResume | kHelloForget
                                                                       : 0;
     switch (type) {
       case MessageType::kHello:
@@ -391,6 +392,7 @@ class LenderService::Connection {
       case MessageType::kGet:
       case MessageType::kFlush:
       case MessageType::kDestroyPool:
+      case MessageType::kGoodbye:
         if ((request.flags & ~allowed_flags) != 0) {
           return Refuse(request, Status::kInvalid, "%s with unknown flags 0x%x",
                         RequestName(type), request.flags & ~allowed_flags);
@@ -411,20 +413,37 @@ class LenderService::Connection {
       case MessageType::kGet: return Get(request);
       case MessageType::kFlush: return Flush(request);
       case MessageType::kDestroyPool: return DestroyPool(request);
+      case MessageType::kGoodbye: return Goodbye(request);
       default: return true;  // handled above
     }
   }
 
   // HELLO: the first one greets (a new session with its secret, or a parked one resumed);
   // a later one is answered again, without RESUME.
+  bool Goodbye(const Message& request) noexcept {
+    if (const Status s = CheckPayload(request, 0); s != Status::kOk) {
+      return RefuseLength(request, s, 0);
+    }
+    {
+      std::lock_guard lock(service_.mu_);
+      session_.leaving = true;
+    }
+    return Send(request, Status::kOk, 0);
+  }
+
   bool Hello(const Message& request) noexcept {
-    const bool resume = (request.flags & kHelloResume) != 0;
+    const bool forget = (request.flags & kHelloForget) != 0;
+    if (forget && (request.flags & kHelloResume) != 0) {
+      return Refuse(request, Status::kInvalid, "HELLO may not both resume and forget a session");
+    }
+    const bool resume = (request.flags & (kHelloResume | kHelloForget)) != 0;
     const std::size_t expected = sizeof(HelloBody) + (resume ? sizeof(ResumeBody) : 0);
     if (const Status s = CheckPayload(request, expected); s != Status::kOk) {
       return RefuseLength(request, s, expected);
     }
     if (resume && hello_) {
-      return Refuse(request, Status::kInvalid, "RESUME is only for a connection's first HELLO");
+      return Refuse(request, Status::kInvalid,
+                    "RESUME and FORGET are only for a connection's first HELLO");
     }
     HelloBody borrower;
     DecodeBody(Payload(request), &borrower);
@@ -441,7 +460,7 @@ class LenderService::Connection {
       }
       std::string refusal;
       try {
-        resumed = service_.Greet(session_, borrower.node_id, resume ? &secret : nullptr,
+        resumed = service_.Greet(session_, borrower.node_id, resume ? &secret : nullptr, forget,
                                  &superpages, &refusal);
       } catch (const std::exception&) {  // std::bad_alloc
         refusal = "the lender has no memory for another session";
@@ -960,13 +979,42 @@ std::size_t LenderService::ExpireParked() {
 }
 
 bool LenderService::Greet(Session& session, std::uint64_t node_id,
-                          const std::array<std::uint8_t, kSecretBytes>* resume,
+                          const std::array<std::uint8_t, kSecretBytes>* resume, bool forget,
                           std::uint32_t* superpages, std::string* refusal) {
   *superpages = 0;
   std::unique_lock lock(mu_);
   session.node_id.store(node_id, std::memory_order_relaxed);
   session.said_hello = true;
-  if (resume != nullptr) {
+  if (resume != nullptr && forget) {
+    // The borrower gave that session up (it counted its pages there as lost): free it now
+    // rather than at the end of its grace period. A live one is hung up and ends unparked.
+    for (const auto& [id, other] : sessions_) {
+      if (other.get() == &session || !other->said_hello || !other->has_secret ||
+          other->node_id.load(std::memory_order_relaxed) != node_id ||
+          !SameSecret(other->secret, *resume)) {
+        continue;
+      }
+      const std::shared_ptr<Session> held = other;
+      held->leaving = true;
+      ::shutdown(held->fd.get(), SHUT_RDWR);
+      parked_cv_.wait_for(lock, kTakeOverWait,
+                          [&] { return held->finished.load(std::memory_order_acquire); });
+      break;
+    }
+    SessionId doomed = kNoSession;
+    for (auto it = parked_.begin(); it != parked_.end(); ++it) {
+      if (it->second.node_id == node_id && SameSecret(it->second.secret, *resume)) {
+        doomed = it->first;
+        parked_.erase(it);
+        break;
+      }
+    }
+    if (doomed != kNoSession) {
+      lock.unlock();
+      pool_.ReleaseSession(doomed, /*scrub=*/true);
+      lock.lock();
+    }
+  } else if (resume != nullptr) {
     // A live session with this secret: its borrower lost its side of the connection and is
     // back before the lender noticed. Hang it up and wait for its thread to park it.
     for (const auto& [id, other] : sessions_) {
@@ -1141,7 +1189,7 @@ void LenderService::ServeSession(std::shared_ptr<Session> session) {
   {
     std::lock_guard lock(mu_);
     taken_over = session->taken_over;
-    if (holds && !stopping_ && session->has_secret &&
+    if (holds && !stopping_ && session->has_secret && !session->leaving &&
         (options_.borrower_grace.count() > 0 || taken_over)) {
       // Taken over with no grace period: only for the resume that waits for it.
       const auto grace = options_.borrower_grace.count() > 0

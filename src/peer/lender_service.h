@@ -179,6 +179,7 @@ class LenderService {
     bool has_secret = false;            // guarded by mu_: getrandom gave one
     std::array<std::uint8_t, kSecretBytes> secret{};  // guarded by mu_ once said_hello
     bool taken_over = false;            // guarded by mu_: a resume is taking it over
+    bool leaving = false;               // guarded by mu_: GOODBYE, or forgotten: never parked
     std::mutex send_mu;  // held for each whole message written to fd
     // The rest of a notice that went out only in part (the socket was full), guarded by
     // send_mu: whoever writes next sends it first, so messages never interleave.
@@ -212,9 +213,10 @@ class LenderService {
   // `secret` name, taking over a live one first. Returns whether it resumed one; sets
   // *superpages to what the session holds. Refuses a new session past max_borrowers
   // (parked ones count) with *refusal set. Called on the session's own thread.
+  // With `forget`, the session `resume` names is freed instead, and a new one begins.
   bool Greet(Session& session, std::uint64_t node_id,
-             const std::array<std::uint8_t, kSecretBytes>* resume, std::uint32_t* superpages,
-             std::string* refusal);
+             const std::array<std::uint8_t, kSecretBytes>* resume, bool forget,
+             std::uint32_t* superpages, std::string* refusal);
 
   // Runs on the acceptor thread: starts a session thread for the connection, or refuses it.
   void Accept(UniqueFd fd);

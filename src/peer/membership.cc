@@ -51,7 +51,10 @@ void Membership::EndAll() noexcept {
       std::lock_guard lock(peer->mu);
       transport = std::move(peer->transport);
     }
-    if (transport) transport->Hangup();
+    if (transport) {
+      transport->Goodbye();  // the lender keeps nothing of this session
+      transport->Hangup();
+    }
     transport.reset();  // the last reference: joins the transport's reader
   }
 }
@@ -103,6 +106,7 @@ bool Membership::Leaving(const Member& peer) noexcept {
 
 void Membership::EndSessionLocked(Member& peer) {
   peer.transport.reset();
+  if (peer.secret) peer.forget = peer.secret;
   peer.secret.reset();
   peer.resuming = false;
   peer.slots.Clear();
@@ -136,8 +140,11 @@ bool Membership::FinishRemoval(Member& peer) {
     peer.removed.store(true, std::memory_order_release);
     peer.removing.store(false, std::memory_order_release);
   }
-  // Ending the session is what makes the lender free everything it granted us.
-  if (transport) transport->Hangup();
+  // Ending the session for good is what makes the lender free everything it granted us.
+  if (transport) {
+    transport->Goodbye();
+    transport->Hangup();
+  }
   LogError("peer %s removed", peer.endpoint.ToString().c_str());
   return true;
 }
@@ -148,11 +155,13 @@ void Membership::Connect(Member& peer) {
     return;  // leaving the membership: nothing new goes there
   }
   std::optional<SessionSecret> resume;
+  std::optional<SessionSecret> forget;
   {
     std::lock_guard lock(peer.mu);
     if (peer.transport && peer.transport->connected()) return;
     if (peer.transport) BreakLocked(peer, "connection lost");
     if (peer.resuming) resume = peer.secret;
+    else forget = peer.forget;
   }
   // Connect and HELLO with no lock held: a lender that does not answer must not stall the
   // threads that read, write or release slots meanwhile.
@@ -164,6 +173,7 @@ void Membership::Connect(Member& peer) {
     params.endpoint = peer.endpoint;
     params.node_id = node_id_;
     params.resume = resume;
+    params.forget = forget;
     params.on_notice = [this, &peer](const Message& notice, std::span<const std::byte> payload) {
       OnNotice(peer, notice, payload);
     };
@@ -180,7 +190,10 @@ void Membership::Connect(Member& peer) {
   std::lock_guard lock(peer.mu);
   if (!transport) {
     if (peer.resuming && (gone || std::chrono::steady_clock::now() >= peer.resume_until)) {
-      MarkDownLocked(peer, "its session could not be resumed in time: " + error);
+      MarkDownLocked(peer, gone ? "its lender is gone, and its session with it: " + error
+                                : "its session could not be resumed within " +
+                                      std::to_string(options_.down_after.count()) + " ms: " +
+                                      error);
       return;
     }
     if (peer.last_error != error) LogError("%s", error.c_str());
@@ -213,6 +226,7 @@ void Membership::Connect(Member& peer) {
     }
   }
   peer.transport = std::move(transport);
+  peer.forget.reset();  // the HELLO freed it
   if (grant.grace.count() > 0) {
     peer.secret = grant.secret;
     peer.grace = grant.grace;

@@ -109,6 +109,9 @@ class Membership {
     // the lender keeps sessions after a disconnect (its grace period is not 0).
     std::optional<SessionSecret> secret;
     std::chrono::milliseconds grace{0};
+    // The secret of a session this host gave up (its copies counted lost): the next HELLO
+    // asks the lender to free it at once (kHelloForget). Guarded by mu.
+    std::optional<SessionSecret> forget;
     // The connection broke and the session's slots wait for it to be resumed, until
     // resume_until; guarded by mu (no transport meanwhile).
     bool resuming = false;

@@ -146,14 +146,16 @@ PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHa
   SetTimeout(fd_.get(), SO_SNDTIMEO, timeout);
   std::byte request[sizeof(Header) + sizeof(HelloBody) + sizeof(ResumeBody)];
   const HelloBody hello{node_id, 0, kSuperpageBytes, kCapPassive | kCapActive};
-  const std::size_t body_bytes = sizeof(HelloBody) + (options.resume ? sizeof(ResumeBody) : 0);
-  EncodeHeader(MessageType::kHello, false, options.resume ? kHelloResume : 0, Status::kOk, 0,
+  const std::optional<SessionSecret>& named = options.resume ? options.resume : options.forget;
+  const std::uint32_t flags = options.resume ? kHelloResume : options.forget ? kHelloForget : 0;
+  const std::size_t body_bytes = sizeof(HelloBody) + (named ? sizeof(ResumeBody) : 0);
+  EncodeHeader(MessageType::kHello, false, flags, Status::kOk, 0,
                static_cast<std::uint32_t>(body_bytes),
                std::span<std::byte, sizeof(Header)>(request, sizeof(Header)));
   EncodeBody(hello, request + sizeof(Header));
-  if (options.resume) {
+  if (named) {
     ResumeBody resume{};
-    std::memcpy(resume.secret, options.resume->data(), kSecretBytes);
+    std::memcpy(resume.secret, named->data(), kSecretBytes);
     EncodeBody(resume, request + sizeof(Header) + sizeof(HelloBody));
   }
   if (WriteFull(fd_.get(), request, sizeof(Header) + body_bytes) != 0) {
@@ -322,6 +324,7 @@ std::shared_ptr<PeerTransport> ConnectTcp(const TransportParams& params) {
   options.request_timeout = params.request_timeout;
   options.stall_timeout = params.stall_timeout;
   options.resume = params.resume;
+  options.forget = params.forget;
   return std::make_shared<PeerClient>(params.endpoint, params.node_id, params.on_notice, options);
 }
 

@@ -47,6 +47,7 @@ struct PeerClientOptions {
   std::chrono::milliseconds request_timeout{0};     // each request's deadline; 0: none
   std::chrono::milliseconds stall_timeout{5000};    // the rest of a message, once begun
   std::optional<SessionSecret> resume;              // a session to resume at HELLO
+  std::optional<SessionSecret> forget;              // or one to free (not both)
 };
 inline PeerClientOptions WithTimeout(std::chrono::milliseconds connect_timeout) {
   PeerClientOptions options;
@@ -95,6 +96,7 @@ class PeerClient final : public PeerTransport {
   // after it). With `wait_to_send` false it does not wait for the connection either:
   // -EAGAIN when another thread is sending. Returns 0 or -ENOTCONN.
   int FreeSuperpageNoReply(std::uint32_t sid, bool wait_to_send) noexcept override;
+  void Goodbye() noexcept override { SendNoReply(MessageType::kGoodbye, {}, true); }
 
   // Pipelined requests (see PeerTransport): Submit sends a request and returns at once;
   // Wait blocks until its reply is in `out`.

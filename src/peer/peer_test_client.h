@@ -149,7 +149,8 @@ class PeerTestClient {
   // nullopt on any failure; *resumed says whether the lender resumed it.
   std::optional<SessionTicket> HelloSession(std::uint64_t node_id,
                                             const SessionTicket* resume = nullptr,
-                                            bool* resumed = nullptr) {
+                                            bool* resumed = nullptr,
+                                            std::uint32_t flags = kHelloResume) {
     std::byte body[sizeof(HelloBody) + sizeof(ResumeBody)];
     const HelloBody hello{node_id, 0, kSuperpageBytes, kCapPassive | kCapActive};
     std::memcpy(body, &hello, sizeof(hello));
@@ -158,7 +159,7 @@ class PeerTestClient {
       std::memcpy(body + length, resume->secret, kSecretBytes);
       length += kSecretBytes;
     }
-    std::optional<TestMessage> reply = Call(MessageType::kHello, resume ? kHelloResume : 0,
+    std::optional<TestMessage> reply = Call(MessageType::kHello, resume ? flags : 0,
                                             std::span<const std::byte>(body, length));
     if (!reply || reply->status() != Status::kOk ||
         reply->payload.size() != sizeof(HelloBody) + sizeof(SessionTicket)) {

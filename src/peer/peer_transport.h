@@ -117,6 +117,9 @@ class PeerTransport {
     return pending->result;
   }
 
+  // Tells the lender this session ends for good (GOODBYE): it keeps nothing of it after the
+  // connection closes. Sent without waiting for a reply; Hangup comes after it.
+  virtual void Goodbye() noexcept = 0;
   virtual bool connected() const noexcept = 0;
   // Ends the link now: every pending and later call fails with -ENOTCONN.
   virtual void Hangup() noexcept = 0;
@@ -147,6 +150,8 @@ struct TransportParams {
   std::uint64_t node_id = 0;
   // The secret of a session to resume (SessionGrant::secret of an earlier connection).
   std::optional<SessionSecret> resume;
+  // The secret of a session to free before a new one begins (this host gave it up).
+  std::optional<SessionSecret> forget;
   PeerTransport::NoticeHandler on_notice;
   std::chrono::milliseconds connect_timeout{3000};
   std::chrono::milliseconds request_timeout{0};

@@ -41,6 +41,8 @@ enum class MessageType : std::uint16_t {
   kGet = 8,
   kFlush = 9,
   kDestroyPool = 10,
+  // The borrower ends its session for good: nothing of it is kept after the connection.
+  kGoodbye = 11,
   // Lender notices.
   kEvicted = 0x40,
   kReclaim = 0x41,
@@ -97,6 +99,9 @@ inline constexpr std::uint32_t kCapActive = 1 << 1;
 // given, and the ticket's `superpages` is then what the session holds.
 inline constexpr std::uint32_t kSecretBytes = 32;
 inline constexpr std::uint32_t kHelloResume = 1 << 0;   // HELLO request flag
+// HELLO request flag: free the session the ResumeBody's secret names (the borrower gave it
+// up), then start a new one. Not with kHelloResume.
+inline constexpr std::uint32_t kHelloForget = 1 << 1;
 inline constexpr std::uint32_t kHelloResumed = 1 << 0;  // HELLO reply flag
 struct ResumeBody {
   std::uint8_t secret[kSecretBytes];

@@ -1714,6 +1714,37 @@ TEST_CASE_FIXTURE(ParkedSessionFixture,
   CHECK(lender.service->sessions() == 1);
 }
 
+TEST_CASE_FIXTURE(ParkedSessionFixture, "a session that says GOODBYE is not kept") {
+  {
+    PeerTestClient client = lender.Connect();
+    REQUIRE(client.HelloSession(7));
+    AllocOverWire(client);
+    std::optional<TestMessage> reply = client.Call(MessageType::kGoodbye);
+    REQUIRE(reply);
+    CHECK(reply->status() == Status::kOk);
+  }
+  CHECK(Eventually([&] { return lender.service->Stats().used_bytes == 0; }));
+  CHECK(lender.service->Parked().empty());
+}
+
+TEST_CASE_FIXTURE(ParkedSessionFixture,
+                  "HELLO with FORGET frees the session its secret names, and starts a new one") {
+  Leave();
+  REQUIRE(Parked());
+  PeerTestClient back = lender.Connect();
+  bool resumed = true;
+  const std::optional<SessionTicket> got = back.HelloSession(7, &ticket, &resumed, kHelloForget);
+  REQUIRE(got);
+  CHECK_FALSE(resumed);
+  CHECK(std::memcmp(got->secret, ticket.secret, kSecretBytes) != 0);
+  CHECK(lender.service->Parked().empty());
+  CHECK(lender.service->Stats().used_bytes == 0);
+  CHECK(ReadBack(back).first == Status::kNotPermitted);
+  // Both at once is refused.
+  PeerTestClient both = lender.Connect();
+  CHECK_FALSE(both.HelloSession(7, &ticket, nullptr, kHelloForget | kHelloResume));
+}
+
 TEST_CASE("parked sessions count against max_borrowers, but their own borrower gets back in") {
   ParkedSessionFixture f(std::chrono::seconds(60), /*max_borrowers=*/2);
   f.Leave();

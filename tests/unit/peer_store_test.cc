@@ -228,6 +228,92 @@ TEST_CASE("membership: add, remove once nothing is left there, add again") {
   store.Discard(again);
 }
 
+TEST_CASE("a broken connection is resumed: the pages on the lender are still there") {
+  RunningLender lender(8 * kSuperpage);
+  PeerStore store(0x1111);
+  REQUIRE(store.AddPeer(lender.endpoint) == 0);
+  store.Refresh();
+  REQUIRE(store.Peers().at(0).state == PeerState::kUp);
+  constexpr std::size_t kPages = kPagesPer + 3;  // two superpages
+  std::vector<Slot> slots(kPages);
+  for (std::size_t i = 0; i < kPages; ++i) {
+    const std::vector<std::byte> page = PageOf(100 + i);
+    REQUIRE(store.Write(ConstPageSpan(page.data(), kPageSize), 100 + i, &slots[i]) == 0);
+  }
+  REQUIRE(store.Peers().at(0).superpages_held == 2);
+  // The link breaks (this end closes it; the lender sees the connection end and parks the
+  // session), and the next heartbeats resume it.
+  const std::shared_ptr<PeerTransport> broken = store.members().TransportOf(store.members().at(0));
+  broken->Hangup();
+  REQUIRE(Eventually([&] { return !broken->connected(); }));
+  CHECK(Eventually([&] {
+    store.Heartbeat();
+    return store.Peers().at(0).state == PeerState::kUp;
+  }));
+  const PeerInfo info = store.Peers().at(0);
+  CHECK(info.pages_lost == 0);
+  CHECK(info.superpages_held == 2);
+  CHECK(info.pages_stored == kPages);
+  CHECK(store.TakeLostCopies().empty());
+  CHECK(lender.service->Parked().empty());
+  for (std::size_t i = 0; i < kPages; ++i) {
+    std::vector<std::byte> out(kPageSize);
+    REQUIRE(store.Read(slots[i], PageSpan(out.data(), kPageSize)) == 0);
+    CHECK(out == PageOf(100 + i));
+  }
+  // And it takes new pages as before.
+  Slot more = 0;
+  const std::vector<std::byte> page = PageOf(9);
+  CHECK(store.Write(ConstPageSpan(page.data(), kPageSize), 9, &more) == 0);
+}
+
+TEST_CASE("a lender that keeps nothing after a disconnect: the pages there are lost") {
+  LenderOptions options;
+  options.borrower_grace = std::chrono::milliseconds(0);
+  RunningLender lender(8 * kSuperpage, 0xfeedULL, options);
+  PeerStore store(0x1111);
+  REQUIRE(store.AddPeer(lender.endpoint) == 0);
+  store.Refresh();
+  Slot slot = 0;
+  const std::vector<std::byte> page = PageOf(5);
+  REQUIRE(store.Write(ConstPageSpan(page.data(), kPageSize), 5, &slot) == 0);
+  const std::shared_ptr<PeerTransport> broken = store.members().TransportOf(store.members().at(0));
+  broken->Hangup();
+  REQUIRE(Eventually([&] { return !broken->connected(); }));
+  CHECK(Eventually([&] {
+    store.Heartbeat();
+    return store.Peers().at(0).pages_lost == 1;
+  }));
+  CHECK(store.TakeLostCopies().size() == 1);
+  std::vector<std::byte> out(kPageSize);
+  CHECK(store.Read(slot, PageSpan(out.data(), kPageSize)) != 0);
+  store.Refresh();  // a new session
+  CHECK(store.Peers().at(0).state == PeerState::kUp);
+}
+
+TEST_CASE("a lender whose process is gone is not waited for") {
+  auto lender = std::make_unique<RunningLender>(8 * kSuperpage);
+  PeerStoreOptions options;
+  options.down_after = std::chrono::seconds(60);  // resuming would wait this long
+  PeerStore store(0x1111, options);
+  REQUIRE(store.AddPeer(lender->endpoint) == 0);
+  store.Refresh();
+  Slot slot = 0;
+  const std::vector<std::byte> page = PageOf(5);
+  REQUIRE(store.Write(ConstPageSpan(page.data(), kPageSize), 5, &slot) == 0);
+  // The link broke before the lender left, so no SHUTDOWN came; then nothing listens there:
+  // the connect is refused, and the session is known to be lost at once.
+  const std::shared_ptr<PeerTransport> broken = store.members().TransportOf(store.members().at(0));
+  broken->Hangup();
+  REQUIRE(Eventually([&] { return !broken->connected(); }));
+  lender.reset();
+  CHECK(Eventually([&] {
+    store.Heartbeat();
+    return store.Peers().at(0).state == PeerState::kDown;
+  }));
+  CHECK(store.Peers().at(0).pages_lost == 1);
+}
+
 TEST_CASE("a peer removed after it went down stays listed while its lost pages are named") {
   auto lender = std::make_unique<RunningLender>(8 * kSuperpage);
   const Endpoint endpoint = lender->endpoint;

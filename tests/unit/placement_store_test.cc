@@ -107,6 +107,7 @@ class LateReads final : public peer::PeerTransport {
   }
   bool connected() const noexcept override { return inner_->connected(); }
   void Hangup() noexcept override { inner_->Hangup(); }
+  void Goodbye() noexcept override { inner_->Goodbye(); }
   const Endpoint& endpoint() const noexcept override { return inner_->endpoint(); }
   const peer::HelloBody& lender() const noexcept override { return inner_->lender(); }
   const peer::SessionGrant& session() const noexcept override { return inner_->session(); }
