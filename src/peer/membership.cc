@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 #include "common/log.h"
 #include "peer/codec.h"
@@ -202,8 +203,16 @@ void Membership::Connect(Member& peer) {
   }
   const SessionGrant& grant = transport->session();
   if (peer.resuming) {
-    if (grant.resumed && grant.superpages == peer.slots.superpages()) {
+    // The lender also holds the emptied superpages not freed yet, and may hold one granted
+    // just as the connection broke, whose reply never came (it goes with the session).
+    const std::size_t known = peer.slots.superpages() + peer.frees_pending.size();
+    if (grant.resumed && grant.superpages >= known) {
       // The same session: its slots, superpages and generation stay.
+      if (grant.superpages > known) {
+        LogError("peer %s: %zu superpage(s) granted as the connection broke are unknown here; "
+                 "they are freed when the session ends",
+                 peer.endpoint.ToString().c_str(), grant.superpages - known);
+      }
       peer.resuming = false;
       peer.transport = std::move(transport);
       peer.pool_total_bytes = peer.transport->lender().pool_bytes;
@@ -215,8 +224,7 @@ void Membership::Connect(Member& peer) {
     }
     const std::string why =
         grant.resumed ? "the lender resumed a session of " + std::to_string(grant.superpages) +
-                            " superpages, this host held " +
-                            std::to_string(peer.slots.superpages())
+                            " superpages, this host held " + std::to_string(known)
                       : std::string("the lender no longer had its session");
     MarkDownLocked(peer, why);
     if (grant.resumed) {
@@ -289,6 +297,9 @@ void Membership::BreakLocked(Member& peer, const std::string& why) {
   if (!peer.secret || peer.slots.superpages() == 0 ||
       peer.removing.load(std::memory_order_acquire) ||
       peer.draining.load(std::memory_order_acquire)) {
+    LogDebug("peer %s: not resumable (secret %d, superpages %zu, removing %d, draining %d)",
+             peer.endpoint.ToString().c_str(), peer.secret.has_value() ? 1 : 0,
+             peer.slots.superpages(), peer.removing.load() ? 1 : 0, peer.draining.load() ? 1 : 0);
     MarkDownLocked(peer, why);
     return;
   }
@@ -299,6 +310,24 @@ void Membership::BreakLocked(Member& peer, const std::string& why) {
   peer.resume_until = std::chrono::steady_clock::now() + std::min(options_.down_after, peer.grace);
   peer.last_error = why + "; resuming its session";
   LogError("peer %s: %s", peer.endpoint.ToString().c_str(), peer.last_error.c_str());
+}
+
+bool Membership::AwaitResume(Member& peer, unsigned generation) noexcept {
+  const auto give_up =
+      std::chrono::steady_clock::now() + options_.down_after + options_.connect_timeout;
+  for (;;) {
+    {
+      std::lock_guard lock(peer.mu);
+      if (peer.generation.load(std::memory_order_relaxed) != generation) return false;
+      if (peer.transport && peer.transport->connected()) return true;
+      const bool may_resume =
+          peer.resuming || (peer.transport && peer.secret && peer.slots.superpages() > 0 &&
+                            !peer.draining.load(std::memory_order_acquire));
+      if (!may_resume) return false;
+    }
+    if (std::chrono::steady_clock::now() >= give_up) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
 }
 
 void Membership::Resume() {

@@ -185,6 +185,10 @@ class Membership {
   void BreakLocked(Member& peer, const std::string& why);
   // Reconnects the peers that are resuming (the refresher, at every heartbeat).
   void Resume();
+  // Waits while `peer`'s session of `generation` is resuming, or its connection broke and it
+  // can resume, for at most down_after + connect_timeout; true when it is up again with that
+  // generation. A reader of a page whose only copy is there waits rather than fail.
+  bool AwaitResume(Member& peer, unsigned generation) noexcept;
   // The same, if `transport` is still its session's.
   void MarkDownIf(Member& peer, const PeerTransport* transport, const std::string& why);
   // "no reply in time for <down_after> ms"

@@ -47,7 +47,12 @@ int PeerStore::ReserveSlot(Member& peer, std::uint32_t* sid, std::uint32_t* inde
     return -ENOSPC;
   }
   if (rc != 0) {
-    members_.MarkDownLocked(peer, "superpage allocation failed");
+    // A broken connection may be resumed, with the superpages held there.
+    if (rc == -ENOTCONN) {
+      members_.BreakLocked(peer, "connection lost");
+    } else {
+      members_.MarkDownLocked(peer, "superpage allocation failed");
+    }
     return -ENOTCONN;
   }
   if (!peer.slots.AddGranted(granted, owner)) return -ENOMEM;
@@ -99,7 +104,8 @@ void PeerStore::ReleaseSlot(Member& peer, std::uint32_t sid, std::uint32_t index
 void PeerStore::AfterFailedWrite(Member& peer, int rc) {
   if (rc != -ENOTCONN) return;
   std::lock_guard lock(peer.mu);
-  members_.MarkDownLocked(peer, "connection lost");
+  // Its session may be resumed: the pages already there stay.
+  if (peer.transport && !peer.transport->connected()) members_.BreakLocked(peer, "connection lost");
 }
 
 int PeerStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept {
@@ -159,14 +165,25 @@ bool PeerStore::SlotGone(Slot slot) const noexcept {
          !peer.transport;
 }
 
+bool PeerStore::AwaitResume(Slot slot) noexcept {
+  const std::size_t index = PeerIndexOf(slot);
+  if (index >= peer_count()) return false;
+  return members_.AwaitResume(members_.at(index), GenerationOf(slot));
+}
+
 int PeerStore::Read(Slot slot, PageSpan out) noexcept {
   const SlotParts parts = SplitSlot(slot);
+  bool waited = false;  // for a resume, once
   for (;;) {
     std::shared_ptr<PeerTransport> transport = TransportFor(slot);
-    if (!transport) return -EIO;  // the peer, or the session holding the page, is gone
-    const int rc = transport->Read(parts.sid, parts.index * kPageBytes, out);
+    const int rc = transport ? transport->Read(parts.sid, parts.index * kPageBytes, out) : -EIO;
     if (rc == 0) return 0;
-    if (rc != -ETIMEDOUT) return -EIO;
+    if (rc != -ETIMEDOUT) {
+      // The peer, or the session holding the page, is gone, unless the session is resumed.
+      if (waited || !AwaitResume(slot)) return -EIO;
+      waited = true;
+      continue;
+    }
     // Overdue. The page has no other copy: ask again while the peer may still answer.
     if (members_.OverdueTooLong(*transport)) {
       members_.MarkDownIf(members_.at(parts.peer), transport.get(), members_.OverdueReason());
@@ -178,9 +195,10 @@ int PeerStore::Read(Slot slot, PageSpan out) noexcept {
 void PeerStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
                           std::span<int> results) noexcept {
   ReadBatchOnce(slots, outs, results);
-  // An overdue read is asked again, alone, until the peer answers or is down.
+  // An overdue read is asked again, alone, until the peer answers or is down; so is one whose
+  // connection broke, once its session is resumed.
   for (std::size_t i = 0; i < slots.size(); ++i) {
-    if (results[i] == -ETIMEDOUT) results[i] = Read(slots[i], PageSpan(outs[i], kPageSize));
+    if (results[i] != 0) results[i] = Read(slots[i], PageSpan(outs[i], kPageSize));
   }
 }
 

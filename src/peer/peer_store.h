@@ -92,6 +92,9 @@ class PeerStore final : public PageStore {
   bool SlotReady(Slot slot) const noexcept;
   // Whether `slot` belongs to an ended session: its page is gone.
   bool SlotGone(Slot slot) const noexcept;
+  // Waits while the session holding `slot` is being resumed after its connection broke
+  // (Membership::AwaitResume); true when it is up again and the slot still valid.
+  bool AwaitResume(Slot slot) noexcept;
   void Pin(Slot slot) noexcept override;
   void Unpin(Slot slot) noexcept override;
   void Discard(Slot slot) noexcept override;

@@ -218,6 +218,10 @@ int PlacementStore::ReadCopies(const Slot* copies, unsigned count, PageSpan out)
   // No copy answered in time: ask the first overdue one again until its peer answers or is
   // taken for down.
   if (overdue >= 0) return peers_->Read(order[overdue], out) == 0 ? 0 : -EIO;
+  // A copy on a peer whose connection broke is read once its session is resumed.
+  for (unsigned c = 0; c < n; ++c) {
+    if (peers_->AwaitResume(order[c]) && peers_->ReadOnce(order[c], out) == 0) return 0;
+  }
   return -EIO;
 }
 

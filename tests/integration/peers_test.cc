@@ -809,9 +809,15 @@ TEST_SUITE("peers") {
       json status = lender.Status();
       CHECK(U64(status.at("lending"), "used_bytes") == kSuperpageBytes);
       CHECK(U64(status.at("lending"), "borrowers") == 1);
+      // Ending the session for good: the lender keeps nothing of it once it closes (without
+      // GOODBYE it would keep it for --borrower-grace, for the borrower to resume).
+      reply = client.Call(kGoodbye);
+      REQUIRE(reply.has_value());
+      CHECK(reply->header.status == 0);
     }
     // The session closed, so its superpage is free again.
     CHECK(Eventually([&] { return LendingUsed(lender) == 0; }, 5000));
+    CHECK(lender.Status().at("lending").at("parked").empty());
     CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
   }
 

@@ -40,6 +40,7 @@ constexpr uint16_t kWrite = 5;
 constexpr uint16_t kRead = 6;
 constexpr uint16_t kPut = 7;
 constexpr uint16_t kGet = 8;
+constexpr uint16_t kGoodbye = 11;
 constexpr uint32_t kPutEphemeral = 1;
 constexpr int32_t kStatusNotFound = 2;
 constexpr int32_t kStatusProtocol = 71;
