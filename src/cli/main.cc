@@ -408,6 +408,18 @@ int main(int argc, char** argv) {
   daemon->add_option("--backing-size", daemon_args.backing_size,
                      "Largest size the backing file may grow to (default: no bound)")
       ->type_name("SIZE");
+  daemon->add_option("--state-dir", daemon_args.state_dir,
+                     "Keep the page store where a restarted daemon finds it: the local store "
+                     "and the page tables in a locked shared memory segment named in "
+                     "DIR/state.json. A daemon that crashes, or stops with --on-exit keep, "
+                     "leaves them; the next one started with the same DIR, devices, local "
+                     "store and backing file serves the same pages (pages on peers are not "
+                     "recovered yet: such a restart is refused)")
+      ->type_name("DIR");
+  daemon->add_option("--on-exit", daemon_args.on_exit,
+                     "On SIGTERM: detach (the default) frees the pages and the state; keep "
+                     "leaves them in --state-dir for the next daemon")
+      ->type_name("keep|detach");
   daemon->add_flag("--backing-direct", daemon_args.backing_direct,
                    "Write the backing file with O_DIRECT, bypassing the page cache: slower, "
                    "but spilling pages then needs no page-cache memory, which a swap device "

@@ -291,6 +291,8 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
     for (const auto& [given, name] :
          {std::pair{!args.nbd.empty(), "--nbd"}, {!args.peers.empty(), "--peer"},
           {!args.backing_file.empty(), "--backing-file"},
+          {!args.state_dir.empty(), "--state-dir"},
+          {!args.on_exit.empty(), "--on-exit"},
           {!args.max_connections.empty(), "--max-connections"},
           {!args.socket_mode.empty(), "--socket-mode"},
           {!args.socket_group.empty(), "--socket-group"}}) {
@@ -387,6 +389,17 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
     return false;
   }
   config->backing_direct = args.backing_direct;
+
+  config->state_dir = args.state_dir;
+  if (!args.on_exit.empty() && args.on_exit != "keep" && args.on_exit != "detach") {
+    *error = "--on-exit " + Quote(args.on_exit) + ": expected keep or detach";
+    return false;
+  }
+  config->keep_state_on_exit = args.on_exit == "keep";
+  if (config->keep_state_on_exit && config->state_dir.empty()) {
+    *error = "--on-exit keep needs --state-dir DIR, where the next daemon finds the pages";
+    return false;
+  }
 
   if (args.compress == "none") {
     config->compression = Compression::kNone;

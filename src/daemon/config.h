@@ -40,6 +40,9 @@ struct DaemonConfig {
   std::string backing_file;             // empty: no disk tier
   std::uint64_t backing_size_bytes = 0; // 0: bounded only by the file system
   bool backing_direct = false;          // open the backing file with O_DIRECT
+  // Where the page store's state is kept across restarts (docs/restart.md); empty: nowhere.
+  std::string state_dir;
+  bool keep_state_on_exit = false;      // --on-exit keep
   Compression compression = Compression::kNone;
   std::string control_path;
   std::uint32_t busy_poll_us = 50;
@@ -90,6 +93,8 @@ struct DaemonArgs {
   std::string backing_file;
   std::string backing_size;
   bool backing_direct = false;
+  std::string state_dir;
+  std::string on_exit;          // keep | detach; empty: detach
   std::string compress = "none";
   std::string control;
   std::uint32_t busy_poll_us = 50;

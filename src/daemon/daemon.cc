@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <random>
 #include <stdexcept>
 #include <utility>
 #include <variant>
@@ -52,9 +54,20 @@ std::string Hex(std::uint64_t value) {
   return text;
 }
 
+// The configuration, with the node id of the state directory's last daemon if there is one:
+// its identity on peers (and in the sessions they keep for it) stays the same.
+DaemonConfig WithSavedIdentity(DaemonConfig config) {
+  if (config.state_dir.empty() || config.local_store_bytes == 0) return config;
+  if (const std::optional<SavedState> saved = LoadState(config.state_dir)) {
+    config.node_id = saved->node_id;
+  }
+  return config;
+}
+
 }  // namespace
 
-Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemory()) {
+Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), host_(ReadHostMemory()) {
+  const DaemonConfig& config = config_;
   const bool serves_devices = config.local_store_bytes > 0;
   // A lender is locked too: a swap device (this host's or a borrower's) may hold pages in its
   // pool, and a pool page that is itself swapped out, onto a device that needs this lender,
@@ -67,11 +80,21 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
   }
   if (locks_memory_) PrepareForSwap();
   if (serves_devices) {
-    auto local = std::make_unique<LocalStore>(config.local_store_bytes, config.compression);
+    std::optional<SavedState> saved;
+    if (!config.state_dir.empty()) saved = LoadState(config.state_dir);
+    std::vector<void*> tables;
+    std::unique_ptr<LocalStore> local;
+    if (config.state_dir.empty()) {
+      local = std::make_unique<LocalStore>(config.local_store_bytes, config.compression);
+    } else {
+      local = std::make_unique<LocalStore>(OpenState(saved, &tables), config.local_store_bytes,
+                                           config.compression);
+    }
     std::unique_ptr<DiskStore> disk;
     if (!config.backing_file.empty()) {
+      // After a restart its slots hold the pages the page tables name: kept, not truncated.
       disk = std::make_unique<DiskStore>(config.backing_file, config.backing_size_bytes,
-                                         config.backing_direct);
+                                         config.backing_direct, /*keep=*/saved.has_value());
     }
     std::unique_ptr<PlacementStore> remote;
     PageStore* cache = nullptr;
@@ -95,10 +118,18 @@ Daemon::Daemon(const DaemonConfig& config) : config_(config), host_(ReadHostMemo
     options.low_watermark = config.low_watermark;
     tiers_ = std::make_unique<Tiering>(std::move(local), std::move(remote), std::move(disk),
                                        options, cache);
-    for (const DeviceSpec& spec : config.devices) {
-      devices_.Add(std::make_shared<Device>(spec.name, spec.size_bytes, *tiers_,
-                                            spec.cache_clean_pages, config.redundancy));
+    std::vector<std::shared_ptr<Device>> made;
+    for (std::size_t i = 0; i < config.devices.size(); ++i) {
+      const DeviceSpec& spec = config.devices[i];
+      made.push_back(tables.empty()
+                         ? std::make_shared<Device>(spec.name, spec.size_bytes, *tiers_,
+                                                    spec.cache_clean_pages, config.redundancy)
+                         : std::make_shared<Device>(spec.name, spec.size_bytes, *tiers_,
+                                                    spec.cache_clean_pages, config.redundancy,
+                                                    tables[i], /*fresh=*/!saved));
+      devices_.Add(made.back());
     }
+    if (saved) RecoverDevices(made);
     if (config.serve_nbd) {
       nbd::NbdServerOptions options = NbdOptions();
       options.access = config.nbd_access;
@@ -224,6 +255,83 @@ void Daemon::LockMemory() {
 
 Daemon::~Daemon() { Stop(); }
 
+std::byte* Daemon::OpenState(const std::optional<SavedState>& saved,
+                             std::vector<void*>* tables) {
+  const std::string& dir = config_.state_dir;
+  const std::uint64_t arena_bytes = LocalStore::ArenaBytes(config_.local_store_bytes);
+  if (saved) {
+    const std::string difference = CompareState(*saved, config_);
+    if (!difference.empty()) {
+      throw std::runtime_error("--state-dir " + dir + " keeps the pages of another "
+                               "configuration: " + difference + ". Start with the options it "
+                               "was made with, or remove " + dir + "/state.json to start afresh");
+    }
+    const auto attach = [&](int id, std::uint64_t bytes) {
+      std::string error;
+      std::unique_ptr<StateSegment> segment =
+          StateSegment::Attach(id, bytes, saved->instance, locks_memory_, &error);
+      if (!segment) {
+        throw std::runtime_error("--state-dir " + dir + ": " + error + ". Remove " + dir +
+                                 "/state.json to start afresh");
+      }
+      segments_.push_back(std::move(segment));
+      return segments_.back()->data();
+    };
+    std::byte* arena = attach(saved->arena_segment_id, arena_bytes);
+    for (const SavedDevice& device : saved->devices) {
+      tables->push_back(attach(device.segment_id, Device::PageTableBytes(device.size_bytes)));
+    }
+    LogError("recovering the page store kept in %s", dir.c_str());
+    return arena;
+  }
+  std::random_device random;
+  SavedState state = StateFor(config_, std::uint64_t{random()} << 32 | random());
+  try {
+    segments_.push_back(StateSegment::Create(arena_bytes, state.instance, locks_memory_));
+    state.arena_segment_id = segments_.back()->id();
+    for (SavedDevice& device : state.devices) {
+      segments_.push_back(StateSegment::Create(Device::PageTableBytes(device.size_bytes),
+                                               state.instance, locks_memory_));
+      device.segment_id = segments_.back()->id();
+      tables->push_back(segments_.back()->data());
+    }
+    SaveState(dir, state);
+  } catch (const std::exception& e) {
+    for (const std::unique_ptr<StateSegment>& segment : segments_) segment->Remove();
+    segments_.clear();
+    throw std::runtime_error(std::string("--state-dir ") + dir + ": " + e.what());
+  }
+  return segments_.front()->data();
+}
+
+void Daemon::RecoverDevices(const std::vector<std::shared_ptr<Device>>& devices) {
+  std::uint64_t remote = 0;
+  std::uint64_t invalid = 0;
+  for (const std::shared_ptr<Device>& device : devices) {
+    const Device::Recovery found = device->Recover();
+    remote += found.remote;
+    invalid += found.invalid;
+    LogError("recovered %s: %llu pages (%llu in the local store, %llu on disk)",
+             device->name().c_str(), static_cast<unsigned long long>(found.mapped),
+             static_cast<unsigned long long>(found.local),
+             static_cast<unsigned long long>(found.disk));
+  }
+  if (remote > 0) {
+    // Nothing is released: the state stays as it is for a daemon that can recover it.
+    for (const std::shared_ptr<Device>& device : devices) device->KeepPagesOnExit();
+    throw std::runtime_error(
+        "--state-dir " + config_.state_dir + ": " + std::to_string(remote) +
+        " pages were on peers, which a restart cannot recover yet; remove " + config_.state_dir +
+        "/state.json to start afresh (their data is lost)");
+  }
+  if (invalid > 0) {
+    LogError("warning: %llu page-table entries named room that cannot be theirs; "
+             "those pages read as zeros",
+             static_cast<unsigned long long>(invalid));
+  }
+  tiers_->FinishAdopt();
+}
+
 void Daemon::Stop() {
   {
     std::lock_guard lock(refresh_mu_);
@@ -240,6 +348,17 @@ void Daemon::Stop() {
   ::rmdir((config_.control_path + ".fuse").c_str());  // made by FuseMountRoot; empty now
   if (nbd_) nbd_->Stop();
   if (lender_) lender_->Stop();
+  if (!segments_.empty()) {
+    if (config_.keep_state_on_exit) {
+      for (const std::shared_ptr<Device>& device : devices_.List()) device->KeepPagesOnExit();
+      LogError("the pages stay in %s for the next daemon (--on-exit keep)",
+               config_.state_dir.c_str());
+    } else {
+      // Each goes when this process detaches it, after the devices and stores let go.
+      for (const std::unique_ptr<StateSegment>& segment : segments_) segment->Remove();
+      RemoveState(config_.state_dir);
+    }
+  }
 }
 
 void Daemon::RefreshLoop() {

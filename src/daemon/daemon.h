@@ -19,8 +19,10 @@
 #include "nbd/server.h"
 #include "peer/lender_service.h"
 #include "daemon/pool_pressure.h"
+#include "daemon/state_dir.h"
 #include "peer/peer_store.h"
 #include "store/device_table.h"
+#include "store/state_segment.h"
 #include "store/placement_store.h"
 #include "store/tiering.h"
 
@@ -75,6 +77,14 @@ class Daemon {
   // asks while MemAvailable is under it. Any thread.
   void AdjustPool();
   void Stop();
+  // --state-dir: attaches the segments `saved` names (or makes them, and state.json, when
+  // it is null) and returns the arena's memory and each --device's page table, in order.
+  // Throws std::runtime_error with one line when they cannot be had.
+  std::byte* OpenState(const std::optional<SavedState>& saved,
+                       std::vector<void*>* tables);
+  // After a restart: rebuilds the stores' free lists from the devices' page tables, and logs
+  // what was found. Throws if pages were on peers (not recoverable yet).
+  void RecoverDevices(const std::vector<std::shared_ptr<Device>>& devices);
   // Detaches every attached block device (forcibly if still in use), newest first.
   void DetachAll();
   // Creates the frontend of `kind` ("ublk", "nbd" or "fuse") for `device`; `queues` is for
@@ -107,6 +117,9 @@ class Daemon {
   // Borrowing side; all null or empty when the daemon serves no device.
   peer::PeerStore* peers_ = nullptr;         // owned by placements_
   PlacementStore* placements_ = nullptr;     // owned by tiers_
+  // --state-dir: the segments the local store's arena and the devices' page tables live in
+  // (docs/restart.md); destroyed after the stores and devices that use them.
+  std::vector<std::unique_ptr<StateSegment>> segments_;
   std::unique_ptr<Tiering> tiers_;
   DeviceTable devices_;               // destroyed before tiers_
   std::unique_ptr<nbd::NbdServer> nbd_;          // --nbd; null without it

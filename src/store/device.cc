@@ -78,18 +78,80 @@ Device::Device(std::string name, std::uint64_t size_bytes, Tiering& tiers,
   tiers_.AddOwner(this);
 }
 
+Device::Device(std::string name, std::uint64_t size_bytes, Tiering& tiers,
+               bool cache_clean_pages, Redundancy redundancy, void* table, bool fresh)
+    : name_(std::move(name)),
+      size_bytes_(size_bytes),
+      page_count_(size_bytes / kPageSize),
+      tiers_(tiers),
+      cache_clean_pages_(cache_clean_pages),
+      redundancy_(redundancy.copies == 0 && !redundancy.disk ? Redundancy{} : redundancy),
+      external_table_(true) {
+  assert(size_bytes > 0 && size_bytes % kPageSize == 0);
+  static_assert(sizeof(PageEntry) == 16 && std::atomic<std::uint64_t>::is_always_lock_free);
+  auto* entries = static_cast<PageEntry*>(table);
+  if (fresh) {
+    for (std::uint64_t page = 0; page < page_count_; ++page) new (&entries[page]) PageEntry;
+  }
+  const std::uint64_t chunk_count = (page_count_ + kChunkPages - 1) >> kChunkShift;
+  chunks_ = std::make_unique<std::atomic<PageEntry*>[]>(chunk_count);
+  // The last chunk may be short: Entry never indexes past page_count_.
+  for (std::uint64_t i = 0; i < chunk_count; ++i) chunks_[i].store(entries + i * kChunkPages);
+  const std::uint64_t words = (page_count_ + 63) / 64;
+  local_bits_ = std::make_unique<std::atomic<std::uint64_t>[]>(words);
+  for (std::uint64_t i = 0; i < words; ++i) local_bits_[i].store(0, std::memory_order_relaxed);
+  tiers_.AddOwner(this);
+}
+
 Device::~Device() {
   tiers_.RemoveOwner(this);  // waits for any eviction scan of this device to end
   const std::uint64_t chunk_count = (page_count_ + kChunkPages - 1) >> kChunkShift;
   for (std::uint64_t c = 0; c < chunk_count; ++c) {
     PageEntry* chunk = chunks_[c].load();
     if (chunk == nullptr) continue;
-    for (std::uint64_t i = 0; i < kChunkPages; ++i) {
-      tiers_.Release(Location::FromBits(chunk[i].where.load(std::memory_order_relaxed)));
-      tiers_.ReleaseCopy(chunk[i].disk_copy);
+    const std::uint64_t entries = std::min(kChunkPages, page_count_ - c * kChunkPages);
+    if (!keep_pages_) {
+      for (std::uint64_t i = 0; i < entries; ++i) {
+        tiers_.Release(Location::FromBits(chunk[i].where.load(std::memory_order_relaxed)));
+        tiers_.ReleaseCopy(chunk[i].disk_copy);
+      }
     }
-    delete[] chunk;
+    if (!external_table_) delete[] chunk;
   }
+}
+
+Device::Recovery Device::Recover() noexcept {
+  Recovery found;
+  for (std::uint64_t page = 0; page < page_count_; ++page) {
+    PageEntry* entry = Entry(page, /*create=*/false);
+    Location where = Location::FromBits(entry->where.load(std::memory_order_relaxed));
+    // Fetched-ahead marks and CLOCK bits are of the process that set them.
+    where = where.WithPrefetched(false).WithReferenced(false);
+    Slot copy = entry->disk_copy;
+    if (where.tier() == Tier::kCached) {  // the peer's cache entry is not recovered
+      where = Location(Tier::kDisk, copy);
+      copy = kNoCopy;
+    }
+    if (where.tier() == Tier::kRemote) {
+      ++found.remote;
+      continue;
+    }
+    if (where.tier() == Tier::kLocal && IsRemoteCopy(copy)) copy = kNoCopy;
+    if (where.tier() != Tier::kLocal && copy != kNoCopy) copy = kNoCopy;  // not kept there
+    const bool ok = tiers_.Adopt(where) && (copy == kNoCopy || tiers_.AdoptCopy(copy));
+    if (!ok) {
+      ++found.invalid;
+      where = Location();  // reads as zeros rather than as someone else's room
+      copy = kNoCopy;
+    }
+    entry->where.store(where.bits(), std::memory_order_relaxed);
+    entry->disk_copy = kNoCopy;
+    SetLocation(page, entry, Location(), where, copy);
+    if (where.tier() != Tier::kUnmapped) ++found.mapped;
+    if (where.tier() == Tier::kLocal) ++found.local;
+    if (where.tier() == Tier::kDisk) ++found.disk;
+  }
+  return found;
 }
 
 Device::PageEntry* Device::Entry(std::uint64_t page, bool create) noexcept {

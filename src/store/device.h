@@ -71,7 +71,37 @@ class Device final : public PageOwner {
   // `redundancy`: what is kept of each of its pages that leave the host (see Redundancy).
   Device(std::string name, std::uint64_t size_bytes, Tiering& tiers,
          bool cache_clean_pages = true, Redundancy redundancy = {});
+  // The same with its page table in `table`: PageTableBytes(size_bytes) bytes of memory the
+  // caller owns and keeps for as long as the device lives (a state segment, which outlives
+  // the process: docs/restart.md). `fresh`: the table is new (every page unmapped); else it
+  // holds an earlier process's pages, and Recover must run before any other call.
+  Device(std::string name, std::uint64_t size_bytes, Tiering& tiers, bool cache_clean_pages,
+         Redundancy redundancy, void* table, bool fresh);
   ~Device() override;
+  static std::uint64_t PageTableBytes(std::uint64_t size_bytes) {
+    return size_bytes / kPageSize * sizeof(PageEntry);
+  }
+
+  // What Recover found.
+  struct Recovery {
+    std::uint64_t mapped = 0;   // pages that read as something
+    std::uint64_t local = 0;
+    std::uint64_t disk = 0;
+    // Pages on peers: not recoverable yet (their placement records are not kept). Recover
+    // changes nothing of them; the caller refuses to go on.
+    std::uint64_t remote = 0;
+    // Entries naming room their store refused (out of range, or named twice): corruption.
+    std::uint64_t invalid = 0;
+  };
+  // Rebuilds from the page table what is not kept in it: the counts, the local-page bitmap,
+  // and the room each page holds in the local and disk stores (Tiering::Adopt). A local
+  // page's remote copy, and a kCached page's cache entry, are dropped (the peers' sessions
+  // are not recovered yet): the page stays, local and dirty or on disk. Not thread-safe;
+  // before the device is used.
+  Recovery Recover() noexcept;
+  // The page table stays as it is when the device goes (the next process recovers it): the
+  // destructor releases no page's room.
+  void KeepPagesOnExit() noexcept { keep_pages_ = true; }
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
 
@@ -259,6 +289,8 @@ class Device final : public PageOwner {
   // Top level; a null pointer is a chunk whose pages are all unmapped. Chunks are created
   // with a compare-and-swap and live until the device is destroyed.
   std::unique_ptr<std::atomic<PageEntry*>[]> chunks_;
+  const bool external_table_ = false;  // chunks_ point into memory the caller owns
+  bool keep_pages_ = false;            // KeepPagesOnExit
 
   std::array<Stripe, kLockStripes> stripes_;
   std::atomic<std::uint64_t> clock_hand_{0};

@@ -36,12 +36,12 @@ off_t SlotOffset(Slot slot) { return static_cast<off_t>(slot * kPageSize); }
 
 }  // namespace
 
-DiskStore::DiskStore(const std::string& path, std::uint64_t max_bytes, bool direct)
+DiskStore::DiskStore(const std::string& path, std::uint64_t max_bytes, bool direct, bool keep)
     : path_(path), max_slots_(max_bytes / kPageSize) {
   if (max_bytes != 0 && max_slots_ == 0) {
     throw std::invalid_argument("disk store bound for " + path + " is smaller than one page");
   }
-  constexpr int kFlags = O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC;
+  const int kFlags = O_RDWR | O_CREAT | O_CLOEXEC | (keep ? 0 : O_TRUNC);
   if (direct) {
     fd_ = open(path.c_str(), kFlags | O_DIRECT, 0600);
     direct_ = fd_ >= 0;
@@ -59,6 +59,27 @@ DiskStore::DiskStore(const std::string& path, std::uint64_t max_bytes, bool dire
 
 DiskStore::~DiskStore() {
   if (fd_ >= 0) close(fd_);
+}
+
+bool DiskStore::Adopt(Slot slot) {
+  const std::uint64_t limit = max_slots_ != 0 ? std::min(max_slots_, kMaxFileSlots) : kMaxFileSlots;
+  if (slot >= limit) return false;
+  if (adopted_.size() <= slot) adopted_.resize(slot + 1, false);
+  if (adopted_[slot]) return false;
+  adopted_[slot] = true;
+  ++live_pages_;
+  next_slot_ = std::max<std::uint64_t>(next_slot_, slot + 1);
+  return true;
+}
+
+void DiskStore::FinishAdopt() {
+  free_slots_.clear();
+  free_slots_.reserve(std::max<std::size_t>(64, next_slot_));
+  for (Slot slot = 0; slot < next_slot_; ++slot) {
+    if (!adopted_[slot]) free_slots_.push_back(slot);
+  }
+  std::make_heap(free_slots_.begin(), free_slots_.end(), std::greater<Slot>());
+  adopted_ = {};
 }
 
 int DiskStore::Write(ConstPageSpan page, std::uint64_t /*hint*/, Slot* slot) noexcept {

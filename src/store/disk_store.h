@@ -31,7 +31,10 @@ class DiskStore final : public PageStore {
   // the file system's); a write past it returns -ENOSPC. Throws std::system_error with the
   // path in the message if the file cannot be opened for reading and writing.
   // `direct`: use O_DIRECT if the file system supports it (see above).
-  DiskStore(const std::string& path, std::uint64_t max_bytes, bool direct = false);
+  // `keep`: open the file as it is, for a daemon that recovers its pages after a restart
+  // (docs/restart.md): its slots are all free until Adopt says otherwise.
+  DiskStore(const std::string& path, std::uint64_t max_bytes, bool direct = false,
+            bool keep = false);
   ~DiskStore() override;
   DiskStore(const DiskStore&) = delete;
   DiskStore& operator=(const DiskStore&) = delete;
@@ -43,6 +46,12 @@ class DiskStore final : public PageStore {
   void Discard(Slot slot) noexcept override;
   // pages: live slots; used_bytes: pages * kPageSize; total_bytes: max_bytes (0 = unbounded).
   StoreStats Stats() const noexcept override;
+
+  // Recovery, before any other call: Adopt marks a slot a page table names as live (false
+  // if it is past the bound, or taken already); FinishAdopt makes the slots below the
+  // highest adopted one that were not adopted free. Not thread-safe. May throw bad_alloc.
+  bool Adopt(Slot slot);
+  void FinishAdopt();
 
   const std::string& path() const { return path_; }
   // True when the file is accessed with O_DIRECT (asked for, and supported).
@@ -63,6 +72,7 @@ class DiskStore final : public PageStore {
   std::vector<Slot> free_slots_;   // guarded by mu_; kept as a min-heap
   std::uint64_t next_slot_ = 0;    // guarded by mu_; first never-used slot
   std::uint64_t live_pages_ = 0;   // guarded by mu_
+  std::vector<bool> adopted_;      // during recovery only
 };
 
 }  // namespace memlend

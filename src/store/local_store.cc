@@ -143,8 +143,7 @@ struct alignas(64) LocalStore::Shard {
   Shard() { partial_head.fill(kNoFrame); }
 };
 
-LocalStore::LocalStore(std::uint64_t capacity_bytes, Compression compression)
-    : compression_(compression) {
+void LocalStore::Init(std::uint64_t capacity_bytes) {
   static_assert(sizeof(FrameMeta) == 12, "the header promises 12 bytes of metadata per frame");
   if (capacity_bytes < kPageSize) {
     throw std::invalid_argument("local store capacity is smaller than one page");
@@ -168,7 +167,17 @@ LocalStore::LocalStore(std::uint64_t capacity_bytes, Compression compression)
     shard->next_fresh = shard->begin;
     shards_.push_back(std::move(shard));
   }
+}
 
+LocalStore::LocalStore(std::byte* arena, std::uint64_t capacity_bytes, Compression compression)
+    : compression_(compression), owns_arena_(false) {
+  Init(capacity_bytes);
+  arena_ = arena;
+}
+
+LocalStore::LocalStore(std::uint64_t capacity_bytes, Compression compression)
+    : compression_(compression) {
+  Init(capacity_bytes);
   void* arena = mmap(nullptr, arena_bytes_, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (arena == MAP_FAILED) {
@@ -181,7 +190,51 @@ LocalStore::LocalStore(std::uint64_t capacity_bytes, Compression compression)
   ::madvise(arena_, arena_bytes_, MADV_HUGEPAGE);
 }
 
-LocalStore::~LocalStore() { munmap(arena_, arena_bytes_); }
+LocalStore::~LocalStore() {
+  if (owns_arena_) munmap(arena_, arena_bytes_);
+}
+
+bool LocalStore::Adopt(Slot slot) noexcept {
+  const Slot frame = slot >> kFrameShift;
+  const unsigned size_class = static_cast<unsigned>((slot >> kClassShift) & kFieldMask);
+  const unsigned chunk = static_cast<unsigned>(slot & kFieldMask);
+  if (frame >= frame_count_ || chunk > size_class) return false;
+  if (compression_ == Compression::kNone && size_class != kRawClass) return false;
+  FrameMeta& meta = frames_[frame];
+  if (meta.used_mask != 0 && (meta.size_class != size_class || (meta.used_mask & (1u << chunk)))) {
+    return false;
+  }
+  if (meta.used_mask == 0) {
+    meta.size_class = static_cast<std::uint8_t>(size_class);
+    used_frames_.fetch_add(1, std::memory_order_relaxed);
+  }
+  meta.used_mask = static_cast<std::uint16_t>(meta.used_mask | (1u << chunk));
+  live_pages_.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+void LocalStore::FinishAdopt() noexcept {
+  for (const std::unique_ptr<Shard>& shard : shards_) {
+    shard->next_fresh = shard->end;  // every frame is either live or on the free stack
+    shard->free_head = kNoFrame;
+    shard->partial_head.fill(kNoFrame);
+    // From the top down, so that the lowest free frame is taken first.
+    for (std::uint32_t frame = shard->end; frame-- > shard->begin;) {
+      FrameMeta& meta = frames_[frame];
+      meta.prev = kNoFrame;
+      meta.next = kNoFrame;
+      if (meta.used_mask == 0) {
+        meta.next = shard->free_head;
+        shard->free_head = frame;
+      } else if (meta.used_mask != FullMask(meta.size_class)) {
+        std::uint32_t& head = shard->partial_head[meta.size_class];
+        meta.next = head;
+        if (head != kNoFrame) frames_[head].prev = frame;
+        head = frame;
+      }
+    }
+  }
+}
 
 LocalStore::Packed LocalStore::Pack(ConstPageSpan page, std::byte* buffer) const noexcept {
   Packed packed{page.data(), kPageSize, kRawClass};

@@ -38,7 +38,22 @@ class LocalStore final : public PageStore {
   // Reserves the arena. Throws std::system_error if the memory cannot be mapped, or
   // std::invalid_argument if `capacity_bytes` is smaller than one frame per shard.
   LocalStore(std::uint64_t capacity_bytes, Compression compression);
+  // The same over `arena`, memory the caller owns (a state segment: docs/restart.md) of
+  // ArenaBytes(capacity_bytes) bytes, page-aligned, which outlives the store. Its frames
+  // hold whatever an earlier store left there: they are all free until Adopt says otherwise.
+  LocalStore(std::byte* arena, std::uint64_t capacity_bytes, Compression compression);
   ~LocalStore() override;
+  // The arena's bytes for a store of `capacity_bytes`: whole frames.
+  static std::uint64_t ArenaBytes(std::uint64_t capacity_bytes) {
+    return capacity_bytes / kPageSize * kPageSize;
+  }
+
+  // Recovery after a restart, before any other call: Adopt marks each slot that a page
+  // table names as live (false if it cannot be one: out of range, or its chunk is taken
+  // already or by a frame of another size class), then FinishAdopt rebuilds the free lists
+  // from what was adopted. Not thread-safe.
+  bool Adopt(Slot slot) noexcept;
+  void FinishAdopt() noexcept;
   LocalStore(const LocalStore&) = delete;
   LocalStore& operator=(const LocalStore&) = delete;
 
@@ -77,7 +92,11 @@ class LocalStore final : public PageStore {
   static void CopyPacked(const Packed& packed, std::byte* chunk) noexcept;
 
   // Constant after construction.
+  // Sizes the metadata and shards for `capacity_bytes` (the constructors' common part).
+  void Init(std::uint64_t capacity_bytes);
+
   const Compression compression_;
+  bool owns_arena_ = true;
   std::byte* arena_ = nullptr;
   std::uint64_t arena_bytes_ = 0;
   std::uint32_t frame_count_ = 0;

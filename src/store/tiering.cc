@@ -490,4 +490,30 @@ void Tiering::Release(Location location) noexcept {
   store->Discard(location.slot());
 }
 
+bool Tiering::Adopt(Location location) {
+  switch (location.tier()) {
+    case Tier::kUnmapped:
+    case Tier::kZero:
+      return true;
+    case Tier::kLocal:
+      return local_store_->Adopt(location.slot());
+    case Tier::kDisk:
+      return disk_store_ != nullptr && disk_store_->Adopt(location.slot());
+    case Tier::kRemote:
+    case Tier::kCached:
+      return false;
+  }
+  return false;
+}
+
+bool Tiering::AdoptCopy(Slot copy) {
+  return copy == kNoCopy ||
+         (!IsRemoteCopy(copy) && disk_store_ != nullptr && disk_store_->Adopt(copy));
+}
+
+void Tiering::FinishAdopt() {
+  local_store_->FinishAdopt();
+  if (disk_store_ != nullptr) disk_store_->FinishAdopt();
+}
+
 }  // namespace memlend

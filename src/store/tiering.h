@@ -277,6 +277,15 @@ class Tiering {
   // Frees whatever room `location` holds (nothing for zero tiers).
   void Release(Location location) noexcept;
 
+  // Recovery after a restart (docs/restart.md), before the stores are used: marks the room
+  // that a recovered page table names as taken. False when it cannot be: a kRemote or
+  // kCached location (not recoverable yet), or a slot its store refuses. FinishAdopt then
+  // rebuilds the stores' free lists. Not thread-safe.
+  bool Adopt(Location location);
+  // The same for a clean local page's disk copy.
+  bool AdoptCopy(Slot copy);
+  void FinishAdopt();
+
   // The local and disk stores themselves (behind any wrapper), for their own figures.
   LocalStore& local() { return *local_store_; }
   const LocalStore& local() const { return *local_store_; }

@@ -1,0 +1,135 @@
+#include "daemon/state_dir.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+namespace memlend {
+namespace {
+
+std::string StatePath(const std::string& dir) { return dir + "/state.json"; }
+
+const char* CompressionName(Compression compression) {
+  return compression == Compression::kLz4 ? "lz4" : "none";
+}
+
+}  // namespace
+
+SavedState StateFor(const DaemonConfig& config, std::uint64_t instance) {
+  SavedState state;
+  state.node_id = config.node_id;
+  state.instance = instance;
+  state.local_store_bytes = config.local_store_bytes;
+  state.compression = CompressionName(config.compression);
+  state.backing_file = config.backing_file;
+  for (const DeviceSpec& spec : config.devices) {
+    state.devices.push_back({spec.name, spec.size_bytes, -1});
+  }
+  return state;
+}
+
+std::optional<SavedState> LoadState(const std::string& dir) {
+  const std::string path = StatePath(dir);
+  if (::access(path.c_str(), F_OK) != 0 && errno == ENOENT) return std::nullopt;
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("cannot read " + path + ": " + std::strerror(errno));
+  std::stringstream text;
+  text << in.rdbuf();
+  try {
+    const nlohmann::json json = nlohmann::json::parse(text.str());
+    if (json.at("version").get<int>() != SavedState::kVersion) {
+      throw std::runtime_error("version " + json.at("version").dump() + ", this daemon reads " +
+                               std::to_string(SavedState::kVersion));
+    }
+    SavedState state;
+    state.node_id = json.at("node_id").get<std::uint64_t>();
+    state.instance = json.at("instance").get<std::uint64_t>();
+    state.arena_segment_id = json.at("arena_segment_id").get<int>();
+    state.local_store_bytes = json.at("local_store_bytes").get<std::uint64_t>();
+    state.compression = json.at("compression").get<std::string>();
+    state.backing_file = json.at("backing_file").get<std::string>();
+    for (const nlohmann::json& device : json.at("devices")) {
+      state.devices.push_back({device.at("name").get<std::string>(),
+                               device.at("size_bytes").get<std::uint64_t>(),
+                               device.at("segment_id").get<int>()});
+    }
+    return state;
+  } catch (const std::exception& e) {
+    throw std::runtime_error(path + " is not a memlend state file: " + e.what() +
+                             " (remove it to start afresh)");
+  }
+}
+
+void SaveState(const std::string& dir, const SavedState& state) {
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    throw std::runtime_error("cannot make the state directory " + dir + ": " +
+                             std::strerror(errno));
+  }
+  nlohmann::json devices = nlohmann::json::array();
+  for (const SavedDevice& device : state.devices) {
+    devices.push_back({{"name", device.name},
+                       {"size_bytes", device.size_bytes},
+                       {"segment_id", device.segment_id}});
+  }
+  const nlohmann::json json = {{"version", SavedState::kVersion},
+                               {"node_id", state.node_id},
+                               {"instance", state.instance},
+                               {"arena_segment_id", state.arena_segment_id},
+                               {"local_store_bytes", state.local_store_bytes},
+                               {"compression", state.compression},
+                               {"backing_file", state.backing_file},
+                               {"devices", std::move(devices)}};
+  const std::string path = StatePath(dir);
+  const std::string temporary = path + ".new";
+  const std::string text = json.dump(2) + "\n";
+  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  bool ok = fd >= 0 && ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) &&
+            ::fsync(fd) == 0;
+  const int error = errno;
+  if (fd >= 0) ::close(fd);
+  ok = ok && ::rename(temporary.c_str(), path.c_str()) == 0;
+  if (!ok) {
+    ::unlink(temporary.c_str());
+    throw std::runtime_error("cannot write " + path + ": " + std::strerror(error != 0 ? error : errno));
+  }
+}
+
+void RemoveState(const std::string& dir) noexcept { ::unlink(StatePath(dir).c_str()); }
+
+std::string CompareState(const SavedState& saved, const DaemonConfig& config) {
+  if (saved.local_store_bytes != config.local_store_bytes) {
+    return "it was made with --local-store " + std::to_string(saved.local_store_bytes) +
+           " bytes, not " + std::to_string(config.local_store_bytes);
+  }
+  if (saved.compression != CompressionName(config.compression)) {
+    return "it was made with --compress " + saved.compression;
+  }
+  if (saved.backing_file != config.backing_file) {
+    return saved.backing_file.empty() ? "it was made without --backing-file"
+                                      : "it was made with --backing-file " + saved.backing_file;
+  }
+  if (saved.devices.size() != config.devices.size()) {
+    return "it was made with " + std::to_string(saved.devices.size()) + " device(s), not " +
+           std::to_string(config.devices.size());
+  }
+  for (std::size_t i = 0; i < saved.devices.size(); ++i) {
+    const SavedDevice& device = saved.devices[i];
+    if (device.name != config.devices[i].name ||
+        device.size_bytes != config.devices[i].size_bytes) {
+      return "its device " + std::to_string(i + 1) + " is " + device.name + " of " +
+             std::to_string(device.size_bytes) + " bytes, not " + config.devices[i].name +
+             " of " + std::to_string(config.devices[i].size_bytes);
+    }
+  }
+  return "";
+}
+
+}  // namespace memlend

@@ -1,0 +1,46 @@
+// The state directory's state.json: what a restarted daemon needs to find and check the
+// page store an earlier process left in its state segment (docs/restart.md).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "daemon/config.h"
+
+namespace memlend {
+
+struct SavedDevice {
+  std::string name;
+  std::uint64_t size_bytes = 0;
+  int segment_id = -1;  // of the segment holding its page table
+};
+
+struct SavedState {
+  static constexpr int kVersion = 1;
+  std::uint64_t node_id = 0;
+  std::uint64_t instance = 0;       // repeated in each segment's header
+  int arena_segment_id = -1;        // the local store's arena
+  std::uint64_t local_store_bytes = 0;
+  std::string compression;          // none | lz4
+  std::string backing_file;         // empty: none
+  std::vector<SavedDevice> devices;
+};
+
+// The state of a daemon started with `config`, its segments not made yet (ids -1).
+SavedState StateFor(const DaemonConfig& config, std::uint64_t instance);
+
+// Reads DIR/state.json: nullopt when there is none. Throws std::runtime_error with one line
+// naming the file when it cannot be read or is not a state file of this version.
+std::optional<SavedState> LoadState(const std::string& dir);
+// Writes DIR/state.json whole (a temporary file, fsync, rename), making DIR if needed.
+// Throws std::runtime_error naming the file on failure.
+void SaveState(const std::string& dir, const SavedState& state);
+// Removes DIR/state.json (not DIR itself).
+void RemoveState(const std::string& dir) noexcept;
+// The first way `config` differs from what `saved` was made with (local store, compression,
+// backing file, devices), as a phrase; empty when they agree.
+std::string CompareState(const SavedState& saved, const DaemonConfig& config);
+
+}  // namespace memlend

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# restart.sh — a daemon with --state-dir that is killed (-9) or stopped with --on-exit keep
+# serves the same pages when started again on the same state directory (docs/restart.md).
+#
+# Usage: restart.sh PATH_TO_MEMLEND
+#
+#   1. pages in the local store (lz4): fio writes with crc32c headers, kill -9, start again,
+#      fio --verify_only over new NBD connections is clean;
+#   2. pages spilled to a backing file (a 2 MiB local store, no peers): the same;
+#   3. SIGTERM with --on-exit keep, start again: the same; then SIGTERM without it: the state
+#      (state.json and its shared memory segments) is gone, and a daemon started afresh has
+#      lost the data (fio --verify_only must fail: the negative control);
+#   4. a restart with another --local-store, or with a state.json that is not one, stops at once
+#      with one line naming the difference, and leaves the state for a daemon that matches.
+# Exit status: 0 pass, 1 fail, 77 skipped (fio without the nbd engine, python3 missing, or no
+# System V shared memory).
+set -euo pipefail
+
+memlend=${1:?usage: restart.sh PATH_TO_MEMLEND}
+ml_prefix="restart.sh: "
+# shellcheck source=fio_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/fio_lib.sh" memlend-restart
+command -v ipcs >/dev/null || skip "ipcs (util-linux) is missing"
+
+socket=$workdir/nbd.sock
+state=$workdir/state
+write_verify_job "nbd+unix:///fio?socket=$socket" 16m 24m 24m buffer_compress_percentage=50 \
+  refill_buffers=1
+
+# segment_ids: the shared memory segments state.json names, one per line.
+segment_ids() {
+  python3 -c "import json,sys; s = json.load(open(sys.argv[1])); print(s['arena_segment_id']); [print(d['segment_id']) for d in s['devices']]" "$state/state.json"
+}
+# kill9 NAME: the daemon dies as in a crash.
+kill9() {
+  kill -KILL "${ml_pids[$1]}"
+  wait "${ml_pids[$1]}" 2>/dev/null || true
+  unset "ml_pids[$1]"
+}
+# device_pages NAME FIELD: FIELD of the device's page counts in NAME's status.
+device_pages() {
+  status_json "$1" | python3 -c "import json,sys; print(json.load(sys.stdin)['devices'][0]['pages']['$2'])"
+}
+# written_then_verified NAME ARGS...: fio writes, the daemon is killed, a new one started with
+# ARGS (as NAME2) finds the pages, and fio verifies them.
+written_then_verified() {
+  local name=$1
+  shift
+  start_daemon "$name" "$@"
+  run_fio "$name-write" || { cat "$workdir/$name-write.stderr"; fail "fio workload failed"; }
+  check_fio_clean "$name-write" >/dev/null || fail "fio workload reported errors"
+  echo "  written: $(device_pages "$name" mapped) pages, $(device_pages "$name" local) local, $(device_pages "$name" disk) on disk; kill -9"
+  kill9 "$name"
+  start_daemon "$name-again" "$@"
+  grep "recovered" "$workdir/$name-again.stderr" | sed 's/^/  /'
+  run_fio "$name-verify" --verify_only || { cat "$workdir/$name-verify.stderr"; fail "fio --verify_only failed after the restart"; }
+  check_fio_clean "$name-verify" || fail "fio --verify_only reported errors after the restart"
+}
+
+echo "1. pages in the local store, kill -9, restart"
+args=(--device fio:64M --nbd "unix:$socket" --local-store 128M --compress lz4 --state-dir "$state")
+written_then_verified local "${args[@]}"
+stop_daemon local-again
+[[ ! -e $state/state.json ]] || fail "state.json is still there after a stop without --on-exit keep"
+
+echo "2. pages on a backing file, kill -9, restart"
+args=(--device fio:64M --nbd "unix:$socket" --local-store 2M --compress none
+  --backing-file "$workdir/backing.img" --state-dir "$state")
+written_then_verified disk "${args[@]}"
+(($(device_pages disk-again disk) > 1000)) || fail "the pages were not on disk: $(status_json disk-again)"
+
+echo "3. SIGTERM with --on-exit keep, restart"
+stop_daemon disk-again  # frees the state of step 2
+args=(--device fio:64M --nbd "unix:$socket" --local-store 32M --compress lz4
+  --backing-file "$workdir/backing.img" --state-dir "$state")
+start_daemon keep "${args[@]}" --on-exit keep
+run_fio keep-write || fail "fio workload failed"
+check_fio_clean keep-write >/dev/null || fail "fio workload reported errors"
+stop_daemon keep
+[[ -e $state/state.json ]] || fail "--on-exit keep removed state.json"
+grep -q "stay in $state" "$workdir/keep.stderr" || fail "the daemon did not say it kept the pages"
+start_daemon keep-again "${args[@]}"
+run_fio keep-verify --verify_only || { cat "$workdir/keep-verify.stderr"; fail "fio --verify_only failed after a kept stop"; }
+check_fio_clean keep-verify || fail "fio --verify_only reported errors after a kept stop"
+mapfile -t ids < <(segment_ids)
+stop_daemon keep-again
+[[ ! -e $state/state.json ]] || fail "state.json is still there after a stop without --on-exit keep"
+for id in "${ids[@]}"; do
+  ! ipcs -m | awk '{print $2}' | grep -qx "$id" || fail "shared memory segment $id is still there"
+done
+echo "  stopped without keep: state.json and segments ${ids[*]} are gone"
+start_daemon afresh "${args[@]}"
+expect_verify_failure
+echo "  a daemon started afresh has none of the data (verification fails, as it must)"
+kill9 afresh
+
+echo "4. a restart that does not match the state"
+if "$memlend" daemon --device fio:64M --nbd "unix:$socket" --local-store 64M --compress lz4 \
+  --backing-file "$workdir/backing.img" --state-dir "$state" --control "$workdir/bad.control" \
+  2>"$workdir/bad.stderr"; then
+  fail "a daemon with another --local-store started on the state"
+fi
+grep -q "another configuration: it was made with --local-store" "$workdir/bad.stderr" ||
+  fail "the refusal does not name the difference: $(cat "$workdir/bad.stderr")"
+echo "  refused: $(grep -o 'another configuration.*' "$workdir/bad.stderr" | head -c 120)"
+start_daemon matching "${args[@]}"  # the state is still there for a daemon that matches
+grep -q "recovered" "$workdir/matching.stderr" || fail "the matching daemon did not recover"
+kill9 matching
+mapfile -t ids < <(segment_ids)
+cp "$state/state.json" "$workdir/state.json.good"
+echo '{"version": 1, "nonsense": true}' >"$state/state.json"
+if "$memlend" daemon "${args[@]}" --control "$workdir/bad2.control" 2>"$workdir/bad2.stderr"; then
+  fail "a daemon started on a corrupt state.json"
+fi
+grep -q "is not a memlend state file" "$workdir/bad2.stderr" ||
+  fail "the refusal does not say what is wrong: $(cat "$workdir/bad2.stderr")"
+echo "  refused: $(grep -o 'state.json is not.*' "$workdir/bad2.stderr" | head -c 120)"
+for id in "${ids[@]}"; do ipcrm -m "$id" 2>/dev/null || true; done
+echo "PASS: pages survive kill -9 and --on-exit keep restarts; mismatched and corrupt state is refused"
