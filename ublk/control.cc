@@ -107,6 +107,23 @@ int ControlChannel::StartDevice(std::uint32_t dev_id, int server_pid) noexcept {
   return Send(UBLK_U_CMD_START_DEV, UBLK_CMD_START_DEV, cmd);
 }
 
+int ControlChannel::GetDeviceInfo(std::uint32_t dev_id, ublksrv_ctrl_dev_info* info) noexcept {
+  ublksrv_ctrl_cmd cmd = Header(dev_id);
+  cmd.addr = reinterpret_cast<std::uintptr_t>(info);
+  cmd.len = sizeof(*info);
+  return Send(UBLK_U_CMD_GET_DEV_INFO, UBLK_CMD_GET_DEV_INFO, cmd);
+}
+
+int ControlChannel::StartUserRecovery(std::uint32_t dev_id) noexcept {
+  return Send(UBLK_U_CMD_START_USER_RECOVERY, UBLK_CMD_START_USER_RECOVERY, Header(dev_id));
+}
+
+int ControlChannel::EndUserRecovery(std::uint32_t dev_id, int server_pid) noexcept {
+  ublksrv_ctrl_cmd cmd = Header(dev_id);
+  cmd.data[0] = static_cast<__u64>(server_pid);
+  return Send(UBLK_U_CMD_END_USER_RECOVERY, UBLK_CMD_END_USER_RECOVERY, cmd);
+}
+
 int ControlChannel::StopDevice(std::uint32_t dev_id) noexcept {
   return Send(UBLK_U_CMD_STOP_DEV, UBLK_CMD_STOP_DEV, Header(dev_id));
 }

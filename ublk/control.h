@@ -45,6 +45,13 @@ class ControlChannel {
   // START_DEV blocks until every queue has fetched all its tags, then adds the disk.
   int StartDevice(std::uint32_t dev_id, int server_pid) noexcept;
   int StopDevice(std::uint32_t dev_id) noexcept;
+  // GET_DEV_INFO: fills `info` (state, flags, queues, limits) of device `dev_id`.
+  int GetDeviceInfo(std::uint32_t dev_id, ublksrv_ctrl_dev_info* info) noexcept;
+  // User recovery of a device whose server died (UBLK_F_USER_RECOVERY): START once it is
+  // quiesced (-EBUSY before), then the queues fetch every tag again, then END (which
+  // blocks until they have) with the new server's pid.
+  int StartUserRecovery(std::uint32_t dev_id) noexcept;
+  int EndUserRecovery(std::uint32_t dev_id, int server_pid) noexcept;
   int DeleteDevice(std::uint32_t dev_id) noexcept;
 
  private:

@@ -41,6 +41,10 @@ struct DeviceConfig {
   bool realtime = false;
   // The device number to ask for (N in /dev/ublkbN), or -1: the kernel picks one.
   int dev_id = -1;
+  // Add the device with user recovery (UBLK_F_USER_RECOVERY | _REISSUE): when its server
+  // dies the kernel keeps the disk and its requests for the next server (UblkServer::Recover)
+  // instead of removing it.
+  bool user_recovery = false;
 };
 
 // Returns "" when `config` is acceptable (after queues == 0 has been resolved to a count),

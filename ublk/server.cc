@@ -55,10 +55,12 @@ int UblkServer::Setup(std::string* error) {
   }
 
   // ADD_DEV, ioctl-encoded; a kernel before 6.3 knows only the legacy opcodes.
-  info_ = BuildDevInfo(config_, UBLK_F_CMD_IOCTL_ENCODE);
+  const std::uint64_t recovery =
+      config_.user_recovery ? UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE : 0;
+  info_ = BuildDevInfo(config_, UBLK_F_CMD_IOCTL_ENCODE | recovery);
   ret = control_.AddDevice(&info_);
   if (ret == -EOPNOTSUPP || ret == -EINVAL) {
-    ublksrv_ctrl_dev_info legacy = BuildDevInfo(config_, 0);
+    ublksrv_ctrl_dev_info legacy = BuildDevInfo(config_, recovery);
     control_.UseLegacyEncoding();
     if (control_.AddDevice(&legacy) == 0) {
       info_ = legacy;
@@ -90,6 +92,96 @@ int UblkServer::Setup(std::string* error) {
     return ret;
   }
 
+  ret = StartQueues(error);
+  if (ret < 0) return ret;
+
+  ret = control_.StartDevice(info_.dev_id, static_cast<int>(::getpid()));
+  if (ret < 0) {
+    *error = "ublk: " + Describe("START_DEV", ret);
+    return ret;
+  }
+  state_ = State::kStarted;
+  return 0;
+}
+
+std::unique_ptr<UblkServer> UblkServer::Recover(const DeviceConfig& config, Target& target,
+                                                std::string* error) {
+  std::unique_ptr<UblkServer> server(new UblkServer(config, target));
+  if (server->SetupRecovery(error) != 0) {
+    // Leave the device as it is: stopping its queues must not remove it.
+    server->state_ = State::kStopped;
+    server->Stop();
+    return nullptr;
+  }
+  return server;
+}
+
+int UblkServer::SetupRecovery(std::string* error) {
+  int ret = control_.Open(error);
+  if (ret < 0) {
+    *error = "ublk: " + *error;
+    return ret;
+  }
+  const auto dev_id = static_cast<std::uint32_t>(config_.dev_id);
+  const auto began = std::chrono::steady_clock::now();
+  const auto give_up = began + std::chrono::milliseconds(kRecoveryWaitMs);
+  for (;;) {
+    ret = control_.GetDeviceInfo(dev_id, &info_);
+    if (ret == -EOPNOTSUPP || ret == -EINVAL) {
+      control_.UseLegacyEncoding();
+      ret = control_.GetDeviceInfo(dev_id, &info_);
+    }
+    if (ret < 0) {
+      *error = "ublk: device " + std::to_string(dev_id) + ": " + Describe("GET_DEV_INFO", ret) +
+               (ret == -ENODEV ? " (it is gone)" : "");
+      return ret;
+    }
+    if ((info_.flags & UBLK_F_USER_RECOVERY) == 0) {
+      *error = "ublk: device " + std::to_string(dev_id) + " was not added with user recovery";
+      return -EINVAL;
+    }
+    if (info_.state == UBLK_S_DEV_QUIESCED) break;
+    if (std::chrono::steady_clock::now() >= give_up) {
+      *error = "ublk: device " + std::to_string(dev_id) + " is not waiting for a server (state " +
+               std::to_string(info_.state) + ")";
+      return -EBUSY;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  while ((ret = control_.StartUserRecovery(dev_id)) == -EBUSY &&
+         std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // its old server lets go
+  }
+  if (ret < 0) {
+    *error = "ublk: " + Describe("START_USER_RECOVERY", ret);
+    return ret;
+  }
+  recovery_wait_ms_ = static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - began)
+          .count());
+  state_ = State::kAdded;
+  // The device keeps what its first server set: queues, depth, buffer size.
+  config_.queues = info_.nr_hw_queues;
+  config_.queue_depth = info_.queue_depth;
+  config_.max_io_bytes = RoundDownToPowerOfTwo(info_.max_io_buf_bytes);
+  config_.dev_id = static_cast<int>(info_.dev_id);
+  if (std::string reason = ValidateConfig(config_); !reason.empty()) {
+    *error = "ublk: the recovered device is not usable: " + reason;
+    return -EINVAL;
+  }
+  ret = StartQueues(error);
+  if (ret < 0) return ret;
+  ret = control_.EndUserRecovery(dev_id, static_cast<int>(::getpid()));
+  if (ret < 0) {
+    *error = "ublk: " + Describe("END_USER_RECOVERY", ret);
+    return ret;
+  }
+  state_ = State::kStarted;
+  return 0;
+}
+
+int UblkServer::StartQueues(std::string* error) {
+  int ret = 0;
   const std::string path = char_path();
   const auto give_up =
       std::chrono::steady_clock::now() + std::chrono::milliseconds(kCharDeviceWaitMs);
@@ -127,13 +219,6 @@ int UblkServer::Setup(std::string* error) {
       return ret;
     }
   }
-
-  ret = control_.StartDevice(info_.dev_id, static_cast<int>(::getpid()));
-  if (ret < 0) {
-    *error = "ublk: " + Describe("START_DEV", ret);
-    return ret;
-  }
-  state_ = State::kStarted;
   return 0;
 }
 

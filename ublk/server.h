@@ -14,8 +14,10 @@
 //
 // A target serves a request on its queue's thread or defers it and completes it later from
 // any thread (target.h, kIoDeferred), so a slow request need not delay the queue's others.
-// Known weakness: there is no user recovery yet (a server that dies takes its device with
-// it).
+// User recovery (DeviceConfig::user_recovery): a device added with it outlives a server that
+// dies — the kernel quiesces it and keeps (and, with _REISSUE, later reissues) its requests —
+// and Recover() serves it from a new process: GET_DEV_INFO -> wait until it is quiesced ->
+// START_USER_RECOVERY -> open /dev/ublkcN, map and FETCH_REQ every tag -> END_USER_RECOVERY.
 //
 // Thread safety: Start, Stop, the destructor and requests()/errors() run on one control
 // thread at a time; the other accessors may be called from any thread once Start returned.
@@ -40,6 +42,16 @@ class UblkServer {
   // no ublk device left behind (the driver missing, not permitted, bad config, ...).
   static std::unique_ptr<UblkServer> Start(const DeviceConfig& config, Target& target,
                                            std::string* error);
+  // Takes over device `config.dev_id`, added with user recovery by a server that died, and
+  // serves it with `target`: the same disk, the requests it kept reissued. Waits up to
+  // kRecoveryWait for the kernel to quiesce it. Returns nullptr with a one-line reason when
+  // there is no such device, it was not added with user recovery, or a step fails (the
+  // device is then left as it was, for another try or for `memlend detach`).
+  static std::unique_ptr<UblkServer> Recover(const DeviceConfig& config, Target& target,
+                                             std::string* error);
+  static constexpr int kRecoveryWaitMs = 10000;
+  // How long Recover waited for the kernel to quiesce the device, in ms.
+  std::uint64_t recovery_wait_ms() const { return recovery_wait_ms_; }
   // Stops the device if still running.
   ~UblkServer();
   UblkServer(const UblkServer&) = delete;
@@ -74,6 +86,9 @@ class UblkServer {
 
   UblkServer(const DeviceConfig& config, Target& target) : config_(config), target_(target) {}
   int Setup(std::string* error);
+  int SetupRecovery(std::string* error);
+  // Opens /dev/ublkcN and starts every queue (each FETCH_REQs its tags).
+  int StartQueues(std::string* error);
 
   DeviceConfig config_;
   Target& target_;
@@ -82,6 +97,7 @@ class UblkServer {
   int char_fd_ = -1;
   std::vector<std::unique_ptr<Queue>> queues_;
   State state_ = State::kStopped;
+  std::uint64_t recovery_wait_ms_ = 0;
 };
 
 }  // namespace memlend::ublk

@@ -36,6 +36,12 @@ int RunDaemon(const memlend::DaemonArgs& args) {
   try {
     memlend::Daemon daemon(config);
     daemon.Run();
+    if (daemon.leaves_devices()) {
+      // Its ublk devices wait, quiesced, for the next daemon (--on-exit keep); their queue
+      // threads still run: end the process as is, destroying nothing they use.
+      std::fflush(nullptr);
+      std::_Exit(0);
+    }
   } catch (const std::exception& e) {
     memlend::LogError("%s", e.what());
     return 1;
@@ -418,7 +424,8 @@ int main(int argc, char** argv) {
       ->type_name("DIR");
   daemon->add_option("--on-exit", daemon_args.on_exit,
                      "On SIGTERM: detach (the default) frees the pages and the state; keep "
-                     "leaves them in --state-dir for the next daemon")
+                     "leaves them in --state-dir for the next daemon, and ublk devices "
+                     "attached to the kernel waiting for it (an upgrade)")
       ->type_name("keep|detach");
   daemon->add_flag("--backing-direct", daemon_args.backing_direct,
                    "Write the backing file with O_DIRECT, bypassing the page cache: slower, "

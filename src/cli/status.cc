@@ -39,6 +39,22 @@ std::string FormatStatus(const nlohmann::json& status) {
     }
   }
 
+  if (status.contains("state") && !status.at("state").is_null()) {
+    const nlohmann::json& state = status.at("state");
+    std::snprintf(line, sizeof(line), "state:       %s, %llu device(s) outlive the daemon",
+                  state.value("dir", "?").c_str(),
+                  static_cast<unsigned long long>(U64(state, "kept_devices")));
+    text += line;
+    if (U64(state, "restarts") > 0) {
+      std::snprintf(line, sizeof(line),
+                    "; taken over %llu time(s), the last after %llu ms without a server",
+                    static_cast<unsigned long long>(U64(state, "restarts")),
+                    static_cast<unsigned long long>(U64(state, "last_gap_ms")));
+      text += line;
+    }
+    text += "\n";
+  }
+
   const nlohmann::json& local = status.at("local_store");
   if (local.is_null()) return text + "no devices (this daemon only lends)\n";
   std::snprintf(line, sizeof(line), "local store: %s of %s used, %llu pages, compression %s",

@@ -48,6 +48,12 @@ constexpr int PR_SET_IO_FLUSHER = 57;
 // An attached device's page table: 16 bytes per 4 KiB page, allocated and locked at attach.
 std::uint64_t PageTableBytes(std::uint64_t device_bytes) { return device_bytes / kPageSize * 16; }
 
+std::uint64_t RealtimeNs() {
+  timespec now{};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  return static_cast<std::uint64_t>(now.tv_sec) * 1000000000 + static_cast<std::uint64_t>(now.tv_nsec);
+}
+
 std::string Hex(std::uint64_t value) {
   char text[17];
   std::snprintf(text, sizeof(text), "%016llx", static_cast<unsigned long long>(value));
@@ -68,6 +74,7 @@ DaemonConfig WithSavedIdentity(DaemonConfig config) {
 
 Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), host_(ReadHostMemory()) {
   const DaemonConfig& config = config_;
+  keep_state_ = config.keep_state_on_exit;
   const bool serves_devices = config.local_store_bytes > 0;
   // A lender is locked too: a swap device (this host's or a borrower's) may hold pages in its
   // pool, and a pool page that is itself swapped out, onto a device that needs this lender,
@@ -129,7 +136,26 @@ Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), h
                                                     tables[i], /*fresh=*/!saved));
       devices_.Add(made.back());
     }
-    if (saved) RecoverDevices(made);
+    if (saved) {
+      for (const SavedAttached& attached : saved->attached) {
+        std::string error;
+        std::unique_ptr<StateSegment> segment =
+            StateSegment::Attach(attached.segment_id, Device::PageTableBytes(attached.size_bytes),
+                                 saved->instance, locks_memory_, &error);
+        if (!segment) {
+          throw std::runtime_error("--state-dir " + config.state_dir + ": attached device " +
+                                   attached.name + ": " + error);
+        }
+        auto device = std::make_shared<Device>(
+            attached.name, attached.size_bytes, *tiers_, /*cache_clean_pages=*/true,
+            Redundancy{attached.copies, attached.disk}, segment->data(), /*fresh=*/false);
+        attached_segments_[attached.name] = std::move(segment);
+        devices_.Add(device);
+        made.push_back(device);
+        to_recover_.push_back({attached, device});
+      }
+      RecoverDevices(made);
+    }
     if (config.serve_nbd) {
       nbd::NbdServerOptions options = NbdOptions();
       options.access = config.nbd_access;
@@ -282,6 +308,12 @@ std::byte* Daemon::OpenState(const std::optional<SavedState>& saved,
       tables->push_back(attach(device.segment_id, Device::PageTableBytes(device.size_bytes)));
     }
     LogError("recovering the page store kept in %s", dir.c_str());
+    state_ = saved;
+    const std::uint64_t alive = segments_.front()->alive_ns().load();
+    const std::uint64_t now = RealtimeNs();
+    state_->last_gap_ms = alive != 0 && now > alive ? (now - alive) / 1000000 : 0;
+    ++state_->restarts;
+    SaveState(dir, *state_);
     return arena;
   }
   std::random_device random;
@@ -296,6 +328,7 @@ std::byte* Daemon::OpenState(const std::optional<SavedState>& saved,
       tables->push_back(segments_.back()->data());
     }
     SaveState(dir, state);
+    state_ = state;
   } catch (const std::exception& e) {
     for (const std::unique_ptr<StateSegment>& segment : segments_) segment->Remove();
     segments_.clear();
@@ -339,9 +372,28 @@ void Daemon::Stop() {
   }
   refresh_cv_.notify_all();
   reclaim_cv_.notify_all();
+  alive_cv_.notify_all();
+  if (alive_.joinable()) alive_.join();
   if (refresher_.joinable()) refresher_.join();
   if (reclaimer_.joinable()) reclaimer_.join();
   if (control_) control_->Stop();
+  if (keep_state_ && state_) {
+    // ublk devices stay, quiesced, for the next daemon: their frontends are never torn
+    // down (the process ends without destroying what their queues use: leaves_devices()).
+    std::lock_guard lock(frontends_mu_);
+    for (auto it = attach_order_.begin(); it != attach_order_.end();) {
+      std::unique_ptr<BlockFrontend>& frontend = frontends_[*it];
+      if (frontend && frontend->kind() == "ublk") {
+        LogError("leaving %s (%s) for the next daemon", it->c_str(), frontend->path().c_str());
+        frontend.release();  // NOLINT(bugprone-unused-return-value): left on purpose
+        frontends_.erase(*it);
+        it = attach_order_.erase(it);
+        leaves_devices_ = true;
+      } else {
+        ++it;
+      }
+    }
+  }
   // Block devices first: their last requests still reach the NBD servers.
   DetachAll();
   if (private_nbd_) private_nbd_->Stop();
@@ -349,13 +401,14 @@ void Daemon::Stop() {
   if (nbd_) nbd_->Stop();
   if (lender_) lender_->Stop();
   if (!segments_.empty()) {
-    if (config_.keep_state_on_exit) {
+    if (keep_state_) {
       for (const std::shared_ptr<Device>& device : devices_.List()) device->KeepPagesOnExit();
       LogError("the pages stay in %s for the next daemon (--on-exit keep)",
                config_.state_dir.c_str());
     } else {
       // Each goes when this process detaches it, after the devices and stores let go.
       for (const std::unique_ptr<StateSegment>& segment : segments_) segment->Remove();
+      for (const auto& [name, segment] : attached_segments_) segment->Remove();
       RemoveState(config_.state_dir);
     }
   }
@@ -467,6 +520,16 @@ void Daemon::BlockShutdownSignals() {
 void Daemon::Run() {
   for (const std::string& warning : swap_warnings_) LogError("%s", warning.c_str());
   if (tiers_) tiers_->StartEvictor();
+  if (!segments_.empty()) {
+    alive_ = std::thread([this] {
+      SetThreadName("ml-alive");
+      std::unique_lock lock(refresh_mu_);
+      while (!stopping_) {
+        segments_.front()->alive_ns().store(RealtimeNs(), std::memory_order_relaxed);
+        alive_cv_.wait_for(lock, std::chrono::milliseconds(100), [this] { return stopping_; });
+      }
+    });
+  }
   if (placements_) placements_->Start();
   if (peers_) {
     refresher_ = std::thread([this] {
@@ -481,6 +544,13 @@ void Daemon::Run() {
       SetThreadName("ml-reclaim");
       ReclaimLoop();
     });
+  }
+  try {
+    RecoverAttached();
+  } catch (const std::exception&) {
+    keep_state_ = true;  // what could not be taken over stays for another try
+    Stop();
+    throw;
   }
   control_->Start();
   std::string what;
@@ -648,6 +718,13 @@ nlohmann::json Daemon::Status() const {
     status["lending"]["drain_pages_left"] = drain_left_.load(std::memory_order_acquire);
     if (done) drain_result_read_.store(true, std::memory_order_release);
   }
+  status["state"] = nullptr;
+  if (state_) {
+    status["state"] = {{"dir", config_.state_dir},
+                       {"restarts", state_->restarts},
+                       {"last_gap_ms", state_->last_gap_ms},
+                       {"kept_devices", state_->devices.size() + state_->attached.size()}};
+  }
   status["nbd"] = nullptr;
   if (nbd_) {
     status["nbd"] = {{"connections", nbd_->connections()},
@@ -766,12 +843,15 @@ std::string Daemon::FuseMountRoot() {
 
 std::unique_ptr<BlockFrontend> Daemon::CreateFrontend(const std::string& kind,
                                                       std::shared_ptr<Device> device,
-                                                      unsigned queues) {
+                                                      unsigned queues, int recover_dev_id) {
   if (kind == "ublk") {
     UblkOptions options;
     options.lock_memory = config_.lock_memory;  // its I/O buffers, like the rest of the daemon
     options.realtime = config_.lock_memory;     // a swap-safe daemon: see docs/attach.md
     options.queues = queues;
+    // With a state directory the device outlives this process (docs/restart.md).
+    options.user_recovery = state_.has_value();
+    options.recover_dev_id = recover_dev_id;
     return AttachUblk(std::move(device), options);
   }
   if (kind == "nbd") {
@@ -810,15 +890,28 @@ nlohmann::json Daemon::Attach(const AttachRequest& request) {
                       tiers_->disk() != nullptr, &reason)) {
     throw std::runtime_error(reason);
   }
-  auto device = std::make_shared<Device>(name, size_bytes, *tiers_, /*cache_clean_pages=*/true,
-                                         redundancy);
-  // The kernel may write pages out through this device when memory is short, so nothing
-  // on that path may allocate: the whole page table is allocated now.
-  if (!device->AllocatePageTable()) {
-    throw std::runtime_error("no memory for the page table of a " + FormatSize(size_bytes) +
-                             " device (16 bytes per 4 KiB page)");
+  if (devices_.Find(name)) throw std::runtime_error("a device named '" + name + "' already exists");
+  std::shared_ptr<Device> device;
+  // With a state directory the page table lives in a segment of its own, which a ublk device
+  // keeps for the next daemon (docs/restart.md); the others' goes when this process ends.
+  std::unique_ptr<StateSegment> segment;
+  if (state_) {
+    segment = StateSegment::Create(Device::PageTableBytes(size_bytes), state_->instance,
+                                   locks_memory_);
+    device = std::make_shared<Device>(name, size_bytes, *tiers_, /*cache_clean_pages=*/true,
+                                      redundancy, segment->data(), /*fresh=*/true);
+  } else {
+    device = std::make_shared<Device>(name, size_bytes, *tiers_, /*cache_clean_pages=*/true,
+                                      redundancy);
+    // The kernel may write pages out through this device when memory is short, so nothing
+    // on that path may allocate: the whole page table is allocated now.
+    if (!device->AllocatePageTable()) {
+      throw std::runtime_error("no memory for the page table of a " + FormatSize(size_bytes) +
+                               " device (16 bytes per 4 KiB page)");
+    }
   }
   if (!devices_.Add(device)) {
+    if (segment) segment->Remove();
     throw std::runtime_error("a device named '" + name + "' already exists");
   }
   std::vector<std::string> kinds;
@@ -847,8 +940,27 @@ nlohmann::json Daemon::Attach(const AttachRequest& request) {
   }
   if (!frontend) {
     devices_.Remove(name);
+    if (segment) segment->Remove();
     if (wanted == "auto") throw std::runtime_error("no frontend could attach: " + reasons);
     throw std::runtime_error(reasons);
+  }
+  if (segment) {
+    if (frontend->kind() == "ublk") {
+      const std::string& path = frontend->path();  // /dev/ublkbN
+      state_->attached.push_back({name, size_bytes, redundancy.copies, redundancy.disk,
+                                  std::atoi(path.c_str() + path.find_first_of("0123456789")),
+                                  segment->id()});
+      try {
+        SaveStateNow();
+      } catch (const std::exception& e) {
+        LogError("warning: %s will not outlive this daemon: %s", name.c_str(), e.what());
+        state_->attached.pop_back();
+        segment->Remove();
+      }
+    } else {
+      segment->Remove();  // only ublk devices are taken over by the next daemon
+    }
+    attached_segments_[name] = std::move(segment);
   }
   nlohmann::json reply = {
       {"ok", true}, {"name", name}, {"path", frontend->path()}, {"frontend", frontend->kind()}};
@@ -889,7 +1001,9 @@ nlohmann::json Daemon::Detach(const DetachRequest& request) {
     frontends_.erase(name);
     attach_order_.erase(std::find(attach_order_.begin(), attach_order_.end(), name));
   }
+  std::weak_ptr<Device> gone = devices_.Find(name);
   devices_.Remove(name);
+  ForgetAttached(name, gone);
   LogError("detached %s (%s)", name.c_str(), path.c_str());
   return {{"ok", true}, {"name", name}, {"path", path}};
 }
@@ -911,8 +1025,41 @@ void Daemon::DetachAll() {
                frontend->path().c_str());
     }
     frontend.reset();  // forces what Detach refused
+    std::weak_ptr<Device> gone = devices_.Find(name);
     devices_.Remove(name);
+    ForgetAttached(name, gone);
   }
+}
+
+void Daemon::ForgetAttached(const std::string& name, std::weak_ptr<Device> device) {
+  const auto it = attached_segments_.find(name);
+  if (it == attached_segments_.end()) return;
+  it->second->Remove();
+  // Unmapped only once the device has gone (an NBD connection may hold it a moment longer).
+  if (device.expired()) attached_segments_.erase(it);
+  if (!state_) return;
+  auto& attached = state_->attached;
+  const auto entry = std::find_if(attached.begin(), attached.end(),
+                                  [&](const SavedAttached& a) { return a.name == name; });
+  if (entry == attached.end()) return;
+  attached.erase(entry);
+  try {
+    SaveStateNow();
+  } catch (const std::exception& e) {
+    LogError("warning: %s", e.what());
+  }
+}
+
+void Daemon::RecoverAttached() {
+  for (auto& [saved, device] : to_recover_) {
+    std::unique_ptr<BlockFrontend> frontend =
+        CreateFrontend("ublk", device, /*queues=*/0, saved.ublk_dev_id);
+    LogError("took over %s as %s", saved.name.c_str(), frontend->path().c_str());
+    std::lock_guard lock(frontends_mu_);
+    frontends_[saved.name] = std::move(frontend);
+    attach_order_.push_back(saved.name);
+  }
+  to_recover_.clear();
 }
 
 }  // namespace memlend

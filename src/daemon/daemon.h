@@ -41,6 +41,9 @@ class Daemon {
   // Serves until SIGTERM or SIGINT arrives, then shuts down cleanly: stops accepting,
   // detaches every attached block device, hangs up clients and borrowers, joins threads, removes socket files. REQUIRES: those
   // signals are blocked in every thread (BlockShutdownSignals() before any thread starts).
+  // After Run: whether the daemon left ublk devices for the next one (--on-exit keep); the
+  // process must then exit at once, without destroying the daemon.
+  bool leaves_devices() const { return leaves_devices_; }
   void Run();
 
   // The replies to the control API's "status" and "peers" commands.
@@ -77,6 +80,10 @@ class Daemon {
   // asks while MemAvailable is under it. Any thread.
   void AdjustPool();
   void Stop();
+  // Takes over the ublk devices an earlier daemon left (to_recover_). Throws.
+  void RecoverAttached();
+  // Writes state_ to state.json (control thread). Throws.
+  void SaveStateNow() { SaveState(config_.state_dir, *state_); }
   // --state-dir: attaches the segments `saved` names (or makes them, and state.json, when
   // it is null) and returns the arena's memory and each --device's page table, in order.
   // Throws std::runtime_error with one line when they cannot be had.
@@ -89,8 +96,12 @@ class Daemon {
   void DetachAll();
   // Creates the frontend of `kind` ("ublk", "nbd" or "fuse") for `device`; `queues` is for
   // ublk (0: one per CPU). Throws.
+  // `recover_dev_id`: take over that ublk device instead (ublk only).
   std::unique_ptr<BlockFrontend> CreateFrontend(const std::string& kind,
-                                                std::shared_ptr<Device> device, unsigned queues);
+                                                std::shared_ptr<Device> device, unsigned queues,
+                                                int recover_dev_id = -1);
+  // A detached device's page table segment goes (and state.json forgets the device).
+  void ForgetAttached(const std::string& name, std::weak_ptr<Device> device);
   // The unix socket nbdfuse connects to: --nbd if it is one, else a private one next to
   // the control socket, started on first use.
   std::string FuseNbdSocket();
@@ -120,6 +131,21 @@ class Daemon {
   // --state-dir: the segments the local store's arena and the devices' page tables live in
   // (docs/restart.md); destroyed after the stores and devices that use them.
   std::vector<std::unique_ptr<StateSegment>> segments_;
+  // The page tables of devices attached at run time, by name (control thread).
+  std::map<std::string, std::unique_ptr<StateSegment>> attached_segments_;
+  // What state.json says now: written at start, and at each ublk attach and detach
+  // (control thread).
+  std::optional<SavedState> state_;
+  // ublk devices an earlier daemon left, to take over once the daemon runs.
+  std::vector<std::pair<SavedAttached, std::shared_ptr<Device>>> to_recover_;
+  // Stop left ublk devices for the next daemon: the process must end without tearing down
+  // what their queues use (RunDaemon exits at once).
+  bool leaves_devices_ = false;
+  // Stop leaves the state for the next daemon: --on-exit keep, or a recovery that failed.
+  bool keep_state_ = false;
+  // Sets the state segment's alive clock while the daemon runs (--state-dir).
+  std::thread alive_;
+  std::condition_variable alive_cv_;  // with refresh_mu_ and stopping_
   std::unique_ptr<Tiering> tiers_;
   DeviceTable devices_;               // destroyed before tiers_
   std::unique_ptr<nbd::NbdServer> nbd_;          // --nbd; null without it

@@ -61,6 +61,18 @@ std::optional<SavedState> LoadState(const std::string& dir) {
                                device.at("size_bytes").get<std::uint64_t>(),
                                device.at("segment_id").get<int>()});
     }
+    state.restarts = json.value("restarts", 0u);
+    state.last_gap_ms = json.value("last_gap_ms", std::uint64_t{0});
+    if (json.contains("attached")) {
+      for (const nlohmann::json& device : json.at("attached")) {
+        state.attached.push_back({device.at("name").get<std::string>(),
+                                  device.at("size_bytes").get<std::uint64_t>(),
+                                  device.at("copies").get<unsigned>(),
+                                  device.at("disk").get<bool>(),
+                                  device.at("ublk_dev_id").get<int>(),
+                                  device.at("segment_id").get<int>()});
+      }
+    }
     return state;
   } catch (const std::exception& e) {
     throw std::runtime_error(path + " is not a memlend state file: " + e.what() +
@@ -79,7 +91,19 @@ void SaveState(const std::string& dir, const SavedState& state) {
                        {"size_bytes", device.size_bytes},
                        {"segment_id", device.segment_id}});
   }
+  nlohmann::json attached = nlohmann::json::array();
+  for (const SavedAttached& device : state.attached) {
+    attached.push_back({{"name", device.name},
+                        {"size_bytes", device.size_bytes},
+                        {"copies", device.copies},
+                        {"disk", device.disk},
+                        {"ublk_dev_id", device.ublk_dev_id},
+                        {"segment_id", device.segment_id}});
+  }
   const nlohmann::json json = {{"version", SavedState::kVersion},
+                               {"attached", std::move(attached)},
+                               {"restarts", state.restarts},
+                               {"last_gap_ms", state.last_gap_ms},
                                {"node_id", state.node_id},
                                {"instance", state.instance},
                                {"arena_segment_id", state.arena_segment_id},

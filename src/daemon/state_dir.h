@@ -17,6 +17,16 @@ struct SavedDevice {
   int segment_id = -1;  // of the segment holding its page table
 };
 
+// A device attached through ublk (memlend attach) that a restarted daemon takes over.
+struct SavedAttached {
+  std::string name;
+  std::uint64_t size_bytes = 0;
+  unsigned copies = 0;   // its redundancy
+  bool disk = false;
+  int ublk_dev_id = -1;  // N of /dev/ublkbN
+  int segment_id = -1;   // of the segment holding its page table
+};
+
 struct SavedState {
   static constexpr int kVersion = 1;
   std::uint64_t node_id = 0;
@@ -26,6 +36,9 @@ struct SavedState {
   std::string compression;          // none | lz4
   std::string backing_file;         // empty: none
   std::vector<SavedDevice> devices;
+  std::vector<SavedAttached> attached;
+  unsigned restarts = 0;             // daemons that took this state over
+  std::uint64_t last_gap_ms = 0;     // how long the last restart left it without a server
 };
 
 // The state of a daemon started with `config`, its segments not made yet (ids -1).

@@ -53,10 +53,21 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
     config.lock_memory = options.lock_memory;
     config.pin_queues = options.pin_queues;
     config.realtime = options.realtime;
+    config.user_recovery = options.user_recovery || options.recover_dev_id >= 0;
     std::string error;
-    server_ = ublk::UblkServer::Start(config, *this, &error);
+    if (options.recover_dev_id >= 0) {
+      config.dev_id = options.recover_dev_id;
+      server_ = ublk::UblkServer::Recover(config, *this, &error);
+    } else {
+      server_ = ublk::UblkServer::Start(config, *this, &error);
+    }
     if (!server_) return error;
     path_ = server_->block_path();
+    if (options.recover_dev_id >= 0) {
+      LogError("ublk: %s: the kernel held it for this daemon; taken over after waiting %llu ms "
+               "for it to be quiesced",
+               path_.c_str(), static_cast<unsigned long long>(server_->recovery_wait_ms()));
+    }
     if (server_->realtime_refused()) {
       LogError("warning: ublk: %s: no real-time scheduling (needs CAP_SYS_NICE): under memory "
                "pressure, swap on it may stall", path_.c_str());

@@ -36,6 +36,11 @@ struct UblkOptions {
   // Serve requests under SCHED_FIFO, wait under the ordinary policy (recommended for swap;
   // see ublk::DeviceConfig::realtime and docs/attach.md).
   bool realtime = false;
+  // Add the device with user recovery, so that it outlives this process (docs/restart.md).
+  bool user_recovery = false;
+  // Take over the ublk device with this number, left by a server that died, instead of
+  // adding one (ublk::UblkServer::Recover); -1: add a new device.
+  int recover_dev_id = -1;
 };
 
 // True when this host's kernel offers ublk (/dev/ublk-control exists).

@@ -9,6 +9,7 @@
 // refused, never used. What it keeps starts at data().
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -20,6 +21,7 @@ class StateSegment {
  public:
   // Bytes in front of the first region (the header, rounded up to a page).
   static constexpr std::uint64_t kHeaderBytes = 4096;
+  static constexpr std::uint64_t kAliveOffset = 64;
 
   // Makes a new segment keeping `data_bytes` (rounded up to whole pages, after the header), zeroed,
   // with a header naming `instance`. `lock`: SHM_LOCK it (the daemon locks its memory).
@@ -42,6 +44,13 @@ class StateSegment {
   // Marks the segment for removal: it goes when the last process detaches (this one, at
   // destruction). For a clean stop that leaves nothing behind.
   void Remove() noexcept;
+
+  // A clock the daemon sets (CLOCK_REALTIME, ns) every fraction of a second while it runs:
+  // the next daemon learns from it how long the devices were without a server. In the
+  // header, so it outlives the process too.
+  std::atomic<std::uint64_t>& alive_ns() const {
+    return *reinterpret_cast<std::atomic<std::uint64_t>*>(base_ + kAliveOffset);
+  }
 
   int id() const { return id_; }
   std::uint64_t bytes() const { return bytes_; }

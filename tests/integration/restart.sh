@@ -60,6 +60,9 @@ written_then_verified() {
 echo "1. pages in the local store, kill -9, restart"
 args=(--device fio:64M --nbd "unix:$socket" --local-store 128M --compress lz4 --state-dir "$state")
 written_then_verified local "${args[@]}"
+restarts=$(status_json local-again | python3 -c "import json,sys; s = json.load(sys.stdin)['state']; print(s['restarts'], s['last_gap_ms'])")
+[[ ${restarts% *} == 1 ]] || fail "status does not count the restart: $restarts"
+echo "  $("$memlend" status --control "$workdir/local-again.control" | grep '^state:')"
 stop_daemon local-again
 [[ ! -e $state/state.json ]] || fail "state.json is still there after a stop without --on-exit keep"
 
