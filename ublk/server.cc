@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sched.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -177,6 +178,39 @@ int UblkServer::SetupRecovery(std::string* error) {
     return ret;
   }
   state_ = State::kStarted;
+  return 0;
+}
+
+int UblkServer::RemoveOrphan(int dev_id, std::string* error) {
+  ControlChannel control;
+  int ret = control.Open(error);
+  if (ret < 0) {
+    *error = "ublk: " + *error;
+    return ret;
+  }
+  ublksrv_ctrl_dev_info info{};
+  const auto id = static_cast<std::uint32_t>(dev_id);
+  ret = control.GetDeviceInfo(id, &info);
+  if (ret == -EOPNOTSUPP || ret == -EINVAL) {
+    control.UseLegacyEncoding();
+    ret = control.GetDeviceInfo(id, &info);
+  }
+  if (ret < 0) {
+    *error = "ublk: device " + std::to_string(dev_id) + ": " + Describe("GET_DEV_INFO", ret);
+    return ret;
+  }
+  if (info.state == UBLK_S_DEV_LIVE && info.ublksrv_pid > 0 && ::kill(info.ublksrv_pid, 0) == 0) {
+    *error = "ublk: /dev/ublkb" + std::to_string(dev_id) + " is served by process " +
+             std::to_string(info.ublksrv_pid);
+    return -EBUSY;
+  }
+  ret = control.StopDevice(id);
+  const int deleted = control.DeleteDevice(id);
+  if (deleted < 0) {
+    *error = "ublk: " + Describe("DEL_DEV", deleted);
+    return deleted;
+  }
+  (void)ret;  // a device never started (or already stopped) refuses STOP_DEV; DEL_DEV decides
   return 0;
 }
 

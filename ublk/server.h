@@ -50,6 +50,10 @@ class UblkServer {
   static std::unique_ptr<UblkServer> Recover(const DeviceConfig& config, Target& target,
                                              std::string* error);
   static constexpr int kRecoveryWaitMs = 10000;
+  // Removes device `dev_id` that no live server serves (one left by a daemon that died, or
+  // kept with user recovery for a daemon that will not come): STOP_DEV, DEL_DEV. Returns 0,
+  // or a negative errno with a one-line reason (-EBUSY: a live process serves it).
+  static int RemoveOrphan(int dev_id, std::string* error);
   // How long Recover waited for the kernel to quiesce the device, in ms.
   std::uint64_t recovery_wait_ms() const { return recovery_wait_ms_; }
   // Stops the device if still running.

@@ -545,7 +545,10 @@ int main(int argc, char** argv) {
   std::string attach_redundancy;
   CLI::App* attach = app.add_subcommand(
       "attach", "Create a device in the running daemon and attach it as a block device; prints "
-                "its path (e.g. /dev/nbd0)");
+                "its path (e.g. /dev/nbd0). With the daemon's --state-dir, a ublk device outlives "
+                "the daemon: the next one started on that directory takes it over (kill -9, "
+                "--on-exit keep). Devices on the kernel's NBD client or FUSE do not: their "
+                "kernel side ends with the daemon's socket");
   attach->add_option("NAME", attach_name, "The device's name (letters, digits, '.', '_', '-')")
       ->required();
   attach->add_option("--size", attach_size,
@@ -583,8 +586,10 @@ int main(int argc, char** argv) {
   std::string detach_name;
   CLI::App* detach = app.add_subcommand(
       "detach", "Remove a block device made by `memlend attach`, and its device and pages; "
-                "refused while it is mounted or swapped on");
-  detach->add_option("NAME", detach_name, "The device's name")->required();
+                "refused while it is mounted or swapped on. `memlend detach ublkbN` removes "
+                "/dev/ublkbN when no daemon serves it any more (left for a restart whose state "
+                "directory was lost)");
+  detach->add_option("NAME", detach_name, "The device's name, or ublkbN")->required();
   detach->add_option("--control", detach_control,
                      "The daemon's control socket (default: " + memlend::DefaultControlPath() +
                          ")")

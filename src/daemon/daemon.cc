@@ -981,6 +981,16 @@ nlohmann::json Daemon::Detach(const DetachRequest& request) {
     if (it != frontends_.end()) frontend = it->second.get();
   }
   if (frontend == nullptr) {
+    // ublkbN that no daemon serves any more (its state was lost): remove it.
+    const std::string& base = name;
+    if (base.rfind("ublkb", 0) == 0 && base.size() > 5 &&
+        base.find_first_not_of("0123456789", 5) == std::string::npos && base.size() <= 12) {
+      std::string error;
+      const int dev_id = std::atoi(base.c_str() + 5);
+      if (RemoveOrphanUblk(dev_id, &error) != 0) throw std::runtime_error(error);
+      LogError("removed /dev/%s, which no daemon served", base.c_str());
+      return {{"ok", true}, {"name", name}, {"path", "/dev/" + base}};
+    }
     if (devices_.Find(name)) {
       throw std::runtime_error("'" + name + "' is a --device of this daemon, not attached by "
                                "memlend attach; it goes when the daemon stops");

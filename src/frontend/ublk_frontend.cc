@@ -155,6 +155,10 @@ class UblkFrontend final : public BlockFrontend, private ublk::Target {
 
 bool UblkAvailable() noexcept { return ::access("/dev/ublk-control", F_OK) == 0; }
 
+int RemoveOrphanUblk(int dev_id, std::string* error) {
+  return ublk::UblkServer::RemoveOrphan(dev_id, error);
+}
+
 std::optional<ByteRange> SectorsToBytes(std::uint64_t start_sector, std::uint32_t sector_count,
                                         std::uint64_t device_size_bytes) noexcept {
   const std::uint64_t device_sectors = device_size_bytes >> ublk::kSectorShift;

@@ -46,6 +46,11 @@ struct UblkOptions {
 // True when this host's kernel offers ublk (/dev/ublk-control exists).
 bool UblkAvailable() noexcept;
 
+// Removes /dev/ublkb<dev_id> when no live process serves it (a device a daemon that died
+// left for a next one that will not come: docs/restart.md). 0, or a negative errno with a
+// one-line reason in *error.
+int RemoveOrphanUblk(int dev_id, std::string* error);
+
 // Creates and starts a ublk block device for `device`; the frontend keeps the device
 // alive until it is destroyed. Throws std::runtime_error with a one-line reason (driver
 // missing, not permitted, ...) and leaves no ublk device behind when it cannot attach.

@@ -151,4 +151,28 @@ stop_daemon borrower3
 [[ ! -e $state/state.json ]] || fail "state.json is still there after a stop"
 [[ ! -e $dev ]] || fail "$dev is still there after detach and stop"
 grep -v "^memlend: ready" "$workdir/borrower3.stderr" | tail -n 5 | sed 's/^/  borrower3: /'
+
+echo "4. a restart whose state is corrupt: one line, and the device can be removed"
+start_daemon lost "${args[@]}"
+orphan=$("$memlend" attach d1 --size 16M --frontend ublk --control "$workdir/lost.control")
+kill -KILL "${ml_pids[lost]}"
+wait "${ml_pids[lost]}" 2>/dev/null || true
+unset "ml_pids[lost]"
+read -r -a ids <<<"$(python3 -c "import json,sys; s = json.load(open(sys.argv[1])); print(' '.join(str(i) for i in [s['arena_segment_id']] + [d['segment_id'] for d in s['attached']]))" "$state/state.json")"
+echo '{"version": 1}' >"$state/state.json"
+if "$memlend" daemon "${args[@]}" --control "$workdir/bad.control" 2>"$workdir/bad.stderr"; then
+  fail "a daemon started on a corrupt state.json"
+fi
+[[ $(grep -c . "$workdir/bad.stderr") -le 2 ]] || fail "more than one line of complaint: $(cat "$workdir/bad.stderr")"
+echo "  refused: $(grep -o 'state.json is not.*' "$workdir/bad.stderr" | head -c 100)"
+[[ -b $orphan ]] || fail "$orphan went away with its daemon"
+rm -rf "$state"
+for id in "${ids[@]}"; do ipcrm -m "$id"; done
+start_daemon fresh "${args[@]}"
+"$memlend" detach "${orphan#/dev/}" --control "$workdir/fresh.control" >/dev/null ||
+  fail "memlend detach ${orphan#/dev/} did not remove the orphaned device"
+vm_wait_path_gone() { for _ in $(seq 50); do [[ -e $1 ]] || return 0; sleep 0.1; done; return 1; }
+vm_wait_path_gone "$orphan" || fail "$orphan is still there after memlend detach"
+echo "  memlend detach ${orphan#/dev/} removed $orphan, which no daemon served"
+stop_daemon fresh
 echo "PASS: a ublk device survived kill -9 and an upgrade restart with fio verifying"
