@@ -48,6 +48,27 @@ constexpr int PR_SET_IO_FLUSHER = 57;
 // An attached device's page table: 16 bytes per 4 KiB page, allocated and locked at attach.
 std::uint64_t PageTableBytes(std::uint64_t device_bytes) { return device_bytes / kPageSize * 16; }
 
+std::string HexOfSecret(const peer::SessionSecret& secret) {
+  std::string text;
+  char byte[3];
+  for (const std::uint8_t b : secret) {
+    std::snprintf(byte, sizeof(byte), "%02x", b);
+    text += byte;
+  }
+  return text;
+}
+
+std::optional<peer::SessionSecret> SecretFromHex(const std::string& text) {
+  if (text.size() != 2 * peer::kSecretBytes) return std::nullopt;
+  peer::SessionSecret secret{};
+  for (std::size_t i = 0; i < secret.size(); ++i) {
+    unsigned value = 0;
+    if (std::sscanf(text.c_str() + 2 * i, "%2x", &value) != 1) return std::nullopt;
+    secret[i] = static_cast<std::uint8_t>(value);
+  }
+  return secret;
+}
+
 std::uint64_t RealtimeNs() {
   timespec now{};
   ::clock_gettime(CLOCK_REALTIME, &now);
@@ -103,6 +124,7 @@ Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), h
       disk = std::make_unique<DiskStore>(config.backing_file, config.backing_size_bytes,
                                          config.backing_direct, /*keep=*/saved.has_value());
     }
+    DiskStore* const disk_store = disk.get();
     std::unique_ptr<PlacementStore> remote;
     PageStore* cache = nullptr;
     if (!config.peers.empty()) {
@@ -110,8 +132,21 @@ Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), h
       peer_options.request_timeout = std::chrono::milliseconds(config.peer_timeout_ms);
       peer_options.down_after = std::chrono::milliseconds(config.peer_down_after_ms);
       auto peers = std::make_unique<peer::PeerStore>(config.node_id, peer_options);
-      for (const Endpoint& endpoint : config.peers) peers->AddPeer(endpoint);
-      peers->Refresh();  // connect and learn free space now; unreachable peers retry later
+      if (saved) {
+        // The same peers at the same indices (slots name peers by index), each with the
+        // session the last daemon had, to resume.
+        for (const SavedPeer& peer : saved->peers) {
+          std::string error;
+          const std::optional<Endpoint> endpoint = ParseEndpoint(peer.address, &error);
+          if (!endpoint) throw std::runtime_error("--state-dir: peer " + peer.address + ": " + error);
+          peer::Membership::SessionState session{peer.address, peer.generation, std::nullopt};
+          session.secret = SecretFromHex(peer.secret_hex);
+          peers->members().Restore(*endpoint, session,
+                                   std::max(std::chrono::milliseconds(config.peer_down_after_ms),
+                                            std::chrono::milliseconds(10000)));
+        }
+      }
+      for (const Endpoint& endpoint : config.peers) peers->AddPeer(endpoint);  // -EEXIST: kept
       peers_ = peers.get();
       cache = &peers->cache();
       // The placement store keeps disk copies in the disk store (which Tiering owns and
@@ -119,6 +154,7 @@ Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), h
       remote = std::make_unique<PlacementStore>(std::move(peers), disk.get(),
                                                 config.rebuild_rate);
       placements_ = remote.get();
+      if (state_) PersistPlacements(saved);
     }
     TieringOptions options;
     options.high_watermark = config.high_watermark;
@@ -136,6 +172,8 @@ Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), h
                                                     tables[i], /*fresh=*/!saved));
       devices_.Add(made.back());
     }
+    std::vector<bool> referenced;  // placement ids the page tables name
+    if (saved && placements_ != nullptr) tiers_->SetRemoteReferences(&referenced);
     if (saved) {
       for (const SavedAttached& attached : saved->attached) {
         std::string error;
@@ -154,7 +192,15 @@ Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), h
         made.push_back(device);
         to_recover_.push_back({attached, device});
       }
-      RecoverDevices(made);
+      RecoverDevices(made, referenced, disk_store);
+    }
+    tiers_->SetRemoteReferences(nullptr);
+    if (peers_ != nullptr) {
+      if (state_) {
+        peers_->members().SetSessionListener([this] { SavePeers(); });
+        SavePeers();
+      }
+      peers_->Refresh();  // connect (or resume) and learn free space now; unreachable peers retry
     }
     if (config.serve_nbd) {
       nbd::NbdServerOptions options = NbdOptions();
@@ -337,17 +383,25 @@ std::byte* Daemon::OpenState(const std::optional<SavedState>& saved,
   return segments_.front()->data();
 }
 
-void Daemon::RecoverDevices(const std::vector<std::shared_ptr<Device>>& devices) {
+void Daemon::RecoverDevices(const std::vector<std::shared_ptr<Device>>& devices,
+                            const std::vector<bool>& referenced, DiskStore* disk) {
   std::uint64_t remote = 0;
   std::uint64_t invalid = 0;
   for (const std::shared_ptr<Device>& device : devices) {
     const Device::Recovery found = device->Recover();
-    remote += found.remote;
+    remote += found.unrecoverable;
     invalid += found.invalid;
-    LogError("recovered %s: %llu pages (%llu in the local store, %llu on disk)",
+    LogError("recovered %s: %llu pages (%llu in the local store, %llu on disk, %llu on peers)",
              device->name().c_str(), static_cast<unsigned long long>(found.mapped),
              static_cast<unsigned long long>(found.local),
-             static_cast<unsigned long long>(found.disk));
+             static_cast<unsigned long long>(found.disk),
+             static_cast<unsigned long long>(found.remote));
+  }
+  if (placements_ != nullptr && remote == 0) {
+    const std::uint64_t kept = placements_->Recover(
+        referenced, [disk](Slot slot) { return disk != nullptr && disk->Adopt(slot); });
+    LogError("recovered %llu placements of pages on peers; resuming the peers' sessions",
+             static_cast<unsigned long long>(kept));
   }
   if (remote > 0) {
     // Nothing is released: the state stays as it is for a daemon that can recover it.
@@ -377,6 +431,9 @@ void Daemon::Stop() {
   if (refresher_.joinable()) refresher_.join();
   if (reclaimer_.joinable()) reclaimer_.join();
   if (control_) control_->Stop();
+  if (keep_state_ && state_ && peers_ != nullptr) {
+    peers_->members().KeepSessionsOnExit();  // the lenders keep them for the next daemon
+  }
   if (keep_state_ && state_) {
     // ublk devices stay, quiesced, for the next daemon: their frontends are never torn
     // down (the process ends without destroying what their queues use: leaves_devices()).
@@ -409,6 +466,7 @@ void Daemon::Stop() {
       // Each goes when this process detaches it, after the devices and stores let go.
       for (const std::unique_ptr<StateSegment>& segment : segments_) segment->Remove();
       for (const auto& [name, segment] : attached_segments_) segment->Remove();
+      for (const auto& [chunk, segment] : placement_segments_) segment->Remove();
       RemoveState(config_.state_dir);
     }
   }
@@ -947,11 +1005,12 @@ nlohmann::json Daemon::Attach(const AttachRequest& request) {
   if (segment) {
     if (frontend->kind() == "ublk") {
       const std::string& path = frontend->path();  // /dev/ublkbN
+      std::lock_guard lock(state_mu_);
       state_->attached.push_back({name, size_bytes, redundancy.copies, redundancy.disk,
                                   std::atoi(path.c_str() + path.find_first_of("0123456789")),
                                   segment->id()});
       try {
-        SaveStateNow();
+        SaveState(config_.state_dir, *state_);
       } catch (const std::exception& e) {
         LogError("warning: %s will not outlive this daemon: %s", name.c_str(), e.what());
         state_->attached.pop_back();
@@ -1048,16 +1107,66 @@ void Daemon::ForgetAttached(const std::string& name, std::weak_ptr<Device> devic
   // Unmapped only once the device has gone (an NBD connection may hold it a moment longer).
   if (device.expired()) attached_segments_.erase(it);
   if (!state_) return;
+  std::lock_guard lock(state_mu_);
   auto& attached = state_->attached;
   const auto entry = std::find_if(attached.begin(), attached.end(),
                                   [&](const SavedAttached& a) { return a.name == name; });
   if (entry == attached.end()) return;
   attached.erase(entry);
   try {
-    SaveStateNow();
+    SaveState(config_.state_dir, *state_);
   } catch (const std::exception& e) {
     LogError("warning: %s", e.what());
   }
+}
+
+void Daemon::SavePeers() {
+  if (!state_ || peers_ == nullptr) return;
+  const std::vector<peer::Membership::SessionState> sessions = peers_->members().Sessions();
+  std::lock_guard lock(state_mu_);
+  state_->peers.clear();
+  for (const peer::Membership::SessionState& session : sessions) {
+    state_->peers.push_back({session.address, session.generation,
+                             session.secret ? HexOfSecret(*session.secret) : std::string()});
+  }
+  SaveState(config_.state_dir, *state_);
+}
+
+void Daemon::PersistPlacements(const std::optional<SavedState>& saved) {
+  if (saved) {
+    for (std::size_t chunk = 0; chunk < saved->placement_chunks.size(); ++chunk) {
+      std::string error;
+      std::unique_ptr<StateSegment> segment =
+          StateSegment::Attach(saved->placement_chunks[chunk], PlacementStore::ChunkBytes(),
+                               saved->instance, locks_memory_, &error);
+      if (!segment) {
+        throw std::runtime_error("--state-dir " + config_.state_dir + ": placements: " + error);
+      }
+      placements_->AdoptChunk(chunk, segment->data());
+      placement_segments_[chunk] = std::move(segment);
+    }
+  }
+  // Called under the placement table's leaf lock, on a write path: a new segment and a
+  // state.json write once per 4096 placements.
+  placements_->SetChunkSource([this](std::size_t chunk) -> void* {
+    if (const auto it = placement_segments_.find(chunk); it != placement_segments_.end()) {
+      return it->second->data();  // made by an earlier call that then failed
+    }
+    try {
+      std::unique_ptr<StateSegment> segment =
+          StateSegment::Create(PlacementStore::ChunkBytes(), state_->instance, locks_memory_);
+      std::lock_guard lock(state_mu_);
+      if (state_->placement_chunks.size() <= chunk) state_->placement_chunks.resize(chunk + 1, -1);
+      state_->placement_chunks[chunk] = segment->id();
+      SaveState(config_.state_dir, *state_);
+      void* memory = segment->data();
+      placement_segments_[chunk] = std::move(segment);
+      return memory;
+    } catch (const std::exception& e) {
+      LogError("warning: no state segment for more placements: %s", e.what());
+      return nullptr;
+    }
+  });
 }
 
 void Daemon::RecoverAttached() {

@@ -83,7 +83,14 @@ class Daemon {
   // Takes over the ublk devices an earlier daemon left (to_recover_). Throws.
   void RecoverAttached();
   // Writes state_ to state.json (control thread). Throws.
-  void SaveStateNow() { SaveState(config_.state_dir, *state_); }
+  void SaveStateNow() {
+    std::lock_guard lock(state_mu_);
+    SaveState(config_.state_dir, *state_);
+  }
+  // Guards state_'s writes from threads other than the control thread (peers, placements)
+  // and every SaveState.
+  std::mutex state_mu_;
+  std::map<std::size_t, std::unique_ptr<StateSegment>> placement_segments_;  // by chunk
   // --state-dir: attaches the segments `saved` names (or makes them, and state.json, when
   // it is null) and returns the arena's memory and each --device's page table, in order.
   // Throws std::runtime_error with one line when they cannot be had.
@@ -91,7 +98,13 @@ class Daemon {
                        std::vector<void*>* tables);
   // After a restart: rebuilds the stores' free lists from the devices' page tables, and logs
   // what was found. Throws if pages were on peers (not recoverable yet).
-  void RecoverDevices(const std::vector<std::shared_ptr<Device>>& devices);
+  void RecoverDevices(const std::vector<std::shared_ptr<Device>>& devices,
+                      const std::vector<bool>& referenced, DiskStore* disk);
+  // --state-dir with peers: placement records in segments (made as the table grows, and
+  // recorded in state.json), and after a restart the ones `saved` names given back.
+  void PersistPlacements(const std::optional<SavedState>& saved);
+  // Writes the peers' sessions to state.json (any thread).
+  void SavePeers();
   // Detaches every attached block device (forcibly if still in use), newest first.
   void DetachAll();
   // Creates the frontend of `kind` ("ublk", "nbd" or "fuse") for `device`; `queues` is for

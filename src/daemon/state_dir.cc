@@ -62,6 +62,16 @@ std::optional<SavedState> LoadState(const std::string& dir) {
                                device.at("segment_id").get<int>()});
     }
     state.restarts = json.value("restarts", 0u);
+    if (json.contains("peers")) {
+      for (const nlohmann::json& peer : json.at("peers")) {
+        state.peers.push_back({peer.at("address").get<std::string>(),
+                               peer.at("generation").get<unsigned>(),
+                               peer.at("secret").get<std::string>()});
+      }
+    }
+    if (json.contains("placement_chunks")) {
+      state.placement_chunks = json.at("placement_chunks").get<std::vector<int>>();
+    }
     state.last_gap_ms = json.value("last_gap_ms", std::uint64_t{0});
     if (json.contains("attached")) {
       for (const nlohmann::json& device : json.at("attached")) {
@@ -100,8 +110,16 @@ void SaveState(const std::string& dir, const SavedState& state) {
                         {"ublk_dev_id", device.ublk_dev_id},
                         {"segment_id", device.segment_id}});
   }
+  nlohmann::json peers = nlohmann::json::array();
+  for (const SavedPeer& peer : state.peers) {
+    peers.push_back({{"address", peer.address},
+                     {"generation", peer.generation},
+                     {"secret", peer.secret_hex}});
+  }
   const nlohmann::json json = {{"version", SavedState::kVersion},
                                {"attached", std::move(attached)},
+                               {"peers", std::move(peers)},
+                               {"placement_chunks", state.placement_chunks},
                                {"restarts", state.restarts},
                                {"last_gap_ms", state.last_gap_ms},
                                {"node_id", state.node_id},

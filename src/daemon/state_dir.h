@@ -27,6 +27,13 @@ struct SavedAttached {
   int segment_id = -1;   // of the segment holding its page table
 };
 
+// A lender's session (Membership::SessionState), in table order.
+struct SavedPeer {
+  std::string address;
+  unsigned generation = 0;
+  std::string secret_hex;  // empty: no session to resume
+};
+
 struct SavedState {
   static constexpr int kVersion = 1;
   std::uint64_t node_id = 0;
@@ -37,6 +44,8 @@ struct SavedState {
   std::string backing_file;         // empty: none
   std::vector<SavedDevice> devices;
   std::vector<SavedAttached> attached;
+  std::vector<SavedPeer> peers;
+  std::vector<int> placement_chunks;  // segment id of each chunk of placement records
   unsigned restarts = 0;             // daemons that took this state over
   std::uint64_t last_gap_ms = 0;     // how long the last restart left it without a server
 };

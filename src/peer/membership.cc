@@ -53,7 +53,8 @@ void Membership::EndAll() noexcept {
       transport = std::move(peer->transport);
     }
     if (transport) {
-      transport->Goodbye();  // the lender keeps nothing of this session
+      // The lender keeps nothing of this session, unless the next daemon takes it up.
+      if (!keep_sessions_.load()) transport->Goodbye();
       transport->Hangup();
     }
     transport.reset();  // the last reference: joins the transport's reader
@@ -150,16 +151,16 @@ bool Membership::FinishRemoval(Member& peer) {
   return true;
 }
 
-void Membership::Connect(Member& peer) {
+bool Membership::ConnectOnce(Member& peer) {
   if (peer.removed.load(std::memory_order_acquire) ||
       peer.removing.load(std::memory_order_acquire)) {
-    return;  // leaving the membership: nothing new goes there
+    return false;  // leaving the membership: nothing new goes there
   }
   std::optional<SessionSecret> resume;
   std::optional<SessionSecret> forget;
   {
     std::lock_guard lock(peer.mu);
-    if (peer.transport && peer.transport->connected()) return;
+    if (peer.transport && peer.transport->connected()) return false;
     if (peer.transport) BreakLocked(peer, "connection lost");
     if (peer.resuming) resume = peer.secret;
     else forget = peer.forget;
@@ -195,11 +196,11 @@ void Membership::Connect(Member& peer) {
                                 : "its session could not be resumed within " +
                                       std::to_string(options_.down_after.count()) + " ms: " +
                                       error);
-      return;
+      return false;
     }
     if (peer.last_error != error) LogError("%s", error.c_str());
     peer.last_error = error;
-    return;
+    return false;
   }
   const SessionGrant& grant = transport->session();
   if (peer.resuming) {
@@ -220,7 +221,7 @@ void Membership::Connect(Member& peer) {
                peer.endpoint.ToString().c_str(), peer.slots.superpages());
       peer.last_error.clear();
       peer.refusing = false;
-      return;
+      return true;
     }
     const std::string why =
         grant.resumed ? "the lender resumed a session of " + std::to_string(grant.superpages) +
@@ -230,7 +231,7 @@ void Membership::Connect(Member& peer) {
     if (grant.resumed) {
       // Not the session we knew: hang up, and the lender frees it after its grace period.
       transport->Hangup();
-      return;
+      return false;
     }
   }
   peer.transport = std::move(transport);
@@ -247,6 +248,11 @@ void Membership::Connect(Member& peer) {
   if (!peer.last_error.empty()) LogError("peer %s is up", peer.endpoint.ToString().c_str());
   peer.last_error.clear();
   peer.refusing = false;
+  return true;
+}
+
+void Membership::Connect(Member& peer) {
+  if (ConnectOnce(peer)) SessionChanged();
 }
 
 bool Membership::OverdueTooLong(const PeerTransport& transport) const noexcept {
@@ -290,6 +296,42 @@ void Membership::MarkDownLocked(Member& peer, const std::string& why) {
     LogError("peer %s is down: %s", peer.endpoint.ToString().c_str(), why.c_str());
   }
   peer.last_error = why;
+}
+
+std::vector<Membership::SessionState> Membership::Sessions() const {
+  std::vector<SessionState> all;
+  for (const auto& peer : List()) {
+    std::lock_guard lock(peer->mu);
+    all.push_back({peer->endpoint.ToString(), peer->generation.load(std::memory_order_relaxed),
+                   peer->transport || peer->resuming ? peer->secret : std::nullopt});
+  }
+  return all;
+}
+
+int Membership::Restore(const Endpoint& endpoint, const SessionState& state,
+                        std::chrono::milliseconds resume_for) {
+  const int rc = Add(endpoint);
+  if (rc != 0) return rc;
+  Member& peer = *members_[count() - 1];
+  std::lock_guard lock(peer.mu);
+  peer.generation.store(state.generation, std::memory_order_release);
+  if (state.secret) {
+    peer.secret = state.secret;
+    peer.grace = resume_for;
+    peer.resuming = true;
+    peer.resume_until = std::chrono::steady_clock::now() + resume_for;
+    peer.last_error = "restarted; resuming its session";
+  }
+  return 0;
+}
+
+void Membership::SessionChanged() noexcept {
+  if (!on_session_) return;
+  try {
+    on_session_();
+  } catch (const std::exception& e) {
+    LogError("warning: saving the peers' sessions: %s", e.what());
+  }
 }
 
 void Membership::BreakLocked(Member& peer, const std::string& why) {

@@ -26,6 +26,7 @@
 #pragma once
 
 #include <array>
+#include <functional>
 #include <atomic>
 #include <bitset>
 #include <chrono>
@@ -143,6 +144,25 @@ class Membership {
   // Set before any peer is added; lives as long as this Membership.
   void SetObserver(Observer* observer) { observer_ = observer; }
 
+  // What a restarted daemon needs of a peer's session (docs/restart.md).
+  struct SessionState {
+    std::string address;
+    unsigned generation = 0;
+    std::optional<SessionSecret> secret;  // none: no session the lender keeps
+  };
+  // Every peer ever added (removed ones too: their indices stay), in table order.
+  std::vector<SessionState> Sessions() const;
+  // Recovery: adds the peer at the next index with the session of an earlier process, to
+  // resume (its slots are adopted next: PeerStore::AdoptSlot) — for `resume_for` from now,
+  // the next heartbeats reconnect it with the secret. Returns Add's result.
+  int Restore(const Endpoint& endpoint, const SessionState& state,
+              std::chrono::milliseconds resume_for);
+  // Called, with no lock held, after a session began or ended, on the thread that saw it.
+  void SetSessionListener(std::function<void()> listener) { on_session_ = std::move(listener); }
+  // EndAll hangs up without GOODBYE: the lenders keep the sessions for their grace period,
+  // for the next daemon (--on-exit keep).
+  void KeepSessionsOnExit() noexcept { keep_sessions_.store(true); }
+
   // Adds a lender, which the next Refresh connects (a failure leaves it down, to retry on
   // the Refresh after; the reason is logged once). Returns 0, -EEXIST when it is a peer
   // already, or -ENOSPC when kMaxPeers peers were ever added. Adding a peer that is being
@@ -207,6 +227,8 @@ class Membership {
 
  private:
   void Connect(Member& peer);
+  // Connect's work; true when a session began (new or resumed).
+  bool ConnectOnce(Member& peer);
   bool FinishRemoval(Member& peer);
   void OnNotice(Member& peer, const Message& notice, std::span<const std::byte> payload) noexcept;
   // Marks the superpages named by RECLAIM notices since the last call. REQUIRES: peer.mu.
@@ -217,6 +239,10 @@ class Membership {
   const std::uint64_t node_id_;
   const PeerStoreOptions options_;
   Observer* observer_ = nullptr;
+  std::function<void()> on_session_;
+  std::atomic<bool> keep_sessions_{false};
+  // Calls on_session_ if set.
+  void SessionChanged() noexcept;
   std::mutex add_mu_;  // a leaf lock: serialises Add and Remove
   std::array<std::unique_ptr<Member>, kMaxPeers> members_;  // written under add_mu_
   std::atomic<std::size_t> count_{0};  // published after its entry

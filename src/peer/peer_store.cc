@@ -165,6 +165,17 @@ bool PeerStore::SlotGone(Slot slot) const noexcept {
          !peer.transport;
 }
 
+bool PeerStore::AdoptSlot(Slot slot, std::uint32_t owner) noexcept {
+  const SlotParts parts = SplitSlot(slot);
+  if (parts.peer >= peer_count()) return false;
+  Member& peer = members_.at(parts.peer);
+  std::lock_guard lock(peer.mu);
+  if (GenerationOf(slot) != peer.generation.load(std::memory_order_relaxed)) return false;
+  if (!peer.slots.Adopt(parts.sid, parts.index, owner)) return false;
+  peer.pages.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 bool PeerStore::AwaitResume(Slot slot) noexcept {
   const std::size_t index = PeerIndexOf(slot);
   if (index >= peer_count()) return false;

@@ -49,6 +49,27 @@ bool SlotAllocator::AddGranted(std::uint32_t sid, std::uint32_t owner) noexcept 
   }
 }
 
+bool SlotAllocator::Adopt(std::uint32_t sid, std::uint32_t index, std::uint32_t owner) noexcept {
+  if (index >= kPagesPerSuperpage) return false;
+  try {
+    const auto [it, added] = superpages_.try_emplace(sid);
+    Superpage& superpage = it->second;
+    if (added) {
+      partial_.push_back(sid);
+      free_slots_ += kPagesPerSuperpage;
+    }
+    const std::uint64_t bit = std::uint64_t{1} << (index % 64);
+    if (superpage.used_mask[index / 64] & bit) return false;
+    superpage.used_mask[index / 64] |= bit;
+    ++superpage.used;
+    --free_slots_;
+    superpage.owner[index] = owner;
+    return true;
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+}
+
 SlotAllocator::Released SlotAllocator::Release(std::uint32_t sid, std::uint32_t index) noexcept {
   const auto it = superpages_.find(sid);
   if (it == superpages_.end()) return Released::kNotHeld;

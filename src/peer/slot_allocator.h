@@ -29,6 +29,10 @@ class SlotAllocator {
   // out of memory, or when `sid` is held already (a lender that granted it twice); the
   // superpage then stays granted and unused until the session ends.
   bool AddGranted(std::uint32_t sid, std::uint32_t owner) noexcept;
+  // Recovery (docs/restart.md): marks slot `index` of superpage `sid` taken for `owner`,
+  // adding the superpage if it is not held yet. False if the slot is taken already, or out
+  // of memory.
+  bool Adopt(std::uint32_t sid, std::uint32_t index, std::uint32_t owner) noexcept;
 
   enum class Released {
     kNotHeld,           // no such superpage (it went with a session that ended)

@@ -132,11 +132,14 @@ Device::Recovery Device::Recover() noexcept {
       where = Location(Tier::kDisk, copy);
       copy = kNoCopy;
     }
-    if (where.tier() == Tier::kRemote) {
-      ++found.remote;
+    if (where.tier() == Tier::kRemote && !tiers_.remote_recoverable()) {
+      ++found.unrecoverable;
       continue;
     }
-    if (where.tier() == Tier::kLocal && IsRemoteCopy(copy)) copy = kNoCopy;
+    // A local page's remote copy stays only if the placements are recovered too.
+    if (where.tier() == Tier::kLocal && IsRemoteCopy(copy) && !tiers_.remote_recoverable()) {
+      copy = kNoCopy;
+    }
     if (where.tier() != Tier::kLocal && copy != kNoCopy) copy = kNoCopy;  // not kept there
     const bool ok = tiers_.Adopt(where) && (copy == kNoCopy || tiers_.AdoptCopy(copy));
     if (!ok) {
@@ -150,6 +153,7 @@ Device::Recovery Device::Recover() noexcept {
     if (where.tier() != Tier::kUnmapped) ++found.mapped;
     if (where.tier() == Tier::kLocal) ++found.local;
     if (where.tier() == Tier::kDisk) ++found.disk;
+    if (where.tier() == Tier::kRemote) ++found.remote;
   }
   return found;
 }

@@ -87,9 +87,10 @@ class Device final : public PageOwner {
     std::uint64_t mapped = 0;   // pages that read as something
     std::uint64_t local = 0;
     std::uint64_t disk = 0;
-    // Pages on peers: not recoverable yet (their placement records are not kept). Recover
-    // changes nothing of them; the caller refuses to go on.
-    std::uint64_t remote = 0;
+    std::uint64_t remote = 0;   // pages on peers whose placements are recovered
+    // Pages on peers with no placements to recover (a state without them): Recover changes
+    // nothing of them; the caller refuses to go on.
+    std::uint64_t unrecoverable = 0;
     // Entries naming room their store refused (out of range, or named twice): corruption.
     std::uint64_t invalid = 0;
   };

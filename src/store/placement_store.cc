@@ -34,7 +34,66 @@ PlacementStore::~PlacementStore() {
   }
   rebuilder_cv_.notify_all();
   if (rebuilder_.joinable()) rebuilder_.join();
-  for (std::size_t i = 0; i < chunk_count_; ++i) delete[] chunks_[i].load(std::memory_order_relaxed);
+  if (!chunk_source_) {
+    for (std::size_t i = 0; i < chunk_count_; ++i) delete[] chunks_[i].load(std::memory_order_relaxed);
+  }
+}
+
+void PlacementStore::AdoptChunk(std::size_t chunk, void* memory) {
+  assert(chunk < kMaxChunks);
+  chunks_[chunk].store(static_cast<Record*>(memory), std::memory_order_release);
+  chunk_count_ = std::max(chunk_count_, chunk + 1);
+}
+
+std::uint64_t PlacementStore::Recover(const std::vector<bool>& referenced,
+                                      const std::function<bool(Slot)>& adopt_disk) {
+  std::uint64_t kept = 0;
+  free_ids_.clear();
+  free_ids_.reserve(chunk_count_ * kChunkRecords);
+  for (std::size_t chunk = chunk_count_; chunk-- > 0;) {
+    Record* records = chunks_[chunk].load(std::memory_order_relaxed);
+    for (std::size_t i = kChunkRecords; i-- > 0;) {
+      const auto id = static_cast<std::uint32_t>((chunk << kChunkShift) | i);
+      if (id == 0) continue;  // never handed out
+      Record& record = records[i];
+      if (record.wanted != 0 && record.lost && id < referenced.size() && referenced[id]) {
+        lost_.fetch_add(1, std::memory_order_relaxed);  // still named: kept, as lost
+        ++kept;
+        continue;
+      }
+      const bool live = record.wanted != 0 && id < referenced.size() && referenced[id];
+      if (!live) {
+        new (&record) Record;
+        free_ids_.push_back(id);
+        continue;
+      }
+      // Its copies: those of sessions the peer store takes up again stay.
+      std::uint8_t count = 0;
+      for (std::uint8_t c = 0; c < record.count && c < kMaxCopies; ++c) {
+        if (peers_->AdoptSlot(record.copies[c], id)) record.copies[count++] = record.copies[c];
+      }
+      record.count = count;
+      if (record.disk != kNoDisk && !adopt_disk(record.disk)) record.disk = kNoDisk;
+      record.pins = 0;
+      record.discarded = false;
+      ++record.version;
+      if (record.count == 0 && record.disk == kNoDisk) {
+        record.lost = true;
+        lost_.fetch_add(1, std::memory_order_relaxed);
+        ++kept;
+        continue;
+      }
+      pages_.fetch_add(1, std::memory_order_relaxed);
+      copies_.fetch_add(record.count, std::memory_order_relaxed);
+      if (record.disk != kNoDisk) disk_copies_.fetch_add(1, std::memory_order_relaxed);
+      if (Degraded(record)) {
+        degraded_.fetch_add(1, std::memory_order_relaxed);
+        rebuild_queue_.push_back(id);
+      }
+      ++kept;
+    }
+  }
+  return kept;
 }
 
 void PlacementStore::Start() {
@@ -56,13 +115,21 @@ bool PlacementStore::Allocate(std::uint32_t* id) noexcept {
   std::lock_guard lock(table_mu_);
   if (free_ids_.empty()) {
     if (chunk_count_ == kMaxChunks) return false;
-    Record* records = new (std::nothrow) Record[kChunkRecords];
+    Record* records = nullptr;
+    if (chunk_source_) {
+      void* memory = chunk_source_(chunk_count_);
+      if (memory == nullptr) return false;
+      records = static_cast<Record*>(memory);
+      for (std::size_t i = 0; i < kChunkRecords; ++i) new (&records[i]) Record;  // all free
+    } else {
+      records = new (std::nothrow) Record[kChunkRecords];
+    }
     if (records == nullptr) return false;
     try {
       free_ids_.reserve(free_ids_.size() + kChunkRecords);
     } catch (const std::bad_alloc&) {
-      delete[] records;
-      return false;
+      if (!chunk_source_) delete[] records;
+      return false;  // a source's chunk is taken up again by the next call
     }
     const std::size_t chunk = chunk_count_++;
     chunks_[chunk].store(records, std::memory_order_release);

@@ -37,6 +37,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -106,6 +107,22 @@ class PlacementStore final : public PageStore {
   // Runs one rebuild round now (what the rebuilder thread does every interval); for tests.
   void RebuildRound() noexcept;
 
+  // Persistence (docs/restart.md). Where a new chunk of records goes: memory of
+  // ChunkBytes() bytes that outlives the process (a state segment), or nullptr when there is
+  // none (the write that needed it then finds no room). Set before any write.
+  using ChunkSource = std::function<void*(std::size_t chunk)>;
+  void SetChunkSource(ChunkSource source) { chunk_source_ = std::move(source); }
+  static constexpr std::size_t ChunkBytes() { return sizeof(Record) * kChunkRecords; }
+  // Recovery, before any other call: AdoptChunk gives back chunk `chunk` as an earlier
+  // process left it (chunks in order from 0); Recover then keeps the records whose ids
+  // `referenced` says a page table names (`referenced[id]`), adopts their copies' slots in
+  // the peer store (a copy of a session that had ended is dropped) and their disk copies
+  // (`adopt_disk`), frees the others, and rebuilds the counts and free ids. Returns the
+  // records kept. Not thread-safe. May throw bad_alloc.
+  void AdoptChunk(std::size_t chunk, void* memory);
+  std::uint64_t Recover(const std::vector<bool>& referenced,
+                        const std::function<bool(Slot)>& adopt_disk);
+
  private:
   static constexpr unsigned kChunkShift = 12;  // records per chunk: 4096
   static constexpr std::size_t kChunkRecords = std::size_t{1} << kChunkShift;
@@ -168,6 +185,7 @@ class PlacementStore final : public PageStore {
   const unsigned rebuild_rate_;
 
   const std::unique_ptr<std::atomic<Record*>[]> chunks_;  // kMaxChunks slots, filled as needed
+  ChunkSource chunk_source_;  // set: chunks live in memory it gives (never deleted here)
   mutable std::array<Stripe, kLockStripes> stripes_;  // mutable: Holds locks one
   std::mutex table_mu_;                    // a leaf lock
   std::vector<std::uint32_t> free_ids_;    // guarded by table_mu_

@@ -500,15 +500,27 @@ bool Tiering::Adopt(Location location) {
     case Tier::kDisk:
       return disk_store_ != nullptr && disk_store_->Adopt(location.slot());
     case Tier::kRemote:
+      return ReferenceRemote(location.slot());
     case Tier::kCached:
       return false;
   }
   return false;
 }
 
+bool Tiering::ReferenceRemote(Slot slot) {
+  if (remote_references_ == nullptr || remote_ == nullptr) return false;
+  const auto id = static_cast<std::uint32_t>(slot);
+  if (slot > UINT32_MAX || id == 0) return false;
+  if (remote_references_->size() <= id) remote_references_->resize(std::size_t{id} + 1, false);
+  if ((*remote_references_)[id]) return false;  // named twice
+  (*remote_references_)[id] = true;
+  return true;
+}
+
 bool Tiering::AdoptCopy(Slot copy) {
-  return copy == kNoCopy ||
-         (!IsRemoteCopy(copy) && disk_store_ != nullptr && disk_store_->Adopt(copy));
+  if (copy == kNoCopy) return true;
+  if (IsRemoteCopy(copy)) return ReferenceRemote(RemoteCopySlot(copy));
+  return disk_store_ != nullptr && disk_store_->Adopt(copy);
 }
 
 void Tiering::FinishAdopt() {

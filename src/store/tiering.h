@@ -282,8 +282,13 @@ class Tiering {
   // kCached location (not recoverable yet), or a slot its store refuses. FinishAdopt then
   // rebuilds the stores' free lists. Not thread-safe.
   bool Adopt(Location location);
-  // The same for a clean local page's disk copy.
+  // The same for a clean local page's disk copy, or its remote copy.
   bool AdoptCopy(Slot copy);
+  // With a remote tier whose placements are recovered too: Adopt and AdoptCopy accept kRemote
+  // locations and remote copies, and note each placement id they name in `referenced`
+  // (grown as needed), for PlacementStore::Recover.
+  void SetRemoteReferences(std::vector<bool>* referenced) { remote_references_ = referenced; }
+  bool remote_recoverable() const { return remote_references_ != nullptr && remote_ != nullptr; }
   void FinishAdopt();
 
   // The local and disk stores themselves (behind any wrapper), for their own figures.
@@ -353,6 +358,8 @@ class Tiering {
   std::atomic<bool> room_wanted_{false};  // WantRoom asked; the evictor takes it
   std::thread evictor_;
   std::atomic<std::uint64_t> evicted_{0};
+  std::vector<bool>* remote_references_ = nullptr;  // during recovery only
+  bool ReferenceRemote(Slot slot);
 };
 
 }  // namespace memlend

@@ -97,7 +97,40 @@ expect_verify_failure
 echo "  a daemon started afresh has none of the data (verification fails, as it must)"
 kill9 afresh
 
-echo "4. a restart that does not match the state"
+echo "4. pages on a lender (one copy each), kill -9 of the borrower, restart"
+port=$(free_port)
+start_daemon lender --lend 128M --listen "127.0.0.1:$port"
+args=(--device fio:64M --nbd "unix:$socket" --local-store 2M --compress none --redundancy none
+  --peer "127.0.0.1:$port" --state-dir "$workdir/state2")
+start_daemon remote "${args[@]}"
+run_fio remote-write || { cat "$workdir/remote-write.stderr"; fail "fio workload failed"; }
+check_fio_clean remote-write >/dev/null || fail "fio workload reported errors"
+echo "  written: $(device_pages remote mapped) pages, $(device_pages remote remote) on the lender; kill -9"
+kill9 remote
+start_daemon remote-again "${args[@]}"
+grep -E "recovered|resum" "$workdir/remote-again.stderr" | sed 's/^/  /'
+run_fio remote-verify --verify_only || { cat "$workdir/remote-verify.stderr"; fail "fio --verify_only failed after the restart"; }
+check_fio_clean remote-verify || fail "fio --verify_only reported errors after the restart"
+lost=$(status_json remote-again | python3 -c "import json,sys; print(json.load(sys.stdin)['remote_store']['lost_pages'])")
+[[ $lost == 0 ]] || fail "$lost pages were lost across the restart"
+echo "  SIGTERM with --on-exit keep, restart"
+stop_daemon remote-again  # frees it all: start again with keep
+start_daemon remote-keep "${args[@]}" --on-exit keep
+run_fio remote-write2 || fail "fio workload failed"
+check_fio_clean remote-write2 >/dev/null || fail "fio workload reported errors"
+stop_daemon remote-keep
+start_daemon remote-kept "${args[@]}"
+run_fio remote-verify2 --verify_only || { cat "$workdir/remote-verify2.stderr"; fail "fio --verify_only failed after a kept stop"; }
+check_fio_clean remote-verify2 || fail "fio --verify_only reported errors after a kept stop"
+used=$(status_json lender | python3 -c "import json,sys; l = json.load(sys.stdin)['lending']; print(l['used_bytes'], len(l['parked']))")
+echo "  the lender lends ${used% *} bytes, keeps ${used#* } parked session(s)"
+[[ ${used#* } == 0 ]] || fail "the lender still keeps a session nobody resumed"
+stop_daemon remote-kept
+stop_daemon lender
+
+echo "5. a restart that does not match the state"
+args=(--device fio:64M --nbd "unix:$socket" --local-store 32M --compress lz4
+  --backing-file "$workdir/backing.img" --state-dir "$state")
 if "$memlend" daemon --device fio:64M --nbd "unix:$socket" --local-store 64M --compress lz4 \
   --backing-file "$workdir/backing.img" --state-dir "$state" --control "$workdir/bad.control" \
   2>"$workdir/bad.stderr"; then
