@@ -14,6 +14,12 @@
 #             pattern is written, and before it is read back, one lender is killed with
 #             SIGKILL: the pattern must read back intact from the other copies, and status must
 #             count no lost page.
+#   restart   as cgroup, the borrower with --state-dir and --redundancy none (each remote page's
+#             only copy is on the lender); once the pattern is written, and before it is read
+#             back, the borrower is killed with SIGKILL and started again on the same state
+#             directory: it takes the ublk device over and resumes its session with the lender;
+#             the pattern must read back intact, status must count no lost page, and no task may
+#             hang (the harness fails the run on one). ublk only.
 #   pressure  boot with little RAM (tests/vm/run --mem 512 --disk 1024): a lender of 64 MiB and
 #             a borrower whose backing file is the guest's disk itself; no cgroup: memory_pattern
 #             allocates twice the guest's RAM, so the whole system, the daemons included, is
@@ -34,7 +40,7 @@ ml_prefix="swap_test.sh: "
 [[ ${MEMLEND_VM:-} == 1 && -n ${MEMLEND_VM_MODDIR:-} ]] ||
   { echo "${ml_prefix}FAIL: this script runs only inside the VM: tests/vm/run ${0##*/} ..." >&2; exit 1; }
 [[ $# -eq 3 || $# -eq 4 ]] ||
-  { echo "usage: swap_test.sh MEMLEND ublk|nbd cgroup|replicas|pressure [PERCENT]" >&2; exit 2; }
+  { echo "usage: swap_test.sh MEMLEND ublk|nbd cgroup|replicas|restart|pressure [PERCENT]" >&2; exit 2; }
 [[ $pressure_percent =~ ^[0-9]+$ ]] && ((pressure_percent >= 110 && pressure_percent <= 400)) ||
   { echo "swap_test.sh: PERCENT must be from 110 to 400" >&2; exit 2; }
 # shellcheck source=../integration/attach_lib.sh
@@ -58,6 +64,12 @@ case $mode in
   replicas)
     lend=128M
     swap_size=256M
+    ;;
+  restart)
+    [[ $frontend == ublk ]] || fail "restart mode is for ublk (the kernel NBD client's device ends with its daemon)"
+    lend=256M
+    swap_size=256M
+    backing=(--state-dir "$workdir/state" --redundancy none)
     ;;
   pressure)
     pattern=$(dirname "$memlend")/../tests/tools/memory_pattern
@@ -116,6 +128,25 @@ fi
 case $mode in
   cgroup)
     swap_cycle swap0 "$control" "$device" "$frontend" discard
+    ;;
+  restart)
+    swap_pattern_midway() {
+      kill -KILL "${ml_pids[borrower]}"
+      wait "${ml_pids[borrower]}" 2>/dev/null || true
+      unset 'ml_pids[borrower]'
+      echo "borrower killed (-9) with the pattern in swap; starting it again"
+      start_daemon borrower --local-store 16M "${peers[@]}" "${backing[@]}"
+      grep -E "recovered|resumed|took over" "$workdir/borrower.stderr" | sed 's/^/  /'
+    }
+    swap_cycle swap0 "$control" "$device" "$frontend"
+    "$memlend" status --json --control "$control" >"$workdir/after-restart.json"
+    python3 - "$workdir/after-restart.json" <<'EOF' || fail "pages were lost across the restart"
+import json, sys
+s = json.load(open(sys.argv[1]))
+r = s["remote_store"]
+print(f"after the restart: {r['lost_pages']} pages lost; taken over {s['state']['restarts']} time(s)")
+assert r["lost_pages"] == 0 and s["state"]["restarts"] == 1
+EOF
     ;;
   replicas)
     # Between the pattern's writing and its reading back (swap_pattern_check's hook): both
