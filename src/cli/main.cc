@@ -419,8 +419,8 @@ int main(int argc, char** argv) {
                      "and the page tables in a locked shared memory segment named in "
                      "DIR/state.json. A daemon that crashes, or stops with --on-exit keep, "
                      "leaves them; the next one started with the same DIR, devices, local "
-                     "store and backing file serves the same pages (pages on peers are not "
-                     "recovered yet: such a restart is refused)")
+                     "store, backing file and peers serves the same pages (on lenders too: it "
+                     "resumes its sessions) and takes over the ublk devices attached to it")
       ->type_name("DIR");
   daemon->add_option("--on-exit", daemon_args.on_exit,
                      "On SIGTERM: detach (the default) frees the pages and the state; keep "
