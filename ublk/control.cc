@@ -114,6 +114,13 @@ int ControlChannel::GetDeviceInfo(std::uint32_t dev_id, ublksrv_ctrl_dev_info* i
   return Send(UBLK_U_CMD_GET_DEV_INFO, UBLK_CMD_GET_DEV_INFO, cmd);
 }
 
+int ControlChannel::GetParams(std::uint32_t dev_id, ublk_params* params) noexcept {
+  ublksrv_ctrl_cmd cmd = Header(dev_id);
+  cmd.addr = reinterpret_cast<std::uintptr_t>(params);
+  cmd.len = static_cast<__u16>(params->len);
+  return Send(UBLK_U_CMD_GET_PARAMS, UBLK_CMD_GET_PARAMS, cmd);
+}
+
 int ControlChannel::StartUserRecovery(std::uint32_t dev_id) noexcept {
   return Send(UBLK_U_CMD_START_USER_RECOVERY, UBLK_CMD_START_USER_RECOVERY, Header(dev_id));
 }

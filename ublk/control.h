@@ -47,6 +47,8 @@ class ControlChannel {
   int StopDevice(std::uint32_t dev_id) noexcept;
   // GET_DEV_INFO: fills `info` (state, flags, queues, limits) of device `dev_id`.
   int GetDeviceInfo(std::uint32_t dev_id, ublksrv_ctrl_dev_info* info) noexcept;
+  // GET_PARAMS: fills `params` (its len set by the caller) of device `dev_id`.
+  int GetParams(std::uint32_t dev_id, ublk_params* params) noexcept;
   // User recovery of a device whose server died (UBLK_F_USER_RECOVERY): START once it is
   // quiesced (-EBUSY before), then the queues fetch every tag again, then END (which
   // blocks until they have) with the new server's pid.

@@ -141,6 +141,16 @@ int UblkServer::SetupRecovery(std::string* error) {
       *error = "ublk: device " + std::to_string(dev_id) + " was not added with user recovery";
       return -EINVAL;
     }
+    // The device the state names, not another that got its number since: the same size.
+    ublk_params params{};
+    params.len = sizeof(params);
+    if (control_.GetParams(dev_id, &params) == 0 &&
+        std::uint64_t{params.basic.dev_sectors} << kSectorShift != config_.size_bytes) {
+      *error = "ublk: /dev/ublkb" + std::to_string(dev_id) + " has " +
+               std::to_string(std::uint64_t{params.basic.dev_sectors} << kSectorShift) +
+               " bytes, not the " + std::to_string(config_.size_bytes) + " of the device it was";
+      return -EINVAL;
+    }
     if (info_.state == UBLK_S_DEV_QUIESCED) break;
     if (std::chrono::steady_clock::now() >= give_up) {
       *error = "ublk: device " + std::to_string(dev_id) + " is not waiting for a server (state " +

@@ -9,6 +9,7 @@
 #include <exception>
 #include <iostream>
 #include <optional>
+#include <memory>
 #include <string>
 #include <tuple>
 
@@ -33,18 +34,23 @@ int RunDaemon(const memlend::DaemonArgs& args) {
     return 1;
   }
   memlend::Daemon::BlockShutdownSignals();
+  std::unique_ptr<memlend::Daemon> daemon;
   try {
-    memlend::Daemon daemon(config);
-    daemon.Run();
-    if (daemon.leaves_devices()) {
-      // Its ublk devices wait, quiesced, for the next daemon (--on-exit keep); their queue
-      // threads still run: end the process as is, destroying nothing they use.
-      std::fflush(nullptr);
-      std::_Exit(0);
-    }
+    daemon = std::make_unique<memlend::Daemon>(config);
+    daemon->Run();
   } catch (const std::exception& e) {
     memlend::LogError("%s", e.what());
+    if (daemon && daemon->leaves_devices()) {
+      std::fflush(nullptr);
+      std::_Exit(1);  // as below: ublk queue threads still use what the daemon holds
+    }
     return 1;
+  }
+  if (daemon->leaves_devices()) {
+    // Its ublk devices wait, quiesced, for the next daemon (--on-exit keep); their queue
+    // threads still run: end the process as is, destroying nothing they use.
+    std::fflush(nullptr);
+    std::_Exit(0);
   }
   return 0;
 }

@@ -3,6 +3,8 @@
 #include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -109,7 +111,10 @@ Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), h
   if (locks_memory_) PrepareForSwap();
   if (serves_devices) {
     std::optional<SavedState> saved;
-    if (!config.state_dir.empty()) saved = LoadState(config.state_dir);
+    if (!config.state_dir.empty()) {
+      LockStateDir();
+      saved = LoadState(config.state_dir);
+    }
     std::vector<void*> tables;
     std::unique_ptr<LocalStore> local;
     if (config.state_dir.empty()) {
@@ -326,6 +331,27 @@ void Daemon::LockMemory() {
 }
 
 Daemon::~Daemon() { Stop(); }
+
+void Daemon::LockStateDir() {
+  const std::string& dir = config_.state_dir;
+  // One daemon at a time: held until this process ends. A daemon started while the last
+  // one is still on its way out (an upgrade) waits for it a little.
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    throw std::runtime_error("cannot make the state directory " + dir + ": " +
+                             std::strerror(errno));
+  }
+  state_lock_ = UniqueFd(::open((dir + "/lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  if (!state_lock_.valid()) {
+    throw std::runtime_error("cannot open " + dir + "/lock: " + std::strerror(errno));
+  }
+  for (int tries = 0; ::flock(state_lock_.get(), LOCK_EX | LOCK_NB) != 0; ++tries) {
+    if (errno != EWOULDBLOCK || tries == 100) {
+      throw std::runtime_error("--state-dir " + dir + " is in use by another daemon");
+    }
+    if (tries == 0) LogError("waiting for the daemon that holds %s to end", dir.c_str());
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
 
 std::byte* Daemon::OpenState(const std::optional<SavedState>& saved,
                              std::vector<void*>* tables) {
@@ -949,10 +975,11 @@ nlohmann::json Daemon::Attach(const AttachRequest& request) {
     throw std::runtime_error(reason);
   }
   if (devices_.Find(name)) throw std::runtime_error("a device named '" + name + "' already exists");
-  std::shared_ptr<Device> device;
   // With a state directory the page table lives in a segment of its own, which a ublk device
   // keeps for the next daemon (docs/restart.md); the others' goes when this process ends.
+  // Declared first: on a failure the device goes before the memory its table is in.
   std::unique_ptr<StateSegment> segment;
+  std::shared_ptr<Device> device;
   if (state_) {
     segment = StateSegment::Create(Device::PageTableBytes(size_bytes), state_->instance,
                                    locks_memory_);
@@ -1019,6 +1046,11 @@ nlohmann::json Daemon::Attach(const AttachRequest& request) {
     } else {
       segment->Remove();  // only ublk devices are taken over by the next daemon
     }
+    // A device of that name detached earlier may still use its segment (an NBD connection
+    // held it): keep that one mapped until the process ends.
+    if (const auto old = attached_segments_.find(name); old != attached_segments_.end()) {
+      retired_segments_.push_back(std::move(old->second));
+    }
     attached_segments_[name] = std::move(segment);
   }
   nlohmann::json reply = {
@@ -1071,6 +1103,7 @@ nlohmann::json Daemon::Detach(const DetachRequest& request) {
     attach_order_.erase(std::find(attach_order_.begin(), attach_order_.end(), name));
   }
   std::weak_ptr<Device> gone = devices_.Find(name);
+  if (const std::shared_ptr<Device> device = gone.lock()) device->ReleasePagesOnExit();
   devices_.Remove(name);
   ForgetAttached(name, gone);
   LogError("detached %s (%s)", name.c_str(), path.c_str());
@@ -1095,6 +1128,7 @@ void Daemon::DetachAll() {
     }
     frontend.reset();  // forces what Detach refused
     std::weak_ptr<Device> gone = devices_.Find(name);
+    if (const std::shared_ptr<Device> device = gone.lock()) device->ReleasePagesOnExit();
     devices_.Remove(name);
     ForgetAttached(name, gone);
   }

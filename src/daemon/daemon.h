@@ -12,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/unique_fd.h"
 #include "daemon/config.h"
 #include "daemon/control.h"
 #include "daemon/host_memory.h"
@@ -90,10 +91,13 @@ class Daemon {
   // Guards state_'s writes from threads other than the control thread (peers, placements)
   // and every SaveState.
   std::mutex state_mu_;
+  UniqueFd state_lock_;  // flock'ed DIR/lock: one daemon per state directory
   std::map<std::size_t, std::unique_ptr<StateSegment>> placement_segments_;  // by chunk
   // --state-dir: attaches the segments `saved` names (or makes them, and state.json, when
   // it is null) and returns the arena's memory and each --device's page table, in order.
   // Throws std::runtime_error with one line when they cannot be had.
+  // --state-dir: takes DIR/lock for the life of the process (waiting up to 10 s). Throws.
+  void LockStateDir();
   std::byte* OpenState(const std::optional<SavedState>& saved,
                        std::vector<void*>* tables);
   // After a restart: rebuilds the stores' free lists from the devices' page tables, and logs
@@ -146,11 +150,10 @@ class Daemon {
   std::vector<std::unique_ptr<StateSegment>> segments_;
   // The page tables of devices attached at run time, by name (control thread).
   std::map<std::string, std::unique_ptr<StateSegment>> attached_segments_;
+  std::vector<std::unique_ptr<StateSegment>> retired_segments_;  // see Attach
   // What state.json says now: written at start, and at each ublk attach and detach
   // (control thread).
   std::optional<SavedState> state_;
-  // ublk devices an earlier daemon left, to take over once the daemon runs.
-  std::vector<std::pair<SavedAttached, std::shared_ptr<Device>>> to_recover_;
   // Stop left ublk devices for the next daemon: the process must end without tearing down
   // what their queues use (RunDaemon exits at once).
   bool leaves_devices_ = false;
@@ -161,6 +164,9 @@ class Daemon {
   std::condition_variable alive_cv_;  // with refresh_mu_ and stopping_
   std::unique_ptr<Tiering> tiers_;
   DeviceTable devices_;               // destroyed before tiers_
+  // ublk devices an earlier daemon left, to take over once the daemon runs (destroyed before
+  // tiers_, which their devices use).
+  std::vector<std::pair<SavedAttached, std::shared_ptr<Device>>> to_recover_;
   std::unique_ptr<nbd::NbdServer> nbd_;          // --nbd; null without it
   std::unique_ptr<nbd::NbdServer> private_nbd_;  // for nbdfuse when --nbd is not unix
   // Attached block devices by device name. Touched by the control thread, and by Stop()

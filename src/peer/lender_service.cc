@@ -496,8 +496,13 @@ class LenderService::Connection {
     ticket.superpages = superpages;
     EncodeBody(reply, Body());
     EncodeBody(ticket, Body() + sizeof(reply));
-    return Send(request, Status::kOk, sizeof(reply) + sizeof(ticket),
-                resumed ? kHelloResumed : 0);
+    Send(request, Status::kOk, sizeof(reply) + sizeof(ticket), resumed ? kHelloResumed : 0);
+    if (!resumed) return true;
+    // RECLAIMs the session missed while parked are asked again, after the HELLO reply (which
+    // goes out now), never before it.
+    if (!Flush()) return false;
+    service_.AskAgain(session_);
+    return true;
   }
 
   bool Query(const Message& request) noexcept {
@@ -763,6 +768,7 @@ void LenderService::NotifyAll(std::span<const std::byte> notice) {
 
 std::uint64_t LenderService::Drain(std::chrono::steady_clock::time_point deadline) {
   shutting_down_.store(true, std::memory_order_release);
+  drain_deadline_ns_.store(deadline.time_since_epoch().count(), std::memory_order_release);
   draining_.store(true, std::memory_order_release);
   const auto now = std::chrono::steady_clock::now();
   const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count();
@@ -978,6 +984,41 @@ std::size_t LenderService::ExpireParked() {
   return expired.size();
 }
 
+void LenderService::AskAgain(Session& session) noexcept {
+  if (draining_.load(std::memory_order_acquire)) {
+    // It missed SHUTDOWN while its link was down: tell it now, with the time left.
+    const auto deadline = std::chrono::steady_clock::time_point(
+        std::chrono::steady_clock::duration(drain_deadline_ns_.load(std::memory_order_acquire)));
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          deadline - std::chrono::steady_clock::now())
+                          .count();
+    std::byte notice[kHeaderBytes + sizeof(ShutdownBody)];
+    EncodeHeader(MessageType::kShutdown, false, 0, Status::kOk, 0, sizeof(ShutdownBody),
+                 HeaderSpan(notice));
+    EncodeBody(ShutdownBody{static_cast<std::uint32_t>(std::clamp<long long>(left, 0, 1 << 30)), 0},
+               notice + kHeaderBytes);
+    std::lock_guard lock(session.send_mu);
+    try {
+      session.unsent_tail.insert(session.unsent_tail.end(), notice, notice + sizeof(notice));
+    } catch (const std::bad_alloc&) {
+      return;
+    }
+    if (SendTailLocked(session, /*wait=*/false) == -EAGAIN) {
+      session.notices_waiting.store(true, std::memory_order_release);
+    }
+  }
+  try {
+    const std::vector<std::uint32_t> asked = pool_.ReclaimingOf(session.id.load());
+    if (asked.empty()) return;
+    const auto deadline = std::chrono::steady_clock::now() + kResumedReclaimDeadline;
+    std::lock_guard reclaim_lock(session.reclaim_mu);
+    for (const std::uint32_t sid : asked) session.reclaims_unsent.push_back({sid, deadline});
+    session.notices_waiting.store(true, std::memory_order_release);
+  } catch (const std::bad_alloc&) {
+    // Not asked again: the lender keeps them until the session ends.
+  }
+}
+
 bool LenderService::Greet(Session& session, std::uint64_t node_id,
                           const std::array<std::uint8_t, kSecretBytes>* resume, bool forget,
                           std::uint32_t* superpages, std::string* refusal) {
@@ -1051,15 +1092,6 @@ bool LenderService::Greet(Session& session, std::uint64_t node_id,
       sessions_.insert(std::move(node));
       lock.unlock();
       *superpages = pool_.SuperpagesOf(parked);
-      // RECLAIMs it missed while parked are asked again; they go out after the HELLO reply
-      // (SendPendingReclaims), never before it.
-      const std::vector<std::uint32_t> asked = pool_.ReclaimingOf(parked);
-      if (!asked.empty()) {
-        const auto deadline = std::chrono::steady_clock::now() + kResumedReclaimDeadline;
-        std::lock_guard reclaim_lock(session.reclaim_mu);
-        for (const std::uint32_t sid : asked) session.reclaims_unsent.push_back({sid, deadline});
-        session.notices_waiting.store(true, std::memory_order_release);
-      }
       LogError("lender %s: borrower node %016llx resumed its session (%u superpages)",
                endpoint_.ToString().c_str(), static_cast<unsigned long long>(node_id),
                *superpages);

@@ -213,6 +213,9 @@ class LenderService {
   // `secret` name, taking over a live one first. Returns whether it resumed one; sets
   // *superpages to what the session holds. Refuses a new session past max_borrowers
   // (parked ones count) with *refusal set. Called on the session's own thread.
+  // Queues RECLAIM again for the superpages of a resumed session asked back while it was
+  // parked. Called by the session's thread once its HELLO reply has gone out.
+  void AskAgain(Session& session) noexcept;
   // With `forget`, the session `resume` names is freed instead, and a new one begins.
   bool Greet(Session& session, std::uint64_t node_id,
              const std::array<std::uint8_t, kSecretBytes>* resume, bool forget,
@@ -246,6 +249,7 @@ class LenderService {
 
   std::atomic<bool> shutting_down_{false};  // set by Stop() and Drain(): refuse new allocations
   std::atomic<bool> draining_{false};       // set by Drain()
+  std::atomic<std::int64_t> drain_deadline_ns_{0};  // Drain's deadline (steady clock)
   mutable std::mutex mu_;
   std::unordered_map<SessionId, std::shared_ptr<Session>> sessions_;  // guarded by mu_
   std::unordered_map<SessionId, ParkedEntry> parked_;                       // guarded by mu_

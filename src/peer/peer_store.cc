@@ -76,6 +76,14 @@ void PeerStore::ReleaseSlot(Member& peer, std::uint32_t sid, std::uint32_t index
     }
     reclaimed = released == SlotAllocator::Released::kEmptiedReclaimed;
     transport = peer.transport;
+    if (!transport && peer.resuming) {
+      // The session comes back with this superpage: free it then (Refresh sends these).
+      try {
+        peer.frees_pending.push_back(sid);
+      } catch (const std::bad_alloc&) {
+      }
+      return;
+    }
   }
   // The superpage is empty: give it back so the lender's count drops, without waiting for
   // the reply, or for the connection when another thread is sending on it (that send may

@@ -86,7 +86,8 @@ Device::Device(std::string name, std::uint64_t size_bytes, Tiering& tiers,
       tiers_(tiers),
       cache_clean_pages_(cache_clean_pages),
       redundancy_(redundancy.copies == 0 && !redundancy.disk ? Redundancy{} : redundancy),
-      external_table_(true) {
+      external_table_(true),
+      keep_pages_(true) {
   assert(size_bytes > 0 && size_bytes % kPageSize == 0);
   static_assert(sizeof(PageEntry) == 16 && std::atomic<std::uint64_t>::is_always_lock_free);
   auto* entries = static_cast<PageEntry*>(table);

@@ -101,8 +101,11 @@ class Device final : public PageOwner {
   // before the device is used.
   Recovery Recover() noexcept;
   // The page table stays as it is when the device goes (the next process recovers it): the
-  // destructor releases no page's room.
+  // destructor releases no page's room. A device over an external table keeps its pages
+  // unless ReleasePagesOnExit is called (a device detached for good): a daemon that fails
+  // half way through its start must not free what the state it opened names.
   void KeepPagesOnExit() noexcept { keep_pages_ = true; }
+  void ReleasePagesOnExit() noexcept { keep_pages_ = false; }
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
 

@@ -62,7 +62,12 @@ DiskStore::~DiskStore() {
 }
 
 bool DiskStore::Adopt(Slot slot) {
-  const std::uint64_t limit = max_slots_ != 0 ? std::min(max_slots_, kMaxFileSlots) : kMaxFileSlots;
+  std::uint64_t limit = max_slots_ != 0 ? std::min(max_slots_, kMaxFileSlots) : kMaxFileSlots;
+  // A slot past the file's end never held a page (a corrupt table names it).
+  struct stat st {};
+  if (punch_holes_ && fstat(fd_, &st) == 0) {
+    limit = std::min<std::uint64_t>(limit, static_cast<std::uint64_t>(st.st_size) / kPageSize);
+  }
   if (slot >= limit) return false;
   if (adopted_.size() <= slot) adopted_.resize(slot + 1, false);
   if (adopted_[slot]) return false;

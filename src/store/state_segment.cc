@@ -65,6 +65,11 @@ std::unique_ptr<StateSegment> StateSegment::Attach(int id, std::uint64_t data_by
              "; the host restarted, or it was removed)";
     return nullptr;
   }
+  if (info.shm_nattch > 0) {
+    *error = "state segment " + std::to_string(id) + " is in use by another process (pid " +
+             std::to_string(info.shm_lpid) + ": is a daemon still running on this state?)";
+    return nullptr;
+  }
   if (info.shm_segsz != bytes) {
     *error = "state segment " + std::to_string(id) + " has " + std::to_string(info.shm_segsz) +
              " bytes, the state directory says " + std::to_string(bytes) +

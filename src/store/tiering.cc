@@ -498,7 +498,11 @@ bool Tiering::Adopt(Location location) {
     case Tier::kLocal:
       return local_store_->Adopt(location.slot());
     case Tier::kDisk:
-      return disk_store_ != nullptr && disk_store_->Adopt(location.slot());
+      try {
+        return disk_store_ != nullptr && disk_store_->Adopt(location.slot());
+      } catch (const std::bad_alloc&) {
+        return false;
+      }
     case Tier::kRemote:
       return ReferenceRemote(location.slot());
     case Tier::kCached:
@@ -511,7 +515,13 @@ bool Tiering::ReferenceRemote(Slot slot) {
   if (remote_references_ == nullptr || remote_ == nullptr) return false;
   const auto id = static_cast<std::uint32_t>(slot);
   if (slot > UINT32_MAX || id == 0) return false;
-  if (remote_references_->size() <= id) remote_references_->resize(std::size_t{id} + 1, false);
+  if (remote_references_->size() <= id) {
+    try {
+      remote_references_->resize(std::size_t{id} + 1, false);
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+  }
   if ((*remote_references_)[id]) return false;  // named twice
   (*remote_references_)[id] = true;
   return true;
@@ -520,7 +530,11 @@ bool Tiering::ReferenceRemote(Slot slot) {
 bool Tiering::AdoptCopy(Slot copy) {
   if (copy == kNoCopy) return true;
   if (IsRemoteCopy(copy)) return ReferenceRemote(RemoteCopySlot(copy));
-  return disk_store_ != nullptr && disk_store_->Adopt(copy);
+  try {
+    return disk_store_ != nullptr && disk_store_->Adopt(copy);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
 }
 
 void Tiering::FinishAdopt() {

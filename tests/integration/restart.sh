@@ -21,6 +21,18 @@ ml_prefix="restart.sh: "
 # shellcheck source=fio_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/fio_lib.sh" memlend-restart
 command -v ipcs >/dev/null || skip "ipcs (util-linux) is missing"
+# Whatever happens, no segment a state.json here names outlives the test (after lib.sh's
+# cleanup has stopped the daemons).
+remove_segments() {
+  local file id
+  for file in "$workdir"/*/state.json "$workdir"/state.json.good; do
+    [[ -e $file ]] || continue
+    for id in $(python3 -c "import json,sys; s = json.load(open(sys.argv[1])); print(' '.join(str(i) for i in [s.get('arena_segment_id', -1)] + [d['segment_id'] for d in s.get('devices', []) + s.get('attached', [])] + s.get('placement_chunks', [])))" "$file" 2>/dev/null); do
+      ipcrm -m "$id" 2>/dev/null || true
+    done
+  done
+}
+trap 'remove_segments; ml_cleanup' EXIT
 
 socket=$workdir/nbd.sock
 state=$workdir/state

@@ -101,7 +101,9 @@ TEST_CASE("pages in the local store and on disk are read back after a restart") 
       REQUIRE(counts.disk > 0);
       first.Die();
     }
-    // The next process: the same segments, attached by id.
+    // The next process: the same segments, attached by id once this one let go.
+    arena.reset();
+    table.reset();
     std::string error;
     arena = StateSegment::Attach(made.ids[0], LocalStore::ArenaBytes(kLocalBytes), kInstance,
                                  false, &error);
@@ -143,18 +145,21 @@ TEST_CASE("a state segment is attached only with its instance and size") {
   auto segment = StateSegment::Create(8192, kInstance, false);
   made.ids = {segment->id()};
   std::memset(segment->data(), 0x77, 8192);
+  const int id = segment->id();
   std::string error;
-  CHECK_FALSE(StateSegment::Attach(segment->id(), 8192, kInstance + 1, false, &error));
+  // While a process has it attached, nobody else takes it.
+  CHECK_FALSE(StateSegment::Attach(id, 8192, kInstance, false, &error));
+  CHECK(error.find("in use") != std::string::npos);
+  segment.reset();
+  CHECK_FALSE(StateSegment::Attach(id, 8192, kInstance + 1, false, &error));
   CHECK(error.find("not the one") != std::string::npos);
-  CHECK_FALSE(StateSegment::Attach(segment->id(), 4096, kInstance, false, &error));
+  CHECK_FALSE(StateSegment::Attach(id, 4096, kInstance, false, &error));
   CHECK(error.find("bytes") != std::string::npos);
-  auto again = StateSegment::Attach(segment->id(), 8192, kInstance, false, &error);
+  auto again = StateSegment::Attach(id, 8192, kInstance, false, &error);
   REQUIRE_MESSAGE(again, error);
   CHECK(again->data()[8191] == std::byte{0x77});
   // Removed, it goes once the last process lets go.
-  const int id = segment->id();
-  segment->Remove();
-  segment.reset();
+  again->Remove();
   again.reset();
   CHECK_FALSE(StateSegment::Attach(id, 8192, kInstance, false, &error));
   CHECK(error.find("gone") != std::string::npos);
@@ -177,6 +182,13 @@ TEST_CASE("recovery refuses room named twice or out of range") {
   CHECK(next != slot);
 
   TempDir dir;
+  {
+    DiskStore sized(dir.File("backing"), 0);  // a file of 8 pages, as an earlier process left
+    for (int i = 0; i < 8; ++i) {
+      Slot written = 0;
+      REQUIRE(sized.Write(ConstPageSpan(page.data(), kPageSize), 0, &written) == 0);
+    }
+  }
   DiskStore disk(dir.File("backing"), 8 * kPageSize, false, /*keep=*/true);
   CHECK(disk.Adopt(5));
   CHECK_FALSE(disk.Adopt(5));
