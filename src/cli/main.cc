@@ -433,6 +433,9 @@ int main(int argc, char** argv) {
                      "leaves them in --state-dir for the next daemon, and ublk devices "
                      "attached to the kernel waiting for it (an upgrade)")
       ->type_name("keep|detach");
+  daemon->add_flag("--keep-devices", daemon_args.keep_devices,
+                   "The same as --on-exit keep: a SIGTERM (an upgrade) leaves the pages and the "
+                   "attached devices for the next daemon on --state-dir");
   daemon->add_flag("--backing-direct", daemon_args.backing_direct,
                    "Write the backing file with O_DIRECT, bypassing the page cache: slower, "
                    "but spilling pages then needs no page-cache memory, which a swap device "
@@ -553,8 +556,8 @@ int main(int argc, char** argv) {
       "attach", "Create a device in the running daemon and attach it as a block device; prints "
                 "its path (e.g. /dev/nbd0). With the daemon's --state-dir, a ublk device outlives "
                 "the daemon: the next one started on that directory takes it over (kill -9, "
-                "--on-exit keep). Devices on the kernel's NBD client or FUSE do not: their "
-                "kernel side ends with the daemon's socket");
+                "--on-exit keep), as does one on the kernel's NBD client (for up to 120 s: "
+                "the next daemon hands the kernel a new socket). FUSE devices do not");
   attach->add_option("NAME", attach_name, "The device's name (letters, digits, '.', '_', '-')")
       ->required();
   attach->add_option("--size", attach_size,

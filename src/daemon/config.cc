@@ -293,6 +293,7 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
           {!args.backing_file.empty(), "--backing-file"},
           {!args.state_dir.empty(), "--state-dir"},
           {!args.on_exit.empty(), "--on-exit"},
+          {args.keep_devices, "--keep-devices"},
           {!args.max_connections.empty(), "--max-connections"},
           {!args.socket_mode.empty(), "--socket-mode"},
           {!args.socket_group.empty(), "--socket-group"}}) {
@@ -395,7 +396,11 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
     *error = "--on-exit " + Quote(args.on_exit) + ": expected keep or detach";
     return false;
   }
-  config->keep_state_on_exit = args.on_exit == "keep";
+  if (args.keep_devices && args.on_exit == "detach") {
+    *error = "--keep-devices and --on-exit detach contradict each other";
+    return false;
+  }
+  config->keep_state_on_exit = args.on_exit == "keep" || args.keep_devices;
   if (config->keep_state_on_exit && config->state_dir.empty()) {
     *error = "--on-exit keep needs --state-dir DIR, where the next daemon finds the pages";
     return false;

@@ -95,6 +95,7 @@ struct DaemonArgs {
   bool backing_direct = false;
   std::string state_dir;
   std::string on_exit;          // keep | detach; empty: detach
+  bool keep_devices = false;    // --keep-devices: the same as --on-exit keep
   std::string compress = "none";
   std::string control;
   std::uint32_t busy_poll_us = 50;

@@ -71,6 +71,9 @@ std::optional<peer::SessionSecret> SecretFromHex(const std::string& text) {
   return secret;
 }
 
+// How long the kernel's NBD client keeps a device whose daemon ended, for the next one.
+constexpr unsigned kNbdKeepSeconds = 120;
+
 std::uint64_t RealtimeNs() {
   timespec now{};
   ::clock_gettime(CLOCK_REALTIME, &now);
@@ -466,7 +469,7 @@ void Daemon::Stop() {
     std::lock_guard lock(frontends_mu_);
     for (auto it = attach_order_.begin(); it != attach_order_.end();) {
       std::unique_ptr<BlockFrontend>& frontend = frontends_[*it];
-      if (frontend && frontend->kind() == "ublk") {
+      if (frontend && (frontend->kind() == "ublk" || frontend->kind() == "nbd")) {
         LogError("leaving %s (%s) for the next daemon", it->c_str(), frontend->path().c_str());
         frontend.release();  // NOLINT(bugprone-unused-return-value): left on purpose
         frontends_.erase(*it);
@@ -942,6 +945,9 @@ std::unique_ptr<BlockFrontend> Daemon::CreateFrontend(const std::string& kind,
     NbdKernelOptions options;
     options.busy_poll = std::chrono::microseconds(config_.busy_poll_us);
     options.realtime = config_.lock_memory;  // a swap-safe daemon: see docs/attach.md
+    // With a state directory the device outlives this process (docs/restart.md).
+    options.keep_for_s = state_.has_value() ? kNbdKeepSeconds : 0;
+    options.reconnect_index = recover_dev_id;
     return AttachNbdKernel(std::move(device), options);
   }
   FuseOptions options;
@@ -1030,10 +1036,11 @@ nlohmann::json Daemon::Attach(const AttachRequest& request) {
     throw std::runtime_error(reasons);
   }
   if (segment) {
-    if (frontend->kind() == "ublk") {
-      const std::string& path = frontend->path();  // /dev/ublkbN
+    if (frontend->kind() == "ublk" || frontend->kind() == "nbd") {
+      const std::string& path = frontend->path();  // /dev/ublkbN, /dev/nbdN
       std::lock_guard lock(state_mu_);
       state_->attached.push_back({name, size_bytes, redundancy.copies, redundancy.disk,
+                                  std::string(frontend->kind()),
                                   std::atoi(path.c_str() + path.find_first_of("0123456789")),
                                   segment->id()});
       try {
@@ -1044,7 +1051,7 @@ nlohmann::json Daemon::Attach(const AttachRequest& request) {
         segment->Remove();
       }
     } else {
-      segment->Remove();  // only ublk devices are taken over by the next daemon
+      segment->Remove();  // FUSE devices are not taken over by the next daemon
     }
     // A device of that name detached earlier may still use its segment (an NBD connection
     // held it): keep that one mapped until the process ends.
@@ -1206,7 +1213,7 @@ void Daemon::PersistPlacements(const std::optional<SavedState>& saved) {
 void Daemon::RecoverAttached() {
   for (auto& [saved, device] : to_recover_) {
     std::unique_ptr<BlockFrontend> frontend =
-        CreateFrontend("ublk", device, /*queues=*/0, saved.ublk_dev_id);
+        CreateFrontend(saved.frontend, device, /*queues=*/0, saved.ublk_dev_id);
     LogError("took over %s as %s", saved.name.c_str(), frontend->path().c_str());
     std::lock_guard lock(frontends_mu_);
     frontends_[saved.name] = std::move(frontend);

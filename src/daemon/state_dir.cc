@@ -79,6 +79,7 @@ std::optional<SavedState> LoadState(const std::string& dir) {
                                   device.at("size_bytes").get<std::uint64_t>(),
                                   device.at("copies").get<unsigned>(),
                                   device.at("disk").get<bool>(),
+                                  device.value("frontend", std::string("ublk")),
                                   device.at("ublk_dev_id").get<int>(),
                                   device.at("segment_id").get<int>()});
       }
@@ -107,6 +108,7 @@ void SaveState(const std::string& dir, const SavedState& state) {
                         {"size_bytes", device.size_bytes},
                         {"copies", device.copies},
                         {"disk", device.disk},
+                        {"frontend", device.frontend},
                         {"ublk_dev_id", device.ublk_dev_id},
                         {"segment_id", device.segment_id}});
   }

@@ -23,7 +23,8 @@ struct SavedAttached {
   std::uint64_t size_bytes = 0;
   unsigned copies = 0;   // its redundancy
   bool disk = false;
-  int ublk_dev_id = -1;  // N of /dev/ublkbN
+  std::string frontend = "ublk";  // ublk | nbd
+  int ublk_dev_id = -1;  // N of /dev/ublkbN, or of /dev/nbdN
   int segment_id = -1;   // of the segment holding its page table
 };
 

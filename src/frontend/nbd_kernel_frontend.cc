@@ -68,10 +68,18 @@ class NbdKernelFrontend final : public BlockFrontend {
   std::string_view kind() const override { return "nbd"; }
   const std::string& path() const override { return path_; }
 
-  // Hands the kernel its end of the socket pair. Returns 0 or -errno.
-  int Connect(nbd_netlink::NbdNetlink& netlink, const nbd_netlink::ConnectSpec& spec) {
+  // Hands the kernel its end of the socket pair: a new device, or (reconnect >= 0) the one
+  // an ended daemon left. Returns 0 or -errno.
+  int Connect(nbd_netlink::NbdNetlink& netlink, const nbd_netlink::ConnectSpec& spec,
+              int reconnect) {
     std::uint32_t index = 0;
-    const int ret = netlink.Connect(spec, &index);
+    int ret = 0;
+    if (reconnect >= 0) {
+      index = static_cast<std::uint32_t>(reconnect);
+      ret = netlink.Reconfigure(index, spec.socket_fd, spec.backend);
+    } else {
+      ret = netlink.Connect(spec, &index);
+    }
     if (ret < 0) return ret;
     index_ = index;
     path_ = DevicePath(index);
@@ -173,11 +181,17 @@ std::unique_ptr<BlockFrontend> AttachNbdKernel(std::shared_ptr<Device> device,
   spec.block_size_bytes = kBlockSize;
   spec.server_flags = kTransmissionFlags;
   spec.timeout_s = options.timeout_s;
+  spec.dead_conn_timeout_s = options.keep_for_s;
   spec.socket_fd = kernel_end.get();
   spec.backend = "memlend:" + device->name();
   auto frontend = std::make_unique<NbdKernelFrontend>(device, UniqueFd(pair[1]), options);
   // The kernel holds its own reference to its end once connected; ours closes on return.
-  if (const int ret = frontend->Connect(netlink, spec); ret < 0) {
+  if (const int ret = frontend->Connect(netlink, spec, options.reconnect_index); ret < 0) {
+    if (options.reconnect_index >= 0) {
+      throw std::runtime_error("nbd: cannot reconnect /dev/nbd" +
+                               std::to_string(options.reconnect_index) + ": " +
+                               std::strerror(-ret) + " (its kernel side gave up waiting?)");
+    }
     if (ret == -EPERM || ret == -EACCES) {
       throw std::runtime_error("nbd: the kernel refused to connect a device: " +
                                std::string(std::strerror(-ret)) +

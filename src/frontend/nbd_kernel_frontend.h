@@ -25,6 +25,13 @@ struct NbdKernelOptions {
   // Serve the kernel's requests under SCHED_FIFO (see nbd::RunTransmission): the replies then
   // get socket buffers even when the whole system is out of memory and waiting for swap.
   bool realtime = false;
+  // Let the device outlive this process (docs/restart.md): the kernel keeps it, and the
+  // requests it holds, this long after the socket dies, for the next daemon to reconnect
+  // (NBD_ATTR_DEAD_CONN_TIMEOUT); 0: the device fails with its daemon.
+  unsigned keep_for_s = 0;
+  // Reconnect /dev/nbd<reconnect_index>, left by a daemon that ended, instead of connecting
+  // a free device; -1: connect a new one.
+  int reconnect_index = -1;
 };
 
 // Returns "" when the kernel NBD client can be used (its netlink family exists, after trying

@@ -126,6 +126,9 @@ std::vector<std::byte> EncodeConnect(std::uint32_t seq, std::uint16_t family,
   message.PutU64(NBD_ATTR_BLOCK_SIZE_BYTES, spec.block_size_bytes);
   message.PutU64(NBD_ATTR_SERVER_FLAGS, spec.server_flags);
   if (spec.timeout_s != 0) message.PutU64(NBD_ATTR_TIMEOUT, spec.timeout_s);
+  if (spec.dead_conn_timeout_s != 0) {
+    message.PutU64(NBD_ATTR_DEAD_CONN_TIMEOUT, spec.dead_conn_timeout_s);
+  }
   if (!spec.backend.empty()) message.PutString(NBD_ATTR_BACKEND_IDENTIFIER, spec.backend);
   const std::size_t sockets = message.BeginNest(NBD_ATTR_SOCKETS);
   const std::size_t item = message.BeginNest(NBD_SOCK_ITEM);
@@ -139,6 +142,20 @@ std::vector<std::byte> EncodeDisconnect(std::uint32_t seq, std::uint16_t family,
                                         std::uint32_t index) {
   MessageBuilder message(family, seq, NBD_CMD_DISCONNECT);
   message.PutU32(NBD_ATTR_INDEX, index);
+  return message.Finish();
+}
+
+std::vector<std::byte> EncodeReconfigure(std::uint32_t seq, std::uint16_t family,
+                                         std::uint32_t index, int socket_fd,
+                                         const std::string& backend) {
+  MessageBuilder message(family, seq, NBD_CMD_RECONFIGURE);
+  message.PutU32(NBD_ATTR_INDEX, index);
+  if (!backend.empty()) message.PutString(NBD_ATTR_BACKEND_IDENTIFIER, backend);
+  const std::size_t sockets = message.BeginNest(NBD_ATTR_SOCKETS);
+  const std::size_t item = message.BeginNest(NBD_SOCK_ITEM);
+  message.PutU32(NBD_SOCK_FD, static_cast<std::uint32_t>(socket_fd));
+  message.EndNest(item);
+  message.EndNest(sockets);
   return message.Finish();
 }
 
@@ -209,6 +226,13 @@ int NbdNetlink::Disconnect(std::uint32_t index) {
   const std::uint32_t seq = seq_++;
   Reply reply;
   return Transact(EncodeDisconnect(seq, family_, index), seq, NBD_ATTR_INDEX, &reply);
+}
+
+int NbdNetlink::Reconfigure(std::uint32_t index, int socket_fd, const std::string& backend) {
+  const std::uint32_t seq = seq_++;
+  Reply reply;
+  return Transact(EncodeReconfigure(seq, family_, index, socket_fd, backend), seq,
+                  NBD_ATTR_INDEX, &reply);
 }
 
 int NbdNetlink::Transact(const std::vector<std::byte>& message, std::uint32_t seq,

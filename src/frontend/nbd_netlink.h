@@ -27,6 +27,9 @@ struct ConnectSpec {
   std::uint64_t block_size_bytes = 4096;
   std::uint64_t server_flags = 0;  // NBD_FLAG_* transmission flags
   std::uint64_t timeout_s = 0;     // a request unanswered this long fails; 0: the kernel's
+  // How long the kernel keeps the device and its requests after the socket dies, waiting for
+  // a new one (NBD_CMD_RECONFIGURE); 0: the device fails at once.
+  std::uint64_t dead_conn_timeout_s = 0;
   int socket_fd = -1;              // the kernel's end; the kernel takes its own reference
   std::string backend;             // shown in /sys/block/nbdN/backend; may be empty
 };
@@ -37,6 +40,11 @@ std::vector<std::byte> EncodeConnect(std::uint32_t seq, std::uint16_t family,
                                      const ConnectSpec& spec);
 std::vector<std::byte> EncodeDisconnect(std::uint32_t seq, std::uint16_t family,
                                         std::uint32_t index);
+// NBD_CMD_RECONFIGURE of /dev/nbd`index` with a new socket (a server that took over); the
+// kernel wants the backend identifier the device was connected with, if it had one.
+std::vector<std::byte> EncodeReconfigure(std::uint32_t seq, std::uint16_t family,
+                                         std::uint32_t index, int socket_fd,
+                                         const std::string& backend);
 
 // What the kernel's replies said about one request.
 struct Reply {
@@ -67,6 +75,10 @@ class NbdNetlink {
   // Asks the kernel to disconnect /dev/nbd`index`: it sends NBD_CMD_DISC down the socket and
   // shuts it down; the device is released once its last opener closes it. Returns 0 or -errno.
   int Disconnect(std::uint32_t index);
+
+  // Gives /dev/nbd`index`, whose socket died, the new socket `socket_fd`: the requests it
+  // kept go there. Returns 0 or -errno.
+  int Reconfigure(std::uint32_t index, int socket_fd, const std::string& backend);
 
  private:
   // Sends `message` and reads replies until the kernel acknowledges request `seq`.

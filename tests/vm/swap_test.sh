@@ -17,9 +17,10 @@
 #   restart   as cgroup, the borrower with --state-dir and --redundancy none (each remote page's
 #             only copy is on the lender); once the pattern is written, and before it is read
 #             back, the borrower is killed with SIGKILL and started again on the same state
-#             directory: it takes the ublk device over and resumes its session with the lender;
+#             directory: it takes the device over (ublk user recovery, or the kernel NBD
+#             client's reconfigure with a new socket) and resumes its session with the lender;
 #             the pattern must read back intact, status must count no lost page, and no task may
-#             hang (the harness fails the run on one). ublk only.
+#             hang (the harness fails the run on one).
 #   pressure  boot with little RAM (tests/vm/run --mem 512 --disk 1024): a lender of 64 MiB and
 #             a borrower whose backing file is the guest's disk itself; no cgroup: memory_pattern
 #             allocates twice the guest's RAM, so the whole system, the daemons included, is
@@ -66,7 +67,6 @@ case $mode in
     swap_size=256M
     ;;
   restart)
-    [[ $frontend == ublk ]] || fail "restart mode is for ublk (the kernel NBD client's device ends with its daemon)"
     lend=256M
     swap_size=256M
     backing=(--state-dir "$workdir/state" --redundancy none)
