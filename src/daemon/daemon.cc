@@ -25,6 +25,7 @@
 #include <variant>
 
 #include "common/log.h"
+#include "common/realtime.h"
 #include "common/size.h"
 #include "common/thread_name.h"
 #include "frontend/fuse_frontend.h"
@@ -621,6 +622,11 @@ void Daemon::Run() {
   if (peers_) {
     refresher_ = std::thread([this] {
       SetThreadName("ml-refresh");
+      // Its heartbeats and frees share the peers' sockets with the requests a swapping host
+      // waits for: a send that reclaims memory with the socket locked holds them all up (seen
+      // under whole-system memory pressure in the VM: 20 s). As the serving threads do, it may
+      // then allocate a little below the min watermark (common/realtime.h).
+      if (locks_memory_) UseRealtimeScheduling();
       RefreshLoop();
     });
   }
