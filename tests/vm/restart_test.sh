@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # restart_test.sh MEMLEND — runs in the VM (tests/vm/run): a ublk device outlives its daemon
-# (docs/restart.md). The daemon runs with --state-dir, a small local store and a backing file,
-# so pages are both in RAM and on disk; `memlend attach --frontend ublk` makes /dev/ublkbN.
+# (docs/restart.md). The daemon runs with --state-dir, a small local store, a small lender
+# (one copy per page) and a backing file, so pages are in RAM, on the lender and on disk;
+# `memlend attach --frontend ublk` makes /dev/ublkbN.
 #   1. fio (io_uring, O_DIRECT, randwrite then verify with crc32c) runs on the device; 2 s in,
 #      the daemon is killed with -9 and started again on the same state directory: it takes
 #      the device over (user recovery), the requests the kernel kept are reissued, and fio
@@ -20,8 +21,13 @@ command -v fio >/dev/null || fail "fio is missing in the guest"
 vm_require_module ublk_drv
 vm_wait_path /dev/ublk-control || fail "no /dev/ublk-control"
 
+# Pages in three places: a 16 MiB local store, a lender of 32 MiB (one copy each), and the
+# backing file for what neither holds.
+port=$(free_port)
+start_daemon lender --lend 32M --listen "127.0.0.1:$port"
 state=$workdir/state
-args=(--local-store 16M --backing-file "$workdir/backing.img" --state-dir "$state")
+args=(--local-store 16M --backing-file "$workdir/backing.img" --peer "127.0.0.1:$port"
+  --redundancy none --state-dir "$state")
 start_daemon borrower "${args[@]}"
 control=$workdir/borrower.control
 attach_began=$(date +%s.%N)
@@ -116,7 +122,7 @@ wait "${ml_pids[borrower]}" 2>/dev/null || true
 unset "ml_pids[borrower]"
 echo "  the daemon was gone $(python3 -c "import sys,time; print(int((time.time() - float(sys.argv[1])) * 1000))" "$killed_at") ms after kill -9"
 start_daemon borrower2 "${args[@]}" --on-exit keep
-grep -E 'recover|took over|taken over' "$workdir/borrower2.stderr" | sed 's/^/  borrower2: /'
+grep -E 'recover|took over|taken over|resumed' "$workdir/borrower2.stderr" | sed 's/^/  borrower2: /'
 probe_report crash "$killed_at"
 wait "$fio_pid" || { cat "$workdir/crash.json"; fail "fio failed across kill -9 and restart"; }
 check_fio crash latency || fail "fio reported an error across the restart"
@@ -146,6 +152,8 @@ echo "  $dev was there throughout"
 line=$("$memlend" status --control "$workdir/borrower3.control" | grep '^state:')
 echo "  $line"
 [[ $line == *"taken over 2 time(s)"* ]] || fail "status does not count the two restarts: $line"
+lost=$("$memlend" status --json --control "$workdir/borrower3.control" | python3 -c "import json,sys; print(json.load(sys.stdin)['remote_store']['lost_pages'])")
+[[ $lost == 0 ]] || fail "$lost pages were lost across the restarts"
 "$memlend" detach d0 --control "$workdir/borrower3.control" >/dev/null || fail "detach failed"
 stop_daemon borrower3
 [[ ! -e $state/state.json ]] || fail "state.json is still there after a stop"
@@ -158,7 +166,7 @@ orphan=$("$memlend" attach d1 --size 16M --frontend ublk --control "$workdir/los
 kill -KILL "${ml_pids[lost]}"
 wait "${ml_pids[lost]}" 2>/dev/null || true
 unset "ml_pids[lost]"
-read -r -a ids <<<"$(python3 -c "import json,sys; s = json.load(open(sys.argv[1])); print(' '.join(str(i) for i in [s['arena_segment_id']] + [d['segment_id'] for d in s['attached']]))" "$state/state.json")"
+read -r -a ids <<<"$(python3 -c "import json,sys; s = json.load(open(sys.argv[1])); print(' '.join(str(i) for i in [s['arena_segment_id']] + [d['segment_id'] for d in s['attached']] + s.get('placement_chunks', [])))" "$state/state.json")"
 echo '{"version": 1}' >"$state/state.json"
 if "$memlend" daemon "${args[@]}" --control "$workdir/bad.control" 2>"$workdir/bad.stderr"; then
   fail "a daemon started on a corrupt state.json"
@@ -175,4 +183,5 @@ vm_wait_path_gone() { for _ in $(seq 50); do [[ -e $1 ]] || return 0; sleep 0.1;
 vm_wait_path_gone "$orphan" || fail "$orphan is still there after memlend detach"
 echo "  memlend detach ${orphan#/dev/} removed $orphan, which no daemon served"
 stop_daemon fresh
+stop_daemon lender
 echo "PASS: a ublk device survived kill -9 and an upgrade restart with fio verifying"
