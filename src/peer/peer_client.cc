@@ -603,7 +603,7 @@ int PeerClient::SendNoReply(MessageType type, std::span<const std::byte> body,
   assert(body.size() <= 16);
   EncodeHeader(type, false, 0, Status::kOk, 0, static_cast<std::uint32_t>(body.size()),
                std::span<std::byte, sizeof(Header)>(wire, sizeof(Header)));
-  std::memcpy(wire + sizeof(Header), body.data(), body.size());
+  if (!body.empty()) std::memcpy(wire + sizeof(Header), body.data(), body.size());  // GOODBYE: none
   iovec part{wire, sizeof(Header) + body.size()};
   std::unique_lock lock(send_mu_, std::defer_lock);
   if (wait_to_send) {
