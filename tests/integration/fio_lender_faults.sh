@@ -70,18 +70,6 @@ wait_for() {
   fail "$what did not happen within $seconds s; borrower status: $(status_json borrower)"
 }
 
-# The workload: fio runs back to back until $workdir/stop exists, each writing and verifying;
-# a run that fails is recorded in $workdir/fio_failed.
-fio_loop() {
-  local n=0
-  while [[ ! -e $workdir/stop ]]; do
-    n=$((n + 1))
-    if ! run_fio "run$n" || ! check_fio_clean "run$n" >/dev/null; then
-      echo "run$n" >>"$workdir/fio_failed"
-    fi
-  done
-  echo "$n" >"$workdir/fio_runs"
-}
 start_fio() {
   rm -f "$workdir/stop" "$workdir/fio_failed" "$workdir/fio_runs"
   fio_loop &

@@ -88,3 +88,17 @@ expect_verify_failure() {
   grep -q '^verify:' "$workdir/control.stderr" ||
     fail "fio failed on an empty device, but not with verify errors: $(head -n 5 "$workdir/control.stderr")"
 }
+
+# fio_loop: runs fio on $workdir/verify.fio back to back (run1, run2, ...) until $workdir/stop
+# exists, each writing and verifying; a run that fails is named in $workdir/fio_failed, and the
+# number of runs goes to $workdir/fio_runs at the end. Run it in the background.
+fio_loop() {
+  local n=0
+  while [[ ! -e $workdir/stop ]]; do
+    n=$((n + 1))
+    if ! run_fio "run$n" || ! check_fio_clean "run$n" >/dev/null; then
+      echo "run$n" >>"$workdir/fio_failed"
+    fi
+  done
+  echo "$n" >"$workdir/fio_runs"
+}

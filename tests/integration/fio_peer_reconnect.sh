@@ -60,17 +60,6 @@ wait_for() {
   fail "$what did not happen within $seconds s; $name status: $(status_json "$name")"
 }
 
-fio_loop() {
-  local n=0
-  while [[ ! -e $workdir/stop ]]; do
-    n=$((n + 1))
-    if ! run_fio "run$n" || ! check_fio_clean "run$n" >/dev/null; then
-      echo "run$n" >>"$workdir/fio_failed"
-    fi
-  done
-  echo "$n" >"$workdir/fio_runs"
-}
-
 fio_loop &
 fio_loop_pid=$!
 wait_for 60 "pages reaching both lenders" borrower "all(p['pages_stored'] > 500 for p in s['peers'])"

@@ -44,6 +44,14 @@ std::vector<Slot> CachePages(PageStore& cache, std::uint64_t first, std::size_t 
   return slots;
 }
 
+// Breaks the store's link to its first peer from this end (the lender sees the connection
+// end) and waits until the transport knows it.
+void BreakLink(PeerStore& store) {
+  const std::shared_ptr<PeerTransport> broken = store.members().TransportOf(store.members().at(0));
+  broken->Hangup();
+  REQUIRE(Eventually([&] { return !broken->connected(); }));
+}
+
 TEST_SUITE("peer_store") {
 
 TEST_CASE("passive pages and cached pages round-trip; discards show on the lender") {
@@ -243,9 +251,7 @@ TEST_CASE("a broken connection is resumed: the pages on the lender are still the
   REQUIRE(store.Peers().at(0).superpages_held == 2);
   // The link breaks (this end closes it; the lender sees the connection end and parks the
   // session), and the next heartbeats resume it.
-  const std::shared_ptr<PeerTransport> broken = store.members().TransportOf(store.members().at(0));
-  broken->Hangup();
-  REQUIRE(Eventually([&] { return !broken->connected(); }));
+  BreakLink(store);
   CHECK(Eventually([&] {
     store.Heartbeat();
     return store.Peers().at(0).state == PeerState::kUp;
@@ -277,9 +283,7 @@ TEST_CASE("a lender that keeps nothing after a disconnect: the pages there are l
   Slot slot = 0;
   const std::vector<std::byte> page = PageOf(5);
   REQUIRE(store.Write(ConstPageSpan(page.data(), kPageSize), 5, &slot) == 0);
-  const std::shared_ptr<PeerTransport> broken = store.members().TransportOf(store.members().at(0));
-  broken->Hangup();
-  REQUIRE(Eventually([&] { return !broken->connected(); }));
+  BreakLink(store);
   CHECK(Eventually([&] {
     store.Heartbeat();
     return store.Peers().at(0).pages_lost == 1;
@@ -303,9 +307,7 @@ TEST_CASE("a lender whose process is gone is not waited for") {
   REQUIRE(store.Write(ConstPageSpan(page.data(), kPageSize), 5, &slot) == 0);
   // The link broke before the lender left, so no SHUTDOWN came; then nothing listens there:
   // the connect is refused, and the session is known to be lost at once.
-  const std::shared_ptr<PeerTransport> broken = store.members().TransportOf(store.members().at(0));
-  broken->Hangup();
-  REQUIRE(Eventually([&] { return !broken->connected(); }));
+  BreakLink(store);
   lender.reset();
   CHECK(Eventually([&] {
     store.Heartbeat();
