@@ -57,15 +57,15 @@ class PageStore {
 
   // Replaces the contents of live `slot` with `page`. On success returns 0 and sets
   // *placed to the slot that now holds the page: `slot` itself when the store could
-  // rewrite it in place, else a new slot (and `slot` has been released). On -ENOSPC
-  // `slot` keeps its old contents; after a medium error (-EIO) an in-place rewrite may
-  // have left them damaged. The default writes a new slot and then discards the old one;
-  // stores that can overwrite in place do better.
+  // rewrite it in place, else a new slot, and then `slot` stays live with its old
+  // contents: the caller discards it once nothing names it any more. On -ENOSPC `slot`
+  // keeps its old contents; after a medium error (-EIO) an in-place rewrite may have left
+  // them damaged. The default writes a new slot; stores that can overwrite in place do
+  // better.
   // REQUIRES: as for Discard.
-  virtual int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept {
-    const int rc = Write(page, hint, placed);
-    if (rc == 0) Discard(slot);
-    return rc;
+  virtual int Rewrite(Slot /*slot*/, ConstPageSpan page, std::uint64_t hint,
+                      Slot* placed) noexcept {
+    return Write(page, hint, placed);
   }
 
   // Copies the page held in `slot` into `out`. Returns 0, or -errno if the medium failed.

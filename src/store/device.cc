@@ -213,10 +213,10 @@ void Device::SetLocation(std::uint64_t page, PageEntry* entry, Location from, Lo
 void Device::ReleaseAndSet(std::uint64_t page, PageEntry* entry, Location to,
                            Slot copy) noexcept {
   const Location old = Location::FromBits(entry->where.load(std::memory_order_relaxed));
+  const Slot old_copy = entry->disk_copy;
   NoteUnreadPrefetch(old);
-  tiers_.Release(old);
-  tiers_.ReleaseCopy(entry->disk_copy);
   SetLocation(page, entry, old, to, copy);
+  tiers_.ReleaseReplaced(old, old_copy, to, copy);
 }
 
 void Device::NoteUnreadPrefetch(Location where) noexcept {
@@ -225,28 +225,30 @@ void Device::NoteUnreadPrefetch(Location where) noexcept {
 
 bool Device::DropLocalCopy(std::uint64_t page, PageEntry* entry, Location where) noexcept {
   assert(where.tier() == Tier::kLocal && IsRemoteCopy(entry->disk_copy));
-  const Slot remote = RemoteCopySlot(entry->disk_copy);
+  const Slot copy = entry->disk_copy;
+  const Slot remote = RemoteCopySlot(copy);
   if (!tiers_.RemoteHolds(remote)) {
     // Its lenders are gone: the copy in RAM is the page now.
-    tiers_.ReleaseCopy(entry->disk_copy);
     SetLocation(page, entry, where, where.WithPrefetched(false));
+    tiers_.ReleaseCopy(copy);
     return false;
   }
-  tiers_.Release(where);
   SetLocation(page, entry, where, Location(Tier::kRemote, remote));
+  tiers_.Release(where);
   return true;
 }
 
 void Device::MakeDirty(std::uint64_t page, PageEntry* entry) noexcept {
   if (entry == nullptr || entry->disk_copy == kNoCopy) return;
   const Location where = Location::FromBits(entry->where.load(std::memory_order_relaxed));
+  const Slot copy = entry->disk_copy;
   if (where.tier() == Tier::kCached) {
+    SetLocation(page, entry, where, Location(Tier::kDisk, copy));
     tiers_.Release(where);  // the cache entry; the disk copy is now the page
-    SetLocation(page, entry, where, Location(Tier::kDisk, entry->disk_copy));
   } else {
     NoteUnreadPrefetch(where);
-    tiers_.ReleaseCopy(entry->disk_copy);
     SetLocation(page, entry, where, where.WithPrefetched(false));
+    tiers_.ReleaseCopy(copy);
   }
 }
 
@@ -271,13 +273,42 @@ int Device::StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept
     return 0;
   }
   Location placed;
-  const int rc = tiers_.Store(contents, page, old, &placed, redundancy_);
-  if (rc == 0 && placed.tier() == Tier::kRemote) {
+  int rc = tiers_.Store(contents, page, old, &placed, redundancy_);
+  if (rc == 0) {
+    PlacedLocked(page, entry, old, placed);
+    return 0;
+  }
+  if (rc != -ENOSPC || old.tier() != Tier::kLocal) return rc;
+  // Every tier is full, and the new contents need a chunk of another size than the page
+  // holds: its own room has to go first. The entry lets go of it before it is freed, so
+  // that a crash in between leaves this page (whose write was not acknowledged) reading
+  // zeros rather than two entries naming one chunk. If no room comes of it, the old
+  // contents go back.
+  alignas(64) std::byte saved[kPageSize];
+  if (tiers_.Load(old, PageSpan(saved)) != 0) return rc;
+  SetLocation(page, entry, old, Location());
+  tiers_.Release(old);
+  rc = tiers_.Store(contents, page, Location(), &placed, redundancy_);
+  if (rc == 0) {
+    PlacedLocked(page, entry, Location(), placed);
+    return 0;
+  }
+  if (tiers_.Store(ConstPageSpan(saved), page, Location(), &placed, redundancy_) == 0) {
+    PlacedLocked(page, entry, Location(), placed);
+  }
+  // else the freed room went to a concurrent writer: the page cannot be kept, and reads
+  // as zeros (an unmapped page).
+  return rc;
+}
+
+void Device::PlacedLocked(std::uint64_t page, PageEntry* entry, Location old,
+                          Location placed) noexcept {
+  if (placed.tier() == Tier::kRemote) {
     Count(io_.remote_writes);
     Count(io_.remote_write_trips);
   }
-  SetLocation(page, entry, old, rc == 0 ? placed.WithReferenced(true) : placed);
-  return rc;
+  SetLocation(page, entry, old, placed.WithReferenced(true));
+  tiers_.ReleaseReplaced(old, kNoCopy, placed, kNoCopy);
 }
 
 int Device::Read(std::uint64_t offset, std::span<std::byte> out) noexcept {
@@ -339,9 +370,11 @@ void Device::FinishRead(std::uint64_t page, PageEntry* entry, Location where,
       where.tier() == Tier::kCached) {
     Location promoted;
     Slot disk_copy = kNoCopy;
-    if (tiers_.MaybePromote(ConstPageSpan(contents, kPageSize), page, where, entry->disk_copy,
+    const Slot old_copy = entry->disk_copy;
+    if (tiers_.MaybePromote(ConstPageSpan(contents, kPageSize), page, where, old_copy,
                             &promoted, &disk_copy)) {
       SetLocation(page, entry, where, promoted, disk_copy);
+      tiers_.ReleaseReplaced(where, old_copy, promoted, disk_copy);
       Count(io_.promotions);
     }
   }
@@ -896,10 +929,10 @@ std::size_t Device::DemoteColdPages(std::size_t want) noexcept {
         undo();
         continue;
       }
-      tiers_.Release(c.where);
       // A clean page's disk copy goes with it (kDisk names it, kCached keeps it beside).
       SetLocation(hints[i], c.entry, c.where, placed[i],
                   placed[i].tier() == Tier::kCached ? disk_copies[i] : kNoCopy);
+      tiers_.Release(c.where);  // only now that no entry names it (ReleaseReplaced)
       c.mu->unlock();
       ++demoted;
     }

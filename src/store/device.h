@@ -219,8 +219,9 @@ class Device final : public PageOwner {
   // Replaces the page's location and disk copy under its lock, keeping the counts in step.
   void SetLocation(std::uint64_t page, PageEntry* entry, Location from, Location to,
                    Slot disk_copy = kNoCopy) noexcept;
-  // Releases everything the page holds (its location's room and its copy below) and makes
-  // it `to`, with `copy` beside it. REQUIRES: the page's lock is held.
+  // Makes the page `to`, with `copy` beside it, and then releases what it held before (its
+  // location's room and its copy below) that the new pair does not name.
+  // REQUIRES: the page's lock is held.
   void ReleaseAndSet(std::uint64_t page, PageEntry* entry, Location to,
                      Slot copy = kNoCopy) noexcept;
   // A clean kLocal page `where` whose copy below is a remote copy leaves the local store:
@@ -260,6 +261,10 @@ class Device final : public PageOwner {
   // Before a page's contents change: a clean page becomes dirty (its disk copy goes), and
   // a kCached page becomes plain kDisk (its cache entry goes). REQUIRES: the lock is held.
   void MakeDirty(std::uint64_t page, PageEntry* entry) noexcept;
+  // Records that the page at `old` (with no copy below) now lives at `placed`, where
+  // Tiering::Store put it, and frees `old`'s room unless it was rewritten in place.
+  void PlacedLocked(std::uint64_t page, PageEntry* entry, Location old,
+                    Location placed) noexcept;
   // The first page at or after `from` whose local bit is set, or page_count_ if none.
   std::uint64_t NextLocalPage(std::uint64_t from) const noexcept;
   // Reads [in_page, in_page + count) of one page into `dest`, from whatever tier holds

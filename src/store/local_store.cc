@@ -354,7 +354,6 @@ int LocalStore::Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint,
   const int rc = Allocate(packed.size_class, hint, placed);
   if (rc != 0) return rc;
   CopyPacked(packed, ChunkAddress(*placed));
-  Discard(slot);
   return 0;
 }
 

@@ -59,7 +59,8 @@ class LocalStore final : public PageStore {
 
   int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override;
   // Rewrites in place when the new contents need the same chunk size as the old (always
-  // so without compression), which takes no lock.
+  // so without compression), which takes no lock; else writes a new chunk and leaves the
+  // old one live (PageStore::Rewrite).
   int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept override;
   int Read(Slot slot, PageSpan out) noexcept override;
   void Discard(Slot slot) noexcept override;

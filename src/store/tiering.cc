@@ -305,20 +305,21 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Locatio
   *placed = old;
   Slot slot = 0;
   const bool was_local = old.tier() == Tier::kLocal;
+  // A rewrite that needs a chunk of another size takes a new one and leaves the old live.
   int rc = was_local ? local_->Rewrite(old.slot(), page, hint, &slot)
                      : local_->Write(page, hint, &slot);
   // Set when an eviction scan has not ended within kScanPatience: it waits on a peer that
   // is slow or unreachable, or, under memory pressure, on socket memory that only our own
   // progress can free (the kernel may be waiting for this very write to reclaim it).
   bool scan_stuck = false;
-  if (rc == -ENOSPC && !was_local && remote_ && disk_ && evictor_.joinable()) {
+  if (rc == -ENOSPC && remote_ && disk_ && evictor_.joinable()) {
     // With peers and a disk, a writer never sends to a peer itself: a socket send needs
     // memory, which the kernel may be waiting for this very write to free, while the block
     // layer keeps reserves for disk writes. It has the evictor make room (through peers)
     // and waits up to kScanPatience; if that is not enough, its page goes to disk below.
     rc = WaitForRoom(page, hint, &slot);
     scan_stuck = rc == -ENOSPC;
-  } else if (rc == -ENOSPC && !was_local && HasLowerTier()) {
+  } else if (rc == -ENOSPC && HasLowerTier()) {
     // A scan in progress (usually the evictor's) frees a batch when its round trip ends:
     // wait for it and try again. Only if that was not enough, reclaim directly, and try
     // again even if that moved nothing (the evictor may have made room meanwhile).
@@ -335,40 +336,11 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Locatio
     }
   }
   if (rc == 0) {
-    if (!was_local) Release(old);
     *placed = Location(Tier::kLocal, slot);
     WakeEvictorIfHigh();
     return 0;
   }
   if (rc != -ENOSPC) return rc;
-
-  if (was_local) {
-    // The store is full and the new contents need a chunk of another size, but this page
-    // already holds room in it. Keep a copy of the old contents so that, if another
-    // thread takes the freed room first and no tier has room, the page can be put back.
-    alignas(64) std::byte saved[kPageSize];
-    rc = local_->Read(old.slot(), PageSpan(saved));
-    if (rc != 0) return rc;
-    local_->Discard(old.slot());
-    if (local_->Write(page, hint, &slot) == 0) {
-      *placed = Location(Tier::kLocal, slot);
-      return 0;
-    }
-    Location lower;
-    if (Demote(page, hint, &lower, redundancy) == 0) {
-      *placed = lower;
-      return 0;
-    }
-    // Every tier is full: restore the old copy where it came from.
-    if (local_->Write(ConstPageSpan(saved), hint, &slot) != 0) {
-      // The freed room went to a concurrent writer and no tier has room; the page cannot
-      // be kept. Callers treat the page as unwritten (reads return zeros).
-      *placed = Location();
-      return -ENOSPC;
-    }
-    *placed = Location(Tier::kLocal, slot);
-    return -ENOSPC;
-  }
 
   // Nothing could be demoted to make room locally: place the page below directly. A page
   // already on disk is rewritten in its own slot when it has to stay there, so a full
@@ -379,28 +351,21 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Locatio
   const bool try_remote_first =
       remote_ && !(disk_ && (scan_stuck || redundancy.copies == 0));
   if (try_remote_first && RemoteWrite(page, hint, redundancy, &slot) == 0) {
-    Release(old);
     *placed = Location(Tier::kRemote, slot);
     return 0;
   }
   if (!disk_) return -ENOSPC;
   const bool was_disk = old.tier() == Tier::kDisk;
-  if (!try_remote_first) {
-    rc = was_disk ? disk_->Rewrite(old.slot(), page, hint, &slot) : disk_->Write(page, hint, &slot);
-    if (rc == 0) {
-      if (!was_disk) Release(old);
-      *placed = Location(Tier::kDisk, slot);
-      return 0;
-    }
-    if (rc != -ENOSPC || RemoteWrite(page, hint, redundancy, &slot) != 0) return rc;
-    Release(old);
-    *placed = Location(Tier::kRemote, slot);
+  rc = was_disk ? disk_->Rewrite(old.slot(), page, hint, &slot) : disk_->Write(page, hint, &slot);
+  if (rc == 0) {
+    *placed = Location(Tier::kDisk, slot);
     return 0;
   }
-  rc = was_disk ? disk_->Rewrite(old.slot(), page, hint, &slot) : disk_->Write(page, hint, &slot);
-  if (rc != 0) return rc;
-  if (!was_disk) Release(old);
-  *placed = Location(Tier::kDisk, slot);
+  if (rc != -ENOSPC || try_remote_first || !remote_ ||
+      RemoteWrite(page, hint, redundancy, &slot) != 0) {
+    return rc;
+  }
+  *placed = Location(Tier::kRemote, slot);
   return 0;
 }
 
@@ -416,25 +381,9 @@ bool Tiering::MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old,
   if (local_->Write(page, hint, &slot) != 0) return false;
   *placed = Location(Tier::kLocal, slot);
   *disk_copy = kNoCopy;
-  switch (old.tier()) {
-    case Tier::kDisk:
-      if (CanKeepDiskCopy()) {
-        *disk_copy = old.slot();
-      } else {
-        Release(old);
-      }
-      break;
-    case Tier::kCached:
-      Release(old);  // the cache entry; the disk copy stays, or goes
-      if (CanKeepDiskCopy()) {
-        *disk_copy = old_copy;
-      } else {
-        ReleaseCopy(old_copy);
-      }
-      break;
-    default:
-      Release(old);
-      break;
+  // A page from the disk, or the cache beside it, keeps its disk copy while there is room.
+  if (old.tier() != Tier::kRemote && CanKeepDiskCopy()) {
+    *disk_copy = old.tier() == Tier::kDisk ? old.slot() : old_copy;
   }
   return true;
 }
@@ -488,6 +437,29 @@ void Tiering::Release(Location location) noexcept {
   PageStore* store = StoreFor(location.tier());
   assert(store != nullptr);
   store->Discard(location.slot());
+}
+
+namespace {
+
+// Whether a page at `where` with copy `copy` names the room `slot` of `tier`.
+bool Names(Location where, Slot copy, Tier tier, Slot slot) noexcept {
+  if (!where.reads_as_zero() && where.tier() == tier && where.slot() == slot) return true;
+  if (copy == kNoCopy) return false;
+  if (IsRemoteCopy(copy)) return tier == Tier::kRemote && RemoteCopySlot(copy) == slot;
+  return tier == Tier::kDisk && copy == slot;
+}
+
+}  // namespace
+
+void Tiering::ReleaseReplaced(Location old, Slot old_copy, Location now,
+                              Slot now_copy) noexcept {
+  if (!old.reads_as_zero() && !Names(now, now_copy, old.tier(), old.slot())) Release(old);
+  if (old_copy == kNoCopy) return;
+  const bool remote = IsRemoteCopy(old_copy);
+  const Tier tier = remote ? Tier::kRemote : Tier::kDisk;
+  if (!Names(now, now_copy, tier, remote ? RemoteCopySlot(old_copy) : old_copy)) {
+    ReleaseCopy(old_copy);
+  }
 }
 
 bool Tiering::Adopt(Location location) {

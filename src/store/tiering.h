@@ -176,10 +176,13 @@ class Tiering {
 
   // Stores `page` for a page currently at `old` (any tier, unmapped included): in the
   // local store, reclaiming room there if it is full; else in the remote or disk tier.
-  // On success returns 0, sets *placed and has released `old`. On failure (-ENOSPC when
-  // every tier is full, -EIO) *placed tells where the old contents are now: normally
-  // `old` itself, but a full store may have had to move them (or, in a race for the last
-  // room, drop them and leave the page unmapped). Either way the caller records *placed.
+  // On success returns 0 and sets *placed, which may be `old`'s own room (rewritten in
+  // place). `old` is never released here: the caller points the page's entry at *placed
+  // first and then calls ReleaseReplaced, so that a crash in between cannot leave two
+  // entries naming one room (docs/restart.md). On failure (-ENOSPC when every tier is
+  // full, or when the local store is and the new contents need a chunk of another size
+  // than `old`'s; -EIO) *placed is `old`, which keeps its contents unless an in-place
+  // rewrite met a medium error.
   // REQUIRES: the caller holds the page's lock (no concurrent use of `old`).
   // A page that goes below keeps what the device's `redundancy` asks for (see DemoteBatch).
   int Store(ConstPageSpan page, std::uint64_t hint, Location old, Location* placed,
@@ -218,8 +221,9 @@ class Tiering {
   // Moves a page that was read from `old` (remote, disk or cached) into the local store
   // when the store is under its low watermark. Returns true and sets *placed if it moved;
   // then *disk_copy is the page's disk slot when it keeps one (see "Clean pages"), else
-  // kNoCopy, and everything else `old` held is released. `old_copy` is the disk slot
-  // beside `old` (kCached only, else kNoCopy). False leaves the page where it is.
+  // kNoCopy. `old_copy` is the disk slot beside `old` (kCached only, else kNoCopy). The
+  // caller records the move and then calls ReleaseReplaced(old, old_copy, *placed,
+  // *disk_copy). False leaves the page where it is.
   bool MaybePromote(ConstPageSpan page, std::uint64_t hint, Location old, Slot old_copy,
                     Location* placed, Slot* disk_copy) noexcept;
 
@@ -276,6 +280,12 @@ class Tiering {
 
   // Frees whatever room `location` holds (nothing for zero tiers).
   void Release(Location location) noexcept;
+  // After a page's entry has changed from (`old`, `old_copy`) to (`now`, `now_copy`): frees
+  // the room the old pair held that the new one does not name. Every path that moves a
+  // page frees its old room only this way, after the entry names the new one: the page
+  // tables outlive a crash (docs/restart.md), and a room freed first could be taken by
+  // another page before the entry changed, leaving two entries naming it.
+  void ReleaseReplaced(Location old, Slot old_copy, Location now, Slot now_copy) noexcept;
 
   // Recovery after a restart (docs/restart.md), before the stores are used: marks the room
   // that a recovered page table names as taken. False when it cannot be: a kRemote or

@@ -617,7 +617,8 @@ TEST_CASE("Device without a disk store returns ENOSPC when full and keeps earlie
 
 TEST_CASE("Device with lz4 keeps a page's old contents when its overwrite finds no room") {
   // Compressible pages pack 16 to a frame; once every frame is full, a page that does not
-  // compress needs a whole frame, which freeing the old chunk does not provide.
+  // compress needs a whole frame, which freeing the old chunk does not provide. With a
+  // disk, cold pages go there to make room; without, the write is refused.
   TempDir dir;
   for (bool with_disk : {false, true}) {
     CAPTURE(with_disk);
@@ -639,8 +640,8 @@ TEST_CASE("Device with lz4 keeps a page's old contents when its overwrite finds 
     const int rc = shadowed.Write(PageOffset(3), RandomBytes(kPageSize, rng));
     if (with_disk) {
       CHECK(rc == 0);
-      CHECK(shadowed.device().Counts().disk == 1);
-      CHECK(shadowed.device().Counts().local == kFrames * 16 - 1);
+      CHECK(shadowed.device().Counts().disk >= 1);
+      CHECK(shadowed.device().Counts().local + shadowed.device().Counts().disk == kFrames * 16);
     } else {
       CHECK(rc == -ENOSPC);
       CHECK(shadowed.device().Counts().local == kFrames * 16);
