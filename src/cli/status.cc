@@ -135,6 +135,17 @@ std::string FormatStatus(const nlohmann::json& status) {
     text += line;
   }
   text += "(page counts are 4 KiB pages; CACHED: disk pages also cached on a peer)\n";
+  for (const nlohmann::json& device : status.at("devices")) {
+    const std::uint64_t restarts = device.value("restarts", std::uint64_t{0});
+    if (restarts == 0) continue;
+    std::snprintf(line, sizeof(line),
+                  "%s: served across %llu restart(s) of the daemon, the last %llu ms without a "
+                  "server\n",
+                  device.at("name").get<std::string>().c_str(),
+                  static_cast<unsigned long long>(restarts),
+                  static_cast<unsigned long long>(device.value("last_gap_ms", std::uint64_t{0})));
+    text += line;
+  }
   return text;
 }
 

@@ -389,6 +389,12 @@ std::byte* Daemon::OpenState(const std::optional<SavedState>& saved,
     const std::uint64_t now = RealtimeNs();
     state_->last_gap_ms = alive != 0 && now > alive ? (now - alive) / 1000000 : 0;
     ++state_->restarts;
+    const auto taken_over = [&](SavedRestarts& history) {
+      ++history.restarts;
+      history.last_gap_ms = state_->last_gap_ms;
+    };
+    for (SavedDevice& device : state_->devices) taken_over(device.history);
+    for (SavedAttached& device : state_->attached) taken_over(device.history);
     SaveState(dir, *state_);
     return arena;
   }
@@ -812,11 +818,16 @@ nlohmann::json Daemon::Status() const {
     if (done) drain_result_read_.store(true, std::memory_order_release);
   }
   status["state"] = nullptr;
+  // Each kept device's restarts, by name.
+  std::map<std::string, SavedRestarts> histories;
   if (state_) {
+    std::lock_guard lock(state_mu_);
     status["state"] = {{"dir", config_.state_dir},
                        {"restarts", state_->restarts},
                        {"last_gap_ms", state_->last_gap_ms},
                        {"kept_devices", state_->devices.size() + state_->attached.size()}};
+    for (const SavedDevice& device : state_->devices) histories[device.name] = device.history;
+    for (const SavedAttached& device : state_->attached) histories[device.name] = device.history;
   }
   status["nbd"] = nullptr;
   if (nbd_) {
@@ -837,7 +848,11 @@ nlohmann::json Daemon::Status() const {
     const DeviceIoCounts io = device->IoCounts();
     const auto frontend = attached.find(device->name());
     const bool is_attached = frontend != attached.end();
+    const auto history = histories.find(device->name());
+    const SavedRestarts restarts = history != histories.end() ? history->second : SavedRestarts{};
     status["devices"].push_back({{"name", device->name()},
+                                 {"restarts", restarts.restarts},
+                                 {"last_gap_ms", restarts.last_gap_ms},
                                  {"frontend", is_attached ? nlohmann::json(frontend->second.first)
                                                           : nlohmann::json(nullptr)},
                                  {"path", is_attached ? nlohmann::json(frontend->second.second)
@@ -1048,7 +1063,7 @@ nlohmann::json Daemon::Attach(const AttachRequest& request) {
       state_->attached.push_back({name, size_bytes, redundancy.copies, redundancy.disk,
                                   std::string(frontend->kind()),
                                   std::atoi(path.c_str() + path.find_first_of("0123456789")),
-                                  segment->id()});
+                                  segment->id(), {}});
       try {
         SaveState(config_.state_dir, *state_);
       } catch (const std::exception& e) {

@@ -90,7 +90,7 @@ class Daemon {
   }
   // Guards state_'s writes from threads other than the control thread (peers, placements)
   // and every SaveState.
-  std::mutex state_mu_;
+  mutable std::mutex state_mu_;
   UniqueFd state_lock_;  // flock'ed DIR/lock: one daemon per state directory
   std::map<std::size_t, std::unique_ptr<StateSegment>> placement_segments_;  // by chunk
   // --state-dir: attaches the segments `saved` names (or makes them, and state.json, when

@@ -21,6 +21,11 @@ const char* CompressionName(Compression compression) {
   return compression == Compression::kLz4 ? "lz4" : "none";
 }
 
+// A device's restarts (absent in a state written before they were kept: none).
+SavedRestarts LoadRestarts(const nlohmann::json& device) {
+  return {device.value("restarts", 0u), device.value("last_gap_ms", std::uint64_t{0})};
+}
+
 }  // namespace
 
 SavedState StateFor(const DaemonConfig& config, std::uint64_t instance) {
@@ -31,7 +36,7 @@ SavedState StateFor(const DaemonConfig& config, std::uint64_t instance) {
   state.compression = CompressionName(config.compression);
   state.backing_file = config.backing_file;
   for (const DeviceSpec& spec : config.devices) {
-    state.devices.push_back({spec.name, spec.size_bytes, -1});
+    state.devices.push_back({spec.name, spec.size_bytes, -1, {}});
   }
   return state;
 }
@@ -59,7 +64,7 @@ std::optional<SavedState> LoadState(const std::string& dir) {
     for (const nlohmann::json& device : json.at("devices")) {
       state.devices.push_back({device.at("name").get<std::string>(),
                                device.at("size_bytes").get<std::uint64_t>(),
-                               device.at("segment_id").get<int>()});
+                               device.at("segment_id").get<int>(), LoadRestarts(device)});
     }
     state.restarts = json.value("restarts", 0u);
     if (json.contains("peers")) {
@@ -81,7 +86,7 @@ std::optional<SavedState> LoadState(const std::string& dir) {
                                   device.at("disk").get<bool>(),
                                   device.value("frontend", std::string("ublk")),
                                   device.at("ublk_dev_id").get<int>(),
-                                  device.at("segment_id").get<int>()});
+                                  device.at("segment_id").get<int>(), LoadRestarts(device)});
       }
     }
     return state;
@@ -100,7 +105,9 @@ void SaveState(const std::string& dir, const SavedState& state) {
   for (const SavedDevice& device : state.devices) {
     devices.push_back({{"name", device.name},
                        {"size_bytes", device.size_bytes},
-                       {"segment_id", device.segment_id}});
+                       {"segment_id", device.segment_id},
+                       {"restarts", device.history.restarts},
+                       {"last_gap_ms", device.history.last_gap_ms}});
   }
   nlohmann::json attached = nlohmann::json::array();
   for (const SavedAttached& device : state.attached) {
@@ -110,7 +117,9 @@ void SaveState(const std::string& dir, const SavedState& state) {
                         {"disk", device.disk},
                         {"frontend", device.frontend},
                         {"ublk_dev_id", device.ublk_dev_id},
-                        {"segment_id", device.segment_id}});
+                        {"segment_id", device.segment_id},
+                        {"restarts", device.history.restarts},
+                        {"last_gap_ms", device.history.last_gap_ms}});
   }
   nlohmann::json peers = nlohmann::json::array();
   for (const SavedPeer& peer : state.peers) {

@@ -11,10 +11,17 @@
 
 namespace memlend {
 
+// What every kept device records of the restarts it went through.
+struct SavedRestarts {
+  unsigned restarts = 0;          // daemons that took the device over
+  std::uint64_t last_gap_ms = 0;  // how long the last restart left it without a server
+};
+
 struct SavedDevice {
   std::string name;
   std::uint64_t size_bytes = 0;
   int segment_id = -1;  // of the segment holding its page table
+  SavedRestarts history;
 };
 
 // A device attached through ublk (memlend attach) that a restarted daemon takes over.
@@ -26,6 +33,7 @@ struct SavedAttached {
   std::string frontend = "ublk";  // ublk | nbd
   int ublk_dev_id = -1;  // N of /dev/ublkbN, or of /dev/nbdN
   int segment_id = -1;   // of the segment holding its page table
+  SavedRestarts history;
 };
 
 // A lender's session (Membership::SessionState), in table order.

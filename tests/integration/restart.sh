@@ -72,9 +72,19 @@ written_then_verified() {
 echo "1. pages in the local store, kill -9, restart"
 args=(--device fio:64M --nbd "unix:$socket" --local-store 128M --compress lz4 --state-dir "$state")
 written_then_verified local "${args[@]}"
-restarts=$(status_json local-again | python3 -c "import json,sys; s = json.load(sys.stdin)['state']; print(s['restarts'], s['last_gap_ms'])")
-[[ ${restarts% *} == 1 ]] || fail "status does not count the restart: $restarts"
-echo "  $("$memlend" status --control "$workdir/local-again.control" | grep '^state:')"
+restarts=$(status_json local-again | python3 -c "
+import json, sys
+s = json.load(sys.stdin)
+d = [d for d in s['devices'] if d['name'] == 'fio'][0]
+print(s['state']['restarts'], d['restarts'], d['last_gap_ms'])")
+read -r state_restarts device_restarts device_gap <<<"$restarts"
+[[ $state_restarts == 1 && $device_restarts == 1 ]] || fail "status does not count the restart: $restarts"
+((device_gap > 0)) || fail "status gives the device no time without a server: $restarts"
+text=$("$memlend" status --control "$workdir/local-again.control")
+echo "  $(grep '^state:' <<<"$text")"
+grep -q "^fio: served across 1 restart(s) of the daemon, the last $device_gap ms without a server" <<<"$text" ||
+  fail "status does not show the device's restart: $text"
+echo "  $(grep '^fio: served across' <<<"$text")"
 stop_daemon local-again
 [[ ! -e $state/state.json ]] || fail "state.json is still there after a stop without --on-exit keep"
 

@@ -152,6 +152,9 @@ echo "  $dev was there throughout"
 line=$("$memlend" status --control "$workdir/borrower3.control" | grep '^state:')
 echo "  $line"
 [[ $line == *"taken over 2 time(s)"* ]] || fail "status does not count the two restarts: $line"
+line=$("$memlend" status --control "$workdir/borrower3.control" | grep '^d0: served across')
+echo "  $line"
+[[ $line == *"across 2 restart(s)"* ]] || fail "status does not count d0's two restarts: $line"
 lost=$("$memlend" status --json --control "$workdir/borrower3.control" | python3 -c "import json,sys; print(json.load(sys.stdin)['remote_store']['lost_pages'])")
 [[ $lost == 0 ]] || fail "$lost pages were lost across the restarts"
 "$memlend" detach d0 --control "$workdir/borrower3.control" >/dev/null || fail "detach failed"
