@@ -117,6 +117,12 @@ class PageStore {
   // page's contents elsewhere (a clean copy in RAM) then keeps them. Thread-safe.
   virtual bool Holds(Slot /*slot*/) const noexcept { return true; }
 
+  // After a write found no room: waits, for a bounded time, while room may come back
+  // without anything being freed (a remote store whose connection to a lender broke and is
+  // being resumed), and returns whether a write is worth trying again. The default: false,
+  // at once. Thread-safe.
+  virtual bool AwaitRoom() noexcept { return false; }
+
   // Releases `slot`; its room can be reused at once. Never fails.
   // REQUIRES: `slot` is live, and no other thread reads or discards it concurrently.
   virtual void Discard(Slot slot) noexcept = 0;

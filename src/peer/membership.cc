@@ -354,22 +354,61 @@ void Membership::BreakLocked(Member& peer, const std::string& why) {
   LogError("peer %s: %s", peer.endpoint.ToString().c_str(), peer.last_error.c_str());
 }
 
+Membership::ResumeCheck Membership::CheckResume(Member& peer, unsigned generation) noexcept {
+  std::lock_guard lock(peer.mu);
+  if (peer.generation.load(std::memory_order_relaxed) != generation) return ResumeCheck::kGone;
+  if (peer.transport && peer.transport->connected()) return ResumeCheck::kUp;
+  const bool may_resume =
+      peer.resuming || (peer.transport && peer.secret && peer.slots.superpages() > 0 &&
+                        !peer.draining.load(std::memory_order_acquire));
+  return may_resume ? ResumeCheck::kWaiting : ResumeCheck::kGone;
+}
+
 bool Membership::AwaitResume(Member& peer, unsigned generation) noexcept {
   const auto give_up =
       std::chrono::steady_clock::now() + options_.down_after + options_.connect_timeout;
   for (;;) {
-    {
-      std::lock_guard lock(peer.mu);
-      if (peer.generation.load(std::memory_order_relaxed) != generation) return false;
-      if (peer.transport && peer.transport->connected()) return true;
-      const bool may_resume =
-          peer.resuming || (peer.transport && peer.secret && peer.slots.superpages() > 0 &&
-                            !peer.draining.load(std::memory_order_acquire));
-      if (!may_resume) return false;
-    }
+    const ResumeCheck check = CheckResume(peer, generation);
+    if (check != ResumeCheck::kWaiting) return check == ResumeCheck::kUp;
     if (std::chrono::steady_clock::now() >= give_up) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
+}
+
+bool Membership::AwaitAnyResume() noexcept {
+  struct Waiting {
+    Member* peer;
+    unsigned generation;
+  };
+  std::vector<Waiting> waiting;
+  try {
+    for (const std::unique_ptr<Member>& peer : List()) {
+      if (peer->removed.load(std::memory_order_acquire)) continue;
+      const unsigned generation = peer->generation.load(std::memory_order_acquire);
+      if (CheckResume(*peer, generation) == ResumeCheck::kWaiting) {
+        waiting.push_back({peer.get(), generation});
+      }
+    }
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  const auto give_up =
+      std::chrono::steady_clock::now() + options_.down_after + options_.connect_timeout;
+  while (!waiting.empty()) {
+    for (std::size_t i = 0; i < waiting.size();) {
+      const ResumeCheck check = CheckResume(*waiting[i].peer, waiting[i].generation);
+      if (check == ResumeCheck::kUp) return true;
+      if (check == ResumeCheck::kGone) {
+        waiting[i] = waiting.back();
+        waiting.pop_back();
+      } else {
+        ++i;
+      }
+    }
+    if (waiting.empty() || std::chrono::steady_clock::now() >= give_up) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return false;
 }
 
 void Membership::Resume() {

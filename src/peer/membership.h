@@ -209,6 +209,11 @@ class Membership {
   // can resume, for at most down_after + connect_timeout; true when it is up again with that
   // generation. A reader of a page whose only copy is there waits rather than fail.
   bool AwaitResume(Member& peer, unsigned generation) noexcept;
+  // Waits, for at most down_after + connect_timeout, until one of the peers whose session is
+  // resuming now (or whose connection broke, if it can resume) is up again; true then. False
+  // at once when there is none, or when each of them went down instead. A writer that found
+  // no room waits here rather than fail, when the room it needs is in such a session.
+  bool AwaitAnyResume() noexcept;
   // The same, if `transport` is still its session's.
   void MarkDownIf(Member& peer, const PeerTransport* transport, const std::string& why);
   // "no reply in time for <down_after> ms"
@@ -226,6 +231,10 @@ class Membership {
   std::uint64_t lost_pages() const;
 
  private:
+  enum class ResumeCheck { kUp, kWaiting, kGone };
+  // Where `peer`'s session of `generation` stands: up, waiting to be resumed (or broken and
+  // resumable), or gone (ended, down, or not resumable).
+  ResumeCheck CheckResume(Member& peer, unsigned generation) noexcept;
   void Connect(Member& peer);
   // Connect's work; true when a session began (new or resumed).
   bool ConnectOnce(Member& peer);

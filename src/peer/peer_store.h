@@ -95,6 +95,9 @@ class PeerStore final : public PageStore {
   // Waits while the session holding `slot` is being resumed after its connection broke
   // (Membership::AwaitResume); true when it is up again and the slot still valid.
   bool AwaitResume(Slot slot) noexcept;
+  // A write found no room: waits while a lender's session is being resumed
+  // (Membership::AwaitAnyResume).
+  bool AwaitRoom() noexcept override { return members_.AwaitAnyResume(); }
   // Recovery (docs/restart.md): marks `slot` taken for `owner` in its peer's session, which
   // Membership::Restore brought back. False when the slot is of another session (its
   // generation is not the peer's), or its peer is not in the table, or it is taken already.

@@ -99,6 +99,7 @@ class PlacementStore final : public PageStore {
   // False once every copy of the page is lost: its lenders went down (whether or not the
   // rebuilder has marked the record lost yet) and it has no disk copy.
   bool Holds(Slot slot) const noexcept override;
+  bool AwaitRoom() noexcept override { return peers_->AwaitRoom(); }
   void Discard(Slot slot) noexcept override;
   // pages: placements with a live copy; used_bytes and total_bytes: the peers'.
   StoreStats Stats() const noexcept override;

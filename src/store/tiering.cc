@@ -207,9 +207,46 @@ int Tiering::RemoteWrite(ConstPageSpan page, std::uint64_t hint, Redundancy redu
   if (!remote_) return -ENOSPC;
   const std::byte* pages[1] = {page.data()};
   int result = -ENOSPC;
-  remote_->WriteBatchCopies(pages, std::span(&hint, 1), RemoteRedundancy(redundancy),
-                            std::span(slot, 1), std::span(&result, 1));
+  RemoteWriteBatch(pages, std::span(&hint, 1), redundancy, std::span(slot, 1),
+                   std::span(&result, 1));
   return result;
+}
+
+void Tiering::RemoteWriteBatch(std::span<const std::byte* const> pages,
+                               std::span<const std::uint64_t> hints, Redundancy redundancy,
+                               std::span<Slot> slots, std::span<int> results) noexcept {
+  remote_->WriteBatchCopies(pages, hints, RemoteRedundancy(redundancy), slots, results);
+  // Without a disk, a page the remote tier has no room for has nowhere else to go: if the
+  // room it lacks is a lender's whose connection broke and is being resumed, it waits for
+  // that (bounded) and is tried once more. With a disk it goes there at once instead.
+  if (disk_ || std::all_of(results.begin(), results.end(), [](int rc) { return rc == 0; })) {
+    return;
+  }
+  if (!remote_->AwaitRoom()) return;
+  constexpr std::size_t kMaxBatch = kMaxDemoteBatch;
+  for (std::size_t base = 0; base < pages.size(); base += kMaxBatch) {
+    const std::size_t end = std::min(pages.size(), base + kMaxBatch);
+    const std::byte* again_pages[kMaxBatch];
+    std::uint64_t again_hints[kMaxBatch];
+    std::size_t again_index[kMaxBatch];
+    std::size_t again = 0;
+    for (std::size_t i = base; i < end; ++i) {
+      if (results[i] == 0) continue;
+      again_pages[again] = pages[i];
+      again_hints[again] = hints[i];
+      again_index[again++] = i;
+    }
+    if (again == 0) continue;
+    Slot again_slots[kMaxBatch];
+    int again_results[kMaxBatch];
+    remote_->WriteBatchCopies(std::span(again_pages, again), std::span(again_hints, again),
+                              RemoteRedundancy(redundancy), std::span(again_slots, again),
+                              std::span(again_results, again));
+    for (std::size_t j = 0; j < again; ++j) {
+      results[again_index[j]] = again_results[j];
+      if (again_results[j] == 0) slots[again_index[j]] = again_slots[j];
+    }
+  }
 }
 
 int Tiering::Demote(ConstPageSpan page, std::uint64_t hint, Location* placed,
@@ -274,9 +311,8 @@ void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
   int dirty_results[kMaxBatch];
   for (std::size_t d = 0; d < dirty; ++d) dirty_results[d] = -ENOSPC;
   if (remote_ && dirty > 0) {
-    remote_->WriteBatchCopies(std::span(dirty_pages, dirty), std::span(dirty_hints, dirty),
-                              RemoteRedundancy(redundancy), std::span(slots, dirty),
-                              std::span(dirty_results, dirty));
+    RemoteWriteBatch(std::span(dirty_pages, dirty), std::span(dirty_hints, dirty), redundancy,
+                     std::span(slots, dirty), std::span(dirty_results, dirty));
     for (std::size_t d = 0; d < dirty; ++d) {
       if (dirty_results[d] == 0) placed[dirty_index[d]] = Location(Tier::kRemote, slots[d]);
     }

@@ -194,7 +194,8 @@ class Tiering {
   int Demote(ConstPageSpan page, std::uint64_t hint, Location* placed,
              Redundancy redundancy = {}) noexcept;
   // One page into the remote tier as RemoteRedundancy(redundancy) says; -ENOSPC without a
-  // remote tier.
+  // remote tier. Without a disk tier, a page that finds no room while a lender's session is
+  // being resumed waits for it (RemoteWriteBatch).
   int RemoteWrite(ConstPageSpan page, std::uint64_t hint, Redundancy redundancy,
                   Slot* slot) noexcept;
   // What the remote tier keeps of a page of a device with `redundancy`: as asked, except
@@ -313,6 +314,11 @@ class Tiering {
   std::uint64_t evicted_pages() const { return evicted_.load(std::memory_order_relaxed); }
 
  private:
+  // WriteBatchCopies into the remote tier; without a disk tier, the pages that found no
+  // room are tried once more after PageStore::AwaitRoom says it may have come back.
+  void RemoteWriteBatch(std::span<const std::byte* const> pages,
+                        std::span<const std::uint64_t> hints, Redundancy redundancy,
+                        std::span<Slot> slots, std::span<int> results) noexcept;
   PageStore* StoreFor(Tier tier) noexcept;
   double LocalUse() const noexcept;
   bool HasLowerTier() const noexcept { return remote_ != nullptr || disk_ != nullptr; }

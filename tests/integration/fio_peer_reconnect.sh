@@ -94,6 +94,33 @@ for name in lender1 lender2; do
   wait_for 10 "$name keeping no session for a borrower that is back" "$name" "s['lending']['parked'] == []"
 done
 
+# One lender and no backing file: a write that finds the connection broken has nowhere else
+# to go, and waits for the session to come back.
+echo "one lender, no backing file: writes wait for the session to come back"
+stop_daemon borrower
+start_daemon borrower --device fio:64M --nbd "unix:$socket" --local-store 2M --compress none \
+  --redundancy none --peer "127.0.0.1:${ports[0]}"
+rm -f "$workdir/stop" "$workdir/fio_failed" "$workdir/fio_runs"
+fio_loop &
+fio_loop_pid=$!
+wait_for 60 "pages reaching lender1" borrower "s['peers'][0]['pages_stored'] > 500"
+for i in $(seq "$breaks"); do
+  echo "break $i: aborting the borrower's only lender connection"
+  ss -K dst 127.0.0.1 dport = "${ports[0]}" >/dev/null
+  sleep 1.5
+done
+wait_for 30 "lender1 up again" borrower "s['peers'][0]['state'] == 'up'"
+touch "$workdir/stop"
+wait "$fio_loop_pid"
+runs=$(cat "$workdir/fio_runs")
+if [[ -e $workdir/fio_failed ]]; then
+  head -n 20 "$workdir/$(head -n 1 "$workdir/fio_failed").stderr"
+  tail -n 30 "$workdir/borrower.stderr"
+  fail "fio runs failed while the only lender's connection broke: $(tr '\n' ' ' <"$workdir/fio_failed")(of $runs)"
+fi
+echo "  fio: $runs runs, all clean"
+[[ $(status_eval borrower "s['remote_store']['lost_pages']") == 0 ]] || fail "pages were lost"
+
 # A borrower that dies and does not come back within --borrower-grace.
 echo "a borrower killed with -9, on a lender with --borrower-grace 2"
 stop_daemon borrower
@@ -119,4 +146,4 @@ echo "  freed and zeroed: $(grep "did not come back" "$workdir/lender1.stderr" |
 
 stop_daemon lender1
 stop_daemon lender2
-echo "PASS: $breaks broken connections resumed under fio with redundancy none; a dead borrower's memory freed after its grace period"
+echo "PASS: $breaks broken connections resumed under fio with redundancy none, with two lenders and a backing file and with one lender alone; a dead borrower's memory freed after its grace period"
