@@ -331,6 +331,20 @@ std::uint32_t LenderPool::SuperpagesOf(SessionId session) const noexcept {
   return state == sessions_.end() ? 0 : static_cast<std::uint32_t>(state->second.sids.size());
 }
 
+std::optional<std::uint32_t> LenderPool::ListSuperpages(
+    SessionId session, std::span<std::byte> out) const noexcept {
+  std::lock_guard lock(mu_);
+  const auto state = sessions_.find(session);
+  if (state == sessions_.end()) return 0;
+  if (state->second.sids.size() > out.size() / sizeof(std::uint32_t)) return std::nullopt;
+  std::byte* at = out.data();
+  for (const std::uint32_t sid : state->second.sids) {  // little-endian hosts only (codec.h)
+    std::memcpy(at, &sid, sizeof(sid));
+    at += sizeof(sid);
+  }
+  return static_cast<std::uint32_t>(state->second.sids.size());
+}
+
 std::vector<std::uint32_t> LenderPool::ReclaimingOf(SessionId session) const {
   std::vector<std::uint32_t> sids;
   std::lock_guard lock(mu_);

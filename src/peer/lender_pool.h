@@ -77,6 +77,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <unordered_map>
 #include <unordered_set>
@@ -195,6 +196,10 @@ class LenderPool {
   // The superpages `session` holds, and those of them asked back (RECLAIM) and not yet
   // freed (for a session resumed after its notices could not reach it).
   std::uint32_t SuperpagesOf(SessionId session) const noexcept;
+  // Writes the ids of the superpages `session` holds into `out`, as little-endian u32s, and
+  // returns how many, or nullopt (nothing written) when they do not all fit.
+  std::optional<std::uint32_t> ListSuperpages(SessionId session,
+                                              std::span<std::byte> out) const noexcept;
   std::vector<std::uint32_t> ReclaimingOf(SessionId session) const;
 
   // A consistent snapshot; caller_pages counts what `caller` holds (0 for kNoSession).

@@ -494,9 +494,26 @@ class LenderService::Connection {
       }
     }
     ticket.superpages = superpages;
+    // A resumed session's superpages are listed after the ticket (the borrower may not know
+    // of one granted as its connection broke). The reply buffer holds a superpage's worth.
+    std::size_t listed_bytes = 0;
+    if (resumed) {
+      constexpr std::size_t kBefore = kHeaderBytes + sizeof(reply) + sizeof(ticket);
+      const std::size_t free = replies_.capacity() - replies_.size();
+      const std::size_t room =
+          std::min<std::size_t>(std::size_t{kMaxListedSuperpages} * sizeof(std::uint32_t),
+                                free > kBefore ? free - kBefore : 0);
+      if (const std::optional<std::uint32_t> listed = service_.pool_.ListSuperpages(
+              session_.id.load(std::memory_order_relaxed),
+              std::span(Body() + sizeof(reply) + sizeof(ticket), room))) {
+        ticket.superpages = *listed;
+        listed_bytes = std::size_t{*listed} * sizeof(std::uint32_t);
+      }
+    }
     EncodeBody(reply, Body());
     EncodeBody(ticket, Body() + sizeof(reply));
-    Send(request, Status::kOk, sizeof(reply) + sizeof(ticket), resumed ? kHelloResumed : 0);
+    Send(request, Status::kOk, sizeof(reply) + sizeof(ticket) + listed_bytes,
+         resumed ? kHelloResumed : 0);
     if (!resumed) return true;
     // RECLAIMs the session missed while parked are asked again, after the HELLO reply (which
     // goes out now), never before it.

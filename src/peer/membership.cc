@@ -207,9 +207,29 @@ bool Membership::ConnectOnce(Member& peer) {
     // The lender also holds the emptied superpages not freed yet, and may hold one granted
     // just as the connection broke, whose reply never came (it goes with the session).
     const std::size_t known = peer.slots.superpages() + peer.frees_pending.size();
-    if (grant.resumed && grant.superpages >= known) {
+    // With the lender's list of them: each we know must be there, and those we do not are
+    // given back.
+    std::vector<std::uint32_t> unknown;
+    bool same = grant.resumed && grant.superpages >= known;
+    if (same && grant.listed) {
+      std::size_t found = 0;
+      for (const std::uint32_t sid : grant.superpage_ids) {
+        if (peer.slots.Holds(sid) || std::find(peer.frees_pending.begin(), peer.frees_pending.end(),
+                                               sid) != peer.frees_pending.end()) {
+          ++found;
+        } else {
+          unknown.push_back(sid);
+        }
+      }
+      same = found == known;
+    }
+    if (same) {
       // The same session: its slots, superpages and generation stay.
-      if (grant.superpages > known) {
+      if (!unknown.empty()) {
+        LogError("peer %s: giving back %zu superpage(s) granted as the connection broke",
+                 peer.endpoint.ToString().c_str(), unknown.size());
+        peer.frees_pending.insert(peer.frees_pending.end(), unknown.begin(), unknown.end());
+      } else if (grant.superpages > known) {
         LogError("peer %s: %zu superpage(s) granted as the connection broke are unknown here; "
                  "they are freed when the session ends",
                  peer.endpoint.ToString().c_str(), grant.superpages - known);

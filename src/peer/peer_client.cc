@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <cassert>
 #include <cerrno>
 #include <cstring>
@@ -197,6 +198,25 @@ PeerClient::PeerClient(const Endpoint& endpoint, std::uint64_t node_id, NoticeHa
     session_.grace = std::chrono::milliseconds(ticket.grace_ms);
     session_.resumed = options.resume && (reply.flags & kHelloResumed) != 0;
     session_.superpages = ticket.superpages;
+    const std::span<const std::byte> list =
+        std::span<const std::byte>(payload).subspan(sizeof(HelloBody) + sizeof(SessionTicket));
+    if (session_.resumed && !list.empty()) {
+      // Exactly one id per superpage, and never more than fit in a reply.
+      if (ticket.superpages > kMaxListedSuperpages ||
+          list.size() != std::size_t{ticket.superpages} * sizeof(std::uint32_t)) {
+        throw std::runtime_error(name + " sent a malformed HELLO reply (superpage list of " +
+                                 std::to_string(list.size()) + " bytes for " +
+                                 std::to_string(ticket.superpages) + " superpages)");
+      }
+      session_.superpage_ids.resize(ticket.superpages);
+      std::memcpy(session_.superpage_ids.data(), list.data(), list.size());
+      std::vector<std::uint32_t> sorted = session_.superpage_ids;
+      std::sort(sorted.begin(), sorted.end());
+      if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
+        throw std::runtime_error(name + " sent a malformed HELLO reply (a superpage listed twice)");
+      }
+      session_.listed = true;
+    }
   }
   if (lender_.superpage_bytes != kSuperpageBytes) {
     throw std::runtime_error(name + " uses superpages of " +

@@ -150,7 +150,8 @@ class PeerTestClient {
   std::optional<SessionTicket> HelloSession(std::uint64_t node_id,
                                             const SessionTicket* resume = nullptr,
                                             bool* resumed = nullptr,
-                                            std::uint32_t flags = kHelloResume) {
+                                            std::uint32_t flags = kHelloResume,
+                                            std::vector<std::uint32_t>* listed = nullptr) {
     std::byte body[sizeof(HelloBody) + sizeof(ResumeBody)];
     const HelloBody hello{node_id, 0, kSuperpageBytes, kCapPassive | kCapActive};
     std::memcpy(body, &hello, sizeof(hello));
@@ -162,12 +163,25 @@ class PeerTestClient {
     std::optional<TestMessage> reply = Call(MessageType::kHello, resume ? flags : 0,
                                             std::span<const std::byte>(body, length));
     if (!reply || reply->status() != Status::kOk ||
-        reply->payload.size() != sizeof(HelloBody) + sizeof(SessionTicket)) {
+        reply->payload.size() < sizeof(HelloBody) + sizeof(SessionTicket)) {
       return std::nullopt;
     }
     SessionTicket ticket{};
     std::memcpy(&ticket, reply->payload.data() + sizeof(HelloBody), sizeof(ticket));
-    if (resumed != nullptr) *resumed = (reply->header.flags & kHelloResumed) != 0;
+    const bool was_resumed = (reply->header.flags & kHelloResumed) != 0;
+    if (resumed != nullptr) *resumed = was_resumed;
+    // A resumed session's superpages follow, one u32 each; nothing else may.
+    const std::size_t list = reply->payload.size() - sizeof(HelloBody) - sizeof(SessionTicket);
+    if (list != (was_resumed ? std::size_t{ticket.superpages} * sizeof(std::uint32_t) : 0)) {
+      return std::nullopt;
+    }
+    if (listed != nullptr) {
+      listed->resize(ticket.superpages);
+      if (list > 0) {
+        std::memcpy(listed->data(), reply->payload.data() + sizeof(HelloBody) + sizeof(ticket),
+                    list);
+      }
+    }
     return ticket;
   }
 

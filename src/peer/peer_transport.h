@@ -44,6 +44,9 @@ struct SessionGrant {
   std::chrono::milliseconds grace{0};    // how long the lender keeps it; 0: not at all
   bool resumed = false;                  // this connection resumed the session asked for
   std::uint32_t superpages = 0;          // what the session holds (when resumed)
+  // When resumed: the ids of those superpages, if the lender listed them (`listed`).
+  bool listed = false;
+  std::vector<std::uint32_t> superpage_ids;
 };
 
 class PeerTransport;

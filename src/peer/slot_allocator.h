@@ -69,6 +69,7 @@ class SlotAllocator {
   // Free slots of superpages that are not reclaimed: room without asking the lender.
   std::uint64_t free_slots() const noexcept { return free_slots_; }
   std::size_t superpages() const noexcept { return superpages_.size(); }
+  bool Holds(std::uint32_t sid) const noexcept { return superpages_.contains(sid); }
   std::size_t reclaimed() const noexcept { return reclaimed_; }
   // Nothing held and nothing pinned.
   bool idle() const noexcept { return superpages_.empty() && pins_.empty(); }

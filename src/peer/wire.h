@@ -113,6 +113,11 @@ struct SessionTicket {
   std::uint32_t superpages;           // superpages the session holds now
 };
 static_assert(sizeof(SessionTicket) == 40);
+// A reply with kHelloResumed lists, after the ticket, the id of each superpage the session
+// holds (`superpages` little-endian u32s), so that the borrower learns of one granted just
+// as its connection broke; a session holding more than kMaxListedSuperpages sends no list.
+inline constexpr std::uint32_t kMaxListedSuperpages =
+    (kSuperpageBytes - sizeof(HelloBody) - sizeof(SessionTicket)) / sizeof(std::uint32_t);
 
 // QUERY reply (the request has no payload).
 struct QueryReply {

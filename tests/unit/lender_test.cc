@@ -1614,10 +1614,13 @@ TEST_CASE_FIXTURE(ParkedSessionFixture,
 
   PeerTestClient back = lender.Connect();
   bool resumed = false;
-  const std::optional<SessionTicket> again = back.HelloSession(7, &ticket, &resumed);
+  std::vector<std::uint32_t> listed;
+  const std::optional<SessionTicket> again =
+      back.HelloSession(7, &ticket, &resumed, kHelloResume, &listed);
   REQUIRE(again);
   CHECK(resumed);
   CHECK(again->superpages == 1);
+  CHECK(listed == std::vector<std::uint32_t>{sid});  // the reply names it
   CHECK(std::memcmp(again->secret, ticket.secret, kSecretBytes) == 0);  // the same session
   const auto [status, data] = ReadBack(back);
   CHECK(status == Status::kOk);

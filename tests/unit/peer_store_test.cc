@@ -273,6 +273,51 @@ TEST_CASE("a broken connection is resumed: the pages on the lender are still the
   CHECK(store.Write(ConstPageSpan(page.data(), kPageSize), 9, &more) == 0);
 }
 
+TEST_CASE("a superpage granted as the connection broke is given back when the session resumes") {
+  RunningLender lender(8 * kSuperpage);
+  PeerStore store(0x1111);
+  REQUIRE(store.AddPeer(lender.endpoint) == 0);
+  store.Refresh();
+  Slot slot = 0;
+  const std::vector<std::byte> page = PageOf(5);
+  REQUIRE(store.Write(ConstPageSpan(page.data(), kPageSize), 5, &slot) == 0);
+  REQUIRE(lender.service->Stats().used_bytes == kSuperpage);
+  // Another connection with the session's secret takes the session over (the lender closes
+  // the borrower's), is granted a superpage, and hangs up: to the borrower, that is a grant
+  // whose reply never came.
+  SessionTicket ticket{};
+  {
+    Membership::Member& peer = store.members().at(0);
+    std::lock_guard lock(peer.mu);
+    REQUIRE(peer.secret);
+    std::memcpy(ticket.secret, peer.secret->data(), kSecretBytes);
+  }
+  {
+    PeerTestClient other = lender.Connect();
+    bool resumed = false;
+    REQUIRE(other.HelloSession(0x1111, &ticket, &resumed));
+    REQUIRE(resumed);
+    const std::optional<TestMessage> grant = other.Call(MessageType::kAllocSuperpage);
+    REQUIRE(grant);
+    REQUIRE(grant->status() == Status::kOk);
+  }
+  CHECK(lender.service->Stats().used_bytes == 2 * kSuperpage);
+  // The borrower resumes, learns of the superpage it was never told of, and gives it back.
+  CHECK(Eventually([&] {
+    store.Heartbeat();
+    return store.Peers().at(0).state == PeerState::kUp;
+  }));
+  CHECK(store.Peers().at(0).superpages_held == 1);
+  CHECK(Eventually([&] {
+    store.Refresh();  // sends the frees that wait
+    return lender.service->Stats().used_bytes == kSuperpage;
+  }));
+  std::vector<std::byte> out(kPageSize);
+  REQUIRE(store.Read(slot, PageSpan(out.data(), kPageSize)) == 0);
+  CHECK(out == page);
+  CHECK(store.Peers().at(0).pages_lost == 0);
+}
+
 TEST_CASE("a lender that keeps nothing after a disconnect: the pages there are lost") {
   LenderOptions options;
   options.borrower_grace = std::chrono::milliseconds(0);
