@@ -55,16 +55,18 @@ class PageStore {
   // store's internal shards (the device passes the page number). Thread-safe.
   virtual int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept = 0;
 
-  // Replaces the contents of live `slot` with `page`. On success returns 0 and sets
-  // *placed to the slot that now holds the page: `slot` itself when the store could
-  // rewrite it in place, else a new slot, and then `slot` stays live with its old
-  // contents: the caller discards it once nothing names it any more. On -ENOSPC `slot`
-  // keeps its old contents; after a medium error (-EIO) an in-place rewrite may have left
-  // them damaged. The default writes a new slot; stores that can overwrite in place do
-  // better.
+  // Replaces the contents of live `slot` with `page`. On success returns 0, sets *placed
+  // to the slot that now holds the page, and *keeps_old to whether `slot` stays live
+  // beside it with its old contents (the page went to a new slot): the caller then
+  // discards `slot` once nothing names it any more. Otherwise the page took `slot`'s room
+  // (rewritten in place, *placed == slot, or the store moved it within its own room), and
+  // `slot` is not to be discarded. On -ENOSPC `slot` keeps its old contents; after a medium
+  // error (-EIO) an in-place rewrite may have left them damaged. The default writes a new
+  // slot; stores that can overwrite in place do better.
   // REQUIRES: as for Discard.
-  virtual int Rewrite(Slot /*slot*/, ConstPageSpan page, std::uint64_t hint,
-                      Slot* placed) noexcept {
+  virtual int Rewrite(Slot /*slot*/, ConstPageSpan page, std::uint64_t hint, Slot* placed,
+                      bool* keeps_old) noexcept {
+    *keeps_old = true;
     return Write(page, hint, placed);
   }
 

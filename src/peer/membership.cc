@@ -1,6 +1,7 @@
 #include "peer/membership.h"
 
 #include <algorithm>
+#include <unordered_set>
 #include <cerrno>
 #include <cstring>
 #include <thread>
@@ -212,16 +213,21 @@ bool Membership::ConnectOnce(Member& peer) {
     std::vector<std::uint32_t> unknown;
     bool same = grant.resumed && grant.superpages >= known;
     if (same && grant.listed) {
-      std::size_t found = 0;
-      for (const std::uint32_t sid : grant.superpage_ids) {
-        if (peer.slots.Holds(sid) || std::find(peer.frees_pending.begin(), peer.frees_pending.end(),
-                                               sid) != peer.frees_pending.end()) {
-          ++found;
-        } else {
-          unknown.push_back(sid);
+      try {
+        const std::unordered_set<std::uint32_t> freeing(peer.frees_pending.begin(),
+                                                        peer.frees_pending.end());
+        std::size_t found = 0;
+        for (const std::uint32_t sid : grant.superpage_ids) {
+          if (peer.slots.Holds(sid) || freeing.contains(sid)) {
+            ++found;
+          } else {
+            unknown.push_back(sid);
+          }
         }
+        same = found == known;
+      } catch (const std::bad_alloc&) {
+        unknown.clear();  // they stay unused until the session ends
       }
-      same = found == known;
     }
     if (same) {
       // The same session: its slots, superpages and generation stay.
@@ -367,7 +373,8 @@ void Membership::BreakLocked(Member& peer, const std::string& why) {
   }
   if (peer.transport) peer.transport->Hangup();
   peer.transport.reset();
-  peer.free_pages.store(0, std::memory_order_relaxed);
+  // free_pages stays as last heard: nothing goes to a peer without a transport, and a
+  // writer waiting for the resume must find the room there at once (AwaitAnyResume).
   peer.resuming = true;
   peer.resume_until = std::chrono::steady_clock::now() + std::min(options_.down_after, peer.grace);
   peer.last_error = why + "; resuming its session";
@@ -439,8 +446,29 @@ void Membership::Resume() {
       std::lock_guard lock(peer.mu);
       resuming = peer.resuming;
     }
-    if (resuming) Connect(peer);
+    if (!resuming) continue;
+    Connect(peer);
+    // Up again: the frees that waited (and superpages given back) go now, and its room is
+    // asked for, as at a refresh.
+    if (std::shared_ptr<PeerTransport> transport = TransportOf(peer)) Sync(peer, *transport);
   }
+}
+
+void Membership::Sync(Member& peer, PeerTransport& transport) {
+  std::vector<std::uint32_t> frees;
+  {
+    std::lock_guard lock(peer.mu);
+    frees.swap(peer.frees_pending);
+  }
+  for (const std::uint32_t sid : frees) {
+    transport.FreeSuperpageNoReply(sid, /*wait_to_send=*/true);
+  }
+  QueryReply reply{};
+  if (transport.Query(&reply) != 0) return;  // the reader thread notices a dead link
+  std::lock_guard lock(peer.mu);
+  peer.free_pages.store(reply.free_pages, std::memory_order_relaxed);
+  peer.pool_total_bytes = reply.total_pages * kPageBytes;
+  if (reply.free_pages > 0) peer.refusing = false;
 }
 
 void Membership::Refresh() {
@@ -448,22 +476,7 @@ void Membership::Refresh() {
     Member& peer = *peer_ptr;
     if (peer.removed.load(std::memory_order_acquire) || FinishRemoval(peer)) continue;
     Connect(peer);
-    std::shared_ptr<PeerTransport> transport = TransportOf(peer);
-    if (!transport) continue;
-    std::vector<std::uint32_t> frees;
-    {
-      std::lock_guard lock(peer.mu);
-      frees.swap(peer.frees_pending);
-    }
-    for (const std::uint32_t sid : frees) {
-      transport->FreeSuperpageNoReply(sid, /*wait_to_send=*/true);
-    }
-    QueryReply reply{};
-    if (transport->Query(&reply) != 0) continue;  // the reader thread notices a dead link
-    std::lock_guard lock(peer.mu);
-    peer.free_pages.store(reply.free_pages, std::memory_order_relaxed);
-    peer.pool_total_bytes = reply.total_pages * kPageBytes;
-    if (reply.free_pages > 0) peer.refusing = false;
+    if (std::shared_ptr<PeerTransport> transport = TransportOf(peer)) Sync(peer, *transport);
   }
 }
 

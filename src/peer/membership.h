@@ -235,6 +235,8 @@ class Membership {
   // Where `peer`'s session of `generation` stands: up, waiting to be resumed (or broken and
   // resumable), or gone (ended, down, or not resumable).
   ResumeCheck CheckResume(Member& peer, unsigned generation) noexcept;
+  // Sends `peer`'s frees that wait and asks its lender for its room (QUERY).
+  void Sync(Member& peer, PeerTransport& transport);
   void Connect(Member& peer);
   // Connect's work; true when a session began (new or resumed).
   bool ConnectOnce(Member& peer);

@@ -273,43 +273,23 @@ int Device::StorePageLocked(std::uint64_t page, ConstPageSpan contents) noexcept
     return 0;
   }
   Location placed;
-  int rc = tiers_.Store(contents, page, old, &placed, redundancy_);
+  Location stale;
+  const int rc = tiers_.Store(contents, page, old, &placed, &stale, redundancy_);
   if (rc == 0) {
-    PlacedLocked(page, entry, old, placed);
+    if (placed.tier() == Tier::kRemote) {
+      Count(io_.remote_writes);
+      Count(io_.remote_write_trips);
+    }
+    SetLocation(page, entry, old, placed.WithReferenced(true));
+    tiers_.Release(stale);  // only now that the entry names the new room
     return 0;
   }
-  if (rc != -ENOSPC || old.tier() != Tier::kLocal) return rc;
-  // Every tier is full, and the new contents need a chunk of another size than the page
-  // holds: its own room has to go first. The entry lets go of it before it is freed, so
-  // that a crash in between leaves this page (whose write was not acknowledged) reading
-  // zeros rather than two entries naming one chunk. If no room comes of it, the old
-  // contents go back.
-  alignas(64) std::byte saved[kPageSize];
-  if (tiers_.Load(old, PageSpan(saved)) != 0) return rc;
-  SetLocation(page, entry, old, Location());
-  tiers_.Release(old);
-  rc = tiers_.Store(contents, page, Location(), &placed, redundancy_);
-  if (rc == 0) {
-    PlacedLocked(page, entry, Location(), placed);
-    return 0;
-  }
-  if (tiers_.Store(ConstPageSpan(saved), page, Location(), &placed, redundancy_) == 0) {
-    PlacedLocked(page, entry, Location(), placed);
-  }
-  // else the freed room went to a concurrent writer: the page cannot be kept, and reads
-  // as zeros (an unmapped page).
+  // Every tier is full (for a local page: and its new contents fit neither a new chunk nor
+  // its old one). The page keeps its old contents; freeing its room first to make some
+  // would open a window in which a crash loses them (docs/restart.md).
   return rc;
 }
 
-void Device::PlacedLocked(std::uint64_t page, PageEntry* entry, Location old,
-                          Location placed) noexcept {
-  if (placed.tier() == Tier::kRemote) {
-    Count(io_.remote_writes);
-    Count(io_.remote_write_trips);
-  }
-  SetLocation(page, entry, old, placed.WithReferenced(true));
-  tiers_.ReleaseReplaced(old, kNoCopy, placed, kNoCopy);
-}
 
 int Device::Read(std::uint64_t offset, std::span<std::byte> out) noexcept {
   assert(offset + out.size() <= size_bytes_);

@@ -261,10 +261,6 @@ class Device final : public PageOwner {
   // Before a page's contents change: a clean page becomes dirty (its disk copy goes), and
   // a kCached page becomes plain kDisk (its cache entry goes). REQUIRES: the lock is held.
   void MakeDirty(std::uint64_t page, PageEntry* entry) noexcept;
-  // Records that the page at `old` (with no copy below) now lives at `placed`, where
-  // Tiering::Store put it, and frees `old`'s room unless it was rewritten in place.
-  void PlacedLocked(std::uint64_t page, PageEntry* entry, Location old,
-                    Location placed) noexcept;
   // The first page at or after `from` whose local bit is set, or page_count_ if none.
   std::uint64_t NextLocalPage(std::uint64_t from) const noexcept;
   // Reads [in_page, in_page + count) of one page into `dest`, from whatever tier holds

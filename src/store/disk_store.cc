@@ -124,9 +124,10 @@ int DiskStore::Write(ConstPageSpan page, std::uint64_t /*hint*/, Slot* slot) noe
   return 0;
 }
 
-int DiskStore::Rewrite(Slot slot, ConstPageSpan page, std::uint64_t /*hint*/,
-                       Slot* placed) noexcept {
+int DiskStore::Rewrite(Slot slot, ConstPageSpan page, std::uint64_t /*hint*/, Slot* placed,
+                       bool* keeps_old) noexcept {
   *placed = slot;
+  *keeps_old = false;
   return WriteAt(slot, page);
 }
 

@@ -41,7 +41,8 @@ class DiskStore final : public PageStore {
 
   int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override;
   // Rewrites the slot in place (a file block needs no new room).
-  int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept override;
+  int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed,
+              bool* keeps_old) noexcept override;
   int Read(Slot slot, PageSpan out) noexcept override;
   void Discard(Slot slot) noexcept override;
   // pages: live slots; used_bytes: pages * kPageSize; total_bytes: max_bytes (0 = unbounded).

@@ -340,8 +340,8 @@ int LocalStore::ReserveFrame(std::uint64_t hint, Slot* slot, std::byte** frame) 
   return 0;
 }
 
-int LocalStore::Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint,
-                        Slot* placed) noexcept {
+int LocalStore::Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed,
+                        bool* keeps_old) noexcept {
   alignas(8) std::byte buffer[kLengthBytes + kMaxCompressedBytes];
   const Packed packed = Pack(page, buffer);
   const unsigned old_class = static_cast<unsigned>((slot >> kClassShift) & kFieldMask);
@@ -349,11 +349,32 @@ int LocalStore::Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint,
     // Same chunk size: overwrite in place, no allocator lock at all.
     CopyPacked(packed, ChunkAddress(slot));
     *placed = slot;
+    *keeps_old = false;
     return 0;
   }
   const int rc = Allocate(packed.size_class, hint, placed);
-  if (rc != 0) return rc;
-  CopyPacked(packed, ChunkAddress(*placed));
+  if (rc == 0) {
+    CopyPacked(packed, ChunkAddress(*placed));
+    *keeps_old = true;
+    return 0;
+  }
+  // No room for a chunk of the new size. Contents that fit the old chunk go there: a raw
+  // frame takes the page raw, a smaller packed page fits a larger chunk (its length prefix
+  // says how much of the chunk it uses). A chunk alone in its frame makes the frame a raw
+  // one, which takes the page raw. Either way the page stays in its own room, which no
+  // other page can take meanwhile (docs/restart.md).
+  if (old_class == kRawClass) {
+    CopyPageToFrame(ChunkAddress(slot), page.data());
+    *placed = slot;
+  } else if (packed.size_class != kRawClass && packed.length <= ClassBytes(old_class)) {
+    CopyPacked(packed, ChunkAddress(slot));
+    *placed = slot;
+  } else if (MakeLoneChunkRaw(slot, placed)) {
+    CopyPageToFrame(ChunkAddress(*placed), page.data());
+  } else {
+    return rc;
+  }
+  *keeps_old = false;
   return 0;
 }
 
@@ -373,6 +394,41 @@ int LocalStore::Read(Slot slot, PageSpan out) noexcept {
   return got == static_cast<int>(kPageSize) ? 0 : -EIO;
 }
 
+LocalStore::Shard& LocalStore::ShardOf(std::uint32_t frame) noexcept {
+  // Shards hold frame_count_ / shard_count frames each; the last one also the remainder.
+  const std::uint32_t shard_count = static_cast<std::uint32_t>(shards_.size());
+  const std::uint32_t shard_index = std::min(frame / (frame_count_ / shard_count), shard_count - 1);
+  Shard& shard = *shards_[shard_index];
+  assert(frame >= shard.begin && frame < shard.end);
+  return shard;
+}
+
+bool LocalStore::MakeLoneChunkRaw(Slot slot, Slot* placed) noexcept {
+  const auto frame = static_cast<std::uint32_t>(slot >> kFrameShift);
+  const unsigned old_class = static_cast<unsigned>((slot >> kClassShift) & kFieldMask);
+  const unsigned chunk = static_cast<unsigned>(slot & kFieldMask);
+  Shard& shard = ShardOf(frame);
+  std::lock_guard<std::mutex> lock(shard.mu);
+  FrameMeta& meta = frames_[frame];
+  assert(meta.size_class == old_class);
+  if (meta.used_mask != (1u << chunk)) return false;  // other pages live there
+  if (FullMask(old_class) != 1) {  // a multi-chunk frame with room: leave its partial list
+    if (meta.prev != kNoFrame) {
+      frames_[meta.prev].next = meta.next;
+    } else {
+      shard.partial_head[old_class] = meta.next;
+    }
+    if (meta.next != kNoFrame) frames_[meta.next].prev = meta.prev;
+  }
+  // A raw frame is full with its one page: it is on no list, and no other page can take it.
+  meta.size_class = static_cast<std::uint8_t>(kRawClass);
+  meta.used_mask = 1;
+  meta.prev = kNoFrame;
+  meta.next = kNoFrame;
+  *placed = MakeSlot(frame, kRawClass, 0);
+  return true;
+}
+
 void LocalStore::Discard(Slot slot) noexcept {
   const Slot frame_index = slot >> kFrameShift;
   const unsigned size_class = static_cast<unsigned>((slot >> kClassShift) & kFieldMask);
@@ -382,11 +438,7 @@ void LocalStore::Discard(Slot slot) noexcept {
   const auto frame = static_cast<std::uint32_t>(frame_index);
   const std::uint32_t full = FullMask(size_class);
 
-  // Shards hold frame_count_ / shard_count frames each; the last one also the remainder.
-  const std::uint32_t shard_count = static_cast<std::uint32_t>(shards_.size());
-  const std::uint32_t shard_index = std::min(frame / (frame_count_ / shard_count), shard_count - 1);
-  Shard& shard = *shards_[shard_index];
-  assert(frame >= shard.begin && frame < shard.end);
+  Shard& shard = ShardOf(frame);
   {
     std::lock_guard<std::mutex> lock(shard.mu);
     FrameMeta& meta = frames_[frame];

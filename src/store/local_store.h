@@ -60,8 +60,12 @@ class LocalStore final : public PageStore {
   int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override;
   // Rewrites in place when the new contents need the same chunk size as the old (always
   // so without compression), which takes no lock; else writes a new chunk and leaves the
-  // old one live (PageStore::Rewrite).
-  int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept override;
+  // old one live (PageStore::Rewrite). When there is no room for one: in place if the new
+  // contents fit the old chunk (raw into a raw frame, smaller into a larger chunk), or raw
+  // in the old chunk's frame made over to a raw one if the chunk is alone there (*placed is
+  // then a new slot, and the old one is gone: *keeps_old is false).
+  int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed,
+              bool* keeps_old) noexcept override;
   int Read(Slot slot, PageSpan out) noexcept override;
   void Discard(Slot slot) noexcept override;
   // Takes a whole frame for a page that the caller copies into it itself (a page received
@@ -89,6 +93,10 @@ class LocalStore final : public PageStore {
   // Reserves a chunk of `size_class`, trying the hinted shard first. 0 or -ENOSPC.
   int Allocate(unsigned size_class, std::uint64_t hint, Slot* slot) noexcept;
   std::byte* ChunkAddress(Slot slot) const noexcept;
+  Shard& ShardOf(std::uint32_t frame) noexcept;
+  // If `slot` is the only live chunk of its frame, makes the frame a raw one (its whole
+  // kPageSize bytes for one page), sets *placed to it and returns true.
+  bool MakeLoneChunkRaw(Slot slot, Slot* placed) noexcept;
   // Copies a packed page into its chunk.
   static void CopyPacked(const Packed& packed, std::byte* chunk) noexcept;
 

@@ -207,66 +207,19 @@ int Tiering::RemoteWrite(ConstPageSpan page, std::uint64_t hint, Redundancy redu
   if (!remote_) return -ENOSPC;
   const std::byte* pages[1] = {page.data()};
   int result = -ENOSPC;
-  RemoteWriteBatch(pages, std::span(&hint, 1), redundancy, std::span(slot, 1),
-                   std::span(&result, 1));
+  remote_->WriteBatchCopies(pages, std::span(&hint, 1), RemoteRedundancy(redundancy),
+                            std::span(slot, 1), std::span(&result, 1));
   return result;
 }
 
-void Tiering::RemoteWriteBatch(std::span<const std::byte* const> pages,
-                               std::span<const std::uint64_t> hints, Redundancy redundancy,
-                               std::span<Slot> slots, std::span<int> results) noexcept {
-  remote_->WriteBatchCopies(pages, hints, RemoteRedundancy(redundancy), slots, results);
-  // Without a disk, a page the remote tier has no room for has nowhere else to go: if the
-  // room it lacks is a lender's whose connection broke and is being resumed, it waits for
-  // that (bounded) and is tried once more. With a disk it goes there at once instead.
-  if (disk_ || std::all_of(results.begin(), results.end(), [](int rc) { return rc == 0; })) {
-    return;
-  }
-  if (!remote_->AwaitRoom()) return;
-  constexpr std::size_t kMaxBatch = kMaxDemoteBatch;
-  for (std::size_t base = 0; base < pages.size(); base += kMaxBatch) {
-    const std::size_t end = std::min(pages.size(), base + kMaxBatch);
-    const std::byte* again_pages[kMaxBatch];
-    std::uint64_t again_hints[kMaxBatch];
-    std::size_t again_index[kMaxBatch];
-    std::size_t again = 0;
-    for (std::size_t i = base; i < end; ++i) {
-      if (results[i] == 0) continue;
-      again_pages[again] = pages[i];
-      again_hints[again] = hints[i];
-      again_index[again++] = i;
-    }
-    if (again == 0) continue;
-    Slot again_slots[kMaxBatch];
-    int again_results[kMaxBatch];
-    remote_->WriteBatchCopies(std::span(again_pages, again), std::span(again_hints, again),
-                              RemoteRedundancy(redundancy), std::span(again_slots, again),
-                              std::span(again_results, again));
-    for (std::size_t j = 0; j < again; ++j) {
-      results[again_index[j]] = again_results[j];
-      if (again_results[j] == 0) slots[again_index[j]] = again_slots[j];
-    }
-  }
-}
-
-int Tiering::Demote(ConstPageSpan page, std::uint64_t hint, Location* placed,
-                    Redundancy redundancy) noexcept {
-  Slot slot = 0;
-  const bool disk_first = redundancy.copies == 0 && disk_;
-  if (disk_first && disk_->Write(page, hint, &slot) == 0) {
-    *placed = Location(Tier::kDisk, slot);
-    return 0;
-  }
-  if (RemoteWrite(page, hint, redundancy, &slot) == 0) {
-    *placed = Location(Tier::kRemote, slot);
-    return 0;
-  }
-  if (disk_ && !disk_first) {
-    const int rc = disk_->Write(page, hint, &slot);
-    if (rc == 0) *placed = Location(Tier::kDisk, slot);
-    return rc;
-  }
-  return -ENOSPC;
+int Tiering::RemoteWriteOrWait(ConstPageSpan page, std::uint64_t hint, Redundancy redundancy,
+                               Slot* slot) noexcept {
+  const int rc = RemoteWrite(page, hint, redundancy, slot);
+  // Without a disk, the page has nowhere else to go: if the room it lacks is a lender's
+  // whose connection broke and is being resumed, it waits for that (bounded) and is tried
+  // once more.
+  if (rc == 0 || disk_ || !remote_ || !remote_->AwaitRoom()) return rc;
+  return RemoteWrite(page, hint, redundancy, slot);
 }
 
 void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
@@ -311,8 +264,9 @@ void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
   int dirty_results[kMaxBatch];
   for (std::size_t d = 0; d < dirty; ++d) dirty_results[d] = -ENOSPC;
   if (remote_ && dirty > 0) {
-    RemoteWriteBatch(std::span(dirty_pages, dirty), std::span(dirty_hints, dirty), redundancy,
-                     std::span(slots, dirty), std::span(dirty_results, dirty));
+    remote_->WriteBatchCopies(std::span(dirty_pages, dirty), std::span(dirty_hints, dirty),
+                              RemoteRedundancy(redundancy), std::span(slots, dirty),
+                              std::span(dirty_results, dirty));
     for (std::size_t d = 0; d < dirty; ++d) {
       if (dirty_results[d] == 0) placed[dirty_index[d]] = Location(Tier::kRemote, slots[d]);
     }
@@ -337,13 +291,17 @@ void Tiering::DemoteBatch(std::span<const std::byte* const> pages,
 }
 
 int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Location* placed,
-                   Redundancy redundancy) noexcept {
+                   Location* stale, Redundancy redundancy) noexcept {
   *placed = old;
+  *stale = Location();
   Slot slot = 0;
   const bool was_local = old.tier() == Tier::kLocal;
   // A rewrite that needs a chunk of another size takes a new one and leaves the old live.
-  int rc = was_local ? local_->Rewrite(old.slot(), page, hint, &slot)
+  bool keeps_old = true;
+  int rc = was_local ? local_->Rewrite(old.slot(), page, hint, &slot, &keeps_old)
                      : local_->Write(page, hint, &slot);
+  // Whether the page stays in the room it held (so that nothing is to be released).
+  const bool own_room = rc == 0 && !keeps_old;
   // Set when an eviction scan has not ended within kScanPatience: it waits on a peer that
   // is slow or unreachable, or, under memory pressure, on socket memory that only our own
   // progress can free (the kernel may be waiting for this very write to reclaim it).
@@ -373,6 +331,7 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Locatio
   }
   if (rc == 0) {
     *placed = Location(Tier::kLocal, slot);
+    if (!own_room) *stale = old;
     WakeEvictorIfHigh();
     return 0;
   }
@@ -386,15 +345,19 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Locatio
   // comes first too: that is where such a device keeps its pages.
   const bool try_remote_first =
       remote_ && !(disk_ && (scan_stuck || redundancy.copies == 0));
-  if (try_remote_first && RemoteWrite(page, hint, redundancy, &slot) == 0) {
+  if (try_remote_first && RemoteWriteOrWait(page, hint, redundancy, &slot) == 0) {
     *placed = Location(Tier::kRemote, slot);
+    *stale = old;
     return 0;
   }
   if (!disk_) return -ENOSPC;
   const bool was_disk = old.tier() == Tier::kDisk;
-  rc = was_disk ? disk_->Rewrite(old.slot(), page, hint, &slot) : disk_->Write(page, hint, &slot);
+  keeps_old = true;
+  rc = was_disk ? disk_->Rewrite(old.slot(), page, hint, &slot, &keeps_old)
+                : disk_->Write(page, hint, &slot);
   if (rc == 0) {
     *placed = Location(Tier::kDisk, slot);
+    if (keeps_old) *stale = old;
     return 0;
   }
   if (rc != -ENOSPC || try_remote_first || !remote_ ||
@@ -402,6 +365,7 @@ int Tiering::Store(ConstPageSpan page, std::uint64_t hint, Location old, Locatio
     return rc;
   }
   *placed = Location(Tier::kRemote, slot);
+  *stale = old;
   return 0;
 }
 

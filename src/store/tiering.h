@@ -176,26 +176,20 @@ class Tiering {
 
   // Stores `page` for a page currently at `old` (any tier, unmapped included): in the
   // local store, reclaiming room there if it is full; else in the remote or disk tier.
-  // On success returns 0 and sets *placed, which may be `old`'s own room (rewritten in
-  // place). `old` is never released here: the caller points the page's entry at *placed
-  // first and then calls ReleaseReplaced, so that a crash in between cannot leave two
-  // entries naming one room (docs/restart.md). On failure (-ENOSPC when every tier is
-  // full, or when the local store is and the new contents need a chunk of another size
-  // than `old`'s; -EIO) *placed is `old`, which keeps its contents unless an in-place
+  // On success returns 0, sets *placed, and sets *stale to the room the page held before
+  // and left (`old`), or to an unmapped Location when the page stayed in its own room
+  // (rewritten in place; PageStore::Rewrite). Nothing is released here: the caller points
+  // the page's entry at *placed first and then Releases *stale, so that a crash in between
+  // cannot leave two entries naming one room (docs/restart.md). On failure (-ENOSPC when
+  // every tier is full; -EIO) *placed is `old`, which keeps its contents unless an in-place
   // rewrite met a medium error.
   // REQUIRES: the caller holds the page's lock (no concurrent use of `old`).
   // A page that goes below keeps what the device's `redundancy` asks for (see DemoteBatch).
   int Store(ConstPageSpan page, std::uint64_t hint, Location old, Location* placed,
-            Redundancy redundancy = {}) noexcept;
+            Location* stale, Redundancy redundancy = {}) noexcept;
 
-  // Places a page being evicted from the local store in the remote tier, else the disk
-  // tier (with disk redundancy: the disk tier, else the remote one). Returns 0 with
-  // *placed set, or -ENOSPC when neither has room.
-  int Demote(ConstPageSpan page, std::uint64_t hint, Location* placed,
-             Redundancy redundancy = {}) noexcept;
   // One page into the remote tier as RemoteRedundancy(redundancy) says; -ENOSPC without a
-  // remote tier. Without a disk tier, a page that finds no room while a lender's session is
-  // being resumed waits for it (RemoteWriteBatch).
+  // remote tier.
   int RemoteWrite(ConstPageSpan page, std::uint64_t hint, Redundancy redundancy,
                   Slot* slot) noexcept;
   // What the remote tier keeps of a page of a device with `redundancy`: as asked, except
@@ -314,11 +308,12 @@ class Tiering {
   std::uint64_t evicted_pages() const { return evicted_.load(std::memory_order_relaxed); }
 
  private:
-  // WriteBatchCopies into the remote tier; without a disk tier, the pages that found no
-  // room are tried once more after PageStore::AwaitRoom says it may have come back.
-  void RemoteWriteBatch(std::span<const std::byte* const> pages,
-                        std::span<const std::uint64_t> hints, Redundancy redundancy,
-                        std::span<Slot> slots, std::span<int> results) noexcept;
+  // RemoteWrite for a writer's own page (Store). Without a disk tier, a page that found no
+  // room is tried once more after PageStore::AwaitRoom says it may have come back (a
+  // lender's session being resumed). Eviction and writes around the local store do not
+  // wait: their pages can stay where they are.
+  int RemoteWriteOrWait(ConstPageSpan page, std::uint64_t hint, Redundancy redundancy,
+                        Slot* slot) noexcept;
   PageStore* StoreFor(Tier tier) noexcept;
   double LocalUse() const noexcept;
   bool HasLowerTier() const noexcept { return remote_ != nullptr || disk_ != nullptr; }

@@ -60,8 +60,9 @@ class Watched final : public PageStore {
   int Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) noexcept override {
     return inner_->Write(page, hint, slot);
   }
-  int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept override {
-    return inner_->Rewrite(slot, page, hint, placed);
+  int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed,
+              bool* keeps_old) noexcept override {
+    return inner_->Rewrite(slot, page, hint, placed, keeps_old);
   }
   int Read(Slot slot, PageSpan out) noexcept override { return inner_->Read(slot, out); }
   void ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
@@ -230,8 +231,11 @@ TEST_CASE("LocalStore::Rewrite into a chunk of another size leaves the old chunk
   Slot old_slot = 0;
   REQUIRE(store.Write(ConstPageSpan(small.data(), kPageSize), 0, &old_slot) == 0);
   Slot placed = 0;
-  REQUIRE(store.Rewrite(old_slot, ConstPageSpan(large.data(), kPageSize), 0, &placed) == 0);
+  bool keeps_old = false;
+  REQUIRE(store.Rewrite(old_slot, ConstPageSpan(large.data(), kPageSize), 0, &placed,
+                        &keeps_old) == 0);
   CHECK(placed != old_slot);
+  CHECK(keeps_old);
   CHECK(store.Stats().pages == 2);
   Bytes out(kPageSize);
   REQUIRE(store.Read(old_slot, PageSpan(out.data(), kPageSize)) == 0);
@@ -240,10 +244,82 @@ TEST_CASE("LocalStore::Rewrite into a chunk of another size leaves the old chunk
   CHECK(out == large);
   // The same size class is rewritten in place.
   Slot again = 0;
-  REQUIRE(store.Rewrite(placed, ConstPageSpan(large.data(), kPageSize), 0, &again) == 0);
+  REQUIRE(store.Rewrite(placed, ConstPageSpan(large.data(), kPageSize), 0, &again, &keeps_old) ==
+          0);
   CHECK(again == placed);
+  CHECK_FALSE(keeps_old);
   store.Discard(old_slot);
   CHECK(store.Stats().pages == 1);
+}
+
+TEST_CASE("LocalStore::Rewrite in a full store keeps a page in its own room, or refuses") {
+  // Two frames: a packed page in one, a raw page filling the other. No frame is free.
+  std::mt19937_64 rng(9);
+  const auto page_of = [&](std::size_t random_bytes) {  // compresses to about that much
+    Bytes page(kPageSize, std::byte{0});
+    for (std::size_t i = 0; i < random_bytes; ++i) page[i] = static_cast<std::byte>(rng());
+    return page;
+  };
+  LocalStore store(2 * kPageSize, Compression::kLz4);
+  Bytes out(kPageSize);
+  Slot placed = 0;
+  bool keeps_old = true;
+  const Bytes raw = page_of(kPageSize);
+
+  SUBCASE("a page that shrinks is rewritten in its larger chunk") {
+    const Bytes medium = page_of(600);
+    Slot slot = 0;
+    REQUIRE(store.Write(ConstPageSpan(medium.data(), kPageSize), 0, &slot) == 0);
+    Slot other = 0;
+    REQUIRE(store.Write(ConstPageSpan(raw.data(), kPageSize), 1, &other) == 0);
+    const Bytes smaller = page_of(8);
+    REQUIRE(store.Rewrite(slot, ConstPageSpan(smaller.data(), kPageSize), 0, &placed,
+                          &keeps_old) == 0);
+    CHECK(placed == slot);
+    CHECK_FALSE(keeps_old);
+    REQUIRE(store.Read(slot, PageSpan(out.data(), kPageSize)) == 0);
+    CHECK(out == smaller);
+    CHECK(store.Stats().pages == 2);
+  }
+  SUBCASE("a page alone in its frame that no longer compresses takes the frame raw") {
+    const Bytes small = page_of(8);
+    Slot slot = 0;
+    REQUIRE(store.Write(ConstPageSpan(small.data(), kPageSize), 0, &slot) == 0);
+    Slot other = 0;
+    REQUIRE(store.Write(ConstPageSpan(raw.data(), kPageSize), 1, &other) == 0);
+    const Bytes incompressible = page_of(kPageSize);
+    REQUIRE(store.Rewrite(slot, ConstPageSpan(incompressible.data(), kPageSize), 0, &placed,
+                          &keeps_old) == 0);
+    CHECK(placed != slot);
+    CHECK((placed >> 8) == (slot >> 8));  // the same frame
+    CHECK_FALSE(keeps_old);
+    REQUIRE(store.Read(placed, PageSpan(out.data(), kPageSize)) == 0);
+    CHECK(out == incompressible);
+    CHECK(store.Stats().pages == 2);
+    // The frame is the page's alone: nothing small fits beside it now.
+    Slot none = 0;
+    CHECK(store.Write(ConstPageSpan(small.data(), kPageSize), 0, &none) == -ENOSPC);
+    store.Discard(placed);
+    CHECK(store.Stats().used_bytes == kPageSize);
+  }
+  SUBCASE("a page that shares its frame and no longer compresses is refused, and kept") {
+    const Bytes small = page_of(8);
+    Slot slot = 0;
+    Slot beside = 0;
+    REQUIRE(store.Write(ConstPageSpan(small.data(), kPageSize), 0, &slot) == 0);
+    REQUIRE(store.Write(ConstPageSpan(small.data(), kPageSize), 0, &beside) == 0);
+    REQUIRE((beside >> 8) == (slot >> 8));
+    Slot other = 0;
+    REQUIRE(store.Write(ConstPageSpan(raw.data(), kPageSize), 1, &other) == 0);
+    const Bytes incompressible = page_of(kPageSize);
+    CHECK(store.Rewrite(slot, ConstPageSpan(incompressible.data(), kPageSize), 0, &placed,
+                        &keeps_old) == -ENOSPC);
+    REQUIRE(store.Read(slot, PageSpan(out.data(), kPageSize)) == 0);
+    CHECK(out == small);
+    REQUIRE(store.Read(beside, PageSpan(out.data(), kPageSize)) == 0);
+    CHECK(out == small);
+    CHECK(store.Stats().pages == 3);
+  }
 }
 
 }  // namespace memlend

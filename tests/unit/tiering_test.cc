@@ -293,9 +293,10 @@ class FaultyStore final : public PageStore {
     if (const int rc = fail_writes.load()) return rc;
     return inner_->Write(page, hint, slot);
   }
-  int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed) noexcept override {
+  int Rewrite(Slot slot, ConstPageSpan page, std::uint64_t hint, Slot* placed,
+              bool* keeps_old) noexcept override {
     if (const int rc = fail_writes.load()) return rc;
-    return inner_->Rewrite(slot, page, hint, placed);
+    return inner_->Rewrite(slot, page, hint, placed, keeps_old);
   }
   int Read(Slot slot, PageSpan out) noexcept override {
     if (const int rc = fail_reads.load()) return rc;
