@@ -60,6 +60,20 @@ wait_for() {
   fail "$what did not happen within $seconds s; $name status: $(status_json "$name")"
 }
 
+# Stops the fio_loop running as $fio_loop_pid; fails if a run failed while $1.
+end_fio_loop() {
+  touch "$workdir/stop"
+  wait "$fio_loop_pid"
+  local runs
+  runs=$(cat "$workdir/fio_runs")
+  if [[ -e $workdir/fio_failed ]]; then
+    head -n 20 "$workdir/$(head -n 1 "$workdir/fio_failed").stderr"
+    tail -n 30 "$workdir/borrower.stderr"
+    fail "fio runs failed while $1: $(tr '\n' ' ' <"$workdir/fio_failed")(of $runs)"
+  fi
+  echo "  fio: $runs runs, all clean"
+}
+
 fio_loop &
 fio_loop_pid=$!
 wait_for 60 "pages reaching both lenders" borrower "all(p['pages_stored'] > 500 for p in s['peers'])"
@@ -72,15 +86,7 @@ for i in $(seq "$breaks"); do
   sleep 1.5
 done
 wait_for 30 "every lender up again" borrower "all(p['state'] == 'up' for p in s['peers'])"
-touch "$workdir/stop"
-wait "$fio_loop_pid"
-runs=$(cat "$workdir/fio_runs")
-if [[ -e $workdir/fio_failed ]]; then
-  head -n 20 "$workdir/$(head -n 1 "$workdir/fio_failed").stderr"
-  tail -n 30 "$workdir/borrower.stderr"
-  fail "fio runs failed while connections broke: $(tr '\n' ' ' <"$workdir/fio_failed")(of $runs)"
-fi
-echo "  fio: $runs runs, all clean"
+end_fio_loop "connections broke"
 echo "verify-only pass over everything the runs wrote"
 run_fio verify --verify_only || { cat "$workdir/verify.stderr"; fail "fio verify-only run failed"; }
 check_fio_clean verify || fail "fio verify-only run reported errors"
@@ -110,15 +116,7 @@ for i in $(seq "$breaks"); do
   sleep 1.5
 done
 wait_for 30 "lender1 up again" borrower "s['peers'][0]['state'] == 'up'"
-touch "$workdir/stop"
-wait "$fio_loop_pid"
-runs=$(cat "$workdir/fio_runs")
-if [[ -e $workdir/fio_failed ]]; then
-  head -n 20 "$workdir/$(head -n 1 "$workdir/fio_failed").stderr"
-  tail -n 30 "$workdir/borrower.stderr"
-  fail "fio runs failed while the only lender's connection broke: $(tr '\n' ' ' <"$workdir/fio_failed")(of $runs)"
-fi
-echo "  fio: $runs runs, all clean"
+end_fio_loop "the only lender's connection broke"
 [[ $(status_eval borrower "s['remote_store']['lost_pages']") == 0 ]] || fail "pages were lost"
 
 # A borrower that dies and does not come back within --borrower-grace.
