@@ -523,6 +523,12 @@ int main(int argc, char** argv) {
                      "open)")
       ->type_name("N")
       ->default_str("32");
+  daemon->add_option("--max-lend-per-borrower", daemon_args.max_lend_per_borrower,
+                     "The most one borrower (by node id, across its connections) may hold of "
+                     "the lent memory at once, in whole 2 MiB superpages; past it, its requests "
+                     "for more are refused and it places pages elsewhere (default 0: no limit "
+                     "but --lend)")
+      ->type_name("SIZE");
   daemon->add_option("--borrower-grace", daemon_args.borrower_grace,
                      "Seconds a borrower's memory is kept after its connection ends (0-86400), "
                      "for it to reconnect and resume its session with the secret it was given; "

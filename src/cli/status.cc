@@ -27,6 +27,18 @@ std::string FormatStatus(const nlohmann::json& status) {
                   FormatSize(U64(lending, "total_bytes")).c_str(),
                   static_cast<unsigned long long>(U64(lending, "borrowers")));
     text += line;
+    const std::uint64_t limit = U64(lending, "max_lend_per_borrower_bytes");
+    if (lending.contains("by_borrower")) {
+      for (const nlohmann::json& borrower : lending.at("by_borrower")) {
+        std::snprintf(line, sizeof(line), "             node %s holds %s (%llu session(s))%s%s\n",
+                      borrower.value("node_id", "?").c_str(),
+                      FormatSize(U64(borrower, "pages") * 4096).c_str(),
+                      static_cast<unsigned long long>(U64(borrower, "sessions")),
+                      limit > 0 ? " of at most " : "",
+                      limit > 0 ? FormatSize(limit).c_str() : "");
+        text += line;
+      }
+    }
     if (lending.contains("parked")) {
       for (const nlohmann::json& parked : lending.at("parked")) {
         std::snprintf(line, sizeof(line),

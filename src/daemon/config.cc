@@ -199,6 +199,10 @@ bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* err
       *error = "--borrower-grace applies to lent memory: give --lend SIZE too";
       return false;
     }
+    if (!args.max_lend_per_borrower.empty()) {
+      *error = "--max-lend-per-borrower applies to lent memory: give --lend SIZE too";
+      return false;
+    }
     if (!args.reclaim_below.empty() || !args.reclaim_pressure.empty()) {
       *error = std::string(args.reclaim_below.empty() ? "--reclaim-pressure" : "--reclaim-below") +
                " applies to lent memory: give --lend SIZE too";
@@ -241,6 +245,15 @@ bool BuildLending(const DaemonArgs& args, DaemonConfig* config, std::string* err
     return false;
   }
   config->borrower_grace_ms = std::uint64_t{grace_s} * 1000;
+  if (!args.max_lend_per_borrower.empty()) {
+    const std::optional<std::uint64_t> limit = ParseSize(args.max_lend_per_borrower);
+    if (!limit || (*limit != 0 && *limit < (2u << 20))) {
+      *error = "--max-lend-per-borrower " + Quote(args.max_lend_per_borrower) +
+               ": expected a size of at least 2M (one superpage), or 0 for no limit";
+      return false;
+    }
+    config->max_lend_per_borrower_bytes = *limit / (2u << 20) * (2u << 20);
+  }
   const std::optional<std::uint64_t> lend = ParseSize(args.lend);
   if (!lend || *lend < (2u << 20)) {
     *error = "--lend " + Quote(args.lend) + ": expected a size of at least 2M (one superpage)";

@@ -61,6 +61,7 @@ struct DaemonConfig {
   std::uint64_t lend_bytes = 0;
   Endpoint listen;                      // where lenders serve the peer protocol
   unsigned max_borrowers = 32;          // borrower connections at once
+  std::uint64_t max_lend_per_borrower_bytes = 0;  // whole superpages; 0: no limit
   // How long a lender keeps a borrower's memory after its connection ends, for it to resume.
   std::uint64_t borrower_grace_ms = 60000;
   // How long a lender leaving (SIGTERM) waits for its borrowers to move their pages off.
@@ -112,6 +113,7 @@ struct DaemonArgs {
   bool no_mlock = false;
   std::string max_connections;  // empty: the default
   std::string max_borrowers;    // empty: the default
+  std::string max_lend_per_borrower;  // a size; empty or 0: no limit
   std::string drain_deadline;   // seconds; empty: the default
   std::string borrower_grace;   // seconds; empty: the default
   std::string reclaim_below;    // a size; empty: never

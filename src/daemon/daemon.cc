@@ -220,6 +220,8 @@ Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), h
   if (config.lend_bytes > 0) {
     peer::LenderOptions options;
     options.max_borrowers = config.max_borrowers;
+    options.max_superpages_per_borrower =
+        static_cast<std::uint32_t>(config.max_lend_per_borrower_bytes / peer::kSuperpageBytes);
     options.borrower_grace = std::chrono::milliseconds(config.borrower_grace_ms);
     options.realtime = locks_memory_;  // replies may be what a swapping host waits for
     lender_ = std::make_unique<peer::LenderService>(config.listen, config.lend_bytes,
@@ -796,8 +798,21 @@ nlohmann::json Daemon::Status() const {
                        {"max_borrowers", lender_ ? config_.max_borrowers : 0},
                        {"held_pages", lending.held_pages},
                        {"draining", lending.draining},
-                       {"borrower_grace_s", lender_ ? config_.borrower_grace_ms / 1000 : 0}};
+                       {"borrower_grace_s", lender_ ? config_.borrower_grace_ms / 1000 : 0},
+                       {"max_lend_per_borrower_bytes", config_.max_lend_per_borrower_bytes}};
   if (lender_) {
+    // What each borrower node holds, across its sessions (live and parked).
+    std::map<std::uint64_t, std::pair<std::uint64_t, unsigned>> by_node;  // pages, sessions
+    for (const peer::BorrowerHolding& holding : lender_->Holdings()) {
+      auto& [pages, sessions] = by_node[holding.node_id];
+      pages += holding.pages;
+      ++sessions;
+    }
+    nlohmann::json borrowers = nlohmann::json::array();
+    for (const auto& [node, held] : by_node) {
+      borrowers.push_back({{"node_id", Hex(node)}, {"pages", held.first}, {"sessions", held.second}});
+    }
+    status["lending"]["by_borrower"] = std::move(borrowers);
     nlohmann::json parked = nlohmann::json::array();
     for (const peer::ParkedSession& session : lender_->Parked()) {
       parked.push_back({{"node_id", Hex(session.node_id)},

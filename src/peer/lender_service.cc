@@ -527,8 +527,15 @@ class LenderService::Connection {
       return RefuseLength(request, s, 0);
     }
     const LenderPoolStats stats = service_.pool_.Stats(session_.id.load(std::memory_order_relaxed));
-    const QueryReply reply{stats.total_pages, stats.free_pages, stats.caller_pages,
-                           stats.borrowers, kPagesPerSuperpage};
+    // Under a per-borrower limit the free pages the caller sees are what it may still take.
+    std::uint64_t free_pages = stats.free_pages;
+    if (const std::uint64_t limit = service_.options_.max_superpages_per_borrower) {
+      const std::uint64_t held =
+          service_.NodeSuperpages(session_.node_id.load(std::memory_order_relaxed));
+      free_pages = std::min(free_pages, (limit > held ? limit - held : 0) * kPagesPerSuperpage);
+    }
+    const QueryReply reply{stats.total_pages, free_pages, stats.caller_pages, stats.borrowers,
+                           kPagesPerSuperpage};
     EncodeBody(reply, Body());
     return Send(request, Status::kOk, sizeof(reply));
   }
@@ -539,6 +546,18 @@ class LenderService::Connection {
     }
     if (service_.shutting_down_.load(std::memory_order_acquire)) {
       return Refuse(request, Status::kShuttingDown, "the lender is shutting down");
+    }
+    if (const std::uint64_t limit = service_.options_.max_superpages_per_borrower) {
+      const std::uint64_t node = session_.node_id.load(std::memory_order_relaxed);
+      // Two sessions of one node asking at once may both pass: the limit then holds within
+      // a superpage per session, still bounded.
+      if (service_.NodeSuperpages(node) >= limit) {
+        return Refuse(request, Status::kNoSpace,
+                      "borrower node %016llx holds its limit of %llu superpages "
+                      "(--max-lend-per-borrower)",
+                      static_cast<unsigned long long>(node),
+                      static_cast<unsigned long long>(limit));
+      }
     }
     SuperpageBody reply{};
     const Status status = service_.pool_.AllocSuperpage(session_.id, &reply.sid);
@@ -936,6 +955,21 @@ void LenderService::SendReclaims(Session& session) noexcept {
   asked.erase(asked.begin(), asked.begin() + static_cast<std::ptrdiff_t>(std::min(sent, asked.size())));
   session.notices_waiting.store(!asked.empty() || !session.unsent_tail.empty(),
                                  std::memory_order_release);
+}
+
+std::uint64_t LenderService::NodeSuperpages(std::uint64_t node_id) const {
+  // The pool's lock under mu_, as for Stats (the lock order: mu_, then the pool's).
+  std::lock_guard lock(mu_);
+  std::uint64_t superpages = 0;
+  for (const auto& [id, session] : sessions_) {
+    if (session->node_id.load(std::memory_order_relaxed) == node_id) {
+      superpages += pool_.SuperpagesOf(session->id.load(std::memory_order_relaxed));
+    }
+  }
+  for (const auto& [id, entry] : parked_) {
+    if (entry.node_id == node_id) superpages += pool_.SuperpagesOf(id);
+  }
+  return superpages;
 }
 
 std::vector<BorrowerHolding> LenderService::Holdings() const {

@@ -87,6 +87,10 @@ struct LenderOptions {
   std::chrono::milliseconds hello_timeout{5000};
   // Who may connect, for a unix socket.
   UnixSocketAccess access;
+  // The most superpages one borrower node (by the node id in its HELLO) holds at once,
+  // across its sessions, live and parked; 0: no limit but the pool. Its active (ephemeral)
+  // pages are not counted: any allocation evicts them.
+  std::uint32_t max_superpages_per_borrower = 0;
   // How long a session that holds memory is kept after its connection ends, for its
   // borrower to resume with the session's secret (docs/restart.md). 0: freed at once.
   std::chrono::milliseconds borrower_grace{60000};
@@ -162,6 +166,9 @@ class LenderService {
   LendingStats Stats() const;
   // What each session holds now, for sessions holding anything. Thread-safe.
   std::vector<BorrowerHolding> Holdings() const;
+  // Superpages held now by the sessions (live and parked) of borrower node `node_id`.
+  // Thread-safe.
+  std::uint64_t NodeSuperpages(std::uint64_t node_id) const;
   // Sessions open now, with or without HELLO. Thread-safe.
   unsigned sessions() const;
 

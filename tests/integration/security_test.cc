@@ -320,6 +320,61 @@ TEST_SUITE("security") {
     CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
   }
 
+  TEST_CASE("--max-lend-per-borrower: a client that grabs superpages gets its share only, and "
+            "the real borrower still places its pages there") {
+    TempDir dir;
+    MemlendDaemon lender(dir, LenderOptions("16M", {"--max-lend-per-borrower", "4M"}), "lender");
+    RawPeerClient grabber(lender.listen_port());
+    REQUIRE(grabber.Hello(0x1234));
+    int granted = 0;
+    for (int i = 0; i < 8; ++i) {
+      const std::optional<PeerMessage> reply = grabber.Call(kAllocSuperpage);
+      REQUIRE(reply);
+      if (reply->header.status != 0) {
+        CHECK(reply->Text().find("--max-lend-per-borrower") != std::string::npos);
+        break;
+      }
+      ++granted;
+    }
+    CHECK(granted == 2);  // 4 MiB in 2 MiB superpages
+
+    DaemonOptions options;
+    options.devices = {"d0:8M"};
+    options.local_store = "2M";
+    options.backing_file = dir.File("backing.img");
+    options.peers = {lender.ListenAddress()};
+    options.extra_args = {"--redundancy", "none"};  // pages to the lender first, then the file
+    MemlendDaemon borrower(dir, options, "borrower");
+    {
+      NbdClient client(borrower.endpoint(), "d0");
+      std::mt19937_64 rng(3);
+      std::vector<uint8_t> data(8 << 20);
+      for (uint8_t& byte : data) byte = static_cast<uint8_t>(rng());
+      client.Write(data, 0);
+      std::vector<uint8_t> back(data.size());
+      client.Read(back, 0);
+      CHECK(back == data);
+    }
+    const uint64_t on_lender = U64(borrower.Status().at("peers").at(0), "pages_stored");
+    INFO("pages the borrower keeps on the lender: " << on_lender);
+    CHECK(on_lender > 0);
+    CHECK(on_lender <= 1024);  // its own 4 MiB at most
+    // The lender accounts for each borrower node.
+    const json by_borrower = lender.Status().at("lending").at("by_borrower");
+    INFO("by_borrower: " << by_borrower.dump());
+    REQUIRE(by_borrower.size() == 2);
+    for (const json& node : by_borrower) {
+      CHECK(U64(node, "sessions") == 1);
+      // The grabber holds its two superpages; the borrower its pages there (its clean pages
+      // cached in the ephemeral pool count too: they are evicted for anyone's allocation).
+      if (node.at("node_id") == "0000000000001234") CHECK(U64(node, "pages") == 1024);
+      else CHECK(U64(node, "pages") >= on_lender);
+    }
+    CHECK(U64(lender.Status().at("lending"), "max_lend_per_borrower_bytes") == (4u << 20));
+    CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+    CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
+  }
+
   TEST_CASE("a borrower that a full lender refuses shows why, and gets in once there is room") {
     TempDir dir;
     MemlendDaemon lender(dir, LenderOptions("16M", {"--max-borrowers", "1"}), "lender");

@@ -535,6 +535,7 @@ TEST_CASE("BuildDaemonConfig reads the connection bounds, socket access and --fo
   REQUIRE(BuildDaemonConfig(args, &config, &error));
   CHECK(config.max_connections == 64);
   CHECK(config.max_borrowers == 32);
+  CHECK(config.max_lend_per_borrower_bytes == 0);
   CHECK(config.nbd_access.mode == 0600);
   CHECK(config.nbd_access.group == static_cast<gid_t>(-1));
   CHECK_FALSE(config.force);
@@ -546,11 +547,13 @@ TEST_CASE("BuildDaemonConfig reads the connection bounds, socket access and --fo
   args.lend = "4M";
   args.listen = "127.0.0.1:7710";
   args.max_borrowers = "5";
+  args.max_lend_per_borrower = "5M";  // whole superpages: 4 MiB
   args.force = true;
   config = DaemonConfig{};
   REQUIRE_MESSAGE(BuildDaemonConfig(args, &config, &error), error);
   CHECK(config.max_connections == 200);
   CHECK(config.max_borrowers == 5);
+  CHECK(config.max_lend_per_borrower_bytes == 4 << 20);
   CHECK(config.nbd_access.mode == 0660);
   CHECK(config.nbd_access.group == 0);
   CHECK(config.force);
@@ -646,6 +649,16 @@ TEST_CASE("BuildDaemonConfig refuses bad bounds and socket options, naming them"
   args = GoodArgs();
   args.max_borrowers = "3";
   CHECK(Contains(BuildError(args), "--max-borrowers applies to lent memory"));
+  args = GoodArgs();
+  args.max_lend_per_borrower = "4M";
+  CHECK(Contains(BuildError(args), "--max-lend-per-borrower applies to lent memory"));
+  for (const char* limit : {"1M", "12x", "-2M"}) {
+    DaemonArgs lender;
+    lender.lend = "4M";
+    lender.listen = "127.0.0.1:7710";
+    lender.max_lend_per_borrower = limit;
+    CHECK(Contains(BuildError(lender), "--max-lend-per-borrower '"));
+  }
 
   args = GoodArgs();  // a TCP --nbd
   args.socket_mode = "0660";

@@ -976,6 +976,55 @@ TEST_CASE("a connection that does not say HELLO in time is hung up") {
   CHECK(prompt.Query());
 }
 
+TEST_CASE("a borrower node holds at most max_superpages_per_borrower, across its sessions") {
+  LenderOptions options;
+  options.max_superpages_per_borrower = 2;
+  RunningLender lender(8 * kSuperpageBytes, 0xfeed, options);
+  const auto alloc = [](PeerTestClient& client) -> std::optional<std::uint32_t> {
+    std::optional<TestMessage> reply = client.Call(MessageType::kAllocSuperpage);
+    REQUIRE(reply);
+    SuperpageBody body{};
+    if (reply->status() != Status::kOk) {
+      CHECK(reply->status() == Status::kNoSpace);
+      CHECK(reply->text().find("limit of 2 superpages") != std::string::npos);
+      return std::nullopt;
+    }
+    REQUIRE(reply->As(&body));
+    return body.sid;
+  };
+  PeerTestClient a = lender.Connect();
+  REQUIRE(a.Hello(7));
+  const std::optional<std::uint32_t> first = alloc(a);
+  REQUIRE(first);
+  // QUERY tells it what it may still take, not the whole pool's room.
+  std::optional<QueryReply> query = a.Query();
+  REQUIRE(query);
+  CHECK(query->free_pages == kPagesPerSuperpage);
+  REQUIRE(alloc(a));
+  CHECK_FALSE(alloc(a));
+  query = a.Query();
+  REQUIRE(query);
+  CHECK(query->free_pages == 0);
+  // Another session of the same node shares the limit; another node has its own.
+  PeerTestClient a2 = lender.Connect();
+  REQUIRE(a2.Hello(7));
+  CHECK_FALSE(alloc(a2));
+  PeerTestClient b = lender.Connect();
+  REQUIRE(b.Hello(8));
+  CHECK(alloc(b));
+  CHECK(alloc(b));
+  CHECK_FALSE(alloc(b));
+  CHECK(lender.service->NodeSuperpages(7) == 2);
+  CHECK(lender.service->NodeSuperpages(8) == 2);
+  // Freeing one makes room for the node again.
+  std::optional<TestMessage> freed =
+      a.Call(MessageType::kFreeSuperpage, 0, SuperpageBody{*first});
+  REQUIRE(freed);
+  REQUIRE(freed->status() == Status::kOk);
+  CHECK(alloc(a2));
+  CHECK(lender.service->Stats().used_bytes == 4 * kSuperpageBytes);
+}
+
 TEST_CASE("past max_borrowers a connection gets a HELLO reply with tag 0 saying why") {
   LenderOptions options;
   options.max_borrowers = 2;
