@@ -6,6 +6,8 @@ set -euo pipefail
 packages=(
   cmake g++ make pkg-config
   liburing-dev libnbd-dev libcli11-dev nlohmann-json3-dev doctest-dev liblz4-dev
+  # libcrypto (OpenSSL 3): sealing pages that leave the host (docs/security.md)
+  libssl-dev
   fio nbdkit libnbd-bin python3
   # memlend attach --frontend fuse: nbdfuse (libnbd-bin, above) and fusermount3
   fuse3
