@@ -70,24 +70,11 @@ wait_for() {
   fail "$what did not happen within $seconds s; borrower status: $(status_json borrower)"
 }
 
-start_fio() {
-  rm -f "$workdir/stop" "$workdir/fio_failed" "$workdir/fio_runs"
-  fio_loop &
-  fio_loop_pid=$!
-}
 # stop_fio: ends the loop after its current run and checks every run was clean; prints the runs'
 # maximum completion latency (ms) as $max_latency_ms.
 stop_fio() {
-  touch "$workdir/stop"
-  wait "$fio_loop_pid"
-  local runs
-  runs=$(cat "$workdir/fio_runs")
-  if [[ -e $workdir/fio_failed ]]; then
-    local first
-    first=$(head -n 1 "$workdir/fio_failed")
-    head -n 20 "$workdir/$first.stderr"
-    fail "fio runs failed under faults: $(tr '\n' ' ' <"$workdir/fio_failed")(of $runs)"
-  fi
+  end_fio_loop "under faults"
+  local runs=$fio_runs
   max_latency_ms=$(python3 - "$workdir" "$runs" <<'EOF'
 import json, sys
 worst = 0
@@ -153,7 +140,7 @@ settled="$all_up and s['remote_store']['degraded_pages'] == 0 and s['remote_stor
 case $mode in
 freeze)
   freeze_s=${MEMLEND_FREEZE_S:-10}
-  start_fio
+  start_fio_loop
   wait_for 60 "pages reaching lender1" "$(printf '%s' "next(p['pages_stored'] for p in s['peers'] if p['address'].endswith(':${ports[0]}')) > 500")"
   echo "lender1 holds $(peer_field 1 pages_stored) copies: kill -STOP for $freeze_s s"
   kill -STOP "${ml_pids[lender1]}"
@@ -179,7 +166,7 @@ freeze)
   ((max_latency_ms < freeze_s * 1000)) || fail "a request waited ${max_latency_ms} ms: for the frozen lender"
   ;;
 membership)
-  start_fio
+  start_fio_loop
   sleep 2
   echo "memlend peer add lender3"
   "$memlend" peer add "127.0.0.1:${ports[2]}" --control "$workdir/borrower.control" ||
@@ -216,7 +203,7 @@ reclaim)
     "$memlend" lend "$@" --deadline 30 --control "$workdir/lender$n.control" | tail -n 1 ||
       fail "memlend lend $* on lender$n did not end with the pool at its size"
   }
-  start_fio
+  start_fio_loop
   wait_for 60 "pages reaching every lender" "all(p['pages_stored'] > 500 for p in s['peers'])"
   lend 1 --size 8M
   (($(lending_field 1 total_bytes) == 8 << 20)) || fail "lender1's pool is not 8 MiB"
@@ -239,7 +226,7 @@ chaos)
   seed=${MEMLEND_CHAOS_SEED:-$RANDOM}
   echo "chaos for $chaos_s s, seed $seed (MEMLEND_CHAOS_SEED repeats it)"
   RANDOM=$seed
-  start_fio
+  start_fio_loop
   wait_for 60 "pages reaching every lender" "all(p['pages_stored'] > 200 for p in s['peers'])"
   started=$SECONDS
   faults=0

@@ -102,3 +102,24 @@ fio_loop() {
   done
   echo "$n" >"$workdir/fio_runs"
 }
+
+# start_fio_loop: runs fio_loop in the background, afresh, as $fio_loop_pid.
+start_fio_loop() {
+  rm -f "$workdir/stop" "$workdir/fio_failed" "$workdir/fio_runs"
+  fio_loop &
+  fio_loop_pid=$!
+}
+
+# end_fio_loop WHILE: ends the loop after its current run and sets $fio_runs; fails, saying
+# that runs failed while WHILE, if one did (showing the first one's errors and the borrower's
+# log), else says how many runs were clean.
+end_fio_loop() {
+  touch "$workdir/stop"
+  wait "$fio_loop_pid"
+  fio_runs=$(cat "$workdir/fio_runs")
+  if [[ -e $workdir/fio_failed ]]; then
+    head -n 20 "$workdir/$(head -n 1 "$workdir/fio_failed").stderr"
+    [[ -e $workdir/borrower.stderr ]] && tail -n 30 "$workdir/borrower.stderr"
+    fail "fio runs failed while $1: $(tr '\n' ' ' <"$workdir/fio_failed")(of $fio_runs)"
+  fi
+}

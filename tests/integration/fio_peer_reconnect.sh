@@ -60,22 +60,7 @@ wait_for() {
   fail "$what did not happen within $seconds s; $name status: $(status_json "$name")"
 }
 
-# Stops the fio_loop running as $fio_loop_pid; fails if a run failed while $1.
-end_fio_loop() {
-  touch "$workdir/stop"
-  wait "$fio_loop_pid"
-  local runs
-  runs=$(cat "$workdir/fio_runs")
-  if [[ -e $workdir/fio_failed ]]; then
-    head -n 20 "$workdir/$(head -n 1 "$workdir/fio_failed").stderr"
-    tail -n 30 "$workdir/borrower.stderr"
-    fail "fio runs failed while $1: $(tr '\n' ' ' <"$workdir/fio_failed")(of $runs)"
-  fi
-  echo "  fio: $runs runs, all clean"
-}
-
-fio_loop &
-fio_loop_pid=$!
+start_fio_loop
 wait_for 60 "pages reaching both lenders" borrower "all(p['pages_stored'] > 500 for p in s['peers'])"
 breaks=${MEMLEND_BREAKS:-4}
 for i in $(seq "$breaks"); do
@@ -87,6 +72,7 @@ for i in $(seq "$breaks"); do
 done
 wait_for 30 "every lender up again" borrower "all(p['state'] == 'up' for p in s['peers'])"
 end_fio_loop "connections broke"
+echo "  fio: $fio_runs runs, all clean"
 echo "verify-only pass over everything the runs wrote"
 run_fio verify --verify_only || { cat "$workdir/verify.stderr"; fail "fio verify-only run failed"; }
 check_fio_clean verify || fail "fio verify-only run reported errors"
@@ -106,9 +92,7 @@ echo "one lender, no backing file: writes wait for the session to come back"
 stop_daemon borrower
 start_daemon borrower --device fio:64M --nbd "unix:$socket" --local-store 2M --compress none \
   --redundancy none --peer "127.0.0.1:${ports[0]}"
-rm -f "$workdir/stop" "$workdir/fio_failed" "$workdir/fio_runs"
-fio_loop &
-fio_loop_pid=$!
+start_fio_loop
 wait_for 60 "pages reaching lender1" borrower "s['peers'][0]['pages_stored'] > 500"
 for i in $(seq "$breaks"); do
   echo "break $i: aborting the borrower's only lender connection"
@@ -117,6 +101,7 @@ for i in $(seq "$breaks"); do
 done
 wait_for 30 "lender1 up again" borrower "s['peers'][0]['state'] == 'up'"
 end_fio_loop "the only lender's connection broke"
+echo "  fio: $fio_runs runs, all clean"
 [[ $(status_eval borrower "s['remote_store']['lost_pages']") == 0 ]] || fail "pages were lost"
 
 # A borrower that dies and does not come back within --borrower-grace.
