@@ -542,6 +542,12 @@ int main(int argc, char** argv) {
                    "Reserve --local-store and --lend even past what this host can hold (MemTotal "
                    "less the larger of 1 GiB and 10%, at most a quarter) or lock (RLIMIT_MEMLOCK): the kernel's "
                    "OOM killer may then stop any process of the host");
+  daemon->add_flag("--seal-pages", daemon_args.seal_pages,
+                   "Encrypt and authenticate every page before it goes to a lender (AES-256-GCM "
+                   "under a key that never leaves this host; tags kept here), so a lender can "
+                   "neither read a page nor change, swap or replay one undetected: a copy that "
+                   "fails its check is read from another copy, or the read fails with EIO. "
+                   "Clean pages are then not cached on lenders");
   daemon->add_flag("--no-mlock", daemon_args.no_mlock,
                    "Do not lock the daemon's memory (mlockall), mark it an I/O flusher, or "
                    "serve kernel NBD requests under SCHED_FIFO. Only safe when no device it "

@@ -295,6 +295,11 @@ bool BuildDaemonConfig(const DaemonArgs& args, DaemonConfig* config, std::string
 
   config->lock_memory = !args.no_mlock;
   config->force = args.force;
+  config->seal_pages = args.seal_pages;
+  if (args.seal_pages && args.peers.empty()) {
+    *error = "--seal-pages seals the pages that go to lenders: give --peer HOST:PORT too";
+    return false;
+  }
   if (args.devices.empty() && args.local_store.empty()) {
     if (config->lend_bytes == 0) {
       *error = "nothing to do: give --device NAME:SIZE to serve a device, --local-store SIZE to "

@@ -74,6 +74,8 @@ struct DaemonConfig {
   double reclaim_pressure = 0;
   // Reserve memory even past what the host can hold (see host_memory.h). --force.
   bool force = false;
+  // Seal every page before it goes to a peer (AES-256-GCM, docs/security.md). --seal-pages.
+  bool seal_pages = false;
 };
 
 // "none", "replicas:N", "disk" or "replicas:N+disk".
@@ -121,6 +123,7 @@ struct DaemonArgs {
   std::string socket_mode;      // octal; empty: 0600
   std::string socket_group;     // a group name or number; empty: the daemon's
   bool force = false;
+  bool seal_pages = false;
 };
 
 // Parses a percentage "1".."100" with an optional '%'; returns it as a fraction.

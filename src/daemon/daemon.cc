@@ -157,13 +157,37 @@ Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), h
       }
       for (const Endpoint& endpoint : config.peers) peers->AddPeer(endpoint);  // -EEXIST: kept
       peers_ = peers.get();
-      cache = &peers->cache();
+      // Sealed pages are not cached on lenders: the cache sends clean pages as they are.
+      if (!config.seal_pages) cache = &peers->cache();
       // The placement store keeps disk copies in the disk store (which Tiering owns and
       // destroys after it), for replicas:N+disk and for pages with nowhere else to go.
       remote = std::make_unique<PlacementStore>(std::move(peers), disk.get(),
                                                 config.rebuild_rate);
       placements_ = remote.get();
       if (state_) PersistPlacements(saved);
+      if (config.seal_pages) {
+        StateSegment::SealMaterial* material = nullptr;
+        if (state_) {
+          material = &segments_.front()->seal_material();  // the arena's header
+        } else {
+          own_seal_ = std::make_unique<StateSegment::SealMaterial>();
+          material = own_seal_.get();
+          material->present = 0;
+        }
+        if (material->present != 1) {
+          if (saved) throw std::runtime_error("--state-dir: the sealing key is missing from the state");
+          const PageSealer::Key key = PageSealer::NewKey();
+          std::memcpy(material->key, key.data(), key.size());
+          std::random_device random;
+          material->salt = random();
+          material->counter.store(0, std::memory_order_relaxed);
+          material->present = 1;
+        }
+        PageSealer::Key key;
+        std::memcpy(key.data(), material->key, key.size());
+        remote->EnableSealing(std::make_unique<PageSealer>(key, material->salt), config.node_id,
+                              &material->counter);
+      }
     }
     TieringOptions options;
     options.high_watermark = config.high_watermark;
@@ -769,6 +793,7 @@ nlohmann::json Daemon::PeersJson() const {
                        {"superpages_held", info.superpages_held},
                        {"superpages_reclaimed", info.superpages_reclaimed},
                        {"pages_lost", info.pages_lost},
+                       {"integrity_failures", info.integrity_failures},
                        {"rtt_us", info.rtt_us},
                        {"error", info.last_error}});
     }
@@ -921,6 +946,8 @@ nlohmann::json Daemon::Status() const {
                               {"moved_copies", placed.moved},
                               // pages whose placement has a copy in the backing file too
                               {"disk_copies", placed.disk_copies},
+                              {"sealed", placements_ != nullptr && placements_->sealing()},
+                              {"integrity_failures", placed.integrity_failures},
                               {"rebuild_copies_per_s", std::round(placed.copies_per_s)},
                               // null while nothing is degraded, -1 while no progress is made
                               {"rebuild_eta_s", placed.degraded == 0

@@ -148,6 +148,8 @@ class Daemon {
   // --state-dir: the segments the local store's arena and the devices' page tables live in
   // (docs/restart.md); destroyed after the stores and devices that use them.
   std::vector<std::unique_ptr<StateSegment>> segments_;
+  // The sealing key and counter without a state directory (with one: the arena segment's).
+  std::unique_ptr<StateSegment::SealMaterial> own_seal_;
   // The page tables of devices attached at run time, by name (control thread).
   std::map<std::string, std::unique_ptr<StateSegment>> attached_segments_;
   std::vector<std::unique_ptr<StateSegment>> retired_segments_;  // see Attach

@@ -35,6 +35,7 @@ SavedState StateFor(const DaemonConfig& config, std::uint64_t instance) {
   state.local_store_bytes = config.local_store_bytes;
   state.compression = CompressionName(config.compression);
   state.backing_file = config.backing_file;
+  state.sealed = config.seal_pages;
   for (const DeviceSpec& spec : config.devices) {
     state.devices.push_back({spec.name, spec.size_bytes, -1, {}});
   }
@@ -67,6 +68,7 @@ std::optional<SavedState> LoadState(const std::string& dir) {
                                device.at("segment_id").get<int>(), LoadRestarts(device)});
     }
     state.restarts = json.value("restarts", 0u);
+    state.sealed = json.value("sealed", false);
     if (json.contains("peers")) {
       for (const nlohmann::json& peer : json.at("peers")) {
         state.peers.push_back({peer.at("address").get<std::string>(),
@@ -132,6 +134,7 @@ void SaveState(const std::string& dir, const SavedState& state) {
                                {"peers", std::move(peers)},
                                {"placement_chunks", state.placement_chunks},
                                {"restarts", state.restarts},
+                               {"sealed", state.sealed},
                                {"last_gap_ms", state.last_gap_ms},
                                {"node_id", state.node_id},
                                {"instance", state.instance},
@@ -168,6 +171,9 @@ std::string CompareState(const SavedState& saved, const DaemonConfig& config) {
   if (saved.backing_file != config.backing_file) {
     return saved.backing_file.empty() ? "it was made without --backing-file"
                                       : "it was made with --backing-file " + saved.backing_file;
+  }
+  if (saved.sealed != config.seal_pages) {
+    return saved.sealed ? "it was made with --seal-pages" : "it was made without --seal-pages";
   }
   if (saved.devices.size() != config.devices.size()) {
     return "it was made with " + std::to_string(saved.devices.size()) + " device(s), not " +

@@ -55,6 +55,7 @@ struct SavedState {
   std::vector<SavedAttached> attached;
   std::vector<SavedPeer> peers;
   std::vector<int> placement_chunks;  // segment id of each chunk of placement records
+  bool sealed = false;               // pages on peers are sealed (--seal-pages)
   unsigned restarts = 0;             // daemons that took this state over
   std::uint64_t last_gap_ms = 0;     // how long the last restart left it without a server
 };

@@ -644,6 +644,7 @@ std::vector<PeerInfo> Membership::Peers() const {
     info.superpages_held = peer->slots.superpages();
     info.superpages_reclaimed = peer->slots.reclaimed();
     info.pages_lost = peer->lost.load(std::memory_order_relaxed);
+    info.integrity_failures = peer->integrity_failures.load(std::memory_order_relaxed);
     info.last_error = peer->last_error;
     if (overdue) {
       const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(

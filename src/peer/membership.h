@@ -59,6 +59,7 @@ struct PeerInfo {
   std::uint64_t superpages_held = 0;   // superpages granted to this host
   std::uint64_t superpages_reclaimed = 0;  // of those, the ones the lender asked back
   std::uint64_t pages_lost = 0;        // pages that were there when it went down
+  std::uint64_t integrity_failures = 0;  // pages it returned that failed to open (sealing)
   std::uint64_t rtt_us = 0;
   std::string last_error;              // why it is down, suspect or refusing, if it is
 };
@@ -101,6 +102,7 @@ class Membership {
     std::string last_error;
     std::atomic<std::uint64_t> free_pages{0};  // last reported by the lender
     std::atomic<std::uint64_t> pages{0};       // pages stored there
+    std::atomic<std::uint64_t> integrity_failures{0};  // pages from there that did not open
     std::atomic<std::uint64_t> lost{0};        // pages of ended sessions still named
     std::atomic<unsigned> generation{0};       // of the session (or of the next one)
     std::atomic<bool> draining{false};         // the session's lender sent SHUTDOWN

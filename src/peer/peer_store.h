@@ -87,6 +87,18 @@ class PeerStore final : public PageStore {
   int ReadOnce(Slot slot, PageSpan out) noexcept;
   // The index of the peer `slot` is on.
   static std::size_t PeerIndexOf(Slot slot) noexcept;
+  // Counts a page read from `slot` that failed its integrity check against its peer.
+  void NoteIntegrityFailure(Slot slot) noexcept {
+    const std::size_t index = PeerIndexOf(slot);
+    if (index < peer_count()) {
+      members_.at(index).integrity_failures.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  // The address of the peer `slot` is on, for messages.
+  std::string AddressOf(Slot slot) const {
+    const std::size_t index = PeerIndexOf(slot);
+    return index < peer_count() ? members_.at(index).endpoint.ToString() : "?";
+  }
   // Whether `slot` belongs to its peer's current session and that peer is up (connected,
   // not suspect): where a read should go first.
   bool SlotReady(Slot slot) const noexcept;

@@ -96,6 +96,41 @@ std::uint64_t PlacementStore::Recover(const std::vector<bool>& referenced,
   return kept;
 }
 
+void PlacementStore::EnableSealing(std::unique_ptr<PageSealer> sealer, std::uint64_t node_id,
+                                   std::atomic<std::uint64_t>* counter) {
+  sealed_buffer_.reset(new std::byte[kWindow * kPageSize]);
+  sealer_ = std::move(sealer);
+  node_id_ = node_id;
+  seal_counter_ = counter;
+}
+
+bool PlacementStore::OpenCopy(std::uint32_t id, const Seal& seal, Slot copy,
+                              PageSpan page) noexcept {
+  if (!sealer_) return true;
+  if (sealer_->Open(page, page, {node_id_, id, seal.counter}, seal.tag)) return true;
+  const std::uint64_t failures = integrity_failures_.fetch_add(1, std::memory_order_relaxed) + 1;
+  peers_->NoteIntegrityFailure(copy);
+  {
+    std::lock_guard lock(bad_mu_);
+    try {
+      if (bad_copies_.size() < kMaxBadCopies) bad_copies_.push_back({id, copy});
+    } catch (const std::bad_alloc&) {
+      // It is dropped at the next failure instead.
+    }
+  }
+  if ((failures & (failures - 1)) == 0) {  // the 1st, 2nd, 4th, 8th...
+    LogError("peer %s: a page it returned failed its integrity check (%llu so far); read "
+             "from another copy",
+             peers_->AddressOf(copy).c_str(), static_cast<unsigned long long>(failures));
+  }
+  return false;
+}
+
+bool PlacementStore::SealInto(std::uint32_t id, std::uint64_t counter, ConstPageSpan page,
+                              PageSpan out, PageSealer::Tag* tag) const noexcept {
+  return sealer_->Seal(page, out, {node_id_, id, counter}, tag);
+}
+
 void PlacementStore::Start() {
   if (rebuilder_.joinable()) return;
   rebuilder_ = std::thread([this] {
@@ -186,8 +221,25 @@ void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
     Slot got[kWindow][kMaxCopies];
     unsigned got_count[kWindow] = {};
     Slot disk_slots[kWindow];
+    // Sealing: each page goes out as ciphertext from this thread's window buffer.
+    const std::byte* outgoing[kWindow];
+    Seal seals[kWindow];
+    thread_local std::unique_ptr<std::byte[]> sealed;
+    if (sealer_ && !sealed) sealed.reset(new (std::nothrow) std::byte[kWindow * kPageSize]);
     for (std::size_t i = 0; i < count; ++i) {
       have_id[i] = Allocate(&ids[i]);
+      outgoing[i] = pages[base + i];
+      if (have_id[i] && sealer_) {
+        seals[i].counter = seal_counter_->fetch_add(1, std::memory_order_relaxed) + 1;
+        std::byte* into = sealed ? sealed.get() + i * kPageSize : nullptr;
+        if (into == nullptr ||
+            !SealInto(ids[i], seals[i].counter, ConstPageSpan(pages[base + i], kPageSize),
+                      PageSpan(into, kPageSize), &seals[i].tag)) {
+          Free(ids[i]);  // out of memory: the caller places the page elsewhere
+          have_id[i] = false;
+        }
+        outgoing[i] = into;
+      }
       // The disk copy first: once it is written the page can no longer be lost.
       disk_slots[i] = kNoDisk;
       if (have_id[i] && want_disk &&
@@ -212,7 +264,7 @@ void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
         const int peer = peers_->PickPeer(hints[base + i] + k, &chosen);
         if (peer < 0) break;  // no other peer has room: fewer copies (degraded)
         chosen.set(static_cast<std::size_t>(peer));
-        batch_pages[n] = pages[base + i];
+        batch_pages[n] = outgoing[i];
         batch_hints[n] = hints[base + i] + k;
         batch_owners[n] = ids[i];
         batch_only[n].set();
@@ -247,6 +299,8 @@ void PlacementStore::WriteBatchCopies(std::span<const std::byte* const> pages,
       record.pins = 0;
       record.discarded = false;
       record.lost = false;
+      record.seal = seals[i].counter;
+      record.tag = seals[i].tag;
       std::copy(got[i], got[i] + got_count[i], record.copies);
       pages_.fetch_add(1, std::memory_order_relaxed);
       copies_.fetch_add(got_count[i], std::memory_order_relaxed);
@@ -266,7 +320,8 @@ int PlacementStore::Write(ConstPageSpan page, std::uint64_t hint, Slot* slot) no
   return result;
 }
 
-int PlacementStore::ReadCopies(const Slot* copies, unsigned count, PageSpan out) noexcept {
+int PlacementStore::ReadCopies(std::uint32_t id, const Seal& seal, const Slot* copies,
+                               unsigned count, PageSpan out) noexcept {
   // Ready peers first, in the record's order; then the rest.
   Slot order[kMaxCopies];
   unsigned n = 0;
@@ -279,28 +334,38 @@ int PlacementStore::ReadCopies(const Slot* copies, unsigned count, PageSpan out)
   int overdue = -1;
   for (unsigned c = 0; c < n; ++c) {
     const int rc = peers_->ReadOnce(order[c], out);
-    if (rc == 0) return 0;
+    if (rc == 0 && OpenCopy(id, seal, order[c], out)) return 0;
     if (rc == -ETIMEDOUT && overdue < 0) overdue = static_cast<int>(c);
   }
   // No copy answered in time: ask the first overdue one again until its peer answers or is
   // taken for down.
-  if (overdue >= 0) return peers_->Read(order[overdue], out) == 0 ? 0 : -EIO;
+  if (overdue >= 0) {
+    return peers_->Read(order[overdue], out) == 0 && OpenCopy(id, seal, order[overdue], out)
+               ? 0
+               : -EIO;
+  }
   // A copy on a peer whose connection broke is read once its session is resumed.
   for (unsigned c = 0; c < n; ++c) {
-    if (peers_->AwaitResume(order[c]) && peers_->ReadOnce(order[c], out) == 0) return 0;
+    if (peers_->AwaitResume(order[c]) && peers_->ReadOnce(order[c], out) == 0 &&
+        OpenCopy(id, seal, order[c], out)) {
+      return 0;
+    }
   }
   return -EIO;
 }
 
-int PlacementStore::ReadRecord(const Slot* copies, unsigned count, Slot disk,
-                               PageSpan out) noexcept {
+int PlacementStore::ReadRecord(std::uint32_t id, const Seal& seal, const Slot* copies,
+                               unsigned count, Slot disk, PageSpan out) noexcept {
   if (disk != kNoDisk) {
     for (unsigned c = 0; c < count; ++c) {
-      if (peers_->SlotReady(copies[c]) && peers_->ReadOnce(copies[c], out) == 0) return 0;
+      if (peers_->SlotReady(copies[c]) && peers_->ReadOnce(copies[c], out) == 0 &&
+          OpenCopy(id, seal, copies[c], out)) {
+        return 0;
+      }
     }
-    if (disk_->Read(disk, out) == 0) return 0;
+    if (disk_->Read(disk, out) == 0) return 0;  // plaintext: it never left the host
   }
-  return ReadCopies(copies, count, out);
+  return ReadCopies(id, seal, copies, count, out);
 }
 
 int PlacementStore::Read(Slot slot, PageSpan out) noexcept {
@@ -310,14 +375,16 @@ int PlacementStore::Read(Slot slot, PageSpan out) noexcept {
   Slot copies[kMaxCopies];
   unsigned count;
   Slot disk;
+  Seal seal;
   {
     std::lock_guard lock(LockFor(id));
     if (record->wanted == 0 || record->lost) return -EIO;
     count = record->count;
     disk = record->disk;
+    seal = {record->seal, record->tag};
     std::copy(record->copies, record->copies + count, copies);
   }
-  return ReadRecord(copies, count, disk, out);
+  return ReadRecord(id, seal, copies, count, disk, out);
 }
 
 void PlacementStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte* const> outs,
@@ -327,6 +394,7 @@ void PlacementStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte*
     Slot copies[kWindow][kMaxCopies];
     unsigned counts[kWindow];
     Slot disks[kWindow];
+    Seal seals[kWindow];
     bool live[kWindow];
     Slot first[kWindow];
     std::byte* first_outs[kWindow];
@@ -346,6 +414,7 @@ void PlacementStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte*
         live[i] = true;
         counts[i] = record->count;
         disks[i] = record->disk;
+        seals[i] = {record->seal, record->tag};
         std::copy(record->copies, record->copies + counts[i], copies[i]);
       }
       // The batch asks each page's first ready copy; the rest are for a retry below.
@@ -358,11 +427,20 @@ void PlacementStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte*
     }
     peers_->ReadBatchOnce(std::span(first, n), std::span(first_outs, n),
                           std::span(first_results, n));
-    for (std::size_t j = 0; j < n; ++j) results[base + first_index[j]] = first_results[j];
+    for (std::size_t j = 0; j < n; ++j) {
+      const std::size_t i = first_index[j];
+      const auto id = static_cast<std::uint32_t>(slots[base + i]);
+      results[base + i] =
+          first_results[j] == 0 &&
+                  OpenCopy(id, seals[i], first[j], PageSpan(first_outs[j], kPageSize))
+              ? 0
+              : (first_results[j] == 0 ? -EIO : first_results[j]);
+    }
     for (std::size_t i = 0; i < count; ++i) {
       if (results[base + i] == 0 || !live[i]) continue;
-      results[base + i] =
-          ReadRecord(copies[i], counts[i], disks[i], PageSpan(outs[base + i], kPageSize));
+      const auto id = static_cast<std::uint32_t>(slots[base + i]);
+      results[base + i] = ReadRecord(id, seals[i], copies[i], counts[i], disks[i],
+                                     PageSpan(outs[base + i], kPageSize));
     }
   }
 }
@@ -453,6 +531,7 @@ PlacementStats PlacementStore::Placements() const noexcept {
   stats.rebuilt = rebuilt_.load(std::memory_order_relaxed);
   stats.moved = moved_.load(std::memory_order_relaxed);
   stats.disk_copies = disk_copies_.load(std::memory_order_relaxed);
+  stats.integrity_failures = integrity_failures_.load(std::memory_order_relaxed);
   stats.copies_per_s = copies_per_s_.load(std::memory_order_relaxed);
   if (stats.degraded > 0) {
     stats.eta_s = stats.copies_per_s >= 0.5 ? static_cast<double>(stats.degraded) / stats.copies_per_s
@@ -481,6 +560,11 @@ void PlacementStore::DropLostCopies() noexcept {
   std::vector<peer::PeerStore::LostCopy> lost;
   try {
     lost = peers_->TakeLostCopies();
+    // Copies that failed their integrity check go the same way: dropped, and made again
+    // from the others.
+    std::lock_guard lock(bad_mu_);
+    lost.insert(lost.end(), bad_copies_.begin(), bad_copies_.end());
+    bad_copies_.clear();
   } catch (const std::bad_alloc&) {
     return;
   }
@@ -513,8 +597,8 @@ void PlacementStore::DropLostCopies() noexcept {
     AfterChangeLocked(copy.owner, *record, was_degraded);
   }
   if (pages_lost > 0) {
-    LogError("remote tier: %llu page(s) lost: every copy was on peers that went down; reading "
-             "them fails until they are rewritten or trimmed",
+    LogError("remote tier: %llu page(s) lost: every copy was on peers that went down, or failed "
+             "its integrity check; reading them fails until they are rewritten or trimmed",
              static_cast<unsigned long long>(pages_lost));
   }
 }
@@ -528,6 +612,7 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
     Slot copies[kWindow][kMaxCopies];
     unsigned counts[kWindow];
     Slot disks[kWindow];
+    Seal seals[kWindow];
     bool need_peer[kWindow];
     bool need_disk[kWindow];
     std::size_t n = 0;
@@ -561,6 +646,7 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
       versions[kept] = record->version;
       counts[kept] = record->count;
       disks[kept] = record->disk;
+      seals[kept] = {record->seal, record->tag};
       need_peer[kept] = peer;
       need_disk[kept] = disk;
       std::copy(record->copies, record->copies + record->count, copies[kept]);
@@ -580,7 +666,8 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
     for (std::size_t i = 0; i < kept; ++i) {
       std::byte* page = buffer + i * kPageSize;
       new_disk[i] = kNoDisk;
-      have_page[i] = ReadRecord(copies[i], counts[i], disks[i], PageSpan(page, kPageSize)) == 0;
+      have_page[i] = ReadRecord(ids[i], seals[i], copies[i], counts[i], disks[i],
+                                PageSpan(page, kPageSize)) == 0;
       if (!have_page[i]) {
         // No copy answered now (a peer late, say): again in a later round.
         Record& record = *Find(ids[i]);
@@ -593,6 +680,17 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
       }
       if (!need_peer[i]) continue;
       pages[m] = page;
+      if (sealer_) {
+        // Sealed again under the record's own counter: the same bytes and tag as its other
+        // copies, so the record stays as it is (and no nonce covers two plaintexts).
+        std::byte* sealed = sealed_buffer_.get() + i * kPageSize;
+        PageSealer::Tag tag;
+        if (!SealInto(ids[i], seals[i].counter, ConstPageSpan(page, kPageSize),
+                      PageSpan(sealed, kPageSize), &tag)) {
+          continue;
+        }
+        pages[m] = sealed;
+      }
       hints[m] = ids[i];
       owners[m] = ids[i];
       excludes[m].reset();
@@ -663,7 +761,8 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
     Slot others[kWindow][kMaxCopies];
     unsigned other_count[kWindow];
     bool only_copy[kWindow];  // the page has no other copy, on a peer or the disk
-    const std::byte* pages[kWindow];
+    const std::byte* pages[kWindow];      // what goes to a peer (sealed when sealing)
+    const std::byte* plaintext[kWindow];  // what goes to the disk
     std::uint64_t hints[kWindow];
     std::uint32_t owners[kWindow];
     peer::PeerStore::PeerMask excludes[kWindow];
@@ -674,12 +773,14 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
       Record* record = Find(copy.owner);
       if (record == nullptr) continue;
       Slot disk;
+      Seal seal;
       {
         std::lock_guard lock(LockFor(copy.owner));
         if (record->wanted == 0 || record->lost) continue;
         const Slot* end = record->copies + record->count;
         if (std::find(static_cast<const Slot*>(record->copies), end, copy.slot) == end) continue;
         versions[n] = record->version;
+        seal = {record->seal, record->tag};
         other_count[n] = 0;
         excludes[n].reset();
         for (const Slot* c = record->copies; c != end; ++c) {
@@ -693,13 +794,27 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
         if (copy.reclaim) excludes[n].reset(peer::PeerStore::PeerIndexOf(copy.slot));
       }
       std::byte* page = buffer + n * kPageSize;
-      // From the leaving peer while it answers, else from another copy.
-      if (peers_->ReadOnce(copy.slot, PageSpan(page, kPageSize)) != 0 &&
-          (only_copy[n] ||
-           ReadRecord(others[n], other_count[n], disk, PageSpan(page, kPageSize)) != 0)) {
+      // From the leaving peer while it answers, else from another copy (opened either way, so
+      // a bad copy is never copied).
+      const bool from_leaving =
+          peers_->ReadOnce(copy.slot, PageSpan(page, kPageSize)) == 0 &&
+          OpenCopy(copy.owner, seal, copy.slot, PageSpan(page, kPageSize));
+      if (!from_leaving &&
+          (only_copy[n] || ReadRecord(copy.owner, seal, others[n], other_count[n], disk,
+                                      PageSpan(page, kPageSize)) != 0)) {
         continue;
       }
       pages[n] = page;
+      plaintext[n] = page;
+      if (sealer_) {
+        std::byte* sealed = sealed_buffer_.get() + n * kPageSize;
+        PageSealer::Tag tag;
+        if (!SealInto(copy.owner, seal.counter, ConstPageSpan(page, kPageSize),
+                      PageSpan(sealed, kPageSize), &tag)) {
+          continue;
+        }
+        pages[n] = sealed;
+      }
       hints[n] = copy.owner;
       owners[n] = copy.owner;
       index[n++] = base + i;
@@ -714,7 +829,7 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
     for (std::size_t j = 0; j < n; ++j) {
       to_disk[j] = kNoDisk;
       if (results[j] != 0 && only_copy[j] && DiskHasRoom() &&
-          disk_->Write(ConstPageSpan(pages[j], kPageSize), hints[j], &to_disk[j]) != 0) {
+          disk_->Write(ConstPageSpan(plaintext[j], kPageSize), hints[j], &to_disk[j]) != 0) {
         to_disk[j] = kNoDisk;
       }
     }

@@ -45,6 +45,7 @@
 
 #include "memlend/page_store.h"
 #include "peer/peer_store.h"
+#include "store/page_sealer.h"
 
 namespace memlend {
 
@@ -56,6 +57,7 @@ struct PlacementStats {
   std::uint64_t rebuilt = 0;        // copies made by the rebuilder since start
   std::uint64_t moved = 0;          // copies moved off draining peers since start
   std::uint64_t disk_copies = 0;    // placements with a copy in the disk store
+  std::uint64_t integrity_failures = 0;  // peer copies that did not open (sealing) since start
   // The rebuilder's pace: copies made (rebuilt or moved) per second, averaged over the last
   // few seconds; and, while pages are degraded, the seconds left at that pace (-1 while it
   // makes no progress: no peer up with room for another copy).
@@ -77,6 +79,15 @@ class PlacementStore final : public PageStore {
 
   // Starts the rebuilder thread.
   void Start();
+
+  // Seals every page before it goes to a peer, and opens it when it comes back
+  // (docs/security.md): with `sealer`, bound to the borrower's `node_id`; `counter` hands out
+  // the seal counters (never twice under one key: it lives as long as the key does, across
+  // restarts with the state). A copy that does not open counts against its peer and is
+  // read from another copy. Before any write.
+  void EnableSealing(std::unique_ptr<PageSealer> sealer, std::uint64_t node_id,
+                     std::atomic<std::uint64_t>* counter);
+  bool sealing() const { return sealer_ != nullptr; }
 
   peer::PeerStore& peers() { return *peers_; }
   const peer::PeerStore& peers() const { return *peers_; }
@@ -141,7 +152,22 @@ class PlacementStore final : public PageStore {
     bool lost = false;           // every copy is gone
     Slot disk = kNoDisk;         // the disk copy's slot, if there is one
     Slot copies[kMaxCopies] = {};
+    // When sealing: the counter the page was sealed under, and its tag (the peer copies hold
+    // the ciphertext; the disk copy is plaintext).
+    std::uint64_t seal = 0;
+    PageSealer::Tag tag{};
   };
+  // A record's seal, taken with its copies under its lock.
+  struct Seal {
+    std::uint64_t counter = 0;
+    PageSealer::Tag tag{};
+  };
+  // Opens in place a page read whole from peer copy `copy` of placement `id`; true when it
+  // opened, or when nothing is sealed. False counts an integrity failure against the peer.
+  bool OpenCopy(std::uint32_t id, const Seal& seal, Slot copy, PageSpan page) noexcept;
+  // Seals `page` of placement `id` under `counter` into `out`.
+  bool SealInto(std::uint32_t id, std::uint64_t counter, ConstPageSpan page, PageSpan out,
+                PageSealer::Tag* tag) const noexcept;
   // Short of a copy it asked for. REQUIRES: a live record, not lost.
   static bool Degraded(const Record& record) noexcept {
     return record.count < record.wanted || (record.want_disk && record.disk == kNoDisk);
@@ -163,12 +189,15 @@ class PlacementStore final : public PageStore {
   void Free(std::uint32_t id) noexcept;
   // Releases every copy of a record and frees it. REQUIRES: its stripe lock held.
   void ReleaseLocked(std::uint32_t id, Record& record) noexcept;
-  // Reads `copies` in order, ready peers first (see the file comment).
-  int ReadCopies(const Slot* copies, unsigned count, PageSpan out) noexcept;
+  // Reads `copies` of placement `id` in order, ready peers first (see the file comment);
+  // a copy that does not open (sealing) is passed over like one that failed.
+  int ReadCopies(std::uint32_t id, const Seal& seal, const Slot* copies, unsigned count,
+                 PageSpan out) noexcept;
   // Reads a record's page from its peer copies or its disk copy (kNoDisk: none): with a
   // disk copy, each ready peer is asked once and then the disk, so nothing waits on a
   // peer that is late.
-  int ReadRecord(const Slot* copies, unsigned count, Slot disk, PageSpan out) noexcept;
+  int ReadRecord(std::uint32_t id, const Seal& seal, const Slot* copies, unsigned count,
+                 Slot disk, PageSpan out) noexcept;
   // Whether a degraded record goes on the rebuild queue. REQUIRES: its stripe lock held.
   void NoteDegradedLocked(std::uint32_t id, const Record& record) noexcept;
   void RebuilderLoop();
@@ -182,6 +211,14 @@ class PlacementStore final : public PageStore {
   std::size_t MoveSome(std::size_t budget) noexcept;
 
   const std::unique_ptr<peer::PeerStore> peers_;
+  std::unique_ptr<PageSealer> sealer_;            // null: pages go as they are
+  std::uint64_t node_id_ = 0;                     // bound into every seal
+  std::atomic<std::uint64_t>* seal_counter_ = nullptr;
+  std::unique_ptr<std::byte[]> sealed_buffer_;    // the rebuilder's sealed window
+  // Copies that failed to open, for the rebuilder to drop and make again (as lost copies).
+  static constexpr std::size_t kMaxBadCopies = 65536;
+  std::mutex bad_mu_;
+  std::vector<peer::PeerStore::LostCopy> bad_copies_;  // guarded by bad_mu_
   PageStore* const disk_;  // or null
   const unsigned rebuild_rate_;
 
@@ -198,6 +235,7 @@ class PlacementStore final : public PageStore {
   std::atomic<std::uint64_t> lost_{0};
   std::atomic<std::uint64_t> rebuilt_{0};
   std::atomic<std::uint64_t> moved_{0};
+  std::atomic<std::uint64_t> integrity_failures_{0};
   std::atomic<std::uint64_t> disk_copies_{0};
   std::atomic<double> copies_per_s_{0};  // written by the rebuilder only
   unsigned idle_rounds_ = 0;             // the rebuilder's: rounds in a row that made nothing

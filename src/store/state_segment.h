@@ -22,6 +22,17 @@ class StateSegment {
   // Bytes in front of the first region (the header, rounded up to a page).
   static constexpr std::uint64_t kHeaderBytes = 4096;
   static constexpr std::uint64_t kAliveOffset = 64;
+  static constexpr std::uint64_t kSealOffset = 128;
+
+  // The sealing key and counter (docs/security.md), in the arena segment's header: they live
+  // exactly as long as the pages sealed with them, and the counter never goes back.
+  struct SealMaterial {
+    std::uint8_t key[32];
+    std::uint32_t salt;
+    std::uint32_t present;  // 1 once the key is set
+    std::atomic<std::uint64_t> counter;
+  };
+  static_assert(kSealOffset + sizeof(SealMaterial) <= kHeaderBytes);
 
   // Makes a new segment keeping `data_bytes` (rounded up to whole pages, after the header), zeroed,
   // with a header naming `instance`. `lock`: SHM_LOCK it (the daemon locks its memory).
@@ -50,6 +61,10 @@ class StateSegment {
   // header, so it outlives the process too.
   std::atomic<std::uint64_t>& alive_ns() const {
     return *reinterpret_cast<std::atomic<std::uint64_t>*>(base_ + kAliveOffset);
+  }
+
+  SealMaterial& seal_material() const {
+    return *reinterpret_cast<SealMaterial*>(base_ + kSealOffset);
   }
 
   int id() const { return id_; }

@@ -119,11 +119,12 @@ expect_verify_failure
 echo "  a daemon started afresh has none of the data (verification fails, as it must)"
 kill9 afresh
 
-echo "4. pages on a lender (one copy each), kill -9 of the borrower, restart"
+echo "4. pages on a lender (one copy each, sealed), kill -9 of the borrower, restart"
 port=$(free_port)
 start_daemon lender --lend 128M --listen "127.0.0.1:$port"
+# Sealed: the key and the seal counter must outlive the process with the rest of the state.
 args=(--device fio:64M --nbd "unix:$socket" --local-store 2M --compress none --redundancy none
-  --peer "127.0.0.1:$port" --state-dir "$workdir/state2")
+  --peer "127.0.0.1:$port" --state-dir "$workdir/state2" --seal-pages)
 start_daemon remote "${args[@]}"
 run_fio remote-write || { cat "$workdir/remote-write.stderr"; fail "fio workload failed"; }
 check_fio_clean remote-write >/dev/null || fail "fio workload reported errors"
@@ -135,6 +136,8 @@ run_fio remote-verify --verify_only || { cat "$workdir/remote-verify.stderr"; fa
 check_fio_clean remote-verify || fail "fio --verify_only reported errors after the restart"
 lost=$(status_json remote-again | python3 -c "import json,sys; print(json.load(sys.stdin)['remote_store']['lost_pages'])")
 [[ $lost == 0 ]] || fail "$lost pages were lost across the restart"
+sealing=$(status_json remote-again | python3 -c "import json,sys; r = json.load(sys.stdin)['remote_store']; print(r['sealed'], r['integrity_failures'])")
+[[ $sealing == "True 0" ]] || fail "sealed pages did not all open after the restart (sealed, failures: $sealing)"
 echo "  SIGTERM with --on-exit keep, restart"
 stop_daemon remote-again  # frees it all: start again with keep
 start_daemon remote-keep "${args[@]}" --on-exit keep

@@ -56,6 +56,38 @@ void CheckHeldBelow(uint64_t held_kib, uint64_t bound_kib) {
   CHECK(held_kib < bound_kib);
 }
 
+// How many times `marker` occurs in the writable memory of process `pid` (its maps read
+// through /proc/PID/mem, 1 MiB at a time, with overlaps so no occurrence is cut in two).
+size_t CountInMemory(pid_t pid, const std::vector<uint8_t>& marker) {
+  std::ifstream maps("/proc/" + std::to_string(pid) + "/maps");
+  const int fd = open(("/proc/" + std::to_string(pid) + "/mem").c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  size_t found = 0;
+  std::string line;
+  std::vector<uint8_t> buffer((1 << 20) + marker.size());
+  while (std::getline(maps, line)) {
+    unsigned long begin = 0;
+    unsigned long end = 0;
+    char perms[5] = {};
+    if (std::sscanf(line.c_str(), "%lx-%lx %4s", &begin, &end, perms) != 3 || perms[1] != 'w') {
+      continue;
+    }
+    for (unsigned long at = begin; at < end; at += 1 << 20) {
+      const size_t want = std::min<unsigned long>(buffer.size(), end - at);
+      const ssize_t got = pread(fd, buffer.data(), want, static_cast<off_t>(at));
+      if (got < static_cast<ssize_t>(marker.size())) continue;
+      const auto stop = buffer.begin() + got;
+      for (auto it = std::search(buffer.begin(), stop, marker.begin(), marker.end()); it != stop;
+           it = std::search(it + 1, stop, marker.begin(), marker.end())) {
+        // Count an occurrence once: the overlap belongs to the next window.
+        if (static_cast<size_t>(it - buffer.begin()) < (1u << 20)) ++found;
+      }
+    }
+  }
+  close(fd);
+  return found;
+}
+
 size_t OpenFds(pid_t pid) {
   size_t count = 0;
   for ([[maybe_unused]] const auto& entry :
@@ -372,6 +404,55 @@ TEST_SUITE("security") {
     }
     CHECK(U64(lender.Status().at("lending"), "max_lend_per_borrower_bytes") == (4u << 20));
     CHECK_MESSAGE(borrower.Stop() == 0, borrower.StderrText());
+    CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
+  }
+
+  TEST_CASE("--seal-pages: a lender's memory holds no page a sealed borrower wrote, while an "
+            "unsealed borrower's pages are there to be found") {
+    TempDir dir;
+    MemlendDaemon lender(dir, LenderOptions("32M"), "lender");
+    // Pages that do not compress, each with its borrower's 16-byte marker at a few places.
+    const auto write_marked = [&](MemlendDaemon& borrower, uint8_t tag) {
+      std::mt19937_64 rng(tag);
+      std::vector<uint8_t> marker(16);  // random: no marker is part of the other's
+      for (uint8_t& byte : marker) byte = static_cast<uint8_t>(rng());
+      std::vector<uint8_t> data(6 << 20);
+      for (uint8_t& byte : data) byte = static_cast<uint8_t>(rng());
+      for (size_t page = 0; page < data.size(); page += 4096) {
+        for (size_t at : {0, 1000, 3000}) std::copy(marker.begin(), marker.end(), &data[page + at]);
+      }
+      NbdClient client(borrower.endpoint(), "d0");
+      client.Write(data, 0);
+      std::vector<uint8_t> back(data.size());
+      client.Read(back, 0);
+      CHECK(back == data);
+      return marker;
+    };
+    DaemonOptions options;
+    options.devices = {"d0:8M"};
+    options.local_store = "2M";
+    options.peers = {lender.ListenAddress()};
+    options.extra_args = {"--redundancy", "none", "--seal-pages"};
+    MemlendDaemon sealed(dir, options, "sealed");
+    options.extra_args = {"--redundancy", "none"};
+    MemlendDaemon plain(dir, options, "plain");
+    const std::vector<uint8_t> sealed_marker = write_marked(sealed, 1);
+    const std::vector<uint8_t> plain_marker = write_marked(plain, 2);
+    const json remote = sealed.Status().at("remote_store");
+    INFO("sealed borrower's remote store: " << remote.dump());
+    CHECK(remote.at("sealed") == true);
+    CHECK(U64(sealed.Status().at("peers").at(0), "pages_stored") > 1000);
+    CHECK(U64(plain.Status().at("peers").at(0), "pages_stored") > 1000);
+    const size_t plain_found = CountInMemory(lender.pid(), plain_marker);
+    const size_t sealed_found = CountInMemory(lender.pid(), sealed_marker);
+    MESSAGE("in the lender's memory: the unsealed borrower's marker " << plain_found
+                                                                      << " times, the sealed one's "
+                                                                      << sealed_found);
+    CHECK(plain_found > 1000);  // the scan finds what is there
+    CHECK(sealed_found == 0);
+    CHECK(U64(remote, "integrity_failures") == 0);
+    CHECK_MESSAGE(sealed.Stop() == 0, sealed.StderrText());
+    CHECK_MESSAGE(plain.Stop() == 0, plain.StderrText());
     CHECK_MESSAGE(lender.Stop() == 0, lender.StderrText());
   }
 

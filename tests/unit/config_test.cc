@@ -650,6 +650,9 @@ TEST_CASE("BuildDaemonConfig refuses bad bounds and socket options, naming them"
   args.max_borrowers = "3";
   CHECK(Contains(BuildError(args), "--max-borrowers applies to lent memory"));
   args = GoodArgs();
+  args.seal_pages = true;  // no --peer: nothing leaves the host
+  CHECK(Contains(BuildError(args), "--seal-pages seals the pages that go to lenders"));
+  args = GoodArgs();
   args.max_lend_per_borrower = "4M";
   CHECK(Contains(BuildError(args), "--max-lend-per-borrower applies to lent memory"));
   for (const char* limit : {"1M", "12x", "-2M"}) {

@@ -8,7 +8,9 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "peer/peer_store.h"
@@ -52,13 +54,19 @@ std::vector<Slot> WritePages(PlacementStore& store, std::size_t count, Redundanc
   return slots;
 }
 
+// What a lender behind a LateReads does to the pages written to it (`tamper`).
+enum Tamper { kHonest, kFlip, kSwap, kDrop };
+
 // A transport in front of a real one that, while `late` is set, answers no page read: each
-// gets -ETIMEDOUT at once, as from a lender that missed its deadline. Everything else goes
-// through.
+// gets -ETIMEDOUT at once, as from a lender that missed its deadline. With `tamper` set, the
+// pages written reach the lender changed: a bit flipped in each (kFlip), the first two of a
+// batch exchanged (kSwap), or not at all while the writer is told they were (kDrop: the slot
+// keeps what it held, an older page or zeros). Everything else goes through.
 class LateReads final : public peer::PeerTransport {
  public:
-  LateReads(std::shared_ptr<peer::PeerTransport> inner, std::atomic<bool>* late)
-      : inner_(std::move(inner)), late_(late) {}
+  LateReads(std::shared_ptr<peer::PeerTransport> inner, std::atomic<bool>* late,
+            std::atomic<int>* tamper = nullptr)
+      : inner_(std::move(inner)), late_(late), tamper_(tamper) {}
   int Query(peer::QueryReply* reply) noexcept override { return inner_->Query(reply); }
   int AllocSuperpage(std::uint32_t* sid) noexcept override { return inner_->AllocSuperpage(sid); }
   int FreeSuperpageNoReply(std::uint32_t sid, bool wait) noexcept override {
@@ -66,7 +74,9 @@ class LateReads final : public peer::PeerTransport {
   }
   int Write(std::uint32_t sid, std::uint32_t offset,
             std::span<const std::byte> data) noexcept override {
-    return inner_->Write(sid, offset, data);
+    const int mode = tamper_ ? tamper_->load() : kHonest;
+    if (mode == kDrop) return 0;
+    return inner_->Write(sid, offset, mode == kFlip ? Flipped(data) : data);
   }
   int Read(std::uint32_t sid, std::uint32_t offset, std::span<std::byte> out) noexcept override {
     if (late_->load()) return -ETIMEDOUT;
@@ -92,15 +102,35 @@ class LateReads final : public peer::PeerTransport {
   }
   int SubmitWrite(std::uint32_t sid, std::uint32_t offset, std::span<const std::byte> data,
                   peer::PendingRequest* pending) noexcept override {
-    return inner_->SubmitWrite(sid, offset, data, pending);
+    const int mode = tamper_ ? tamper_->load() : kHonest;
+    if (mode == kDrop) return Complete(pending, 0);
+    return inner_->SubmitWrite(sid, offset, mode == kFlip ? Flipped(data) : data, pending);
   }
   void SubmitBatch(std::span<const peer::BatchedRequest> requests) noexcept override {
+    const int mode = tamper_ ? tamper_->load() : kHonest;
     std::vector<peer::BatchedRequest> through;
+    std::vector<std::size_t> writes;
     for (const peer::BatchedRequest& request : requests) {
       if (request.type == peer::MessageType::kRead && late_->load()) {
         Late(request.pending);
+      } else if (request.type == peer::MessageType::kWrite && mode == kDrop) {
+        Complete(request.pending, 0);
       } else {
+        if (request.type == peer::MessageType::kWrite) writes.push_back(through.size());
         through.push_back(request);
+        if (request.type == peer::MessageType::kWrite && mode == kFlip) {
+          through.back().data = Flipped(request.data);
+        }
+      }
+    }
+    if (mode == kSwap && !writes.empty()) {
+      // Two pages of one WRITE (a run) exchanged, or the first two WRITEs' pages.
+      peer::BatchedRequest& first = through[writes[0]];
+      if (first.data.size() >= 2 * kPageSize) {
+        first.data = Swapped(first.data);
+      } else if (writes.size() >= 2 &&
+                 through[writes[1]].data.size() == first.data.size()) {
+        std::swap(first.data, through[writes[1]].data);
       }
     }
     if (!through.empty()) inner_->SubmitBatch(through);
@@ -122,10 +152,30 @@ class LateReads final : public peer::PeerTransport {
  private:
   int Late(peer::PendingRequest* pending) noexcept {
     ++late_reads;
+    return Complete(pending, -ETIMEDOUT);
+  }
+  int Complete(peer::PendingRequest* pending, int result) noexcept {
     pending->transport = this;
-    pending->result = -ETIMEDOUT;
+    pending->result = result;
     pending->done.store(true);
-    return -ETIMEDOUT;
+    return result;
+  }
+  // A copy of `data` with its first two pages exchanged, kept until the transport goes.
+  std::span<const std::byte> Swapped(std::span<const std::byte> data) noexcept {
+    std::lock_guard lock(mu_);
+    changed_.emplace_back(data.begin(), data.end());
+    std::swap_ranges(changed_.back().begin(), changed_.back().begin() + kPageSize,
+                     changed_.back().begin() + kPageSize);
+    return changed_.back();
+  }
+  // A copy of `data` with one bit of each page flipped, kept until the transport goes.
+  std::span<const std::byte> Flipped(std::span<const std::byte> data) noexcept {
+    std::lock_guard lock(mu_);
+    changed_.emplace_back(data.begin(), data.end());
+    for (std::size_t at = 100; at < changed_.back().size(); at += kPageSize) {
+      changed_.back()[at] ^= std::byte{0x04};
+    }
+    return changed_.back();
   }
   void AwaitReply(peer::PendingRequest*) noexcept override {}  // done when made
 
@@ -135,6 +185,9 @@ class LateReads final : public peer::PeerTransport {
  private:
   const std::shared_ptr<peer::PeerTransport> inner_;
   std::atomic<bool>* const late_;
+  std::atomic<int>* const tamper_;
+  std::mutex mu_;
+  std::deque<std::vector<std::byte>> changed_;
 };
 
 // How many of the pages read back wrong (each alone, then all in one batch).
@@ -322,6 +375,86 @@ TEST_CASE("a lender that misses its deadlines: reads go to the other copy, or th
   CHECK(store.Placements().lost == 0);
   late = false;
   for (Slot slot : replicated) store.Discard(slot);
+}
+
+TEST_CASE("sealed pages: a lender that flips a bit, swaps pages or drops writes is caught, and "
+          "the page is read from its other copy, never wrong") {
+  RunningLender bad_lender(8 * kSuperpage);
+  RunningLender good_lender(8 * kSuperpage);
+  std::atomic<bool> late{false};
+  std::atomic<int> tamper{kHonest};
+  peer::PeerStoreOptions options;
+  options.connect = [&](const peer::TransportParams& params) -> std::shared_ptr<peer::PeerTransport> {
+    std::shared_ptr<peer::PeerTransport> real = peer::ConnectTcp(params);
+    if (params.endpoint.port != bad_lender.endpoint.port) return real;
+    return std::make_shared<LateReads>(std::move(real), &late, &tamper);
+  };
+  auto peers = std::make_unique<PeerStore>(0x7777, options);
+  PeerStore& members = *peers;
+  REQUIRE(members.AddPeer(bad_lender.endpoint) == 0);
+  REQUIRE(members.AddPeer(good_lender.endpoint) == 0);
+  members.Refresh();
+  PlacementStore store(std::move(peers));
+  std::atomic<std::uint64_t> counter{0};
+  store.EnableSealing(std::make_unique<PageSealer>(PageSealer::NewKey(), 1), 0x7777, &counter);
+  REQUIRE(store.sealing());
+
+  // Honest lenders: everything reads back, nothing fails its check.
+  const std::vector<Slot> honest = WritePages(store, 64, Redundancy{2, false});
+  CHECK(BadPages(store, honest) == 0);
+  CHECK(store.Placements().integrity_failures == 0);
+  CHECK(counter.load() == 64);  // one seal per page, for both its copies
+  for (Slot slot : honest) store.Discard(slot);
+
+  for (const int mode : {kFlip, kSwap, kDrop}) {
+    CAPTURE(mode);
+    const std::uint64_t before = store.Placements().integrity_failures;
+    tamper = mode;
+    const std::vector<Slot> slots = WritePages(store, 64, Redundancy{2, false});
+    tamper = kHonest;
+    // Every page comes back right, from the good lender where the bad one's copy fails.
+    CHECK(BadPages(store, slots) == 0);
+    const std::uint64_t caught = store.Placements().integrity_failures;
+    CHECK(caught > before);
+    CHECK(store.Placements().lost == 0);
+    // The bad copies are dropped and made again (the lender is honest now): read again,
+    // nothing fails.
+    store.RebuildRound();
+    CHECK(store.Placements().degraded == 0);
+    CHECK(BadPages(store, slots) == 0);
+    CHECK(store.Placements().integrity_failures == caught);
+    for (Slot slot : slots) store.Discard(slot);
+  }
+  std::uint64_t counted = 0;
+  for (const peer::PeerInfo& info : members.Peers()) {
+    if (info.address.ends_with(":" + std::to_string(bad_lender.endpoint.port))) {
+      counted = info.integrity_failures;
+    } else {
+      CHECK(info.integrity_failures == 0);
+    }
+  }
+  CHECK(counted == store.Placements().integrity_failures);
+
+  // One copy each, spread over both: a page whose only copy is the bad lender's fails to
+  // read (EIO, zeros in the buffer), never returns wrong bytes; the others read back.
+  tamper = kFlip;
+  const std::vector<Slot> single = WritePages(store, 64, Redundancy{1, false});
+  tamper = kHonest;
+  std::vector<std::byte> out(kPageSize);
+  int failed = 0;
+  for (std::size_t i = 0; i < single.size(); ++i) {
+    const int rc = store.Read(single[i], PageSpan(out.data(), kPageSize));
+    if (rc == 0) {
+      CHECK(out == PageOf(i));
+    } else {
+      ++failed;
+      CHECK(rc == -EIO);
+      CHECK(std::all_of(out.begin(), out.end(), [](std::byte b) { return b == std::byte{0}; }));
+    }
+  }
+  CHECK(failed > 0);
+  CHECK(failed < 64);
+  for (Slot slot : single) store.Discard(slot);
 }
 
 }  // TEST_SUITE("placement_store")
