@@ -174,8 +174,9 @@ Daemon::Daemon(const DaemonConfig& given) : config_(WithSavedIdentity(given)), h
           material = own_seal_.get();
           material->present = 0;
         }
+        // No key yet, also after a restart whose last daemon died before it made one: then
+        // nothing was sealed (writes begin only after this), so a new key is safe.
         if (material->present != 1) {
-          if (saved) throw std::runtime_error("--state-dir: the sealing key is missing from the state");
           const PageSealer::Key key = PageSealer::NewKey();
           std::memcpy(material->key, key.data(), key.size());
           std::random_device random;

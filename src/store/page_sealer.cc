@@ -14,10 +14,12 @@ namespace {
 constexpr std::size_t kNonceBytes = 12;  // GCM's own size: no extra hashing of the nonce
 constexpr std::size_t kAadBytes = 24;
 
-// One cipher context per thread, made on first use and freed when the thread ends.
+// One cipher context per thread, made on first use (again after a failure to make it) and
+// freed when the thread ends. Null when OpenSSL has no memory for it.
 EVP_CIPHER_CTX* ThreadContext() noexcept {
   thread_local std::unique_ptr<EVP_CIPHER_CTX, decltype(&EVP_CIPHER_CTX_free)> context(
-      EVP_CIPHER_CTX_new(), &EVP_CIPHER_CTX_free);
+      nullptr, &EVP_CIPHER_CTX_free);
+  if (!context) context.reset(EVP_CIPHER_CTX_new());
   return context.get();
 }
 
@@ -78,8 +80,8 @@ bool PageSealer::Seal(ConstPageSpan in, PageSpan out, const Binding& binding,
   return ok;
 }
 
-bool PageSealer::Open(ConstPageSpan in, PageSpan out, const Binding& binding,
-                      const Tag& tag) const noexcept {
+int PageSealer::Open(ConstPageSpan in, PageSpan out, const Binding& binding,
+                     const Tag& tag) const noexcept {
   EVP_CIPHER_CTX* context = ThreadContext();
   const Framing framing = FramingOf(salt_, binding);
   const auto* from = reinterpret_cast<const unsigned char*>(in.data());
@@ -87,16 +89,22 @@ bool PageSealer::Open(ConstPageSpan in, PageSpan out, const Binding& binding,
   Tag expected = tag;  // the ctrl call takes a non-const pointer
   int length = 0;
   int final_length = 0;
-  const bool ok =
+  // Everything up to the tag check can fail only here (no memory); the check itself only
+  // because the page is not what was sealed.
+  const bool ready =
       context != nullptr &&
       EVP_DecryptInit_ex(context, EVP_aes_256_gcm(), nullptr, key_.data(), framing.nonce) == 1 &&
       EVP_DecryptUpdate(context, nullptr, &length, framing.aad, kAadBytes) == 1 &&
       EVP_DecryptUpdate(context, to, &length, from, static_cast<int>(kPageSize)) == 1 &&
       length == static_cast<int>(kPageSize) &&
-      EVP_CIPHER_CTX_ctrl(context, EVP_CTRL_GCM_SET_TAG, kTagBytes, expected.data()) == 1 &&
-      EVP_DecryptFinal_ex(context, to + length, &final_length) == 1 && final_length == 0;
-  if (!ok) std::memset(out.data(), 0, kPageSize);
-  return ok;
+      EVP_CIPHER_CTX_ctrl(context, EVP_CTRL_GCM_SET_TAG, kTagBytes, expected.data()) == 1;
+  const int rc = !ready ? -ENOMEM
+                 : EVP_DecryptFinal_ex(context, to + length, &final_length) == 1 &&
+                         final_length == 0
+                     ? 0
+                     : -EBADMSG;
+  if (rc != 0) std::memset(out.data(), 0, kPageSize);
+  return rc;
 }
 
 }  // namespace memlend

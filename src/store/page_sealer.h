@@ -49,10 +49,11 @@ class PageSealer {
   // if OpenSSL fails (out of memory); `out` is then zeroed.
   bool Seal(ConstPageSpan in, PageSpan out, const Binding& binding, Tag* tag) const noexcept;
   // Decrypts `in` into `out` (which may be `in` itself) and checks it against `tag` and
-  // `binding`. False when it does not match (the bytes were changed, or are another
-  // page's, another version's or another key's): `out` is then zeroed, never left holding
+  // `binding`. Returns 0; -EBADMSG when it does not match (the bytes were changed, or are
+  // another page's, another version's or another key's); -ENOMEM when OpenSSL failed here
+  // (nothing is known of the page). On failure `out` is zeroed, never left holding
   // unverified bytes.
-  bool Open(ConstPageSpan in, PageSpan out, const Binding& binding, const Tag& tag) const noexcept;
+  int Open(ConstPageSpan in, PageSpan out, const Binding& binding, const Tag& tag) const noexcept;
 
  private:
   Key key_;  // wiped when the sealer goes

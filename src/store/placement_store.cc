@@ -107,13 +107,22 @@ void PlacementStore::EnableSealing(std::unique_ptr<PageSealer> sealer, std::uint
 bool PlacementStore::OpenCopy(std::uint32_t id, const Seal& seal, Slot copy,
                               PageSpan page) noexcept {
   if (!sealer_) return true;
-  if (sealer_->Open(page, page, {node_id_, id, seal.counter}, seal.tag)) return true;
+  const int rc = sealer_->Open(page, page, {node_id_, id, seal.counter}, seal.tag);
+  if (rc == 0) return true;
+  if (rc != -EBADMSG) return false;  // a local failure (no memory): no one to blame
+  {
+    // A read that took no pin (the rebuilder's) may have met a slot freed and reused since:
+    // blame the peer only if the record is still the one the seal came from.
+    Record* record = Find(id);
+    std::lock_guard lock(LockFor(id));
+    if (record == nullptr || record->version != seal.version || record->wanted == 0) return false;
+  }
   const std::uint64_t failures = integrity_failures_.fetch_add(1, std::memory_order_relaxed) + 1;
   peers_->NoteIntegrityFailure(copy);
   {
     std::lock_guard lock(bad_mu_);
     try {
-      if (bad_copies_.size() < kMaxBadCopies) bad_copies_.push_back({id, copy});
+      if (bad_copies_.size() < kMaxBadCopies) bad_copies_.push_back({id, copy, seal.version});
     } catch (const std::bad_alloc&) {
       // It is dropped at the next failure instead.
     }
@@ -381,7 +390,7 @@ int PlacementStore::Read(Slot slot, PageSpan out) noexcept {
     if (record->wanted == 0 || record->lost) return -EIO;
     count = record->count;
     disk = record->disk;
-    seal = {record->seal, record->tag};
+    seal = {record->seal, record->tag, record->version};
     std::copy(record->copies, record->copies + count, copies);
   }
   return ReadRecord(id, seal, copies, count, disk, out);
@@ -414,7 +423,7 @@ void PlacementStore::ReadBatch(std::span<const Slot> slots, std::span<std::byte*
         live[i] = true;
         counts[i] = record->count;
         disks[i] = record->disk;
-        seals[i] = {record->seal, record->tag};
+        seals[i] = {record->seal, record->tag, record->version};
         std::copy(record->copies, record->copies + counts[i], copies[i]);
       }
       // The batch asks each page's first ready copy; the rest are for a retry below.
@@ -556,46 +565,57 @@ void PlacementStore::NotePace(std::uint64_t made, double seconds) noexcept {
   copies_per_s_.store(next < 0.01 ? 0 : next, std::memory_order_relaxed);
 }
 
+bool PlacementStore::DropCopyLocked(std::uint32_t id, Record& record, Slot* at) noexcept {
+  Slot* end = record.copies + record.count;
+  const Slot slot = *at;
+  ++record.version;
+  const bool was_degraded = Degraded(record);
+  if (record.count == 1 && record.disk == kNoDisk) {
+    // The last copy: the page is lost. The record keeps the copy, so that discarding the
+    // page settles the peer's count of lost pages.
+    record.lost = true;
+    if (was_degraded) degraded_.fetch_sub(1, std::memory_order_relaxed);
+    pages_.fetch_sub(1, std::memory_order_relaxed);
+    copies_.fetch_sub(1, std::memory_order_relaxed);
+    lost_.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+  std::copy(at + 1, end, at);
+  --record.count;
+  copies_.fetch_sub(1, std::memory_order_relaxed);
+  peers_->Discard(slot);  // settles the peer's count of lost copies
+  AfterChangeLocked(id, record, was_degraded);
+  return false;
+}
+
 void PlacementStore::DropLostCopies() noexcept {
   std::vector<peer::PeerStore::LostCopy> lost;
   try {
     lost = peers_->TakeLostCopies();
-    // Copies that failed their integrity check go the same way: dropped, and made again
-    // from the others.
-    std::lock_guard lock(bad_mu_);
-    lost.insert(lost.end(), bad_copies_.begin(), bad_copies_.end());
-    bad_copies_.clear();
   } catch (const std::bad_alloc&) {
     return;
   }
-  std::uint64_t pages_lost = 0;
-  for (const peer::PeerStore::LostCopy& copy : lost) {
-    Record* record = Find(copy.owner);
-    if (record == nullptr) continue;
-    std::lock_guard lock(LockFor(copy.owner));
-    if (record->wanted == 0 || record->lost) continue;
-    Slot* end = record->copies + record->count;
-    Slot* at = std::find(record->copies, end, copy.slot);
-    if (at == end) continue;  // a slot reserved for a write that never completed
-    ++record->version;
-    const bool was_degraded = Degraded(*record);
-    if (record->count == 1 && record->disk == kNoDisk) {
-      // The last copy: the page is lost. The record keeps the copy, so that discarding the
-      // page settles the peer's count of lost pages.
-      record->lost = true;
-      if (was_degraded) degraded_.fetch_sub(1, std::memory_order_relaxed);
-      pages_.fetch_sub(1, std::memory_order_relaxed);
-      copies_.fetch_sub(1, std::memory_order_relaxed);
-      lost_.fetch_add(1, std::memory_order_relaxed);
-      ++pages_lost;
-      continue;
-    }
-    std::copy(at + 1, end, at);
-    --record->count;
-    copies_.fetch_sub(1, std::memory_order_relaxed);
-    peers_->Discard(copy.slot);  // settles the peer's count of lost copies
-    AfterChangeLocked(copy.owner, *record, was_degraded);
+  // Copies that failed their integrity check go the same way, if their record has not
+  // changed since: dropped, and made again from the others.
+  std::vector<BadCopy> bad;
+  {
+    std::lock_guard lock(bad_mu_);
+    bad.swap(bad_copies_);
   }
+  std::uint64_t pages_lost = 0;
+  const auto drop = [&](std::uint32_t owner, Slot slot, const std::uint32_t* version) {
+    Record* record = Find(owner);
+    if (record == nullptr) return;
+    std::lock_guard lock(LockFor(owner));
+    if (record->wanted == 0 || record->lost) return;
+    if (version != nullptr && record->version != *version) return;
+    Slot* end = record->copies + record->count;
+    Slot* at = std::find(record->copies, end, slot);
+    if (at == end) return;  // a slot reserved for a write that never completed
+    if (DropCopyLocked(owner, *record, at)) ++pages_lost;
+  };
+  for (const peer::PeerStore::LostCopy& copy : lost) drop(copy.owner, copy.slot, nullptr);
+  for (const BadCopy& copy : bad) drop(copy.owner, copy.slot, &copy.version);
   if (pages_lost > 0) {
     LogError("remote tier: %llu page(s) lost: every copy was on peers that went down, or failed "
              "its integrity check; reading them fails until they are rewritten or trimmed",
@@ -646,7 +666,7 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
       versions[kept] = record->version;
       counts[kept] = record->count;
       disks[kept] = record->disk;
-      seals[kept] = {record->seal, record->tag};
+      seals[kept] = {record->seal, record->tag, record->version};
       need_peer[kept] = peer;
       need_disk[kept] = disk;
       std::copy(record->copies, record->copies + record->count, copies[kept]);
@@ -683,10 +703,13 @@ std::size_t PlacementStore::RebuildSome(std::size_t budget) noexcept {
       if (sealer_) {
         // Sealed again under the record's own counter: the same bytes and tag as its other
         // copies, so the record stays as it is (and no nonce covers two plaintexts).
+        // Only the very page that was sealed under that counter goes out again (the same
+        // tag): a disk copy read unpinned may hold another page by now.
         std::byte* sealed = sealed_buffer_.get() + i * kPageSize;
         PageSealer::Tag tag;
         if (!SealInto(ids[i], seals[i].counter, ConstPageSpan(page, kPageSize),
-                      PageSpan(sealed, kPageSize), &tag)) {
+                      PageSpan(sealed, kPageSize), &tag) ||
+            tag != seals[i].tag) {
           continue;
         }
         pages[m] = sealed;
@@ -780,7 +803,7 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
         const Slot* end = record->copies + record->count;
         if (std::find(static_cast<const Slot*>(record->copies), end, copy.slot) == end) continue;
         versions[n] = record->version;
-        seal = {record->seal, record->tag};
+        seal = {record->seal, record->tag, record->version};
         other_count[n] = 0;
         excludes[n].reset();
         for (const Slot* c = record->copies; c != end; ++c) {
@@ -810,7 +833,8 @@ std::size_t PlacementStore::MoveSome(std::size_t budget) noexcept {
         std::byte* sealed = sealed_buffer_.get() + n * kPageSize;
         PageSealer::Tag tag;
         if (!SealInto(copy.owner, seal.counter, ConstPageSpan(page, kPageSize),
-                      PageSpan(sealed, kPageSize), &tag)) {
+                      PageSpan(sealed, kPageSize), &tag) ||
+            tag != seal.tag) {  // not the page sealed under that counter (see RebuildSome)
           continue;
         }
         pages[n] = sealed;

@@ -157,13 +157,16 @@ class PlacementStore final : public PageStore {
     std::uint64_t seal = 0;
     PageSealer::Tag tag{};
   };
-  // A record's seal, taken with its copies under its lock.
+  // A record's seal, taken with its copies (and its version) under its lock.
   struct Seal {
     std::uint64_t counter = 0;
     PageSealer::Tag tag{};
+    std::uint32_t version = 0;
   };
   // Opens in place a page read whole from peer copy `copy` of placement `id`; true when it
-  // opened, or when nothing is sealed. False counts an integrity failure against the peer.
+  // opened, or when nothing is sealed. When it does not open and the record is still as
+  // `seal` saw it (so the slot cannot have been reused for another page meanwhile), counts
+  // an integrity failure against the peer and queues the copy to be dropped and made again.
   bool OpenCopy(std::uint32_t id, const Seal& seal, Slot copy, PageSpan page) noexcept;
   // Seals `page` of placement `id` under `counter` into `out`.
   bool SealInto(std::uint32_t id, std::uint64_t counter, ConstPageSpan page, PageSpan out,
@@ -217,8 +220,17 @@ class PlacementStore final : public PageStore {
   std::unique_ptr<std::byte[]> sealed_buffer_;    // the rebuilder's sealed window
   // Copies that failed to open, for the rebuilder to drop and make again (as lost copies).
   static constexpr std::size_t kMaxBadCopies = 65536;
+  struct BadCopy {
+    std::uint32_t owner;
+    Slot slot;
+    std::uint32_t version;  // the record's when the copy failed: dropped only if unchanged
+  };
   std::mutex bad_mu_;
-  std::vector<peer::PeerStore::LostCopy> bad_copies_;  // guarded by bad_mu_
+  std::vector<BadCopy> bad_copies_;  // guarded by bad_mu_
+  // Drops `slot` from record `id` (a copy lost, or failed); the page is lost if it was the
+  // last copy. Returns whether it was the last one. REQUIRES: the record's stripe lock held,
+  // the record live and holding `at`, one of its copies.
+  bool DropCopyLocked(std::uint32_t id, Record& record, Slot* at) noexcept;
   PageStore* const disk_;  // or null
   const unsigned rebuild_rate_;
 

@@ -63,7 +63,8 @@ int main(int argc, char** argv) {
   const std::uint64_t last_round = counter - kPages;
   std::vector<std::byte> opened(kPages * kPageSize);
   const double open = PagesPerSecond(seconds, kPages, [&](std::size_t i) {
-    ok &= sealer.Open(const_page(out, i), page(opened, i), {1, i, last_round + i + 1}, tags[i]);
+    ok &= sealer.Open(const_page(out, i), page(opened, i), {1, i, last_round + i + 1}, tags[i]) ==
+          0;
   });
   if (!ok || std::memcmp(opened.data(), in.data(), in.size()) != 0) {
     std::fprintf(stderr, "seal_speed: a page did not open to what was sealed\n");

@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -40,13 +41,13 @@ TEST_CASE("a sealed page opens with its binding and tag, and is not the plaintex
   REQUIRE(sealer.Seal(Const(page), Mutable(sealed), binding, &tag));
   CHECK(sealed != page);
   Bytes opened(kPageSize);
-  REQUIRE(sealer.Open(Const(sealed), Mutable(opened), binding, tag));
+  REQUIRE(sealer.Open(Const(sealed), Mutable(opened), binding, tag) == 0);
   CHECK(opened == page);
   // In place, both ways.
   Bytes buffer = page;
   REQUIRE(sealer.Seal(Const(buffer), Mutable(buffer), binding, &tag));
   CHECK(buffer == sealed);  // the same key, nonce and data: the same bytes
-  REQUIRE(sealer.Open(Const(buffer), Mutable(buffer), binding, tag));
+  REQUIRE(sealer.Open(Const(buffer), Mutable(buffer), binding, tag) == 0);
   CHECK(buffer == page);
   // A page of zeros does not look like zeros once sealed (a marker cannot show through).
   const Bytes zeros(kPageSize, std::byte{0});
@@ -68,7 +69,7 @@ TEST_CASE("whatever a lender does to a sealed page, it does not open") {
       Bytes changed = sealed;
       changed[at] ^= std::byte{0x10};
       out.assign(kPageSize, std::byte{0xee});
-      CHECK_FALSE(sealer.Open(Const(changed), Mutable(out), binding, tag));
+      CHECK(sealer.Open(Const(changed), Mutable(out), binding, tag) == -EBADMSG);
       CHECK(AllZero(out));
     }
   }
@@ -76,7 +77,7 @@ TEST_CASE("whatever a lender does to a sealed page, it does not open") {
     Bytes other(kPageSize);
     PageSealer::Tag other_tag{};
     REQUIRE(sealer.Seal(Const(RandomPage(3)), Mutable(other), {0x1111, 43, 8}, &other_tag));
-    CHECK_FALSE(sealer.Open(Const(other), Mutable(out), binding, tag));
+    CHECK(sealer.Open(Const(other), Mutable(out), binding, tag) == -EBADMSG);
     CHECK(AllZero(out));
   }
   SUBCASE("an older version of the same page (a replay)") {
@@ -85,27 +86,27 @@ TEST_CASE("whatever a lender does to a sealed page, it does not open") {
     const PageSealer::Binding next{0x1111, 42, 9};
     REQUIRE(sealer.Seal(Const(RandomPage(4)), Mutable(newer), next, &newer_tag));
     // The lender returns the old bytes where the new ones were asked for.
-    CHECK_FALSE(sealer.Open(Const(sealed), Mutable(out), next, newer_tag));
-    CHECK_FALSE(sealer.Open(Const(sealed), Mutable(out), next, tag));
+    CHECK(sealer.Open(Const(sealed), Mutable(out), next, newer_tag) == -EBADMSG);
+    CHECK(sealer.Open(Const(sealed), Mutable(out), next, tag) == -EBADMSG);
   }
   SUBCASE("the right bytes under another binding: placement, node, counter") {
-    CHECK_FALSE(sealer.Open(Const(sealed), Mutable(out), {0x1111, 41, 7}, tag));
-    CHECK_FALSE(sealer.Open(Const(sealed), Mutable(out), {0x2222, 42, 7}, tag));
-    CHECK_FALSE(sealer.Open(Const(sealed), Mutable(out), {0x1111, 42, 8}, tag));
+    CHECK(sealer.Open(Const(sealed), Mutable(out), {0x1111, 41, 7}, tag) == -EBADMSG);
+    CHECK(sealer.Open(Const(sealed), Mutable(out), {0x2222, 42, 7}, tag) == -EBADMSG);
+    CHECK(sealer.Open(Const(sealed), Mutable(out), {0x1111, 42, 8}, tag) == -EBADMSG);
   }
   SUBCASE("a changed tag, another key, another salt") {
     PageSealer::Tag forged = tag;
     forged[15] ^= 1;
-    CHECK_FALSE(sealer.Open(Const(sealed), Mutable(out), binding, forged));
+    CHECK(sealer.Open(Const(sealed), Mutable(out), binding, forged) == -EBADMSG);
     const PageSealer other_key(PageSealer::NewKey(), 1);
-    CHECK_FALSE(other_key.Open(Const(sealed), Mutable(out), binding, tag));
+    CHECK(other_key.Open(Const(sealed), Mutable(out), binding, tag) == -EBADMSG);
     const PageSealer other_salt(PageSealer::Key{}, 2);
     const PageSealer zero_key(PageSealer::Key{}, 1);
     REQUIRE(zero_key.Seal(Const(page), Mutable(out), binding, &forged));
-    CHECK_FALSE(other_salt.Open(Const(out), Mutable(out), binding, forged));
+    CHECK(other_salt.Open(Const(out), Mutable(out), binding, forged) == -EBADMSG);
   }
   // And the untouched page still opens.
-  REQUIRE(sealer.Open(Const(sealed), Mutable(out), binding, tag));
+  REQUIRE(sealer.Open(Const(sealed), Mutable(out), binding, tag) == 0);
   CHECK(out == page);
 }
 
